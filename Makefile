@@ -1,0 +1,45 @@
+# inferline: `make demo` runs the pipeline on the sample images, `make test` runs the tests.
+# Both set up .venv first (idempotent; reinstalls only when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED_MODELS := $(abspath ../shared/models)
+SHARED_DATA := $(abspath ../shared/data)
+
+# Weights come from $INFERLINE_MODEL_DIR, defaulting to ../shared/models where it exists.
+ifeq ($(origin INFERLINE_MODEL_DIR), undefined)
+  ifneq ($(wildcard $(SHARED_MODELS)),)
+    export INFERLINE_MODEL_DIR := $(SHARED_MODELS)
+  endif
+endif
+
+.PHONY: setup demo test test-fast up protos check-protos bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/inferline demo $(if $(wildcard $(SHARED_DATA)),--images $(SHARED_DATA))
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+up: setup
+	$(BIN)/inferline up
+
+protos: setup
+	$(BIN)/python protos/generate.py
+
+bench: setup
+	$(BIN)/python bench/e2e_detect.py $(if $(wildcard $(SHARED_DATA)),--images $(SHARED_DATA))
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,38 @@
+"""Stage recipes: a named operation plus parameters, as a model's config declares it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from inferline.common.errors import ConfigError, InvalidInput
+from inferline.common.generated import types_pb2
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_proto(self) -> types_pb2.Recipe:
+        params = struct_pb2.Struct()
+        params.update(dict(self.params))
+        return types_pb2.Recipe(name=self.name, params=params)
+
+    @classmethod
+    def from_proto(cls, message: types_pb2.Recipe) -> Recipe:
+        if not message.name:
+            raise InvalidInput("recipe has no name; take it from the model's metadata")
+        return cls(message.name, json_format.MessageToDict(message.params))
+
+    @classmethod
+    def from_config(cls, raw: Any, where: str) -> Recipe:
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str):
+            raise ConfigError(f"{where}: expected a mapping with a 'name' (and optional 'params')")
+        params = raw.get("params") or {}
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{where}.params: expected a mapping")
+        return cls(raw["name"], dict(params))

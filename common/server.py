@@ -1,0 +1,120 @@
+"""The one server bootstrap every stage uses.
+
+A stage hands over a ``Service``: a function that registers its servicers, and optional async
+``load``/``close`` hooks. The bootstrap owns everything else: the grpc.aio server and its
+message limits, the error-mapping interceptor, the standard health service (NOT_SERVING until
+``load`` finished), server reflection, signal handling and graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from inferline.common.channels import channel_options
+from inferline.common.errors import ConfigError
+from inferline.common.settings import Settings
+from inferline.common.status import ErrorMappingInterceptor
+
+log = logging.getLogger(__name__)
+
+# Registers the stage's servicers on the server and returns their full service names.
+Register = Callable[[grpc.aio.Server], Sequence[str]]
+Hook = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Service:
+    name: str
+    register: Register
+    load: Hook | None = None
+    close: Hook | None = None
+
+
+class ServerApp:
+    """One running stage. ``start`` returns the bound port, so tests can bind port 0."""
+
+    def __init__(self, service: Service, settings: Settings, *, port: int, host: str | None = None):
+        self.service = service
+        self.settings = settings
+        self.requested_port = port
+        self.host = settings.host if host is None else host
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._service_names: list[str] = []
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        return f"localhost:{self.port}"
+
+    async def start(self) -> int:
+        server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor()],
+            options=[*channel_options(self.settings), ("grpc.so_reuseport", 0)],
+        )
+        self._service_names = list(self.service.register(server))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"{self.service.name}: cannot listen on {self.host}:{self.requested_port} ({exc}); "
+                "is another process using the port?"
+            ) from None
+        await server.start()
+        self._server = server
+        log.info("%s listening on %s:%d", self.service.name, self.host, self.port)
+        if self.service.load is not None:
+            await self.service.load()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s is serving", self.service.name)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health to NOT_SERVING, drain in-flight calls for up to ``grace`` s, then release."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.grace_period_s if grace is None else grace
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            log.info("%s draining (grace %.1f s)", self.service.name, grace)
+            await self._server.stop(grace)
+        if self.service.close is not None:
+            await self.service.close()
+        log.info("%s stopped", self.service.name)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *self._service_names):
+            await self._health.set(name, status)
+
+
+async def serve(service: Service, settings: Settings, *, port: int) -> None:
+    """Run one stage until SIGTERM or SIGINT, then shut it down gracefully."""
+    app = ServerApp(service, settings, port=port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(app.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        starting.result()  # a failed start (bad port, missing weights) ends the process here
+        await stopping
+    else:
+        starting.cancel()
+    await app.stop()

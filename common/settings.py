@@ -1,0 +1,102 @@
+"""One settings object for every service, read from ``INFERLINE_*`` environment variables.
+
+It is read once at start-up and passed down; nothing deeper in the code reads the environment.
+Each field's variable is ``INFERLINE_`` plus the field name in upper case
+(``controller_port`` -> ``INFERLINE_CONTROLLER_PORT``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inferline.common.errors import ConfigError
+
+PREFIX = "INFERLINE_"
+STAGES = ("controller", "preprocess", "inference", "postprocess")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Network.
+    host: str = "0.0.0.0"
+    controller_port: int = 50051
+    preprocess_port: int = 50052
+    inference_port: int = 50053
+    postprocess_port: int = 50054
+    preprocess_target: str = "localhost:50052"
+    inference_target: str = "localhost:50053"
+    postprocess_target: str = "localhost:50054"
+    max_message_mb: int = 64
+    grace_period_s: float = 10.0
+    # Seconds a controller gives the stages when its caller set no deadline.
+    default_timeout_s: float = 60.0
+
+    # Models.
+    model_repository: Path | None = None
+    model_dir: Path | None = None
+    # Names of the models the inference service loads; empty loads the whole repository.
+    models: tuple[str, ...] = ()
+    allow_download: bool = True
+    device: str = "auto"
+    torch_threads: int = 0
+
+    # Limits and pools.
+    max_image_pixels: int = 50_000_000
+    max_batch_images: int = 64
+    worker_threads: int = 4
+
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            var = PREFIX + f.name.upper()
+            if var in env and env[var] != "":
+                values[f.name] = _parse(var, env[var], f.type)
+        return cls(**values)
+
+    def port(self, stage: str) -> int:
+        return int(getattr(self, f"{_known(stage)}_port"))
+
+    def target(self, stage: str) -> str:
+        return str(getattr(self, f"{_known(stage)}_target"))
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+
+def _known(stage: str) -> str:
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    return stage
+
+
+def _parse(var: str, raw: str, type_name: Any) -> Any:
+    kind = str(type_name)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError("expected true/false")
+        if kind == "Path | None":
+            return Path(raw).expanduser()
+        if kind == "tuple[str, ...]":
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return raw
+    except ValueError as exc:
+        raise ConfigError(f"{var}={raw!r} is not a valid {kind}: {exc}") from None

@@ -1,0 +1,104 @@
+"""The one table from domain errors to gRPC status codes, and the interceptor that applies it.
+
+Whole calls (the interceptor) and single items of a batch (``item_status``) use the same table,
+so a bad image gets the same code whether it came alone or in a batch of fifty.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from inferline.common import errors
+from inferline.common.generated import types_pb2
+
+log = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal error; the server log has the details"
+
+# Most specific first: the first matching class wins.
+STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.StageUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.ModelNotReady, grpc.StatusCode.UNAVAILABLE),
+    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.WeightsError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.StageFailed, grpc.StatusCode.INTERNAL),
+)
+
+OK = types_pb2.Status(code=grpc.StatusCode.OK.value[0])
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Code and caller-facing message; unknown exceptions never leak their text."""
+    for kind, code in STATUS_TABLE:
+        if isinstance(exc, kind):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def error_for(code: grpc.StatusCode, message: str) -> errors.InferlineError:
+    """The reverse of the table, for a status a downstream stage answered with."""
+    for kind, mapped in STATUS_TABLE:
+        if mapped is code:
+            return kind(message)
+    return errors.StageFailed(message)
+
+
+def item_status(exc: BaseException) -> types_pb2.Status:
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("item failed", exc_info=exc)
+    return types_pb2.Status(code=code.value[0], message=message)
+
+
+def code_from_status(status: types_pb2.Status) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == status.code:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+UnaryHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns domain errors raised by unary handlers into their status codes."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        return grpc.unary_unary_rpc_method_handler(
+            _mapped(handler.unary_unary, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _mapped(inner: UnaryHandler, method: str) -> UnaryHandler:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await inner(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure must become a status
+            code, message = status_for(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method)
+            else:
+                log.info("%s -> %s: %s", method, code.name, message)
+            await context.abort(code, message)
+
+    return call

@@ -1,0 +1,63 @@
+"""numpy <-> ``inferline.v1.Tensor``: raw little-endian bytes plus dtype and shape."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from inferline.common.errors import InvalidInput
+from inferline.common.generated import types_pb2
+
+_TO_NUMPY: dict[int, np.dtype] = {
+    types_pb2.DATA_TYPE_BOOL: np.dtype("?"),
+    types_pb2.DATA_TYPE_UINT8: np.dtype("u1"),
+    types_pb2.DATA_TYPE_INT8: np.dtype("i1"),
+    types_pb2.DATA_TYPE_INT32: np.dtype("<i4"),
+    types_pb2.DATA_TYPE_INT64: np.dtype("<i8"),
+    types_pb2.DATA_TYPE_FP16: np.dtype("<f2"),
+    types_pb2.DATA_TYPE_FP32: np.dtype("<f4"),
+    types_pb2.DATA_TYPE_FP64: np.dtype("<f8"),
+}
+_FROM_NUMPY: dict[np.dtype, int] = {dt.newbyteorder("<"): code for code, dt in _TO_NUMPY.items()}
+
+# Config files and metadata name dtypes the short way.
+DTYPE_NAMES: dict[str, int] = {
+    "bool": types_pb2.DATA_TYPE_BOOL,
+    "uint8": types_pb2.DATA_TYPE_UINT8,
+    "int8": types_pb2.DATA_TYPE_INT8,
+    "int32": types_pb2.DATA_TYPE_INT32,
+    "int64": types_pb2.DATA_TYPE_INT64,
+    "float16": types_pb2.DATA_TYPE_FP16,
+    "float32": types_pb2.DATA_TYPE_FP32,
+    "float64": types_pb2.DATA_TYPE_FP64,
+}
+
+
+def to_proto(array: np.ndarray, name: str = "") -> types_pb2.Tensor:
+    dtype = array.dtype.newbyteorder("<")
+    code = _FROM_NUMPY.get(dtype)
+    if code is None:
+        raise TypeError(f"no tensor datatype for numpy dtype {array.dtype}")
+    data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+    return types_pb2.Tensor(name=name, datatype=code, shape=array.shape, data=data)
+
+
+def from_proto(tensor: types_pb2.Tensor) -> np.ndarray:
+    """A read-only view on the message's bytes: no copy, so callers copy only if they write."""
+    dtype = _TO_NUMPY.get(tensor.datatype)
+    if dtype is None:
+        raise InvalidInput(f"tensor {tensor.name!r} has unsupported datatype {tensor.datatype}")
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"tensor {tensor.name!r} has a negative dimension in shape {shape}")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise InvalidInput(
+            f"tensor {tensor.name!r}: shape {shape} of {dtype.name} needs {expected} bytes, "
+            f"got {len(tensor.data)}"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype for a config-file dtype name ("uint8", "float32", ...)."""
+    return _TO_NUMPY[DTYPE_NAMES[name]]

@@ -1,0 +1,118 @@
+"""A small synchronous client of the public API, shared by the CLI, the demo and benchmarks."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from inferline.common.detections import Detection, detections_from_proto
+from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2, types_pb2
+from inferline.common.status import code_from_status
+from inferline.services.postprocess.renderers import RenderInput, result_dict, write_csv
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def collect_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, and the images inside any directory (sorted, not recursive)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"no such image or directory: {path}")
+    if not found:
+        raise FileNotFoundError("no images found in " + ", ".join(map(str, paths)))
+    return found
+
+
+def open_channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(
+        target,
+        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+    )
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    path: Path
+    width: int
+    height: int
+    detections: list[Detection]
+    error: tuple[str, str] | None  # (status code name, message)
+    png: bytes
+    timings_ms: dict[str, float]
+
+    def as_render_input(self) -> RenderInput:
+        return RenderInput(str(self.path), self.width, self.height, self.detections)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = result_dict(self.as_render_input())
+        if self.error is not None:
+            data["error"] = {"code": self.error[0], "message": self.error[1]}
+        data["timings_ms"] = {k: round(v, 2) for k, v in sorted(self.timings_ms.items())}
+        return data
+
+
+def detect(
+    channel: grpc.Channel,
+    paths: Sequence[Path],
+    *,
+    model: str,
+    options: types_pb2.DetectOptions,
+    png: bool = False,
+    batch: int = 16,
+    timeout: float | None = None,
+) -> list[ImageOutcome]:
+    stub = controller_pb2_grpc.ControllerServiceStub(channel)
+    outcomes: list[ImageOutcome] = []
+    for start in range(0, len(paths), batch):
+        chunk = paths[start : start + batch]
+        request = controller_pb2.DetectRequest(
+            model=model,
+            images=[types_pb2.Image(data=p.read_bytes(), name=str(p)) for p in chunk],
+            options=options,
+            render=[types_pb2.RENDER_FORMAT_PNG] if png else [],
+        )
+        response = stub.Detect(request, timeout=timeout)
+        for path, result in zip(chunk, response.results):
+            error = None
+            if result.status.code != 0:
+                error = (code_from_status(result.status).name, result.status.message)
+            outcomes.append(
+                ImageOutcome(
+                    path=path,
+                    width=result.width,
+                    height=result.height,
+                    detections=detections_from_proto(result.detections),
+                    error=error,
+                    png=next((r.content for r in result.renderings if r.format == types_pb2.RENDER_FORMAT_PNG), b""),
+                    timings_ms=dict(response.timings_ms),
+                )
+            )
+    return outcomes
+
+
+def to_json(outcomes: Sequence[ImageOutcome]) -> str:
+    return json.dumps({"results": [o.to_dict() for o in outcomes]}, indent=2)
+
+
+def to_csv(outcomes: Sequence[ImageOutcome]) -> str:
+    out = io.StringIO()
+    write_csv([o.as_render_input() for o in outcomes], out)
+    return out.getvalue()
+
+
+def list_models(channel: grpc.Channel, timeout: float | None = None) -> list[inference_pb2.ModelMetadataResponse]:
+    stub = controller_pb2_grpc.ControllerServiceStub(channel)
+    return list(stub.ListModels(inference_pb2.ListModelsRequest(), timeout=timeout).models)

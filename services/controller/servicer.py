@@ -1,0 +1,39 @@
+"""gRPC transport of the controller, the public API."""
+
+from __future__ import annotations
+
+import grpc
+
+from inferline.common.generated import controller_pb2, controller_pb2_grpc
+from inferline.common.server import Service
+from inferline.common.settings import Settings
+from inferline.services.controller.pipeline import Controller
+from inferline.services.controller.stages import Deadline, StageClients
+
+
+class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
+    def __init__(self, settings: Settings, controller: Controller):
+        self.settings = settings
+        self.controller = controller
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
+        """The caller's deadline flows on to every stage; without one, the configured default."""
+        remaining = context.time_remaining()
+        return Deadline(self.settings.default_timeout_s if remaining is None else remaining)
+
+    async def Detect(self, request, context):
+        return await self.controller.detect(request, self._deadline(context))
+
+    async def ListModels(self, request, context):
+        return await self.controller.list_models(self._deadline(context))
+
+
+def build_service(settings: Settings) -> Service:
+    stages = StageClients(settings)
+    servicer = ControllerServicer(settings, Controller(settings, stages))
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server)
+        return [controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name]
+
+    return Service("controller", register, close=stages.close)

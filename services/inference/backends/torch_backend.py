@@ -1,0 +1,115 @@
+"""The PyTorch backend and its loaders (how each model library's weights become a module)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inferline.common.errors import WeightsError
+from inferline.common.registry import Registry
+from inferline.common.settings import Settings
+from inferline.services.inference.backends import BACKENDS
+from inferline.services.inference.repository import ModelConfig
+from inferline.services.inference.weights import ResolvedWeights
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class TorchModel:
+    forward: Forward
+    labels: tuple[str, ...]
+
+
+Loader = Callable[[Path, torch.device], TorchModel]
+LOADERS: Registry[Loader] = Registry("torch loader")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TorchBackend:
+    def __init__(self, model: TorchModel, device: torch.device):
+        self._model = model
+        self.device = device
+        self.labels = model.labels
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for name, a in inputs.items()}
+            outputs = self._model.forward(tensors)
+            return {name: t.detach().to("cpu").numpy() for name, t in outputs.items()}
+
+    def close(self) -> None:
+        self._model = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@BACKENDS.register("torch")
+def load_torch_backend(config: ModelConfig, weights: ResolvedWeights, settings: Settings) -> TorchBackend:
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    device = pick_device(settings.device)
+    model = LOADERS.get(config.loader)(weights.path, device)
+    return TorchBackend(model, device)
+
+
+# Pickled checkpoints (ultralytics' .pt) hold whole modules. They are loaded with
+# weights_only=True, allowing only nn.Module classes from these packages, so a tampered file
+# cannot run code: anything else in the pickle is refused before it is touched.
+_MODULE_PREFIXES = ("torch.nn.modules.", "ultralytics.nn.")
+_DATA_CLASSES = {"ultralytics.utils.IterableSimpleNamespace", "types.SimpleNamespace"}
+
+
+def safe_load_checkpoint(path: Path) -> Any:
+    allowed = []
+    for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)):
+        module_name, _, attr = name.rpartition(".")
+        if not (module_name.startswith(_MODULE_PREFIXES) or name in _DATA_CLASSES):
+            raise WeightsError(f"{path}: refusing to load, the pickle references {name}")
+        obj = getattr(importlib.import_module(module_name), attr, None)
+        is_module = isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+        if not (is_module or name in _DATA_CLASSES):
+            raise WeightsError(f"{path}: refusing to load, {name} is not a known module class")
+        allowed.append(obj)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt files fail in many ways
+        raise WeightsError(f"{path}: cannot load checkpoint: {exc}") from None
+
+
+@LOADERS.register("ultralytics")
+def load_ultralytics(path: Path, device: torch.device) -> TorchModel:
+    """The module ultralytics' AutoBackend would run: EMA weights, float, fused Conv+BN, eval."""
+    checkpoint = safe_load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("ema") or checkpoint.get("model"), torch.nn.Module):
+        raise WeightsError(f"{path}: not an ultralytics checkpoint (no 'model' module inside)")
+    module = (checkpoint.get("ema") or checkpoint["model"]).float()
+    module = module.fuse(verbose=False).eval() if hasattr(module, "fuse") else module.eval()
+    for m in module.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = True
+    module.to(device)
+    names = getattr(module, "names", {}) or {}
+    labels = tuple(str(names[i]) for i in sorted(names)) if isinstance(names, dict) else tuple(map(str, names))
+
+    def forward(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = inputs["images"].float() / 255.0
+        output = module(images)
+        return {"output0": output[0] if isinstance(output, (tuple, list)) else output}
+
+    return TorchModel(forward=forward, labels=labels)

@@ -1,0 +1,142 @@
+"""Loaded models and how a batch of items runs through one.
+
+Heavy objects (weights, modules) are built once at load, never per request. Each model runs
+its forward passes on its own single worker thread: one pass at a time keeps torch's intra-op
+threads from fighting each other, and keeps the event loop free while the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inferline.common.errors import InvalidInput, ModelNotFound, ModelNotReady
+from inferline.common.settings import Settings
+from inferline.common.tensors import numpy_dtype
+from inferline.services.inference.backends import Backend, load_backend
+from inferline.services.inference.repository import BUILTIN_REPOSITORY, ModelConfig, TensorSpec, load_repository
+from inferline.services.inference.weights import ResolvedWeights, resolve_weights
+
+log = logging.getLogger(__name__)
+
+Item = Mapping[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    backend: Backend
+    weights: ResolvedWeights
+    load_seconds: float
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="model"))
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.config.labels or self.backend.labels
+
+
+class ModelManager:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.root: Path = settings.model_repository or BUILTIN_REPOSITORY
+        self.configs = load_repository(self.root, settings.models)
+        self._models: dict[str, LoadedModel] = {}
+
+    @property
+    def ready(self) -> bool:
+        return len(self._models) == len(self.configs)
+
+    def load_all(self) -> None:
+        for name, config in self.configs.items():
+            started = time.perf_counter()
+            weights = resolve_weights(
+                config.weights,
+                model=name,
+                model_dir=self.settings.model_dir,
+                allow_download=self.settings.allow_download,
+            )
+            backend = load_backend(config, weights, self.settings)
+            elapsed = time.perf_counter() - started
+            self._models[name] = LoadedModel(config, backend, weights, elapsed)
+            log.info(
+                "loaded %s v%s (%s/%s) from %s in %.2f s%s",
+                name, config.version, config.backend, config.loader, weights.path, elapsed,
+                "" if weights.official else " [NOT the official release weights]",
+            )
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        config = self.configs.get(name)
+        if config is None or (version and version != config.version):
+            known = ", ".join(sorted(self.configs)) or "none"
+            wanted = f"{name!r}" + (f" version {version!r}" if version else "")
+            raise ModelNotFound(f"model {wanted} is not served here (models: {known})")
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotReady(f"model {name!r} is still loading")
+        return model
+
+    def all(self) -> list[LoadedModel]:
+        return [self._models[name] for name in self.configs if name in self._models]
+
+    async def infer(self, name: str, version: str, items: Sequence[Item | Exception]) -> list[Outputs | Exception]:
+        """Runs every valid item; items of one input shape run together, in chunks of max_batch_size."""
+        model = self.get(name, version)
+        results: list[Outputs | Exception] = list(items)  # type: ignore[arg-type]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            if isinstance(item, Exception):
+                continue
+            try:
+                _check_inputs(item, model.config.inputs)
+            except InvalidInput as exc:
+                results[index] = exc
+                continue
+            groups[tuple((k, item[k].shape) for k in sorted(item))].append(index)
+        loop = asyncio.get_running_loop()
+        size = model.config.max_batch_size
+        for indices in groups.values():
+            for start in range(0, len(indices), size):
+                chunk = indices[start : start + size]
+                batch = {spec.name: np.stack([items[i][spec.name] for i in chunk]) for spec in model.config.inputs}  # type: ignore[index]
+                try:
+                    outputs = await loop.run_in_executor(model.executor, model.backend.run, batch)
+                except Exception as exc:  # noqa: BLE001 - a failed pass fails its items only
+                    log.exception("%s: forward pass failed for %d items", name, len(chunk))
+                    for i in chunk:
+                        results[i] = exc
+                    continue
+                for position, i in enumerate(chunk):
+                    results[i] = {key: value[position] for key, value in outputs.items()}
+        return results
+
+    def close(self) -> None:
+        for model in self._models.values():
+            model.executor.shutdown(wait=True)
+            model.backend.close()
+        self._models.clear()
+
+
+def _check_inputs(item: Item, specs: Sequence[TensorSpec]) -> None:
+    expected = {spec.name for spec in specs}
+    if set(item) != expected:
+        raise InvalidInput(f"inputs {sorted(item)} do not match the model's inputs {sorted(expected)}")
+    for spec in specs:
+        array = item[spec.name]
+        dtype = numpy_dtype(spec.dtype)
+        if array.dtype != dtype:
+            raise InvalidInput(f"input {spec.name!r} must be {spec.dtype}, got {array.dtype}")
+        if len(array.shape) != len(spec.shape) or any(
+            want not in (-1, got) for want, got in zip(spec.shape, array.shape)
+        ):
+            raise InvalidInput(f"input {spec.name!r} has shape {array.shape}, the model takes {spec.shape} (-1: any)")
+        if 0 in array.shape:
+            raise InvalidInput(f"input {spec.name!r} is empty (shape {array.shape})")

@@ -1,0 +1,163 @@
+"""The model repository: one folder per model, one ``config.yaml`` in each.
+
+As in Triton, the repository is the unit of deployment: adding a model of a known family is
+adding a folder with a config file, and the config is validated here, at load, with messages
+that name the file and the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from inferline.common.errors import ConfigError
+from inferline.common.recipes import Recipe
+from inferline.common.tensors import DTYPE_NAMES
+
+BUILTIN_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
+CONFIG_FILE = "config.yaml"
+TASKS = ("detect", "classify", "embed")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    file: str
+    # Official release checksum: a different file is served, with one warning at load.
+    sha256: str | None = None
+    # Where the official file comes from when it is not on disk ("ultralytics", ...).
+    source: str | None = None
+    # An explicit location, absolute or relative to the model's folder; wins over the rest.
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    version: str
+    task: str
+    backend: str
+    loader: str
+    weights: WeightsSpec
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    preprocess: Recipe
+    postprocess: Recipe
+    max_batch_size: int = 32
+    labels: tuple[str, ...] = ()
+    folder: Path = field(default=Path("."), compare=False)
+
+
+def load_repository(root: Path, only: tuple[str, ...] = ()) -> dict[str, ModelConfig]:
+    """Every model config under ``root`` (or just those named in ``only``), by model name."""
+    if not root.is_dir():
+        raise ConfigError(f"model repository {root} is not a directory")
+    configs: dict[str, ModelConfig] = {}
+    for config_path in sorted(root.glob(f"*/{CONFIG_FILE}")):
+        config = load_config(config_path)
+        if config.name in configs:
+            raise ConfigError(f"{config_path}: model name {config.name!r} is used twice")
+        configs[config.name] = config
+    missing = [name for name in only if name not in configs]
+    if missing:
+        known = ", ".join(sorted(configs)) or "none"
+        raise ConfigError(f"models {missing} are not in repository {root} (it has: {known})")
+    if only:
+        configs = {name: configs[name] for name in only}
+    if not configs:
+        raise ConfigError(f"model repository {root} holds no */{CONFIG_FILE}")
+    return configs
+
+
+def load_config(path: Path) -> ModelConfig:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read model config: {exc}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    reader = _Reader(raw, str(path))
+    task = reader.text("task")
+    if task not in TASKS:
+        raise ConfigError(f"{path}: task {task!r} is not one of {', '.join(TASKS)}")
+    weights = reader.mapping("weights")
+    weights_reader = _Reader(weights, f"{path}: weights")
+    explicit = weights_reader.optional_text("path")
+    config = ModelConfig(
+        name=reader.text("name"),
+        version=str(raw.get("version", "1")),
+        task=task,
+        backend=reader.text("backend"),
+        loader=reader.text("loader"),
+        weights=WeightsSpec(
+            file=weights_reader.text("file"),
+            sha256=weights_reader.optional_text("sha256"),
+            source=weights_reader.optional_text("source"),
+            path=(path.parent / explicit) if explicit else None,
+        ),
+        inputs=reader.tensors("inputs"),
+        outputs=reader.tensors("outputs"),
+        preprocess=Recipe.from_config(raw.get("preprocess"), f"{path}: preprocess"),
+        postprocess=Recipe.from_config(raw.get("postprocess"), f"{path}: postprocess"),
+        max_batch_size=reader.positive_int("max_batch_size", 32),
+        labels=tuple(str(label) for label in raw.get("labels") or ()),
+        folder=path.parent,
+    )
+    if config.name != path.parent.name:
+        raise ConfigError(f"{path}: name {config.name!r} must equal its folder's name")
+    return config
+
+
+class _Reader:
+    """Typed access to one YAML mapping, with errors that say where."""
+
+    def __init__(self, raw: Mapping[str, Any], where: str):
+        self.raw = raw
+        self.where = where
+
+    def text(self, key: str) -> str:
+        value = self.raw.get(key)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{self.where}: '{key}' must be a non-empty string")
+        return value
+
+    def optional_text(self, key: str) -> str | None:
+        return self.text(key) if self.raw.get(key) is not None else None
+
+    def mapping(self, key: str) -> Mapping[str, Any]:
+        value = self.raw.get(key)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{self.where}: '{key}' must be a mapping")
+        return value
+
+    def positive_int(self, key: str, default: int) -> int:
+        value = self.raw.get(key, default)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{self.where}: '{key}' must be a positive integer")
+        return value
+
+    def tensors(self, key: str) -> tuple[TensorSpec, ...]:
+        value = self.raw.get(key)
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{self.where}: '{key}' must be a non-empty list")
+        specs = []
+        for i, item in enumerate(value):
+            item_reader = _Reader(item if isinstance(item, Mapping) else {}, f"{self.where}: {key}[{i}]")
+            dtype = item_reader.text("dtype")
+            if dtype not in DTYPE_NAMES:
+                raise ConfigError(f"{item_reader.where}: dtype {dtype!r} is not one of {sorted(DTYPE_NAMES)}")
+            shape = item.get("shape")
+            if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+                raise ConfigError(f"{item_reader.where}: 'shape' must be a list of integers")
+            specs.append(TensorSpec(item_reader.text("name"), dtype, tuple(shape)))
+        return tuple(specs)

@@ -1,0 +1,101 @@
+"""gRPC transport of the inference stage: proto <-> ModelManager, nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from inferline.common import tensors
+from inferline.common.generated import inference_pb2, inference_pb2_grpc
+from inferline.common.server import Service
+from inferline.common.settings import Settings
+from inferline.common.status import OK, item_status
+from inferline.services.inference.models import LoadedModel, ModelManager
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+
+    async def ServerLive(self, request, context):
+        return inference_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return inference_pb2.ServerReadyResponse(ready=self.manager.ready)
+
+    async def ModelReady(self, request, context):
+        self.manager.get(request.name, request.version)
+        return inference_pb2.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request, context):
+        return metadata(self.manager.get(request.name, request.version))
+
+    async def ListModels(self, request, context):
+        return inference_pb2.ListModelsResponse(models=[metadata(m) for m in self.manager.all()])
+
+    async def ModelInfer(self, request, context):
+        model = self.manager.get(request.model_name, request.model_version)
+        items = [_decode_item(item) for item in request.items]
+        outputs = await self.manager.infer(request.model_name, request.model_version, items)
+        response = inference_pb2.ModelInferResponse(
+            model_name=model.config.name, model_version=model.config.version, id=request.id
+        )
+        for result in outputs:
+            if isinstance(result, Exception):
+                response.results.add(status=item_status(result))
+            else:
+                response.results.add(
+                    outputs=[tensors.to_proto(array, name) for name, array in result.items()], status=OK
+                )
+        return response
+
+
+def _decode_item(item: inference_pb2.InferItem) -> dict | Exception:
+    try:
+        return {t.name: tensors.from_proto(t) for t in item.inputs}
+    except Exception as exc:  # noqa: BLE001 - a malformed tensor fails its item only
+        return exc
+
+
+def metadata(model: LoadedModel) -> inference_pb2.ModelMetadataResponse:
+    config = model.config
+
+    def specs(items):
+        return [
+            inference_pb2.TensorMetadata(name=s.name, datatype=tensors.DTYPE_NAMES[s.dtype], shape=s.shape)
+            for s in items
+        ]
+
+    return inference_pb2.ModelMetadataResponse(
+        name=config.name,
+        versions=[config.version],
+        platform=config.backend,
+        task=config.task,
+        inputs=specs(config.inputs),
+        outputs=specs(config.outputs),
+        preprocess=config.preprocess.to_proto(),
+        postprocess=config.postprocess.to_proto(),
+        labels=model.labels,
+        weights=inference_pb2.WeightsInfo(
+            path=str(model.weights.path), sha256=model.weights.sha256, official=model.weights.official
+        ),
+        max_batch_size=config.max_batch_size,
+    )
+
+
+def build_service(settings: Settings) -> Service:
+    manager = ModelManager(settings)
+    servicer = InferenceServicer(manager)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+        return [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
+
+    async def load() -> None:
+        await asyncio.to_thread(manager.load_all)
+
+    async def close() -> None:
+        await asyncio.to_thread(manager.close)
+
+    return Service("inference", register, load, close)

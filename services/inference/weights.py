@@ -1,0 +1,102 @@
+"""Finding model weights and checking that they are the official release.
+
+Order: the config's explicit ``weights.path``; then ``$INFERLINE_MODEL_DIR/<file>``; then the
+official download a user gets online, through the model library's own downloader. Offline and
+missing, the error names the file and where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from inferline.common.errors import WeightsError
+from inferline.common.registry import Registry
+from inferline.services.inference.repository import WeightsSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE = Path.home() / ".cache" / "inferline" / "models"
+
+# source name -> function(file name, destination path) that fetches the official file.
+Downloader = Callable[[str, Path], None]
+DOWNLOADERS: Registry[Downloader] = Registry("weights source")
+
+
+@DOWNLOADERS.register("ultralytics")
+def _download_ultralytics(file: str, dest: Path) -> None:
+    from ultralytics.utils.downloads import attempt_download_asset
+
+    attempt_download_asset(str(dest))
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    path: Path
+    sha256: str
+    official: bool
+
+
+def resolve_weights(
+    spec: WeightsSpec,
+    *,
+    model: str,
+    model_dir: Path | None,
+    allow_download: bool,
+    cache_dir: Path = DEFAULT_CACHE,
+) -> ResolvedWeights:
+    path = _locate(spec, model=model, model_dir=model_dir, allow_download=allow_download, cache_dir=cache_dir)
+    digest = sha256_of(path)
+    official = spec.sha256 is not None and digest == spec.sha256.lower()
+    if spec.sha256 is not None and not official:
+        log.warning(
+            "%s: %s is not the official release of %s (sha256 %s, official %s); serving it anyway",
+            model, path, spec.file, digest, spec.sha256,
+        )
+    return ResolvedWeights(path=path, sha256=digest, official=official)
+
+
+def _locate(
+    spec: WeightsSpec, *, model: str, model_dir: Path | None, allow_download: bool, cache_dir: Path
+) -> Path:
+    if spec.path is not None:
+        if spec.path.is_file():
+            return spec.path
+        raise WeightsError(f"{model}: weights.path {spec.path} in the model config does not exist")
+    looked = []
+    if model_dir is not None:
+        candidate = model_dir / spec.file
+        if candidate.is_file():
+            return candidate
+        looked.append(f"$INFERLINE_MODEL_DIR ({model_dir})")
+    cached = cache_dir / spec.file
+    if cached.is_file():
+        return cached
+    looked.append(f"the download cache ({cache_dir})")
+    where = model_dir if model_dir is not None else cache_dir
+    advice = f"put {spec.file} in {where} (or point INFERLINE_MODEL_DIR at the folder that has it)"
+    if spec.source is None or not allow_download:
+        reason = "downloads are off (INFERLINE_ALLOW_DOWNLOAD=false)" if spec.source else "it has no download source"
+        raise WeightsError(f"{model}: weights file {spec.file} not found in {', '.join(looked)}, and {reason}; {advice}")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        DOWNLOADERS.get(spec.source)(spec.file, cached)
+    except Exception as exc:  # noqa: BLE001 - any download failure ends in the same advice
+        log.debug("download of %s failed", spec.file, exc_info=exc)
+        reason = f"the official download failed ({type(exc).__name__}: {exc})"
+    else:
+        if cached.is_file():
+            return cached
+        reason = "the official download did not produce it (offline?)"
+    raise WeightsError(f"{model}: weights file {spec.file} not found in {', '.join(looked)}, and {reason}; {advice}")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

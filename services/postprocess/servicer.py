@@ -1,0 +1,102 @@
+"""gRPC transport of the postprocess stage."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import grpc
+
+from inferline.common import tensors
+from inferline.common.detections import DetectOptions, detections_from_proto, detections_to_proto
+from inferline.common.errors import InvalidInput
+from inferline.common.generated import postprocess_pb2, postprocess_pb2_grpc, types_pb2
+from inferline.common.recipes import Recipe
+from inferline.common.server import Service
+from inferline.common.settings import Settings
+from inferline.common.status import OK, item_status
+from inferline.common.transform import ImageTransform
+from inferline.services.postprocess.recipes import POSTPROCESSORS
+from inferline.services.postprocess.renderers import RENDERERS, RenderInput
+
+FORMAT_NAMES = {
+    types_pb2.RENDER_FORMAT_JSON: "json",
+    types_pb2.RENDER_FORMAT_CSV: "csv",
+    types_pb2.RENDER_FORMAT_PNG: "png",
+}
+
+
+def _transform(message: types_pb2.ImageTransform) -> ImageTransform:
+    if message.orig_width <= 0 or message.orig_height <= 0 or message.input_width <= 0 or message.input_height <= 0:
+        raise InvalidInput("item has no valid image transform (sizes must be positive)")
+    return ImageTransform(
+        message.orig_width, message.orig_height, message.input_width, message.input_height,
+        message.scale_x, message.scale_y, message.pad_x, message.pad_y,
+    )
+
+
+class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
+    def __init__(self, settings: Settings, pool: ThreadPoolExecutor):
+        self.settings = settings
+        # NMS and PNG encoding are numpy/OpenCV work that releases the GIL: a thread pool keeps
+        # the event loop free and runs a batch's items in parallel.
+        self.pool = pool
+
+    async def Postprocess(self, request, context):
+        recipe = Recipe.from_proto(request.recipe)
+        if recipe.name not in POSTPROCESSORS:
+            raise InvalidInput(f"unknown postprocess recipe {recipe.name!r} (known: {', '.join(POSTPROCESSORS)})")
+        postprocessor = POSTPROCESSORS.get(recipe.name)
+        options = DetectOptions.from_proto(request.options)
+        labels = tuple(request.labels)
+
+        def run(item: postprocess_pb2.PostprocessItem):
+            outputs = {t.name: tensors.from_proto(t) for t in item.outputs}
+            return postprocessor(outputs, _transform(item.transform), options, recipe.params, labels)
+
+        outcomes = await self._map(run, request.items)
+        response = postprocess_pb2.PostprocessResponse()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                response.results.add(status=item_status(outcome))
+            else:
+                response.results.add(detections=detections_to_proto(outcome), status=OK)
+        return response
+
+    async def Render(self, request, context):
+        name = FORMAT_NAMES.get(request.format)
+        if name is None:
+            raise InvalidInput(f"render format must be one of {', '.join(FORMAT_NAMES.values())} (RENDER_FORMAT_*)")
+        renderer = partial(RENDERERS.get(name), max_pixels=self.settings.max_image_pixels)
+
+        def run(item: postprocess_pb2.RenderItem):
+            return renderer(
+                RenderInput(item.name, item.width, item.height, detections_from_proto(item.detections), item.image)
+            )
+
+        outcomes = await self._map(run, request.items)
+        response = postprocess_pb2.RenderResponse()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            response.renderings.add(format=request.format, content_type=outcome.content_type, content=outcome.content)
+        return response
+
+    async def _map(self, fn, items) -> list:
+        loop = asyncio.get_running_loop()
+        return await asyncio.gather(*(loop.run_in_executor(self.pool, fn, item) for item in items), return_exceptions=True)
+
+
+def build_service(settings: Settings) -> Service:
+    pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="postprocess")
+    servicer = PostprocessServicer(settings, pool)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        postprocess_pb2_grpc.add_PostprocessServiceServicer_to_server(servicer, server)
+        return [postprocess_pb2.DESCRIPTOR.services_by_name["PostprocessService"].full_name]
+
+    async def close() -> None:
+        pool.shutdown(wait=True)
+
+    return Service("postprocess", register, close=close)

@@ -1,0 +1,37 @@
+"""Preprocessors by recipe name: decoded BGR pixels + recipe params -> model input tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from inferline.common.errors import InvalidInput
+from inferline.common.registry import Registry
+from inferline.common.transform import ImageTransform
+from inferline.services.preprocess.letterbox import letterbox
+
+Preprocessor = Callable[[np.ndarray, Mapping[str, Any]], tuple[np.ndarray, ImageTransform]]
+PREPROCESSORS: Registry[Preprocessor] = Registry("preprocessor")
+
+
+def _size(params: Mapping[str, Any]) -> tuple[int, int]:
+    """``size`` is one number (square) or [height, width], as ultralytics' imgsz."""
+    size = params.get("size", 640)
+    values = size if isinstance(size, (list, tuple)) else [size, size]
+    if len(values) != 2 or any(not float(v).is_integer() or v < 1 for v in values):
+        raise InvalidInput(f"letterbox size must be a positive integer or [height, width], got {size!r}")
+    return int(values[0]), int(values[1])
+
+
+@PREPROCESSORS.register("letterbox")
+def letterbox_recipe(image: np.ndarray, params: Mapping[str, Any]) -> tuple[np.ndarray, ImageTransform]:
+    return letterbox(
+        image,
+        _size(params),
+        stride=int(params.get("stride", 32)),
+        auto=bool(params.get("auto", False)),
+        scaleup=bool(params.get("scaleup", True)),
+        pad_value=int(params.get("pad_value", 114)),
+    )

@@ -1,0 +1,102 @@
+"""The embedded default: all four stages as local processes, started and stopped together."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inferline.common.settings import STAGES, Settings
+
+log = logging.getLogger(__name__)
+
+# Start order: the controller last, so it is reachable only once the stages are.
+START_ORDER = ("preprocess", "inference", "postprocess", "controller")
+
+
+def wait_serving(target: str, timeout: float, alive: callable = lambda: True) -> None:
+    """Blocks until the server at ``target`` reports SERVING on the standard health service."""
+    expires = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if not alive():
+                raise RuntimeError(f"the server for {target} exited while starting")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > expires:
+                raise TimeoutError(f"{target} did not become SERVING within {timeout:.0f} s")
+            time.sleep(0.1)
+
+
+@dataclass
+class LocalStack:
+    """Four ``inferline serve`` child processes sharing one environment."""
+
+    settings: Settings
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    stages: Sequence[str] = START_ORDER
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def controller_target(self) -> str:
+        return f"localhost:{self.settings.port('controller')}"
+
+    def start(self, timeout: float = 180.0) -> None:
+        for stage in self.stages:
+            if stage not in STAGES:
+                raise ValueError(f"unknown stage {stage!r}")
+            self.processes[stage] = subprocess.Popen(
+                [sys.executable, "-m", "inferline.services.cli", "serve", stage], env=dict(self.env)
+            )
+        try:
+            for stage in self.stages:
+                process = self.processes[stage]
+                wait_serving(
+                    f"localhost:{self.settings.port(stage)}", timeout, alive=lambda p=process: p.poll() is None
+                )
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM to every stage (each drains its calls), then wait; returns exit codes."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        codes = {}
+        for stage, process in self.processes.items():
+            try:
+                codes[stage] = process.wait(timeout=self.settings.grace_period_s + 10)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", stage)
+                process.kill()
+                codes[stage] = process.wait()
+        self.processes.clear()
+        return codes
+
+    def exited(self) -> str | None:
+        """The first stage whose process has ended, if any."""
+        for stage, process in self.processes.items():
+            if process.poll() is not None:
+                return stage
+        return None
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,74 @@
+"""Shared fixtures: where the stand-in weights and test images are, and running stacks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from inferline.common.settings import Settings
+from tests.support.servers import InProcessStack
+
+REPO = Path(__file__).resolve().parent.parent
+# sha256 of the stand-ins in ../shared/models (MANIFEST.md) and of the official release: the
+# reference library unpickles whole objects, so a test loads only a file it has verified.
+KNOWN_YOLO_SHA256 = {
+    "33f4216002cafa403a4588a328e025d1542f2acda1e632c2f7ba8a9a95359b3b",  # stand-in
+    "f59b3d833e2ff32e194b5bb8e08d211dc7c5bdf144b90d2c8412c47ccfc83b36",  # official yolov8n.pt
+}
+
+
+def _first_dir(*candidates: str | Path | None) -> Path | None:
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate).resolve()
+    return None
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    found = _first_dir(os.environ.get("INFERLINE_MODEL_DIR"), REPO.parent / "shared" / "models")
+    if found is None or not (found / "yolov8n.pt").is_file():
+        pytest.fail("yolov8n.pt not found: set INFERLINE_MODEL_DIR to the folder that holds it")
+    return found
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    found = _first_dir(os.environ.get("INFERLINE_TEST_DATA"), REPO.parent / "shared" / "data")
+    if found is None:
+        pytest.fail("test images not found: set INFERLINE_TEST_DATA or put them in ../shared/data")
+    return found
+
+
+@pytest.fixture(scope="session")
+def yolo_weights(model_dir: Path) -> Path:
+    path = model_dir / "yolov8n.pt"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest not in KNOWN_YOLO_SHA256:
+        pytest.fail(f"{path} has sha256 {digest}, neither the stand-in nor the official release")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_images(data_dir: Path) -> list[Path]:
+    """The shared test scenes plus ultralytics' own bus.jpg and zidane.jpg."""
+    import ultralytics
+
+    assets = Path(ultralytics.__file__).parent / "assets"
+    return sorted(data_dir.glob("*.jpg")) + [assets / "bus.jpg", assets / "zidane.jpg"]
+
+
+@pytest.fixture(scope="session")
+def settings(model_dir: Path) -> Settings:
+    return Settings(model_dir=model_dir, allow_download=False, grace_period_s=2.0, worker_threads=2)
+
+
+@pytest.fixture(scope="session")
+def stack(settings: Settings) -> Iterator[InProcessStack]:
+    running = InProcessStack(settings)
+    yield running
+    running.close()

@@ -1,0 +1,145 @@
+"""The common bootstrap: health, reflection, error mapping and graceful drain, on real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from inferline.common import errors
+from inferline.common.server import ServerApp, Service
+from inferline.common.settings import Settings
+from inferline.common.status import INTERNAL_MESSAGE
+from inferline.services.stack import wait_serving
+from tests.support import slow_server
+from tests.support.servers import LoopThread
+
+REPO = Path(__file__).resolve().parents[2]
+ERRORS_SERVICE = "inferline.test.Errors"
+
+
+def _raising_service(exc: Exception) -> Service:
+    async def fail(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise exc
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        handler = grpc.unary_unary_rpc_method_handler(fail)
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(ERRORS_SERVICE, {"Fail": handler})])
+        return [ERRORS_SERVICE]
+
+    return Service("errors", register)
+
+
+@pytest.fixture()
+def loop():
+    running = LoopThread()
+    yield running
+    running.close()
+
+
+def _health(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "message"),
+    [
+        (errors.InvalidInput("bad image"), grpc.StatusCode.INVALID_ARGUMENT, "bad image"),
+        (errors.WrongTask("wrong task"), grpc.StatusCode.INVALID_ARGUMENT, "wrong task"),
+        (errors.ModelNotFound("no such model"), grpc.StatusCode.NOT_FOUND, "no such model"),
+        (errors.ModelNotReady("loading"), grpc.StatusCode.UNAVAILABLE, "loading"),
+        (errors.StageUnavailable("stage down"), grpc.StatusCode.UNAVAILABLE, "stage down"),
+        (errors.Overloaded("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"),
+        (errors.DeadlineExceeded("too late"), grpc.StatusCode.DEADLINE_EXCEEDED, "too late"),
+        (RuntimeError("secret internals"), grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE),
+    ],
+)
+def test_domain_errors_become_their_status_codes_through_a_real_server(loop, exc, code, message):
+    app = ServerApp(_raising_service(exc), Settings(), port=0, host="127.0.0.1")
+    loop.run(app.start())
+    try:
+        with grpc.insecure_channel(app.address) as channel:
+            with pytest.raises(grpc.RpcError) as raised:
+                channel.unary_unary(f"/{ERRORS_SERVICE}/Fail")(b"", timeout=5)
+        assert raised.value.code() is code
+        assert raised.value.details() == message
+        assert _health(app.address) == health_pb2.HealthCheckResponse.SERVING, "the server stays up"
+    finally:
+        loop.run(app.stop(0))
+
+
+def test_health_is_not_serving_until_load_finishes(loop):
+    loading = threading.Event()
+    release = asyncio.Event()
+
+    async def load() -> None:
+        loading.set()
+        await release.wait()
+
+    service = Service("loading", lambda server: [], load=load)
+    app = ServerApp(service, Settings(), port=0, host="127.0.0.1")
+    started = asyncio.run_coroutine_threadsafe(app.start(), loop.loop)
+    assert loading.wait(10)
+    assert _health(app.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+    loop.loop.call_soon_threadsafe(release.set)
+    started.result(10)
+    assert _health(app.address) == health_pb2.HealthCheckResponse.SERVING
+    loop.run(app.stop(0))
+
+
+def test_reflection_lists_the_registered_services(loop):
+    app = ServerApp(_raising_service(RuntimeError()), Settings(), port=0, host="127.0.0.1")
+    loop.run(app.start())
+    try:
+        with grpc.insecure_channel(app.address) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            names = {s.name for reply in replies for s in reply.list_services_response.service}
+        assert {ERRORS_SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    finally:
+        loop.run(app.stop(0))
+
+
+def test_binding_a_port_in_use_fails_with_a_clear_error(loop):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app = ServerApp(_raising_service(RuntimeError()), Settings(), port=port, host="127.0.0.1")
+        with pytest.raises(errors.ConfigError, match="cannot listen"):
+            loop.run(app.start())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_drains_the_call_in_flight_then_exits_cleanly():
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.slow_server", str(port)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        wait_serving(f"localhost:{port}", timeout=30, alive=lambda: process.poll() is None)
+        with grpc.insecure_channel(f"localhost:{port}") as channel:
+            call = channel.unary_unary(slow_server.METHOD).future(b"", timeout=20)
+            assert process.stdout.readline().strip() == "in-flight"
+            process.send_signal(signal.SIGTERM)
+            assert call.result() == b"done", "the call in flight at SIGTERM completes"
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
