@@ -4,20 +4,25 @@ The header is read first (Pillow parses it without decoding), so an image over t
 is refused before a single pixel is allocated: a 50 KB PNG that claims 100k x 100k pixels costs
 nothing. Pixels are then decoded by OpenCV, as ultralytics does, and the EXIF orientation is
 applied explicitly rather than trusting each decoder's defaults.
+
+The format is chosen from the magic bytes and parsed by that Pillow plugin alone, not through
+``PIL.Image.open``: only the four formats we serve are ever parsed, and ultralytics (imported
+in the same process in in-process mode) monkey-patches ``Image.open`` to install packages.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
+import struct
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import BmpImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from inferline.common.errors import InvalidInput
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+_NOT_AN_IMAGE = f"not a decodable image: expected one of {', '.join(FORMATS)}"
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -32,25 +37,32 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     return apply_orientation(pixels, orientation)
 
 
+def _parser(data: bytes) -> type[ImageFile.ImageFile]:
+    if data.startswith(b"\xff\xd8\xff"):
+        return JpegImagePlugin.JpegImageFile
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return PngImagePlugin.PngImageFile
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return WebPImagePlugin.WebPImageFile
+    if data.startswith(b"BM"):
+        return BmpImagePlugin.BmpImageFile
+    raise InvalidInput(_NOT_AN_IMAGE)
+
+
 def _probe(data: bytes, max_pixels: int) -> tuple[int, int, int]:
+    parser = _parser(data)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                fmt = image.format
-                orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-    except Image.DecompressionBombError:
-        raise InvalidInput(f"image is larger than the limit of {max_pixels} pixels (INFERLINE_MAX_IMAGE_PIXELS)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise InvalidInput(f"not a decodable image: expected one of {', '.join(FORMATS)}") from None
-    if fmt not in FORMATS:
-        raise InvalidInput(f"unsupported image format {fmt}: expected one of {', '.join(FORMATS)}")
-    if width * height > max_pixels:
-        raise InvalidInput(
-            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
-            "(INFERLINE_MAX_IMAGE_PIXELS)"
-        )
+        with parser(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidInput(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+                    "(INFERLINE_MAX_IMAGE_PIXELS)"
+                )
+            # Only now: for PNG, Pillow decodes the whole image to find an eXIf chunk.
+            orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError):
+        raise InvalidInput(_NOT_AN_IMAGE) from None
     return width, height, orientation
 
 

@@ -1,0 +1,119 @@
+"""The `inferline` command as a user runs it: `up`, then `detect` in every format, then Ctrl-C."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inferline.services.stack import wait_serving
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "inferline.services.cli"]
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def running_up(model_dir, tmp_path_factory):
+    ports = dict(zip(("controller", "preprocess", "inference", "postprocess"), _free_ports(4)))
+    env = {**os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false", "INFERLINE_GRACE_PERIOD_S": "2"}
+    for stage, port in ports.items():
+        env[f"INFERLINE_{stage.upper()}_PORT"] = str(port)
+        env[f"INFERLINE_{stage.upper()}_TARGET"] = f"localhost:{port}"
+    log = tmp_path_factory.mktemp("up") / "up.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen([*CLI, "up"], env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(f"localhost:{ports['controller']}", timeout=180, alive=lambda: process.poll() is None)
+    except Exception:
+        process.kill()
+        raise AssertionError(log.read_text())
+    yield process, f"localhost:{ports['controller']}", log
+    if process.poll() is None:
+        process.kill()
+
+
+def _detect(target: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "detect", "--target", target, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_detect_prints_json_in_the_documented_shape(running_up, data_dir):
+    _, target, _ = running_up
+    done = _detect(target, str(data_dir / "shapes_01.jpg"), str(data_dir / "shapes_02.jpg"))
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)["results"]
+    assert [Path(r["image"]).name for r in results] == ["shapes_01.jpg", "shapes_02.jpg"]
+    first = results[0]
+    assert (first["width"], first["height"]) == (640, 480)
+    assert set(first["detections"][0]) == {"label", "class_id", "score", "box"}
+    assert len(first["detections"][0]["box"]) == 4
+    assert {"preprocess", "inference", "postprocess", "total"} <= set(first["timings_ms"])
+
+
+def test_detect_takes_a_directory_and_writes_csv(running_up, data_dir, tmp_path):
+    _, target, _ = running_up
+    out = tmp_path / "dets.csv"
+    done = _detect(target, str(data_dir), "--format", "csv", "--out", str(out), "--conf", "0.5")
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert {Path(r["image"]).name for r in rows} <= {p.name for p in data_dir.glob("*.jpg")}
+    assert rows and all(float(r["score"]) >= 0.5 for r in rows)
+
+
+def test_detect_writes_annotated_pngs(running_up, data_dir, tmp_path):
+    _, target, _ = running_up
+    done = _detect(target, str(data_dir / "shapes_03.jpg"), "--format", "png", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "shapes_03.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_grpc_error_exits_non_zero_with_the_status_name(running_up, data_dir):
+    _, target, _ = running_up
+    done = _detect(target, str(data_dir / "shapes_01.jpg"), "--model", "nope")
+    assert done.returncode == 1
+    assert "NOT_FOUND" in done.stderr and "nope" in done.stderr
+
+
+def test_an_unreachable_controller_is_unavailable(data_dir):
+    (port,) = _free_ports(1)
+    done = _detect(f"localhost:{port}", str(data_dir / "shapes_01.jpg"), "--timeout", "5")
+    assert done.returncode == 1
+    assert "UNAVAILABLE" in done.stderr or "DEADLINE_EXCEEDED" in done.stderr
+
+
+def test_a_bad_image_is_reported_and_the_rest_still_detected(running_up, data_dir, tmp_path):
+    _, target, _ = running_up
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    done = _detect(target, str(data_dir / "shapes_01.jpg"), str(bad))
+    assert done.returncode == 2
+    good, broken = json.loads(done.stdout)["results"]
+    assert good["detections"] and broken["error"]["code"] == "INVALID_ARGUMENT"
+    assert "broken.jpg: INVALID_ARGUMENT" in done.stderr
+
+
+def test_sigterm_stops_every_stage_cleanly(running_up):
+    process, _, log = running_up
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, log.read_text()
+    text = log.read_text()
+    for stage in ("preprocess", "inference", "postprocess", "controller"):
+        assert f"{stage}=0" in text, text

@@ -1,0 +1,80 @@
+"""Model repository: one folder per model, validated at load with messages that say where."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from inferline.common.errors import ConfigError
+from inferline.services.inference.repository import BUILTIN_REPOSITORY, load_config, load_repository
+
+BASE = yaml.safe_load((BUILTIN_REPOSITORY / "yolov8n" / "config.yaml").read_text())
+
+
+def _write(root: Path, folder_name: str, **changes) -> Path:
+    config = {**BASE, "name": folder_name, **changes}
+    folder = root / folder_name
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if v is not None}))
+    return folder / "config.yaml"
+
+
+def test_builtin_repository_serves_yolov8n_with_ultralytics_defaults():
+    config = load_repository(BUILTIN_REPOSITORY)["yolov8n"]
+    assert (config.task, config.backend, config.loader) == ("detect", "torch", "ultralytics")
+    assert config.preprocess.name == "letterbox" and config.preprocess.params["auto"] is True
+    assert dict(config.postprocess.params) == {"conf": 0.25, "iou": 0.7, "max_det": 300}
+    assert config.weights.file == "yolov8n.pt" and config.weights.source == "ultralytics"
+
+
+def test_adding_a_model_is_adding_a_folder(tmp_path):
+    _write(tmp_path, "yolov8n")
+    _write(tmp_path, "yolov8n-strict", postprocess={"name": "yolo_detect", "params": {"conf": 0.5}})
+    configs = load_repository(tmp_path)
+    assert sorted(configs) == ["yolov8n", "yolov8n-strict"]
+    assert configs["yolov8n-strict"].postprocess.params == {"conf": 0.5}
+
+
+def test_only_loads_the_named_models_and_refuses_unknown_names(tmp_path):
+    _write(tmp_path, "yolov8n")
+    _write(tmp_path, "other")
+    assert list(load_repository(tmp_path, ("other",))) == ["other"]
+    with pytest.raises(ConfigError, match="missing"):
+        load_repository(tmp_path, ("missing",))
+
+
+def test_explicit_weights_path_is_relative_to_the_model_folder(tmp_path):
+    path = _write(tmp_path, "yolov8n", weights={"file": "yolov8n.pt", "path": "weights/best.pt"})
+    assert load_config(path).weights.path == tmp_path / "yolov8n" / "weights" / "best.pt"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"task": "segment"}, "task 'segment'"),
+        ({"backend": None}, "'backend' must be a non-empty string"),
+        ({"weights": "yolov8n.pt"}, "'weights' must be a mapping"),
+        ({"inputs": []}, "'inputs' must be a non-empty list"),
+        ({"inputs": [{"name": "images", "dtype": "uint7", "shape": [3]}]}, "dtype 'uint7'"),
+        ({"preprocess": {"params": {}}}, "preprocess: expected a mapping with a 'name'"),
+        ({"max_batch_size": 0}, "'max_batch_size' must be a positive integer"),
+    ],
+)
+def test_invalid_configs_name_the_file_and_field(tmp_path, changes, message):
+    path = _write(tmp_path, "yolov8n", **changes)
+    with pytest.raises(ConfigError, match=message) as raised:
+        load_config(path)
+    assert str(path) in str(raised.value)
+
+
+def test_name_must_match_its_folder(tmp_path):
+    path = _write(tmp_path, "renamed", name="yolov8n")
+    with pytest.raises(ConfigError, match="must equal its folder"):
+        load_config(path)
+
+
+def test_empty_or_missing_repository_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="holds no"):
+        load_repository(tmp_path)
+    with pytest.raises(ConfigError, match="not a directory"):
+        load_repository(tmp_path / "nope")

@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import pytest
+
+from inferline.common.errors import ConfigError
+from inferline.common.settings import Settings
+
+
+def test_defaults_are_the_documented_ports():
+    settings = Settings.from_env({})
+    assert [settings.port(s) for s in ("controller", "preprocess", "inference", "postprocess")] == [50051, 50052, 50053, 50054]
+    assert settings.max_message_bytes >= 64 * 1024 * 1024
+
+
+def test_environment_overrides_typed_fields():
+    settings = Settings.from_env(
+        {
+            "INFERLINE_CONTROLLER_PORT": "6000",
+            "INFERLINE_MODELS": "yolov8n, other",
+            "INFERLINE_ALLOW_DOWNLOAD": "false",
+            "INFERLINE_MODEL_DIR": "/models",
+            "INFERLINE_GRACE_PERIOD_S": "2.5",
+        }
+    )
+    assert settings.controller_port == 6000
+    assert settings.models == ("yolov8n", "other")
+    assert settings.allow_download is False
+    assert settings.model_dir == Path("/models")
+    assert settings.grace_period_s == 2.5
+
+
+def test_invalid_values_name_the_variable():
+    with pytest.raises(ConfigError, match="INFERLINE_CONTROLLER_PORT"):
+        Settings.from_env({"INFERLINE_CONTROLLER_PORT": "fifty"})
+    with pytest.raises(ConfigError, match="INFERLINE_ALLOW_DOWNLOAD"):
+        Settings.from_env({"INFERLINE_ALLOW_DOWNLOAD": "maybe"})
+
+
+def test_unknown_stage_is_refused():
+    with pytest.raises(ConfigError, match="unknown stage"):
+        Settings().port("gateway")

@@ -1,0 +1,87 @@
+"""Weights: explicit path, then $INFERLINE_MODEL_DIR, then the official download; sha256 checked."""
+
+import hashlib
+import logging
+from pathlib import Path
+
+import pytest
+
+from inferline.common.errors import WeightsError
+from inferline.services.inference import weights as weights_module
+from inferline.services.inference.repository import WeightsSpec
+from inferline.services.inference.weights import DOWNLOADERS, resolve_weights
+
+
+def _file(path: Path, content: bytes = b"weights") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def test_explicit_path_wins_over_the_model_dir(tmp_path):
+    explicit = _file(tmp_path / "explicit" / "best.pt", b"a")
+    _file(tmp_path / "models" / "m.pt", b"b")
+    spec = WeightsSpec(file="m.pt", path=explicit)
+    found = resolve_weights(spec, model="m", model_dir=tmp_path / "models", allow_download=False, cache_dir=tmp_path / "c")
+    assert found.path == explicit
+
+
+def test_missing_explicit_path_is_an_error_not_a_fallback(tmp_path):
+    _file(tmp_path / "models" / "m.pt")
+    spec = WeightsSpec(file="m.pt", path=tmp_path / "nope.pt")
+    with pytest.raises(WeightsError, match="weights.path .*nope.pt"):
+        resolve_weights(spec, model="m", model_dir=tmp_path / "models", allow_download=False, cache_dir=tmp_path / "c")
+
+
+def test_model_dir_is_used_when_no_explicit_path(tmp_path):
+    expected = _file(tmp_path / "models" / "m.pt")
+    found = resolve_weights(WeightsSpec(file="m.pt"), model="m", model_dir=tmp_path / "models", allow_download=False, cache_dir=tmp_path / "c")
+    assert found.path == expected
+
+
+def test_official_checksum_marks_the_file_official(tmp_path):
+    content = b"the official release"
+    _file(tmp_path / "m.pt", content)
+    spec = WeightsSpec(file="m.pt", sha256=hashlib.sha256(content).hexdigest())
+    found = resolve_weights(spec, model="m", model_dir=tmp_path, allow_download=False, cache_dir=tmp_path / "c")
+    assert found.official and found.sha256 == spec.sha256
+
+
+def test_other_weights_are_served_with_one_warning_naming_both_checksums(tmp_path, caplog):
+    _file(tmp_path / "m.pt", b"a stand-in")
+    spec = WeightsSpec(file="m.pt", sha256="0" * 64)
+    with caplog.at_level(logging.WARNING):
+        found = resolve_weights(spec, model="m", model_dir=tmp_path, allow_download=False, cache_dir=tmp_path / "c")
+    assert not found.official
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "not the official release" in warnings[0].getMessage() and "0" * 64 in warnings[0].getMessage()
+
+
+def test_missing_offline_names_the_file_and_where_to_put_it(tmp_path):
+    spec = WeightsSpec(file="yolov8n.pt", source="ultralytics")
+    with pytest.raises(WeightsError) as raised:
+        resolve_weights(spec, model="yolov8n", model_dir=tmp_path / "models", allow_download=False, cache_dir=tmp_path / "c")
+    message = str(raised.value)
+    assert "yolov8n.pt" in message and str(tmp_path / "models") in message and "INFERLINE_MODEL_DIR" in message
+
+
+def test_failed_download_names_the_file_and_where_to_put_it(tmp_path, monkeypatch):
+    def offline(file: str, dest: Path) -> None:
+        raise ConnectionError("network is unreachable")
+
+    monkeypatch.setitem(DOWNLOADERS._items, "test-offline", offline)
+    spec = WeightsSpec(file="m.pt", source="test-offline")
+    with pytest.raises(WeightsError, match=r"m.pt not found .*official download failed \(ConnectionError: network is unreachable\).*put m.pt in"):
+        resolve_weights(spec, model="m", model_dir=None, allow_download=True, cache_dir=tmp_path / "c")
+
+
+def test_successful_download_lands_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setitem(DOWNLOADERS._items, "test-online", lambda file, dest: _file(dest, b"downloaded"))
+    found = resolve_weights(WeightsSpec(file="m.pt", source="test-online"), model="m", model_dir=None, allow_download=True, cache_dir=tmp_path / "c")
+    assert found.path == tmp_path / "c" / "m.pt"
+
+
+def test_ultralytics_is_a_registered_download_source():
+    assert "ultralytics" in DOWNLOADERS
+    assert weights_module.DEFAULT_CACHE.name == "models"
