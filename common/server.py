@@ -78,7 +78,11 @@ class ServerApp:
         self._server = server
         log.info("%s listening on %s:%d", self.service.name, self.host, self.port)
         if self.service.load is not None:
-            await self.service.load()
+            try:
+                await self.service.load()
+            except BaseException:
+                await server.stop(0)
+                raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("%s is serving", self.service.name)
         return self.port

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return EXIT_RPC_ERROR
-    except (InferlineError, FileNotFoundError) as exc:
+    except (InferlineError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_RPC_ERROR
 
@@ -103,11 +104,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    try:
-        stack.start()
-    except (RuntimeError, TimeoutError) as exc:
-        log.error("%s", exc)
-        return 1
+    stack.start()
     log.info("inferline is up: controller at %s (Ctrl-C stops it)", stack.controller_target)
     exited = None
     while not stopping and exited is None:
@@ -187,7 +184,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("error: no sample images (install ultralytics, or pass --images DIR)", file=sys.stderr)
         return EXIT_RPC_ERROR
     print(f"starting the stack (weights from {settings.model_dir or 'the default locations'}) ...", flush=True)
-    with LocalStack(settings) as stack, client.open_channel(stack.controller_target) as channel:
+    # The stages log warnings only (the weights check among them), so the demo's output reads.
+    env = {"INFERLINE_LOG_LEVEL": "WARNING", **os.environ}
+    with LocalStack(settings, env=env) as stack, client.open_channel(stack.controller_target) as channel:
         models = {m.name: m for m in client.list_models(channel, timeout=30)}
         outcomes = client.detect(channel, paths, model=args.model, options=types_pb2.DetectOptions(), png=True, timeout=120)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +197,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for outcome in outcomes:
         summary = ", ".join(f"{d.label} {d.score:.2f}" for d in outcome.detections[:6]) or "nothing"
         more = f" (+{len(outcome.detections) - 6} more)" if len(outcome.detections) > 6 else ""
-        print(f"  {outcome.path.name}: {len(outcome.detections)} detections: {summary}{more}")
+        print(f"  {outcome.path.name}: {summary}{more}")
     weights = models[args.model].weights if args.model in models else None
     print(f"\ndetections (JSON): {json_path}")
     print(f"annotated images:  {args.out / 'annotated'} ({len(pngs)} PNGs)")

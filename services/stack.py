@@ -64,9 +64,12 @@ class LocalStack:
         try:
             for stage in self.stages:
                 process = self.processes[stage]
-                wait_serving(
-                    f"localhost:{self.settings.port(stage)}", timeout, alive=lambda p=process: p.poll() is None
-                )
+                try:
+                    wait_serving(
+                        f"localhost:{self.settings.port(stage)}", timeout, alive=lambda p=process: p.poll() is None
+                    )
+                except RuntimeError:
+                    raise RuntimeError(f"the {stage} stage exited while starting; its log above says why") from None
         except BaseException:
             self.stop()
             raise

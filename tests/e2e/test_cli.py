@@ -42,7 +42,8 @@ def running_up(model_dir, tmp_path_factory):
     with log.open("w") as sink:
         process = subprocess.Popen([*CLI, "up"], env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        wait_serving(f"localhost:{ports['controller']}", timeout=180, alive=lambda: process.poll() is None)
+        for port in ports.values():
+            wait_serving(f"localhost:{port}", timeout=180, alive=lambda: process.poll() is None)
     except Exception:
         process.kill()
         raise AssertionError(log.read_text())
@@ -117,3 +118,17 @@ def test_sigterm_stops_every_stage_cleanly(running_up):
     text = log.read_text()
     for stage in ("preprocess", "inference", "postprocess", "controller"):
         assert f"{stage}=0" in text, text
+
+
+def test_missing_weights_stop_the_inference_stage_with_advice(tmp_path):
+    (port,) = _free_ports(1)
+    env = {
+        **os.environ,
+        "INFERLINE_MODEL_DIR": str(tmp_path),
+        "INFERLINE_ALLOW_DOWNLOAD": "false",
+        "INFERLINE_INFERENCE_PORT": str(port),
+    }
+    done = subprocess.run([*CLI, "serve", "inference"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "weights file yolov8n.pt not found" in done.stderr
+    assert f"put yolov8n.pt in {tmp_path}" in done.stderr

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -11,9 +13,10 @@ import grpc
 import numpy as np
 import pytest
 
-from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2, types_pb2
+from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
+from inferline.common.server import Service
 from tests.support.images import encoded
-from tests.support.servers import LoopThread, start_stage
+from tests.support.servers import LoopThread, start_service, start_stage
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -144,4 +147,49 @@ def test_a_stage_that_is_down_makes_detect_unavailable_and_the_controller_stays_
             assert stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models, "still serving"
     finally:
         controller.stop()
+        loop.close()
+
+
+class _SlowInference(inference_pb2_grpc.InferenceServiceServicer):
+    """Serves real metadata but takes long to infer, and records the deadline it was given."""
+
+    def __init__(self, metadata: inference_pb2.ModelMetadataResponse):
+        self.metadata = metadata
+        self.remaining: list[float] = []
+
+    async def ModelMetadata(self, request, context):
+        return self.metadata
+
+    async def ModelInfer(self, request, context):
+        self.remaining.append(context.time_remaining())
+        await asyncio.sleep(5)
+        return inference_pb2.ModelInferResponse()
+
+
+def test_the_callers_deadline_flows_to_the_stages(stack):
+    with grpc.insecure_channel(stack.servers["inference"].address) as channel:
+        metadata = inference_pb2_grpc.InferenceServiceStub(channel).ModelMetadata(
+            inference_pb2.ModelMetadataRequest(name="yolov8n"), timeout=10
+        )
+    slow = _SlowInference(metadata)
+
+    def register(server):
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(slow, server)
+        return ["inferline.v1.InferenceService"]
+
+    loop = LoopThread()
+    fake = start_service(loop, lambda settings: Service("slow-inference", register), stack.settings)
+    controller = start_stage(loop, "controller", dataclasses.replace(stack.settings, inference_target=fake.address))
+    try:
+        with grpc.insecure_channel(controller.address) as channel:
+            stub = controller_pb2_grpc.ControllerServiceStub(channel)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Detect(_detect(encoded()), timeout=1.5)
+            assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started < 4, "the controller did not wait for the slow stage"
+        assert slow.remaining and 0 < slow.remaining[0] <= 1.5, "the stage got what was left of the deadline"
+    finally:
+        controller.stop()
+        fake.stop()
         loop.close()
