@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -167,12 +168,15 @@ def write_pngs(outcomes: list[client.ImageOutcome], out_dir: Path) -> list[Path]
 
 
 def sample_images() -> list[Path]:
-    """ultralytics ships bus.jpg and zidane.jpg inside its package: samples that need no network."""
-    try:
-        import ultralytics
-    except ImportError:
+    """ultralytics ships bus.jpg and zidane.jpg inside its package: samples that need no network.
+
+    Found without importing ultralytics, whose import sets OMP_NUM_THREADS=1 in this process's
+    environment, which the stages started next would inherit.
+    """
+    spec = importlib.util.find_spec("ultralytics")
+    if spec is None or not spec.submodule_search_locations:
         return []
-    assets = Path(ultralytics.__file__).parent / "assets"
+    assets = Path(next(iter(spec.submodule_search_locations))) / "assets"
     return [p for p in (assets / "bus.jpg", assets / "zidane.jpg") if p.is_file()]
 
 
