@@ -26,12 +26,14 @@ class Registry(Generic[T]):
 
         return decorator
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, error: type[Exception] = ConfigError) -> T:
+        """The item, or ``error`` naming the known ones: ConfigError for names from config files,
+        InvalidInput for names that arrive in a request."""
         try:
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items)) or "none"
-            raise ConfigError(f"unknown {self.kind} {name!r} (known: {known})") from None
+            raise error(f"unknown {self.kind} {name!r} (known: {known})") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

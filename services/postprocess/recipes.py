@@ -16,7 +16,7 @@ from inferline.services.postprocess.yolo import decode_detections, scale_boxes
 Postprocessor = Callable[
     [Mapping[str, np.ndarray], ImageTransform, DetectOptions, Mapping[str, Any], Sequence[str]], list[Detection]
 ]
-POSTPROCESSORS: Registry[Postprocessor] = Registry("postprocessor")
+POSTPROCESSORS: Registry[Postprocessor] = Registry("postprocess recipe")
 
 
 def label_for(class_id: int, labels: Sequence[str]) -> str:

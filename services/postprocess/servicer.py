@@ -45,9 +45,7 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
 
     async def Postprocess(self, request, context):
         recipe = Recipe.from_proto(request.recipe)
-        if recipe.name not in POSTPROCESSORS:
-            raise InvalidInput(f"unknown postprocess recipe {recipe.name!r} (known: {', '.join(POSTPROCESSORS)})")
-        postprocessor = POSTPROCESSORS.get(recipe.name)
+        postprocessor = POSTPROCESSORS.get(recipe.name, error=InvalidInput)
         options = DetectOptions.from_proto(request.options)
         labels = tuple(request.labels)
 

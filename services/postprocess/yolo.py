@@ -8,6 +8,7 @@ it picks on CPU) and ``scale_boxes``, float32 operation for float32 operation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,6 +16,9 @@ from inferline.common.transform import ImageTransform
 
 MAX_NMS = 30000  # ultralytics keeps only this many best candidates before NMS
 MAX_WH = 7680  # ultralytics' per-class coordinate offset that turns class-aware NMS into one NMS
+_PAIR_BUDGET = 1 << 27  # never list more overlapping pairs than this (memory and time)
+_PAIR_CHUNK = 1 << 20  # pairs examined per vectorised step, which bounds the memory used
+_PROBE_ROUNDS = 8  # plain greedy rounds between two looks at whether listing pairs is cheaper
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
@@ -22,11 +26,11 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 
     torchvision's CPU kernel sorts by score with a stable sort (ties keep index order), computes
     IoU in float32 as ``inter / (area_i + area_j - inter)``, compares it with the threshold in
-    double precision and lets only kept boxes suppress. Boxes that do not intersect can never
-    suppress each other (for a threshold >= 0), so the boxes are first cut into groups that are
-    separated along x (for YOLO, at least one per class thanks to the class offset); then every
-    round keeps the best remaining box of each group and suppresses with it, all groups at once.
-    That is torchvision's O(kept x candidates) work, vectorised across groups.
+    double precision and lets only kept boxes suppress; that is O(kept x candidates). Two
+    vectorised ways give the same answer faster: plain greedy rounds (the best box suppresses the
+    rest) thin dense piles quickly, while a sort-and-sweep lists the few overlapping pairs of
+    sparse sets (for YOLO, the class offset keeps classes apart) and replays the greedy pass on
+    them. Rounds run until listing is the cheaper way to finish.
     """
     if not 0.0 <= iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be within [0, 1], got {iou_threshold}")
@@ -36,34 +40,99 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
         raise ValueError(f"expected (N, 4) boxes and (N,) scores, got {boxes.shape} and {scores.shape}")
 
     order = np.argsort(-scores, kind="stable")
-    x1, y1, x2, y2 = (np.ascontiguousarray(c) for c in boxes[order].T)
-    areas = (x2 - x1) * (y2 - y1)
+    ranked = _Boxes(boxes[order].T, iou_threshold)  # box i is the i-th best
+    undecided = np.arange(len(order))
+    kept = [undecided[:0]]
+    sweep = None
+    while undecided.size:
+        size_before = len(undecided)
+        for _ in range(_PROBE_ROUNDS):  # once nothing is left, these are no-ops on empty arrays
+            best, rest = undecided[:1], undecided[1:]
+            kept.append(best)
+            undecided = rest[~ranked.suppresses(best, rest)]
+        if not undecided.size:
+            break
+        thinned_per_round = (size_before - len(undecided)) / _PROBE_ROUNDS
+        if sweep is None or 4 * len(undecided) <= 3 * len(sweep.by_start):  # a sweep costs sorts
+            sweep = ranked.sweep(undecided)
+        # sweep.pairs only shrinks as boxes go, so it bounds the pairs left to list.
+        if sweep.pairs <= min(_PAIR_BUDGET, len(undecided) ** 2 / thinned_per_round):
+            if len(sweep.by_start) != len(undecided):
+                sweep = ranked.sweep(undecided)
+            kept.append(_greedy(undecided, *ranked.suppressing_pairs(sweep)))
+            break
+    return order[np.sort(np.concatenate(kept))]
 
-    # Positions (= score ranks) grouped by x-separated cluster, best first within each group.
-    by_x1 = np.argsort(x1, kind="stable")
-    starts_group = x1[by_x1][1:] >= np.maximum.accumulate(x2[by_x1])[:-1]
-    group_of = np.empty(len(order), dtype=np.int64)
-    group_of[by_x1] = np.concatenate(([0], np.cumsum(starts_group)))
-    remaining = np.argsort(group_of, kind="stable")
-    group = group_of[remaining]
 
-    kept = []
-    threshold = np.float64(iou_threshold)  # a float64 scalar makes NumPy compare in double, as torchvision
-    while remaining.size:
-        is_head = np.ones(remaining.size, dtype=bool)
-        is_head[1:] = group[1:] != group[:-1]
-        heads = remaining[is_head]
-        kept.append(heads)
-        head = heads[np.cumsum(is_head)[~is_head] - 1]
-        rest = remaining[~is_head]
-        inter = np.maximum(np.minimum(x2[head], x2[rest]) - np.maximum(x1[head], x1[rest]), np.float32(0)) * (
-            np.maximum(np.minimum(y2[head], y2[rest]) - np.maximum(y1[head], y1[rest]), np.float32(0))
-        )
-        with np.errstate(divide="ignore", invalid="ignore"):
-            survives = ~(inter / (areas[head] + areas[rest] - inter) > threshold)
-        remaining = rest[survives]
-        group = group[~is_head][survives]
-    return order[np.sort(np.concatenate(kept))] if kept else np.empty(0, dtype=np.int64)
+class _Sweep(NamedTuple):
+    """Boxes sorted by start along one axis; box k overlaps at most the next runs[k] on that axis."""
+
+    pairs: int
+    by_start: np.ndarray
+    runs: np.ndarray
+
+
+class _Boxes:
+    """xyxy boxes as columns, with torchvision's float32 IoU arithmetic."""
+
+    def __init__(self, xyxy: np.ndarray, iou_threshold: float, areas: np.ndarray | None = None) -> None:
+        self.x1, self.y1, self.x2, self.y2 = xyxy
+        self.areas = (self.x2 - self.x1) * (self.y2 - self.y1) if areas is None else areas
+        self.iou_threshold = iou_threshold
+
+    def take(self, index: np.ndarray) -> _Boxes:
+        """A reordered copy, so that a sweep reads its boxes nearly sequentially (cache-friendly gathers)."""
+        xyxy = np.stack((self.x1, self.y1, self.x2, self.y2))[:, index]
+        return _Boxes(xyxy, self.iou_threshold, self.areas[index])
+
+    def suppresses(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Whether IoU(a, b) > threshold, bit for bit as torchvision decides it."""
+        zero = np.float32(0)
+        width = np.maximum(np.minimum(self.x2[a], self.x2[b]) - np.maximum(self.x1[a], self.x1[b]), zero)
+        height = np.maximum(np.minimum(self.y2[a], self.y2[b]) - np.maximum(self.y1[a], self.y1[b]), zero)
+        inter = width * height
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 for empty boxes is NaN: no suppression
+            # A float64 threshold makes NumPy compare in double, as torchvision's C++ does.
+            return inter / (self.areas[a] + self.areas[b] - inter) > np.float64(self.iou_threshold)
+
+    def sweep(self, members: np.ndarray) -> _Sweep:
+        """Sorted by start, a box can only overlap the boxes that follow it and start before it
+        ends: a contiguous run. Of the two axes, the one with fewer such pairs is used."""
+        sweeps = []
+        for start, end in ((self.x1, self.x2), (self.y1, self.y2)):
+            by_start = members[np.argsort(start[members], kind="stable")]
+            run_end = np.searchsorted(start[by_start], end[by_start], side="left")
+            runs = np.maximum(run_end - np.arange(1, len(by_start) + 1), 0)
+            sweeps.append(_Sweep(int(runs.sum()), by_start, runs))
+        return min(sweeps, key=lambda sweep: sweep.pairs)
+
+    def suppressing_pairs(self, sweep: _Sweep) -> tuple[np.ndarray, np.ndarray]:
+        """(better, worse) pairs, by rank, whose IoU is above the threshold."""
+        swept = self.take(sweep.by_start)
+        pairs_before = np.cumsum(sweep.runs) - sweep.runs
+        # Chunks of whole runs, about _PAIR_CHUNK pairs each (a longer run is one chunk on its own).
+        bounds = np.unique(np.searchsorted(pairs_before, np.arange(0, sweep.pairs, _PAIR_CHUNK), side="right") - 1)
+        better, worse = [sweep.by_start[:0]], [sweep.by_start[:0]]
+        for lo, hi in zip(bounds, np.append(bounds[1:], len(sweep.runs))):
+            first = np.repeat(np.arange(lo, hi), sweep.runs[lo:hi])
+            second = first + 1 + np.arange(len(first)) - (pairs_before[first] - pairs_before[lo])
+            hit = swept.suppresses(first, second)
+            a, b = sweep.by_start[first[hit]], sweep.by_start[second[hit]]
+            better.append(np.minimum(a, b))
+            worse.append(np.maximum(a, b))
+        return np.concatenate(better), np.concatenate(worse)
+
+
+def _greedy(members: np.ndarray, better: np.ndarray, worse: np.ndarray) -> np.ndarray:
+    """Replay the greedy pass on the suppressing pairs: a box is kept unless a kept better box hits it."""
+    by_better = np.lexsort((worse, better))
+    better, worse = better[by_better], worse[by_better]
+    suppressed = np.zeros(members.max() + 1, dtype=bool)
+    heads = np.flatnonzero(np.diff(better, prepend=-1))
+    for head, stop in zip(heads, np.append(heads[1:], len(better))):
+        if not suppressed[better[head]]:
+            suppressed[worse[head:stop]] = True
+    return members[~suppressed[members]]
 
 
 def decode_detections(

@@ -13,7 +13,7 @@ from inferline.common.transform import ImageTransform
 from inferline.services.preprocess.letterbox import letterbox
 
 Preprocessor = Callable[[np.ndarray, Mapping[str, Any]], tuple[np.ndarray, ImageTransform]]
-PREPROCESSORS: Registry[Preprocessor] = Registry("preprocessor")
+PREPROCESSORS: Registry[Preprocessor] = Registry("preprocess recipe")
 
 
 def _size(params: Mapping[str, Any]) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -34,9 +35,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
 
     async def Preprocess(self, request, context):
         recipe = Recipe.from_proto(request.recipe)
-        preprocessor = PREPROCESSORS.get(recipe.name) if recipe.name in PREPROCESSORS else None
-        if preprocessor is None:
-            raise InvalidInput(f"unknown preprocess recipe {recipe.name!r} (known: {', '.join(PREPROCESSORS)})")
+        preprocessor = PREPROCESSORS.get(recipe.name, error=InvalidInput)
         if not request.images:
             raise InvalidInput("no images in the request")
         loop = asyncio.get_running_loop()
@@ -53,7 +52,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
             array, transform = outcome
             response.images.add(
                 tensor=tensors.to_proto(array, "images"),
-                transform=types_pb2.ImageTransform(**vars(transform)),
+                transform=types_pb2.ImageTransform(**dataclasses.asdict(transform)),
                 status=OK,
             )
         return response
