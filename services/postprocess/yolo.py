@@ -16,7 +16,7 @@ from inferline.common.transform import ImageTransform
 
 MAX_NMS = 30000  # ultralytics keeps only this many best candidates before NMS
 MAX_WH = 7680  # ultralytics' per-class coordinate offset that turns class-aware NMS into one NMS
-_PAIR_BUDGET = 1 << 27  # never list more overlapping pairs than this (memory and time)
+_PAIR_BUDGET = 1 << 26  # never list more overlapping pairs than this (memory and time)
 _PAIR_CHUNK = 1 << 20  # pairs examined per vectorised step, which bounds the memory used
 _PROBE_ROUNDS = 8  # plain greedy rounds between two looks at whether listing pairs is cheaper
 
@@ -65,7 +65,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 
 
 class _Sweep(NamedTuple):
-    """Boxes sorted by start along one axis; box k overlaps at most the next runs[k] on that axis."""
+    """Boxes sorted by start along one axis: by_start[k] can only overlap by_start[k + 1 : k + 1 + runs[k]]."""
 
     pairs: int
     by_start: np.ndarray
@@ -151,7 +151,7 @@ def decode_detections(
     candidates, class-aware NMS by offsetting boxes by ``class * MAX_WH`` in float32 (the offset's
     rounding is part of the IoU ultralytics sees), then ``max_det``. Coordinates stay in model-input
     pixels. One known gap: beyond ``MAX_NMS`` candidates ultralytics cuts with torch's unstable
-    sort, so among exactly equal scores at the cut it may keep other boxes than this stable cut.
+    sort, which may reorder boxes of exactly equal score, so ties there can come out differently.
     """
     if not 0.0 <= conf <= 1.0:
         raise ValueError(f"conf must be within [0, 1], got {conf}")
@@ -189,6 +189,8 @@ def scale_boxes(boxes: np.ndarray, transform: ImageTransform) -> np.ndarray:
     pad_x, pad_y = round((input_w - new_w) / 2 - 0.1), round((input_h - new_h) / 2 - 0.1)
 
     scaled = np.array(boxes, dtype=np.float32)  # a copy: ultralytics scales its tensor in place
+    if scaled.shape[-1:] != (4,):
+        raise ValueError(f"expected (K, 4) xyxy boxes, got shape {scaled.shape}")
     scaled[..., [0, 2]] = (scaled[..., [0, 2]] - np.float32(pad_x)) / np.float32(gain_x)
     scaled[..., [1, 3]] = (scaled[..., [1, 3]] - np.float32(pad_y)) / np.float32(gain_y)
     scaled[..., [0, 2]] = scaled[..., [0, 2]].clip(0, orig_w)
