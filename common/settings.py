@@ -38,7 +38,8 @@ class Settings:
 
     # Models.
     model_repository: Path | None = None
-    model_dir: Path | None = None
+    # Folders searched for weight files, in order (INFERLINE_MODEL_DIR, os.pathsep-separated).
+    model_dir: tuple[Path, ...] = ()
     # Names of the models the inference service loads; empty loads the whole repository.
     models: tuple[str, ...] = ()
     allow_download: bool = True
@@ -95,6 +96,8 @@ def _parse(var: str, raw: str, type_name: Any) -> Any:
             raise ValueError("expected true/false")
         if kind == "Path | None":
             return Path(raw).expanduser()
+        if kind == "tuple[Path, ...]":
+            return tuple(Path(part).expanduser() for part in raw.split(os.pathsep) if part)
         if kind == "tuple[str, ...]":
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         return raw

@@ -187,7 +187,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no sample images (install ultralytics, or pass --images DIR)", file=sys.stderr)
         return EXIT_RPC_ERROR
-    print(f"starting the stack (weights from {settings.model_dir or 'the default locations'}) ...", flush=True)
+    where = os.pathsep.join(map(str, settings.model_dir)) or "the default locations"
+    print(f"starting the stack (weights from {where}) ...", flush=True)
     # The stages log warnings only (the weights check among them), so the demo's output reads.
     env = {"INFERLINE_LOG_LEVEL": "WARNING", **os.environ}
     with LocalStack(settings, env=env) as stack, client.open_channel(stack.controller_target) as channel:

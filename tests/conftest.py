@@ -64,7 +64,7 @@ def sample_images(data_dir: Path) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def settings(model_dir: Path) -> Settings:
-    return Settings(model_dir=model_dir, allow_download=False, grace_period_s=2.0, worker_threads=2)
+    return Settings(model_dir=(model_dir,), allow_download=False, grace_period_s=2.0, worker_threads=2)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from . import inference_pb2 as inferline_dot_v1_dot_inference__pb2
 from . import types_pb2 as inferline_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinferline/v1/controller.proto\x12\x0cinferline.v1\x1a\x1cinferline/v1/inference.proto\x1a\x18inferline/v1/types.proto\"\x9d\x01\n\rDetectRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.inferline.v1.Image\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.inferline.v1.DetectOptions\x12*\n\x06render\x18\x04 \x03(\x0e\x32\x1a.inferline.v1.RenderFormat\"\xba\x01\n\x0bImageResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12+\n\ndetections\x18\x04 \x03(\x0b\x32\x17.inferline.v1.Detection\x12$\n\x06status\x18\x05 \x01(\x0b\x32\x14.inferline.v1.Status\x12+\n\nrenderings\x18\x06 \x03(\x0b\x32\x17.inferline.v1.Rendering\"\xd5\x01\n\x0e\x44\x65tectResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12*\n\x07results\x18\x03 \x03(\x0b\x32\x19.inferline.v1.ImageResult\x12?\n\ntimings_ms\x18\x04 \x03(\x0b\x32+.inferline.v1.DetectResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xa9\x01\n\x11\x43ontrollerService\x12\x43\n\x06\x44\x65tect\x12\x1b.inferline.v1.DetectRequest\x1a\x1c.inferline.v1.DetectResponse\x12O\n\nListModels\x12\x1f.inferline.v1.ListModelsRequest\x1a .inferline.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinferline/v1/controller.proto\x12\x0cinferline.v1\x1a\x1cinferline/v1/inference.proto\x1a\x18inferline/v1/types.proto\"\xc4\x01\n\rDetectRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.inferline.v1.Image\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.inferline.v1.DetectOptions\x12*\n\x06render\x18\x04 \x03(\x0e\x32\x1a.inferline.v1.RenderFormat\x12\x15\n\rclassify_with\x18\x05 \x01(\t\x12\x0e\n\x06labels\x18\x06 \x03(\t\"\xba\x01\n\x0bImageResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12+\n\ndetections\x18\x04 \x03(\x0b\x32\x17.inferline.v1.Detection\x12$\n\x06status\x18\x05 \x01(\x0b\x32\x14.inferline.v1.Status\x12+\n\nrenderings\x18\x06 \x03(\x0b\x32\x17.inferline.v1.Rendering\"\xd5\x01\n\x0e\x44\x65tectResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12*\n\x07results\x18\x03 \x03(\x0b\x32\x19.inferline.v1.ImageResult\x12?\n\ntimings_ms\x18\x04 \x03(\x0b\x32+.inferline.v1.DetectResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"d\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.inferline.v1.Image\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\"n\n\x0e\x43lassifyResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06labels\x18\x02 \x03(\x0b\x32\x18.inferline.v1.LabelScore\x12$\n\x06status\x18\x03 \x01(\x0b\x32\x14.inferline.v1.Status\"\xc5\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.inferline.v1.ClassifyResult\x12\x41\n\ntimings_ms\x18\x03 \x03(\x0b\x32-.inferline.v1.ClassifyResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x80\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.inferline.v1.Image\x12\r\n\x05texts\x18\x03 \x03(\t\x12-\n\x07\x63luster\x18\x04 \x01(\x0b\x32\x1c.inferline.v1.ClusterOptions\"V\n\rEmbeddedImage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12$\n\x06status\x18\x03 \x01(\x0b\x32\x14.inferline.v1.Status\"U\n\x0c\x45mbeddedText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12$\n\x06status\x18\x03 \x01(\x0b\x32\x14.inferline.v1.Status\"\xfa\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x06images\x18\x02 \x03(\x0b\x32\x1b.inferline.v1.EmbeddedImage\x12)\n\x05texts\x18\x03 \x03(\x0b\x32\x1a.inferline.v1.EmbeddedText\x12\x10\n\x08\x63lusters\x18\x04 \x03(\x05\x12>\n\ntimings_ms\x18\x05 \x03(\x0b\x32*.inferline.v1.EmbedResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x8c\x03\n\x11\x43ontrollerService\x12\x43\n\x06\x44\x65tect\x12\x1b.inferline.v1.DetectRequest\x1a\x1c.inferline.v1.DetectResponse\x12I\n\x08\x43lassify\x12\x1d.inferline.v1.ClassifyRequest\x1a\x1e.inferline.v1.ClassifyResponse\x12@\n\x05\x45mbed\x12\x1a.inferline.v1.EmbedRequest\x1a\x1b.inferline.v1.EmbedResponse\x12O\n\nListModels\x12\x1f.inferline.v1.ListModelsRequest\x1a .inferline.v1.ListModelsResponse\x12T\n\tModelInfo\x12\".inferline.v1.ModelMetadataRequest\x1a#.inferline.v1.ModelMetadataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,14 +36,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DETECTRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_DETECTRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
+  _globals['_CLASSIFYRESPONSE_TIMINGSMSENTRY']._loaded_options = None
+  _globals['_CLASSIFYRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
+  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._loaded_options = None
+  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_DETECTREQUEST']._serialized_start=104
-  _globals['_DETECTREQUEST']._serialized_end=261
-  _globals['_IMAGERESULT']._serialized_start=264
-  _globals['_IMAGERESULT']._serialized_end=450
-  _globals['_DETECTRESPONSE']._serialized_start=453
-  _globals['_DETECTRESPONSE']._serialized_end=666
-  _globals['_DETECTRESPONSE_TIMINGSMSENTRY']._serialized_start=618
-  _globals['_DETECTRESPONSE_TIMINGSMSENTRY']._serialized_end=666
-  _globals['_CONTROLLERSERVICE']._serialized_start=669
-  _globals['_CONTROLLERSERVICE']._serialized_end=838
+  _globals['_DETECTREQUEST']._serialized_end=300
+  _globals['_IMAGERESULT']._serialized_start=303
+  _globals['_IMAGERESULT']._serialized_end=489
+  _globals['_DETECTRESPONSE']._serialized_start=492
+  _globals['_DETECTRESPONSE']._serialized_end=705
+  _globals['_DETECTRESPONSE_TIMINGSMSENTRY']._serialized_start=657
+  _globals['_DETECTRESPONSE_TIMINGSMSENTRY']._serialized_end=705
+  _globals['_CLASSIFYREQUEST']._serialized_start=707
+  _globals['_CLASSIFYREQUEST']._serialized_end=807
+  _globals['_CLASSIFYRESULT']._serialized_start=809
+  _globals['_CLASSIFYRESULT']._serialized_end=919
+  _globals['_CLASSIFYRESPONSE']._serialized_start=922
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1119
+  _globals['_CLASSIFYRESPONSE_TIMINGSMSENTRY']._serialized_start=657
+  _globals['_CLASSIFYRESPONSE_TIMINGSMSENTRY']._serialized_end=705
+  _globals['_EMBEDREQUEST']._serialized_start=1122
+  _globals['_EMBEDREQUEST']._serialized_end=1250
+  _globals['_EMBEDDEDIMAGE']._serialized_start=1252
+  _globals['_EMBEDDEDIMAGE']._serialized_end=1338
+  _globals['_EMBEDDEDTEXT']._serialized_start=1340
+  _globals['_EMBEDDEDTEXT']._serialized_end=1425
+  _globals['_EMBEDRESPONSE']._serialized_start=1428
+  _globals['_EMBEDRESPONSE']._serialized_end=1678
+  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_start=657
+  _globals['_EMBEDRESPONSE_TIMINGSMSENTRY']._serialized_end=705
+  _globals['_CONTROLLERSERVICE']._serialized_start=1681
+  _globals['_CONTROLLERSERVICE']._serialized_end=2077
 # @@protoc_insertion_point(module_scope)

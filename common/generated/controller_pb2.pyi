@@ -10,16 +10,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DetectRequest(_message.Message):
-    __slots__ = ("model", "images", "options", "render")
+    __slots__ = ("model", "images", "options", "render", "classify_with", "labels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     RENDER_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFY_WITH_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]
     options: _types_pb2.DetectOptions
     render: _containers.RepeatedScalarFieldContainer[_types_pb2.RenderFormat]
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., options: _Optional[_Union[_types_pb2.DetectOptions, _Mapping]] = ..., render: _Optional[_Iterable[_Union[_types_pb2.RenderFormat, str]]] = ...) -> None: ...
+    classify_with: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., options: _Optional[_Union[_types_pb2.DetectOptions, _Mapping]] = ..., render: _Optional[_Iterable[_Union[_types_pb2.RenderFormat, str]]] = ..., classify_with: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImageResult(_message.Message):
     __slots__ = ("name", "width", "height", "detections", "status", "renderings")
@@ -55,3 +59,95 @@ class DetectResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[ImageResult]
     timings_ms: _containers.ScalarMap[str, float]
     def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("model", "images", "labels", "top_k")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    images: _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class ClassifyResult(_message.Message):
+    __slots__ = ("name", "labels", "status")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    labels: _containers.RepeatedCompositeFieldContainer[_types_pb2.LabelScore]
+    status: _types_pb2.Status
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[_types_pb2.LabelScore, _Mapping]]] = ..., status: _Optional[_Union[_types_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("model", "results", "timings_ms")
+    class TimingsMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    results: _containers.RepeatedCompositeFieldContainer[ClassifyResult]
+    timings_ms: _containers.ScalarMap[str, float]
+    def __init__(self, model: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ClassifyResult, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("model", "images", "texts", "cluster")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    images: _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    cluster: _types_pb2.ClusterOptions
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., texts: _Optional[_Iterable[str]] = ..., cluster: _Optional[_Union[_types_pb2.ClusterOptions, _Mapping]] = ...) -> None: ...
+
+class EmbeddedImage(_message.Message):
+    __slots__ = ("name", "embedding", "status")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    status: _types_pb2.Status
+    def __init__(self, name: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., status: _Optional[_Union[_types_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class EmbeddedText(_message.Message):
+    __slots__ = ("text", "embedding", "status")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    status: _types_pb2.Status
+    def __init__(self, text: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., status: _Optional[_Union[_types_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("model", "images", "texts", "clusters", "timings_ms")
+    class TimingsMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    images: _containers.RepeatedCompositeFieldContainer[EmbeddedImage]
+    texts: _containers.RepeatedCompositeFieldContainer[EmbeddedText]
+    clusters: _containers.RepeatedScalarFieldContainer[int]
+    timings_ms: _containers.ScalarMap[str, float]
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[EmbeddedImage, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[EmbeddedText, _Mapping]]] = ..., clusters: _Optional[_Iterable[int]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...

@@ -41,10 +41,25 @@ class ControllerServiceStub:
                 request_serializer=inferline_dot_v1_dot_controller__pb2.DetectRequest.SerializeToString,
                 response_deserializer=inferline_dot_v1_dot_controller__pb2.DetectResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/inferline.v1.ControllerService/Classify',
+                request_serializer=inferline_dot_v1_dot_controller__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=inferline_dot_v1_dot_controller__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/inferline.v1.ControllerService/Embed',
+                request_serializer=inferline_dot_v1_dot_controller__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=inferline_dot_v1_dot_controller__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/inferline.v1.ControllerService/ListModels',
                 request_serializer=inferline_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=inferline_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.ModelInfo = channel.unary_unary(
+                '/inferline.v1.ControllerService/ModelInfo',
+                request_serializer=inferline_dot_v1_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=inferline_dot_v1_dot_inference__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
 
 
@@ -58,8 +73,29 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """Zero-shot classification of images against the caller's labels (CLIP).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """L2-normalised embeddings of images and/or texts, optionally clustered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModelInfo(self, request, context):
+        """One model's metadata; NOT_FOUND for a model that is not served.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -72,10 +108,25 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     request_deserializer=inferline_dot_v1_dot_controller__pb2.DetectRequest.FromString,
                     response_serializer=inferline_dot_v1_dot_controller__pb2.DetectResponse.SerializeToString,
             ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=inferline_dot_v1_dot_controller__pb2.ClassifyRequest.FromString,
+                    response_serializer=inferline_dot_v1_dot_controller__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=inferline_dot_v1_dot_controller__pb2.EmbedRequest.FromString,
+                    response_serializer=inferline_dot_v1_dot_controller__pb2.EmbedResponse.SerializeToString,
+            ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
                     request_deserializer=inferline_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=inferline_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelInfo,
+                    request_deserializer=inferline_dot_v1_dot_inference__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=inferline_dot_v1_dot_inference__pb2.ModelMetadataResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -116,6 +167,60 @@ class ControllerService:
             _registered_method=True)
 
     @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferline.v1.ControllerService/Classify',
+            inferline_dot_v1_dot_controller__pb2.ClassifyRequest.SerializeToString,
+            inferline_dot_v1_dot_controller__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferline.v1.ControllerService/Embed',
+            inferline_dot_v1_dot_controller__pb2.EmbedRequest.SerializeToString,
+            inferline_dot_v1_dot_controller__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListModels(request,
             target,
             options=(),
@@ -132,6 +237,33 @@ class ControllerService:
             '/inferline.v1.ControllerService/ListModels',
             inferline_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             inferline_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferline.v1.ControllerService/ModelInfo',
+            inferline_dot_v1_dot_inference__pb2.ModelMetadataRequest.SerializeToString,
+            inferline_dot_v1_dot_inference__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,

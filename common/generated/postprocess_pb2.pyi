@@ -69,3 +69,39 @@ class RenderResponse(_message.Message):
     RENDERINGS_FIELD_NUMBER: _ClassVar[int]
     renderings: _containers.RepeatedCompositeFieldContainer[_types_pb2.Rendering]
     def __init__(self, renderings: _Optional[_Iterable[_Union[_types_pb2.Rendering, _Mapping]]] = ...) -> None: ...
+
+class EmbeddingsRequest(_message.Message):
+    __slots__ = ("images", "texts", "logit_scale", "top_k", "cluster")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_SCALE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[_types_pb2.Tensor]
+    texts: _containers.RepeatedCompositeFieldContainer[_types_pb2.Tensor]
+    logit_scale: float
+    top_k: int
+    cluster: _types_pb2.ClusterOptions
+    def __init__(self, images: _Optional[_Iterable[_Union[_types_pb2.Tensor, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[_types_pb2.Tensor, _Mapping]]] = ..., logit_scale: _Optional[float] = ..., top_k: _Optional[int] = ..., cluster: _Optional[_Union[_types_pb2.ClusterOptions, _Mapping]] = ...) -> None: ...
+
+class Ranking(_message.Message):
+    __slots__ = ("indices", "scores")
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, indices: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbeddingsResponse(_message.Message):
+    __slots__ = ("images", "texts", "zero_shot", "text_to_images", "clusters")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    ZERO_SHOT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_TO_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[_types_pb2.Tensor]
+    texts: _containers.RepeatedCompositeFieldContainer[_types_pb2.Tensor]
+    zero_shot: _containers.RepeatedCompositeFieldContainer[Ranking]
+    text_to_images: _containers.RepeatedCompositeFieldContainer[Ranking]
+    clusters: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, images: _Optional[_Iterable[_Union[_types_pb2.Tensor, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[_types_pb2.Tensor, _Mapping]]] = ..., zero_shot: _Optional[_Iterable[_Union[Ranking, _Mapping]]] = ..., text_to_images: _Optional[_Iterable[_Union[Ranking, _Mapping]]] = ..., clusters: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -45,6 +45,11 @@ class PostprocessServiceStub:
                 request_serializer=inferline_dot_v1_dot_postprocess__pb2.RenderRequest.SerializeToString,
                 response_deserializer=inferline_dot_v1_dot_postprocess__pb2.RenderResponse.FromString,
                 _registered_method=True)
+        self.Embeddings = channel.unary_unary(
+                '/inferline.v1.PostprocessService/Embeddings',
+                request_serializer=inferline_dot_v1_dot_postprocess__pb2.EmbeddingsRequest.SerializeToString,
+                response_deserializer=inferline_dot_v1_dot_postprocess__pb2.EmbeddingsResponse.FromString,
+                _registered_method=True)
 
 
 class PostprocessServiceServicer:
@@ -65,6 +70,14 @@ class PostprocessServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embeddings(self, request, context):
+        """Embedding work: L2 normalisation, zero-shot classification of images against texts,
+        ranking images for each text, and clustering.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PostprocessServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_PostprocessServiceServicer_to_server(servicer, server):
                     servicer.Render,
                     request_deserializer=inferline_dot_v1_dot_postprocess__pb2.RenderRequest.FromString,
                     response_serializer=inferline_dot_v1_dot_postprocess__pb2.RenderResponse.SerializeToString,
+            ),
+            'Embeddings': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embeddings,
+                    request_deserializer=inferline_dot_v1_dot_postprocess__pb2.EmbeddingsRequest.FromString,
+                    response_serializer=inferline_dot_v1_dot_postprocess__pb2.EmbeddingsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +151,33 @@ class PostprocessService:
             '/inferline.v1.PostprocessService/Render',
             inferline_dot_v1_dot_postprocess__pb2.RenderRequest.SerializeToString,
             inferline_dot_v1_dot_postprocess__pb2.RenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embeddings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferline.v1.PostprocessService/Embeddings',
+            inferline_dot_v1_dot_postprocess__pb2.EmbeddingsRequest.SerializeToString,
+            inferline_dot_v1_dot_postprocess__pb2.EmbeddingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

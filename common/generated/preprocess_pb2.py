@@ -26,19 +26,21 @@ _sym_db = _symbol_database.Default()
 from . import types_pb2 as inferline_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinferline/v1/preprocess.proto\x12\x0cinferline.v1\x1a\x18inferline/v1/types.proto\"^\n\x11PreprocessRequest\x12$\n\x06recipe\x18\x01 \x01(\x0b\x32\x14.inferline.v1.Recipe\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.inferline.v1.Image\"\x90\x01\n\x11PreprocessedImage\x12$\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.inferline.v1.Tensor\x12/\n\ttransform\x18\x02 \x01(\x0b\x32\x1c.inferline.v1.ImageTransform\x12$\n\x06status\x18\x03 \x01(\x0b\x32\x14.inferline.v1.Status\"E\n\x12PreprocessResponse\x12/\n\x06images\x18\x01 \x03(\x0b\x32\x1f.inferline.v1.PreprocessedImage2d\n\x11PreprocessService\x12O\n\nPreprocess\x12\x1f.inferline.v1.PreprocessRequest\x1a .inferline.v1.PreprocessResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinferline/v1/preprocess.proto\x12\x0cinferline.v1\x1a\x18inferline/v1/types.proto\"\x94\x01\n\x11PreprocessRequest\x12$\n\x06recipe\x18\x01 \x01(\x0b\x32\x14.inferline.v1.Recipe\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.inferline.v1.Image\x12\r\n\x05texts\x18\x03 \x03(\t\x12%\n\x07regions\x18\x04 \x03(\x0b\x32\x14.inferline.v1.Region\"\x90\x01\n\x11PreprocessedImage\x12$\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.inferline.v1.Tensor\x12/\n\ttransform\x18\x02 \x01(\x0b\x32\x1c.inferline.v1.ImageTransform\x12$\n\x06status\x18\x03 \x01(\x0b\x32\x14.inferline.v1.Status\"^\n\x10PreprocessedText\x12$\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.inferline.v1.Tensor\x12$\n\x06status\x18\x02 \x01(\x0b\x32\x14.inferline.v1.Status\"t\n\x12PreprocessResponse\x12/\n\x06images\x18\x01 \x03(\x0b\x32\x1f.inferline.v1.PreprocessedImage\x12-\n\x05texts\x18\x02 \x03(\x0b\x32\x1e.inferline.v1.PreprocessedText2d\n\x11PreprocessService\x12O\n\nPreprocess\x12\x1f.inferline.v1.PreprocessRequest\x1a .inferline.v1.PreprocessResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferline.v1.preprocess_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREPROCESSREQUEST']._serialized_start=73
-  _globals['_PREPROCESSREQUEST']._serialized_end=167
-  _globals['_PREPROCESSEDIMAGE']._serialized_start=170
-  _globals['_PREPROCESSEDIMAGE']._serialized_end=314
-  _globals['_PREPROCESSRESPONSE']._serialized_start=316
-  _globals['_PREPROCESSRESPONSE']._serialized_end=385
-  _globals['_PREPROCESSSERVICE']._serialized_start=387
-  _globals['_PREPROCESSSERVICE']._serialized_end=487
+  _globals['_PREPROCESSREQUEST']._serialized_start=74
+  _globals['_PREPROCESSREQUEST']._serialized_end=222
+  _globals['_PREPROCESSEDIMAGE']._serialized_start=225
+  _globals['_PREPROCESSEDIMAGE']._serialized_end=369
+  _globals['_PREPROCESSEDTEXT']._serialized_start=371
+  _globals['_PREPROCESSEDTEXT']._serialized_end=465
+  _globals['_PREPROCESSRESPONSE']._serialized_start=467
+  _globals['_PREPROCESSRESPONSE']._serialized_end=583
+  _globals['_PREPROCESSSERVICE']._serialized_start=585
+  _globals['_PREPROCESSSERVICE']._serialized_end=685
 # @@protoc_insertion_point(module_scope)

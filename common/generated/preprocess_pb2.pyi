@@ -9,12 +9,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PreprocessRequest(_message.Message):
-    __slots__ = ("recipe", "images")
+    __slots__ = ("recipe", "images", "texts", "regions")
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     recipe: _types_pb2.Recipe
     images: _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]
-    def __init__(self, recipe: _Optional[_Union[_types_pb2.Recipe, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ...) -> None: ...
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    regions: _containers.RepeatedCompositeFieldContainer[_types_pb2.Region]
+    def __init__(self, recipe: _Optional[_Union[_types_pb2.Recipe, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., texts: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ...) -> None: ...
 
 class PreprocessedImage(_message.Message):
     __slots__ = ("tensor", "transform", "status")
@@ -26,8 +30,18 @@ class PreprocessedImage(_message.Message):
     status: _types_pb2.Status
     def __init__(self, tensor: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., transform: _Optional[_Union[_types_pb2.ImageTransform, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.Status, _Mapping]] = ...) -> None: ...
 
+class PreprocessedText(_message.Message):
+    __slots__ = ("tensor", "status")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    tensor: _types_pb2.Tensor
+    status: _types_pb2.Status
+    def __init__(self, tensor: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.Status, _Mapping]] = ...) -> None: ...
+
 class PreprocessResponse(_message.Message):
-    __slots__ = ("images",)
+    __slots__ = ("images", "texts")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[PreprocessedImage]
-    def __init__(self, images: _Optional[_Iterable[_Union[PreprocessedImage, _Mapping]]] = ...) -> None: ...
+    texts: _containers.RepeatedCompositeFieldContainer[PreprocessedText]
+    def __init__(self, images: _Optional[_Iterable[_Union[PreprocessedImage, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[PreprocessedText, _Mapping]]] = ...) -> None: ...

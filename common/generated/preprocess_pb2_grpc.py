@@ -46,8 +46,9 @@ class PreprocessServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Preprocess(self, request, context):
-        """Decodes each image, applies its EXIF orientation and runs the recipe (e.g. letterbox).
-        An image that cannot be decoded fails only its own item.
+        """Image recipes (e.g. "letterbox", "clip_image") decode each image, apply its EXIF
+        orientation and make the model input; text recipes (e.g. "clip_tokenize") turn each text
+        into tokens. An image or text that fails fails only its own item.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

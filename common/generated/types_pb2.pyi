@@ -109,17 +109,43 @@ class Box(_message.Message):
     y2: float
     def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ...) -> None: ...
 
+class LabelScore(_message.Message):
+    __slots__ = ("label", "score")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    score: float
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
 class Detection(_message.Message):
-    __slots__ = ("label", "class_id", "score", "box")
+    __slots__ = ("label", "class_id", "score", "box", "zero_shot")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     BOX_FIELD_NUMBER: _ClassVar[int]
+    ZERO_SHOT_FIELD_NUMBER: _ClassVar[int]
     label: str
     class_id: int
     score: float
     box: Box
-    def __init__(self, label: _Optional[str] = ..., class_id: _Optional[int] = ..., score: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ...) -> None: ...
+    zero_shot: LabelScore
+    def __init__(self, label: _Optional[str] = ..., class_id: _Optional[int] = ..., score: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., zero_shot: _Optional[_Union[LabelScore, _Mapping]] = ...) -> None: ...
+
+class Region(_message.Message):
+    __slots__ = ("image", "box")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    image: int
+    box: Box
+    def __init__(self, image: _Optional[int] = ..., box: _Optional[_Union[Box, _Mapping]] = ...) -> None: ...
+
+class ClusterOptions(_message.Message):
+    __slots__ = ("k", "threshold")
+    K_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    threshold: float
+    def __init__(self, k: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class DetectOptions(_message.Message):
     __slots__ = ("conf", "iou", "max_det", "classes", "agnostic_nms")

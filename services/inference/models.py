@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from inferline.common.errors import InvalidInput, ModelNotFound, ModelNotReady
+from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
 from inferline.common.tensors import numpy_dtype
 from inferline.services.inference.backends import Backend, load_backend
@@ -42,6 +43,12 @@ class LoadedModel:
     @property
     def labels(self) -> tuple[str, ...]:
         return self.config.labels or self.backend.labels
+
+    @property
+    def postprocess(self) -> Recipe:
+        """The config's recipe, with what the weights fix (CLIP's logit scale) filled in."""
+        recipe = self.config.postprocess
+        return Recipe(recipe.name, {**recipe.params, **self.backend.recipe_params()})
 
 
 class ModelManager:
@@ -114,8 +121,8 @@ class ModelManager:
                     for i in chunk:
                         results[i] = exc
                     continue
-                for position, i in enumerate(chunk):
-                    results[i] = {key: value[position] for key, value in outputs.items()}
+                for i, item_outputs in zip(chunk, outputs, strict=True):
+                    results[i] = item_outputs
         return results
 
     def close(self) -> None:

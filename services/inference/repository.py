@@ -55,6 +55,8 @@ class ModelConfig:
     postprocess: Recipe
     max_batch_size: int = 32
     labels: tuple[str, ...] = ()
+    # Loader-specific settings (an architecture name, a class count, ...).
+    parameters: Mapping[str, Any] = field(default_factory=dict)
     folder: Path = field(default=Path("."), compare=False)
 
 
@@ -111,6 +113,7 @@ def load_config(path: Path) -> ModelConfig:
         postprocess=Recipe.from_config(raw.get("postprocess"), f"{path}: postprocess"),
         max_batch_size=reader.positive_int("max_batch_size", 32),
         labels=tuple(str(label) for label in raw.get("labels") or ()),
+        parameters=dict(raw.get("parameters") or {}),
         folder=path.parent,
     )
     if config.name != path.parent.name:

@@ -75,7 +75,7 @@ def metadata(model: LoadedModel) -> inference_pb2.ModelMetadataResponse:
         inputs=specs(config.inputs),
         outputs=specs(config.outputs),
         preprocess=config.preprocess.to_proto(),
-        postprocess=config.postprocess.to_proto(),
+        postprocess=model.postprocess.to_proto(),
         labels=model.labels,
         weights=inference_pb2.WeightsInfo(
             path=str(model.weights.path), sha256=model.weights.sha256, official=model.weights.official

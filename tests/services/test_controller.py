@@ -188,7 +188,8 @@ def test_the_callers_deadline_flows_to_the_stages(stack):
                 stub.Detect(_detect(encoded()), timeout=1.5)
             assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
             assert time.monotonic() - started < 4, "the controller did not wait for the slow stage"
-        assert slow.remaining and 0 < slow.remaining[0] <= 1.5, "the stage got what was left of the deadline"
+        # Far below the 60 s default: the caller's 1.5 s, give or take gRPC's timeout encoding.
+        assert slow.remaining and 0 < slow.remaining[0] < 2, "the stage got what was left of the deadline"
     finally:
         controller.stop()
         fake.stop()

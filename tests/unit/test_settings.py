@@ -18,14 +18,14 @@ def test_environment_overrides_typed_fields():
             "INFERLINE_CONTROLLER_PORT": "6000",
             "INFERLINE_MODELS": "yolov8n, other",
             "INFERLINE_ALLOW_DOWNLOAD": "false",
-            "INFERLINE_MODEL_DIR": "/models",
+            "INFERLINE_MODEL_DIR": "/models:/more/models",
             "INFERLINE_GRACE_PERIOD_S": "2.5",
         }
     )
     assert settings.controller_port == 6000
     assert settings.models == ("yolov8n", "other")
     assert settings.allow_download is False
-    assert settings.model_dir == Path("/models")
+    assert settings.model_dir == (Path("/models"), Path("/more/models"))
     assert settings.grace_period_s == 2.5
 
 

@@ -22,7 +22,7 @@ def test_explicit_path_wins_over_the_model_dir(tmp_path):
     explicit = _file(tmp_path / "explicit" / "best.pt", b"a")
     _file(tmp_path / "models" / "m.pt", b"b")
     spec = WeightsSpec(file="m.pt", path=explicit)
-    found = resolve_weights(spec, model="m", model_dir=tmp_path / "models", allow_download=False, cache_dir=tmp_path / "c")
+    found = resolve_weights(spec, model="m", model_dir=[tmp_path / "models"], allow_download=False, cache_dir=tmp_path / "c")
     assert found.path == explicit
 
 
@@ -30,12 +30,12 @@ def test_missing_explicit_path_is_an_error_not_a_fallback(tmp_path):
     _file(tmp_path / "models" / "m.pt")
     spec = WeightsSpec(file="m.pt", path=tmp_path / "nope.pt")
     with pytest.raises(WeightsError, match="weights.path .*nope.pt"):
-        resolve_weights(spec, model="m", model_dir=tmp_path / "models", allow_download=False, cache_dir=tmp_path / "c")
+        resolve_weights(spec, model="m", model_dir=[tmp_path / "models"], allow_download=False, cache_dir=tmp_path / "c")
 
 
 def test_model_dir_is_used_when_no_explicit_path(tmp_path):
     expected = _file(tmp_path / "models" / "m.pt")
-    found = resolve_weights(WeightsSpec(file="m.pt"), model="m", model_dir=tmp_path / "models", allow_download=False, cache_dir=tmp_path / "c")
+    found = resolve_weights(WeightsSpec(file="m.pt"), model="m", model_dir=[tmp_path / "models"], allow_download=False, cache_dir=tmp_path / "c")
     assert found.path == expected
 
 
@@ -43,7 +43,7 @@ def test_official_checksum_marks_the_file_official(tmp_path):
     content = b"the official release"
     _file(tmp_path / "m.pt", content)
     spec = WeightsSpec(file="m.pt", sha256=hashlib.sha256(content).hexdigest())
-    found = resolve_weights(spec, model="m", model_dir=tmp_path, allow_download=False, cache_dir=tmp_path / "c")
+    found = resolve_weights(spec, model="m", model_dir=[tmp_path], allow_download=False, cache_dir=tmp_path / "c")
     assert found.official and found.sha256 == spec.sha256
 
 
@@ -51,7 +51,7 @@ def test_other_weights_are_served_with_one_warning_naming_both_checksums(tmp_pat
     _file(tmp_path / "m.pt", b"a stand-in")
     spec = WeightsSpec(file="m.pt", sha256="0" * 64)
     with caplog.at_level(logging.WARNING):
-        found = resolve_weights(spec, model="m", model_dir=tmp_path, allow_download=False, cache_dir=tmp_path / "c")
+        found = resolve_weights(spec, model="m", model_dir=[tmp_path], allow_download=False, cache_dir=tmp_path / "c")
     assert not found.official
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -61,7 +61,7 @@ def test_other_weights_are_served_with_one_warning_naming_both_checksums(tmp_pat
 def test_missing_offline_names_the_file_and_where_to_put_it(tmp_path):
     spec = WeightsSpec(file="yolov8n.pt", source="ultralytics")
     with pytest.raises(WeightsError) as raised:
-        resolve_weights(spec, model="yolov8n", model_dir=tmp_path / "models", allow_download=False, cache_dir=tmp_path / "c")
+        resolve_weights(spec, model="yolov8n", model_dir=[tmp_path / "models"], allow_download=False, cache_dir=tmp_path / "c")
     message = str(raised.value)
     assert "yolov8n.pt" in message and str(tmp_path / "models") in message and "INFERLINE_MODEL_DIR" in message
 
@@ -73,15 +73,31 @@ def test_failed_download_names_the_file_and_where_to_put_it(tmp_path, monkeypatc
     monkeypatch.setitem(DOWNLOADERS._items, "test-offline", offline)
     spec = WeightsSpec(file="m.pt", source="test-offline")
     with pytest.raises(WeightsError, match=r"m.pt not found .*official download failed \(ConnectionError: network is unreachable\).*put m.pt in"):
-        resolve_weights(spec, model="m", model_dir=None, allow_download=True, cache_dir=tmp_path / "c")
+        resolve_weights(spec, model="m", model_dir=[], allow_download=True, cache_dir=tmp_path / "c")
 
 
 def test_successful_download_lands_in_the_cache(tmp_path, monkeypatch):
     monkeypatch.setitem(DOWNLOADERS._items, "test-online", lambda file, dest: _file(dest, b"downloaded"))
-    found = resolve_weights(WeightsSpec(file="m.pt", source="test-online"), model="m", model_dir=None, allow_download=True, cache_dir=tmp_path / "c")
+    found = resolve_weights(WeightsSpec(file="m.pt", source="test-online"), model="m", model_dir=[], allow_download=True, cache_dir=tmp_path / "c")
     assert found.path == tmp_path / "c" / "m.pt"
 
 
-def test_ultralytics_is_a_registered_download_source():
-    assert "ultralytics" in DOWNLOADERS
+def test_each_family_has_a_registered_download_source():
+    assert {"ultralytics", "torchvision", "open_clip"} <= set(DOWNLOADERS)
     assert weights_module.DEFAULT_CACHE.name == "models"
+
+
+def test_model_dir_is_a_search_path(tmp_path):
+    expected = _file(tmp_path / "second" / "m.pt")
+    found = resolve_weights(
+        WeightsSpec(file="m.pt"), model="m", model_dir=[tmp_path / "first", tmp_path / "second"],
+        allow_download=False, cache_dir=tmp_path / "c",
+    )
+    assert found.path == expected
+
+
+def test_a_short_checksum_is_a_prefix_as_in_torchvision_file_names(tmp_path):
+    content = b"torchvision weights"
+    _file(tmp_path / "m-abc.pth", content)
+    spec = WeightsSpec(file="m-abc.pth", sha256=hashlib.sha256(content).hexdigest()[:8])
+    assert resolve_weights(spec, model="m", model_dir=[tmp_path], allow_download=False, cache_dir=tmp_path / "c").official

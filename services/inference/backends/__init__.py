@@ -7,7 +7,10 @@ to load weights and run a batch.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -22,8 +25,14 @@ class Backend(Protocol):
     # Class names the weights carry, index = class id; empty when they carry none.
     labels: tuple[str, ...]
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One forward pass over a batch; every output is batch-first."""
+    def run(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """One forward pass over a batch (inputs batch-first); one dict of outputs per item,
+        since some models (detectors) give each item a different number of rows."""
+        ...
+
+    def recipe_params(self) -> dict[str, float]:
+        """Values the weights fix that a later stage needs (CLIP's logit scale, say); they are
+        merged into the model's postprocess recipe."""
         ...
 
     def close(self) -> None: ...
@@ -33,9 +42,17 @@ BackendFactory = Callable[[ModelConfig, ResolvedWeights, Settings], Backend]
 BACKENDS: Registry[BackendFactory] = Registry("backend")
 
 
+def _import_torch_loaders() -> None:
+    """Every ``*_loader`` module here registers one model family's torch loader."""
+    package = Path(__file__).parent
+    for module in pkgutil.iter_modules([str(package)]):
+        if module.name.endswith("_loader"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
 def load_backend(config: ModelConfig, weights: ResolvedWeights, settings: Settings) -> Backend:
     # Importing here registers the built-in backends without making torch a hard import of
     # this module (an ONNX-only image has no torch).
     if config.backend == "torch":
-        from inferline.services.inference.backends import torch_backend  # noqa: F401
+        _import_torch_loaders()
     return BACKENDS.get(config.backend)(config, weights, settings)

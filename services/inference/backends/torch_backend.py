@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,19 @@ from inferline.services.inference.weights import ResolvedWeights
 
 log = logging.getLogger(__name__)
 
-Forward = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+# Batch-first inputs in, one dict of outputs per item out.
+Forward = Callable[[Mapping[str, torch.Tensor]], list[dict[str, torch.Tensor]]]
 
 
 @dataclass
 class TorchModel:
     forward: Forward
-    labels: tuple[str, ...]
+    labels: tuple[str, ...] = ()
+    recipe_params: dict[str, float] = field(default_factory=dict)
 
 
-Loader = Callable[[Path, torch.device], TorchModel]
+# (weights path, device, the model's config) -> the module wrapped for serving.
+Loader = Callable[[Path, torch.device, ModelConfig], TorchModel]
 LOADERS: Registry[Loader] = Registry("torch loader")
 
 
@@ -46,11 +49,16 @@ class TorchBackend:
         self.device = device
         self.labels = model.labels
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         with torch.inference_mode():
             tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for name, a in inputs.items()}
-            outputs = self._model.forward(tensors)
-            return {name: t.detach().to("cpu").numpy() for name, t in outputs.items()}
+            return [
+                {name: t.detach().to("cpu").numpy() for name, t in item.items()}
+                for item in self._model.forward(tensors)
+            ]
+
+    def recipe_params(self) -> dict[str, float]:
+        return dict(self._model.recipe_params)
 
     def close(self) -> None:
         self._model = None  # type: ignore[assignment]
@@ -63,7 +71,7 @@ def load_torch_backend(config: ModelConfig, weights: ResolvedWeights, settings: 
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     device = pick_device(settings.device)
-    model = LOADERS.get(config.loader)(weights.path, device)
+    model = LOADERS.get(config.loader)(weights.path, device, config)
     return TorchBackend(model, device)
 
 
@@ -90,26 +98,3 @@ def safe_load_checkpoint(path: Path) -> Any:
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt files fail in many ways
         raise WeightsError(f"{path}: cannot load checkpoint: {exc}") from None
-
-
-@LOADERS.register("ultralytics")
-def load_ultralytics(path: Path, device: torch.device) -> TorchModel:
-    """The module ultralytics' AutoBackend would run: EMA weights, float, fused Conv+BN, eval."""
-    checkpoint = safe_load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("ema") or checkpoint.get("model"), torch.nn.Module):
-        raise WeightsError(f"{path}: not an ultralytics checkpoint (no 'model' module inside)")
-    module = (checkpoint.get("ema") or checkpoint["model"]).float()
-    module = module.fuse(verbose=False).eval() if hasattr(module, "fuse") else module.eval()
-    for m in module.modules():
-        if hasattr(m, "inplace"):
-            m.inplace = True
-    module.to(device)
-    names = getattr(module, "names", {}) or {}
-    labels = tuple(str(names[i]) for i in sorted(names)) if isinstance(names, dict) else tuple(map(str, names))
-
-    def forward(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        images = inputs["images"].float() / 255.0
-        output = module(images)
-        return {"output0": output[0] if isinstance(output, (tuple, list)) else output}
-
-    return TorchModel(forward=forward, labels=labels)

@@ -1,0 +1,39 @@
+"""Torch loaders: how each model library's weights become a module that serves a batch.
+
+One function per family, registered by the name a model config gives as ``loader``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from inferline.common.errors import WeightsError
+from inferline.services.inference.backends.torch_backend import LOADERS, TorchModel, safe_load_checkpoint
+from inferline.services.inference.repository import ModelConfig
+
+
+@LOADERS.register("ultralytics")
+def load_ultralytics(path: Path, device: torch.device, config: ModelConfig) -> TorchModel:
+    """The module ultralytics' AutoBackend would run: EMA weights, float, fused Conv+BN, eval."""
+    checkpoint = safe_load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("ema") or checkpoint.get("model"), torch.nn.Module):
+        raise WeightsError(f"{path}: not an ultralytics checkpoint (no 'model' module inside)")
+    module = (checkpoint.get("ema") or checkpoint["model"]).float()
+    module = module.fuse(verbose=False).eval() if hasattr(module, "fuse") else module.eval()
+    for m in module.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = True
+    module.to(device)
+    names = getattr(module, "names", {}) or {}
+    labels = tuple(str(names[i]) for i in sorted(names)) if isinstance(names, dict) else tuple(map(str, names))
+
+    def forward(inputs: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        images = inputs["images"].float() / 255.0
+        output = module(images)
+        batch = output[0] if isinstance(output, (tuple, list)) else output
+        return [{"output0": item} for item in batch]
+
+    return TorchModel(forward=forward, labels=labels)
