@@ -1,4 +1,7 @@
-"""Postprocessors by recipe name: raw model outputs of one image -> detections."""
+"""Postprocessors by recipe name: raw model outputs of one image -> detections.
+
+Model families beyond YOLO register theirs in ``*_recipes.py`` modules of this package.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import numpy as np
 
 from inferline.common.detections import Detection, DetectOptions
 from inferline.common.errors import InvalidInput
+from inferline.common.plugins import import_family_modules
 from inferline.common.registry import Registry
 from inferline.common.transform import ImageTransform
 from inferline.services.postprocess.yolo import decode_detections, scale_boxes
@@ -17,6 +21,10 @@ Postprocessor = Callable[
     [Mapping[str, np.ndarray], ImageTransform, DetectOptions, Mapping[str, Any], Sequence[str]], list[Detection]
 ]
 POSTPROCESSORS: Registry[Postprocessor] = Registry("postprocess recipe")
+
+
+def load_families() -> list[str]:
+    return import_family_modules(__package__, __file__, "_recipes")
 
 
 def label_for(class_id: int, labels: Sequence[str]) -> str:

@@ -17,7 +17,7 @@ from inferline.common.server import Service
 from inferline.common.settings import Settings
 from inferline.common.status import OK, item_status
 from inferline.common.transform import ImageTransform
-from inferline.services.postprocess.recipes import POSTPROCESSORS
+from inferline.services.postprocess.recipes import load_families, POSTPROCESSORS
 from inferline.services.postprocess.renderers import RENDERERS, RenderInput
 
 FORMAT_NAMES = {
@@ -87,6 +87,7 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
 
 
 def build_service(settings: Settings) -> Service:
+    load_families()
     pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="postprocess")
     servicer = PostprocessServicer(settings, pool)
 

@@ -1,4 +1,9 @@
-"""Preprocessors by recipe name: decoded BGR pixels + recipe params -> model input tensor."""
+"""Preprocessors by recipe name.
+
+Image recipes: decoded BGR pixels + recipe params -> model input tensor and its transform.
+Text recipes: one text + recipe params -> model input tensor (token ids).
+Model families beyond YOLO register theirs in ``*_recipes.py`` modules of this package.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,19 @@ from typing import Any
 import numpy as np
 
 from inferline.common.errors import InvalidInput
+from inferline.common.plugins import import_family_modules
 from inferline.common.registry import Registry
 from inferline.common.transform import ImageTransform
 from inferline.services.preprocess.letterbox import letterbox
 
 Preprocessor = Callable[[np.ndarray, Mapping[str, Any]], tuple[np.ndarray, ImageTransform]]
 PREPROCESSORS: Registry[Preprocessor] = Registry("preprocess recipe")
+TextPreprocessor = Callable[[str, Mapping[str, Any]], np.ndarray]
+TEXT_PREPROCESSORS: Registry[TextPreprocessor] = Registry("text preprocess recipe")
+
+
+def load_families() -> list[str]:
+    return import_family_modules(__package__, __file__, "_recipes")
 
 
 def _size(params: Mapping[str, Any]) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from inferline.common.settings import Settings
 from inferline.common.status import OK, item_status
 from inferline.common.transform import ImageTransform
 from inferline.common.images import decode_image
-from inferline.services.preprocess.recipes import PREPROCESSORS, Preprocessor
+from inferline.services.preprocess.recipes import load_families, PREPROCESSORS, Preprocessor
 
 
 def preprocess_one(data: bytes, preprocessor: Preprocessor, recipe: Recipe, max_pixels: int) -> tuple[np.ndarray, ImageTransform]:
@@ -59,6 +59,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
 
 
 def build_service(settings: Settings) -> Service:
+    load_families()
     pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="preprocess")
     servicer = PreprocessServicer(settings, pool)
 

@@ -7,14 +7,12 @@ to load weights and run a batch.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from inferline.common.plugins import import_family_modules
 from inferline.common.registry import Registry
 from inferline.common.settings import Settings
 from inferline.services.inference.repository import ModelConfig
@@ -42,17 +40,9 @@ BackendFactory = Callable[[ModelConfig, ResolvedWeights, Settings], Backend]
 BACKENDS: Registry[BackendFactory] = Registry("backend")
 
 
-def _import_torch_loaders() -> None:
-    """Every ``*_loader`` module here registers one model family's torch loader."""
-    package = Path(__file__).parent
-    for module in pkgutil.iter_modules([str(package)]):
-        if module.name.endswith("_loader"):
-            importlib.import_module(f"{__name__}.{module.name}")
-
-
 def load_backend(config: ModelConfig, weights: ResolvedWeights, settings: Settings) -> Backend:
     # Importing here registers the built-in backends without making torch a hard import of
     # this module (an ONNX-only image has no torch).
     if config.backend == "torch":
-        _import_torch_loaders()
+        import_family_modules(__name__, __file__, "_loader")
     return BACKENDS.get(config.backend)(config, weights, settings)
