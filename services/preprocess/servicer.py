@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from typing import Any
 
 import grpc
 import numpy as np
@@ -13,49 +14,88 @@ import numpy as np
 from inferline.common import tensors
 from inferline.common.errors import InvalidInput
 from inferline.common.generated import preprocess_pb2, preprocess_pb2_grpc, types_pb2
+from inferline.common.images import decode_image
 from inferline.common.recipes import Recipe
 from inferline.common.server import Service
 from inferline.common.settings import Settings
 from inferline.common.status import OK, item_status
 from inferline.common.transform import ImageTransform
-from inferline.common.images import decode_image
-from inferline.services.preprocess.recipes import load_families, PREPROCESSORS, Preprocessor
+from inferline.services.preprocess.recipes import PREPROCESSORS, TEXT_PREPROCESSORS, load_families
 
 
-def preprocess_one(data: bytes, preprocessor: Preprocessor, recipe: Recipe, max_pixels: int) -> tuple[np.ndarray, ImageTransform]:
-    return preprocessor(decode_image(data, max_pixels=max_pixels), recipe.params)
+def crop(pixels: np.ndarray, box: types_pb2.Box) -> np.ndarray:
+    """The box's pixels, the box rounded outwards and clipped to the image."""
+    height, width = pixels.shape[:2]
+    x1, y1 = max(int(np.floor(box.x1)), 0), max(int(np.floor(box.y1)), 0)
+    x2, y2 = min(int(np.ceil(box.x2)), width), min(int(np.ceil(box.y2)), height)
+    if x2 <= x1 or y2 <= y1:
+        raise InvalidInput(f"region ({box.x1}, {box.y1}, {box.x2}, {box.y2}) has no pixels inside the image")
+    return pixels[y1:y2, x1:x2]
 
 
 class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
     def __init__(self, settings: Settings, pool: ThreadPoolExecutor):
         self.settings = settings
-        # Decode and resize release the GIL inside OpenCV, so threads give real parallelism
-        # across the images of a batch without blocking the event loop.
+        # Decode, resize and tokenise release the GIL (OpenCV, Pillow) or are short, so a thread
+        # pool gives real parallelism across a batch without blocking the event loop.
         self.pool = pool
 
     async def Preprocess(self, request, context):
         recipe = Recipe.from_proto(request.recipe)
-        preprocessor = PREPROCESSORS.get(recipe.name, error=InvalidInput)
+        if request.texts:
+            if request.images or request.regions:
+                raise InvalidInput("a preprocess request carries images or texts, not both")
+            return await self._texts(recipe, request.texts)
+        if request.regions and not request.images:
+            raise InvalidInput("regions need the images they are cut from")
         if not request.images:
-            raise InvalidInput("no images in the request")
-        loop = asyncio.get_running_loop()
-        work = partial(preprocess_one, preprocessor=preprocessor, recipe=recipe, max_pixels=self.settings.max_image_pixels)
-        outcomes = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, work, image.data) for image in request.images),
-            return_exceptions=True,
-        )
+            raise InvalidInput("no images or texts in the request")
+        preprocessor = PREPROCESSORS.get(recipe.name, error=InvalidInput)
+        decode = lambda data: decode_image(data, max_pixels=self.settings.max_image_pixels)  # noqa: E731
         response = preprocess_pb2.PreprocessResponse()
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                response.images.add(status=item_status(outcome))
-                continue
-            array, transform = outcome
-            response.images.add(
-                tensor=tensors.to_proto(array, "images"),
-                transform=types_pb2.ImageTransform(**dataclasses.asdict(transform)),
-                status=OK,
-            )
+        if not request.regions:
+            outcomes = await self._map(lambda image: preprocessor(decode(image.data), recipe.params), request.images)
+            _fill_images(response, outcomes)
+            return response
+        decoded = await self._map(lambda image: decode(image.data), request.images)
+
+        def cut(region: types_pb2.Region) -> tuple[np.ndarray, ImageTransform]:
+            if not 0 <= region.image < len(decoded):
+                raise InvalidInput(f"region refers to image {region.image}; the request has {len(decoded)}")
+            source = decoded[region.image]
+            if isinstance(source, BaseException):
+                raise source
+            return preprocessor(np.ascontiguousarray(crop(source, region.box)), recipe.params)
+
+        _fill_images(response, await self._map(cut, request.regions))
         return response
+
+    async def _texts(self, recipe: Recipe, texts: Iterable[str]) -> preprocess_pb2.PreprocessResponse:
+        tokenizer = TEXT_PREPROCESSORS.get(recipe.name, error=InvalidInput)
+        response = preprocess_pb2.PreprocessResponse()
+        for outcome in await self._map(lambda text: tokenizer(text, recipe.params), texts):
+            if isinstance(outcome, BaseException):
+                response.texts.add(status=item_status(outcome))
+            else:
+                response.texts.add(tensor=tensors.to_proto(outcome, "tokens"), status=OK)
+        return response
+
+    async def _map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        return await asyncio.gather(*(loop.run_in_executor(self.pool, fn, item) for item in items), return_exceptions=True)
+
+
+def _fill_images(response: preprocess_pb2.PreprocessResponse, outcomes: list) -> None:
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            response.images.add(status=item_status(outcome))
+            continue
+        array, transform = outcome
+        response.images.add(
+            tensor=tensors.to_proto(array, "images"),
+            transform=types_pb2.ImageTransform(**dataclasses.asdict(transform)),
+            status=OK,
+        )
 
 
 def build_service(settings: Settings) -> Service:

@@ -64,7 +64,7 @@ def test_an_image_over_the_pixel_limit_is_refused_with_the_limit_named(stub):
     [
         (_request(encoded(), recipe=Recipe("nope").to_proto()), "unknown preprocess recipe 'nope'"),
         (_request(encoded(), recipe=types_pb2.Recipe()), "recipe has no name"),
-        (_request(), "no images"),
+        (_request(), "no images or texts"),
         (_request(encoded(), recipe=Recipe("letterbox", {"size": -3}).to_proto()), None),
     ],
 )
@@ -77,3 +77,36 @@ def test_bad_requests_are_invalid_argument(stub, request_, message):
         stub.Preprocess(request_, timeout=30)
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert message in raised.value.details()
+
+
+def _region(image: int, x1: float, y1: float, x2: float, y2: float) -> types_pb2.Region:
+    return types_pb2.Region(image=image, box=types_pb2.Box(x1=x1, y1=y1, x2=x2, y2=y2))
+
+
+def test_regions_give_one_item_per_box_cut_from_its_image(stub):
+    request = _request(encoded(100, 200), encoded(60, 80, seed=3), recipe=Recipe("letterbox", {"size": 64, "auto": True}).to_proto())
+    request.regions.extend([_region(0, 10, 10, 74, 42), _region(1, 0, 0, 80, 60), _region(0, 150.5, 0, 400, 100)])
+    items = stub.Preprocess(request, timeout=30).images
+    assert [item.status.code for item in items] == [0, 0, 0]
+    assert [(i.transform.orig_width, i.transform.orig_height) for i in items] == [(64, 32), (80, 60), (50, 100)]
+
+
+def test_bad_regions_fail_alone(stub):
+    request = _request(encoded(100, 200), b"broken")
+    request.regions.extend([_region(0, 0, 0, 50, 50), _region(5, 0, 0, 10, 10), _region(0, 300, 300, 400, 400), _region(1, 0, 0, 10, 10)])
+    items = stub.Preprocess(request, timeout=30).images
+    assert [item.status.code for item in items] == [0, 3, 3, 3]
+    assert "refers to image 5" in items[1].status.message
+    assert "no pixels inside the image" in items[2].status.message
+    assert "not a decodable image" in items[3].status.message
+
+
+def test_texts_need_a_text_recipe_and_come_alone(stub):
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Preprocess(preprocess_pb2.PreprocessRequest(recipe=LETTERBOX, texts=["a dog"]), timeout=10)
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "unknown text preprocess recipe" in raised.value.details()
+    mixed = _request(encoded())
+    mixed.texts.append("a dog")
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Preprocess(mixed, timeout=10)
+    assert "images or texts, not both" in raised.value.details()
