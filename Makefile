@@ -7,10 +7,13 @@ BIN := $(VENV)/bin
 SHARED_MODELS := $(abspath ../shared/models)
 SHARED_DATA := $(abspath ../shared/data)
 
-# Weights come from $INFERLINE_MODEL_DIR, defaulting to ../shared/models where it exists.
+STANDINS := $(abspath .cache/standins)
+
+# Weights come from $INFERLINE_MODEL_DIR, defaulting to ../shared/models where it exists, plus
+# .cache/standins where `make test` writes the CLIP stand-in (too large for shared/).
 ifeq ($(origin INFERLINE_MODEL_DIR), undefined)
   ifneq ($(wildcard $(SHARED_MODELS)),)
-    export INFERLINE_MODEL_DIR := $(SHARED_MODELS)
+    export INFERLINE_MODEL_DIR := $(SHARED_MODELS)$(if $(wildcard $(STANDINS)),:$(STANDINS))
   endif
 endif
 

@@ -16,25 +16,34 @@ class Detection:
     class_id: int
     score: float
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in original-image pixels
+    # The best of the caller's labels for this box, from a zero-shot model, when asked for.
+    zero_shot: tuple[str, float] | None = None
 
     def to_proto(self) -> types_pb2.Detection:
         x1, y1, x2, y2 = self.box
-        return types_pb2.Detection(
+        message = types_pb2.Detection(
             label=self.label, class_id=self.class_id, score=self.score, box=types_pb2.Box(x1=x1, y1=y1, x2=x2, y2=y2)
         )
+        if self.zero_shot is not None:
+            message.zero_shot.label, message.zero_shot.score = self.zero_shot
+        return message
 
     @classmethod
     def from_proto(cls, message: types_pb2.Detection) -> Detection:
         b = message.box
-        return cls(message.label, message.class_id, message.score, (b.x1, b.y1, b.x2, b.y2))
+        zero_shot = (message.zero_shot.label, message.zero_shot.score) if message.HasField("zero_shot") else None
+        return cls(message.label, message.class_id, message.score, (b.x1, b.y1, b.x2, b.y2), zero_shot)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "label": self.label,
             "class_id": self.class_id,
             "score": round(float(self.score), 5),
             "box": [round(float(v), 2) for v in self.box],
         }
+        if self.zero_shot is not None:
+            data["zero_shot"] = {"label": self.zero_shot[0], "score": round(float(self.zero_shot[1]), 5)}
+        return data
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ class Settings:
     # Limits and pools.
     max_image_pixels: int = 50_000_000
     max_batch_images: int = 64
+    # Candidate labels (or texts) per Classify/Embed call.
+    max_labels: int = 256
     worker_threads: int = 4
 
     log_level: str = "INFO"

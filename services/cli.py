@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
 
 from inferline.common.errors import InferlineError
 from inferline.common.generated import types_pb2
@@ -21,6 +23,8 @@ from inferline.common.logs import configure_logging
 from inferline.common.server import serve
 from inferline.common.settings import STAGES, Settings
 from inferline.services import client
+from inferline.services.inference.repository import BUILTIN_REPOSITORY, ModelConfig, load_repository
+from inferline.services.inference.weights import find_local
 from inferline.services.stack import LocalStack
 
 log = logging.getLogger("inferline")
@@ -66,7 +70,36 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--classes", type=int, nargs="+", default=[], help="keep only these class ids")
     detect.add_argument("--batch", type=int, default=16, help="images per request")
     detect.add_argument("--timeout", type=float, default=60.0, help="deadline per request, seconds")
+    detect.add_argument("--classify-with", default="", help="re-label each box with this zero-shot model")
+    detect.add_argument("--labels", type=_labels, default=[], help='labels for --classify-with: "a car,a dog"')
     detect.set_defaults(handler=cmd_detect)
+
+    classify = commands.add_parser("classify", help="zero-shot classify images against your labels")
+    classify.add_argument("images", nargs="+", help="image files or directories")
+    classify.add_argument("--labels", type=_labels, required=True, help='comma-separated: "a bus,a dog"')
+    classify.add_argument("--model", default="clip-vit-b-32")
+    classify.add_argument("--top-k", type=int, default=0, help="labels per image (default: all)")
+    classify.add_argument("--format", choices=("json", "csv"), default="json")
+    classify.add_argument("--out", type=Path, help="output file; default stdout")
+    classify.add_argument("--target", default="localhost:50051", help="controller address")
+    classify.add_argument("--timeout", type=float, default=60.0)
+    classify.set_defaults(handler=cmd_classify)
+
+    embed = commands.add_parser("embed", help="L2-normalised embeddings of images and texts")
+    embed.add_argument("--image", action="append", default=[], help="an image file or directory (repeatable)")
+    embed.add_argument("--text", action="append", default=[], help="a text (repeatable)")
+    embed.add_argument("--model", default="clip-vit-b-32")
+    embed.add_argument("--cluster", type=int, default=0, metavar="K", help="k-means the batch into K clusters")
+    embed.add_argument("--threshold", type=float, default=0.0, help="group items with cosine >= this (near-duplicates)")
+    embed.add_argument("--out", type=Path, help="output file; default stdout")
+    embed.add_argument("--target", default="localhost:50051", help="controller address")
+    embed.add_argument("--timeout", type=float, default=60.0)
+    embed.set_defaults(handler=cmd_embed)
+
+    models = commands.add_parser("models", help="list the served models")
+    models.add_argument("--json", action="store_true", help="full metadata as JSON")
+    models.add_argument("--target", default="localhost:50051", help="controller address")
+    models.set_defaults(handler=cmd_models)
 
     demo = commands.add_parser("demo", help="start the stack, detect the sample images, stop the stack")
     demo.add_argument("--images", nargs="*", default=[], help="more images or directories")
@@ -74,6 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="yolov8n")
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _labels(raw: str) -> list[str]:
+    labels = [part.strip() for part in raw.split(",") if part.strip()]
+    if not labels:
+        raise argparse.ArgumentTypeError("give at least one label")
+    return labels
+
+
+def _write(text: str, out: Path | None) -> None:
+    if out is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -137,22 +185,61 @@ def cmd_detect(args: argparse.Namespace) -> int:
         return EXIT_RPC_ERROR
     with client.open_channel(args.target) as channel:
         outcomes = client.detect(
-            channel, paths, model=args.model, options=_options(args), png=png, batch=args.batch, timeout=args.timeout
+            channel, paths, model=args.model, options=_options(args), png=png, batch=args.batch, timeout=args.timeout,
+            classify_with=args.classify_with, labels=args.labels,
         )
     if png:
         written = write_pngs(outcomes, args.out)
         for path in written:
             print(path)
     else:
-        text = client.to_json(outcomes) if args.format == "json" else client.to_csv(outcomes)
-        if args.out is None:
-            sys.stdout.write(text if text.endswith("\n") else text + "\n")
-        else:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text)
+        _write(client.to_json(outcomes) if args.format == "json" else client.to_csv(outcomes), args.out)
     failed = [o for o in outcomes if o.error is not None]
     for outcome in failed:
         print(f"error: {outcome.path}: {outcome.error[0]}: {outcome.error[1]}", file=sys.stderr)
+    return EXIT_SOME_IMAGES_FAILED if failed else 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    paths = client.collect_images(args.images)
+    with client.open_channel(args.target) as channel:
+        results = client.classify(channel, paths, model=args.model, labels=args.labels, top_k=args.top_k, timeout=args.timeout)
+    text = json.dumps({"results": results}, indent=2) if args.format == "json" else client.classify_csv(results)
+    _write(text, args.out)
+    return _report_failures([(r["image"], r.get("error")) for r in results])
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    if not args.image and not args.text:
+        print("error: give --image and/or --text", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    paths = client.collect_images(args.image) if args.image else []
+    with client.open_channel(args.target) as channel:
+        result = client.embed(
+            channel, model=args.model, images=paths, texts=args.text,
+            cluster_k=args.cluster, cluster_threshold=args.threshold, timeout=args.timeout,
+        )
+    _write(json.dumps(result), args.out)
+    return _report_failures([(e.get("image") or e.get("text"), e.get("error")) for e in result["images"] + result["texts"]])
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with client.open_channel(args.target) as channel:
+        models = client.list_models(channel, timeout=30)
+    if args.json:
+        print(json.dumps({"models": [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in models]}, indent=2))
+        return 0
+    print(f"{'model':<40} {'task':<8} {'backend':<8} {'version':<8} weights")
+    for m in models:
+        weights = "official" if m.weights.official else "not official"
+        print(f"{m.name:<40} {m.task:<8} {m.platform:<8} {','.join(m.versions):<8} {weights} ({Path(m.weights.path).name})")
+    return 0
+
+
+def _report_failures(items: list[tuple[str, dict | None]]) -> int:
+    failed = [(name, error) for name, error in items if error]
+    for name, error in failed:
+        print(f"error: {name}: {error['code']}: {error['message']}", file=sys.stderr)
     return EXIT_SOME_IMAGES_FAILED if failed else 0
 
 
@@ -180,39 +267,70 @@ def sample_images() -> list[Path]:
     return [p for p in (assets / "bus.jpg", assets / "zidane.jpg") if p.is_file()]
 
 
+# Labels for the demo's zero-shot step: the stand-in detectors were trained on these shapes.
+DEMO_LABELS = ["a circle", "a triangle", "a square", "a star"]
+
+
+def demo_models(settings: Settings) -> tuple[dict[str, ModelConfig], list[str]]:
+    """The repository's models whose weights are on disk here, and the names of the rest."""
+    configs = load_repository(settings.model_repository or BUILTIN_REPOSITORY, settings.models)
+    if settings.models:
+        return configs, []
+    present = {name: c for name, c in configs.items() if find_local(c.weights, settings.model_dir) is not None}
+    return present, [name for name in configs if name not in present]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    configure_logging(settings.log_level, "demo")
     paths = sample_images() + (client.collect_images(args.images) if args.images else [])
     if not paths:
         print("error: no sample images (install ultralytics, or pass --images DIR)", file=sys.stderr)
         return EXIT_RPC_ERROR
+    models, skipped = demo_models(settings)
+    detectors = [name for name, c in models.items() if c.task == "detect"]
+    zero_shot = [name for name, c in models.items() if c.task == "embed" and c.postprocess.params.get("text_model") in models]
+    if not detectors:
+        where = os.pathsep.join(map(str, settings.model_dir)) or "INFERLINE_MODEL_DIR (unset)"
+        print(f"error: no detection model has its weights in {where}; put yolov8n.pt there", file=sys.stderr)
+        return EXIT_RPC_ERROR
     where = os.pathsep.join(map(str, settings.model_dir)) or "the default locations"
-    print(f"starting the stack (weights from {where}) ...", flush=True)
+    print(f"starting the stack with {', '.join(models)} (weights from {where}) ...", flush=True)
+    if skipped:
+        print(f"  (skipping {', '.join(skipped)}: no weights here)", flush=True)
     # The stages log warnings only (the weights check among them), so the demo's output reads.
-    env = {"INFERLINE_LOG_LEVEL": "WARNING", **os.environ}
+    env = {"INFERLINE_LOG_LEVEL": "WARNING", **os.environ, "INFERLINE_MODELS": ",".join(models)}
+    failed = []
     with LocalStack(settings, env=env) as stack, client.open_channel(stack.controller_target) as channel:
-        models = {m.name: m for m in client.list_models(channel, timeout=30)}
-        outcomes = client.detect(channel, paths, model=args.model, options=types_pb2.DetectOptions(), png=True, timeout=120)
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "detections.json"
-    json_path.write_text(client.to_json(outcomes))
-    pngs = write_pngs(outcomes, args.out / "annotated")
+        served = {m.name: m for m in client.list_models(channel, timeout=30)}
+        for model in detectors:
+            outcomes = client.detect(
+                channel, paths, model=model, options=types_pb2.DetectOptions(), png=True, timeout=300,
+                classify_with=zero_shot[0] if zero_shot else "", labels=DEMO_LABELS if zero_shot else (),
+            )
+            folder = args.out / model
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "detections.json").write_text(client.to_json(outcomes))
+            pngs = write_pngs(outcomes, folder / "annotated")
+            print(f"\n{model}: {folder / 'detections.json'}, {len(pngs)} annotated PNGs in {folder / 'annotated'}")
+            for outcome in outcomes:
+                summary = ", ".join(f"{d.label} {d.score:.2f}" for d in outcome.detections[:5]) or "nothing"
+                more = f" (+{len(outcome.detections) - 5} more)" if len(outcome.detections) > 5 else ""
+                print(f"  {outcome.path.name}: {summary}{more}")
+            failed += [(str(o.path), {"code": o.error[0], "message": o.error[1]}) for o in outcomes if o.error]
+        for model in zero_shot:
+            results = client.classify(channel, paths, model=model, labels=DEMO_LABELS, top_k=1, timeout=300)
+            path = args.out / model / "classify.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"results": results}, indent=2))
+            print(f"\n{model} zero-shot against {DEMO_LABELS}: {path}")
+            failed += [(r["image"], r.get("error")) for r in results]
     print()
-    for outcome in outcomes:
-        summary = ", ".join(f"{d.label} {d.score:.2f}" for d in outcome.detections[:6]) or "nothing"
-        more = f" (+{len(outcome.detections) - 6} more)" if len(outcome.detections) > 6 else ""
-        print(f"  {outcome.path.name}: {summary}{more}")
-    weights = models[args.model].weights if args.model in models else None
-    print(f"\ndetections (JSON): {json_path}")
-    print(f"annotated images:  {args.out / 'annotated'} ({len(pngs)} PNGs)")
-    if weights is not None:
-        verdict = "the official release" if weights.official else "NOT the official release (a stand-in or custom file)"
-        print(f"weights: {weights.path} (sha256 {weights.sha256[:12]}...) are {verdict}")
-    failed = [o for o in outcomes if o.error is not None]
-    for outcome in failed:
-        print(f"error: {outcome.path}: {outcome.error[0]}: {outcome.error[1]}", file=sys.stderr)
-    return EXIT_SOME_IMAGES_FAILED if failed else 0
+    for name in models:
+        weights = served[name].weights if name in served else None
+        if weights is not None:
+            verdict = "the official release" if weights.official else "NOT the official release (a stand-in or custom file)"
+            print(f"weights of {name}: {weights.path} are {verdict}")
+    return _report_failures(failed)
 
 
 if __name__ == "__main__":

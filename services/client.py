@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 from collections.abc import Iterable, Sequence
@@ -73,6 +74,8 @@ def detect(
     png: bool = False,
     batch: int = 16,
     timeout: float | None = None,
+    classify_with: str = "",
+    labels: Sequence[str] = (),
 ) -> list[ImageOutcome]:
     stub = controller_pb2_grpc.ControllerServiceStub(channel)
     outcomes: list[ImageOutcome] = []
@@ -83,6 +86,8 @@ def detect(
             images=[types_pb2.Image(data=p.read_bytes(), name=str(p)) for p in chunk],
             options=options,
             render=[types_pb2.RENDER_FORMAT_PNG] if png else [],
+            classify_with=classify_with,
+            labels=labels,
         )
         response = stub.Detect(request, timeout=timeout)
         for path, result in zip(chunk, response.results):
@@ -116,3 +121,89 @@ def to_csv(outcomes: Sequence[ImageOutcome]) -> str:
 def list_models(channel: grpc.Channel, timeout: float | None = None) -> list[inference_pb2.ModelMetadataResponse]:
     stub = controller_pb2_grpc.ControllerServiceStub(channel)
     return list(stub.ListModels(inference_pb2.ListModelsRequest(), timeout=timeout).models)
+
+
+def _error(status) -> dict[str, str] | None:
+    if status.code == 0:
+        return None
+    return {"code": code_from_status(status).name, "message": status.message}
+
+
+def classify(
+    channel: grpc.Channel,
+    paths: Sequence[Path],
+    *,
+    model: str,
+    labels: Sequence[str],
+    top_k: int = 0,
+    batch: int = 16,
+    timeout: float | None = None,
+) -> list[dict[str, Any]]:
+    """One dict per image in the CLI's JSON shape: image, labels (best first), error if any."""
+    stub = controller_pb2_grpc.ControllerServiceStub(channel)
+    results = []
+    for start in range(0, len(paths), batch):
+        chunk = paths[start : start + batch]
+        response = stub.Classify(
+            controller_pb2.ClassifyRequest(
+                model=model, labels=labels, top_k=top_k,
+                images=[types_pb2.Image(data=p.read_bytes(), name=str(p)) for p in chunk],
+            ),
+            timeout=timeout,
+        )
+        for path, result in zip(chunk, response.results):
+            entry: dict[str, Any] = {
+                "image": str(path),
+                "labels": [{"label": ls.label, "score": round(float(ls.score), 5)} for ls in result.labels],
+            }
+            if (error := _error(result.status)) is not None:
+                entry["error"] = error
+            results.append(entry)
+    return results
+
+
+def classify_csv(results: Sequence[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(("image", "rank", "label", "score"))
+    for result in results:
+        for rank, entry in enumerate(result["labels"], start=1):
+            writer.writerow((result["image"], rank, entry["label"], entry["score"]))
+    return out.getvalue()
+
+
+def embed(
+    channel: grpc.Channel,
+    *,
+    model: str,
+    images: Sequence[Path] = (),
+    texts: Sequence[str] = (),
+    cluster_k: int = 0,
+    cluster_threshold: float = 0.0,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    stub = controller_pb2_grpc.ControllerServiceStub(channel)
+    response = stub.Embed(
+        controller_pb2.EmbedRequest(
+            model=model,
+            images=[types_pb2.Image(data=p.read_bytes(), name=str(p)) for p in images],
+            texts=texts,
+            cluster=types_pb2.ClusterOptions(k=cluster_k, threshold=cluster_threshold),
+        ),
+        timeout=timeout,
+    )
+
+    def entry(key: str, value: str, item) -> dict[str, Any]:
+        data: dict[str, Any] = {key: value, "embedding": [round(float(v), 6) for v in item.embedding]}
+        if (error := _error(item.status)) is not None:
+            data["error"] = error
+        return data
+
+    result: dict[str, Any] = {
+        "model": response.model,
+        "images": [entry("image", str(p), item) for p, item in zip(images, response.images)],
+        "texts": [entry("text", t, item) for t, item in zip(texts, response.texts)],
+    }
+    if response.clusters:
+        result["clusters"] = list(response.clusters)
+    return result

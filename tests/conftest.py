@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,9 @@ from inferline.common.settings import Settings
 from tests.support.servers import InProcessStack
 
 REPO = Path(__file__).resolve().parent.parent
+STANDIN_CACHE = REPO / ".cache" / "standins"
+CLIP_FILE = "open_clip_vit_b_32_openai.safetensors"
+CLIP_STANDIN_SHA256 = "c13dab08bc102089ef3fd0650b6c4d8f2b2751b1407584d3163d08431223d089"
 # sha256 of the stand-ins in ../shared/models (MANIFEST.md) and of the official release: the
 # reference library unpickles whole objects, so a test loads only a file it has verified.
 KNOWN_YOLO_SHA256 = {
@@ -62,9 +67,37 @@ def sample_images(data_dir: Path) -> list[Path]:
     return sorted(data_dir.glob("*.jpg")) + [assets / "bus.jpg", assets / "zidane.jpg"]
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 @pytest.fixture(scope="session")
-def settings(model_dir: Path) -> Settings:
-    return Settings(model_dir=(model_dir,), allow_download=False, grace_period_s=2.0, worker_threads=2)
+def clip_weights(model_dir: Path) -> Path:
+    """The CLIP stand-in: from the model folder if it is there, else made once in .cache/standins
+    by the shared make_standins.py (605 MB, too large to keep in shared/ or the repo)."""
+    for folder in (model_dir, STANDIN_CACHE):
+        if (folder / CLIP_FILE).is_file():
+            return folder / CLIP_FILE
+    script = next((p for p in (model_dir / "make_standins.py", REPO.parent / "shared" / "models" / "make_standins.py") if p.is_file()), None)
+    if script is None:
+        pytest.fail(f"{CLIP_FILE} is not in {model_dir} and make_standins.py is not there to make it")
+    STANDIN_CACHE.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, str(script), str(STANDIN_CACHE)], check=True, timeout=600)
+    path = STANDIN_CACHE / CLIP_FILE
+    if _sha256(path) != CLIP_STANDIN_SHA256:
+        pytest.fail(f"{path} is not the expected stand-in (sha256 differs); delete it and rerun")
+    return path
+
+
+@pytest.fixture(scope="session")
+def settings(model_dir: Path, clip_weights: Path) -> Settings:
+    return Settings(
+        model_dir=(model_dir, clip_weights.parent), allow_download=False, grace_period_s=2.0, worker_threads=2
+    )
 
 
 @pytest.fixture(scope="session")

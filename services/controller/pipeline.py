@@ -1,14 +1,18 @@
-"""Detect, planned from model metadata and run through the three stages.
+"""The public operations, planned from model metadata and run through the three stages.
 
 The controller hard-codes no model: the inference stage's ModelMetadata says which preprocess
-and postprocess recipes a model needs, its labels and its task. Items that fail in one stage
-carry their status to the end and skip the later stages; the rest of the batch goes on.
+and postprocess recipes a model needs, its labels, its task, and (for CLIP) which model is its
+text tower. Items that fail in one stage carry their status to the end and skip the later
+stages; the rest of the batch goes on. Work that does not depend on each other (an image tower
+and a text tower) runs concurrently.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from inferline.common.detections import DetectOptions
 from inferline.common.errors import InvalidInput, StageFailed, WrongTask
@@ -19,10 +23,34 @@ from inferline.common.generated import (
     preprocess_pb2,
     types_pb2,
 )
+from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
+from inferline.common.tensors import from_proto
 from inferline.services.controller.stages import Deadline, StageClients
 
 METADATA_TTL_S = 10.0
+RENDER_FORMATS = (types_pb2.RENDER_FORMAT_JSON, types_pb2.RENDER_FORMAT_CSV, types_pb2.RENDER_FORMAT_PNG)
+
+
+@dataclass
+class Item:
+    """One image, region or text on its way through preprocess and inference."""
+
+    status: types_pb2.Status | None = None  # set once the item failed
+    transform: types_pb2.ImageTransform | None = None
+    outputs: Sequence[types_pb2.Tensor] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status is None
+
+
+@dataclass
+class Timings:
+    ms: dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, started: float) -> None:
+        self.ms[key] = self.ms.get(key, 0.0) + (time.perf_counter() - started) * 1000
 
 
 class Controller:
@@ -31,8 +59,12 @@ class Controller:
         self.stages = stages
         self._metadata: dict[str, tuple[float, inference_pb2.ModelMetadataResponse]] = {}
 
+    # ---- models -------------------------------------------------------------------------
+
     async def model_metadata(self, name: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse:
         """Cached briefly: metadata changes only when the inference stage reloads."""
+        if not name:
+            raise InvalidInput("model is required; ListModels shows what is served")
         cached = self._metadata.get(name)
         if cached is not None and time.monotonic() - cached[0] < METADATA_TTL_S:
             return cached[1]
@@ -47,68 +79,155 @@ class Controller:
             "inference", self.stages.inference.ListModels, inference_pb2.ListModelsRequest(), deadline
         )
 
+    async def _model_for(self, name: str, task: str, operation: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse:
+        metadata = await self.model_metadata(name, deadline)
+        if metadata.task != task:
+            raise WrongTask(f"model {name!r} is a {metadata.task} model; {operation} needs a {task} model")
+        return metadata
+
+    async def _text_tower(self, image_model: inference_pb2.ModelMetadataResponse, operation: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse:
+        text_model = Recipe.from_proto(image_model.postprocess).params.get("text_model")
+        if not text_model:
+            raise WrongTask(f"model {image_model.name!r} has no text tower; {operation} needs a model such as clip-vit-b-32")
+        return await self.model_metadata(str(text_model), deadline)
+
+    # ---- stage plumbing -----------------------------------------------------------------
+
+    async def _call(self, timings: Timings, key: str, stage: str, method, request, deadline: Deadline):
+        started = time.perf_counter()
+        try:
+            return await self.stages.call(stage, method, request, deadline)
+        finally:
+            timings.add(key, started)
+
+    async def _encode(
+        self,
+        model: inference_pb2.ModelMetadataResponse,
+        request: preprocess_pb2.PreprocessRequest,
+        deadline: Deadline,
+        timings: Timings,
+        prefix: str = "",
+    ) -> list[Item]:
+        """Preprocess (images, regions or texts) and run the model on what survived."""
+        request.recipe.CopyFrom(model.preprocess)
+        pre = await self._call(timings, f"{prefix}preprocess", "preprocess", self.stages.preprocess.Preprocess, request, deadline)
+        produced = pre.texts if request.texts else pre.images
+        wanted = len(request.texts) or len(request.regions) or len(request.images)
+        _expect(len(produced), wanted, "preprocess")
+        items = [
+            Item(status=None if p.status.code == 0 else p.status, transform=getattr(p, "transform", None))
+            for p in produced
+        ]
+        alive = [i for i, item in enumerate(items) if item.ok]
+        if not alive:
+            return items
+        infer = await self._call(
+            timings, f"{prefix}inference", "inference", self.stages.inference.ModelInfer,
+            inference_pb2.ModelInferRequest(
+                model_name=model.name,
+                model_version=model.versions[0] if model.versions else "",
+                items=[inference_pb2.InferItem(inputs=[produced[i].tensor]) for i in alive],
+            ),
+            deadline,
+        )
+        _expect(len(infer.results), len(alive), "inference")
+        for i, result in zip(alive, infer.results):
+            if result.status.code == 0:
+                items[i].outputs = result.outputs
+            else:
+                items[i].status = result.status
+        return items
+
+    async def _embeddings(self, timings: Timings, request: postprocess_pb2.EmbeddingsRequest, deadline: Deadline) -> postprocess_pb2.EmbeddingsResponse:
+        return await self._call(timings, "postprocess", "postprocess", self.stages.postprocess.Embeddings, request, deadline)
+
+    async def _label_embeddings(
+        self, image_model: inference_pb2.ModelMetadataResponse, labels: Sequence[str], deadline: Deadline, timings: Timings
+    ) -> tuple[list[types_pb2.Tensor], float]:
+        """The text tower's outputs for the caller's labels (all must succeed) and the logit scale."""
+        self._validate_labels(labels)
+        text_model = await self._text_tower(image_model, "zero-shot classification", deadline)
+        scale = Recipe.from_proto(image_model.postprocess).params.get("logit_scale")
+        if scale is None:
+            raise StageFailed(f"model {image_model.name!r} reports no logit_scale in its metadata")
+        items = await self._encode(text_model, preprocess_pb2.PreprocessRequest(texts=labels), deadline, timings, "text_")
+        for label, item in zip(labels, items):
+            if not item.ok:
+                raise InvalidInput(f"label {label!r}: {item.status.message}")
+        return [item.outputs[0] for item in items], float(scale)
+
+    def _validate_labels(self, labels: Sequence[str]) -> None:
+        if not labels:
+            raise InvalidInput("labels are required: give at least one candidate label or prompt")
+        if len(labels) > self.settings.max_labels:
+            raise InvalidInput(f"{len(labels)} labels is over the limit of {self.settings.max_labels} (INFERLINE_MAX_LABELS)")
+        if any(not label.strip() for label in labels):
+            raise InvalidInput("labels must not be empty strings")
+
+    def _validate_images(self, images: Sequence[types_pb2.Image], required: bool = True) -> None:
+        if required and not images:
+            raise InvalidInput("no images in the request")
+        if len(images) > self.settings.max_batch_images:
+            raise InvalidInput(
+                f"{len(images)} images in one request is over the limit of "
+                f"{self.settings.max_batch_images} (INFERLINE_MAX_BATCH_IMAGES); split the batch"
+            )
+
+    # ---- Detect -------------------------------------------------------------------------
+
     async def detect(self, request: controller_pb2.DetectRequest, deadline: Deadline) -> controller_pb2.DetectResponse:
         started = time.perf_counter()
-        self._validate(request)
-        metadata = await self.model_metadata(request.model, deadline)
-        if metadata.task != "detect":
-            raise WrongTask(f"model {request.model!r} is a {metadata.task} model; Detect needs a detect model")
-        version = metadata.versions[0] if metadata.versions else ""
-        timings: dict[str, float] = {}
+        self._validate_images(request.images)
+        for render_format in request.render:
+            if render_format not in RENDER_FORMATS:
+                raise InvalidInput(f"render format {render_format} is not one of RENDER_FORMAT_JSON, _CSV, _PNG")
+        DetectOptions.from_proto(request.options)
+        if request.classify_with:
+            self._validate_labels(request.labels)
+        elif request.labels:
+            raise InvalidInput("labels are for re-labelling boxes: set classify_with to a zero-shot model too")
+        metadata = await self._model_for(request.model, "detect", "Detect", deadline)
+        classifier = await self._model_for(request.classify_with, "embed", "classify_with", deadline) if request.classify_with else None
+        timings = Timings()
         results = [controller_pb2.ImageResult(name=image.name) for image in request.images]
-        alive = list(range(len(results)))
 
-        pre = await self._timed(
-            timings, "preprocess", "preprocess", self.stages.preprocess.Preprocess,
-            preprocess_pb2.PreprocessRequest(recipe=metadata.preprocess, images=request.images), deadline,
-        )
-        alive = _settle(results, alive, pre.images, "preprocess")
-        for i in alive:
-            transform = pre.images[i].transform
-            results[i].width, results[i].height = transform.orig_width, transform.orig_height
+        items = await self._encode(metadata, preprocess_pb2.PreprocessRequest(images=request.images), deadline, timings)
+        for result, item in zip(results, items):
+            if item.transform is not None and item.ok:
+                result.width, result.height = item.transform.orig_width, item.transform.orig_height
+        alive = _settle(results, items)
 
         if alive:
-            infer = await self._timed(
-                timings, "inference", "inference", self.stages.inference.ModelInfer,
-                inference_pb2.ModelInferRequest(
-                    model_name=metadata.name,
-                    model_version=version,
-                    items=[inference_pb2.InferItem(inputs=[pre.images[i].tensor]) for i in alive],
-                ),
-                deadline,
-            )
-            outputs = {i: result.outputs for i, result in zip(alive, infer.results)}
-            alive = _settle(results, alive, infer.results, "inference")
-
-        if alive:
-            post = await self._timed(
+            post = await self._call(
                 timings, "postprocess", "postprocess", self.stages.postprocess.Postprocess,
                 postprocess_pb2.PostprocessRequest(
                     recipe=metadata.postprocess,
                     options=request.options,
                     labels=metadata.labels,
-                    items=[
-                        postprocess_pb2.PostprocessItem(outputs=outputs[i], transform=pre.images[i].transform)
-                        for i in alive
-                    ],
+                    items=[postprocess_pb2.PostprocessItem(outputs=items[i].outputs, transform=items[i].transform) for i in alive],
                 ),
                 deadline,
             )
+            _expect(len(post.results), len(alive), "postprocess")
             for i, result in zip(alive, post.results):
-                results[i].detections.extend(result.detections)
-            alive = _settle(results, alive, post.results, "postprocess")
+                if result.status.code == 0:
+                    results[i].detections.extend(result.detections)
+                else:
+                    results[i].status.CopyFrom(result.status)
+            alive = [i for i in alive if results[i].status.code == 0]
+
+        if classifier is not None and alive:
+            await self._relabel(classifier, request, results, alive, deadline, timings)
 
         for render_format in request.render if alive else ():
             with_image = render_format == types_pb2.RENDER_FORMAT_PNG
-            rendered = await self._timed(
+            rendered = await self._call(
                 timings, "render", "postprocess", self.stages.postprocess.Render,
                 postprocess_pb2.RenderRequest(
                     format=render_format,
                     items=[
                         postprocess_pb2.RenderItem(
-                            name=results[i].name,
-                            width=results[i].width,
-                            height=results[i].height,
+                            name=results[i].name, width=results[i].width, height=results[i].height,
                             detections=results[i].detections,
                             image=request.images[i].data if with_image else b"",
                         )
@@ -121,30 +240,135 @@ class Controller:
             for i, rendering in zip(alive, rendered.renderings):
                 results[i].renderings.append(rendering)
 
-        timings["total"] = (time.perf_counter() - started) * 1000
-        return controller_pb2.DetectResponse(model=metadata.name, model_version=version, results=results, timings_ms=timings)
+        timings.add("total", started)
+        return controller_pb2.DetectResponse(
+            model=metadata.name, model_version=metadata.versions[0] if metadata.versions else "",
+            results=results, timings_ms=timings.ms,
+        )
 
-    def _validate(self, request: controller_pb2.DetectRequest) -> None:
-        if not request.model:
-            raise InvalidInput("model is required; ListModels shows what is served")
-        if not request.images:
-            raise InvalidInput("no images in the request")
-        if len(request.images) > self.settings.max_batch_images:
-            raise InvalidInput(
-                f"{len(request.images)} images in one request is over the limit of "
-                f"{self.settings.max_batch_images} (INFERLINE_MAX_BATCH_IMAGES); split the batch"
-            )
-        for render_format in request.render:
-            if render_format not in (types_pb2.RENDER_FORMAT_JSON, types_pb2.RENDER_FORMAT_CSV, types_pb2.RENDER_FORMAT_PNG):
-                raise InvalidInput(f"render format {render_format} is not one of RENDER_FORMAT_JSON, _CSV, _PNG")
-        DetectOptions.from_proto(request.options)
+    async def _relabel(
+        self,
+        classifier: inference_pb2.ModelMetadataResponse,
+        request: controller_pb2.DetectRequest,
+        results: list[controller_pb2.ImageResult],
+        alive: Sequence[int],
+        deadline: Deadline,
+        timings: Timings,
+    ) -> None:
+        """Crops every box (one preprocess call for all of them) and labels each crop zero-shot."""
+        boxes = [(i, d) for i in alive for d in results[i].detections]
+        if not boxes:
+            return
+        regions = [types_pb2.Region(image=i, box=d.box) for i, d in boxes]
+        crops, (texts, scale) = await asyncio.gather(
+            self._encode(classifier, preprocess_pb2.PreprocessRequest(images=request.images, regions=regions), deadline, timings, "crop_"),
+            self._label_embeddings(classifier, request.labels, deadline, timings),
+        )
+        cropped = [k for k, crop in enumerate(crops) if crop.ok]
+        if not cropped:
+            return
+        scored = await self._embeddings(
+            timings,
+            postprocess_pb2.EmbeddingsRequest(images=[crops[k].outputs[0] for k in cropped], texts=texts, logit_scale=scale, top_k=1),
+            deadline,
+        )
+        for k, ranking in zip(cropped, scored.zero_shot):
+            detection = boxes[k][1]
+            detection.zero_shot.label = request.labels[ranking.indices[0]]
+            detection.zero_shot.score = ranking.scores[0]
 
-    async def _timed(self, timings: dict[str, float], key: str, stage: str, method, request, deadline: Deadline):
+    # ---- Classify and Embed -------------------------------------------------------------
+
+    async def classify(self, request: controller_pb2.ClassifyRequest, deadline: Deadline) -> controller_pb2.ClassifyResponse:
         started = time.perf_counter()
-        try:
-            return await self.stages.call(stage, method, request, deadline)
-        finally:
-            timings[key] = timings.get(key, 0.0) + (time.perf_counter() - started) * 1000
+        self._validate_images(request.images)
+        self._validate_labels(request.labels)
+        if request.top_k < 0:
+            raise InvalidInput(f"top_k must be 0 (all labels) or more, got {request.top_k}")
+        model = await self._model_for(request.model, "embed", "Classify", deadline)
+        timings = Timings()
+        items, (texts, scale) = await asyncio.gather(
+            self._encode(model, preprocess_pb2.PreprocessRequest(images=request.images), deadline, timings),
+            self._label_embeddings(model, request.labels, deadline, timings),
+        )
+        results = [controller_pb2.ClassifyResult(name=image.name) for image in request.images]
+        alive = _settle(results, items)
+        if alive:
+            scored = await self._embeddings(
+                timings,
+                postprocess_pb2.EmbeddingsRequest(
+                    images=[items[i].outputs[0] for i in alive], texts=texts, logit_scale=scale,
+                    top_k=request.top_k or len(request.labels),
+                ),
+                deadline,
+            )
+            _expect(len(scored.zero_shot), len(alive), "postprocess")
+            for i, ranking in zip(alive, scored.zero_shot):
+                results[i].labels.extend(
+                    types_pb2.LabelScore(label=request.labels[j], score=s) for j, s in zip(ranking.indices, ranking.scores)
+                )
+        timings.add("total", started)
+        return controller_pb2.ClassifyResponse(model=model.name, results=results, timings_ms=timings.ms)
+
+    async def embed(self, request: controller_pb2.EmbedRequest, deadline: Deadline) -> controller_pb2.EmbedResponse:
+        started = time.perf_counter()
+        if not request.images and not request.texts:
+            raise InvalidInput("nothing to embed: give images, texts or both")
+        self._validate_images(request.images, required=False)
+        if len(request.texts) > self.settings.max_labels:
+            raise InvalidInput(f"{len(request.texts)} texts is over the limit of {self.settings.max_labels} (INFERLINE_MAX_LABELS)")
+        if request.cluster.k < 0 or not 0 <= request.cluster.threshold <= 1:
+            raise InvalidInput("cluster.k must be >= 0 and cluster.threshold within [0, 1]")
+        model = await self._model_for(request.model, "embed", "Embed", deadline)
+        timings = Timings()
+        image_job = self._encode(model, preprocess_pb2.PreprocessRequest(images=request.images), deadline, timings) if request.images else _nothing()
+        text_job = self._embed_texts(model, request.texts, deadline, timings) if request.texts else _nothing()
+        image_items, text_items = await asyncio.gather(image_job, text_job)
+        response = controller_pb2.EmbedResponse(
+            model=model.name,
+            images=[controller_pb2.EmbeddedImage(name=image.name) for image in request.images],
+            texts=[controller_pb2.EmbeddedText(text=text) for text in request.texts],
+        )
+        images_ok = _settle(response.images, image_items)
+        texts_ok = _settle(response.texts, text_items)
+        if images_ok or texts_ok:
+            total = len(images_ok) + len(texts_ok)
+            if request.cluster.k > total:
+                raise InvalidInput(f"cluster.k={request.cluster.k} is more than the {total} embedded items")
+            out = await self._embeddings(
+                timings,
+                postprocess_pb2.EmbeddingsRequest(
+                    images=[image_items[i].outputs[0] for i in images_ok],
+                    texts=[text_items[i].outputs[0] for i in texts_ok],
+                    cluster=request.cluster,
+                ),
+                deadline,
+            )
+            for i, tensor in zip(images_ok, out.images):
+                response.images[i].embedding.extend(_floats(tensor))
+            for i, tensor in zip(texts_ok, out.texts):
+                response.texts[i].embedding.extend(_floats(tensor))
+            if out.clusters:
+                assigned = dict(zip([("i", i) for i in images_ok] + [("t", i) for i in texts_ok], out.clusters))
+                response.clusters.extend(
+                    [assigned.get(("i", i), -1) for i in range(len(request.images))]
+                    + [assigned.get(("t", i), -1) for i in range(len(request.texts))]
+                )
+        timings.add("total", started)
+        response.timings_ms.update(timings.ms)
+        return response
+
+    async def _embed_texts(self, model: inference_pb2.ModelMetadataResponse, texts: Sequence[str], deadline: Deadline, timings: Timings) -> list[Item]:
+        text_model = await self._text_tower(model, "embedding texts", deadline)
+        return await self._encode(text_model, preprocess_pb2.PreprocessRequest(texts=texts), deadline, timings, "text_")
+
+
+async def _nothing() -> list[Item]:
+    return []
+
+
+def _floats(tensor: types_pb2.Tensor) -> list[float]:
+    return from_proto(tensor).astype(float).ravel().tolist()
 
 
 def _expect(got: int, wanted: int, stage: str) -> None:
@@ -152,13 +376,12 @@ def _expect(got: int, wanted: int, stage: str) -> None:
         raise StageFailed(f"{stage} stage answered {got} items for {wanted}")
 
 
-def _settle(results: Sequence[controller_pb2.ImageResult], alive: Sequence[int], items: Sequence, stage: str) -> list[int]:
+def _settle(results: Sequence, items: Sequence[Item]) -> list[int]:
     """Copies each failed item's status into its result; returns the indices still going."""
-    _expect(len(items), len(alive), stage)
-    going = []
-    for i, item in zip(alive, items):
-        if item.status.code == 0:
-            going.append(i)
+    alive = []
+    for i, (result, item) in enumerate(zip(results, items)):
+        if item.ok:
+            alive.append(i)
         else:
-            results[i].status.CopyFrom(item.status)
-    return going
+            result.status.CopyFrom(item.status)
+    return alive

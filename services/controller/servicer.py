@@ -24,8 +24,17 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def Detect(self, request, context):
         return await self.controller.detect(request, self._deadline(context))
 
+    async def Classify(self, request, context):
+        return await self.controller.classify(request, self._deadline(context))
+
+    async def Embed(self, request, context):
+        return await self.controller.embed(request, self._deadline(context))
+
     async def ListModels(self, request, context):
         return await self.controller.list_models(self._deadline(context))
+
+    async def ModelInfo(self, request, context):
+        return await self.controller.model_metadata(request.name, self._deadline(context))
 
 
 def build_service(settings: Settings) -> Service:

@@ -82,23 +82,28 @@ def resolve_weights(
     return ResolvedWeights(path=path, sha256=digest, official=official)
 
 
+def find_local(spec: WeightsSpec, model_dir: Sequence[Path], cache_dir: Path = DEFAULT_CACHE) -> Path | None:
+    """The weights file already on disk, if any, in resolution order (no download)."""
+    if spec.path is not None:
+        return spec.path if spec.path.is_file() else None
+    for candidate in (*(folder / spec.file for folder in model_dir), cache_dir / spec.file):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _locate(
     spec: WeightsSpec, *, model: str, model_dir: Sequence[Path], allow_download: bool, cache_dir: Path
 ) -> Path:
+    found = find_local(spec, model_dir, cache_dir)
+    if found is not None:
+        return found
     if spec.path is not None:
-        if spec.path.is_file():
-            return spec.path
         raise WeightsError(f"{model}: weights.path {spec.path} in the model config does not exist")
     looked = []
-    for folder in model_dir:
-        candidate = folder / spec.file
-        if candidate.is_file():
-            return candidate
     if model_dir:
         looked.append(f"$INFERLINE_MODEL_DIR ({os.pathsep.join(map(str, model_dir))})")
     cached = cache_dir / spec.file
-    if cached.is_file():
-        return cached
     looked.append(f"the download cache ({cache_dir})")
     where = model_dir[0] if model_dir else cache_dir
     advice = f"put {spec.file} in {where} (or point INFERLINE_MODEL_DIR at the folder that has it)"

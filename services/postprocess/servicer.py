@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import grpc
+import numpy as np
 
 from inferline.common import tensors
 from inferline.common.detections import DetectOptions, detections_from_proto, detections_to_proto
@@ -17,7 +18,8 @@ from inferline.common.server import Service
 from inferline.common.settings import Settings
 from inferline.common.status import OK, item_status
 from inferline.common.transform import ImageTransform
-from inferline.services.postprocess.recipes import load_families, POSTPROCESSORS
+from inferline.services.postprocess.embeddings import kmeans, l2_normalize, rank, threshold_groups, zero_shot
+from inferline.services.postprocess.recipes import POSTPROCESSORS, load_families
 from inferline.services.postprocess.renderers import RENDERERS, RenderInput
 
 FORMAT_NAMES = {
@@ -81,6 +83,19 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
             response.renderings.add(format=request.format, content_type=outcome.content_type, content=outcome.content)
         return response
 
+    async def Embeddings(self, request, context):
+        images = _matrix(request.images, "image")
+        texts = _matrix(request.texts, "text")
+        if images.shape[1] and texts.shape[1] and images.shape[1] != texts.shape[1]:
+            raise InvalidInput(f"image embeddings have {images.shape[1]} dimensions, text embeddings {texts.shape[1]}")
+        if request.top_k < 0:
+            raise InvalidInput(f"top_k must be >= 0, got {request.top_k}")
+        if request.top_k and len(texts) and request.logit_scale <= 0:
+            raise InvalidInput("zero-shot needs a positive logit_scale (from the model's metadata)")
+        cluster = request.cluster
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, _embeddings, images, texts, request.logit_scale, request.top_k, cluster.k, cluster.threshold)
+
     async def _map(self, fn, items) -> list:
         loop = asyncio.get_running_loop()
         return await asyncio.gather(*(loop.run_in_executor(self.pool, fn, item) for item in items), return_exceptions=True)
@@ -99,3 +114,35 @@ def build_service(settings: Settings) -> Service:
         pool.shutdown(wait=True)
 
     return Service("postprocess", register, close=close)
+
+
+def _matrix(messages, kind: str) -> np.ndarray:
+    """Stacks 1-D embedding tensors; (0, 0) when there are none."""
+    if not messages:
+        return np.zeros((0, 0), np.float32)
+    vectors = [tensors.from_proto(t) for t in messages]
+    if any(v.ndim != 1 for v in vectors) or len({v.shape for v in vectors}) != 1:
+        raise InvalidInput(f"{kind} embeddings must be 1-D and of one length, got shapes {sorted({v.shape for v in vectors})}")
+    return np.stack(vectors).astype(np.float32)
+
+
+def _embeddings(images: np.ndarray, texts: np.ndarray, logit_scale: float, top_k: int, k: int, threshold: float) -> postprocess_pb2.EmbeddingsResponse:
+    images = l2_normalize(images) if len(images) else images
+    texts = l2_normalize(texts) if len(texts) else texts
+    response = postprocess_pb2.EmbeddingsResponse(
+        images=[tensors.to_proto(v, "embedding") for v in images],
+        texts=[tensors.to_proto(v, "embedding") for v in texts],
+    )
+    if top_k and len(images) and len(texts):
+        for indices, scores in zero_shot(images, texts, logit_scale, top_k):
+            response.zero_shot.add(indices=indices.tolist(), scores=scores.tolist())
+    if len(images) and len(texts):
+        for indices, scores in rank(texts, images):
+            response.text_to_images.add(indices=indices.tolist(), scores=scores.tolist())
+    everything = [m for m in (images, texts) if len(m)]
+    if everything and (k > 0 or threshold > 0):
+        stacked = np.concatenate(everything)
+        if k > len(stacked):
+            raise InvalidInput(f"cannot make {k} clusters of {len(stacked)} embeddings")
+        response.clusters.extend((kmeans(stacked, k) if k > 0 else threshold_groups(stacked, threshold)).tolist())
+    return response

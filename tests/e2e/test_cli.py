@@ -32,9 +32,14 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def running_up(model_dir, tmp_path_factory):
+def running_up(model_dir, clip_weights, tmp_path_factory):
     ports = dict(zip(("controller", "preprocess", "inference", "postprocess"), _free_ports(4)))
-    env = {**os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false", "INFERLINE_GRACE_PERIOD_S": "2"}
+    env = {
+        **os.environ,
+        "INFERLINE_MODEL_DIR": os.pathsep.join((str(model_dir), str(clip_weights.parent))),
+        "INFERLINE_ALLOW_DOWNLOAD": "false",
+        "INFERLINE_GRACE_PERIOD_S": "2",
+    }
     for stage, port in ports.items():
         env[f"INFERLINE_{stage.upper()}_PORT"] = str(port)
         env[f"INFERLINE_{stage.upper()}_TARGET"] = f"localhost:{port}"
@@ -127,6 +132,7 @@ def test_missing_weights_stop_the_inference_stage_with_advice(tmp_path):
         "INFERLINE_MODEL_DIR": str(tmp_path),
         "INFERLINE_ALLOW_DOWNLOAD": "false",
         "INFERLINE_INFERENCE_PORT": str(port),
+        "INFERLINE_MODELS": "yolov8n",
     }
     done = subprocess.run([*CLI, "serve", "inference"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1

@@ -80,7 +80,7 @@ def test_thresholds_apply_per_request(stub, data_dir):
 
 def test_list_models_shows_the_served_models(stub):
     models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models
-    assert [(m.name, m.task) for m in models] == [("yolov8n", "detect")]
+    assert ("yolov8n", "detect") in [(m.name, m.task) for m in models]
 
 
 def test_unknown_model_is_not_found(stub):
