@@ -116,6 +116,58 @@ def test_a_bad_image_is_reported_and_the_rest_still_detected(running_up, data_di
     assert "broken.jpg: INVALID_ARGUMENT" in done.stderr
 
 
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=180)
+
+
+def test_detect_with_faster_rcnn_and_clip_relabelling(running_up, data_dir):
+    _, target, _ = running_up
+    done = _detect(
+        target, str(data_dir / "shapes_04.jpg"), "--model", "fasterrcnn-mobilenet-v3-large-320-fpn", "--conf", "0.5",
+        "--classify-with", "clip-vit-b-32", "--labels", "a circle,a star",
+    )
+    assert done.returncode == 0, done.stderr
+    detections = json.loads(done.stdout)["results"][0]["detections"]
+    assert detections and all(d["zero_shot"]["label"] in ("a circle", "a star") for d in detections)
+
+
+def test_classify_prints_labels_best_first(running_up, data_dir):
+    _, target, _ = running_up
+    done = _run("classify", str(data_dir / "shapes_01.jpg"), "--labels", "a bus,a dog,a ball", "--top-k", "2", "--target", target)
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(done.stdout)["results"]
+    assert Path(result["image"]).name == "shapes_01.jpg"
+    assert len(result["labels"]) == 2 and result["labels"][0]["score"] >= result["labels"][1]["score"]
+
+
+def test_embed_prints_normalised_vectors_and_clusters(running_up, data_dir):
+    _, target, _ = running_up
+    image = str(data_dir / "shapes_01.jpg")
+    done = _run("embed", "--image", image, "--image", image, "--text", "a circle", "--cluster", "2", "--target", target)
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    assert body["model"] == "clip-vit-b-32"
+    vectors = [e["embedding"] for e in body["images"] + body["texts"]]
+    assert [len(v) for v in vectors] == [512, 512, 512]
+    assert all(abs(sum(x * x for x in v) - 1) < 1e-3 for v in vectors)
+    assert len(body["clusters"]) == 3 and body["clusters"][0] == body["clusters"][1]
+
+
+def test_models_lists_every_family(running_up):
+    _, target, _ = running_up
+    done = _run("models", "--target", target)
+    assert done.returncode == 0, done.stderr
+    for name in ("yolov8n", "fasterrcnn-mobilenet-v3-large-320-fpn", "clip-vit-b-32", "clip-vit-b-32-text"):
+        assert name in done.stdout
+    assert json.loads(_run("models", "--json", "--target", target).stdout)["models"]
+
+
+def test_classify_without_usable_labels_is_refused(running_up, data_dir):
+    _, target, _ = running_up
+    done = _run("classify", str(data_dir / "shapes_01.jpg"), "--labels", "yolo " * 100, "--target", target)
+    assert done.returncode == 1 and "INVALID_ARGUMENT" in done.stderr and "at most 77" in done.stderr
+
+
 def test_sigterm_stops_every_stage_cleanly(running_up):
     process, _, log = running_up
     process.send_signal(signal.SIGTERM)
