@@ -86,7 +86,7 @@ def render_png(item: RenderInput, max_pixels: int) -> Rendered:
         color = tuple(int(hex_color[i : i + 2], 16) for i in (4, 2, 0))  # BGR
         x1, y1, x2, y2 = (int(round(v)) for v in d.box)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, line, cv2.LINE_AA)
-        text = f"{d.label} {d.score:.2f}"
+        text = f"{d.label} {d.score:.2f}" + (f" ({d.zero_shot[0]} {d.zero_shot[1]:.2f})" if d.zero_shot else "")
         (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, max(line - 1, 1))
         above = y1 - th - 3 >= 0
         top = y1 - th - 3 if above else y1
