@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -106,29 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--concurrency values must be >= 1")
     args.concurrency = sorted(set(args.concurrency))
     return args
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports the OS calls free right now (a small race, fine for a benchmark)."""
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,9 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     # The same thread count on both sides; the services get it through their environment below.
     os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)
     torch.set_num_threads(args.torch_threads)
-    from inferline.services.client import collect_images
-    from inferline.services.stack import LocalStack
     from inferline.common.settings import Settings
+    from inferline.services.client import collect_images
+    from inferline.services.inference.weights import sha256_of
+    from inferline.services.stack import LocalStack, free_port_env
 
     images = collect_images(args.images)
     model_dir = Path(args.model_dir).expanduser().resolve()
@@ -524,16 +500,8 @@ def main(argv: list[str] | None = None) -> int:
           f"torch threads {args.torch_threads}, "
           f"weights {KNOWN_WEIGHTS[digest]}", flush=True)
 
-    ports = free_ports(4)
-    env = dict(os.environ)
+    env = free_port_env()
     env.update({
-        "INFERLINE_CONTROLLER_PORT": str(ports[0]),
-        "INFERLINE_PREPROCESS_PORT": str(ports[1]),
-        "INFERLINE_INFERENCE_PORT": str(ports[2]),
-        "INFERLINE_POSTPROCESS_PORT": str(ports[3]),
-        "INFERLINE_PREPROCESS_TARGET": f"localhost:{ports[1]}",
-        "INFERLINE_INFERENCE_TARGET": f"localhost:{ports[2]}",
-        "INFERLINE_POSTPROCESS_TARGET": f"localhost:{ports[3]}",
         "INFERLINE_MODEL_DIR": str(model_dir),
         "INFERLINE_MODELS": MODEL,
         "INFERLINE_DEVICE": "cpu",

@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import sys
 from pathlib import Path
 
@@ -22,19 +21,9 @@ from inferline.common.generated import types_pb2
 from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
 from inferline.services import client
-from inferline.services.stack import LocalStack
+from inferline.services.stack import LocalStack, free_port_env
 
 STAGES = ("controller", "preprocess", "inference", "postprocess")
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _memory_mib(pid: int) -> dict[str, float]:
@@ -52,10 +41,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
 
-    env = dict(os.environ)
-    for stage, port in zip(STAGES, _free_ports(4)):
-        env[f"INFERLINE_{stage.upper()}_PORT"] = str(port)
-        env[f"INFERLINE_{stage.upper()}_TARGET"] = f"localhost:{port}"
+    env = free_port_env()
     env.setdefault("INFERLINE_LOG_LEVEL", "WARNING")
     settings = Settings.from_env(env)
     with LocalStack(settings, env=env) as stack, client.open_channel(stack.controller_target) as channel:

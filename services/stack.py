@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -103,3 +104,24 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_port_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) with every stage on a port the OS says is free now.
+
+    For a second stack beside a running one (tests, benchmarks); another process may take a
+    port between this call and the bind, which then fails with a clear error.
+    """
+    sockets = [socket.socket() for _ in STAGES]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        ports = [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+    result = dict(os.environ if env is None else env)
+    for stage, port in zip(STAGES, ports):
+        result[f"INFERLINE_{stage.upper()}_PORT"] = str(port)
+        result[f"INFERLINE_{stage.upper()}_TARGET"] = f"localhost:{port}"
+    return result

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from inferline.common.settings import Settings
+from inferline.services.inference.weights import sha256_of
 from tests.support.servers import InProcessStack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def yolo_weights(model_dir: Path) -> Path:
     path = model_dir / "yolov8n.pt"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_of(path)
     if digest not in KNOWN_YOLO_SHA256:
         pytest.fail(f"{path} has sha256 {digest}, neither the stand-in nor the official release")
     return path
@@ -65,14 +65,6 @@ def sample_images(data_dir: Path) -> list[Path]:
 
     assets = Path(ultralytics.__file__).parent / "assets"
     return sorted(data_dir.glob("*.jpg")) + [assets / "bus.jpg", assets / "zidane.jpg"]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +80,7 @@ def clip_weights(model_dir: Path) -> Path:
     STANDIN_CACHE.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, str(script), str(STANDIN_CACHE)], check=True, timeout=600)
     path = STANDIN_CACHE / CLIP_FILE
-    if _sha256(path) != CLIP_STANDIN_SHA256:
+    if sha256_of(path) != CLIP_STANDIN_SHA256:
         pytest.fail(f"{path} is not the expected stand-in (sha256 differs); delete it and rerun")
     return path
 

@@ -7,42 +7,27 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from inferline.services.stack import wait_serving
+from inferline.services.stack import free_port_env, wait_serving
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "inferline.services.cli"]
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def running_up(model_dir, clip_weights, tmp_path_factory):
-    ports = dict(zip(("controller", "preprocess", "inference", "postprocess"), _free_ports(4)))
-    env = {
-        **os.environ,
-        "INFERLINE_MODEL_DIR": os.pathsep.join((str(model_dir), str(clip_weights.parent))),
-        "INFERLINE_ALLOW_DOWNLOAD": "false",
-        "INFERLINE_GRACE_PERIOD_S": "2",
-    }
-    for stage, port in ports.items():
-        env[f"INFERLINE_{stage.upper()}_PORT"] = str(port)
-        env[f"INFERLINE_{stage.upper()}_TARGET"] = f"localhost:{port}"
+    env = free_port_env()
+    env.update(
+        INFERLINE_MODEL_DIR=os.pathsep.join((str(model_dir), str(clip_weights.parent))),
+        INFERLINE_ALLOW_DOWNLOAD="false",
+        INFERLINE_GRACE_PERIOD_S="2",
+    )
+    ports = {stage: int(env[f"INFERLINE_{stage.upper()}_PORT"]) for stage in ("controller", "preprocess", "inference", "postprocess")}
     log = tmp_path_factory.mktemp("up") / "up.log"
     with log.open("w") as sink:
         process = subprocess.Popen([*CLI, "up"], env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -99,8 +84,8 @@ def test_a_grpc_error_exits_non_zero_with_the_status_name(running_up, data_dir):
 
 
 def test_an_unreachable_controller_is_unavailable(data_dir):
-    (port,) = _free_ports(1)
-    done = _detect(f"localhost:{port}", str(data_dir / "shapes_01.jpg"), "--timeout", "5")
+    nobody = free_port_env()["INFERLINE_CONTROLLER_PORT"]
+    done = _detect(f"localhost:{nobody}", str(data_dir / "shapes_01.jpg"), "--timeout", "5")
     assert done.returncode == 1
     assert "UNAVAILABLE" in done.stderr or "DEADLINE_EXCEEDED" in done.stderr
 
@@ -178,14 +163,8 @@ def test_sigterm_stops_every_stage_cleanly(running_up):
 
 
 def test_missing_weights_stop_the_inference_stage_with_advice(tmp_path):
-    (port,) = _free_ports(1)
-    env = {
-        **os.environ,
-        "INFERLINE_MODEL_DIR": str(tmp_path),
-        "INFERLINE_ALLOW_DOWNLOAD": "false",
-        "INFERLINE_INFERENCE_PORT": str(port),
-        "INFERLINE_MODELS": "yolov8n",
-    }
+    env = free_port_env()
+    env.update(INFERLINE_MODEL_DIR=str(tmp_path), INFERLINE_ALLOW_DOWNLOAD="false", INFERLINE_MODELS="yolov8n")
     done = subprocess.run([*CLI, "serve", "inference"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "weights file yolov8n.pt not found" in done.stderr

@@ -9,11 +9,8 @@ The stand-in has random weights: it proves parity, nothing about accuracy.
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,9 +33,6 @@ from inferline.services.inference.backends.torch_backend import LOADERS, TorchBa
 from inferline.services.inference.repository import BUILTIN_REPOSITORY, ModelConfig, load_config
 from inferline.services.preprocess.clip_recipes import clip_image, clip_tokenize
 
-REPO = Path(__file__).resolve().parents[2]
-CLIP_FILE = "open_clip_vit_b_32_openai.safetensors"
-CLIP_STANDIN_SHA256 = "c13dab08bc102089ef3fd0650b6c4d8f2b2751b1407584d3163d08431223d089"
 CPU = torch.device("cpu")
 # The architecture as create_model_and_transforms("ViT-B-32", pretrained=path) builds it.
 PLAIN = {"architecture": "ViT-B-32"}
@@ -52,34 +46,10 @@ TEXTS = [
 ]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @pytest.fixture(scope="module")
-def _clip_standin() -> Path:
-    """The seeded CLIP stand-in, made once into <repo>/.cache/standins (605 MB, git-ignored)."""
-    path = REPO / ".cache" / "standins" / CLIP_FILE
-    if not path.is_file():
-        script = REPO.parent / "shared" / "models" / "make_standins.py"
-        if not script.is_file():
-            pytest.fail(f"{path} is missing and {script} is not there to make it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(script), str(path.parent)], check=True, timeout=600)
-    digest = _sha256(path)
-    if digest != CLIP_STANDIN_SHA256:
-        pytest.fail(f"{path} has sha256 {digest}, not the stand-in's {CLIP_STANDIN_SHA256}; delete it and rerun")
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(_clip_standin: Path):
+def reference(clip_weights: Path):
     """open_clip's own model, eval transform and tokenizer for the stand-in (loaded once)."""
-    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=str(_clip_standin))
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=str(clip_weights))
     return model.eval(), preprocess, open_clip.get_tokenizer("ViT-B-32")
 
 
@@ -89,9 +59,9 @@ def _config(name: str, **parameters) -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def towers(_clip_standin: Path):
-    image = load_open_clip_image(_clip_standin, CPU, _config("clip-vit-b-32"))
-    text = load_open_clip_text(_clip_standin, CPU, _config("clip-vit-b-32-text"))
+def towers(clip_weights: Path):
+    image = load_open_clip_image(clip_weights, CPU, _config("clip-vit-b-32"))
+    text = load_open_clip_text(clip_weights, CPU, _config("clip-vit-b-32-text"))
     yield TorchBackend(image, CPU), TorchBackend(text, CPU)
 
 
@@ -140,9 +110,9 @@ def test_text_embeddings_equal_open_clip(towers, reference):
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
 
 
-def test_towers_share_one_module_with_open_clips_weights(_clip_standin: Path, towers, reference):
-    image_module = shared_open_clip_module(_clip_standin, CPU, _config("clip-vit-b-32"))
-    text_module = shared_open_clip_module(_clip_standin, CPU, _config("clip-vit-b-32-text"))
+def test_towers_share_one_module_with_open_clips_weights(clip_weights: Path, towers, reference):
+    image_module = shared_open_clip_module(clip_weights, CPU, _config("clip-vit-b-32"))
+    text_module = shared_open_clip_module(clip_weights, CPU, _config("clip-vit-b-32-text"))
     assert image_module is text_module
     assert not image_module.training
     model = reference[0]
@@ -159,13 +129,13 @@ def test_logit_scale_is_open_clips(towers, reference):
     assert text_backend.recipe_params() == {"logit_scale": expected}
 
 
-def test_module_is_freed_when_no_model_holds_it(_clip_standin: Path, tmp_path: Path):
+def test_module_is_freed_when_no_model_holds_it(clip_weights: Path, tmp_path: Path):
     # Another file name is another cache key: these loads share nothing with the other tests'.
-    other_name = tmp_path / CLIP_FILE
+    other_name = tmp_path / clip_weights.name
     try:
-        os.link(_clip_standin, other_name)
+        os.link(clip_weights, other_name)
     except OSError:  # another file system
-        shutil.copyfile(_clip_standin, other_name)
+        shutil.copyfile(clip_weights, other_name)
     gc.collect()
     before = len(open_clip_loader._MODULES)
     image = load_open_clip_image(other_name, CPU, _config("clip-vit-b-32"))
@@ -176,14 +146,14 @@ def test_module_is_freed_when_no_model_holds_it(_clip_standin: Path, tmp_path: P
     assert len(open_clip_loader._MODULES) == before
 
 
-def test_quick_gelu_equals_open_clips_force_quick_gelu(_clip_standin: Path, data_dir: Path):
+def test_quick_gelu_equals_open_clips_force_quick_gelu(clip_weights: Path, data_dir: Path):
     """OpenAI's trained weights need QuickGELU (open_clip's pretrained="openai" turns it on)."""
     model, _, preprocess = open_clip.create_model_and_transforms(
-        "ViT-B-32", pretrained=str(_clip_standin), force_quick_gelu=True
+        "ViT-B-32", pretrained=str(clip_weights), force_quick_gelu=True
     )
     model.eval()
-    image = TorchBackend(load_open_clip_image(_clip_standin, CPU, _config("clip-vit-b-32", quick_gelu=True)), CPU)
-    text = TorchBackend(load_open_clip_text(_clip_standin, CPU, _config("clip-vit-b-32-text", quick_gelu=True)), CPU)
+    image = TorchBackend(load_open_clip_image(clip_weights, CPU, _config("clip-vit-b-32", quick_gelu=True)), CPU)
+    text = TorchBackend(load_open_clip_text(clip_weights, CPU, _config("clip-vit-b-32-text", quick_gelu=True)), CPU)
     batch, decoded = _our_images(sorted(data_dir.glob("*.jpg"))[:2])
     ours = np.stack([item["embedding"] for item in image.run({"images": batch})])
     np.testing.assert_allclose(ours, _reference_images(model, preprocess, decoded), rtol=0, atol=1e-4)
@@ -206,12 +176,12 @@ def test_bad_inputs_raise_invalid_input(towers):
         text_backend.run({"tokens": np.full((1, 77), 49408, np.int64)})
 
 
-def test_unreadable_weights_raise_weights_error(tmp_path: Path, _clip_standin: Path):
+def test_unreadable_weights_raise_weights_error(tmp_path: Path, clip_weights: Path):
     config = _config("clip-vit-b-32")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01 not a safetensors file" * 100)
     truncated = tmp_path / "truncated.safetensors"
-    with _clip_standin.open("rb") as handle:
+    with clip_weights.open("rb") as handle:
         truncated.write_bytes(handle.read(1 << 20))
     other = tmp_path / "other.safetensors"
     save_file({"weight": torch.zeros(3)}, str(other))
@@ -232,11 +202,11 @@ def test_unreadable_weights_raise_weights_error(tmp_path: Path, _clip_standin: P
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_embeddings_equal_open_clip_on_cpu(_clip_standin: Path, reference, data_dir: Path):
+def test_cuda_embeddings_equal_open_clip_on_cpu(clip_weights: Path, reference, data_dir: Path):
     cuda = torch.device("cuda")
     model, preprocess, tokenizer = reference
-    image = TorchBackend(load_open_clip_image(_clip_standin, cuda, _config("clip-vit-b-32")), cuda)
-    text = TorchBackend(load_open_clip_text(_clip_standin, cuda, _config("clip-vit-b-32-text")), cuda)
+    image = TorchBackend(load_open_clip_image(clip_weights, cuda, _config("clip-vit-b-32")), cuda)
+    text = TorchBackend(load_open_clip_text(clip_weights, cuda, _config("clip-vit-b-32-text")), cuda)
     batch, decoded = _our_images(sorted(data_dir.glob("*.jpg")))
     ours = np.stack([item["embedding"] for item in image.run({"images": batch})])
     assert _cosines(ours, _reference_images(model, preprocess, decoded)).min() >= 0.9999
