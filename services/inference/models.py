@@ -1,16 +1,15 @@
-"""Loaded models and how a batch of items runs through one.
+"""Loaded models and how items run through one.
 
 Heavy objects (weights, modules) are built once at load, never per request. Each model runs
-its forward passes on its own single worker thread: one pass at a time keeps torch's intra-op
-threads from fighting each other, and keeps the event loop free while the model runs.
+its forward passes on its own single worker thread, fed by its dynamic batcher: one pass at a
+time keeps torch's intra-op threads from fighting each other, and keeps the event loop free
+while the model runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
 from inferline.common.tensors import numpy_dtype
 from inferline.services.inference.backends import Backend, load_backend
+from inferline.services.inference.batching import BatchingConfig, DynamicBatcher
 from inferline.services.inference.repository import BUILTIN_REPOSITORY, ModelConfig, TensorSpec, load_repository
 from inferline.services.inference.weights import ResolvedWeights, resolve_weights
 
@@ -39,6 +39,26 @@ class LoadedModel:
     weights: ResolvedWeights
     load_seconds: float
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="model"))
+    batcher: DynamicBatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        config = self.config
+        self.batcher = DynamicBatcher(
+            config.name,
+            self.run_batch,
+            self.executor,
+            BatchingConfig(
+                max_batch_size=config.max_batch_size,
+                max_queue_delay_s=config.max_queue_delay_ms / 1000,
+                max_queue_size=config.max_queue_size,
+                preferred_batch_sizes=config.preferred_batch_sizes,
+            ),
+        )
+
+    def run_batch(self, items: list[Item]) -> list[Outputs]:
+        """Items of one shape, stacked into one forward pass (on the model's thread)."""
+        batch = {spec.name: np.stack([item[spec.name] for item in items]) for spec in self.config.inputs}
+        return self.backend.run(batch)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -94,11 +114,16 @@ class ModelManager:
     def all(self) -> list[LoadedModel]:
         return [self._models[name] for name in self.configs if name in self._models]
 
-    async def infer(self, name: str, version: str, items: Sequence[Item | Exception]) -> list[Outputs | Exception]:
-        """Runs every valid item; items of one input shape run together, in chunks of max_batch_size."""
+    async def infer(
+        self, name: str, version: str, items: Sequence[Item | Exception], timeout: float | None = None
+    ) -> list[Outputs | Exception]:
+        """Runs every valid item through the model's dynamic batcher, with the caller's deadline.
+
+        Items of one input shape batch together, also with other requests' items.
+        """
         model = self.get(name, version)
         results: list[Outputs | Exception] = list(items)  # type: ignore[arg-type]
-        groups: dict[tuple, list[int]] = defaultdict(list)
+        valid: list[int] = []
         for index, item in enumerate(items):
             if isinstance(item, Exception):
                 continue
@@ -107,23 +132,16 @@ class ModelManager:
             except InvalidInput as exc:
                 results[index] = exc
                 continue
-            groups[tuple((k, item[k].shape) for k in sorted(item))].append(index)
-        loop = asyncio.get_running_loop()
-        size = model.config.max_batch_size
-        for indices in groups.values():
-            for start in range(0, len(indices), size):
-                chunk = indices[start : start + size]
-                batch = {spec.name: np.stack([items[i][spec.name] for i in chunk]) for spec in model.config.inputs}  # type: ignore[index]
-                try:
-                    outputs = await loop.run_in_executor(model.executor, model.backend.run, batch)
-                except Exception as exc:  # noqa: BLE001 - a failed pass fails its items only
-                    log.exception("%s: forward pass failed for %d items", name, len(chunk))
-                    for i in chunk:
-                        results[i] = exc
-                    continue
-                for i, item_outputs in zip(chunk, outputs, strict=True):
-                    results[i] = item_outputs
+            valid.append(index)
+        if valid:
+            keyed = [(tuple((k, items[i][k].shape) for k in sorted(items[i])), items[i]) for i in valid]  # type: ignore[index]
+            for index, outcome in zip(valid, await model.batcher.submit(keyed, timeout)):
+                results[index] = outcome
         return results
+
+    async def aclose(self) -> None:
+        for model in self._models.values():
+            await model.batcher.close()
 
     def close(self) -> None:
         for model in self._models.values():

@@ -57,6 +57,11 @@ class ModelConfig:
     labels: tuple[str, ...] = ()
     # Loader-specific settings (an architecture name, a class count, ...).
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    # Triton's dynamic_batching: how long the first queued item waits for company, how many
+    # items may wait, and batch sizes worth running at once.
+    max_queue_delay_ms: float = 0.0
+    max_queue_size: int = 1024
+    preferred_batch_sizes: tuple[int, ...] = ()
     folder: Path = field(default=Path("."), compare=False)
 
 
@@ -114,11 +119,31 @@ def load_config(path: Path) -> ModelConfig:
         max_batch_size=reader.positive_int("max_batch_size", 32),
         labels=tuple(str(label) for label in raw.get("labels") or ()),
         parameters=dict(raw.get("parameters") or {}),
+        **_dynamic_batching(raw.get("dynamic_batching"), f"{path}: dynamic_batching"),
         folder=path.parent,
     )
     if config.name != path.parent.name:
         raise ConfigError(f"{path}: name {config.name!r} must equal its folder's name")
     return config
+
+
+def _dynamic_batching(raw: Any, where: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping")
+    delay = raw.get("max_queue_delay_ms", 0.0)
+    if not isinstance(delay, (int, float)) or delay < 0:
+        raise ConfigError(f"{where}: 'max_queue_delay_ms' must be a number >= 0")
+    reader = _Reader(raw, where)
+    preferred = raw.get("preferred_batch_sizes") or []
+    if not isinstance(preferred, list) or not all(isinstance(n, int) and n > 0 for n in preferred):
+        raise ConfigError(f"{where}: 'preferred_batch_sizes' must be a list of positive integers")
+    return {
+        "max_queue_delay_ms": float(delay),
+        "max_queue_size": reader.positive_int("max_queue_size", 1024),
+        "preferred_batch_sizes": tuple(preferred),
+    }
 
 
 class _Reader:

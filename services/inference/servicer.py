@@ -37,7 +37,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def ModelInfer(self, request, context):
         model = self.manager.get(request.model_name, request.model_version)
         items = [_decode_item(item) for item in request.items]
-        outputs = await self.manager.infer(request.model_name, request.model_version, items)
+        outputs = await self.manager.infer(request.model_name, request.model_version, items, context.time_remaining())
         response = inference_pb2.ModelInferResponse(
             model_name=model.config.name, model_version=model.config.version, id=request.id
         )
@@ -96,6 +96,7 @@ def build_service(settings: Settings) -> Service:
         await asyncio.to_thread(manager.load_all)
 
     async def close() -> None:
+        await manager.aclose()
         await asyncio.to_thread(manager.close)
 
     return Service("inference", register, load, close)

@@ -58,6 +58,9 @@ def test_explicit_weights_path_is_relative_to_the_model_folder(tmp_path):
         ({"inputs": [{"name": "images", "dtype": "uint7", "shape": [3]}]}, "dtype 'uint7'"),
         ({"preprocess": {"params": {}}}, "preprocess: expected a mapping with a 'name'"),
         ({"max_batch_size": 0}, "'max_batch_size' must be a positive integer"),
+        ({"dynamic_batching": {"max_queue_delay_ms": -1}}, "'max_queue_delay_ms' must be a number >= 0"),
+        ({"dynamic_batching": {"max_queue_size": 0}}, "'max_queue_size' must be a positive integer"),
+        ({"dynamic_batching": {"preferred_batch_sizes": [0]}}, "'preferred_batch_sizes' must be a list of positive"),
     ],
 )
 def test_invalid_configs_name_the_file_and_field(tmp_path, changes, message):
@@ -78,3 +81,9 @@ def test_empty_or_missing_repository_is_an_error(tmp_path):
         load_repository(tmp_path)
     with pytest.raises(ConfigError, match="not a directory"):
         load_repository(tmp_path / "nope")
+
+
+def test_dynamic_batching_is_declared_in_config(tmp_path):
+    path = _write(tmp_path, "yolov8n", dynamic_batching={"max_queue_delay_ms": 5, "max_queue_size": 64, "preferred_batch_sizes": [4, 8]})
+    config = load_config(path)
+    assert (config.max_queue_delay_ms, config.max_queue_size, config.preferred_batch_sizes) == (5.0, 64, (4, 8))

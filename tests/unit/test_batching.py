@@ -1,0 +1,167 @@
+"""Dynamic batching: Triton's semantics, checked by what ran together, not by the clock."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from inferline.common.errors import DeadlineExceeded, Overloaded
+from inferline.services.inference.batching import BatchingConfig, DynamicBatcher
+
+
+class Recorder:
+    """A fake model: doubles each item and remembers every batch it ran."""
+
+    def __init__(self, gate: threading.Event | None = None, fail_on: object = None):
+        self.batches: list[list] = []
+        self.gate = gate
+        self.fail_on = fail_on
+
+    def __call__(self, items: list) -> list:
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.batches.append(list(items))
+        if self.fail_on in items:
+            raise RuntimeError("boom")
+        return [item * 2 for item in items]
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture()
+def executor():
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+def test_results_come_back_in_order_per_caller(executor):
+    async def main():
+        batcher = DynamicBatcher("m", Recorder(), executor, BatchingConfig(max_batch_size=8))
+        assert await batcher.submit([("a", 1), ("a", 2), ("a", 3)]) == [2, 4, 6]
+        await batcher.close()
+
+    _run(main())
+
+
+def test_concurrent_requests_share_one_forward_pass(executor):
+    async def main():
+        model = Recorder()
+        batcher = DynamicBatcher("m", model, executor, BatchingConfig(max_batch_size=4, max_queue_delay_s=5.0))
+        # A full batch (4) runs at once, without waiting the 5 s delay.
+        results = await asyncio.gather(*(batcher.submit([("a", i)]) for i in range(4)))
+        assert results == [[0], [2], [4], [6]]
+        assert model.batches == [[0, 1, 2, 3]]
+        await batcher.close()
+
+    _run(main())
+
+
+def test_items_queued_while_the_model_runs_form_the_next_batch(executor):
+    async def main():
+        gate = threading.Event()
+        model = Recorder(gate)
+        batcher = DynamicBatcher("m", model, executor, BatchingConfig(max_batch_size=3))
+        first = asyncio.ensure_future(batcher.submit([("a", 0)]))
+        while not batcher.batch_sizes:  # the first pass has started and holds the model
+            await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(batcher.submit([("a", i)])) for i in (1, 2, 3, 4)]
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(first, *rest)
+        assert model.batches == [[0], [1, 2, 3], [4]]
+        await batcher.close()
+
+    _run(main())
+
+
+def test_different_shapes_never_share_a_batch(executor):
+    async def main():
+        model = Recorder()
+        batcher = DynamicBatcher("m", model, executor, BatchingConfig(max_batch_size=8, max_queue_delay_s=0.01))
+        assert await batcher.submit([("small", 1), ("large", 10), ("small", 2), ("large", 20)]) == [2, 20, 4, 40]
+        assert sorted(model.batches) == [[1, 2], [10, 20]]
+        await batcher.close()
+
+    _run(main())
+
+
+def test_a_preferred_batch_size_runs_without_waiting_for_a_full_batch(executor):
+    async def main():
+        model = Recorder()
+        batcher = DynamicBatcher("m", model, executor, BatchingConfig(max_batch_size=8, max_queue_delay_s=5.0, preferred_batch_sizes=(2,)))
+        assert await batcher.submit([("a", 1), ("a", 2)]) == [2, 4]
+        assert model.batches == [[1, 2]]
+        await batcher.close()
+
+    _run(main())
+
+
+def test_a_full_queue_refuses_at_once_with_overloaded(executor):
+    async def main():
+        gate = threading.Event()
+        batcher = DynamicBatcher("m", Recorder(gate), executor, BatchingConfig(max_batch_size=1, max_queue_size=3))
+        held = asyncio.ensure_future(batcher.submit([("a", 0), ("a", 1), ("a", 2)]))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="limit 3"):
+            await batcher.submit([("a", 3), ("a", 4)])
+        gate.set()
+        assert await held == [0, 2, 4], "what was queued still runs"
+        await batcher.close()
+
+    _run(main())
+
+
+def test_items_whose_deadline_passed_in_the_queue_are_dropped_before_running(executor):
+    async def main():
+        gate = threading.Event()
+        model = Recorder(gate)
+        batcher = DynamicBatcher("m", model, executor, BatchingConfig(max_batch_size=1))
+        blocker = asyncio.ensure_future(batcher.submit([("a", 0)]))
+        while not batcher.batch_sizes:
+            await asyncio.sleep(0)
+        late = asyncio.ensure_future(batcher.submit([("a", 1)], timeout=0.0))
+        await asyncio.sleep(0)
+        gate.set()
+        await blocker
+        (outcome,) = await late
+        assert isinstance(outcome, DeadlineExceeded)
+        assert model.batches == [[0]], "the expired item never reached the model"
+        await batcher.close()
+
+    _run(main())
+
+
+def test_a_failed_pass_fails_its_items_and_the_batcher_goes_on(executor):
+    async def main():
+        batcher = DynamicBatcher("m", Recorder(fail_on=13), executor, BatchingConfig(max_batch_size=2))
+        outcomes = await batcher.submit([("a", 13), ("a", 1)])
+        assert all(isinstance(o, RuntimeError) for o in outcomes)
+        assert await batcher.submit([("a", 5)]) == [10]
+        await batcher.close()
+
+    _run(main())
+
+
+def test_a_cancelled_caller_costs_no_model_run(executor):
+    async def main():
+        gate = threading.Event()
+        model = Recorder(gate)
+        batcher = DynamicBatcher("m", model, executor, BatchingConfig(max_batch_size=1))
+        blocker = asyncio.ensure_future(batcher.submit([("a", 0)]))
+        while not batcher.batch_sizes:
+            await asyncio.sleep(0)
+        gone = asyncio.ensure_future(batcher.submit([("a", 1)]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        gate.set()
+        await blocker
+        assert await batcher.submit([("a", 2)]) == [4]
+        assert model.batches == [[0], [2]]
+        await batcher.close()
+
+    _run(main())
