@@ -28,7 +28,7 @@ from PIL import Image
 
 from inferline.common.errors import InvalidInput
 from inferline.common.transform import ImageTransform
-from inferline.services.preprocess.recipes import PREPROCESSORS, TEXT_PREPROCESSORS
+from inferline.services.preprocess.recipes import PREPROCESSORS, TEXT_PREPROCESSORS, size_param
 
 _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _RESIZE_MODES = ("shortest", "longest", "squash")
@@ -41,17 +41,6 @@ def _positive_int(params: Mapping[str, Any], key: str, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer() or value < 1:
         raise InvalidInput(f"clip {key} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def _target_size(params: Mapping[str, Any]) -> tuple[int, int]:
-    """``size``: one number (square) or [height, width], as open_clip's ``PreprocessCfg.size``."""
-    size = params.get("size", 224)
-    values = size if isinstance(size, (list, tuple)) else [size, size]
-    if len(values) != 2 or any(
-        isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer() or v < 1 for v in values
-    ):
-        raise InvalidInput(f"clip_image size must be a positive integer or [height, width], got {size!r}")
-    return int(values[0]), int(values[1])
 
 
 def _choice(params: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -109,7 +98,7 @@ def clip_image(image: np.ndarray, params: Mapping[str, Any]) -> tuple[np.ndarray
     height, width = image.shape[:2]
     if height < 1 or width < 1:
         raise InvalidInput(f"clip_image got an empty image ({width}x{height})")
-    target = _target_size(params)
+    target = size_param(params, "clip_image", 224)
     mode = _choice(params, "resize_mode", "shortest", _RESIZE_MODES)
     requested = _choice(params, "interpolation", "bicubic", tuple(_INTERPOLATIONS))
     fill = params.get("fill_color", 0)

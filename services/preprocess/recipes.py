@@ -28,12 +28,15 @@ def load_families() -> list[str]:
     return import_family_modules(__package__, __file__, "_recipes")
 
 
-def _size(params: Mapping[str, Any]) -> tuple[int, int]:
-    """``size`` is one number (square) or [height, width], as ultralytics' imgsz."""
-    size = params.get("size", 640)
+def size_param(params: Mapping[str, Any], recipe: str, default: int) -> tuple[int, int]:
+    """``size`` is one number (square) or [height, width], as ultralytics' imgsz and open_clip's
+    ``PreprocessCfg.size``."""
+    size = params.get("size", default)
     values = size if isinstance(size, (list, tuple)) else [size, size]
-    if len(values) != 2 or any(not float(v).is_integer() or v < 1 for v in values):
-        raise InvalidInput(f"letterbox size must be a positive integer or [height, width], got {size!r}")
+    if len(values) != 2 or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer() or v < 1 for v in values
+    ):
+        raise InvalidInput(f"{recipe} size must be a positive integer or [height, width], got {size!r}")
     return int(values[0]), int(values[1])
 
 
@@ -41,7 +44,7 @@ def _size(params: Mapping[str, Any]) -> tuple[int, int]:
 def letterbox_recipe(image: np.ndarray, params: Mapping[str, Any]) -> tuple[np.ndarray, ImageTransform]:
     return letterbox(
         image,
-        _size(params),
+        size_param(params, "letterbox", 640),
         stride=int(params.get("stride", 32)),
         auto=bool(params.get("auto", False)),
         scaleup=bool(params.get("scaleup", True)),
