@@ -9,19 +9,15 @@ import pytest
 from inferline.common import tensors
 from inferline.common.generated import inference_pb2, inference_pb2_grpc, types_pb2
 from inferline.common.recipes import Recipe
-from tests.support.servers import LoopThread, start_stage
 
 STANDIN_SHA256 = "33f4216002cafa403a4588a328e025d1542f2acda1e632c2f7ba8a9a95359b3b"
 
 
 @pytest.fixture(scope="module")
-def stub(settings):
-    loop = LoopThread()
-    server = start_stage(loop, "inference", settings)
-    with grpc.insecure_channel(server.address) as channel:
+def stub(stack):
+    """The session stack's inference stage: the models load once for the whole run."""
+    with grpc.insecure_channel(stack.servers["inference"].address) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
-    server.stop()
-    loop.close()
 
 
 def _item(array: np.ndarray, name: str = "images") -> inference_pb2.InferItem:

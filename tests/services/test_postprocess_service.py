@@ -13,7 +13,7 @@ from inferline.common import tensors
 from inferline.common.generated import postprocess_pb2, postprocess_pb2_grpc, types_pb2
 from inferline.common.recipes import Recipe
 from tests.support.images import encoded
-from tests.support.servers import LoopThread, start_stage
+from tests.support.servers import stage_channel
 
 YOLO = Recipe("yolo_detect", {"conf": 0.25, "iou": 0.7, "max_det": 300}).to_proto()
 LABELS = ["zero", "one", "two"]
@@ -22,12 +22,8 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 @pytest.fixture(scope="module")
 def stub(settings):
-    loop = LoopThread()
-    server = start_stage(loop, "postprocess", settings)
-    with grpc.insecure_channel(server.address) as channel:
+    with stage_channel("postprocess", settings) as channel:
         yield postprocess_pb2_grpc.PostprocessServiceStub(channel)
-    server.stop()
-    loop.close()
 
 
 def _raw_output() -> np.ndarray:

@@ -12,19 +12,15 @@ from inferline.common import tensors
 from inferline.common.generated import preprocess_pb2, preprocess_pb2_grpc, types_pb2
 from inferline.common.recipes import Recipe
 from tests.support.images import encoded
-from tests.support.servers import LoopThread, start_stage
+from tests.support.servers import stage_channel
 
 LETTERBOX = Recipe("letterbox", {"size": 640, "stride": 32, "auto": True}).to_proto()
 
 
 @pytest.fixture(scope="module")
 def stub(settings):
-    loop = LoopThread()
-    server = start_stage(loop, "preprocess", dataclasses.replace(settings, max_image_pixels=1_000_000))
-    with grpc.insecure_channel(server.address) as channel:
+    with stage_channel("preprocess", dataclasses.replace(settings, max_image_pixels=1_000_000)) as channel:
         yield preprocess_pb2_grpc.PreprocessServiceStub(channel)
-    server.stop()
-    loop.close()
 
 
 def _request(*images: bytes, recipe=LETTERBOX) -> preprocess_pb2.PreprocessRequest:

@@ -7,11 +7,14 @@ and a server outlives any single test when a fixture shares it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
+
+import grpc
 
 from inferline.common.server import ServerApp, Service
 from inferline.common.settings import Settings
@@ -84,3 +87,16 @@ class InProcessStack:
         for server in reversed(list(self.servers.values())):
             server.stop()
         self.loop.close()
+
+
+@contextlib.contextmanager
+def stage_channel(stage: str, settings: Settings) -> Iterator[grpc.Channel]:
+    """One stage on its own loop and a channel to it, for the length of the block."""
+    loop = LoopThread()
+    server = start_stage(loop, stage, settings)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            yield channel
+    finally:
+        server.stop()
+        loop.close()
