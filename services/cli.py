@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", default="clip-vit-b-32")
     embed.add_argument("--cluster", type=int, default=0, metavar="K", help="k-means the batch into K clusters")
     embed.add_argument("--threshold", type=float, default=0.0, help="group items with cosine >= this (near-duplicates)")
+    embed.add_argument("--format", choices=("json", "csv"), default="json")
     embed.add_argument("--out", type=Path, help="output file; default stdout")
     embed.add_argument("--target", default="localhost:50051", help="controller address")
     embed.add_argument("--timeout", type=float, default=60.0)
@@ -219,7 +220,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             channel, model=args.model, images=paths, texts=args.text,
             cluster_k=args.cluster, cluster_threshold=args.threshold, timeout=args.timeout,
         )
-    _write(json.dumps(result), args.out)
+    _write(json.dumps(result) if args.format == "json" else client.embed_csv(result), args.out)
     return _report_failures([(e.get("image") or e.get("text"), e.get("error")) for e in result["images"] + result["texts"]])
 
 

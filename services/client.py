@@ -206,4 +206,23 @@ def embed(
     }
     if response.clusters:
         result["clusters"] = list(response.clusters)
+    if response.rankings:
+        result["rankings"] = [
+            {"text": r.text, "images": [str(images[i]) for i in r.images], "scores": [round(float(s), 5) for s in r.scores]}
+            for r in response.rankings
+        ]
     return result
+
+
+def embed_csv(result: dict[str, Any]) -> str:
+    """One row per embedded item: kind, name, cluster (when clustered), then the vector."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    rows = [("image", e["image"], e) for e in result["images"]] + [("text", e["text"], e) for e in result["texts"]]
+    width = max((len(e["embedding"]) for _, _, e in rows), default=0)
+    writer.writerow(("kind", "name", "cluster", *(f"e{i}" for i in range(width))))
+    clusters = result.get("clusters", [])
+    for position, (kind, name, entry) in enumerate(rows):
+        cluster = clusters[position] if position < len(clusters) else ""
+        writer.writerow((kind, name, cluster, *entry["embedding"]))
+    return out.getvalue()

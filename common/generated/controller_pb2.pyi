@@ -132,7 +132,7 @@ class EmbeddedText(_message.Message):
     def __init__(self, text: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., status: _Optional[_Union[_types_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("model", "images", "texts", "clusters", "timings_ms")
+    __slots__ = ("model", "images", "texts", "clusters", "timings_ms", "rankings")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -145,9 +145,21 @@ class EmbedResponse(_message.Message):
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    RANKINGS_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[EmbeddedImage]
     texts: _containers.RepeatedCompositeFieldContainer[EmbeddedText]
     clusters: _containers.RepeatedScalarFieldContainer[int]
     timings_ms: _containers.ScalarMap[str, float]
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[EmbeddedImage, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[EmbeddedText, _Mapping]]] = ..., clusters: _Optional[_Iterable[int]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    rankings: _containers.RepeatedCompositeFieldContainer[TextRanking]
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[EmbeddedImage, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[EmbeddedText, _Mapping]]] = ..., clusters: _Optional[_Iterable[int]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., rankings: _Optional[_Iterable[_Union[TextRanking, _Mapping]]] = ...) -> None: ...
+
+class TextRanking(_message.Message):
+    __slots__ = ("text", "images", "scores")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    images: _containers.RepeatedScalarFieldContainer[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, text: _Optional[str] = ..., images: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...

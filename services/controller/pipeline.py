@@ -348,6 +348,12 @@ class Controller:
                 response.images[i].embedding.extend(_floats(tensor))
             for i, tensor in zip(texts_ok, out.texts):
                 response.texts[i].embedding.extend(_floats(tensor))
+            for t, ranking in zip(texts_ok, out.text_to_images):
+                response.rankings.add(
+                    text=request.texts[t],
+                    images=[images_ok[k] for k in ranking.indices],
+                    scores=list(ranking.scores),
+                )
             if out.clusters:
                 assigned = dict(zip([("i", i) for i in images_ok] + [("t", i) for i in texts_ok], out.clusters))
                 response.clusters.extend(

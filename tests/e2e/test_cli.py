@@ -136,6 +136,11 @@ def test_embed_prints_normalised_vectors_and_clusters(running_up, data_dir):
     assert [len(v) for v in vectors] == [512, 512, 512]
     assert all(abs(sum(x * x for x in v) - 1) < 1e-3 for v in vectors)
     assert len(body["clusters"]) == 3 and body["clusters"][0] == body["clusters"][1]
+    assert body["rankings"][0]["text"] == "a circle" and len(body["rankings"][0]["images"]) == 2
+    as_csv = _run("embed", "--image", image, "--text", "a circle", "--format", "csv", "--target", target)
+    header, *rows = list(csv.reader(io.StringIO(as_csv.stdout)))
+    assert header[:4] == ["kind", "name", "cluster", "e0"] and len(header) == 3 + 512
+    assert [row[0] for row in rows] == ["image", "text"]
 
 
 def test_models_lists_every_family(running_up):

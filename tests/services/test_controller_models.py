@@ -124,3 +124,38 @@ def test_interleaved_concurrent_requests_to_all_families_match_each_alone(stub, 
         together = list(pool.map(lambda name: (name, calls[name]()), order))
     for name, result in together:
         assert result == alone[name], name
+
+
+def test_embed_ranks_the_images_for_each_text(stub, data_dir):
+    images = _images(*[(data_dir / f"shapes_0{i}.jpg").read_bytes() for i in (1, 2, 3)])
+    response = stub.Embed(controller_pb2.EmbedRequest(model=CLIP, images=images, texts=["a circle", "a star"]), timeout=60)
+    assert [r.text for r in response.rankings] == ["a circle", "a star"]
+    for ranking in response.rankings:
+        assert sorted(ranking.images) == [0, 1, 2]
+        assert list(ranking.scores) == sorted(ranking.scores, reverse=True)
+
+
+def test_bad_requests_interleaved_with_good_ones_disturb_nothing(stub, data_dir):
+    image = (data_dir / "shapes_05.jpg").read_bytes()
+    good = controller_pb2.ClassifyRequest(model=CLIP, images=_images(image), labels=LABELS)
+    expected = [ls.label for ls in stub.Classify(good, timeout=120).results[0].labels]
+    bad = [
+        controller_pb2.ClassifyRequest(model=CLIP, images=_images(image), labels=[]),
+        controller_pb2.ClassifyRequest(model=CLIP, images=_images(image), labels=["word " * 100]),
+        controller_pb2.ClassifyRequest(model="nope", images=_images(image), labels=LABELS),
+        controller_pb2.ClassifyRequest(model="yolov8n", images=_images(image), labels=LABELS),
+    ]
+
+    def call(i: int):
+        if i % 2:
+            try:
+                stub.Classify(bad[(i // 2) % len(bad)], timeout=120)
+            except grpc.RpcError as exc:
+                return exc.code()
+            return None
+        return [ls.label for ls in stub.Classify(good, timeout=120).results[0].labels]
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(call, range(12)))
+    assert all(o == expected for o in outcomes[0::2])
+    assert all(o in (INVALID, grpc.StatusCode.NOT_FOUND) for o in outcomes[1::2])
