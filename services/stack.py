@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 START_ORDER = ("preprocess", "inference", "postprocess", "controller")
 
 
+def _terminate_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the parent dies, even by SIGKILL, so a killed
+    `inferline up` leaves no stage behind holding its port."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def wait_serving(target: str, timeout: float, alive: callable = lambda: True) -> None:
     """Blocks until the server at ``target`` reports SERVING on the standard health service."""
     expires = time.monotonic() + timeout
@@ -60,7 +69,9 @@ class LocalStack:
             if stage not in STAGES:
                 raise ValueError(f"unknown stage {stage!r}")
             self.processes[stage] = subprocess.Popen(
-                [sys.executable, "-m", "inferline.services.cli", "serve", stage], env=dict(self.env)
+                [sys.executable, "-m", "inferline.services.cli", "serve", stage],
+                env=dict(self.env),
+                preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
             )
         try:
             for stage in self.stages:

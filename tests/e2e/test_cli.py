@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,30 @@ def test_missing_weights_stop_the_inference_stage_with_advice(tmp_path):
     assert done.returncode == 1
     assert "weights file yolov8n.pt not found" in done.stderr
     assert f"put yolov8n.pt in {tmp_path}" in done.stderr
+
+
+def test_stages_do_not_outlive_a_killed_up(model_dir):
+    env = free_port_env()
+    env.update(INFERLINE_MODEL_DIR=str(model_dir), INFERLINE_ALLOW_DOWNLOAD="false", INFERLINE_MODELS="yolov8n")
+    process = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for stage in ("controller", "preprocess", "inference", "postprocess"):
+            wait_serving(f"localhost:{env[f'INFERLINE_{stage.upper()}_PORT']}", timeout=180, alive=lambda: process.poll() is None)
+        children = [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+        assert len(children) == 4
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in children):
+            assert time.monotonic() < deadline, "a stage outlived its killed parent"
+            time.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        return next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:"))
+    except (FileNotFoundError, StopIteration):
+        return "zombie"
