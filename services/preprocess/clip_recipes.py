@@ -11,8 +11,8 @@ open_clip applies torchvision transforms to a PIL image, and torchvision resizes
 the same resize through PIL on the RGB pixels of the decoded image; OpenCV or torch resizing
 would differ by a few grey levels. No torch is needed: only PIL and numpy.
 
-Text recipe ``clip_tokenize``: open_clip's tokenizer for the model (imported lazily: it imports
-torch). open_clip silently truncates a text that does not fit the context; a truncated prompt
+Text recipe ``clip_tokenize``: CLIP's BPE tokenizer, reimplemented without torch in
+``clip_tokenizer`` (same ids as open_clip's SimpleTokenizer; imported on first use). open_clip silently truncates a text that does not fit the context; a truncated prompt
 is a different prompt, so we refuse it with the token count instead.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from inferline.common.errors import InvalidInput
+from inferline.common.errors import ConfigError, InvalidInput
 from inferline.common.transform import ImageTransform
 from inferline.services.preprocess.recipes import PREPROCESSORS, TEXT_PREPROCESSORS, size_param
 
@@ -146,20 +146,26 @@ def clip_image(image: np.ndarray, params: Mapping[str, Any]) -> tuple[np.ndarray
     return chw, transform
 
 
-# One tokenizer per name, built on first use: building it imports open_clip (and torch), which
-# an image-only preprocess stage never pays for.
+# One tokenizer per vocabulary file, built on first use (~0.2 s, ~20 MiB). lru_cache does not
+# hold concurrent first callers back, so the texts of one request, tokenized in parallel, would
+# each build one (and the process keep the peak): the lock makes the others wait for the first.
 _TOKENIZER_LOCK = threading.Lock()
 
 
+# The tokenizer module is imported on first use: it needs ftfy and regex, which an image-only
+# preprocess stage need not have installed.
 @lru_cache(maxsize=4)
-def _tokenizer(name: str) -> Any:
-    with _TOKENIZER_LOCK:
-        import open_clip
+def _cached_tokenizer(vocab: str | None) -> Any:
+    try:
+        from inferline.services.preprocess.clip_tokenizer import ClipTokenizer, default_vocab_path
+    except ImportError as exc:
+        raise ConfigError(f"clip_tokenize needs ftfy and regex installed ({exc})") from None
+    return ClipTokenizer(vocab if vocab is not None else default_vocab_path())
 
-        try:
-            return open_clip.get_tokenizer(name)
-        except Exception as exc:  # noqa: BLE001 - unknown names fail in several ways
-            raise InvalidInput(f"clip_tokenize: no open_clip tokenizer for {name!r}: {exc}") from None
+
+def _tokenizer(vocab: str | None) -> Any:
+    with _TOKENIZER_LOCK:
+        return _cached_tokenizer(vocab)
 
 
 @TEXT_PREPROCESSORS.register("clip_tokenize")
@@ -167,7 +173,9 @@ def clip_tokenize(text: str, params: Mapping[str, Any]) -> np.ndarray:
     """One text -> int64 (context_length,) token ids, equal to open_clip's
     ``get_tokenizer(tokenizer)([text])[0]``: start token, BPE ids, end token, zero padding.
 
-    Params: ``context_length`` (77), ``tokenizer`` (the open_clip model name, "ViT-B-32").
+    Params: ``context_length`` (77), ``tokenizer`` (the open_clip model name, "ViT-B-32"; every
+    model whose open_clip tokenizer is CLIP's SimpleTokenizer), ``vocab`` (path to
+    ``bpe_simple_vocab_16e6.txt.gz``; default: the one installed with open_clip_torch).
     A text that needs more than ``context_length`` tokens is refused (open_clip would cut it,
     and the embedding would silently describe another text), as is an empty one.
     """
@@ -179,21 +187,7 @@ def clip_tokenize(text: str, params: Mapping[str, Any]) -> np.ndarray:
     name = params.get("tokenizer", DEFAULT_TOKENIZER)
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"clip_tokenize tokenizer must be an open_clip model name, got {name!r}")
-    tokenizer = _tokenizer(name)
-    reduction = getattr(tokenizer, "reduction_fn", None)
-    if not hasattr(tokenizer, "encode") or reduction is not None:
-        raise InvalidInput(f"clip_tokenize supports open_clip's SimpleTokenizer only, not {type(tokenizer).__name__}")
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise InvalidInput("text has no tokens once cleaned (only control or invisible characters?)")
-    count = len(ids) + 2
-    if count > context_length:
-        raise InvalidInput(
-            f"text is {count} tokens, the model takes at most {context_length}; shorten it "
-            "(open_clip would cut it off and embed a different text)"
-        )
-    tokens = np.zeros(context_length, dtype=np.int64)
-    tokens[0] = tokenizer.sot_token_id
-    tokens[1 : count - 1] = ids
-    tokens[count - 1] = tokenizer.eot_token_id
-    return tokens
+    vocab = params.get("vocab")
+    if vocab is not None and (not isinstance(vocab, str) or not vocab):
+        raise InvalidInput(f"clip_tokenize vocab must be the path of bpe_simple_vocab_16e6.txt.gz, got {vocab!r}")
+    return _tokenizer(vocab).tokenize(text, context_length)
