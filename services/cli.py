@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--timeout", type=float, default=60.0)
     embed.set_defaults(handler=cmd_embed)
 
+    export = commands.add_parser("export", help="export a model of the repository to ONNX")
+    export.add_argument("--model", required=True, help="a model name from the repository")
+    export.add_argument("--format", choices=("onnx",), default="onnx")
+    export.add_argument("--dynamic-batch", action="store_true", help="a batch dimension of any size (else 1)")
+    export.add_argument("--half", action="store_true", help="fp16 weights (for GPUs)")
+    export.add_argument("--out", type=Path, help="output file (default: MODEL.onnx here)")
+    export.set_defaults(handler=cmd_export)
+
     models = commands.add_parser("models", help="list the served models")
     models.add_argument("--json", action="store_true", help="full metadata as JSON")
     models.add_argument("--target", default="localhost:50051", help="controller address")
@@ -222,6 +230,29 @@ def cmd_embed(args: argparse.Namespace) -> int:
         )
     _write(json.dumps(result) if args.format == "json" else client.embed_csv(result), args.out)
     return _report_failures([(e.get("image") or e.get("text"), e.get("error")) for e in result["images"] + result["texts"]])
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from inferline.services.inference.export import export_onnx
+    from inferline.services.inference.weights import resolve_weights
+
+    settings = Settings.from_env()
+    configs = load_repository(settings.model_repository or BUILTIN_REPOSITORY)
+    if args.model not in configs:
+        print(f"error: no model {args.model!r} in the repository (models: {', '.join(sorted(configs))})", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    config = configs[args.model]
+    weights = resolve_weights(
+        config.weights, model=config.name, model_dir=settings.model_dir, allow_download=settings.allow_download
+    )
+    out = args.out or Path(f"{config.name}.onnx")
+    try:
+        path = export_onnx(config, weights.path, out, dynamic_batch=args.dynamic_batch, half=args.half)
+    except NotImplementedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    print(path)
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -202,3 +202,16 @@ def _state(pid: int) -> str:
         return next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:"))
     except (FileNotFoundError, StopIteration):
         return "zombie"
+
+
+def test_export_writes_an_onnx_model_runtime_can_load(model_dir, tmp_path):
+    import onnxruntime
+
+    env = {**os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false"}
+    out = tmp_path / "yolov8n.onnx"
+    done = subprocess.run([*CLI, "export", "--model", "yolov8n", "--dynamic-batch", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    unsupported = subprocess.run([*CLI, "export", "--model", "fasterrcnn-mobilenet-v3-large-320-fpn", "--out", str(tmp_path / "f.onnx")], env=env, capture_output=True, text=True, timeout=300)
+    assert unsupported.returncode == 1 and "not supported yet" in unsupported.stderr

@@ -45,4 +45,6 @@ def load_backend(config: ModelConfig, weights: ResolvedWeights, settings: Settin
     # this module (an ONNX-only image has no torch).
     if config.backend == "torch":
         import_family_modules(__name__, __file__, "_loader")
+    elif config.backend == "onnxruntime":
+        from inferline.services.inference.backends import onnxruntime_backend  # noqa: F401
     return BACKENDS.get(config.backend)(config, weights, settings)

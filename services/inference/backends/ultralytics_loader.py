@@ -15,20 +15,26 @@ from inferline.services.inference.backends.torch_backend import LOADERS, TorchMo
 from inferline.services.inference.repository import ModelConfig
 
 
-@LOADERS.register("ultralytics")
-def load_ultralytics(path: Path, device: torch.device, config: ModelConfig) -> TorchModel:
-    """The module ultralytics' AutoBackend would run: EMA weights, float, fused Conv+BN, eval."""
+def build_ultralytics_module(path: Path) -> tuple[torch.nn.Module, tuple[str, ...]]:
+    """The module ultralytics' AutoBackend would run (EMA weights, float, fused Conv+BN, eval)
+    and its class names; shared by serving and ONNX export."""
     checkpoint = safe_load_checkpoint(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("ema") or checkpoint.get("model"), torch.nn.Module):
         raise WeightsError(f"{path}: not an ultralytics checkpoint (no 'model' module inside)")
     module = (checkpoint.get("ema") or checkpoint["model"]).float()
     module = module.fuse(verbose=False).eval() if hasattr(module, "fuse") else module.eval()
+    names = getattr(module, "names", {}) or {}
+    labels = tuple(str(names[i]) for i in sorted(names)) if isinstance(names, dict) else tuple(map(str, names))
+    return module, labels
+
+
+@LOADERS.register("ultralytics")
+def load_ultralytics(path: Path, device: torch.device, config: ModelConfig) -> TorchModel:
+    module, labels = build_ultralytics_module(path)
     for m in module.modules():
         if hasattr(m, "inplace"):
             m.inplace = True
     module.to(device)
-    names = getattr(module, "names", {}) or {}
-    labels = tuple(str(names[i]) for i in sorted(names)) if isinstance(names, dict) else tuple(map(str, names))
 
     def forward(inputs: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         images = inputs["images"].float() / 255.0

@@ -1,0 +1,112 @@
+"""The ONNX Runtime backend: serves a file written by ``inferline.services.inference.export``.
+
+Config ``parameters``: ``providers`` (list, default CUDA then CPU when the device is cuda/auto
+and CUDA is available, else CPU), ``graph_optimization_level`` (disable|basic|extended|all,
+default all), ``intra_op_threads`` / ``inter_op_threads`` (default ``settings.torch_threads``
+when > 0, else ORT's own). Labels and recipe params come from the file's metadata_props.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from inferline.common.errors import WeightsError
+from inferline.common.settings import Settings
+from inferline.services.inference.backends import BACKENDS
+from inferline.services.inference.repository import ModelConfig
+from inferline.services.inference.weights import ResolvedWeights
+
+log = logging.getLogger(__name__)
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def choose_providers(requested: list[str] | None, device: str, available: list[str]) -> list[str]:
+    """The providers to use, in order, keeping only available ones (one warning for the rest)."""
+    if requested:
+        wanted = [str(p) for p in requested]
+    elif device.startswith("cuda") or device == "auto":
+        wanted = [CUDA, CPU] if CUDA in available else [CPU]
+    else:
+        wanted = [CPU]
+    chosen = [p for p in wanted if p in available]
+    missing = [p for p in wanted if p not in available]
+    if not chosen:
+        chosen = [CPU]
+    if missing:
+        log.warning("onnxruntime: providers %s are not available here (available: %s); using %s",
+                    ", ".join(missing), ", ".join(available), ", ".join(chosen))
+    return chosen
+
+
+class OnnxRuntimeBackend:
+    def __init__(self, session: ort.InferenceSession, config: ModelConfig):
+        self._session = session
+        self._output_names = [spec.name for spec in config.outputs]
+        self.providers = tuple(session.get_providers())
+        self.on_cuda = self.providers[:1] == (CUDA,)
+        meta = session.get_modelmeta().custom_metadata_map
+        try:
+            self.labels = tuple(json.loads(meta.get("labels", "[]")))
+            self._recipe_params = {k: float(v) for k, v in json.loads(meta.get("recipe_params", "{}")).items()}
+        except (ValueError, TypeError) as exc:
+            raise WeightsError(f"bad inferline metadata in the ONNX file: {exc}") from None
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        feeds = {name: np.ascontiguousarray(a) for name, a in inputs.items()}
+        if self.on_cuda:
+            outputs = self._run_io_binding(feeds)
+        else:
+            outputs = self._session.run(self._output_names, feeds)
+        batch = len(next(iter(feeds.values())))
+        return [{name: out[i] for name, out in zip(self._output_names, outputs)} for i in range(batch)]
+
+    def _run_io_binding(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        # Inputs are copied to the GPU once; outputs stay on the device until the one copy back.
+        binding = self._session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+        for name in self._output_names:
+            binding.bind_output(name, "cuda", 0)
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def recipe_params(self) -> dict[str, float]:
+        return dict(self._recipe_params)
+
+    def close(self) -> None:
+        self._session = None  # type: ignore[assignment]
+
+
+@BACKENDS.register("onnxruntime")
+def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, settings: Settings) -> OnnxRuntimeBackend:
+    params = dict(config.parameters or {})
+    options = ort.SessionOptions()
+    level = str(params.get("graph_optimization_level", "all")).lower()
+    if level not in _LEVELS:
+        raise WeightsError(f"{config.name}: graph_optimization_level must be one of {', '.join(_LEVELS)}, got {level!r}")
+    options.graph_optimization_level = _LEVELS[level]
+    intra = int(params.get("intra_op_threads", settings.torch_threads if settings.torch_threads > 0 else 0))
+    inter = int(params.get("inter_op_threads", settings.torch_threads if settings.torch_threads > 0 else 0))
+    if intra > 0:
+        options.intra_op_num_threads = intra
+    if inter > 0:
+        options.inter_op_num_threads = inter
+    providers = choose_providers(params.get("providers"), settings.device, ort.get_available_providers())
+    try:
+        session = ort.InferenceSession(str(weights.path), sess_options=options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
+        raise WeightsError(f"{weights.path}: cannot load ONNX model: {exc}") from None
+    return OnnxRuntimeBackend(session, config)

@@ -1,0 +1,166 @@
+"""Export a served torch model to ONNX with the served inputs and outputs.
+
+The graph takes exactly what the inference service receives (YOLO: uint8 (B, 3, H, W), H and
+W dynamic, /255 inside the graph) and gives the served outputs (YOLO: ``output0`` (B, 84, N)).
+Labels and recipe params travel in the file's ``metadata_props`` ("labels", "recipe_params",
+JSON), so the ONNX Runtime backend needs nothing but the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inferline.common.errors import WeightsError
+from inferline.services.inference.repository import ModelConfig
+
+DEFAULT_OPSET = 17
+
+
+class _Yolo(torch.nn.Module):
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        output = self.module(images.float() / 255.0)
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _build(config: ModelConfig, weights_path: Path) -> tuple[torch.nn.Module, dict[str, np.ndarray], tuple[str, ...], dict]:
+    """(module taking the served inputs, sample inputs, labels, recipe params) by loader family."""
+    if config.loader == "ultralytics":
+        from inferline.services.inference.backends.ultralytics_loader import build_ultralytics_module
+
+        module, labels = build_ultralytics_module(weights_path)
+        for m in module.modules():
+            if hasattr(m, "inplace"):
+                m.inplace = False
+            if hasattr(m, "dynamic") and hasattr(m, "anchors"):
+                m.dynamic = True  # Detect head: anchors rebuilt in the graph for every input shape
+        sample = {config.inputs[0].name: np.full((1, 3, 640, 640), 114, dtype=np.uint8)}
+        return _Yolo(module).eval(), sample, labels, {}
+    if config.loader in ("open_clip_image", "open_clip_text"):
+        from inferline.services.inference.backends.open_clip_loader import _logit_scale, shared_open_clip_module
+
+        clip = shared_open_clip_module(weights_path, torch.device("cpu"), config)
+        params = _logit_scale(clip)
+        if config.loader == "open_clip_image":
+            from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+            pre = getattr(clip.visual, "preprocess_cfg", None) or {}
+            size = tuple(config.inputs[0].shape[1:])
+            sample = {config.inputs[0].name: np.random.default_rng(0).integers(0, 256, (1, 3, *size), dtype=np.uint8)}
+            module = _ClipImage(clip, pre.get("mean") or OPENAI_DATASET_MEAN, pre.get("std") or OPENAI_DATASET_STD)
+        else:
+            context = int(getattr(clip, "context_length", 77) or 77)
+            sample = {config.inputs[0].name: np.zeros((1, context), dtype=np.int64)}
+            sample[config.inputs[0].name][0, :3] = (49406, 320, 49407)
+            module = _ClipText(clip)
+        return module.eval(), sample, tuple(config.labels), params
+    raise NotImplementedError(f"ONNX export of loader {config.loader!r} is not supported yet")
+
+
+def export_onnx(
+    config: ModelConfig,
+    weights_path: Path,
+    out: Path,
+    *,
+    dynamic_batch: bool = True,
+    half: bool = False,
+    opset: int | None = None,
+) -> Path:
+    """Write ``out`` (an .onnx file) and check it with onnxruntime on a sample input."""
+    import onnx
+    import onnxruntime
+
+    module, sample, labels, recipe_params = _build(config, Path(weights_path))
+    input_names = [spec.name for spec in config.inputs]
+    output_names = [spec.name for spec in config.outputs]
+    dynamic_axes: dict[str, dict[int, str]] = {}
+    for spec in (*config.inputs, *config.outputs):
+        axes = {i + 1: f"{spec.name}_d{i + 1}" for i, d in enumerate(spec.shape) if d == -1}
+        if dynamic_batch:
+            axes[0] = "batch"
+        if axes:
+            dynamic_axes[spec.name] = axes
+    if half:
+        module = module.half()  # inputs stay uint8/int64: the cast happens inside the graph
+    args = tuple(torch.from_numpy(sample[name]) for name in input_names)
+    if half:
+        # Only float inputs change dtype; uint8 images are divided after .float(), so make
+        # the graph cast to half: wrap the module.
+        module = _Half(module)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # aten::_native_multi_head_attention has no ONNX form
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                module,
+                args,
+                str(out),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=opset or DEFAULT_OPSET,
+                dynamo=False,
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    model = onnx.load(str(out))
+    for key, value in (("labels", json.dumps(list(labels))), ("recipe_params", json.dumps(recipe_params)),
+                       ("loader", config.loader), ("source_model", config.name)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    results = session.run(output_names, sample)
+    for name, value in zip(output_names, results):
+        if not np.isfinite(np.asarray(value, dtype=np.float32)).all():
+            raise WeightsError(f"{out}: exported model gives non-finite {name}")
+    return out
+
+
+class _ClipImage(torch.nn.Module):
+    """uint8 (B, 3, H, W) -> raw image features; ToTensor and Normalize inside, as the loader."""
+
+    def __init__(self, clip: torch.nn.Module, mean, std):
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(images.float().div(255).sub(self.mean).div(self.std))
+
+
+class _ClipText(torch.nn.Module):
+    def __init__(self, clip: torch.nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(tokens)
+
+
+class _Half(torch.nn.Module):
+    """Runs an fp16 module on the same served inputs; outputs cast back to float32."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.inner = module
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        inner = self.inner
+        if isinstance(inner, _Yolo):
+            out = inner.module(inputs[0].half() / 255.0)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            return out.float()
+        return inner(*inputs).float()
