@@ -63,13 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--model", default="yolov8n")
     detect.add_argument("--format", choices=("json", "csv", "png"), default="json")
     detect.add_argument("--out", type=Path, help="output file (json, csv) or directory (png); default stdout")
-    detect.add_argument("--target", default="localhost:50051", help="controller address")
+    _add_target(detect)
     detect.add_argument("--conf", type=float, help="confidence threshold (model default: 0.25)")
     detect.add_argument("--iou", type=float, help="NMS IoU threshold (model default: 0.7)")
     detect.add_argument("--max-det", type=int, help="most detections per image (model default: 300)")
     detect.add_argument("--classes", type=int, nargs="+", default=[], help="keep only these class ids")
     detect.add_argument("--batch", type=int, default=16, help="images per request")
-    detect.add_argument("--timeout", type=float, default=60.0, help="deadline per request, seconds")
+    _add_timeout(detect)
     detect.add_argument("--classify-with", default="", help="re-label each box with this zero-shot model")
     detect.add_argument("--labels", type=_labels, default=[], help='labels for --classify-with: "a car,a dog"')
     detect.set_defaults(handler=cmd_detect)
@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--top-k", type=int, default=0, help="labels per image (default: all)")
     classify.add_argument("--format", choices=("json", "csv"), default="json")
     classify.add_argument("--out", type=Path, help="output file; default stdout")
-    classify.add_argument("--target", default="localhost:50051", help="controller address")
-    classify.add_argument("--timeout", type=float, default=60.0)
+    _add_target(classify)
+    _add_timeout(classify)
     classify.set_defaults(handler=cmd_classify)
 
     embed = commands.add_parser("embed", help="L2-normalised embeddings of images and texts")
@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--threshold", type=float, default=0.0, help="group items with cosine >= this (near-duplicates)")
     embed.add_argument("--format", choices=("json", "csv"), default="json")
     embed.add_argument("--out", type=Path, help="output file; default stdout")
-    embed.add_argument("--target", default="localhost:50051", help="controller address")
-    embed.add_argument("--timeout", type=float, default=60.0)
+    _add_target(embed)
+    _add_timeout(embed)
     embed.set_defaults(handler=cmd_embed)
 
     export = commands.add_parser("export", help="export a model of the repository to ONNX")
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the served models")
     models.add_argument("--json", action="store_true", help="full metadata as JSON")
-    models.add_argument("--target", default="localhost:50051", help="controller address")
+    _add_target(models)
     models.set_defaults(handler=cmd_models)
 
     demo = commands.add_parser("demo", help="start the stack, detect the sample images, stop the stack")
@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="yolov8n")
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="localhost:50051", help="controller address")
+
+
+def _add_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=float, default=60.0, help="deadline per request, seconds")
 
 
 def _labels(raw: str) -> list[str]:

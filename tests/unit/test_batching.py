@@ -33,6 +33,14 @@ def _run(coro):
     return asyncio.run(coro)
 
 
+async def _occupy(batcher: DynamicBatcher) -> asyncio.Future:
+    """Submits one item and returns once its pass has started, so the model is busy."""
+    running = asyncio.ensure_future(batcher.submit([("a", 0)]))
+    while not batcher.batch_sizes:
+        await asyncio.sleep(0)
+    return running
+
+
 @pytest.fixture()
 def executor():
     with ThreadPoolExecutor(1) as pool:
@@ -66,9 +74,7 @@ def test_items_queued_while_the_model_runs_form_the_next_batch(executor):
         gate = threading.Event()
         model = Recorder(gate)
         batcher = DynamicBatcher("m", model, executor, BatchingConfig(max_batch_size=3))
-        first = asyncio.ensure_future(batcher.submit([("a", 0)]))
-        while not batcher.batch_sizes:  # the first pass has started and holds the model
-            await asyncio.sleep(0)
+        first = await _occupy(batcher)
         rest = [asyncio.ensure_future(batcher.submit([("a", i)])) for i in (1, 2, 3, 4)]
         await asyncio.sleep(0)
         gate.set()
@@ -121,9 +127,7 @@ def test_items_whose_deadline_passed_in_the_queue_are_dropped_before_running(exe
         gate = threading.Event()
         model = Recorder(gate)
         batcher = DynamicBatcher("m", model, executor, BatchingConfig(max_batch_size=1))
-        blocker = asyncio.ensure_future(batcher.submit([("a", 0)]))
-        while not batcher.batch_sizes:
-            await asyncio.sleep(0)
+        blocker = await _occupy(batcher)
         late = asyncio.ensure_future(batcher.submit([("a", 1)], timeout=0.0))
         await asyncio.sleep(0)
         gate.set()
@@ -152,9 +156,7 @@ def test_a_cancelled_caller_costs_no_model_run(executor):
         gate = threading.Event()
         model = Recorder(gate)
         batcher = DynamicBatcher("m", model, executor, BatchingConfig(max_batch_size=1))
-        blocker = asyncio.ensure_future(batcher.submit([("a", 0)]))
-        while not batcher.batch_sizes:
-            await asyncio.sleep(0)
+        blocker = await _occupy(batcher)
         gone = asyncio.ensure_future(batcher.submit([("a", 1)]))
         await asyncio.sleep(0)
         gone.cancel()
