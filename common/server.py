@@ -36,6 +36,9 @@ class Service:
     register: Register
     load: Hook | None = None
     close: Hook | None = None
+    # The servicer object itself, so the controller's --inprocess mode can call the same stage
+    # code without a server (services/controller/inprocess.py).
+    servicer: object | None = None
 
 
 class ServerApp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -53,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run one stage in the foreground")
     serve_cmd.add_argument("stage", choices=STAGES)
     serve_cmd.add_argument("--port", type=int, help="default: INFERLINE_<STAGE>_PORT")
+    _add_inprocess(serve_cmd)
     serve_cmd.set_defaults(handler=cmd_serve)
 
     up = commands.add_parser("up", help="run all four stages as local processes until Ctrl-C")
+    _add_inprocess(up)
     up.set_defaults(handler=cmd_up)
 
     detect = commands.add_parser("detect", help="detect objects in images through the running stack")
@@ -118,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_inprocess(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--inprocess", action="store_true",
+        help="the controller runs the three stages' code in its own process, without gRPC between "
+             "them (INFERLINE_INPROCESS=true): for measuring what the service boundaries cost",
+    )
+
+
 def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="localhost:50051", help="controller address")
 
@@ -143,6 +154,11 @@ def _write(text: str, out: Path | None) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    if args.inprocess:
+        if args.stage != "controller":
+            print("error: --inprocess is a mode of the controller (inferline serve controller --inprocess)", file=sys.stderr)
+            return EXIT_RPC_ERROR
+        settings = dataclasses.replace(settings, inprocess=True)
     configure_logging(settings.log_level, args.stage)
     port = args.port if args.port is not None else settings.port(args.stage)
     module = importlib.import_module(f"inferline.services.{args.stage}.servicer")
@@ -161,7 +177,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     configure_logging(settings.log_level, "up")
-    stack = LocalStack(settings)
+    if args.inprocess:
+        stack = LocalStack(settings, env={**os.environ, "INFERLINE_INPROCESS": "true"}, stages=("controller",))
+    else:
+        stack = LocalStack(settings)
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:

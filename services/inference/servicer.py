@@ -106,4 +106,4 @@ def build_service(settings: Settings) -> Service:
         await manager.aclose()
         await asyncio.to_thread(manager.close)
 
-    return Service("inference", register, load, close)
+    return Service("inference", register, load, close, servicer=servicer)
