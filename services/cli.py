@@ -108,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="output file (default: MODEL.onnx here)")
     export.set_defaults(handler=cmd_export)
 
+    bench = commands.add_parser("bench", help="drive the running stack with concurrent requests; throughput, latency, memory")
+    bench.add_argument("--model", default="yolov8n", help="a detect or embed model")
+    bench.add_argument("--images", nargs="+", required=True, help="image files or directories")
+    bench.add_argument("--concurrency", type=int, default=8, help="requests in flight (closed loop)")
+    bench.add_argument("--duration", type=float, default=20.0, help="seconds measured, after the warm-up")
+    bench.add_argument("--warmup", type=float, default=3.0, help="seconds sent first and not counted")
+    bench.add_argument("--batch", type=int, default=1, help="images per request")
+    bench.add_argument("--pid", action="append", default=[], metavar="STAGE=PID",
+                       help="a stage's process for the memory figures (default: found by command line)")
+    bench.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    _add_target(bench)
+    _add_timeout(bench)
+    bench.set_defaults(handler=cmd_bench)
+
     models = commands.add_parser("models", help="list the served models")
     models.add_argument("--json", action="store_true", help="full metadata as JSON")
     _add_target(models)
@@ -279,6 +293,33 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_RPC_ERROR
     print(path)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from inferline.services import loadgen  # noqa: PLC0415 - numpy-heavy, only for this command
+
+    if args.concurrency < 1 or args.batch < 1 or args.duration <= 0 or args.warmup < 0:
+        print("error: --concurrency and --batch must be >= 1, --duration > 0, --warmup >= 0", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    try:
+        pids = loadgen.parse_pids(args.pid) if args.pid else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    try:
+        result = loadgen.run(
+            args.target, args.model, client.collect_images(args.images), concurrency=args.concurrency,
+            duration=args.duration, batch=args.batch, warmup=args.warmup, timeout=args.timeout, pids=pids,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    report = result.to_dict()
+    print(json.dumps(report) if args.json else result.to_text())
+    if not result.images_ok:
+        print(f"error: no image was answered in {args.duration:g} s (failures by code: {report['error_codes'] or 'per-image statuses'})", file=sys.stderr)
+        return EXIT_RPC_ERROR
     return 0
 
 
