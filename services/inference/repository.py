@@ -62,6 +62,10 @@ class ModelConfig:
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 1024
     preferred_batch_sizes: tuple[int, ...] = ()
+    # Triton's instance_group count: forward passes of this model that may run at once, each on
+    # its own thread (on CPU, two single-threaded instances keep two cores busier than one
+    # two-threaded pass of a small model).
+    instance_count: int = 1
     folder: Path = field(default=Path("."), compare=False)
 
 
@@ -117,6 +121,7 @@ def load_config(path: Path) -> ModelConfig:
         preprocess=Recipe.from_config(raw.get("preprocess"), f"{path}: preprocess"),
         postprocess=Recipe.from_config(raw.get("postprocess"), f"{path}: postprocess"),
         max_batch_size=reader.positive_int("max_batch_size", 32),
+        instance_count=reader.positive_int("instance_count", 1),
         labels=tuple(str(label) for label in raw.get("labels") or ()),
         parameters=dict(raw.get("parameters") or {}),
         **_dynamic_batching(raw.get("dynamic_batching"), f"{path}: dynamic_batching"),

@@ -3,7 +3,8 @@
 Config ``parameters``: ``providers`` (list, default CUDA then CPU when the device is cuda/auto
 and CUDA is available, else CPU), ``graph_optimization_level`` (disable|basic|extended|all,
 default all), ``intra_op_threads`` / ``inter_op_threads`` (default ``settings.torch_threads``
-when > 0, else ORT's own). Labels and recipe params come from the file's metadata_props.
+when > 0, else ORT's own), ``allow_spinning`` (default false). A session serves concurrent
+``run`` calls, so ``instance_count: 2`` with ``intra_op_threads: 1`` runs two batches at once. Labels and recipe params come from the file's metadata_props.
 """
 
 from __future__ import annotations
@@ -102,6 +103,11 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
     inter = int(params.get("inter_op_threads", settings.torch_threads if settings.torch_threads > 0 else 0))
     if intra > 0:
         options.intra_op_num_threads = intra
+    # ORT's intra-op threads spin while waiting for work by default: on a machine the other
+    # stages share, those spinning cycles are taken from decode and NMS. Off unless asked for.
+    spinning = "1" if params.get("allow_spinning", False) else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
     if inter > 0:
         options.inter_op_num_threads = inter
     providers = choose_providers(params.get("providers"), settings.device, ort.get_available_providers())
