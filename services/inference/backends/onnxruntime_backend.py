@@ -58,6 +58,7 @@ class OnnxRuntimeBackend:
         self._output_names = [spec.name for spec in config.outputs]
         self.providers = tuple(session.get_providers())
         self.on_cuda = self.providers[:1] == (CUDA,)
+        self.one_at_a_time = session.get_inputs()[0].shape[:1] == [1]
         meta = session.get_modelmeta().custom_metadata_map
         try:
             self.labels = tuple(json.loads(meta.get("labels", "[]")))
@@ -66,12 +67,15 @@ class OnnxRuntimeBackend:
             raise WeightsError(f"bad inferline metadata in the ONNX file: {exc}") from None
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        batch = len(next(iter(inputs.values())))
+        if self.one_at_a_time and batch > 1:
+            # A graph exported for one item per run (torchvision detectors): run the items in turn.
+            return [self.run({name: a[i : i + 1] for name, a in inputs.items()})[0] for i in range(batch)]
         feeds = {name: np.ascontiguousarray(a) for name, a in inputs.items()}
         if self.on_cuda:
             outputs = self._run_io_binding(feeds)
         else:
             outputs = self._session.run(self._output_names, feeds)
-        batch = len(next(iter(feeds.values())))
         return [{name: out[i] for name, out in zip(self._output_names, outputs)} for i in range(batch)]
 
     def _run_io_binding(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

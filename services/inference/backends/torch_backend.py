@@ -30,6 +30,8 @@ class TorchModel:
     forward: Forward
     labels: tuple[str, ...] = ()
     recipe_params: dict[str, float] = field(default_factory=dict)
+    # The underlying nn.Module, for export (None where a loader wraps several).
+    module: torch.nn.Module | None = None
 
 
 # (weights path, device, the model's config) -> the module wrapped for serving.
