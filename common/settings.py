@@ -52,6 +52,10 @@ class Settings:
     # Limits and pools.
     max_image_pixels: int = 50_000_000
     max_batch_images: int = 64
+    # Images of one client request that travel through the stages together; a bigger request is
+    # split into slices that run concurrently (the first one's inference overlaps the next one's
+    # decoding). Smaller: lower latency for big requests; bigger: fewer stage calls.
+    pipeline_slice: int = 4
     # Candidate labels (or texts) per Classify/Embed call.
     max_labels: int = 256
     worker_threads: int = 4
