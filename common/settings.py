@@ -59,6 +59,10 @@ class Settings:
     # Candidate labels (or texts) per Classify/Embed call.
     max_labels: int = 256
     worker_threads: int = 4
+    # Where the preprocess stage decodes and letterboxes JPEGs: "opencv" (CPU, bit-exact with
+    # ultralytics), "cuda" / "cuda:N" (nvJPEG and torch on that GPU), or "torch-cpu" (the GPU
+    # path's code on the CPU, for testing it without a GPU). Needs torch unless "opencv".
+    preprocess_device: str = "opencv"
 
     log_level: str = "INFO"
 
