@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stem", default="compare-cpu")
     p.add_argument("--skip-references", action="store_true", help="pipeline contenders only")
     p.add_argument("--only", nargs="*", default=None, help="pipeline variants to run (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU run (references and INFERLINE_DEVICE)")
+    p.add_argument("--reference-batch", type=int, default=8, help="images per call of batched ultralytics predict")
     return p.parse_args(argv)
 
 
@@ -70,10 +72,11 @@ def model_dirs() -> list[str]:
 # ---- references ----------------------------------------------------------------------------
 
 
-def reference(library: str, images: list[str], batch: int, args: argparse.Namespace) -> dict:
+def reference(library: str, images: list[str], batch: int, args: argparse.Namespace, half: bool = False) -> dict:
     command = [
         sys.executable, str(REPO / "bench" / "reference.py"), library, "--images", *images,
         "--model-dir", *model_dirs(), "--batch", str(batch), "--duration", str(args.duration), "--warmup", str(args.warmup),
+        "--device", args.device, *(["--half"] if half else []),
     ]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=_clean_env()).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -107,7 +110,7 @@ def repository(root: Path, variant: Variant) -> Path:
             )
         config["backend"] = "onnxruntime"
         config["weights"] = {"file": "yolov8n.onnx", "path": str(onnx)}
-        config["parameters"] = {"providers": ["CPUExecutionProvider"], "graph_optimization_level": "all"}
+        config["parameters"] = {"graph_optimization_level": "all"}  # providers: CUDA first where INFERLINE_DEVICE allows
         if variant.instances > 1:
             config["parameters"]["intra_op_threads"] = 1
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -115,8 +118,9 @@ def repository(root: Path, variant: Variant) -> Path:
 
 
 @contextmanager
-def stack(repo: Path, models: list[str], variant: Variant) -> Iterator[LocalStack]:
+def stack(repo: Path, models: list[str], variant: Variant, device: str = "cpu") -> Iterator[LocalStack]:
     env = free_port_env(_clean_env())
+    env["INFERLINE_DEVICE"] = device
     env.update(INFERLINE_MODEL_REPOSITORY=str(repo), INFERLINE_MODELS=",".join(models), INFERLINE_LOG_LEVEL="WARNING")
     if variant.inprocess:
         env["INFERLINE_INPROCESS"] = "true"
@@ -184,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_references:
         record("yolo", "ultralytics predict, 1 image/call", None, 1, reference("ultralytics", images, 1, args))
-        record("yolo", "ultralytics predict, batched", None, 8, reference("ultralytics", images, 8, args))
+        gpu = args.device != "cpu"
+        label = "ultralytics predict, batched" + (", fp16" if gpu else "")
+        record("yolo", label, None, args.reference_batch, reference("ultralytics", images, args.reference_batch, args, half=gpu))
         record("frcnn", "torchvision loop, 1 image/call", None, 1, reference("torchvision", images, 1, args))
         record("clip", "open_clip loop, 1 image/call", None, 1, reference("open_clip", images, 1, args))
 
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.only is not None and name not in args.only:
                 continue
             models = [YOLO, FRCNN, CLIP, f"{CLIP}-text"] if variant.other_models else [YOLO]
-            with stack(repository(root, variant), models, variant) as running:
+            with stack(repository(root, variant), models, variant, args.device) as running:
                 for concurrency in args.concurrency:
                     record("yolo", f"pipeline: {variant.label}", concurrency, 1, drive(running, YOLO, paths, concurrency, args))
                 if variant.other_models:

@@ -53,46 +53,54 @@ def find(model_dirs: list[str], name: str) -> Path:
     raise SystemExit(f"error: {name} is in none of {model_dirs}; set INFERLINE_MODEL_DIR")
 
 
-def ultralytics_runner(weights: Path, batch: int) -> Callable[[list[Path]], None]:
+def ultralytics_runner(weights: Path, batch: int, device: str = "cpu", half: bool = False) -> Callable[[list[Path]], None]:
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     if digest not in KNOWN_YOLO:
         raise SystemExit(f"error: refusing to unpickle {weights} (sha256 {digest} is neither the stand-in nor the release)")
     from ultralytics import YOLO
 
     model = YOLO(str(weights))
-    return lambda paths: model.predict(source=[str(p) for p in paths], verbose=False, device="cpu", batch=batch)
+    return lambda paths: model.predict(source=[str(p) for p in paths], verbose=False, device=device, batch=batch, half=half)
 
 
-def torchvision_runner(weights: Path, _batch: int) -> Callable[[list[Path]], None]:
+def torchvision_runner(weights: Path, _batch: int, device: str = "cpu", half: bool = False) -> Callable[[list[Path]], None]:
     import torch
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
 
     model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=91)
     model.load_state_dict(torch.load(str(weights), map_location="cpu", weights_only=True))
-    model.eval()
+    model.eval().to(device)
 
     def run(paths: list[Path]) -> None:
         with torch.inference_mode():
-            model([decode_image(str(p), mode=ImageReadMode.RGB).float() / 255 for p in paths])
+            model([decode_image(str(p), mode=ImageReadMode.RGB).to(device).float() / 255 for p in paths])
+        _sync(device)
 
     return run
 
 
-def open_clip_runner(weights: Path, _batch: int) -> Callable[[list[Path]], None]:
+def open_clip_runner(weights: Path, _batch: int, device: str = "cpu", half: bool = False) -> Callable[[list[Path]], None]:
     import open_clip
     import torch
     from PIL import Image
 
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=str(weights), force_quick_gelu=True)
-    model.eval()
+    model.eval().to(device)
 
     def run(paths: list[Path]) -> None:
         with torch.inference_mode():
-            batch = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
-            torch.nn.functional.normalize(model.encode_image(batch), dim=-1)
+            batch = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths]).to(device)
+            torch.nn.functional.normalize(model.encode_image(batch), dim=-1).cpu()
 
     return run
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
 
 
 RUNNERS = {
@@ -140,9 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--half", action="store_true", help="fp16 (ultralytics predict's half=True; GPU)")
     args = p.parse_args(argv)
     factory, file_name = RUNNERS[args.library]
-    run = factory(find(args.model_dir, file_name), args.batch)
+    run = factory(find(args.model_dir, file_name), args.batch, args.device, args.half)
     report = measure(run, collect(args.images), args.batch, args.duration, args.warmup)
     import torch
 
