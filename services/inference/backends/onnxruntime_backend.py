@@ -115,6 +115,10 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
     if inter > 0:
         options.inter_op_num_threads = inter
     providers = choose_providers(params.get("providers"), settings.device, ort.get_available_providers())
+    if CUDA in providers and hasattr(ort, "preload_dlls"):
+        # onnxruntime-gpu wheels find the CUDA/cuDNN libraries that torch or nvidia-* wheels ship
+        # only once told to load them; without it the CUDA EP silently falls back to CPU.
+        ort.preload_dlls()
     try:
         session = ort.InferenceSession(str(weights.path), sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
