@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -21,11 +22,11 @@ from inferline.common.errors import InferlineError
 from inferline.common.generated import types_pb2
 from inferline.common.logs import configure_logging
 from inferline.common.server import serve
-from inferline.common.settings import STAGES, Settings
+from inferline.common.settings import GATEWAY, STAGES, Settings
 from inferline.services import client
 from inferline.services.inference.repository import BUILTIN_REPOSITORY, ModelConfig, load_repository
 from inferline.services.inference.weights import find_local
-from inferline.services.stack import LocalStack
+from inferline.services.stack import UP_ORDER, LocalStack
 
 log = logging.getLogger("inferline")
 
@@ -50,12 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inferline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve_cmd = commands.add_parser("serve", help="run one stage in the foreground")
-    serve_cmd.add_argument("stage", choices=STAGES)
+    serve_cmd = commands.add_parser("serve", help="run one stage (or the HTTP gateway) in the foreground")
+    serve_cmd.add_argument("stage", choices=(*STAGES, GATEWAY))
     serve_cmd.add_argument("--port", type=int, help="default: INFERLINE_<STAGE>_PORT")
     serve_cmd.set_defaults(handler=cmd_serve)
 
-    up = commands.add_parser("up", help="run all four stages as local processes until Ctrl-C")
+    up = commands.add_parser("up", help="run the four stages and the HTTP gateway as local processes until Ctrl-C")
     up.set_defaults(handler=cmd_up)
 
     detect = commands.add_parser("detect", help="detect objects in images through the running stack")
@@ -144,6 +145,8 @@ def _write(text: str, out: Path | None) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     configure_logging(settings.log_level, args.stage)
+    if args.stage == GATEWAY:
+        return serve_gateway(settings, args.port)
     port = args.port if args.port is not None else settings.port(args.stage)
     module = importlib.import_module(f"inferline.services.{args.stage}.servicer")
 
@@ -158,10 +161,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_gateway(settings: Settings, port: int | None) -> int:
+    """`inferline serve gateway`: the HTTP gateway in front of the controller at INFERLINE_CONTROLLER_TARGET."""
+    from inferline.services.gateway.server import serve as serve_http  # FastAPI only where it is used
+
+    if port is not None:
+        settings = dataclasses.replace(settings, gateway_port=port)
+    asyncio.run(serve_http(settings))
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     configure_logging(settings.log_level, "up")
-    stack = LocalStack(settings)
+    # The gateway finds the controller where this stack puts it, unless told otherwise.
+    env = {"INFERLINE_CONTROLLER_TARGET": f"localhost:{settings.controller_port}", **os.environ}
+    stack = LocalStack(settings, env=env, stages=UP_ORDER)
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -171,7 +186,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     stack.start()
-    log.info("inferline is up: controller at %s (Ctrl-C stops it)", stack.controller_target)
+    log.info(
+        "inferline is up: controller at %s, gateway at http://localhost:%d (Ctrl-C stops it)",
+        stack.controller_target, settings.gateway_port,
+    )
     exited = None
     while not stopping and exited is None:
         exited = stack.exited()
