@@ -17,7 +17,7 @@ ifeq ($(origin INFERLINE_MODEL_DIR), undefined)
   endif
 endif
 
-.PHONY: setup demo test test-fast up protos check-protos bench clean
+.PHONY: setup demo test test-fast up protos check-protos bench clean openapi
 
 setup: $(VENV)/.installed
 
@@ -46,3 +46,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+# The gateway's OpenAPI document, committed; tests/gateway/test_openapi_document.py fails when stale.
+openapi: setup
+	$(BIN)/python -m inferline.services.gateway.openapi docs/openapi.json
