@@ -17,7 +17,7 @@ ifeq ($(origin INFERLINE_MODEL_DIR), undefined)
   endif
 endif
 
-.PHONY: setup demo test test-fast up protos check-protos bench clean openapi
+.PHONY: setup demo test test-fast up protos check-protos bench clean openapi demo-screenshot
 
 setup: $(VENV)/.installed
 
@@ -50,3 +50,7 @@ clean:
 # The gateway's OpenAPI document, committed; tests/gateway/test_openapi_document.py fails when stale.
 openapi: setup
 	$(BIN)/python -m inferline.services.gateway.openapi docs/openapi.json
+
+# docs/demo.png (the README's picture of the demo page), from the gateway's browser test.
+demo-screenshot: setup
+	INFERLINE_WRITE_DOCS=1 $(BIN)/python -m pytest -q --no-cov tests/gateway/test_demo_page_browser.py

@@ -124,6 +124,13 @@ function loadImage(file) {
   });
 }
 
+// Black or white, whichever reads better on the box colour (WCAG relative luminance).
+function textColorOn(hex) {
+  const [r, g, b] = [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16) / 255)
+    .map((c) => (c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4));
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 ? "#000" : "#fff";
+}
+
 function drawDetections(canvas, image, detections) {
   canvas.width = image.naturalWidth;
   canvas.height = image.naturalHeight;
@@ -144,7 +151,7 @@ function drawDetections(canvas, image, detections) {
     const top = y1 - height < 0 ? y1 + height : y1;
     ctx.fillStyle = color;
     ctx.fillRect(x1 - line / 2, top - height, width, height);
-    ctx.fillStyle = "#000";
+    ctx.fillStyle = textColorOn(color);
     ctx.fillText(text, x1 + 3 - line / 2, top - 2);
   }
   canvas.dataset.boxes = String(detections.length);
