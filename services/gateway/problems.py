@@ -83,7 +83,10 @@ def problem_response(request: Request, error: ApiError, headers: dict[str, str] 
 async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     if exc.http >= HTTP_INTERNAL:
-        log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.http, exc.code.name, exc.detail)
+        log.warning(
+            "%s %s -> %d %s: %s request_id=%s",
+            request.method, request.url.path, exc.http, exc.code.name, exc.detail, getattr(request.state, "request_id", ""),
+        )
     return problem_response(request, exc)
 
 
@@ -91,7 +94,9 @@ async def rpc_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, grpc.RpcError)
     error = from_rpc_error(exc)
     if error.http == HTTP_INTERNAL:
-        log.error("controller failed: %s: %s", exc.code().name, exc.details())
+        log.error(
+            "controller failed: %s: %s request_id=%s", exc.code().name, exc.details(), getattr(request.state, "request_id", "")
+        )
     return await api_error_handler(request, error)
 
 
@@ -115,5 +120,7 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("%s %s failed", request.method, request.url.path)
+    log.error(
+        "%s %s failed request_id=%s", request.method, request.url.path, getattr(request.state, "request_id", ""), exc_info=exc
+    )
     return problem_response(request, ApiError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, HTTP_INTERNAL))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 
 import uvicorn
@@ -30,5 +31,9 @@ def build_server(settings: Settings) -> uvicorn.Server:
 async def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
     """Until SIGTERM/SIGINT (uvicorn's handlers), then drain the open requests."""
     server = build_server(settings)
+    # Once drained, uvicorn re-raises the signal that stopped it; with a handler that does nothing
+    # the process then exits 0, as the gRPC stages do, instead of dying by that signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     log.info("gateway listening on %s:%d, controller at %s", settings.host, settings.gateway_port, settings.controller_target)
     await server.serve(sockets=sockets)
