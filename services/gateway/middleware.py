@@ -47,15 +47,25 @@ class RequestContext:
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
-        status = 500
         response_started = False
 
+        def record(status: int) -> None:
+            # At the response's start, so the log line and the metric exist before the client has
+            # its answer (the body follows at once; a test reading /metrics next sees this request).
+            seconds = time.perf_counter() - started
+            route = _route_template(scope)
+            api_call = route.startswith(API_PREFIX) and route != "/v1/stats"
+            self.metrics.observe(route, scope["method"], status, seconds, api_call=api_call)
+            log.info(
+                "%s %s -> %d in %.1f ms request_id=%s", scope["method"], scope["path"], status, seconds * 1000, request_id
+            )
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status, response_started
+            nonlocal response_started
             if message["type"] == "http.response.start":
-                status = message["status"]
                 response_started = True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                record(message["status"])
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -68,14 +78,8 @@ class RequestContext:
             await response(scope, receive, send_with_id)
         finally:
             self.metrics.in_flight.dec()
-            seconds = time.perf_counter() - started
-            route = _route_template(scope)
-            self.metrics.observe(
-                route, scope["method"], status, seconds, api_call=route.startswith(API_PREFIX) and route != "/v1/stats"
-            )
-            log.info(
-                "%s %s -> %d in %.1f ms request_id=%s", scope["method"], scope["path"], status, seconds * 1000, request_id
-            )
+            if not response_started:  # the client went away before any answer
+                record(499)
 
 
 class BodyLimit:

@@ -92,6 +92,28 @@ def test_upload_shows_the_detection_drawn_listed_and_timed(browser, gateway, dat
         shutil.copyfile(out / "demo.png", REPO / "docs" / "demo.png")
 
 
+def test_clip_model_shows_zero_shot_labels_for_the_user_s_prompts(browser, gateway, data_dir):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 120)
+    browser.get(gateway.url + "/")
+    wait.until(lambda d: "clip-vit-b-32" in [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#model option")])
+    Select(browser.find_element(By.ID, "model")).select_by_value("clip-vit-b-32")
+    browser.find_element(By.ID, "images").send_keys(str(data_dir / "shapes_06.jpg"))
+    prompts = browser.find_element(By.ID, "labels")
+    prompts.clear()
+    prompts.send_keys("a red circle, a blue star, a green square")
+    browser.find_element(By.ID, "run").click()
+
+    rows = wait.until(ec.presence_of_all_elements_located((By.CSS_SELECTOR, "table.labels tbody tr")))
+    labels = [r.find_element(By.TAG_NAME, "td").text for r in rows]
+    assert sorted(labels) == ["a blue star", "a green square", "a red circle"]
+    scores = [float(r.find_elements(By.TAG_NAME, "td")[1].text) for r in rows]
+    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 0.01
+
+
 def test_every_control_has_a_label_and_is_reachable_by_tab(browser, gateway):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
