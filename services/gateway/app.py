@@ -314,7 +314,6 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     _document_extras(app)
-    app.state.metrics = metrics
     return app
 
 

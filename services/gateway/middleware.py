@@ -56,8 +56,10 @@ class RequestContext:
             route = _route_template(scope)
             api_call = route.startswith(API_PREFIX) and route != "/v1/stats"
             self.metrics.observe(route, scope["method"], status, seconds, api_call=api_call)
-            log.info(
-                "%s %s -> %d in %.1f ms request_id=%s", scope["method"], scope["path"], status, seconds * 1000, request_id
+            # Probes, scrapes, assets and the demo page's polling only at DEBUG, so the log reads.
+            level = logging.INFO if api_call or status >= 400 else logging.DEBUG
+            log.log(
+                level, "%s %s -> %d in %.1f ms request_id=%s", scope["method"], scope["path"], status, seconds * 1000, request_id
             )
 
         async def send_with_id(message: Message) -> None:

@@ -177,8 +177,11 @@ def test_request_id_is_kept_when_sane_and_replaced_when_not(http):
 
 def test_request_id_is_in_the_access_log(http, caplog):
     with caplog.at_level("INFO", logger="inferline.gateway.access"):
-        http.get("/healthz", headers={"X-Request-ID": "find-me-in-the-log"})
-    assert any("request_id=find-me-in-the-log" in r.getMessage() and "-> 200" in r.getMessage() for r in caplog.records)
+        http.get("/v1/models", headers={"X-Request-ID": "find-me-in-the-log"})
+        http.get("/healthz", headers={"X-Request-ID": "probe-at-debug-only"})
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("GET /v1/models -> 200" in m and "request_id=find-me-in-the-log" in m for m in messages)
+    assert not any("probe-at-debug-only" in m for m in messages)
 
 
 def test_demo_page_and_swagger_ui_load_only_from_the_gateway(http):
