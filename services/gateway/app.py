@@ -61,7 +61,8 @@ REST/JSON front door of the inferline pipeline: every call becomes one gRPC call
 * Errors: `application/problem+json` with the gRPC status name in `code`. A request whose images
   *all* failed answers with the first failure's status; when only some failed, the answer is 200
   and each failed result carries its `error`.
-* Every response has an `X-Request-ID` header (yours, when you send a plausible one), also logged.
+* Every response has an `X-Request-ID` header (yours, when you send a plausible one), also logged;
+  detect, classify and embed answers have a `Server-Timing` header with the time of each stage.
 """
 
 PROBLEM_CONTENT = {problems.PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
@@ -190,10 +191,10 @@ def create_app(settings: Settings) -> FastAPI:
         outcomes = client.detect_outcomes([image.name for image in received.images], response)
         _unless_all_failed([o.error for o in outcomes])
         if params.format == "png":
-            return Response(outcomes[0].png, media_type="image/png")
+            return Response(outcomes[0].png, media_type="image/png", headers=_server_timing(response))
         if params.format == "csv":
-            return Response(client.to_csv(outcomes), media_type="text/csv")
-        return JSONResponse({"results": [o.to_dict() for o in outcomes]})
+            return Response(client.to_csv(outcomes), media_type="text/csv", headers=_server_timing(response))
+        return JSONResponse({"results": [o.to_dict() for o in outcomes]}, headers=_server_timing(response))
 
     @app.post(
         "/v1/classify",
@@ -215,8 +216,8 @@ def create_app(settings: Settings) -> FastAPI:
         results = client.classify_results([image.name for image in received.images], response)
         _unless_all_failed([_as_pair(r.get("error")) for r in results])
         if params.format == "csv":
-            return Response(client.classify_csv(results), media_type="text/csv")
-        return JSONResponse({"results": results})
+            return Response(client.classify_csv(results), media_type="text/csv", headers=_server_timing(response))
+        return JSONResponse({"results": results}, headers=_server_timing(response))
 
     @app.post(
         "/v1/embed",
@@ -243,8 +244,8 @@ def create_app(settings: Settings) -> FastAPI:
         result = client.embed_result([image.name for image in received.images], params.texts, response)
         _unless_all_failed([_as_pair(item.get("error")) for item in result["images"] + result["texts"]])
         if params.format == "csv":
-            return Response(client.embed_csv(result), media_type="text/csv")
-        return JSONResponse(result)
+            return Response(client.embed_csv(result), media_type="text/csv", headers=_server_timing(response))
+        return JSONResponse(result, headers=_server_timing(response))
 
     @app.get(
         "/v1/models",
@@ -340,6 +341,12 @@ def _document_extras(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _server_timing(response: Any) -> dict[str, str]:
+    """The controller's per-stage times as a Server-Timing header: browsers' dev tools show it, the
+    demo page reads it, and the JSON body stays exactly the CLI's (which has them on detect only)."""
+    return {"Server-Timing": ", ".join(f"{stage};dur={ms:.2f}" for stage, ms in sorted(response.timings_ms.items()))}
 
 
 def _metadata(message: Any) -> dict[str, Any]:

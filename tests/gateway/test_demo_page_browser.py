@@ -112,6 +112,20 @@ def test_clip_model_shows_zero_shot_labels_for_the_user_s_prompts(browser, gatew
     assert sorted(labels) == ["a blue star", "a green square", "a red circle"]
     scores = [float(r.find_elements(By.TAG_NAME, "td")[1].text) for r in rows]
     assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 0.01
+    stages = [r.find_element(By.TAG_NAME, "td").text for r in browser.find_elements(By.CSS_SELECTOR, "table.timings tbody tr")]
+    assert {"preprocess", "inference", "text_inference"} <= set(stages)
+
+
+def test_swagger_ui_renders_every_operation_from_the_gateway_alone(browser, gateway):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(gateway.url + "/docs")
+    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")) == 9)
+    paths = {e.get_attribute("data-path") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/v1/detect", "/v1/classify", "/v1/embed", "/v1/models/{name}"} <= paths
+    origins = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
+    assert origins and all(o.startswith(gateway.url) for o in origins), origins
 
 
 def test_every_control_has_a_label_and_is_reachable_by_tab(browser, gateway):

@@ -115,6 +115,8 @@ def test_classify_equals_the_cli_s_json(http, stack, data_dir, tmp_path):
     assert response.status_code == 200, response.text
     ClassifyResponse.model_validate(response.json())
     assert response.json() == json.loads(out.read_text())
+    stages = [entry.split(";")[0] for entry in response.headers["server-timing"].split(", ")]
+    assert {"inference", "text_inference", "total"} <= set(stages)
 
 
 def test_embed_texts_and_images_ranks_images_per_text(http, data_dir):

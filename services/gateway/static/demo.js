@@ -104,7 +104,7 @@ async function run(event) {
     const response = await fetch(`${endpoint}?${params}`, { method: "POST", body: form });
     if (!response.ok) { setStatus(await problemText(response), true); return; }
     const body = await response.json();
-    await showResults(body.results, files, model.task === "detect");
+    await showResults(body.results, files, model.task === "detect", serverTiming(response.headers.get("Server-Timing")));
     const failed = body.results.filter((r) => r.error).length;
     setStatus(`Done in ${Math.round(performance.now() - started)} ms` + (failed ? `; ${failed} image(s) failed` : "") + ".");
   } catch (e) {
@@ -179,7 +179,7 @@ function labelTable(labels) {
 }
 
 function timingTable(timings) {
-  if (!timings) return el("p", { class: "hint" }, "no timings (the whole request's breakdown is on detections)");
+  if (!timings) return el("p", { class: "hint" }, "no per-stage timings in this answer");
   const entries = Object.entries(timings).filter(([stage]) => stage !== "total");
   const total = timings.total || entries.reduce((sum, [, ms]) => sum + ms, 0);
   return el("table", { class: "timings" },
@@ -189,7 +189,18 @@ function timingTable(timings) {
       el("td", {}, ms.toFixed(1), el("span", { class: "bar", style: `width:${Math.max(0.1, (ms / total) * 8).toFixed(2)}rem`, "aria-hidden": "true" }))))));
 }
 
-async function showResults(results, files, isDetect) {
+// "preprocess;dur=7.69, inference;dur=141.88, ..." -> {preprocess: 7.69, inference: 141.88, ...}
+function serverTiming(header) {
+  if (!header) return null;
+  const timings = {};
+  for (const entry of header.split(",")) {
+    const match = entry.trim().match(/^([\w-]+);dur=([\d.]+)$/);
+    if (match) timings[match[1]] = parseFloat(match[2]);
+  }
+  return Object.keys(timings).length ? timings : null;
+}
+
+async function showResults(results, files, isDetect, timings) {
   const section = $("results");
   section.querySelectorAll(".result").forEach((node) => node.remove());
   $("results-empty").hidden = true;
@@ -205,8 +216,8 @@ async function showResults(results, files, isDetect) {
       details.append(el("p", { class: "error", role: "alert" }, `${result.error.code}: ${result.error.message}`));
       continue;
     }
-    if (isDetect) details.append(detectionTable(result.detections), timingTable(result.timings_ms));
-    else details.append(labelTable(result.labels));
+    if (isDetect) details.append(detectionTable(result.detections), timingTable(result.timings_ms || timings));
+    else details.append(labelTable(result.labels), timingTable(timings));
   }
 }
 
