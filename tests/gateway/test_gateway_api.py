@@ -243,6 +243,11 @@ def test_bad_base64_and_bad_json_are_400(http):
     _problem(http.post("/v1/detect", json=[1, 2]), 400, "INVALID_ARGUMENT")
 
 
+def test_an_image_url_is_refused_not_fetched(http):
+    body = _problem(http.post("/v1/detect", json={"images": [{"url": "http://127.0.0.1:1/a.jpg"}]}), 400, "INVALID_ARGUMENT")
+    assert "images.0.data" in body["detail"]
+
+
 def test_png_for_two_images_is_400(http, data_dir):
     images = [_upload(data_dir / "shapes_01.jpg"), _upload(data_dir / "shapes_02.jpg")]
     body = _problem(http.post("/v1/detect", params={"format": "png"}, files=images), 400, "INVALID_ARGUMENT")
