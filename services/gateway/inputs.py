@@ -17,7 +17,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 
 from inferline.common.generated import types_pb2
-from inferline.services.gateway.problems import ApiError, invalid
+from inferline.services.gateway.problems import ApiError, describe_errors, invalid
 from inferline.services.gateway.schemas import Base64Image, JsonImages
 
 P = TypeVar("P", bound=BaseModel)
@@ -36,12 +36,7 @@ def validated(model: type[P], raw: dict[str, Any]) -> P:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise invalid("; ".join(_describe(err) for err in exc.errors())) from None
-
-
-def _describe(err: Any) -> str:
-    where = ".".join(str(p) for p in err.get("loc", ()))
-    return f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid"))
+        raise invalid(describe_errors(exc.errors())) from None
 
 
 def merged_params(model: type[P], query: BaseModel, body: Body) -> P:

@@ -8,7 +8,9 @@ itself (a bad field, a body over the limit) are built the same way, so a client 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from http import HTTPStatus
+from typing import Any
 
 import grpc
 from fastapi import Request
@@ -17,20 +19,29 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inferline.common.status import HTTP_INTERNAL, INTERNAL_MESSAGE, http_status_for
+from inferline.common.status import HTTP_INTERNAL, INTERNAL_MESSAGE, STATUS_TABLE, http_status_for
 
 log = logging.getLogger(__name__)
 
 PROBLEM_TYPE = "application/problem+json"
 
-# HTTP codes the gateway answers on its own, with the gRPC status name a client would have seen.
-_CODE_FOR_HTTP = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    404: grpc.StatusCode.NOT_FOUND,
+# HTTP codes the transport produces that the status table has no row for, with the gRPC status
+# name a gRPC client would have seen for the same mistake.
+_TRANSPORT_ONLY = {
     405: grpc.StatusCode.UNIMPLEMENTED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
 }
+
+
+def _code_for_http(status: int) -> grpc.StatusCode:
+    """The gRPC status of an HTTP error raised by the framework (unknown path, bad multipart)."""
+    if status >= HTTP_INTERNAL:
+        return grpc.StatusCode.INTERNAL
+    for _, code, http in STATUS_TABLE:
+        if http == status:
+            return code
+    return _TRANSPORT_ONLY.get(status, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 class Problem(BaseModel):
@@ -100,19 +111,24 @@ async def rpc_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return await api_error_handler(request, error)
 
 
+def describe_errors(errors: Sequence[Any]) -> str:
+    """Pydantic's errors in one line, each with the field it is about: "conf: Input should be ..."."""
+    parts = []
+    for err in errors:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's 422 becomes our 400, with every bad field named in one line."""
     assert isinstance(exc, RequestValidationError)
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
-    return problem_response(request, invalid("; ".join(parts) or "invalid request"))
+    return problem_response(request, invalid(describe_errors(exc.errors())))
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = _CODE_FOR_HTTP.get(exc.status_code, grpc.StatusCode.UNKNOWN)
+    code = _code_for_http(exc.status_code)
     detail = str(exc.detail) if exc.status_code < HTTP_INTERNAL else INTERNAL_MESSAGE
     if exc.status_code == 404 and exc.detail == "Not Found":
         detail = f"no such endpoint: {request.method} {request.url.path} (see /docs)"

@@ -272,8 +272,9 @@ def test_bad_deadline_header_is_400(http, data_dir):
     assert "X-Request-Timeout" in body["detail"]
 
 
-def test_unknown_path_is_a_404_problem(http):
+def test_unknown_path_and_wrong_method_are_problems_too(http):
     _problem(http.get("/v2/detect"), 404, "NOT_FOUND")
+    _problem(http.get("/v1/detect"), 405, "UNIMPLEMENTED")
 
 
 @pytest.fixture(scope="module")
