@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 INSTALLER = REPO / "deploy" / "tools" / "install-chromium.sh"
 # Ultralytics' palette entry for class 32 ("sports ball"): PALETTE[32 % 20], as demo.js draws it.
 SPORTS_BALL_RGB = (0x34, 0x45, 0x93)
+# Read in one script, so the page replacing its options meanwhile cannot leave a stale element.
+MODEL_OPTIONS = "return Array.from(document.querySelectorAll('#model option'), o => o.value);"
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_upload_shows_the_detection_drawn_listed_and_timed(browser, gateway, dat
 
     wait = WebDriverWait(browser, 120)
     browser.get(gateway.url + "/")
-    wait.until(lambda d: "yolov8n" in [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#model option")])
+    wait.until(lambda d: "yolov8n" in d.execute_script(MODEL_OPTIONS))
     Select(browser.find_element(By.ID, "model")).select_by_value("yolov8n")
 
     browser.find_element(By.ID, "images").send_keys(str(data_dir / "shapes_01.jpg"))
@@ -99,7 +101,7 @@ def test_clip_model_shows_zero_shot_labels_for_the_user_s_prompts(browser, gatew
 
     wait = WebDriverWait(browser, 120)
     browser.get(gateway.url + "/")
-    wait.until(lambda d: "clip-vit-b-32" in [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#model option")])
+    wait.until(lambda d: "clip-vit-b-32" in d.execute_script(MODEL_OPTIONS))
     Select(browser.find_element(By.ID, "model")).select_by_value("clip-vit-b-32")
     browser.find_element(By.ID, "images").send_keys(str(data_dir / "shapes_06.jpg"))
     prompts = browser.find_element(By.ID, "labels")
