@@ -29,7 +29,7 @@ from inferline.common.settings import Settings
 from inferline.services import client
 from inferline.services.gateway import problems
 from inferline.services.gateway.controller import ControllerClient
-from inferline.services.gateway.inputs import TIMEOUT_HEADER, Body, merged_params, read_body, timeout_from
+from inferline.services.gateway.inputs import Body, merged_params, read_body, timeout_from
 from inferline.services.gateway.metrics import GatewayMetrics
 from inferline.services.gateway.middleware import BodyLimit, RequestContext
 from inferline.services.gateway.problems import ApiError, Problem, invalid
@@ -65,6 +65,16 @@ REST/JSON front door of the inferline pipeline: every call becomes one gRPC call
   detect, classify and embed answers have a `Server-Timing` header with the time of each stage.
 """
 
+# A 64x64 PNG of a filled circle: the example body of the inference endpoints, so Swagger UI's
+# "Try it out" and schemathesis's example phase send a decodable image.
+EXAMPLE_PNG_BASE64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAA7UlEQVRo3u2Z0Q3DIAxEU4sRMgRzdPBOlCESqVI/KlUp4AMjHp9RcvbDZ5mIR855m3nZNvkCA"
+    "AAAAAAAAAAAAEC4Xvsu1U8dMv568jyOiAD/7/TnTRcSG+gTF3elsRZ/f95SCovQoC06Njz7RjWLkH2L5pKDTDebKpQtTvZ1+pyF5gJQ+6ciChYCAIBgHVwaqw"
+    "DA90/KKxY9AAAAmt7q08FYaEYAtYtK9a1DDKnyqj2gKEKdpnWO565mQ6I66iSX2NUn7fYtsIFb6FLA5G7i22oEvaH5ld/FI5198jmgntwc5gAAAAAAAAAAgJU"
+    "BTh4OTwQqjcHWAAAAAElFTkSuQmCC"
+)
+EXAMPLE_IMAGES = [{"name": "circle.png", "data": EXAMPLE_PNG_BASE64}]
+
 PROBLEM_CONTENT = {problems.PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
 
 
@@ -85,7 +95,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 API_ERRORS = (400, 404, 413, 415, 429, 500, 503, 504)
 
 
-def _body_spec(form_fields: dict[str, Any], required: bool) -> dict[str, Any]:
+def _body_spec(form_fields: dict[str, Any], required: bool, example: dict[str, Any]) -> dict[str, Any]:
     """The request body in OpenAPI: multipart with files, or JSON with base64 (FastAPI cannot
     declare two content types for one body, so the route reads the body itself)."""
     form_schema = {
@@ -103,7 +113,10 @@ def _body_spec(form_fields: dict[str, Any], required: bool) -> dict[str, Any]:
     return {
         "requestBody": {
             "required": required,
-            "content": {"multipart/form-data": {"schema": form_schema}, "application/json": {"schema": json_schema}},
+            "content": {
+                "multipart/form-data": {"schema": form_schema},
+                "application/json": {"schema": json_schema, "example": example},
+            },
         }
     }
 
@@ -164,7 +177,7 @@ def create_app(settings: Settings) -> FastAPI:
         "/v1/detect",
         summary="Detect objects in images",
         responses={**_results_content(DetectResponse, "text/csv", "image/png"), **_errors(*API_ERRORS)},
-        openapi_extra=_body_spec(_option_fields(DetectParams), required=True),
+        openapi_extra=_body_spec(_option_fields(DetectParams), True, {"images": EXAMPLE_IMAGES, "conf": 0.25}),
         tags=["inference"],
     )
     async def detect(request: Request, query: Annotated[DetectParams, Query()]) -> Response:
@@ -200,7 +213,9 @@ def create_app(settings: Settings) -> FastAPI:
         "/v1/classify",
         summary="Zero-shot classify images against your labels",
         responses={**_results_content(ClassifyResponse, "text/csv"), **_errors(*API_ERRORS)},
-        openapi_extra=_body_spec(_option_fields(ClassifyParams), required=True),
+        openapi_extra=_body_spec(
+            _option_fields(ClassifyParams), True, {"images": EXAMPLE_IMAGES, "labels": ["a circle", "a square"]}
+        ),
         tags=["inference"],
     )
     async def classify(request: Request, query: Annotated[ClassifyParams, Query()]) -> Response:
@@ -223,7 +238,9 @@ def create_app(settings: Settings) -> FastAPI:
         "/v1/embed",
         summary="L2-normalised embeddings of images and texts",
         responses={**_results_content(EmbedResponse, "text/csv"), **_errors(*API_ERRORS)},
-        openapi_extra=_body_spec(_option_fields(EmbedParams), required=False),
+        openapi_extra=_body_spec(
+            _option_fields(EmbedParams), False, {"images": EXAMPLE_IMAGES, "texts": ["a circle"], "cluster": 2}
+        ),
         tags=["inference"],
     )
     async def embed(request: Request, query: Annotated[EmbedParams, Query()]) -> Response:

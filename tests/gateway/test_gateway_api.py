@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import io
 import json
 from collections.abc import Iterator
@@ -279,8 +280,6 @@ def test_unknown_path_and_wrong_method_are_problems_too(http):
 
 @pytest.fixture(scope="module")
 def small_gateway(stack) -> Iterator[httpx.Client]:
-    import dataclasses
-
     running = RunningGateway(dataclasses.replace(stack.settings, gateway_max_upload_mb=1), stack.controller)
     try:
         with httpx.Client(base_url=running.url, timeout=60) as client:

@@ -53,3 +53,5 @@ def test_every_generated_case_gets_a_documented_non_5xx_answer(gateway, tmp_path
     tested = {case.get("name") for case in suite.iter("testcase")}
     assert tested == OPERATIONS
     assert suite.get("failures") == "0" and suite.get("errors") == "0"
+    # The documented example bodies (a decodable image) were sent too: answers of 200 were checked.
+    assert "Examples (in" in done.stdout, done.stdout[-4000:]
