@@ -17,7 +17,7 @@ ifeq ($(origin INFERLINE_MODEL_DIR), undefined)
   endif
 endif
 
-.PHONY: setup demo test test-fast up protos check-protos bench clean
+.PHONY: setup demo test test-fast up protos check-protos bench clean openapi demo-screenshot
 
 setup: $(VENV)/.installed
 
@@ -29,8 +29,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/inferline demo $(if $(wildcard $(SHARED_DATA)),--images $(SHARED_DATA))
 
+# Line coverage of common/ and services/ is reported, and below [tool.coverage.report]
+# fail_under in pyproject.toml the run fails.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --cov --cov-report=term
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
@@ -46,3 +48,11 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+# The gateway's OpenAPI document, committed; tests/gateway/test_openapi_document.py fails when stale.
+openapi: setup
+	$(BIN)/python -m inferline.services.gateway.openapi docs/openapi.json
+
+# docs/demo.png (the README's picture of the demo page), from the gateway's browser test.
+demo-screenshot: setup
+	INFERLINE_WRITE_DOCS=1 $(BIN)/python -m pytest -q --no-cov tests/gateway/test_demo_page_browser.py

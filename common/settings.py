@@ -18,6 +18,8 @@ from inferline.common.errors import ConfigError
 
 PREFIX = "INFERLINE_"
 STAGES = ("controller", "preprocess", "inference", "postprocess")
+# The HTTP front door: not a gRPC stage, but it has a port and `inferline serve gateway`.
+GATEWAY = "gateway"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,13 @@ class Settings:
     # The controller runs the three stages' code in its own process, without gRPC between them
     # (`inferline serve controller --inprocess`): for measuring what the boundaries cost.
     inprocess: bool = False
+
+    # HTTP gateway (services/gateway): where it listens, where it finds the controller, the
+    # largest request body it reads, and the deadline it gives a call without X-Request-Timeout.
+    gateway_port: int = 8080
+    controller_target: str = "localhost:50051"
+    gateway_max_upload_mb: int = 32
+    gateway_timeout_s: float = 60.0
 
     # Models.
     model_repository: Path | None = None
@@ -77,7 +86,7 @@ class Settings:
         return cls(**values)
 
     def port(self, stage: str) -> int:
-        return int(getattr(self, f"{_known(stage)}_port"))
+        return int(getattr(self, f"{stage if stage == GATEWAY else _known(stage)}_port"))
 
     def target(self, stage: str) -> str:
         return str(getattr(self, f"{_known(stage)}_target"))
@@ -85,6 +94,10 @@ class Settings:
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
+
+    @property
+    def gateway_max_upload_bytes(self) -> int:
+        return self.gateway_max_upload_mb * 1024 * 1024
 
 
 def _known(stage: str) -> str:

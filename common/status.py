@@ -1,7 +1,8 @@
 """The one table from domain errors to gRPC status codes, and the interceptor that applies it.
 
 Whole calls (the interceptor) and single items of a batch (``item_status``) use the same table,
-so a bad image gets the same code whether it came alone or in a batch of fifty.
+so a bad image gets the same code whether it came alone or in a batch of fifty. The HTTP gateway
+reads its HTTP codes from the same rows, so the two protocols cannot drift apart.
 """
 
 from __future__ import annotations
@@ -18,18 +19,20 @@ from inferline.common.generated import types_pb2
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+HTTP_INTERNAL = 500
 
-# Most specific first: the first matching class wins.
-STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
-    (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.StageUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (errors.ModelNotReady, grpc.StatusCode.UNAVAILABLE),
-    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (errors.WeightsError, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.StageFailed, grpc.StatusCode.INTERNAL),
+# Most specific first: the first matching class wins. Columns: domain error, gRPC code, HTTP
+# code (the gateway's); a server-side failure is 500 there, with INTERNAL_MESSAGE as its text.
+STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, int], ...] = (
+    (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND, 404),
+    (errors.StageUnavailable, grpc.StatusCode.UNAVAILABLE, 503),
+    (errors.ModelNotReady, grpc.StatusCode.UNAVAILABLE, 503),
+    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    (errors.WeightsError, grpc.StatusCode.FAILED_PRECONDITION, HTTP_INTERNAL),
+    (errors.ConfigError, grpc.StatusCode.FAILED_PRECONDITION, HTTP_INTERNAL),
+    (errors.StageFailed, grpc.StatusCode.INTERNAL, HTTP_INTERNAL),
 )
 
 OK = types_pb2.Status(code=grpc.StatusCode.OK.value[0])
@@ -37,7 +40,7 @@ OK = types_pb2.Status(code=grpc.StatusCode.OK.value[0])
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Code and caller-facing message; unknown exceptions never leak their text."""
-    for kind, code in STATUS_TABLE:
+    for kind, code, _ in STATUS_TABLE:
         if isinstance(exc, kind):
             return code, str(exc)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
@@ -45,10 +48,18 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def error_for(code: grpc.StatusCode, message: str) -> errors.InferlineError:
     """The reverse of the table, for a status a downstream stage answered with."""
-    for kind, mapped in STATUS_TABLE:
+    for kind, mapped, _ in STATUS_TABLE:
         if mapped is code:
             return kind(message)
     return errors.StageFailed(message)
+
+
+def http_status_for(code: grpc.StatusCode) -> int:
+    """The gateway's HTTP code for a gRPC status; a code outside the table is a 500."""
+    for _, mapped, http in STATUS_TABLE:
+        if mapped is code:
+            return http
+    return HTTP_INTERNAL
 
 
 def item_status(exc: BaseException) -> types_pb2.Status:

@@ -22,11 +22,11 @@ from inferline.common.errors import InferlineError
 from inferline.common.generated import types_pb2
 from inferline.common.logs import configure_logging
 from inferline.common.server import serve
-from inferline.common.settings import STAGES, Settings
+from inferline.common.settings import GATEWAY, STAGES, Settings
 from inferline.services import client
 from inferline.services.inference.repository import BUILTIN_REPOSITORY, ModelConfig, load_repository
 from inferline.services.inference.weights import find_local
-from inferline.services.stack import LocalStack
+from inferline.services.stack import UP_ORDER, LocalStack
 
 log = logging.getLogger("inferline")
 
@@ -51,13 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inferline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve_cmd = commands.add_parser("serve", help="run one stage in the foreground")
-    serve_cmd.add_argument("stage", choices=STAGES)
+    serve_cmd = commands.add_parser("serve", help="run one stage (or the HTTP gateway) in the foreground")
+    serve_cmd.add_argument("stage", choices=(*STAGES, GATEWAY))
     serve_cmd.add_argument("--port", type=int, help="default: INFERLINE_<STAGE>_PORT")
     _add_inprocess(serve_cmd)
     serve_cmd.set_defaults(handler=cmd_serve)
 
-    up = commands.add_parser("up", help="run all four stages as local processes until Ctrl-C")
+    up = commands.add_parser("up", help="run the four stages and the HTTP gateway as local processes until Ctrl-C")
     _add_inprocess(up)
     up.set_defaults(handler=cmd_up)
 
@@ -174,6 +174,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return EXIT_RPC_ERROR
         settings = dataclasses.replace(settings, inprocess=True)
     configure_logging(settings.log_level, args.stage)
+    if args.stage == GATEWAY:
+        return serve_gateway(settings, args.port)
     port = args.port if args.port is not None else settings.port(args.stage)
     module = importlib.import_module(f"inferline.services.{args.stage}.servicer")
 
@@ -188,13 +190,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_gateway(settings: Settings, port: int | None) -> int:
+    """`inferline serve gateway`: the HTTP gateway in front of the controller at INFERLINE_CONTROLLER_TARGET."""
+    from inferline.services.gateway.server import serve as serve_http  # FastAPI only where it is used
+
+    if port is not None:
+        settings = dataclasses.replace(settings, gateway_port=port)
+    asyncio.run(serve_http(settings))
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     configure_logging(settings.log_level, "up")
-    if args.inprocess:
-        stack = LocalStack(settings, env={**os.environ, "INFERLINE_INPROCESS": "true"}, stages=("controller",))
+    # The gateway finds the controller where this stack puts it, unless told otherwise.
+    env = {"INFERLINE_CONTROLLER_TARGET": f"localhost:{settings.controller_port}", **os.environ}
+    if args.inprocess:  # one controller process holding the three stages, and the gateway
+        env["INFERLINE_INPROCESS"] = "true"
+        stack = LocalStack(settings, env=env, stages=("controller", "gateway"))
     else:
-        stack = LocalStack(settings)
+        stack = LocalStack(settings, env=env, stages=UP_ORDER)
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -204,7 +219,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     stack.start()
-    log.info("inferline is up: controller at %s (Ctrl-C stops it)", stack.controller_target)
+    log.info(
+        "inferline is up: controller at %s, gateway at http://localhost:%d (Ctrl-C stops it)",
+        stack.controller_target, settings.gateway_port,
+    )
     exited = None
     while not stopping and exited is None:
         exited = stack.exited()

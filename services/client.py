@@ -89,22 +89,28 @@ def detect(
             classify_with=classify_with,
             labels=labels,
         )
-        response = stub.Detect(request, timeout=timeout)
-        for path, result in zip(chunk, response.results):
-            error = None
-            if result.status.code != 0:
-                error = (code_from_status(result.status).name, result.status.message)
-            outcomes.append(
-                ImageOutcome(
-                    path=path,
-                    width=result.width,
-                    height=result.height,
-                    detections=detections_from_proto(result.detections),
-                    error=error,
-                    png=next((r.content for r in result.renderings if r.format == types_pb2.RENDER_FORMAT_PNG), b""),
-                    timings_ms=dict(response.timings_ms),
-                )
+        outcomes.extend(detect_outcomes(chunk, stub.Detect(request, timeout=timeout)))
+    return outcomes
+
+
+def detect_outcomes(names: Sequence[str | Path], response: controller_pb2.DetectResponse) -> list[ImageOutcome]:
+    """One outcome per image of a Detect response; the HTTP gateway shares it, so its JSON is the CLI's."""
+    outcomes = []
+    for name, result in zip(names, response.results):
+        error = None
+        if result.status.code != 0:
+            error = (code_from_status(result.status).name, result.status.message)
+        outcomes.append(
+            ImageOutcome(
+                path=Path(name),
+                width=result.width,
+                height=result.height,
+                detections=detections_from_proto(result.detections),
+                error=error,
+                png=next((r.content for r in result.renderings if r.format == types_pb2.RENDER_FORMAT_PNG), b""),
+                timings_ms=dict(response.timings_ms),
             )
+        )
     return outcomes
 
 
@@ -151,14 +157,20 @@ def classify(
             ),
             timeout=timeout,
         )
-        for path, result in zip(chunk, response.results):
-            entry: dict[str, Any] = {
-                "image": str(path),
-                "labels": [{"label": ls.label, "score": round(float(ls.score), 5)} for ls in result.labels],
-            }
-            if (error := _error(result.status)) is not None:
-                entry["error"] = error
-            results.append(entry)
+        results.extend(classify_results(chunk, response))
+    return results
+
+
+def classify_results(names: Sequence[str | Path], response: controller_pb2.ClassifyResponse) -> list[dict[str, Any]]:
+    results = []
+    for name, result in zip(names, response.results):
+        entry: dict[str, Any] = {
+            "image": str(name),
+            "labels": [{"label": ls.label, "score": round(float(ls.score), 5)} for ls in result.labels],
+        }
+        if (error := _error(result.status)) is not None:
+            entry["error"] = error
+        results.append(entry)
     return results
 
 
@@ -192,6 +204,13 @@ def embed(
         ),
         timeout=timeout,
     )
+    return embed_result(images, texts, response)
+
+
+def embed_result(
+    images: Sequence[str | Path], texts: Sequence[str], response: controller_pb2.EmbedResponse
+) -> dict[str, Any]:
+    """The CLI's JSON shape of an Embed response, given the names of the images sent."""
 
     def entry(key: str, value: str, item) -> dict[str, Any]:
         data: dict[str, Any] = {key: value, "embedding": [round(float(v), 6) for v in item.embedding]}

@@ -1,4 +1,5 @@
-"""The embedded default: all four stages as local processes, started and stopped together."""
+"""The embedded default: all four stages (and, for `inferline up`, the HTTP gateway) as local
+processes, started and stopped together."""
 
 from __future__ import annotations
 
@@ -9,18 +10,22 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from inferline.common.settings import STAGES, Settings
+from inferline.common.settings import GATEWAY, STAGES, Settings
 
 log = logging.getLogger(__name__)
 
 # Start order: the controller last, so it is reachable only once the stages are.
 START_ORDER = ("preprocess", "inference", "postprocess", "controller")
+# `inferline up`: the gateway after the controller, whose readiness its /readyz reports.
+UP_ORDER = (*START_ORDER, GATEWAY)
 
 
 def _terminate_with_parent() -> None:
@@ -51,6 +56,30 @@ def wait_serving(target: str, timeout: float, alive: callable = lambda: True) ->
             time.sleep(0.1)
 
 
+def wait_http_ready(url: str, timeout: float, alive: callable = lambda: True) -> None:
+    """Blocks until ``url`` (the gateway's /readyz) answers 200."""
+    expires = time.monotonic() + timeout
+    while True:
+        if not alive():
+            raise RuntimeError(f"the server for {url} exited while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > expires:
+            raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _wait_ready(stage: str, port: int, timeout: float, alive: callable) -> None:
+    if stage == GATEWAY:
+        wait_http_ready(f"http://localhost:{port}/readyz", timeout, alive)
+    else:
+        wait_serving(f"localhost:{port}", timeout, alive)
+
+
 @dataclass
 class LocalStack:
     """Four ``inferline serve`` child processes sharing one environment."""
@@ -66,7 +95,7 @@ class LocalStack:
 
     def start(self, timeout: float = 180.0) -> None:
         for stage in self.stages:
-            if stage not in STAGES:
+            if stage not in (*STAGES, GATEWAY):
                 raise ValueError(f"unknown stage {stage!r}")
             self.processes[stage] = subprocess.Popen(
                 [sys.executable, "-m", "inferline.services.cli", "serve", stage],
@@ -77,9 +106,7 @@ class LocalStack:
             for stage in self.stages:
                 process = self.processes[stage]
                 try:
-                    wait_serving(
-                        f"localhost:{self.settings.port(stage)}", timeout, alive=lambda p=process: p.poll() is None
-                    )
+                    _wait_ready(stage, self.settings.port(stage), timeout, alive=lambda p=process: p.poll() is None)
                 except RuntimeError:
                     raise RuntimeError(f"the {stage} stage exited while starting; its log above says why") from None
         except BaseException:
@@ -118,12 +145,12 @@ class LocalStack:
 
 
 def free_port_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``env`` (default: this process's) with every stage on a port the OS says is free now.
+    """``env`` (default: this process's) with every stage and the gateway on a port the OS says is free now.
 
     For a second stack beside a running one (tests, benchmarks); another process may take a
     port between this call and the bind, which then fails with a clear error.
     """
-    sockets = [socket.socket() for _ in STAGES]
+    sockets = [socket.socket() for _ in (*STAGES, GATEWAY)]
     try:
         for s in sockets:
             s.bind(("127.0.0.1", 0))
@@ -135,4 +162,5 @@ def free_port_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     for stage, port in zip(STAGES, ports):
         result[f"INFERLINE_{stage.upper()}_PORT"] = str(port)
         result[f"INFERLINE_{stage.upper()}_TARGET"] = f"localhost:{port}"
+    result["INFERLINE_GATEWAY_PORT"] = str(ports[-1])
     return result

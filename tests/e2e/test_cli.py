@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from inferline.services.stack import free_port_env, wait_serving
+from inferline.services.stack import free_port_env, wait_http_ready, wait_serving
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "inferline.services.cli"]
@@ -35,6 +35,7 @@ def running_up(model_dir, clip_weights, tmp_path_factory):
     try:
         for port in ports.values():
             wait_serving(f"localhost:{port}", timeout=180, alive=lambda: process.poll() is None)
+        wait_http_ready(f"http://localhost:{env['INFERLINE_GATEWAY_PORT']}/readyz", 60, lambda: process.poll() is None)
     except Exception:
         process.kill()
         raise AssertionError(log.read_text())
@@ -159,12 +160,29 @@ def test_classify_without_usable_labels_is_refused(running_up, data_dir):
     assert done.returncode == 1 and "INVALID_ARGUMENT" in done.stderr and "at most 77" in done.stderr
 
 
+def test_up_serves_the_http_gateway_where_its_log_says(running_up, data_dir):
+    import re
+
+    import httpx
+
+    _, _, log = running_up
+    deadline = time.monotonic() + 30
+    while (found := re.search(r"gateway at (http://\S+)", log.read_text())) is None:
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    image = data_dir / "shapes_01.jpg"
+    files = [("images", (image.name, image.read_bytes(), "image/jpeg"))]
+    response = httpx.post(f"{found.group(1)}/v1/detect", files=files, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["detections"]
+
+
 def test_sigterm_stops_every_stage_cleanly(running_up):
     process, _, log = running_up
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0, log.read_text()
     text = log.read_text()
-    for stage in ("preprocess", "inference", "postprocess", "controller"):
+    for stage in ("preprocess", "inference", "postprocess", "controller", "gateway"):
         assert f"{stage}=0" in text, text
 
 
@@ -185,7 +203,7 @@ def test_stages_do_not_outlive_a_killed_up(model_dir):
         for stage in ("controller", "preprocess", "inference", "postprocess"):
             wait_serving(f"localhost:{env[f'INFERLINE_{stage.upper()}_PORT']}", timeout=180, alive=lambda: process.poll() is None)
         children = [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
-        assert len(children) == 4
+        assert len(children) == 5  # the four stages and the gateway
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
         deadline = time.monotonic() + 30

@@ -38,4 +38,11 @@ def test_invalid_values_name_the_variable():
 
 def test_unknown_stage_is_refused():
     with pytest.raises(ConfigError, match="unknown stage"):
-        Settings().port("gateway")
+        Settings().port("nope")
+    with pytest.raises(ConfigError, match="unknown stage"):
+        Settings().target("gateway")  # the HTTP gateway has a port but is no stage's target
+
+
+def test_the_gateway_has_a_port_of_its_own():
+    assert Settings().port("gateway") == 8080
+    assert Settings.from_env({"INFERLINE_GATEWAY_PORT": "9000"}).port("gateway") == 9000

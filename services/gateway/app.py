@@ -1,0 +1,386 @@
+"""The gateway's FastAPI app: REST endpoints mirroring the controller, health, metrics, docs, demo page.
+
+``create_app(settings)`` builds it; the controller channel is opened on the server's event loop
+at start-up (lifespan) and closed at shutdown. Routes stay thin: read the request, make one gRPC
+call, shape the answer exactly as the CLI prints it (``inferline.services.client``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from google.protobuf import json_format
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inferline.common.generated import controller_pb2, types_pb2
+from inferline.common.settings import Settings
+from inferline.services import client
+from inferline.services.gateway import problems
+from inferline.services.gateway.controller import ControllerClient
+from inferline.services.gateway.inputs import Body, merged_params, read_body, timeout_from
+from inferline.services.gateway.metrics import GatewayMetrics
+from inferline.services.gateway.middleware import BodyLimit, RequestContext
+from inferline.services.gateway.problems import ApiError, Problem, invalid
+from inferline.services.gateway.schemas import (
+    ClassifyParams,
+    ClassifyResponse,
+    DetectParams,
+    DetectResponse,
+    EmbedParams,
+    EmbedResponse,
+    Health,
+    JsonImages,
+    ModelsResponse,
+    Stats,
+)
+
+STATIC = Path(str(resources.files("inferline.services.gateway") / "static"))
+# Swagger UI 5 (it renders OpenAPI 3.1), as shipped inside the fastapi-offline wheel.
+SWAGGER_UI = Path(str(resources.files("fastapi_offline") / "static"))
+VERSION = "1"
+
+DESCRIPTION = f"""
+REST/JSON front door of the inferline pipeline: every call becomes one gRPC call to the controller.
+
+* Images: multipart uploads in the repeatable field `images`, or base64 in a JSON body
+  (`{{"images": [{{"name": "a.jpg", "data": "<base64>"}}]}}`). The gateway never fetches URLs.
+* Options: query parameters, form fields or JSON members (the body wins).
+* Deadline: header `X-Request-Timeout` in seconds (default `INFERLINE_GATEWAY_TIMEOUT_S`, 60).
+* Errors: `application/problem+json` with the gRPC status name in `code`. A request whose images
+  *all* failed answers with the first failure's status; when only some failed, the answer is 200
+  and each failed result carries its `error`.
+* Every response has an `X-Request-ID` header (yours, when you send a plausible one), also logged;
+  detect, classify and embed answers have a `Server-Timing` header with the time of each stage.
+"""
+
+# A 64x64 PNG of a filled circle: the example body of the inference endpoints, so Swagger UI's
+# "Try it out" and schemathesis's example phase send a decodable image.
+EXAMPLE_PNG_BASE64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAA7UlEQVRo3u2Z0Q3DIAxEU4sRMgRzdPBOlCESqVI/KlUp4AMjHp9RcvbDZ5mIR855m3nZNvkCA"
+    "AAAAAAAAAAAAEC4Xvsu1U8dMv568jyOiAD/7/TnTRcSG+gTF3elsRZ/f95SCovQoC06Njz7RjWLkH2L5pKDTDebKpQtTvZ1+pyF5gJQ+6ciChYCAIBgHVwaqw"
+    "DA90/KKxY9AAAAmt7q08FYaEYAtYtK9a1DDKnyqj2gKEKdpnWO565mQ6I66iSX2NUn7fYtsIFb6FLA5G7i22oEvaH5ld/FI5198jmgntwc5gAAAAAAAAAAgJU"
+    "BTh4OTwQqjcHWAAAAAElFTkSuQmCC"
+)
+EXAMPLE_IMAGES = [{"name": "circle.png", "data": EXAMPLE_PNG_BASE64}]
+
+PROBLEM_CONTENT = {problems.PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    reasons = {
+        400: "invalid request (INVALID_ARGUMENT): a bad option, an undecodable image, no images",
+        404: "unknown model (NOT_FOUND)",
+        413: "request body over the upload limit",
+        415: "unsupported Content-Type",
+        429: "the model's queue is full (RESOURCE_EXHAUSTED); retry with backoff",
+        500: "internal error (the gateway's log has the details, under the request id)",
+        503: "the controller or a stage is unavailable, or a model is still loading",
+        504: "the deadline passed (DEADLINE_EXCEEDED)",
+    }
+    return {code: {"description": reasons[code], "content": PROBLEM_CONTENT} for code in codes}
+
+
+API_ERRORS = (400, 404, 413, 415, 429, 500, 503, 504)
+
+
+def _body_spec(form_fields: dict[str, Any], required: bool, example: dict[str, Any]) -> dict[str, Any]:
+    """The request body in OpenAPI: multipart with files, or JSON with base64 (FastAPI cannot
+    declare two content types for one body, so the route reads the body itself)."""
+    form_schema = {
+        "type": "object",
+        "properties": {
+            "images": {
+                "type": "array",
+                "items": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"},
+                "description": "image files (JPEG, PNG, WEBP, BMP); repeat the field for several",
+            },
+            **form_fields,
+        },
+    }
+    json_schema = {"allOf": [{"$ref": "#/components/schemas/JsonImages"}], "properties": form_fields}
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {
+                "multipart/form-data": {"schema": form_schema},
+                "application/json": {"schema": json_schema, "example": example},
+            },
+        }
+    }
+
+
+def _option_fields(model: type[Any]) -> dict[str, Any]:
+    """The endpoint's options as body properties, from the same model the query uses."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return schema["properties"]
+
+
+def _results_content(model: type[Any], *others: str) -> dict[int | str, dict[str, Any]]:
+    """200 with the JSON model, and the other formats (`format=csv`, `format=png`)."""
+    content = {media: {"schema": {"type": "string"}} for media in others}
+    if "image/png" in content:
+        content["image/png"]["schema"]["contentMediaType"] = "image/png"
+    return {200: {"model": model, "description": "results in the requested `format`", "content": content}}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = GatewayMetrics()
+    state: dict[str, ControllerClient] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state["controller"] = ControllerClient(settings)
+        try:
+            yield
+        finally:
+            await state.pop("controller").close()
+
+    app = FastAPI(
+        title="inferline gateway",
+        version=VERSION,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_upload_bytes)
+    app.add_middleware(RequestContext, metrics=metrics)
+    app.add_exception_handler(ApiError, problems.api_error_handler)
+    app.add_exception_handler(grpc.RpcError, problems.rpc_error_handler)
+    app.add_exception_handler(RequestValidationError, problems.validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, problems.http_error_handler)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/swagger-ui", StaticFiles(directory=SWAGGER_UI), name="swagger-ui")
+
+    def controller() -> ControllerClient:
+        return state["controller"]
+
+    def call(request: Request) -> dict[str, Any]:
+        return {"timeout": timeout_from(request, settings.gateway_timeout_s), "request_id": request.state.request_id}
+
+    async def body(request: Request, list_fields: set[str]) -> Body:
+        return await read_body(request, frozenset(list_fields), settings.max_batch_images)
+
+    @app.post(
+        "/v1/detect",
+        summary="Detect objects in images",
+        responses={**_results_content(DetectResponse, "text/csv", "image/png"), **_errors(*API_ERRORS)},
+        openapi_extra=_body_spec(_option_fields(DetectParams), True, {"images": EXAMPLE_IMAGES, "conf": 0.25}),
+        tags=["inference"],
+    )
+    async def detect(request: Request, query: Annotated[DetectParams, Query()]) -> Response:
+        """The CLI's `inferline detect`: JSON (the same document), CSV (one row per detection), or an annotated PNG."""
+        received = await body(request, {"classes", "labels"})
+        params = merged_params(DetectParams, query, received)
+        if params.format == "png" and len(received.images) != 1:
+            raise invalid(f"format=png answers one annotated image: send exactly one image (got {len(received.images)})")
+        options = types_pb2.DetectOptions(classes=params.classes)
+        for name in ("conf", "iou", "max_det"):
+            if (value := getattr(params, name)) is not None:
+                setattr(options, name, value)
+        response = await controller().detect(
+            controller_pb2.DetectRequest(
+                model=params.model,
+                images=received.images,
+                options=options,
+                render=[types_pb2.RENDER_FORMAT_PNG] if params.format == "png" else [],
+                classify_with=params.classify_with,
+                labels=params.labels,
+            ),
+            **call(request),
+        )
+        outcomes = client.detect_outcomes([image.name for image in received.images], response)
+        _unless_all_failed([o.error for o in outcomes])
+        if params.format == "png":
+            return Response(outcomes[0].png, media_type="image/png", headers=_server_timing(response))
+        if params.format == "csv":
+            return Response(client.to_csv(outcomes), media_type="text/csv", headers=_server_timing(response))
+        return JSONResponse({"results": [o.to_dict() for o in outcomes]}, headers=_server_timing(response))
+
+    @app.post(
+        "/v1/classify",
+        summary="Zero-shot classify images against your labels",
+        responses={**_results_content(ClassifyResponse, "text/csv"), **_errors(*API_ERRORS)},
+        openapi_extra=_body_spec(
+            _option_fields(ClassifyParams), True, {"images": EXAMPLE_IMAGES, "labels": ["a circle", "a square"]}
+        ),
+        tags=["inference"],
+    )
+    async def classify(request: Request, query: Annotated[ClassifyParams, Query()]) -> Response:
+        """The CLI's `inferline classify`: each image's labels, best first, as softmax probabilities."""
+        received = await body(request, {"labels"})
+        params = merged_params(ClassifyParams, query, received)
+        response = await controller().classify(
+            controller_pb2.ClassifyRequest(
+                model=params.model, images=received.images, labels=params.labels, top_k=params.top_k
+            ),
+            **call(request),
+        )
+        results = client.classify_results([image.name for image in received.images], response)
+        _unless_all_failed([_as_pair(r.get("error")) for r in results])
+        if params.format == "csv":
+            return Response(client.classify_csv(results), media_type="text/csv", headers=_server_timing(response))
+        return JSONResponse({"results": results}, headers=_server_timing(response))
+
+    @app.post(
+        "/v1/embed",
+        summary="L2-normalised embeddings of images and texts",
+        responses={**_results_content(EmbedResponse, "text/csv"), **_errors(*API_ERRORS)},
+        openapi_extra=_body_spec(
+            _option_fields(EmbedParams), False, {"images": EXAMPLE_IMAGES, "texts": ["a circle"], "cluster": 2}
+        ),
+        tags=["inference"],
+    )
+    async def embed(request: Request, query: Annotated[EmbedParams, Query()]) -> Response:
+        """The CLI's `inferline embed`: images (uploads or base64) and/or `texts`, optionally clustered."""
+        received = await body(request, {"texts"})
+        params = merged_params(EmbedParams, query, received)
+        if not received.images and not params.texts:
+            raise invalid("give images (field `images`) and/or texts (`texts`)")
+        response = await controller().embed(
+            controller_pb2.EmbedRequest(
+                model=params.model,
+                images=received.images,
+                texts=params.texts,
+                cluster=types_pb2.ClusterOptions(k=params.cluster, threshold=params.threshold),
+            ),
+            **call(request),
+        )
+        result = client.embed_result([image.name for image in received.images], params.texts, response)
+        _unless_all_failed([_as_pair(item.get("error")) for item in result["images"] + result["texts"]])
+        if params.format == "csv":
+            return Response(client.embed_csv(result), media_type="text/csv", headers=_server_timing(response))
+        return JSONResponse(result, headers=_server_timing(response))
+
+    @app.get(
+        "/v1/models",
+        summary="The served models and their metadata",
+        response_model=ModelsResponse,
+        responses=_errors(400, 500, 503, 504),
+        tags=["models"],
+    )
+    async def list_models(request: Request) -> JSONResponse:
+        reply = await controller().list_models(**call(request))
+        return JSONResponse({"models": [_metadata(m) for m in reply.models]})
+
+    @app.get(
+        "/v1/models/{name}",
+        summary="One model's metadata",
+        responses={200: {"description": "the model's metadata", "content": {"application/json": {"schema": {"type": "object"}}}}, **_errors(400, 404, 500, 503, 504)},
+        tags=["models"],
+    )
+    async def model_info(request: Request, name: str) -> JSONResponse:
+        return JSONResponse(_metadata(await controller().model_info(name, **call(request))))
+
+    @app.get("/v1/stats", summary="Request rate and p95 latency of the last minute", response_model=Stats, tags=["ops"])
+    async def stats() -> Stats:
+        return Stats(**asdict(metrics.recent.stats()))
+
+    @app.get("/healthz", summary="Liveness: the gateway process answers", response_model=Health, tags=["ops"])
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        summary="Readiness: the controller is reachable and SERVING",
+        response_model=Health,
+        responses=_errors(503),
+        tags=["ops"],
+    )
+    async def readyz() -> Health:
+        if not await controller().serving():
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE, f"the controller at {settings.controller_target} is not reachable or not SERVING"
+            )
+        return Health(status="ready")
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics of the gateway (inferline_gateway_*)",
+        responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+        response_class=Response,
+        tags=["ops"],
+    )
+    async def prometheus_metrics() -> Response:
+        content, media_type = metrics.exposition()
+        return Response(content, media_type=media_type)
+
+    @app.get("/", include_in_schema=False)
+    async def demo_page() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="inferline gateway - API docs",
+            swagger_js_url="/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/swagger-ui/favicon.png",
+        )
+
+    _document_extras(app)
+    return app
+
+
+def _document_extras(app: FastAPI) -> None:
+    """Adds what routes that read their own body cannot declare (the Problem and JsonImages
+    schemas) and drops what they never answer (FastAPI's 422: validation errors are 400 here)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            # FastAPI documents a 422 for every route with parameters; ours answer 400 instead.
+            for item in schema["paths"].values():
+                for operation in item.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            for model in (Problem, JsonImages):
+                spec = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(spec.pop("$defs", {}))
+                components[model.__name__] = spec
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _server_timing(response: Any) -> dict[str, str]:
+    """The controller's per-stage times as a Server-Timing header: browsers' dev tools show it, the
+    demo page reads it, and the JSON body stays exactly the CLI's (which has them on detect only)."""
+    return {"Server-Timing": ", ".join(f"{stage};dur={ms:.2f}" for stage, ms in sorted(response.timings_ms.items()))}
+
+
+def _metadata(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _as_pair(error: dict[str, str] | None) -> tuple[str, str] | None:
+    return None if error is None else (error["code"], error["message"])
+
+
+def _unless_all_failed(errors: list[tuple[str, str] | None]) -> None:
+    """A request whose every item failed failed as a whole: its first item's status, as HTTP."""
+    if errors and all(e is not None for e in errors):
+        code, message = errors[0]  # type: ignore[misc]
+        raise ApiError(grpc.StatusCode[code], message if len(errors) == 1 else f"every image failed; the first: {message}")
+
+
+def openapi_document(settings: Settings | None = None) -> str:
+    """The spec as committed in docs/openapi.json (sorted keys, so diffs read)."""
+    return json.dumps(create_app(settings or Settings()).openapi(), indent=2, sort_keys=True) + "\n"

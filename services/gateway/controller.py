@@ -1,0 +1,67 @@
+"""The gateway's one gRPC channel to the controller, and the calls it makes on it."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inferline.common.channels import create_channel
+from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2
+from inferline.common.settings import Settings
+
+# How long /readyz waits for the controller's health answer before calling it not ready.
+READY_TIMEOUT_S = 2.0
+
+
+class ControllerClient:
+    """Async stubs on one channel, created on the server's event loop and reused by every request.
+
+    Each call carries the caller's deadline (``timeout``) and request id, so the controller
+    propagates the one and can log the other.
+    """
+
+    def __init__(self, settings: Settings):
+        self.target = settings.controller_target
+        self.channel = create_channel(settings.controller_target, settings)
+        self.stub = controller_pb2_grpc.ControllerServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    @staticmethod
+    def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
+        return (("x-request-id", request_id),)
+
+    async def detect(
+        self, request: controller_pb2.DetectRequest, *, timeout: float, request_id: str
+    ) -> controller_pb2.DetectResponse:
+        return await self.stub.Detect(request, timeout=timeout, metadata=self._metadata(request_id))
+
+    async def classify(
+        self, request: controller_pb2.ClassifyRequest, *, timeout: float, request_id: str
+    ) -> controller_pb2.ClassifyResponse:
+        return await self.stub.Classify(request, timeout=timeout, metadata=self._metadata(request_id))
+
+    async def embed(
+        self, request: controller_pb2.EmbedRequest, *, timeout: float, request_id: str
+    ) -> controller_pb2.EmbedResponse:
+        return await self.stub.Embed(request, timeout=timeout, metadata=self._metadata(request_id))
+
+    async def list_models(self, *, timeout: float, request_id: str) -> inference_pb2.ListModelsResponse:
+        return await self.stub.ListModels(
+            inference_pb2.ListModelsRequest(), timeout=timeout, metadata=self._metadata(request_id)
+        )
+
+    async def model_info(self, name: str, *, timeout: float, request_id: str) -> inference_pb2.ModelMetadataResponse:
+        return await self.stub.ModelInfo(
+            inference_pb2.ModelMetadataRequest(name=name), timeout=timeout, metadata=self._metadata(request_id)
+        )
+
+    async def serving(self) -> bool:
+        """Whether the controller answers its health check with SERVING right now."""
+        try:
+            reply = await self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=READY_TIMEOUT_S)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self.channel.close()

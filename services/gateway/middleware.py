@@ -1,0 +1,139 @@
+"""ASGI middleware: request ids, the access log and metrics around every request; the body limit.
+
+Written as plain ASGI (not ``BaseHTTPMiddleware``) so uploads stream through without being
+buffered, and so a request that crashes still gets its id, its log line and its metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import grpc
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from inferline.services.gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics
+from inferline.services.gateway.problems import ApiError, problem_response, unexpected_error_handler
+
+log = logging.getLogger("inferline.gateway.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+# A client's own id is kept when it is a plausible id; anything else is replaced, so a header
+# cannot inject text into our logs.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+API_PREFIX = "/v1/"
+
+
+class BodyTooLarge(ApiError):
+    """Raised while reading a body past the limit; the app answers 413."""
+
+
+class RequestContext:
+    """Gives each request an id (``request.state.request_id``, the X-Request-ID response header),
+    logs one line per request with it, and records the request in the gateway's metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        response_started = False
+
+        def record(status: int) -> None:
+            # At the response's start, so the log line and the metric exist before the client has
+            # its answer (the body follows at once; a test reading /metrics next sees this request).
+            seconds = time.perf_counter() - started
+            route = _route_template(scope)
+            api_call = route.startswith(API_PREFIX) and route != "/v1/stats"
+            self.metrics.observe(route, scope["method"], status, seconds, api_call=api_call)
+            # Probes, scrapes, assets and the demo page's polling only at DEBUG, so the log reads.
+            level = logging.INFO if api_call or status >= 400 else logging.DEBUG
+            log.log(
+                level, "%s %s -> %d in %.1f ms request_id=%s", scope["method"], scope["path"], status, seconds * 1000, request_id
+            )
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                record(message["status"])
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # noqa: BLE001 - the one place a crash becomes a 500
+            if response_started:
+                raise
+            response = await unexpected_error_handler(Request(scope), exc)
+            await response(scope, receive, send_with_id)
+        finally:
+            self.metrics.in_flight.dec()
+            if not response_started:  # the client went away before any answer
+                record(499)
+
+
+class BodyLimit:
+    """Refuses a body over ``max_bytes`` with 413: at once from Content-Length, else while it streams."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await problem_response(Request(scope), self._error(int(declared)))(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._error(seen)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _error(self, size: int) -> BodyTooLarge:
+        limit_mb = self.max_bytes / (1024 * 1024)
+        return BodyTooLarge(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"request body of {size} bytes is over the gateway's limit of {self.max_bytes} bytes ({limit_mb:g} MiB); "
+            "send fewer or smaller images per request, or raise INFERLINE_GATEWAY_MAX_UPLOAD_MB",
+            413,
+        )
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _request_id(scope: Scope) -> str:
+    given = _header(scope, REQUEST_ID_HEADER.encode())
+    return given if given is not None and _SAFE_ID.match(given) else uuid.uuid4().hex
+
+
+def _route_template(scope: Scope) -> str:
+    route: Any = scope.get("route")
+    return getattr(route, "path", None) or UNMATCHED_ROUTE

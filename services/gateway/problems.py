@@ -1,0 +1,142 @@
+"""Errors as RFC 9457 problem documents (``application/problem+json``).
+
+A failed call to the controller keeps its gRPC status name in the body (``code``) and gets its
+HTTP code from the one status table in ``inferline.common.status``; errors the gateway finds
+itself (a bad field, a body over the limit) are built the same way, so a client parses one shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+import grpc
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inferline.common.status import HTTP_INTERNAL, INTERNAL_MESSAGE, STATUS_TABLE, http_status_for
+
+log = logging.getLogger(__name__)
+
+PROBLEM_TYPE = "application/problem+json"
+
+# HTTP codes the transport produces that the status table has no row for, with the gRPC status
+# name a gRPC client would have seen for the same mistake.
+_TRANSPORT_ONLY = {
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def _code_for_http(status: int) -> grpc.StatusCode:
+    """The gRPC status of an HTTP error raised by the framework (unknown path, bad multipart)."""
+    if status >= HTTP_INTERNAL:
+        return grpc.StatusCode.INTERNAL
+    for _, code, http in STATUS_TABLE:
+        if http == status:
+            return code
+    return _TRANSPORT_ONLY.get(status, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+class Problem(BaseModel):
+    """The body of every error response."""
+
+    type: str = Field("about:blank", description="always about:blank: `title` is the HTTP reason")
+    title: str = Field(description="the HTTP reason phrase", examples=["Not Found"])
+    status: int = Field(description="the HTTP status code", examples=[404])
+    detail: str = Field(description="what went wrong and what to do about it")
+    code: str = Field(description="the gRPC status name of the same failure", examples=["NOT_FOUND"])
+    request_id: str = Field(description="also in the X-Request-ID header and the gateway's log")
+
+
+class ApiError(Exception):
+    """An error the gateway answers with; ``http`` defaults from the status table."""
+
+    def __init__(self, code: grpc.StatusCode, detail: str, http: int | None = None):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.http = http_status_for(code) if http is None else http
+
+
+def invalid(detail: str) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, detail)
+
+
+def from_rpc_error(exc: grpc.RpcError) -> ApiError:
+    """The controller's status as an HTTP error; a server-side failure never leaks its text."""
+    code = exc.code()
+    http = http_status_for(code)
+    detail = INTERNAL_MESSAGE if http == HTTP_INTERNAL else (exc.details() or code.name)
+    if code is grpc.StatusCode.UNAVAILABLE and "controller" not in detail:
+        detail = f"the controller is unavailable: {detail}"
+    return ApiError(code, detail, http)
+
+
+def problem_response(request: Request, error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", "")
+    body = Problem(
+        title=HTTPStatus(error.http).phrase,
+        status=error.http,
+        detail=error.detail,
+        code=error.code.name,
+        request_id=request_id,
+    )
+    return JSONResponse(body.model_dump(), status_code=error.http, media_type=PROBLEM_TYPE, headers=headers)
+
+
+async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    if exc.http >= HTTP_INTERNAL:
+        log.warning(
+            "%s %s -> %d %s: %s request_id=%s",
+            request.method, request.url.path, exc.http, exc.code.name, exc.detail, getattr(request.state, "request_id", ""),
+        )
+    return problem_response(request, exc)
+
+
+async def rpc_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, grpc.RpcError)
+    error = from_rpc_error(exc)
+    if error.http == HTTP_INTERNAL:
+        log.error(
+            "controller failed: %s: %s request_id=%s", exc.code().name, exc.details(), getattr(request.state, "request_id", "")
+        )
+    return await api_error_handler(request, error)
+
+
+def describe_errors(errors: Sequence[Any]) -> str:
+    """Pydantic's errors in one line, each with the field it is about: "conf: Input should be ..."."""
+    parts = []
+    for err in errors:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 becomes our 400, with every bad field named in one line."""
+    assert isinstance(exc, RequestValidationError)
+    return problem_response(request, invalid(describe_errors(exc.errors())))
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _code_for_http(exc.status_code)
+    detail = str(exc.detail) if exc.status_code < HTTP_INTERNAL else INTERNAL_MESSAGE
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        detail = f"no such endpoint: {request.method} {request.url.path} (see /docs)"
+    return problem_response(request, ApiError(code, detail, exc.status_code), headers=getattr(exc, "headers", None))
+
+
+async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    log.error(
+        "%s %s failed request_id=%s", request.method, request.url.path, getattr(request.state, "request_id", ""), exc_info=exc
+    )
+    return problem_response(request, ApiError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, HTTP_INTERNAL))
