@@ -231,5 +231,10 @@ def test_export_writes_an_onnx_model_runtime_can_load(model_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
-    unsupported = subprocess.run([*CLI, "export", "--model", "fasterrcnn-mobilenet-v3-large-320-fpn", "--out", str(tmp_path / "f.onnx")], env=env, capture_output=True, text=True, timeout=300)
-    assert unsupported.returncode == 1 and "not supported yet" in unsupported.stderr
+    refused = subprocess.run(
+        [*CLI, "export", "--model", "fasterrcnn-mobilenet-v3-large-320-fpn", "--dynamic-batch", "--out", str(tmp_path / "f.onnx")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert refused.returncode == 1 and "batch of one image" in refused.stderr and not (tmp_path / "f.onnx").exists()
+    unknown = subprocess.run([*CLI, "export", "--model", "nope", "--out", str(tmp_path / "n.onnx")], env=env, capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 1 and "no model 'nope'" in unknown.stderr and "yolov8n" in unknown.stderr

@@ -30,6 +30,16 @@ def four_services(stack):
         yield controller_pb2_grpc.ControllerServiceStub(channel)
 
 
+def _same(ours, theirs) -> None:
+    """Equal detections, up to float rounding: batches of other sizes (slices of 2 here, 4 in the
+    session stack) may round a convolution differently in the last bit."""
+    assert [[d.label for d in r.detections] for r in ours] == [[d.label for d in r.detections] for r in theirs]
+    for a, b in zip(ours, theirs):
+        for x, y in zip(a.detections, b.detections):
+            assert abs(x.score - y.score) < 1e-4
+            assert max(abs(x.box.x1 - y.box.x1), abs(x.box.y1 - y.box.y1), abs(x.box.x2 - y.box.x2), abs(x.box.y2 - y.box.y2)) < 1e-2
+
+
 def _detect(images, **fields):
     return controller_pb2.DetectRequest(
         model="yolov8n", images=[types_pb2.Image(data=d, name=f"img{i}") for i, d in enumerate(images)], **fields
@@ -41,7 +51,7 @@ def test_inprocess_detections_equal_the_four_services(inprocess, four_services, 
     options = types_pb2.DetectOptions(conf=0.3)
     local = inprocess.Detect(_detect(images, options=options), timeout=60)
     remote = four_services.Detect(_detect(images, options=options), timeout=60)
-    assert [r.detections for r in local.results] == [r.detections for r in remote.results]
+    _same(local.results, remote.results)
     assert any(r.detections for r in local.results)
     assert {"preprocess", "inference", "postprocess", "total"} <= set(local.timings_ms)
 
@@ -72,5 +82,5 @@ def test_a_big_request_goes_through_in_slices_with_order_and_errors_kept(inproce
     whole = four_services.Detect(_detect(images), timeout=120).results
     assert [r.name for r in sliced] == [f"img{i}" for i in range(len(images))]
     assert sliced[3].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and not sliced[3].detections
-    assert [r.detections for r in sliced] == [r.detections for r in whole]
+    _same(sliced, whole)
     assert [(r.width, r.height) for r in sliced] == [(r.width, r.height) for r in whole]
