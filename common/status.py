@@ -14,6 +14,8 @@ import grpc
 
 from inferline.common import errors
 from inferline.common.generated import types_pb2
+from inferline.common.telemetry.context import SERVICE
+from inferline.common.telemetry.metrics import ITEM_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ def error_for(code: grpc.StatusCode, message: str) -> errors.InferlineError:
 
 def item_status(exc: BaseException) -> types_pb2.Status:
     code, message = status_for(exc)
+    ITEM_ERRORS.labels(SERVICE.get(), code.name).inc()
     if code is grpc.StatusCode.INTERNAL:
         log.error("item failed", exc_info=exc)
     return types_pb2.Status(code=code.value[0], message=message)

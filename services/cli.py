@@ -143,7 +143,7 @@ def _write(text: str, out: Path | None) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    configure_logging(settings.log_level, args.stage)
+    configure_logging(settings.log_level, args.stage, settings.log_format)
     port = args.port if args.port is not None else settings.port(args.stage)
     module = importlib.import_module(f"inferline.services.{args.stage}.servicer")
 

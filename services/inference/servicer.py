@@ -11,6 +11,7 @@ from inferline.common.generated import inference_pb2, inference_pb2_grpc
 from inferline.common.server import Service
 from inferline.common.settings import Settings
 from inferline.common.status import OK, item_status
+from inferline.common.telemetry.profiler import profile_route
 from inferline.services.inference.models import LoadedModel, ModelManager
 
 
@@ -99,4 +100,4 @@ def build_service(settings: Settings) -> Service:
         await manager.aclose()
         await asyncio.to_thread(manager.close)
 
-    return Service("inference", register, load, close)
+    return Service("inference", register, load, close, routes=profile_route(settings.profile_dir))

@@ -19,6 +19,7 @@ from inferline.common.recipes import Recipe
 from inferline.common.server import Service
 from inferline.common.settings import Settings
 from inferline.common.status import OK, item_status
+from inferline.common.telemetry import in_context, span
 from inferline.common.transform import ImageTransform
 from inferline.services.preprocess.recipes import PREPROCESSORS, TEXT_PREPROCESSORS, load_families
 
@@ -50,8 +51,12 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
             raise InvalidInput("regions need the images they are cut from")
         if not request.images:
             raise InvalidInput("no images or texts in the request")
-        preprocessor = PREPROCESSORS.get(recipe.name, error=InvalidInput)
-        decode = lambda data: decode_image(data, max_pixels=self.settings.max_image_pixels)  # noqa: E731
+        preprocessor = _traced(PREPROCESSORS.get(recipe.name, error=InvalidInput), recipe.name)
+
+        def decode(data: bytes) -> np.ndarray:
+            with span("decode", **{"inferline.encoded_bytes": len(data)}):
+                return decode_image(data, max_pixels=self.settings.max_image_pixels)
+
         response = preprocess_pb2.PreprocessResponse()
         if not request.regions:
             outcomes = await self._map(lambda image: preprocessor(decode(image.data), recipe.params), request.images)
@@ -82,7 +87,19 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
 
     async def _map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
         loop = asyncio.get_running_loop()
-        return await asyncio.gather(*(loop.run_in_executor(self.pool, fn, item) for item in items), return_exceptions=True)
+        return await asyncio.gather(*(loop.run_in_executor(self.pool, in_context(fn), item) for item in items), return_exceptions=True)
+
+
+def _traced(preprocessor: Callable[..., tuple[np.ndarray, ImageTransform]], name: str) -> Callable[..., tuple[np.ndarray, ImageTransform]]:
+    """The recipe (letterbox, clip_image, ...) as one span, with the image size in and out."""
+
+    def run(pixels: np.ndarray, params: dict) -> tuple[np.ndarray, ImageTransform]:
+        with span(name, **{"inferline.image_size": f"{pixels.shape[1]}x{pixels.shape[0]}"}) as current:
+            array, transform = preprocessor(pixels, params)
+            current.set_attribute("inferline.input_size", f"{transform.input_width}x{transform.input_height}")
+            return array, transform
+
+    return run
 
 
 def _fill_images(response: preprocess_pb2.PreprocessResponse, outcomes: list) -> None:
