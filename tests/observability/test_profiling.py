@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -118,3 +121,30 @@ def test_profiler_without_traffic_times_out_with_advice_and_can_be_armed_again(i
         _infer(app, 1)
         capture.join(0.2)
     assert answer["status"] == 200, answer
+
+
+CLI = [sys.executable, "-m", "inferline.services.cli"]
+
+
+def test_profile_command_prints_the_trace_file(inference):
+    app, profiles = inference
+    command = subprocess.Popen([*CLI, "profile", "--batches", "1", "--metrics", f"127.0.0.1:{app.metrics_port}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while command.poll() is None:
+        _infer(app, 1)
+        time.sleep(0.2)
+    out, err = command.communicate()
+    assert command.returncode == 0, err
+    assert json.loads(out)["trace"].startswith(str(profiles))
+
+
+def test_profile_command_names_the_address_it_could_not_reach():
+    done = subprocess.run([*CLI, "profile", "--metrics", "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "cannot reach the inference stage's metrics port at 127.0.0.1:1" in done.stderr
+
+
+def test_profile_command_passes_on_the_stages_refusal(inference):
+    app, _ = inference
+    done = subprocess.run([*CLI, "profile", "--batches", "0", "--metrics", f"127.0.0.1:{app.metrics_port}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "batches must be between 1 and 1000" in done.stderr
