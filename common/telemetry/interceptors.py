@@ -8,6 +8,7 @@ the stage's step timings back from the trailing metadata when a profile was aske
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -95,6 +96,9 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
                     return response
                 except grpc.aio.AbortError:
                     code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED  # the caller went away or its deadline passed
                     raise
                 except BaseException:
                     code = grpc.StatusCode.UNKNOWN
