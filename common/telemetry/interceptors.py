@@ -30,7 +30,7 @@ from inferline.common.telemetry.context import (
     TIMINGS_TRAILER,
     Profile,
 )
-from inferline.common.telemetry.tracing import tracer
+from inferline.common.telemetry.tracing import span_scope, tracing_on
 
 access_log = logging.getLogger("inferline.access")
 
@@ -85,9 +85,9 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             in_flight.inc()
-            with tracer().start_as_current_span(
-                f"{rpc_service}/{method}", context=propagate.extract(metadata), kind=SpanKind.SERVER,
-                attributes=attributes, record_exception=False, set_status_on_exception=False,
+            with span_scope(
+                f"{rpc_service}/{method}", context=propagate.extract(metadata) if tracing_on() else None,
+                kind=SpanKind.SERVER, attributes=attributes, record_exception=False, set_status_on_exception=False,
             ) as span:
                 try:
                     response = await inner(request, context)
@@ -142,13 +142,14 @@ class TelemetryClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         rpc_service, method = split_method(_text(client_call_details.method))
         stage = _stage_name(rpc_service)
         profile = PROFILE.get()
-        with tracer().start_as_current_span(
+        with span_scope(
             f"{rpc_service}/{method}", kind=SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": method},
             record_exception=False, set_status_on_exception=False,
         ) as span:
             carrier: dict[str, str] = {}
-            propagate.inject(carrier)
+            if tracing_on():
+                propagate.inject(carrier)
             if REQUEST_ID.get():
                 carrier[REQUEST_ID_HEADER] = REQUEST_ID.get()
             if profile is not None:

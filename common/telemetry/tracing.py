@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from opentelemetry import trace
@@ -48,16 +48,38 @@ def configure_tracing(service: str, environ: Mapping[str, str]) -> Callable[[], 
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    global _enabled
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
+    _enabled = True
     endpoint = next(environ[v] for v in reversed(_ENDPOINT_VARS) if environ.get(v))
     log.info("tracing on: OTLP/gRPC spans of %s go to %s", service, endpoint)
     return provider.shutdown
 
 
+# A proxy until a provider is installed, then the provider's tracer: safe to take at import, and
+# get_tracer() per span would read the environment on every call.
+_TRACER = trace.get_tracer(TRACER_NAME)
+
+
+_enabled = False
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    return _TRACER
+
+
+def tracing_on() -> bool:
+    """Whether this process records spans; when not, callers skip span bookkeeping entirely."""
+    return _enabled
+
+
+def span_scope(name: str, **kwargs: Any) -> AbstractContextManager[trace.Span]:
+    """A current span, or (tracing off) a do-nothing stand-in that costs one object."""
+    if _enabled:
+        return _TRACER.start_as_current_span(name, **kwargs)
+    return nullcontext(trace.INVALID_SPAN)
 
 
 @contextmanager
@@ -65,7 +87,7 @@ def span(step: str, **attributes: Any) -> Iterator[trace.Span]:
     """One inner step of a stage: a child span, a ``inferline_step_duration_seconds`` sample,
     and the step's time in the request's profile when the caller asked for one."""
     started = time.perf_counter()
-    with tracer().start_as_current_span(step, attributes=attributes) as current:
+    with span_scope(step, attributes=attributes) as current:
         yield current
     elapsed = time.perf_counter() - started
     service = SERVICE.get()
