@@ -40,6 +40,9 @@ class Service:
     register: Register
     load: Hook | None = None
     close: Hook | None = None
+    # The servicer object itself, so the controller's --inprocess mode can call the same stage
+    # code without a server (services/controller/inprocess.py).
+    servicer: object | None = None
     # Extra HTTP endpoints beside /metrics (the inference stage's profiler).
     routes: dict[tuple[str, str], Route] = field(default_factory=dict)
 

@@ -35,6 +35,9 @@ class Settings:
     grace_period_s: float = 10.0
     # Seconds a controller gives the stages when its caller set no deadline.
     default_timeout_s: float = 60.0
+    # The controller runs the three stages' code in its own process, without gRPC between them
+    # (`inferline serve controller --inprocess`): for measuring what the boundaries cost.
+    inprocess: bool = False
 
     # Models.
     model_repository: Path | None = None

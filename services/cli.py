@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -56,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run one stage in the foreground")
     serve_cmd.add_argument("stage", choices=STAGES)
     serve_cmd.add_argument("--port", type=int, help="default: INFERLINE_<STAGE>_PORT")
+    _add_inprocess(serve_cmd)
     serve_cmd.set_defaults(handler=cmd_serve)
 
     up = commands.add_parser("up", help="run all four stages as local processes until Ctrl-C")
+    _add_inprocess(up)
     up.set_defaults(handler=cmd_up)
 
     detect = commands.add_parser("detect", help="detect objects in images through the running stack")
@@ -108,6 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="output file (default: MODEL.onnx here)")
     export.set_defaults(handler=cmd_export)
 
+    bench = commands.add_parser("bench", help="drive the running stack with concurrent requests; throughput, latency, memory")
+    bench.add_argument("--model", default="yolov8n", help="a detect or embed model")
+    bench.add_argument("--images", nargs="+", required=True, help="image files or directories")
+    bench.add_argument("--concurrency", type=int, default=8, help="requests in flight (closed loop)")
+    bench.add_argument("--duration", type=float, default=20.0, help="seconds measured, after the warm-up")
+    bench.add_argument("--warmup", type=float, default=3.0, help="seconds sent first and not counted")
+    bench.add_argument("--batch", type=int, default=1, help="images per request")
+    bench.add_argument("--pid", action="append", default=[], metavar="STAGE=PID",
+                       help="a stage's process for the memory figures (default: found by command line)")
+    bench.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    _add_target(bench)
+    _add_timeout(bench)
+    bench.set_defaults(handler=cmd_bench)
+
     models = commands.add_parser("models", help="list the served models")
     models.add_argument("--json", action="store_true", help="full metadata as JSON")
     _add_target(models)
@@ -126,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="yolov8n")
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _add_inprocess(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--inprocess", action="store_true",
+        help="the controller runs the three stages' code in its own process, without gRPC between "
+             "them (INFERLINE_INPROCESS=true): for measuring what the service boundaries cost",
+    )
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +178,11 @@ def _write(text: str, out: Path | None) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    if args.inprocess:
+        if args.stage != "controller":
+            print("error: --inprocess is a mode of the controller (inferline serve controller --inprocess)", file=sys.stderr)
+            return EXIT_RPC_ERROR
+        settings = dataclasses.replace(settings, inprocess=True)
     configure_logging(settings.log_level, args.stage, settings.log_format)
     port = args.port if args.port is not None else settings.port(args.stage)
     module = importlib.import_module(f"inferline.services.{args.stage}.servicer")
@@ -189,7 +219,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     configure_logging(settings.log_level, "up")
-    stack = LocalStack(settings)
+    if args.inprocess:
+        stack = LocalStack(settings, env={**os.environ, "INFERLINE_INPROCESS": "true"}, stages=("controller",))
+    else:
+        stack = LocalStack(settings)
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -288,6 +321,33 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_RPC_ERROR
     print(path)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from inferline.services import loadgen  # noqa: PLC0415 - numpy-heavy, only for this command
+
+    if args.concurrency < 1 or args.batch < 1 or args.duration <= 0 or args.warmup < 0:
+        print("error: --concurrency and --batch must be >= 1, --duration > 0, --warmup >= 0", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    try:
+        pids = loadgen.parse_pids(args.pid) if args.pid else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    try:
+        result = loadgen.run(
+            args.target, args.model, client.collect_images(args.images), concurrency=args.concurrency,
+            duration=args.duration, batch=args.batch, warmup=args.warmup, timeout=args.timeout, pids=pids,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    report = result.to_dict()
+    print(json.dumps(report) if args.json else result.to_text())
+    if not result.images_ok:
+        print(f"error: no image was answered in {args.duration:g} s (failures by code: {report['error_codes'] or 'per-image statuses'})", file=sys.stderr)
+        return EXIT_RPC_ERROR
     return 0
 
 

@@ -113,16 +113,18 @@ class InferItem(_message.Message):
     def __init__(self, inputs: _Optional[_Iterable[_Union[_types_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
 class ModelInferRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "id", "items")
+    __slots__ = ("model_name", "model_version", "id", "items", "min_score")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     id: str
     items: _containers.RepeatedCompositeFieldContainer[InferItem]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[InferItem, _Mapping]]] = ...) -> None: ...
+    min_score: float
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[InferItem, _Mapping]]] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class InferResult(_message.Message):
     __slots__ = ("outputs", "status")

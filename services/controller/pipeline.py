@@ -107,6 +107,7 @@ class Controller:
         deadline: Deadline,
         timings: Timings,
         prefix: str = "",
+        min_score: float = 0.0,
     ) -> list[Item]:
         """Preprocess (images, regions or texts) and run the model on what survived."""
         request.recipe.CopyFrom(model.preprocess)
@@ -127,6 +128,7 @@ class Controller:
                 model_name=model.name,
                 model_version=model.versions[0] if model.versions else "",
                 items=[inference_pb2.InferItem(inputs=[produced[i].tensor]) for i in alive],
+                min_score=min_score,
             ),
             deadline,
         )
@@ -181,7 +183,7 @@ class Controller:
         for render_format in request.render:
             if render_format not in RENDER_FORMATS:
                 raise InvalidInput(f"render format {render_format} is not one of RENDER_FORMAT_JSON, _CSV, _PNG")
-        DetectOptions.from_proto(request.options)
+        options = DetectOptions.from_proto(request.options)
         if request.classify_with:
             self._validate_labels(request.labels)
         elif request.labels:
@@ -191,7 +193,11 @@ class Controller:
         timings = Timings()
         results = [controller_pb2.ImageResult(name=image.name) for image in request.images]
 
-        items = await self._encode(metadata, preprocess_pb2.PreprocessRequest(images=request.images), deadline, timings)
+        # The inference stage drops the candidates the NMS would drop first at this confidence.
+        conf = options.resolved(Recipe.from_proto(metadata.postprocess).params)[0]
+        items = await self._encode(
+            metadata, preprocess_pb2.PreprocessRequest(images=request.images), deadline, timings, min_score=conf
+        )
         for result, item in zip(results, items):
             if item.transform is not None and item.ok:
                 result.width, result.height = item.transform.orig_width, item.transform.orig_height

@@ -38,11 +38,20 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
 
 def build_service(settings: Settings) -> Service:
-    stages = StageClients(settings)
+    """The controller; with ``settings.inprocess`` it also holds the three stages (and serves
+    only once their models are loaded)."""
+    if settings.inprocess:
+        from inferline.services.controller.inprocess import LocalStages  # noqa: PLC0415 - imports the stages
+
+        local = LocalStages(settings)
+        stages: StageClients | LocalStages = local
+        load = local.load
+    else:
+        stages, load = StageClients(settings), None
     servicer = ControllerServicer(settings, Controller(settings, stages))
 
     def register(server: grpc.aio.Server) -> list[str]:
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server)
         return [controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name]
 
-    return Service("controller", register, close=stages.close)
+    return Service("controller", register, load=load, close=stages.close, servicer=servicer)

@@ -10,8 +10,10 @@ from inferline.common import tensors
 from inferline.common.generated import inference_pb2, inference_pb2_grpc
 from inferline.common.server import Service
 from inferline.common.settings import Settings
+from inferline.common.errors import InvalidInput
 from inferline.common.status import OK, item_status
 from inferline.common.telemetry.profiler import profile_route
+from inferline.services.inference.filters import candidate_filter
 from inferline.services.inference.models import LoadedModel, ModelManager
 
 
@@ -38,7 +40,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def ModelInfer(self, request, context):
         model = self.manager.get(request.model_name, request.model_version)
         items = [_decode_item(item) for item in request.items]
+        if not 0.0 <= request.min_score <= 1.0:
+            raise InvalidInput(f"min_score must be within [0, 1], got {request.min_score}")
         outputs = await self.manager.infer(request.model_name, request.model_version, items, context.time_remaining())
+        shrink = candidate_filter(model.config.postprocess.name) if request.min_score > 0 else None
+        if shrink is not None:
+            outputs = [o if isinstance(o, Exception) else shrink(o, request.min_score) for o in outputs]
         response = inference_pb2.ModelInferResponse(
             model_name=model.config.name, model_version=model.config.version, id=request.id
         )
@@ -100,4 +107,4 @@ def build_service(settings: Settings) -> Service:
         await manager.aclose()
         await asyncio.to_thread(manager.close)
 
-    return Service("inference", register, load, close, routes=profile_route(settings.profile_dir))
+    return Service("inference", register, load, close, servicer=servicer, routes=profile_route(settings.profile_dir))

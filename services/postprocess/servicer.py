@@ -116,7 +116,7 @@ def build_service(settings: Settings) -> Service:
     async def close() -> None:
         pool.shutdown(wait=True)
 
-    return Service("postprocess", register, close=close)
+    return Service("postprocess", register, close=close, servicer=servicer)
 
 
 def _matrix(messages, kind: str) -> np.ndarray:

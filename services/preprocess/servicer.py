@@ -127,4 +127,4 @@ def build_service(settings: Settings) -> Service:
     async def close() -> None:
         pool.shutdown(wait=True)
 
-    return Service("preprocess", register, close=close)
+    return Service("preprocess", register, close=close, servicer=servicer)

@@ -38,9 +38,31 @@ def metrics_app(settings):
     loop.close()
 
 
+def scrape(app: ServerApp) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=10) as reply:
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        text = reply.read().decode()
+    return {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("inferline_")}
+
+
+class Scrapes:
+    """/metrics before and after the traffic: the registry is the process's, shared with every
+    other test that ran here, so counts are compared as increases."""
+
+    def __init__(self, before: dict, after: dict):
+        self.before, self.after = before, after
+
+    def increase(self, name: str, suffix: str = "", **labels: str) -> float:
+        return value(self.after, name, suffix, **labels) - value(self.before, name, suffix, **labels)
+
+    def now(self, name: str, suffix: str = "", **labels: str) -> float:
+        return value(self.after, name, suffix, **labels)
+
+
 @pytest.fixture(scope="module")
 def scraped(stack, metrics_app, data_dir):
-    """/metrics after good calls, a call for an unknown model and a batch with a broken image."""
+    """/metrics around good calls, a call for an unknown model and a batch with a broken image."""
+    before = scrape(metrics_app)
     with grpc.insecure_channel(stack.controller) as channel:
         stub = controller_pb2_grpc.ControllerServiceStub(channel)
         image = types_pb2.Image(name="shapes_01.jpg", data=(data_dir / "shapes_01.jpg").read_bytes())
@@ -50,50 +72,49 @@ def scraped(stack, metrics_app, data_dir):
             stub.Detect(controller_pb2.DetectRequest(model="no-such-model", images=[image]), timeout=60)
         broken = types_pb2.Image(name="broken.jpg", data=b"not an image")
         stub.Detect(controller_pb2.DetectRequest(model="yolov8n", images=[image, broken]), timeout=120)
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_app.metrics_port}/metrics", timeout=10) as reply:
-        assert reply.headers["Content-Type"].startswith("text/plain")
-        text = reply.read().decode()
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    return {name: f for name, f in families.items() if name.startswith("inferline_")}
+    return Scrapes(before, scrape(metrics_app))
 
 
 def value(families, name: str, suffix: str = "", **labels: str) -> float:
-    family = families[name]
+    family = families.get(name)
+    if family is None:
+        return 0.0
     return sum(
         s.value for s in family.samples if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items())
     )
 
 
 def test_rpcs_are_counted_and_timed_by_service_method_and_status_code(scraped):
-    assert value(scraped, "inferline_rpc_duration_seconds", "_count", service="controller", method="Detect", code="OK") >= 4
-    assert value(scraped, "inferline_rpc_duration_seconds", "_count", service="controller", method="Detect", code="NOT_FOUND") == 1
-    assert value(scraped, "inferline_rpc_duration_seconds", "_count", service="inference", method="ModelInfer", code="OK") >= 4
-    assert value(scraped, "inferline_rpc_duration_seconds", "_sum", service="preprocess", method="Preprocess", code="OK") > 0
+    assert scraped.increase("inferline_rpc_duration_seconds", "_count", service="controller", method="Detect", code="OK") >= 4
+    assert scraped.increase("inferline_rpc_duration_seconds", "_count", service="controller", method="Detect", code="NOT_FOUND") == 1
+    assert scraped.increase("inferline_rpc_duration_seconds", "_count", service="inference", method="ModelInfer", code="OK") >= 4
+    assert scraped.increase("inferline_rpc_duration_seconds", "_sum", service="preprocess", method="Preprocess", code="OK") > 0
 
 
 def test_the_controller_times_each_stage_call(scraped):
     for stage in ("preprocess", "inference", "postprocess"):
-        assert value(scraped, "inferline_stage_call_duration_seconds", "_count", stage=stage, code="OK") >= 4
+        assert scraped.increase("inferline_stage_call_duration_seconds", "_count", stage=stage, code="OK") >= 4
 
 
 def test_inner_steps_batching_and_queueing_are_measured(scraped):
     for service, step in [("preprocess", "decode"), ("preprocess", "letterbox"), ("inference", "batch_run"),
                           ("postprocess", "nms")]:
-        assert value(scraped, "inferline_step_duration_seconds", "_count", service=service, step=step) >= 4, step
-    assert value(scraped, "inferline_batch_size", "_count", model="yolov8n") >= 4
-    assert value(scraped, "inferline_queue_wait_seconds", "_count", model="yolov8n") >= 4
-    assert value(scraped, "inferline_queue_depth", model="yolov8n") == 0
-    assert value(scraped, "inferline_queue_capacity", model="yolov8n") > 0
-    assert value(scraped, "inferline_rpc_in_flight", service="controller", method="Detect") == 0
+        assert scraped.increase("inferline_step_duration_seconds", "_count", service=service, step=step) >= 4, step
+    assert scraped.increase("inferline_batch_size", "_count", model="yolov8n") >= 4
+    assert scraped.increase("inferline_queue_wait_seconds", "_count", model="yolov8n") >= 4
+    assert scraped.now("inferline_queue_depth", model="yolov8n") == 0
+    assert scraped.now("inferline_queue_capacity", model="yolov8n") > 0
+    assert scraped.now("inferline_rpc_in_flight", service="controller", method="Detect") == 0
 
 
 def test_model_load_time_and_item_errors_are_reported(scraped):
-    assert value(scraped, "inferline_model_load_seconds", model="yolov8n") > 0
-    assert value(scraped, "inferline_item_errors", "_total", service="preprocess", code="INVALID_ARGUMENT") >= 1
+    assert scraped.now("inferline_model_load_seconds", model="yolov8n") > 0
+    assert scraped.increase("inferline_item_errors", "_total", service="preprocess", code="INVALID_ARGUMENT") >= 1
 
 
 def test_names_follow_prometheus_conventions_and_labels_are_bounded(scraped):
-    for name, family in scraped.items():
+    assert scraped.after
+    for name, family in scraped.after.items():
         if family.type == "counter":
             assert all(s.name.endswith(("_total", "_created")) for s in family.samples), name
         if family.type == "histogram" and name != "inferline_batch_size":
@@ -104,7 +125,7 @@ def test_names_follow_prometheus_conventions_and_labels_are_bounded(scraped):
 
 def test_gpu_metrics_appear_exactly_when_nvml_sees_a_gpu(scraped):
     gpu = register_gpu_metrics()
-    assert ("inferline_gpu_utilization_ratio" in scraped) is gpu
+    assert ("inferline_gpu_utilization_ratio" in scraped.after) is gpu
 
 
 def test_unknown_path_on_the_metrics_port_is_404_naming_the_endpoints(metrics_app):

@@ -104,3 +104,39 @@ def test_infer_on_an_unknown_model_is_not_found(stub):
     with pytest.raises(grpc.RpcError) as raised:
         stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="nope", items=[_item(_image(32, 32))]), timeout=5)
     assert raised.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_min_score_keeps_exactly_the_candidates_above_it_in_order(stub, sample_images):
+    from inferline.services.preprocess.letterbox import letterbox  # noqa: PLC0415
+
+    import cv2  # noqa: PLC0415
+
+    item = _item(letterbox(cv2.imread(str(sample_images[0])), (640, 640))[0])
+    full = stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="yolov8n", items=[item]), timeout=30)
+    kept = stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="yolov8n", items=[item], min_score=0.25), timeout=30)
+    everything = tensors.from_proto(full.results[0].outputs[0])
+    candidates = tensors.from_proto(kept.results[0].outputs[0])
+    expected = everything[:, everything[4:].max(axis=0) > 0.25]
+    assert 0 < candidates.shape[1] < everything.shape[1] // 10
+    np.testing.assert_array_equal(candidates, expected)
+    assert len(kept.results[0].outputs[0].data) * 10 < len(full.results[0].outputs[0].data)
+
+
+@pytest.mark.parametrize("min_score", [-0.1, 1.5])
+def test_min_score_outside_zero_one_is_invalid(stub, min_score):
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.ModelInfer(
+            inference_pb2.ModelInferRequest(model_name="yolov8n", items=[_item(_image(64, 64))], min_score=min_score),
+            timeout=10,
+        )
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "min_score" in raised.value.details()
+
+
+def test_min_score_leaves_models_without_a_candidate_filter_alone(stub):
+    tokens = np.zeros((77,), dtype=np.int64)
+    plain = stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="clip-vit-b-32-text", items=[_item(tokens, "tokens")]), timeout=30)
+    hinted = stub.ModelInfer(
+        inference_pb2.ModelInferRequest(model_name="clip-vit-b-32-text", items=[_item(tokens, "tokens")], min_score=0.9), timeout=30
+    )
+    assert hinted.results[0].outputs[0].data == plain.results[0].outputs[0].data

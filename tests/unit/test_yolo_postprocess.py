@@ -214,3 +214,22 @@ def test_postprocess_and_preprocess_do_not_import_torch():
     modules = "inferline.services.postprocess.yolo, inferline.services.preprocess.letterbox"
     code = f"import sys, {modules}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_inference_stage_candidate_filter_never_changes_the_detections():
+    """Filtering at the request's conf drops only what decode_detections drops first, on scores
+    placed right at the threshold (float32 rounding of 0.25 included)."""
+    from inferline.services.inference.filters import yolo_candidates  # noqa: PLC0415
+
+    rng = np.random.default_rng(7)
+    output = np.zeros((84, 2000), dtype=np.float32)
+    output[:2] = rng.uniform(0, 640, (2, 2000))
+    output[2:4] = rng.uniform(4, 80, (2, 2000))
+    output[4:] = rng.uniform(0, 0.05, (80, 2000))
+    output[4 + 7, 100:1000] = rng.uniform(0, 0.35, 900)
+    output[4 + 3, :50] = np.float32(0.25)  # exactly at the threshold: dropped by both
+    output[4 + 5, 50:100] = np.nextafter(np.float32(0.25), np.float32(1))  # just above: kept by both
+    for conf in (0.25, 0.1, 0.29):
+        filtered = yolo_candidates({"output0": output}, conf)["output0"]
+        assert filtered.shape[1] < output.shape[1]
+        np.testing.assert_array_equal(decode_detections(filtered, conf=conf), decode_detections(output, conf=conf))

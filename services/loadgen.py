@@ -1,0 +1,247 @@
+"""``inferline bench``: an async load generator for a running stack, and what it measures.
+
+N workers share one grpc.aio channel to the controller, each sending its next request as soon as
+its previous one answered (closed loop, so concurrency is exactly N). Requests cycle through the
+given images, ``batch`` images per request. The first ``warmup`` seconds are not counted; of the
+``duration`` seconds after them, every request that completes inside the window is: latency
+per request, images answered, errors (an RPC that failed counts each of its images; an image
+whose own status failed counts once). Peak resident memory (``VmHWM``) is read from /proc for
+the stages this host runs, found by their ``inferline serve <stage>`` command lines unless pids
+are given.
+
+The JSON form (``--json``) is one object, stable for scripts::
+
+    {"img_per_s": .., "p50_ms": .., "p95_ms": .., "p99_ms": .., "errors": .., "rss_mb": {stage: MB}, ...}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from inferline.common.channels import channel_options
+from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2, types_pb2
+from inferline.common.settings import Settings
+
+STAGE_NAMES = ("controller", "preprocess", "inference", "postprocess", "gateway")
+
+
+@dataclass
+class Sample:
+    finished: float  # perf_counter at completion
+    latency_s: float
+    images: int
+    failed_images: int
+    code: str  # gRPC status name of the call
+
+
+@dataclass
+class BenchResult:
+    model: str
+    operation: str
+    concurrency: int
+    batch: int
+    duration_s: float
+    samples: list[Sample] = field(default_factory=list)
+    rss_mb: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def requests(self) -> int:
+        return len(self.samples)
+
+    @property
+    def images_ok(self) -> int:
+        return sum(s.images - s.failed_images for s in self.samples if s.code == "OK")
+
+    @property
+    def errors(self) -> int:
+        return sum(s.images if s.code != "OK" else s.failed_images for s in self.samples)
+
+    def percentile_ms(self, q: float) -> float:
+        if not self.samples:
+            return float("nan")
+        return float(np.percentile([s.latency_s for s in self.samples], q) * 1000)
+
+    def to_dict(self) -> dict[str, Any]:
+        codes = Counter(s.code for s in self.samples if s.code != "OK")
+        return {
+            "img_per_s": round(self.images_ok / self.duration_s, 2),
+            "p50_ms": round(self.percentile_ms(50), 2),
+            "p95_ms": round(self.percentile_ms(95), 2),
+            "p99_ms": round(self.percentile_ms(99), 2),
+            "errors": self.errors,
+            "rss_mb": self.rss_mb,
+            "model": self.model,
+            "operation": self.operation,
+            "concurrency": self.concurrency,
+            "batch": self.batch,
+            "duration_s": self.duration_s,
+            "requests": self.requests,
+            "images": self.images_ok,
+            "error_codes": dict(codes),
+        }
+
+    def to_text(self) -> str:
+        d = self.to_dict()
+        lines = [
+            f"{self.operation} {self.model}: concurrency {self.concurrency}, {self.batch} image(s)/request, "
+            f"{self.duration_s:.0f} s measured",
+            f"  throughput   {d['img_per_s']:.1f} images/s ({d['requests']} requests, {d['images']} images)",
+            f"  latency      p50 {d['p50_ms']:.1f} ms   p95 {d['p95_ms']:.1f} ms   p99 {d['p99_ms']:.1f} ms",
+            f"  errors       {d['errors']}" + (f" {d['error_codes']}" if d["error_codes"] else ""),
+        ]
+        if self.rss_mb:
+            lines.append("  peak RSS     " + "   ".join(f"{k} {v:.0f} MB" for k, v in self.rss_mb.items()))
+        return "\n".join(lines)
+
+
+# ---- requests ------------------------------------------------------------------------------
+
+OPERATIONS = {"detect": "Detect", "embed": "Embed"}
+
+
+def build_requests(model: str, task: str, images: Sequence[Path], batch: int) -> tuple[str, list[Any]]:
+    """One request per ``batch`` consecutive images, cycling so every request is full."""
+    if task not in OPERATIONS:
+        raise ValueError(f"model {model!r} is a {task!r} model; inferline bench drives detect and embed models")
+    if not images:
+        raise ValueError("no images to send")
+    encoded = [types_pb2.Image(data=p.read_bytes(), name=p.name) for p in images]
+    count = max(1, len(encoded) // batch)
+    ring = itertools.cycle(encoded)
+    groups = [[next(ring) for _ in range(batch)] for _ in range(count)]
+    if task == "detect":
+        return "Detect", [controller_pb2.DetectRequest(model=model, images=g) for g in groups]
+    return "Embed", [controller_pb2.EmbedRequest(model=model, images=g) for g in groups]
+
+
+def _failed_images(response: Any) -> int:
+    items = getattr(response, "results", None)
+    if items is None:
+        items = getattr(response, "images", [])
+    return sum(1 for item in items if item.status.code != 0)
+
+
+# ---- the load ------------------------------------------------------------------------------
+
+
+async def drive(
+    target: str,
+    model: str,
+    images: Sequence[Path],
+    *,
+    concurrency: int,
+    duration: float,
+    batch: int = 1,
+    warmup: float = 2.0,
+    timeout: float = 30.0,
+) -> BenchResult:
+    if concurrency < 1 or batch < 1 or duration <= 0 or warmup < 0:
+        raise ValueError("concurrency and batch must be >= 1, duration > 0, warmup >= 0")
+    async with grpc.aio.insecure_channel(target, options=channel_options(Settings())) as channel:
+        stub = controller_pb2_grpc.ControllerServiceStub(channel)
+        info = await stub.ModelInfo(inference_pb2.ModelMetadataRequest(name=model), timeout=timeout)
+        operation, requests = build_requests(model, info.task, images, batch)
+        call = getattr(stub, operation)
+        result = BenchResult(model, operation, concurrency, batch, duration)
+        counter = itertools.count()
+        started = time.perf_counter()
+        window = (started + warmup, started + warmup + duration)
+
+        async def worker() -> None:
+            while True:
+                sent = time.perf_counter()
+                if sent >= window[1]:
+                    return
+                request = requests[next(counter) % len(requests)]
+                try:
+                    response = await call(request, timeout=timeout)
+                    code, failed = "OK", _failed_images(response)
+                except grpc.aio.AioRpcError as exc:
+                    code, failed = exc.code().name, batch
+                done = time.perf_counter()
+                if window[0] <= sent and done <= window[1]:
+                    result.samples.append(Sample(done, done - sent, batch, failed, code))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return result
+
+
+# ---- memory of the stages ------------------------------------------------------------------
+
+
+def find_stage_pids(proc: Path = Path("/proc")) -> dict[str, int]:
+    """Stages running on this host, from their command lines (``inferline serve <stage>`` or
+    ``-m inferline.services.cli serve <stage>``); the newest process wins when there are several."""
+    found: dict[str, int] = {}
+    for entry in sorted(proc.glob("[0-9]*"), key=lambda p: int(p.name)):
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv if a]
+        if "serve" not in words or not any("inferline" in w for w in words[:3]):
+            continue
+        position = words.index("serve")
+        if position + 1 < len(words) and words[position + 1] in STAGE_NAMES:
+            found[words[position + 1]] = int(entry.name)
+    return found
+
+
+def peak_rss_mb(pid: int, proc: Path = Path("/proc")) -> float | None:
+    """The process's high-water resident set size (VmHWM), in MiB; None once it is gone."""
+    try:
+        for line in (proc / str(pid) / "status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def stage_memory(pids: Mapping[str, int]) -> dict[str, float]:
+    memory = {}
+    for stage, pid in pids.items():
+        rss = peak_rss_mb(pid)
+        if rss is not None:
+            memory[stage] = round(rss, 1)
+    return memory
+
+
+def parse_pids(raw: Sequence[str]) -> dict[str, int]:
+    pids = {}
+    for item in raw:
+        stage, _, pid = item.partition("=")
+        if not pid.isdigit():
+            raise ValueError(f"--pid takes STAGE=PID, got {item!r}")
+        pids[stage] = int(pid)
+    return pids
+
+
+def run(
+    target: str,
+    model: str,
+    images: Sequence[Path],
+    *,
+    concurrency: int,
+    duration: float,
+    batch: int = 1,
+    warmup: float = 2.0,
+    timeout: float = 30.0,
+    pids: Mapping[str, int] | None = None,
+) -> BenchResult:
+    result = asyncio.run(
+        drive(target, model, images, concurrency=concurrency, duration=duration, batch=batch, warmup=warmup, timeout=timeout)
+    )
+    result.rss_mb = stage_memory(find_stage_pids() if pids is None else pids) if os.path.isdir("/proc") else {}
+    return result
