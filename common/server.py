@@ -168,4 +168,4 @@ async def serve(service: Service, settings: Settings, *, port: int) -> None:
         await app.stop()
     finally:
         if flush_traces is not None:
-            flush_traces()
+            flush_traces(settings.grace_period_s)

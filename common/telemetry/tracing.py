@@ -8,6 +8,7 @@ feed Prometheus and the profile breakdown are measured either way.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -34,9 +35,9 @@ def tracing_requested(environ: Mapping[str, str]) -> bool:
     return any(environ.get(var) for var in _ENDPOINT_VARS)
 
 
-def configure_tracing(service: str, environ: Mapping[str, str]) -> Callable[[], None] | None:
+def configure_tracing(service: str, environ: Mapping[str, str]) -> Callable[[float], None] | None:
     """Installs an SDK tracer provider exporting OTLP/gRPC for this process; returns its shutdown
-    (which flushes pending spans), or None when tracing is off.
+    (which flushes pending spans for at most the seconds it is given), or None when tracing is off.
 
     ``service.name`` is the stage's own name even when ``OTEL_SERVICE_NAME`` is set for the whole
     deployment; ``OTEL_RESOURCE_ATTRIBUTES`` adds the rest (namespace, environment).
@@ -50,12 +51,27 @@ def configure_tracing(service: str, environ: Mapping[str, str]) -> Callable[[], 
 
     global _enabled
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    exporter = OTLPSpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _enabled = True
     endpoint = next(environ[v] for v in reversed(_ENDPOINT_VARS) if environ.get(v))
     log.info("tracing on: OTLP/gRPC spans of %s go to %s", service, endpoint)
-    return provider.shutdown
+
+    def shutdown(timeout_s: float) -> None:
+        """The exporter retries an unreachable collector for OTEL_EXPORTER_OTLP_TIMEOUT (10 s) per
+        batch, and the SDK's force_flush ignores its timeout; a stopping stage gives the flush
+        ``timeout_s`` on a thread of its own, then shuts the exporter (ending its retries and
+        the call in flight)."""
+        flushing = threading.Thread(target=provider.force_flush, name="otlp-flush", daemon=True)
+        flushing.start()
+        flushing.join(timeout_s)
+        if flushing.is_alive():
+            log.warning("spans not delivered to %s within %.1f s of shutdown; dropping them", endpoint, timeout_s)
+        exporter.shutdown()
+        provider.shutdown()
+
+    return shutdown
 
 
 # A proxy until a provider is installed, then the provider's tracer: safe to take at import, and

@@ -7,13 +7,14 @@ The four stages run as processes exporting OTLP/gRPC (configured only through th
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import grpc
 import pytest
 
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, types_pb2
-from tests.observability.harness import OtlpReceiver, Stages, stage_env, wait_for
+from tests.observability.harness import OtlpReceiver, Stages, free_ports, stage_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -136,3 +137,27 @@ def test_every_log_line_is_json_and_the_request_lines_carry_its_trace_and_reques
         for line in access:
             assert line["trace_id"] == trace_id and len(line["span_id"]) == 16
             assert line["status"] == "OK" and line["duration_ms"] > 0 and line["rpc_method"].startswith("inferline.v1.")
+
+
+def test_an_unreachable_collector_costs_requests_nothing_and_does_not_hold_up_shutdown(
+    model_dir, clip_weights, data_dir, tmp_path
+):
+    closed = free_ports(1)[0]  # nothing listens there
+    env = stage_env(model_dir, clip_weights.parent, INFERLINE_MODELS="yolov8n",
+                    OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{closed}", OTEL_EXPORTER_OTLP_INSECURE="true",
+                    OTEL_BSP_SCHEDULE_DELAY="100")
+    stages = Stages.start(env, tmp_path)
+    try:
+        with grpc.insecure_channel(stages.target("controller")) as channel:
+            stub = controller_pb2_grpc.ControllerServiceStub(channel)
+            image = types_pb2.Image(name="shapes_01.jpg", data=(data_dir / "shapes_01.jpg").read_bytes())
+            for _ in range(3):
+                response = stub.Detect(controller_pb2.DetectRequest(model="yolov8n", images=[image]), timeout=30)
+                assert response.results[0].detections
+    finally:
+        started = time.monotonic()
+        stages.stop()
+        stopped_in = time.monotonic() - started
+    assert all(p.returncode == 0 for p in stages.processes.values()), {s: p.returncode for s, p in stages.processes.items()}
+    # INFERLINE_GRACE_PERIOD_S=2 bounds the drain and then the span flush, each.
+    assert stopped_in < 8, f"shutdown took {stopped_in:.1f} s waiting on the collector"
