@@ -34,6 +34,8 @@ from inferline.common.telemetry.tracing import span_scope, tracing_on
 
 access_log = logging.getLogger("inferline.access")
 
+# A caller's request id is logged on every line; longer ones are cut.
+MAX_REQUEST_ID = 128
 # Probes and reflection would drown the access log; they are still counted in the metrics.
 QUIET_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
 
@@ -79,7 +81,8 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
             SERVICE.set(self.service)
-            REQUEST_ID.set(metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)
+            request_id = metadata.get(REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID] or uuid.uuid4().hex
+            REQUEST_ID.set(request_id)
             profile = Profile() if _flag(metadata.get(PROFILE_HEADER)) else None
             PROFILE.set(profile)
             started = time.perf_counter()
@@ -91,8 +94,10 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
             ) as span:
                 try:
                     response = await inner(request, context)
+                    trailers = [(REQUEST_ID_HEADER, request_id)]
                     if profile is not None:
-                        _attach_profile(profile, self.service, started, response, context)
+                        trailers.append(_attach_profile(profile, self.service, started, response))
+                    context.set_trailing_metadata(trailers)
                     return response
                 except grpc.aio.AbortError:
                     code = context.code() or grpc.StatusCode.UNKNOWN
@@ -120,18 +125,16 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
         return call
 
 
-def _attach_profile(
-    profile: Profile, service: str, started: float, response: Any, context: grpc.aio.ServicerContext
-) -> None:
-    """The profile goes back in the trailing metadata, and into ``timings_ms`` when the response
-    has one (the controller's), beside the controller's own per-stage wall times."""
+def _attach_profile(profile: Profile, service: str, started: float, response: Any) -> tuple[str, str]:
+    """The profile goes into ``timings_ms`` when the response has one (the controller's), beside
+    the controller's own per-stage wall times; returns the trailer that carries it back."""
     profile.add(f"{service}.server", time.perf_counter() - started)
-    context.set_trailing_metadata(((TIMINGS_TRAILER, json.dumps(profile.ms)),))
     timings = getattr(response, "timings_ms", None)
     if timings is not None:
         for key, value in profile.ms.items():
             if key not in timings:
                 timings[key] = round(value, 3)
+    return TIMINGS_TRAILER, json.dumps(profile.ms)
 
 
 class TelemetryClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):

@@ -148,3 +148,4 @@ def test_profile_command_passes_on_the_stages_refusal(inference):
     done = subprocess.run([*CLI, "profile", "--batches", "0", "--metrics", f"127.0.0.1:{app.metrics_port}"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "batches must be between 1 and 1000" in done.stderr
+

@@ -48,6 +48,7 @@ def traced(model_dir, clip_weights, data_dir, tmp_path_factory):
                 timeout=120,
             )
             assert response.results[0].detections, "the stand-in detector finds the shapes in shapes_01.jpg"
+            assert ("x-request-id", request_id) in call.trailing_metadata(), "the caller gets its request id back"
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Detect(controller_pb2.DetectRequest(model="no-such-model", images=[types_pb2.Image(data=b"x")]), timeout=60)
             assert refused.value.code() is grpc.StatusCode.NOT_FOUND
