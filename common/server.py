@@ -45,6 +45,8 @@ class Service:
     servicer: object | None = None
     # Extra HTTP endpoints beside /metrics (the inference stage's profiler).
     routes: dict[tuple[str, str], Route] = field(default_factory=dict)
+    # NVML GPU metrics on this stage's /metrics (the inference stage: the one that uses the GPU).
+    gpu_metrics: bool = False
 
 
 class ServerApp:
@@ -135,7 +137,7 @@ class ServerApp:
             )
             return
         self.metrics_port = self._metrics.start()
-        gpu = register_gpu_metrics()
+        gpu = self.service.gpu_metrics and register_gpu_metrics()
         log.info("%s metrics on http://%s:%d/metrics%s", self.service.name, self.host, self.metrics_port,
                  " (with NVML GPU metrics)" if gpu else "")
 

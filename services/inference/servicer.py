@@ -107,4 +107,4 @@ def build_service(settings: Settings) -> Service:
         await manager.aclose()
         await asyncio.to_thread(manager.close)
 
-    return Service("inference", register, load, close, servicer=servicer, routes=profile_route(settings.profile_dir))
+    return Service("inference", register, load, close, servicer=servicer, routes=profile_route(settings.profile_dir), gpu_metrics=True)

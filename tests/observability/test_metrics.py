@@ -123,11 +123,6 @@ def test_names_follow_prometheus_conventions_and_labels_are_bounded(scraped):
         assert labels <= ALLOWED_LABELS, f"{name} has unbounded labels {labels - ALLOWED_LABELS}"
 
 
-def test_gpu_metrics_appear_exactly_when_nvml_sees_a_gpu(scraped):
-    gpu = register_gpu_metrics()
-    assert ("inferline_gpu_utilization_ratio" in scraped.after) is gpu
-
-
 def test_unknown_path_on_the_metrics_port_is_404_naming_the_endpoints(metrics_app):
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"http://127.0.0.1:{metrics_app.metrics_port}/metric", timeout=10)
@@ -167,3 +162,11 @@ def test_a_non_numeric_metrics_port_is_refused_with_the_variable_named():
 def test_an_unknown_log_format_is_refused_with_the_choices():
     with pytest.raises(ConfigError, match="INFERLINE_LOG_FORMAT='xml' is not one of json, text"):
         configure_logging("INFO", "test", "xml")
+
+
+def test_the_inference_stage_reports_gpu_metrics_exactly_when_nvml_sees_a_gpu(inference):
+    app, _ = inference
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    assert ("inferline_gpu_utilization_ratio" in text) is register_gpu_metrics()
+    assert ("inferline_gpu_memory_total_bytes" in text) is register_gpu_metrics()

@@ -3,7 +3,6 @@ traces of the inference stage for N batches (``POST /debug/profile`` on its metr
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -18,9 +17,6 @@ import pytest
 
 from inferline.common import tensors
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
-from inferline.common.server import ServerApp
-from inferline.services.inference.servicer import build_service as build_inference
-from tests.support.servers import LoopThread
 
 BREAKDOWN = {"preprocess.decode", "preprocess.letterbox", "preprocess.server", "inference.queue_wait",
              "inference.batch_run", "inference.server", "postprocess.nms", "postprocess.server"}
@@ -48,19 +44,6 @@ def test_without_the_profile_flag_timings_keep_their_plain_shape(stack, data_dir
     metadata = [] if flag is None else [("x-inferline-profile", flag)]
     timings = _detect(stack, data_dir, metadata).timings_ms
     assert set(timings) == {"preprocess", "inference", "postprocess", "total"}
-
-
-@pytest.fixture(scope="module")
-def inference(settings, tmp_path_factory):
-    """An inference stage (YOLOv8n only) with its metrics port, where the profiler route lives."""
-    profiles = tmp_path_factory.mktemp("profiles")
-    own = dataclasses.replace(settings, models=("yolov8n",), profile_dir=profiles)
-    loop = LoopThread()
-    app = ServerApp(build_inference(own), own, port=0, host="127.0.0.1", metrics_port=0)
-    loop.run(app.start())
-    yield app, profiles
-    loop.run(app.stop(0.5))
-    loop.close()
 
 
 def _post(app, query: str) -> tuple[int, dict]:
@@ -148,4 +131,5 @@ def test_profile_command_passes_on_the_stages_refusal(inference):
     done = subprocess.run([*CLI, "profile", "--batches", "0", "--metrics", f"127.0.0.1:{app.metrics_port}"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "batches must be between 1 and 1000" in done.stderr
+
 
