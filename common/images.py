@@ -37,6 +37,14 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     return apply_orientation(pixels, orientation)
 
 
+def probe_image(data: bytes, max_pixels: int) -> tuple[int, int, int]:
+    """Width, height and EXIF orientation from the header, after the format and pixel-limit
+    checks; nothing is decoded (for decoders other than OpenCV, such as nvJPEG)."""
+    if not data:
+        raise InvalidInput("image is empty (0 bytes)")
+    return _probe(data, max_pixels)
+
+
 def _parser(data: bytes) -> type[ImageFile.ImageFile]:
     if data.startswith(b"\xff\xd8\xff"):
         return JpegImagePlugin.JpegImageFile

@@ -52,9 +52,17 @@ class Settings:
     # Limits and pools.
     max_image_pixels: int = 50_000_000
     max_batch_images: int = 64
+    # Images of one client request that travel through the stages together; a bigger request is
+    # split into slices that run concurrently (the first one's inference overlaps the next one's
+    # decoding). Smaller: lower latency for big requests; bigger: fewer stage calls.
+    pipeline_slice: int = 4
     # Candidate labels (or texts) per Classify/Embed call.
     max_labels: int = 256
     worker_threads: int = 4
+    # Where the preprocess stage decodes and letterboxes JPEGs: "opencv" (CPU, bit-exact with
+    # ultralytics), "cuda" / "cuda:N" (nvJPEG and torch on that GPU), or "torch-cpu" (the GPU
+    # path's code on the CPU, for testing it without a GPU). Needs torch unless "opencv".
+    preprocess_device: str = "opencv"
 
     log_level: str = "INFO"
 

@@ -317,7 +317,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = args.out or Path(f"{config.name}.onnx")
     try:
         path = export_onnx(config, weights.path, out, dynamic_batch=args.dynamic_batch, half=args.half)
-    except NotImplementedError as exc:
+    except (NotImplementedError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_RPC_ERROR
     print(path)

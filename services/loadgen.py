@@ -3,8 +3,9 @@
 N workers share one grpc.aio channel to the controller, each sending its next request as soon as
 its previous one answered (closed loop, so concurrency is exactly N). Requests cycle through the
 given images, ``batch`` images per request. The first ``warmup`` seconds are not counted; of the
-``duration`` seconds after them, every request that completes inside the window is: latency
-per request, images answered, errors (an RPC that failed counts each of its images; an image
+``duration`` seconds after them, every request that completes inside that window is (a request
+sent during the warm-up but answered inside the window counts, so long batches are not lost to
+short windows; no new request starts after the window): latency per request, images answered, errors (an RPC that failed counts each of its images; an image
 whose own status failed counts once). Peak resident memory (``VmHWM``) is read from /proc for
 the stages this host runs, found by their ``inferline serve <stage>`` command lines unless pids
 are given.
@@ -54,6 +55,8 @@ class BenchResult:
     duration_s: float
     samples: list[Sample] = field(default_factory=list)
     rss_mb: dict[str, float] = field(default_factory=dict)
+    # CPU seconds (user + system) each stage process spent inside the measured window.
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def requests(self) -> int:
@@ -89,6 +92,11 @@ class BenchResult:
             "requests": self.requests,
             "images": self.images_ok,
             "error_codes": dict(codes),
+            # What each stage costs per answered image, whatever else shares the machine: the
+            # per-stage breakdown that says where a CPU-bound pipeline's time goes.
+            "cpu_ms_per_image": {
+                stage: round(seconds * 1000 / self.images_ok, 2) for stage, seconds in self.cpu_s.items()
+            } if self.images_ok else {},
         }
 
     def to_text(self) -> str:
@@ -102,6 +110,8 @@ class BenchResult:
         ]
         if self.rss_mb:
             lines.append("  peak RSS     " + "   ".join(f"{k} {v:.0f} MB" for k, v in self.rss_mb.items()))
+        if d["cpu_ms_per_image"]:
+            lines.append("  CPU/image    " + "   ".join(f"{k} {v:.1f} ms" for k, v in d["cpu_ms_per_image"].items()))
         return "\n".join(lines)
 
 
@@ -145,6 +155,7 @@ async def drive(
     batch: int = 1,
     warmup: float = 2.0,
     timeout: float = 30.0,
+    pids: Mapping[str, int] | None = None,
 ) -> BenchResult:
     if concurrency < 1 or batch < 1 or duration <= 0 or warmup < 0:
         raise ValueError("concurrency and batch must be >= 1, duration > 0, warmup >= 0")
@@ -170,10 +181,17 @@ async def drive(
                 except grpc.aio.AioRpcError as exc:
                     code, failed = exc.code().name, batch
                 done = time.perf_counter()
-                if window[0] <= sent and done <= window[1]:
+                if window[0] <= done <= window[1]:
                     result.samples.append(Sample(done, done - sent, batch, failed, code))
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        async def cpu_meter() -> None:
+            await asyncio.sleep(max(0.0, window[0] - time.perf_counter()))
+            before = cpu_seconds(pids or {})
+            await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
+            after = cpu_seconds(pids or {})
+            result.cpu_s = {stage: round(after[stage] - before[stage], 3) for stage in after if stage in before}
+
+        await asyncio.gather(cpu_meter(), *(worker() for _ in range(concurrency)))
     return result
 
 
@@ -209,6 +227,19 @@ def peak_rss_mb(pid: int, proc: Path = Path("/proc")) -> float | None:
     return None
 
 
+def cpu_seconds(pids: Mapping[str, int], proc: Path = Path("/proc")) -> dict[str, float]:
+    """User + system CPU seconds each process has used so far (all its threads)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    used = {}
+    for stage, pid in pids.items():
+        try:
+            fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+            used[stage] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14, 15)
+        except (OSError, IndexError, ValueError):
+            continue
+    return used
+
+
 def stage_memory(pids: Mapping[str, int]) -> dict[str, float]:
     memory = {}
     for stage, pid in pids.items():
@@ -240,8 +271,13 @@ def run(
     timeout: float = 30.0,
     pids: Mapping[str, int] | None = None,
 ) -> BenchResult:
+    if pids is None:
+        pids = find_stage_pids() if os.path.isdir("/proc") else {}
     result = asyncio.run(
-        drive(target, model, images, concurrency=concurrency, duration=duration, batch=batch, warmup=warmup, timeout=timeout)
+        drive(
+            target, model, images, concurrency=concurrency, duration=duration, batch=batch, warmup=warmup,
+            timeout=timeout, pids=pids,
+        )
     )
-    result.rss_mb = stage_memory(find_stage_pids() if pids is None else pids) if os.path.isdir("/proc") else {}
+    result.rss_mb = stage_memory(pids)
     return result

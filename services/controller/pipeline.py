@@ -195,32 +195,15 @@ class Controller:
 
         # The inference stage drops the candidates the NMS would drop first at this confidence.
         conf = options.resolved(Recipe.from_proto(metadata.postprocess).params)[0]
-        items = await self._encode(
-            metadata, preprocess_pb2.PreprocessRequest(images=request.images), deadline, timings, min_score=conf
-        )
-        for result, item in zip(results, items):
-            if item.transform is not None and item.ok:
-                result.width, result.height = item.transform.orig_width, item.transform.orig_height
-        alive = _settle(results, items)
-
-        if alive:
-            post = await self._call(
-                timings, "postprocess", "postprocess", self.stages.postprocess.Postprocess,
-                postprocess_pb2.PostprocessRequest(
-                    recipe=metadata.postprocess,
-                    options=request.options,
-                    labels=metadata.labels,
-                    items=[postprocess_pb2.PostprocessItem(outputs=items[i].outputs, transform=items[i].transform) for i in alive],
-                ),
-                deadline,
-            )
-            _expect(len(post.results), len(alive), "postprocess")
-            for i, result in zip(alive, post.results):
-                if result.status.code == 0:
-                    results[i].detections.extend(result.detections)
-                else:
-                    results[i].status.CopyFrom(result.status)
-            alive = [i for i in alive if results[i].status.code == 0]
+        # A client batch goes through the stages in slices, concurrently: the first slice's
+        # inference overlaps the next one's decoding, and the inference stage's batcher joins
+        # the slices (with other requests' images) into its own batches again.
+        size = max(1, self.settings.pipeline_slice)
+        slices = [range(start, min(start + size, len(results))) for start in range(0, len(results), size)]
+        await asyncio.gather(*(
+            self._detect_slice(metadata, request, results, list(part), conf, deadline, timings) for part in slices
+        ))
+        alive = [i for i, result in enumerate(results) if result.status.code == 0]
 
         if classifier is not None and alive:
             await self._relabel(classifier, request, results, alive, deadline, timings)
@@ -251,6 +234,45 @@ class Controller:
             model=metadata.name, model_version=metadata.versions[0] if metadata.versions else "",
             results=results, timings_ms=timings.ms,
         )
+
+    async def _detect_slice(
+        self,
+        metadata: inference_pb2.ModelMetadataResponse,
+        request: controller_pb2.DetectRequest,
+        results: list[controller_pb2.ImageResult],
+        indices: list[int],
+        conf: float,
+        deadline: Deadline,
+        timings: Timings,
+    ) -> None:
+        """Preprocess, inference and postprocess for the images at ``indices``, into ``results``."""
+        images = [request.images[i] for i in indices]
+        items = await self._encode(
+            metadata, preprocess_pb2.PreprocessRequest(images=images), deadline, timings, min_score=conf
+        )
+        mine = [results[i] for i in indices]
+        for result, item in zip(mine, items):
+            if item.transform is not None and item.ok:
+                result.width, result.height = item.transform.orig_width, item.transform.orig_height
+        alive = _settle(mine, items)
+        if not alive:
+            return
+        post = await self._call(
+            timings, "postprocess", "postprocess", self.stages.postprocess.Postprocess,
+            postprocess_pb2.PostprocessRequest(
+                recipe=metadata.postprocess,
+                options=request.options,
+                labels=metadata.labels,
+                items=[postprocess_pb2.PostprocessItem(outputs=items[k].outputs, transform=items[k].transform) for k in alive],
+            ),
+            deadline,
+        )
+        _expect(len(post.results), len(alive), "postprocess")
+        for k, result in zip(alive, post.results):
+            if result.status.code == 0:
+                mine[k].detections.extend(result.detections)
+            else:
+                mine[k].status.CopyFrom(result.status)
 
     async def _relabel(
         self,

@@ -36,6 +36,8 @@ class BatchingConfig:
     max_queue_delay_s: float = 0.0
     max_queue_size: int = 1024
     preferred_batch_sizes: tuple[int, ...] = ()
+    # Batches that may run at once (the model's instance_count); the executor needs as many threads.
+    instances: int = 1
 
 
 @dataclass
@@ -56,7 +58,7 @@ class DynamicBatcher:
         self.config = config
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
-        self._worker: asyncio.Task | None = None
+        self._workers: list[asyncio.Task] = []
         # Sizes of the batches run so far: what tests and, later, metrics read.
         self.batch_sizes: list[int] = []
         track_queue(name, lambda: len(self._queue), config.max_queue_size)
@@ -81,17 +83,21 @@ class DynamicBatcher:
         return list(await asyncio.gather(*(p.future for p in pending), return_exceptions=True))
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
         for pending in self._queue:
             if not pending.future.done():
                 pending.future.set_exception(Overloaded(f"model {self.name!r} is shutting down"))
         self._queue.clear()
 
     def _ensure_worker(self) -> None:
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
+        """One worker per instance: each forms a batch from the shared queue and runs it, so up to
+        ``instances`` batches are in flight while the queue keeps filling."""
+        self._workers = [w for w in self._workers if not w.done()]
+        loop = asyncio.get_running_loop()
+        while len(self._workers) < self.config.instances:
+            self._workers.append(loop.create_task(self._work(), name=f"batcher-{self.name}-{len(self._workers)}"))
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()

@@ -1,13 +1,15 @@
 """Export a served torch model to ONNX with the served inputs and outputs.
 
 The graph takes exactly what the inference service receives (YOLO: uint8 (B, 3, H, W), H and
-W dynamic, /255 inside the graph) and gives the served outputs (YOLO: ``output0`` (B, 84, N)).
+W dynamic, /255 inside the graph) and gives the served outputs (YOLO: ``output0`` (B, 84, N);
+torchvision detectors: one image per run, ``boxes``/``scores``/``labels`` with a batch axis of 1).
 Labels and recipe params travel in the file's ``metadata_props`` ("labels", "recipe_params",
 JSON), so the ONNX Runtime backend needs nothing but the file.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -61,6 +63,15 @@ def _build(config: ModelConfig, weights_path: Path) -> tuple[torch.nn.Module, di
             sample[config.inputs[0].name][0, :3] = (49406, 320, 49407)
             module = _ClipText(clip)
         return module.eval(), sample, tuple(config.labels), params
+    if config.loader == "torchvision_detection":
+        from inferline.services.inference.backends.torchvision_loader import load_torchvision_detection
+
+        served = load_torchvision_detection(weights_path, torch.device("cpu"), config)
+        detector = served.module
+        # Noise gives proposals and detections while tracing: a blank image traces the
+        # no-detection path, whose constants then break the graph on real images.
+        sample = {config.inputs[0].name: np.random.default_rng(0).integers(0, 256, (1, 3, 480, 640), dtype=np.uint8)}
+        return _TorchvisionDetection(detector).eval(), sample, tuple(config.labels or served.labels), dict(served.recipe_params)
     raise NotImplementedError(f"ONNX export of loader {config.loader!r} is not supported yet")
 
 
@@ -77,6 +88,11 @@ def export_onnx(
     import onnx
     import onnxruntime
 
+    if config.loader == "torchvision_detection" and dynamic_batch:
+        raise ValueError(
+            "torchvision detectors export with a batch of one image (their graph resizes each image "
+            "on its own); export without --dynamic-batch: the ONNX Runtime backend runs items one by one"
+        )
     module, sample, labels, recipe_params = _build(config, Path(weights_path))
     input_names = [spec.name for spec in config.inputs]
     output_names = [spec.name for spec in config.outputs]
@@ -88,7 +104,8 @@ def export_onnx(
         if axes:
             dynamic_axes[spec.name] = axes
     if half:
-        module = module.half()  # inputs stay uint8/int64: the cast happens inside the graph
+        # A copy: loaders share modules between towers (CLIP), and .half() converts in place.
+        module = copy.deepcopy(module).half()  # inputs stay uint8/int64: the cast happens inside the graph
     args = tuple(torch.from_numpy(sample[name]) for name in input_names)
     if half:
         # Only float inputs change dtype; uint8 images are divided after .float(), so make
@@ -120,7 +137,12 @@ def export_onnx(
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
 
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    check = onnxruntime.SessionOptions()
+    if half:
+        # fp16 graphs are for GPUs. On CPU, ORT's optimiser folds fp16 constants it has no CPU
+        # kernel for, and onnxruntime 1.32 has been seen to crash doing so: check unoptimised.
+        check.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(str(out), sess_options=check, providers=["CPUExecutionProvider"])
     results = session.run(output_names, sample)
     for name, value in zip(output_names, results):
         if not np.isfinite(np.asarray(value, dtype=np.float32)).all():
@@ -138,7 +160,21 @@ class _ClipImage(torch.nn.Module):
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_image(images.float().div(255).sub(self.mean).div(self.std))
+        # The buffers' dtype is the module's (float16 after .half()), so --half needs no cast outside.
+        return self.clip.encode_image(images.to(self.mean.dtype).div(255).sub(self.mean).div(self.std))
+
+
+class _TorchvisionDetection(torch.nn.Module):
+    """uint8 (1, 3, H, W) -> boxes (1, N, 4), scores (1, N), labels (1, N): the whole torchvision
+    detector (resize, normalise, RPN, RoI heads, NMS) as served, with a batch axis of one."""
+
+    def __init__(self, detector: torch.nn.Module):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.detector([images[0].float() / 255])[0]
+        return out["boxes"].unsqueeze(0), out["scores"].unsqueeze(0), out["labels"].unsqueeze(0)
 
 
 class _ClipText(torch.nn.Module):

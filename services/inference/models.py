@@ -1,9 +1,9 @@
 """Loaded models and how items run through one.
 
 Heavy objects (weights, modules) are built once at load, never per request. Each model runs
-its forward passes on its own single worker thread, fed by its dynamic batcher: one pass at a
-time keeps torch's intra-op threads from fighting each other, and keeps the event loop free
-while the model runs.
+its forward passes on its own worker threads, one per instance (``instance_count``, default 1),
+fed by its dynamic batcher: one pass per instance keeps intra-op threads from fighting each
+other, and keeps the event loop free while the model runs.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ class LoadedModel:
     backend: Backend
     weights: ResolvedWeights
     load_seconds: float
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="model"))
+    executor: ThreadPoolExecutor = field(init=False)
     batcher: DynamicBatcher = field(init=False)
 
     def __post_init__(self) -> None:
         config = self.config
+        self.executor = ThreadPoolExecutor(config.instance_count, thread_name_prefix=f"model-{config.name}")
         self.batcher = DynamicBatcher(
             config.name,
             self.run_batch,
@@ -53,6 +54,7 @@ class LoadedModel:
                 max_queue_delay_s=config.max_queue_delay_ms / 1000,
                 max_queue_size=config.max_queue_size,
                 preferred_batch_sizes=config.preferred_batch_sizes,
+                instances=config.instance_count,
             ),
         )
 

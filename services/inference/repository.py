@@ -21,6 +21,9 @@ from inferline.common.tensors import DTYPE_NAMES
 BUILTIN_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
 CONFIG_FILE = "config.yaml"
 TASKS = ("detect", "classify", "embed")
+# Compute precision of the torch backend: fp16 (CUDA) and bf16 (CUDA or CPU) run the forward pass
+# under torch.autocast; inputs and outputs on the wire stay as declared (outputs float32).
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,11 @@ class ModelConfig:
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 1024
     preferred_batch_sizes: tuple[int, ...] = ()
+    # Triton's instance_group count: forward passes of this model that may run at once, each on
+    # its own thread (on CPU, two single-threaded instances keep two cores busier than one
+    # two-threaded pass of a small model).
+    instance_count: int = 1
+    precision: str = "fp32"
     folder: Path = field(default=Path("."), compare=False)
 
 
@@ -117,11 +125,15 @@ def load_config(path: Path) -> ModelConfig:
         preprocess=Recipe.from_config(raw.get("preprocess"), f"{path}: preprocess"),
         postprocess=Recipe.from_config(raw.get("postprocess"), f"{path}: postprocess"),
         max_batch_size=reader.positive_int("max_batch_size", 32),
+        instance_count=reader.positive_int("instance_count", 1),
+        precision=str(raw.get("precision", "fp32")),
         labels=tuple(str(label) for label in raw.get("labels") or ()),
         parameters=dict(raw.get("parameters") or {}),
         **_dynamic_batching(raw.get("dynamic_batching"), f"{path}: dynamic_batching"),
         folder=path.parent,
     )
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"{path}: precision {config.precision!r} is not one of {', '.join(PRECISIONS)}")
     if config.name != path.parent.name:
         raise ConfigError(f"{path}: name {config.name!r} must equal its folder's name")
     return config

@@ -7,10 +7,58 @@ be compared exactly with ``YOLO.predict``. Every rounding step below mirrors ult
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
 from inferline.common.transform import ImageTransform
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a letterboxed image lands: its resized size and the padding on each side."""
+
+    new_w: int
+    new_h: int
+    top: int
+    bottom: int
+    left: int
+    right: int
+    scale: float
+
+    def transform(self, width: int, height: int) -> ImageTransform:
+        return ImageTransform(
+            orig_width=width,
+            orig_height=height,
+            input_width=self.new_w + self.left + self.right,
+            input_height=self.new_h + self.top + self.bottom,
+            scale_x=self.scale,
+            scale_y=self.scale,
+            pad_x=float(self.left),
+            pad_y=float(self.top),
+        )
+
+
+def letterbox_geometry(
+    height: int, width: int, size: tuple[int, int], *, stride: int = 32, auto: bool = True, scaleup: bool = True,
+    center: bool = True,
+) -> Geometry:
+    """ultralytics' LetterBox.get_params, shared by the OpenCV path and the torch (GPU) path."""
+    target_h, target_w = int(size[0]), int(size[1])
+    # Python floats and Python round() (half to even) exactly as LetterBox.get_params, so that the
+    # resized size agrees with ultralytics even when w * r lands on .5.
+    r = min(target_h / height, target_w / width)
+    if not scaleup:
+        r = min(r, 1.0)
+    new_w, new_h = max(round(width * r), 1), max(round(height * r), 1)  # thin images keep 1 pixel
+    pad_w, pad_h = target_w - new_w, target_h - new_h
+    if auto:
+        pad_w, pad_h = pad_w % stride, pad_h % stride
+    # LetterBox splits an odd padding as round(d/2 - 0.1) before and round(d/2 + 0.1) after, i.e.
+    # the extra pixel goes right/bottom; without centering everything goes right/bottom.
+    left, top = (pad_w // 2, pad_h // 2) if center else (0, 0)
+    return Geometry(new_w, new_h, top, pad_h - top, left, pad_w - left, r)
 
 
 def letterbox(
@@ -40,20 +88,8 @@ def letterbox(
         raise ValueError(f"stride must be positive, got {stride}")
 
     height, width = image_bgr.shape[:2]
-    target_h, target_w = int(size[0]), int(size[1])
-    # Python floats and Python round() (half to even) exactly as LetterBox.get_params, so that the
-    # resized size agrees with ultralytics even when w * r lands on .5.
-    r = min(target_h / height, target_w / width)
-    if not scaleup:
-        r = min(r, 1.0)
-    new_w, new_h = max(round(width * r), 1), max(round(height * r), 1)  # thin images keep 1 pixel
-    pad_w, pad_h = target_w - new_w, target_h - new_h
-    if auto:
-        pad_w, pad_h = pad_w % stride, pad_h % stride
-    # LetterBox splits an odd padding as round(d/2 - 0.1) before and round(d/2 + 0.1) after, i.e.
-    # the extra pixel goes right/bottom; without centering everything goes right/bottom.
-    left, top = (pad_w // 2, pad_h // 2) if center else (0, 0)
-    right, bottom = pad_w - left, pad_h - top
+    g = letterbox_geometry(height, width, size, stride=stride, auto=auto, scaleup=scaleup, center=center)
+    new_w, new_h, top, bottom, left, right, r = g.new_w, g.new_h, g.top, g.bottom, g.left, g.right, g.scale
 
     pixels = np.ascontiguousarray(image_bgr)  # OpenCV rejects negative strides (e.g. a flipped view)
     if (width, height) != (new_w, new_h):
@@ -62,14 +98,5 @@ def letterbox(
     # The predictor permutes HWC->CHW and flips the channel axis (BGR->RGB) before dividing by 255.
     chw_rgb = np.ascontiguousarray(pixels[:, :, ::-1].transpose(2, 0, 1))
 
-    transform = ImageTransform(
-        orig_width=width,
-        orig_height=height,
-        input_width=chw_rgb.shape[2],
-        input_height=chw_rgb.shape[1],
-        scale_x=r,
-        scale_y=r,
-        pad_x=float(left),
-        pad_y=float(top),
-    )
+    transform = g.transform(width, height)
     return chw_rgb, transform

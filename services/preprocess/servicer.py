@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from inferline.common import tensors
-from inferline.common.errors import InvalidInput
+from inferline.common.errors import ConfigError, InvalidInput
 from inferline.common.generated import preprocess_pb2, preprocess_pb2_grpc, types_pb2
 from inferline.common.images import decode_image
 from inferline.common.recipes import Recipe
@@ -40,6 +40,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         # Decode, resize and tokenise release the GIL (OpenCV, Pillow) or are short, so a thread
         # pool gives real parallelism across a batch without blocking the event loop.
         self.pool = pool
+        self.torch_device = torch_device(settings.preprocess_device)
 
     async def Preprocess(self, request, context):
         recipe = Recipe.from_proto(request.recipe)
@@ -58,6 +59,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
                 return decode_image(data, max_pixels=self.settings.max_image_pixels)
 
         response = preprocess_pb2.PreprocessResponse()
+        if not request.regions and self.torch_device is not None and recipe.name == "letterbox":
+            _fill_images(response, await self._letterbox_on_device(request.images, recipe, decode))
+            return response
         if not request.regions:
             outcomes = await self._map(lambda image: preprocessor(decode(image.data), recipe.params), request.images)
             _fill_images(response, outcomes)
@@ -74,6 +78,33 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
 
         _fill_images(response, await self._map(cut, request.regions))
         return response
+
+    async def _letterbox_on_device(self, images, recipe: Recipe, decode) -> list:
+        """JPEGs in one batched device decode (nvJPEG on CUDA), the rest through OpenCV."""
+        from inferline.services.preprocess import gpu  # noqa: PLC0415 - imports torch
+
+        jpegs = [i for i, image in enumerate(images) if gpu.is_jpeg(image.data)]
+        others = [i for i in range(len(images)) if i not in set(jpegs)]
+        loop = asyncio.get_running_loop()
+        batch_job = loop.run_in_executor(
+            self.pool, gpu.letterbox_batch, [images[i].data for i in jpegs], recipe.params, self.torch_device,
+            self.settings.max_image_pixels,
+        ) if jpegs else _done([])
+        letterbox = PREPROCESSORS.get("letterbox")
+        rest_job = asyncio.ensure_future(
+            self._map(lambda image: letterbox(decode(image.data), recipe.params), [images[i] for i in others])
+        )
+        try:
+            batched = await batch_job
+        except InvalidInput as exc:  # the one JPEG of the request is bad
+            batched = [exc]
+        rest = await rest_job
+        outcomes: list = [None] * len(images)
+        for i, outcome in zip(jpegs, batched):
+            outcomes[i] = outcome
+        for i, outcome in zip(others, rest):
+            outcomes[i] = outcome
+        return outcomes
 
     async def _texts(self, recipe: Recipe, texts: Iterable[str]) -> preprocess_pb2.PreprocessResponse:
         tokenizer = TEXT_PREPROCESSORS.get(recipe.name, error=InvalidInput)
@@ -100,6 +131,30 @@ def _traced(preprocessor: Callable[..., tuple[np.ndarray, ImageTransform]], name
             return array, transform
 
     return run
+
+
+async def _done(value):
+    return value
+
+
+def torch_device(name: str) -> str | None:
+    """The torch device of the GPU path, or None for OpenCV; checked at start-up, not per request."""
+    if name == "opencv":
+        return None
+    if name == "torch-cpu":
+        device = "cpu"
+    elif name == "cuda" or name.startswith("cuda:"):
+        device = name
+    else:
+        raise ConfigError(f"INFERLINE_PREPROCESS_DEVICE={name!r}: expected opencv, cuda, cuda:N or torch-cpu")
+    try:
+        import torch  # noqa: PLC0415
+        import torchvision  # noqa: F401, PLC0415
+    except ImportError:
+        raise ConfigError(f"INFERLINE_PREPROCESS_DEVICE={name}: needs torch and torchvision (pip install 'inferline[torch]')") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"INFERLINE_PREPROCESS_DEVICE={name}: torch sees no CUDA device here; use opencv")
+    return device
 
 
 def _fill_images(response: preprocess_pb2.PreprocessResponse, outcomes: list) -> None:

@@ -30,6 +30,7 @@ def test_bench_json_reports_throughput_latency_errors_and_memory(stack, data_dir
     assert 0 < report["p50_ms"] <= report["p95_ms"] <= report["p99_ms"]
     assert report["images"] == report["requests"] > 0 and report["concurrency"] == 4
     assert report["rss_mb"]["controller"] > 100  # this process holds the models
+    assert report["cpu_ms_per_image"]["controller"] > 0  # ... and does all the work
 
 
 def test_bench_counts_images_that_fail_as_errors_and_batches_requests(stack, data_dir, tmp_path, capsys):
@@ -79,3 +80,13 @@ def test_stage_processes_are_found_by_their_command_lines(tmp_path: Path):
     assert loadgen.find_stage_pids(tmp_path) == {"inference": 10, "controller": 11}
     assert loadgen.peak_rss_mb(10, tmp_path) == pytest.approx(1500)
     assert loadgen.peak_rss_mb(99, tmp_path) is None
+
+
+def test_cpu_seconds_come_from_utime_and_stime(tmp_path: Path):
+    folder = tmp_path / "42"
+    folder.mkdir()
+    ticks = os.sysconf("SC_CLK_TCK")
+    # comm may hold spaces and parentheses; fields after it: state ppid ... utime(14) stime(15)
+    (folder / "stat").write_text(f"42 (python (x) y) S 1 2 3 4 5 6 7 8 9 10 {3 * ticks} {ticks} 0 0\n")
+    assert loadgen.cpu_seconds({"inference": 42, "gone": 43}, tmp_path) == {"inference": 4.0}
+    assert loadgen.cpu_seconds({"me": os.getpid()})["me"] > 0

@@ -15,7 +15,7 @@ from tests.support.servers import LoopThread, start_stage
 @pytest.fixture(scope="module")
 def inprocess(settings):
     loop = LoopThread()
-    server = start_stage(loop, "controller", dataclasses.replace(settings, inprocess=True, models=("yolov8n",)))
+    server = start_stage(loop, "controller", dataclasses.replace(settings, inprocess=True, models=("yolov8n",), pipeline_slice=2))
     try:
         with grpc.insecure_channel(server.address) as channel:
             yield controller_pb2_grpc.ControllerServiceStub(channel)
@@ -63,3 +63,14 @@ def test_serve_inprocess_is_only_a_controller_mode(capsys):
 
     assert main(["serve", "preprocess", "--inprocess"]) == 1
     assert "--inprocess is a mode of the controller" in capsys.readouterr().err
+
+
+def test_a_big_request_goes_through_in_slices_with_order_and_errors_kept(inprocess, four_services, sample_images):
+    """Slices of 2 here (INFERLINE_PIPELINE_SLICE), 4 in the session stack: same answers."""
+    images = [p.read_bytes() for p in sample_images[:3]] + [b"broken"] + [p.read_bytes() for p in sample_images[3:6]]
+    sliced = inprocess.Detect(_detect(images), timeout=120).results
+    whole = four_services.Detect(_detect(images), timeout=120).results
+    assert [r.name for r in sliced] == [f"img{i}" for i in range(len(images))]
+    assert sliced[3].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and not sliced[3].detections
+    assert [r.detections for r in sliced] == [r.detections for r in whole]
+    assert [(r.width, r.height) for r in sliced] == [(r.width, r.height) for r in whole]

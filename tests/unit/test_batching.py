@@ -167,3 +167,55 @@ def test_a_cancelled_caller_costs_no_model_run(executor):
         await batcher.close()
 
     _run(main())
+
+
+def test_instances_run_that_many_batches_at_once():
+    """Two instances: two passes meet inside the model (a barrier only both together can cross);
+    the items that queued meanwhile still form batches."""
+    both_inside = threading.Barrier(2, timeout=10)
+    ran: list[list] = []
+
+    def model(items: list) -> list:
+        ran.append(list(items))
+        if len(ran) <= 2:
+            both_inside.wait()
+        return [item * 2 for item in items]
+
+    async def main():
+        with ThreadPoolExecutor(2) as pool:
+            batcher = DynamicBatcher("m", model, pool, BatchingConfig(max_batch_size=4, instances=2))
+            first = asyncio.ensure_future(batcher.submit([("a", 1)]))
+            while not batcher.batch_sizes:
+                await asyncio.sleep(0)
+            second = asyncio.ensure_future(batcher.submit([("a", 2)]))
+            assert await asyncio.gather(first, second) == [[2], [4]]
+            assert await batcher.submit([("a", n) for n in range(3)]) == [0, 2, 4]
+            await batcher.close()
+
+    _run(main())
+    assert sorted(map(len, ran[:2])) == [1, 1] and not both_inside.broken
+
+
+def test_one_instance_never_runs_two_batches_at_once():
+    inside = 0
+    most = 0
+    lock = threading.Lock()
+
+    def model(items: list) -> list:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        threading.Event().wait(0.01)
+        with lock:
+            inside -= 1
+        return items
+
+    async def main():
+        with ThreadPoolExecutor(4) as pool:
+            batcher = DynamicBatcher("m", model, pool, BatchingConfig(max_batch_size=1))
+            await asyncio.gather(*(batcher.submit([("a", n)]) for n in range(6)))
+            await batcher.close()
+
+    _run(main())
+    assert most == 1

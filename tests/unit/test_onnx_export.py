@@ -162,3 +162,30 @@ def test_clip_towers_match_torch_embeddings(tower, clip_weights, tmp_path):
         cosine = float(ours @ ref / np.linalg.norm(ours) / np.linalg.norm(ref))
         print(f"{tower} cosine {cosine:.7f}")
         assert cosine >= 0.9999
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tower", ["clip-vit-b-32", "clip-vit-b-32-text"])
+def test_half_clip_towers_stay_within_fp16_of_torch(tower, clip_weights, tmp_path):
+    """--half: fp16 weights and activations inside, the same uint8/int64 inputs and float32
+    embeddings outside; cosine to the float32 torch tower >= 0.999."""
+    from inferline.services.inference.backends.open_clip_loader import load_open_clip_image, load_open_clip_text
+
+    config = load_config(BUILTIN_REPOSITORY / tower / "config.yaml")
+    path = export_onnx(config, clip_weights, tmp_path / f"{tower}-half.onnx", half=True)
+    load = load_open_clip_image if config.loader == "open_clip_image" else load_open_clip_text
+    reference = load(clip_weights, torch.device("cpu"), config)
+    name = config.inputs[0].name
+    if config.loader == "open_clip_image":
+        batch = np.random.default_rng(2).integers(0, 256, (2, 3, 224, 224), dtype=np.uint8)
+    else:
+        batch = np.zeros((2, 77), dtype=np.int64)
+        batch[0, :4] = (49406, 320, 1929, 49407)
+        batch[1, :3] = (49406, 2368, 49407)
+    with torch.inference_mode():
+        theirs = [o["embedding"].numpy() for o in reference.forward({name: torch.from_numpy(batch)})]
+    # Unoptimised on CPU: see export_onnx on ORT's fp16 constant folding.
+    for ours, ref in zip(_backend(config, path, graph_optimization_level="disable").run({name: batch}), theirs):
+        ours = ours["embedding"]
+        assert ours.dtype == np.float32 and ours.shape == (512,)
+        assert float(ours @ ref / np.linalg.norm(ours) / np.linalg.norm(ref)) >= 0.999

@@ -61,6 +61,8 @@ def test_explicit_weights_path_is_relative_to_the_model_folder(tmp_path):
         ({"dynamic_batching": {"max_queue_delay_ms": -1}}, "'max_queue_delay_ms' must be a number >= 0"),
         ({"dynamic_batching": {"max_queue_size": 0}}, "'max_queue_size' must be a positive integer"),
         ({"dynamic_batching": {"preferred_batch_sizes": [0]}}, "'preferred_batch_sizes' must be a list of positive"),
+        ({"instance_count": 0}, "'instance_count' must be a positive integer"),
+        ({"precision": "fp8"}, "precision 'fp8' is not one of fp32, fp16, bf16"),
     ],
 )
 def test_invalid_configs_name_the_file_and_field(tmp_path, changes, message):
@@ -87,3 +89,10 @@ def test_dynamic_batching_is_declared_in_config(tmp_path):
     path = _write(tmp_path, "yolov8n", dynamic_batching={"max_queue_delay_ms": 5, "max_queue_size": 64, "preferred_batch_sizes": [4, 8]})
     config = load_config(path)
     assert (config.max_queue_delay_ms, config.max_queue_size, config.preferred_batch_sizes) == (5.0, 64, (4, 8))
+
+
+def test_instances_and_precision_are_declared_in_config(tmp_path):
+    config = load_config(_write(tmp_path, "yolov8n", instance_count=2, precision="bf16"))
+    assert (config.instance_count, config.precision) == (2, "bf16")
+    default = load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml")
+    assert (default.instance_count, default.precision) == (1, "fp32")

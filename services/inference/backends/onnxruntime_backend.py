@@ -3,7 +3,8 @@
 Config ``parameters``: ``providers`` (list, default CUDA then CPU when the device is cuda/auto
 and CUDA is available, else CPU), ``graph_optimization_level`` (disable|basic|extended|all,
 default all), ``intra_op_threads`` / ``inter_op_threads`` (default ``settings.torch_threads``
-when > 0, else ORT's own). Labels and recipe params come from the file's metadata_props.
+when > 0, else ORT's own), ``allow_spinning`` (default false). A session serves concurrent
+``run`` calls, so ``instance_count: 2`` with ``intra_op_threads: 1`` runs two batches at once. Labels and recipe params come from the file's metadata_props.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class OnnxRuntimeBackend:
         self._output_names = [spec.name for spec in config.outputs]
         self.providers = tuple(session.get_providers())
         self.on_cuda = self.providers[:1] == (CUDA,)
+        self.one_at_a_time = session.get_inputs()[0].shape[:1] == [1]
         meta = session.get_modelmeta().custom_metadata_map
         try:
             self.labels = tuple(json.loads(meta.get("labels", "[]")))
@@ -65,12 +67,15 @@ class OnnxRuntimeBackend:
             raise WeightsError(f"bad inferline metadata in the ONNX file: {exc}") from None
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        batch = len(next(iter(inputs.values())))
+        if self.one_at_a_time and batch > 1:
+            # A graph exported for one item per run (torchvision detectors): run the items in turn.
+            return [self.run({name: a[i : i + 1] for name, a in inputs.items()})[0] for i in range(batch)]
         feeds = {name: np.ascontiguousarray(a) for name, a in inputs.items()}
         if self.on_cuda:
             outputs = self._run_io_binding(feeds)
         else:
             outputs = self._session.run(self._output_names, feeds)
-        batch = len(next(iter(feeds.values())))
         return [{name: out[i] for name, out in zip(self._output_names, outputs)} for i in range(batch)]
 
     def _run_io_binding(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -102,6 +107,11 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
     inter = int(params.get("inter_op_threads", settings.torch_threads if settings.torch_threads > 0 else 0))
     if intra > 0:
         options.intra_op_num_threads = intra
+    # ORT's intra-op threads spin while waiting for work by default: on a machine the other
+    # stages share, those spinning cycles are taken from decode and NMS. Off unless asked for.
+    spinning = "1" if params.get("allow_spinning", False) else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
     if inter > 0:
         options.inter_op_num_threads = inter
     providers = choose_providers(params.get("providers"), settings.device, ort.get_available_providers())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from collections.abc import Callable, Mapping
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inferline.common.errors import WeightsError
+from inferline.common.errors import ConfigError, WeightsError
 from inferline.common.registry import Registry
 from inferline.common.settings import Settings
 from inferline.services.inference.backends import BACKENDS
@@ -30,6 +31,8 @@ class TorchModel:
     forward: Forward
     labels: tuple[str, ...] = ()
     recipe_params: dict[str, float] = field(default_factory=dict)
+    # The underlying nn.Module, for export (None where a loader wraps several).
+    module: torch.nn.Module | None = None
 
 
 # (weights path, device, the model's config) -> the module wrapped for serving.
@@ -43,19 +46,37 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class TorchBackend:
-    def __init__(self, model: TorchModel, device: torch.device):
+    def __init__(self, model: TorchModel, device: torch.device, precision: str = "fp32"):
         self._model = model
         self.device = device
         self.labels = model.labels
+        self.precision = precision
+        self._autocast = _AUTOCAST.get(precision)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        with torch.inference_mode():
-            tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for name, a in inputs.items()}
+        with torch.inference_mode(), self._precision():
+            tensors = {name: self._to_device(a) for name, a in inputs.items()}
             return [
-                {name: t.detach().to("cpu").numpy() for name, t in item.items()}
+                {name: _to_numpy(t) for name, t in item.items()}
                 for item in self._model.forward(tensors)
             ]
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        if self._autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._autocast)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            # Page-locked staging lets the copy run asynchronously (DMA) on the current stream;
+            # the forward pass queued after it on the same stream waits for it by itself.
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
 
     def recipe_params(self) -> dict[str, float]:
         return dict(self._model.recipe_params)
@@ -66,13 +87,25 @@ class TorchBackend:
             torch.cuda.empty_cache()
 
 
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """Half-precision outputs (autocast) go on the wire as float32, as the config declares."""
+    tensor = tensor.detach()
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.float()
+    return tensor.to("cpu").numpy()
+
+
 @BACKENDS.register("torch")
 def load_torch_backend(config: ModelConfig, weights: ResolvedWeights, settings: Settings) -> TorchBackend:
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     device = pick_device(settings.device)
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"{config.name}: precision fp16 needs a CUDA device (this one is {device}); use bf16 on CPU, or fp32"
+        )
     model = LOADERS.get(config.loader)(weights.path, device, config)
-    return TorchBackend(model, device)
+    return TorchBackend(model, device, config.precision)
 
 
 # Pickled checkpoints (ultralytics' .pt) hold whole modules. They are loaded with

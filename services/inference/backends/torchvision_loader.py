@@ -45,8 +45,9 @@ BUILDER_KWARGS = frozenset({
 OWN_PARAMETERS = frozenset({"architecture", "num_classes", "frozen_bn_eps"})
 
 
-@LOADERS.register("torchvision_detection")
-def load_torchvision_detection(path: Path, device: torch.device, config: ModelConfig) -> TorchModel:
+def build_torchvision_detection(path: Path, device: torch.device, config: ModelConfig) -> torch.nn.Module:
+    """The detector torchvision's builder makes, with the checkpoint loaded, in eval mode;
+    shared by serving and ONNX export."""
     architecture, num_classes, kwargs = _parameters(config)
     try:
         module = torchvision.models.get_model(
@@ -63,7 +64,13 @@ def load_torchvision_detection(path: Path, device: torch.device, config: ModelCo
         raise WeightsError(
             f"{path}: not a {architecture} state dict with {num_classes} classes: {detail[:600]}"
         ) from None
-    module.eval().requires_grad_(False).to(device)
+    return module.eval().requires_grad_(False).to(device)
+
+
+@LOADERS.register("torchvision_detection")
+def load_torchvision_detection(path: Path, device: torch.device, config: ModelConfig) -> TorchModel:
+    architecture, num_classes, _ = _parameters(config)
+    module = build_torchvision_detection(path, device, config)
 
     def forward(inputs: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         # As torchvision's own preset (convert_image_dtype): uint8 -> float in [0, 1]. The model
@@ -80,6 +87,7 @@ def load_torchvision_detection(path: Path, device: torch.device, config: ModelCo
         labels=_categories(architecture, num_classes),
         # The postprocess recipe must know at which IoU the model already ran NMS.
         recipe_params={} if nms_iou is None else {"nms_iou": nms_iou},
+        module=module,
     )
 
 

@@ -1,0 +1,312 @@
+"""One run, same images, every contender: the pipeline against what users would otherwise run.
+
+Contenders (each measured for ``--duration`` seconds after ``--warmup``, one after another, so
+the ratios come from one run on one machine state):
+
+* references, each in a fresh process (bench/reference.py): ultralytics predict one image per
+  call and batched, torchvision's Faster R-CNN loop, open_clip's image loop;
+* the four-service pipeline (``inferline up`` as local processes) with the PyTorch backend and
+  dynamic batching, the same with batching off (``max_batch_size: 1``: the issue-3 baseline's
+  configuration), the ONNX Runtime backend (yolov8n exported by ``inferline export``), and the
+  controller's ``--inprocess`` mode (the same stage code without gRPC between the stages); each
+  at concurrency 1, 8 and 32 with ``inferline bench``'s load generator (``services/loadgen.py``);
+* Faster R-CNN and CLIP through the pipeline at concurrency 8.
+
+Writes ``<out>/<stem>.json``, ``<out>/<stem>.md`` and ``<out>/<stem>-latency-throughput.png``.
+
+    .venv/bin/python bench/compare.py                          # ~6 min on 2 cores
+    .venv/bin/python bench/compare.py --duration 5 --concurrency 1 8 --skip-references
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from inferline.common.settings import Settings
+from inferline.services import loadgen
+from inferline.services.client import collect_images
+from inferline.services.inference.repository import BUILTIN_REPOSITORY
+from inferline.services.stack import START_ORDER, LocalStack, free_port_env
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+YOLO, FRCNN, CLIP = "yolov8n", "fasterrcnn-mobilenet-v3-large-320-fpn", "clip-vit-b-32"
+BASELINE = REPO / "bench" / "results" / "baseline-detect-cpu.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", nargs="+", default=[str(SHARED / "data")], help="image files or folders")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per contender")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds not counted before each")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--stem", default="compare-cpu")
+    p.add_argument("--skip-references", action="store_true", help="pipeline contenders only")
+    p.add_argument("--only", nargs="*", default=None, help="pipeline variants to run (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU run (references and INFERLINE_DEVICE)")
+    p.add_argument("--reference-batch", type=int, default=8, help="images per call of batched ultralytics predict")
+    return p.parse_args(argv)
+
+
+def model_dirs() -> list[str]:
+    raw = os.environ.get("INFERLINE_MODEL_DIR") or str(SHARED / "models")
+    return [part for part in raw.split(os.pathsep) if part]
+
+
+# ---- references ----------------------------------------------------------------------------
+
+
+def reference(library: str, images: list[str], batch: int, args: argparse.Namespace, half: bool = False) -> dict:
+    command = [
+        sys.executable, str(REPO / "bench" / "reference.py"), library, "--images", *images,
+        "--model-dir", *model_dirs(), "--batch", str(batch), "--duration", str(args.duration), "--warmup", str(args.warmup),
+        "--device", args.device, *(["--half"] if half else []),
+    ]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=_clean_env()).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _clean_env() -> dict[str, str]:
+    """This process's environment without thread pins, so each contender gets its own defaults."""
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+# ---- pipeline variants ---------------------------------------------------------------------
+
+
+def repository(root: Path, variant: Variant) -> Path:
+    """A copy of the built-in repository with yolov8n changed as the variant says."""
+    if not variant.backend_onnx and variant.max_batch_size is None and variant.instances == 1:
+        return BUILTIN_REPOSITORY
+    repo = root / f"repo-{variant.name}"
+    shutil.copytree(BUILTIN_REPOSITORY, repo)
+    config_path = repo / YOLO / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    if variant.max_batch_size is not None:
+        config["max_batch_size"] = variant.max_batch_size
+    config["instance_count"] = variant.instances
+    if variant.backend_onnx:
+        onnx = root / "yolov8n.onnx"
+        if not onnx.exists():
+            subprocess.run(
+                [sys.executable, "-m", "inferline.services.cli", "export", "--model", YOLO, "--dynamic-batch", "--out", str(onnx)],
+                check=True, capture_output=True, env=_clean_env(),
+            )
+        config["backend"] = "onnxruntime"
+        config["weights"] = {"file": "yolov8n.onnx", "path": str(onnx)}
+        config["parameters"] = {"graph_optimization_level": "all"}  # providers: CUDA first where INFERLINE_DEVICE allows
+        if variant.instances > 1:
+            config["parameters"]["intra_op_threads"] = 1
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return repo
+
+
+@contextmanager
+def stack(repo: Path, models: list[str], variant: Variant, device: str = "cpu") -> Iterator[LocalStack]:
+    env = free_port_env(_clean_env())
+    env["INFERLINE_DEVICE"] = device
+    env.update(INFERLINE_MODEL_REPOSITORY=str(repo), INFERLINE_MODELS=",".join(models), INFERLINE_LOG_LEVEL="WARNING")
+    if variant.inprocess:
+        env["INFERLINE_INPROCESS"] = "true"
+    if variant.torch_threads:
+        env["INFERLINE_TORCH_THREADS"] = str(variant.torch_threads)
+    settings = Settings.from_env(env)
+    running = LocalStack(settings, env=env, stages=("controller",) if variant.inprocess else START_ORDER)
+    running.start(timeout=300)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def drive(running: LocalStack, model: str, images: list[Path], concurrency: int, args: argparse.Namespace) -> dict:
+    pids = {stage: p.pid for stage, p in running.processes.items()}
+    result = loadgen.run(
+        running.controller_target, model, images, concurrency=concurrency, duration=args.duration,
+        warmup=args.warmup, timeout=120, pids=pids,
+    )
+    return result.to_dict()
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    backend_onnx: bool = False
+    max_batch_size: int | None = None  # None: the repository's (32)
+    instances: int = 1
+    torch_threads: int = 0  # 0: torch's default (all cores)
+    inprocess: bool = False
+    other_models: bool = False  # also measure Faster R-CNN and CLIP on this stack
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("torch", "four services, PyTorch, dynamic batching", other_models=True),
+        Variant("batch1", "four services, PyTorch, batching off (baseline config)", max_batch_size=1),
+        Variant("torch-x2", "four services, PyTorch, 2 instances x 1 thread", instances=2, torch_threads=1),
+        Variant("onnxruntime", "four services, ONNX Runtime, dynamic batching", backend_onnx=True),
+        Variant("onnxruntime-x2", "four services, ONNX Runtime, 2 instances x 1 thread", backend_onnx=True, instances=2),
+        Variant("inprocess", "--inprocess controller, PyTorch, dynamic batching", inprocess=True),
+        Variant("inprocess-onnxruntime-x2", "--inprocess controller, ONNX Runtime, 2 instances x 1 thread",
+                backend_onnx=True, instances=2, inprocess=True),
+    )
+}
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    images = [str(p) for p in collect_images(args.images)]
+    paths = [Path(p) for p in images]
+    rows: list[dict] = []
+
+    def record(family: str, contender: str, concurrency: int | None, batch: int, report: Mapping) -> None:
+        row = {"family": family, "contender": contender, "concurrency": concurrency, "batch": batch, **report}
+        rows.append(row)
+        print(f"{family:8} {contender:58} c={concurrency!s:4} b={batch:<3} {report['img_per_s']:8.2f} img/s "
+              f"p50 {report['p50_ms']:8.1f} ms  p95 {report['p95_ms']:8.1f} ms  errors {report['errors']}", flush=True)
+
+    if not args.skip_references:
+        record("yolo", "ultralytics predict, 1 image/call", None, 1, reference("ultralytics", images, 1, args))
+        gpu = args.device != "cpu"
+        label = "ultralytics predict, batched" + (", fp16" if gpu else "")
+        record("yolo", label, None, args.reference_batch, reference("ultralytics", images, args.reference_batch, args, half=gpu))
+        record("frcnn", "torchvision loop, 1 image/call", None, 1, reference("torchvision", images, 1, args))
+        record("clip", "open_clip loop, 1 image/call", None, 1, reference("open_clip", images, 1, args))
+
+    with tempfile.TemporaryDirectory(prefix="inferline-compare-") as tmp:
+        root = Path(tmp)
+        for name, variant in VARIANTS.items():
+            if args.only is not None and name not in args.only:
+                continue
+            models = [YOLO, FRCNN, CLIP, f"{CLIP}-text"] if variant.other_models else [YOLO]
+            with stack(repository(root, variant), models, variant, args.device) as running:
+                for concurrency in args.concurrency:
+                    record("yolo", f"pipeline: {variant.label}", concurrency, 1, drive(running, YOLO, paths, concurrency, args))
+                if variant.other_models:
+                    record("frcnn", f"pipeline: {variant.label}", 8, 1, drive(running, FRCNN, paths, 8, args))
+                    record("clip", f"pipeline: {variant.label}", 8, 1, drive(running, CLIP, paths, 8, args))
+
+    command = "python bench/compare.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    summary = summarise(rows)
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command.strip(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
+        "images": len(images),
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2) + "\n")
+    plot = args.out / f"{args.stem}-latency-throughput.png"
+    draw(rows, plot)
+    (args.out / f"{args.stem}.md").write_text(markdown(meta, summary, rows, plot.name))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _best(rows: list[dict], family: str, contender_prefix: str) -> dict | None:
+    found = [r for r in rows if r["family"] == family and r["contender"].startswith(contender_prefix)]
+    return max(found, key=lambda r: r["img_per_s"], default=None)
+
+
+def summarise(rows: list[dict]) -> dict:
+    summary: dict = {}
+    base = _best(rows, "yolo", "ultralytics predict, 1 image/call")
+    four = _best(rows, "yolo", "pipeline: four services")
+    if base and four:
+        summary["yolo_best_pipeline"] = {"contender": four["contender"], "concurrency": four["concurrency"], "img_per_s": four["img_per_s"]}
+        summary["yolo_vs_ultralytics"] = round(four["img_per_s"] / base["img_per_s"], 2)
+    pairs = (("torch", "inprocess"), ("onnxruntime-x2", "inprocess-onnxruntime-x2"))
+    for four_name, local_name in pairs:
+        for c in sorted({r["concurrency"] for r in rows if r["concurrency"]}):
+            four_row = next((r for r in rows if r["contender"] == f"pipeline: {VARIANTS[four_name].label}" and r["concurrency"] == c), None)
+            local = next((r for r in rows if r["contender"] == f"pipeline: {VARIANTS[local_name].label}" and r["concurrency"] == c), None)
+            if four_row and local and local["img_per_s"]:
+                summary.setdefault(f"boundary_cost_{four_name}", {})[str(c)] = round(1 - four_row["img_per_s"] / local["img_per_s"], 3)
+    for family, ref in (("frcnn", "torchvision loop"), ("clip", "open_clip loop")):
+        ours, theirs = _best(rows, family, "pipeline"), _best(rows, family, ref)
+        if ours and theirs:
+            summary[f"{family}_vs_reference"] = round(ours["img_per_s"] / theirs["img_per_s"], 2)
+    if BASELINE.is_file():
+        baseline = json.loads(BASELINE.read_text())
+        summary["issue3_baseline_note"] = baseline.get("summary", baseline.get("ratios", "see " + BASELINE.name))
+    return summary
+
+
+def markdown(meta: dict, summary: dict, rows: list[dict], plot_name: str) -> str:
+    base = {r["family"]: r for r in rows if r["concurrency"] is None and r["batch"] == 1}
+    lines = [
+        f"# CPU comparison ({meta['date']})",
+        "",
+        f"Command: `{meta['command']}` on {meta['machine']}; {meta['images']} images, "
+        f"{meta['duration_s']:g} s measured per contender after {meta['warmup_s']:g} s warm-up, one run.",
+        "",
+        "| family | contender | concurrency | batch | images/s | vs reference | p50 ms | p95 ms | p99 ms | errors | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        ref = base.get(r["family"])
+        ratio = f"{r['img_per_s'] / ref['img_per_s']:.2f}x" if ref and ref["img_per_s"] else ""
+        rss = ", ".join(f"{k} {v:.0f}" for k, v in (r.get("rss_mb") or {}).items())
+        lines.append(
+            f"| {r['family']} | {r['contender']} | {r['concurrency'] or '-'} | {r['batch']} | {r['img_per_s']:.2f} | {ratio} "
+            f"| {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {rss} |"
+        )
+    lines += ["", "Summary:", "", "```json", json.dumps(summary, indent=2), "```", "", f"![latency vs throughput]({plot_name})", ""]
+    return "\n".join(lines)
+
+
+def draw(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = [f for f in ("yolo", "frcnn", "clip") if any(r["family"] == f for r in rows)]
+    fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
+    for ax, family in zip(axes[0], families):
+        mine = [r for r in rows if r["family"] == family]
+        for contender in dict.fromkeys(r["contender"] for r in mine):
+            points = sorted((r for r in mine if r["contender"] == contender), key=lambda r: r["img_per_s"])
+            xs = [r["img_per_s"] for r in points]
+            marker = "*" if points[0]["concurrency"] is None else "o"
+            ax.plot(xs, [r["p50_ms"] for r in points], marker=marker, markersize=10 if marker == "*" else 6, label=contender)
+            ax.scatter(xs, [r["p95_ms"] for r in points], marker="_", s=120, color=ax.lines[-1].get_color())
+            for r in points:
+                if r["concurrency"]:
+                    ax.annotate(f"c{r['concurrency']}", (r["img_per_s"], r["p50_ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(f"{family}: p50 (line) and p95 (dash) latency vs throughput")
+        ax.set_xlabel("images/s")
+        ax.set_ylabel("latency per request, ms")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

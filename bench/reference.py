@@ -1,0 +1,166 @@
+"""What a user would otherwise run: the model libraries' own loops, measured like `inferline bench`.
+
+One contender per process (``bench/compare.py`` starts each in a fresh interpreter, so one
+library's threading choices never leak into another's), one image per call unless ``--batch``,
+the library's defaults otherwise:
+
+* ``ultralytics``  ``YOLO(weights).predict(source=paths, verbose=False, device="cpu")``; ultralytics
+                   sets ``OMP_NUM_THREADS=1`` on import, so this is one torch thread, as users get it.
+* ``torchvision``  ``fasterrcnn_mobilenet_v3_large_320_fpn`` with the state dict loaded
+                   ``weights_only=True``; ``decode_image`` -> float -> ``model([image])``.
+* ``open_clip``    ``create_model_and_transforms("ViT-B-32", pretrained=file)`` and its transform;
+                   ``encode_image`` of the batch, L2-normalised.
+
+Prints one JSON object: img_per_s, p50_ms, p95_ms, p99_ms, errors (0), rss_mb, torch_threads,
+cpu_ms_per_image (CPU seconds of the process per image: robust to other load on the machine).
+
+    .venv/bin/python bench/reference.py ultralytics --images ../shared/data --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+# The only weight files this script unpickles (ultralytics' .pt needs full unpickling).
+KNOWN_YOLO = {
+    "33f4216002cafa403a4588a328e025d1542f2acda1e632c2f7ba8a9a95359b3b": "stand-in (../shared/models/MANIFEST.md)",
+    "f59b3d833e2ff32e194b5bb8e08d211dc7c5bdf144b90d2c8412c47ccfc83b36": "official ultralytics v8 release",
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def collect(paths: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        found += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+    return found
+
+
+def find(model_dirs: list[str], name: str) -> Path:
+    for folder in model_dirs:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    raise SystemExit(f"error: {name} is in none of {model_dirs}; set INFERLINE_MODEL_DIR")
+
+
+def ultralytics_runner(weights: Path, batch: int, device: str = "cpu", half: bool = False) -> Callable[[list[Path]], None]:
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if digest not in KNOWN_YOLO:
+        raise SystemExit(f"error: refusing to unpickle {weights} (sha256 {digest} is neither the stand-in nor the release)")
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights))
+    return lambda paths: model.predict(source=[str(p) for p in paths], verbose=False, device=device, batch=batch, half=half)
+
+
+def torchvision_runner(weights: Path, _batch: int, device: str = "cpu", half: bool = False) -> Callable[[list[Path]], None]:
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=91)
+    model.load_state_dict(torch.load(str(weights), map_location="cpu", weights_only=True))
+    model.eval().to(device)
+
+    def run(paths: list[Path]) -> None:
+        with torch.inference_mode():
+            model([decode_image(str(p), mode=ImageReadMode.RGB).to(device).float() / 255 for p in paths])
+        _sync(device)
+
+    return run
+
+
+def open_clip_runner(weights: Path, _batch: int, device: str = "cpu", half: bool = False) -> Callable[[list[Path]], None]:
+    import open_clip
+    import torch
+    from PIL import Image
+
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=str(weights), force_quick_gelu=True)
+    model.eval().to(device)
+
+    def run(paths: list[Path]) -> None:
+        with torch.inference_mode():
+            batch = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths]).to(device)
+            torch.nn.functional.normalize(model.encode_image(batch), dim=-1).cpu()
+
+    return run
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+RUNNERS = {
+    "ultralytics": (ultralytics_runner, "yolov8n.pt"),
+    "torchvision": (torchvision_runner, "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth"),
+    "open_clip": (open_clip_runner, "open_clip_vit_b_32_openai.safetensors"),
+}
+
+
+def measure(run: Callable[[list[Path]], None], images: list[Path], batch: int, duration: float, warmup: float) -> dict:
+    groups = [[images[(i + k) % len(images)] for k in range(batch)] for i in range(0, len(images), batch)]
+    latencies, done, index = [], 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < warmup:
+        run(groups[index % len(groups)])
+        index += 1
+    start, cpu_start = time.perf_counter(), time.process_time()
+    while True:
+        t0 = time.perf_counter()
+        if t0 - start >= duration:
+            break
+        run(groups[index % len(groups)])
+        index += 1
+        latencies.append(time.perf_counter() - t0)
+        done += batch
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    ms = np.asarray(latencies) * 1000
+    return {
+        "img_per_s": round(done / elapsed, 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p95_ms": round(float(np.percentile(ms, 95)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "errors": 0,
+        "requests": len(latencies),
+        "batch": batch,
+        "cpu_ms_per_image": {"reference": round(cpu * 1000 / done, 2)},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("library", choices=sorted(RUNNERS))
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--model-dir", nargs="+", required=True, help="folders searched for the weights file")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--half", action="store_true", help="fp16 (ultralytics predict's half=True; GPU)")
+    args = p.parse_args(argv)
+    factory, file_name = RUNNERS[args.library]
+    run = factory(find(args.model_dir, file_name), args.batch, args.device, args.half)
+    report = measure(run, collect(args.images), args.batch, args.duration, args.warmup)
+    import torch
+
+    report["torch_threads"] = torch.get_num_threads()
+    report["rss_mb"] = {"reference": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
