@@ -5,6 +5,6 @@ The bootstrap (``common/server.py``) wires these once; stages only mark their in
 """
 
 from inferline.common.telemetry.context import RequestContext, capture, in_context
-from inferline.common.telemetry.tracing import span
+from inferline.common.telemetry.tracing import span, traced
 
-__all__ = ["RequestContext", "capture", "in_context", "span"]
+__all__ = ["RequestContext", "capture", "in_context", "span", "traced"]

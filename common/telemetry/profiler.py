@@ -1,9 +1,9 @@
 """PyTorch profiler traces of the next N forward passes of a model, on request.
 
 ``POST /debug/profile?batches=N[&model=NAME][&timeout=S]`` on the inference stage's metrics port
-(or ``inferline profile``) arms it; the model's own thread starts the profiler before the next
-pass and stops it after the N-th, so the trace holds exactly those passes and nothing else
-pays for it. The answer names the Chrome trace file (open in Perfetto or chrome://tracing).
+(or ``inferline profile``) arms it; the model's thread that runs the next pass starts the
+profiler and stops it after its N-th pass, so the trace holds exactly those passes and nothing
+else pays for it (with several instances of a model, the passes of one instance). The answer names the Chrome trace file (open in Perfetto or chrome://tracing).
 torch is imported only when a capture runs: the other stages never load it.
 """
 
@@ -36,6 +36,7 @@ class Capture:
         self.error: str | None = None
         self.done = threading.Event()
         self._profile: Any = None
+        self._thread: int | None = None  # the profiler starts and stops on one thread
 
 
 class BatchProfiler:
@@ -68,11 +69,12 @@ class BatchProfiler:
             return fn(items)
         with self._lock:
             if capture.model is None:
-                capture.model = model  # the first model to run owns the capture (one thread)
-            elif capture.model != model:
-                return fn(items)
+                capture.model = model  # the first model to run owns the capture
+            if capture.model != model or capture._thread not in (None, threading.get_ident()):
+                return fn(items)  # another model, or another instance's thread of this one
             if capture._profile is None:
                 capture._profile = _start_profiler()
+                capture._thread = threading.get_ident()
         try:
             return fn(items)
         finally:

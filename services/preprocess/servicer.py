@@ -19,7 +19,7 @@ from inferline.common.recipes import Recipe
 from inferline.common.server import Service
 from inferline.common.settings import Settings
 from inferline.common.status import OK, item_status
-from inferline.common.telemetry import in_context, span
+from inferline.common.telemetry import in_context, span, traced
 from inferline.common.transform import ImageTransform
 from inferline.services.preprocess.recipes import PREPROCESSORS, TEXT_PREPROCESSORS, load_families
 
@@ -87,7 +87,8 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         others = [i for i in range(len(images)) if i not in set(jpegs)]
         loop = asyncio.get_running_loop()
         batch_job = loop.run_in_executor(
-            self.pool, gpu.letterbox_batch, [images[i].data for i in jpegs], recipe.params, self.torch_device,
+            self.pool, in_context(traced("decode_letterbox", gpu.letterbox_batch, **{"inferline.device": str(self.torch_device), "inferline.batch_size": len(jpegs)})),
+            [images[i].data for i in jpegs], recipe.params, self.torch_device,
             self.settings.max_image_pixels,
         ) if jpegs else _done([])
         letterbox = PREPROCESSORS.get("letterbox")

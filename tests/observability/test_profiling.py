@@ -3,6 +3,7 @@ traces of the inference stage for N batches (``POST /debug/profile`` on its metr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 
 from inferline.common import tensors
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
+from tests.support.servers import InProcessStack
 
 BREAKDOWN = {"preprocess.decode", "preprocess.letterbox", "preprocess.server", "inference.queue_wait",
              "inference.batch_run", "inference.server", "postprocess.nms", "postprocess.server"}
@@ -133,3 +135,14 @@ def test_profile_command_passes_on_the_stages_refusal(inference):
     assert done.returncode == 1 and "batches must be between 1 and 1000" in done.stderr
 
 
+
+
+@pytest.mark.slow
+def test_the_device_preprocess_path_reports_its_batched_decode_and_letterbox(settings, data_dir):
+    stack = InProcessStack(dataclasses.replace(settings, preprocess_device="torch-cpu", models=("yolov8n",)))
+    try:
+        timings = dict(_detect(stack, data_dir, [("x-inferline-profile", "1")]).timings_ms)
+    finally:
+        stack.close()
+    assert timings["preprocess.decode_letterbox"] > 0
+    assert "preprocess.letterbox" not in timings, "the JPEGs took the device path, not OpenCV's"
