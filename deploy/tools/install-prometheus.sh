@@ -19,6 +19,10 @@ find_binaries() {
 }
 
 if ! find_binaries; then
+    if ! command -v apt-get >/dev/null; then
+        log "no apt-get here: install prometheus, promtool and alertmanager (upstream tarballs work) and put them on PATH"
+        exit 1
+    fi
     sudo=""
     if [[ "$(id -u)" != "0" ]]; then
         command -v sudo >/dev/null || { log "not root and no sudo: install prometheus prometheus-alertmanager yourself"; exit 1; }
