@@ -17,7 +17,7 @@ ifeq ($(origin INFERLINE_MODEL_DIR), undefined)
   endif
 endif
 
-.PHONY: setup demo test test-fast up protos check-protos bench clean openapi demo-screenshot
+.PHONY: setup demo test test-fast up protos check-protos bench clean openapi demo-screenshot check-rules monitoring-picture
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,17 @@ protos: setup
 
 bench: setup
 	$(BIN)/python bench/e2e_detect.py $(if $(wildcard $(SHARED_DATA)),--images $(SHARED_DATA))
+
+# Prometheus rules and config: promtool's checks and the rules' unit tests (docs/monitoring.md).
+check-rules:
+	deploy/tools/install-prometheus.sh >/dev/null
+	promtool check rules deploy/prometheus/rules/inferline.rules.yaml
+	cd deploy/prometheus/rules && promtool test rules inferline.rules.test.yaml
+	promtool check config deploy/prometheus/prometheus.yml
+
+# Redraws docs/monitoring-dashboard.png from a load run against a real Prometheus (~2 min).
+monitoring-picture: setup
+	$(BIN)/python bench/monitoring_load.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

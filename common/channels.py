@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from inferline.common.settings import Settings
+from inferline.common.telemetry.interceptors import TelemetryClientInterceptor
 
 
 def channel_options(settings: Settings) -> list[tuple[str, int]]:
@@ -15,4 +16,6 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 def create_channel(target: str, settings: Settings) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=channel_options(settings))
+    return grpc.aio.insecure_channel(
+        target, options=channel_options(settings), interceptors=[TelemetryClientInterceptor()]  # trace context
+    )

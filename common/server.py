@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,8 +21,11 @@ from grpc_reflection.v1alpha import reflection
 
 from inferline.common.channels import channel_options
 from inferline.common.errors import ConfigError
-from inferline.common.settings import Settings
+from inferline.common.settings import STAGES, Settings
 from inferline.common.status import ErrorMappingInterceptor
+from inferline.common.telemetry.interceptors import TelemetryServerInterceptor
+from inferline.common.telemetry.metrics import MetricsServer, Route, register_gpu_metrics
+from inferline.common.telemetry.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +43,25 @@ class Service:
     # The servicer object itself, so the controller's --inprocess mode can call the same stage
     # code without a server (services/controller/inprocess.py).
     servicer: object | None = None
+    # Extra HTTP endpoints beside /metrics (the inference stage's profiler).
+    routes: dict[tuple[str, str], Route] = field(default_factory=dict)
+    # NVML GPU metrics on this stage's /metrics (the inference stage: the one that uses the GPU).
+    gpu_metrics: bool = False
 
 
 class ServerApp:
-    """One running stage. ``start`` returns the bound port, so tests can bind port 0."""
+    """One running stage. ``start`` returns the bound port, so tests can bind port 0.
 
-    def __init__(self, service: Service, settings: Settings, *, port: int, host: str | None = None):
+    ``metrics_port`` None serves no /metrics (in-process test stacks share one registry);
+    0 picks a free port, read back from ``metrics_port`` after ``start``.
+    """
+
+    def __init__(
+        self, service: Service, settings: Settings, *, port: int, host: str | None = None, metrics_port: int | None = None
+    ):
         self.service = service
+        self.metrics_port = metrics_port
+        self._metrics: MetricsServer | None = None
         self.settings = settings
         self.requested_port = port
         self.host = settings.host if host is None else host
@@ -61,7 +77,7 @@ class ServerApp:
 
     async def start(self) -> int:
         server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[TelemetryServerInterceptor(self.service.name), ErrorMappingInterceptor()],
             options=[*channel_options(self.settings), ("grpc.so_reuseport", 0)],
         )
         self._service_names = list(self.service.register(server))
@@ -80,6 +96,7 @@ class ServerApp:
         await server.start()
         self._server = server
         log.info("%s listening on %s:%d", self.service.name, self.host, self.port)
+        self._start_metrics()
         if self.service.load is not None:
             try:
                 await self.service.load()
@@ -102,7 +119,27 @@ class ServerApp:
             await self._server.stop(grace)
         if self.service.close is not None:
             await self.service.close()
+        if self._metrics is not None:
+            self._metrics.stop()
         log.info("%s stopped", self.service.name)
+
+    def _start_metrics(self) -> None:
+        """A taken metrics port is logged, not fatal: the stage keeps serving requests, and
+        Prometheus shows its target down (InferlineStageDown names it)."""
+        if self.metrics_port is None:
+            return
+        try:
+            self._metrics = MetricsServer(self.host, self.metrics_port, self.service.routes)
+        except OSError as exc:
+            log.error(
+                "%s: cannot serve metrics on %s:%d (%s); set INFERLINE_%s_METRICS_PORT to a free port",
+                self.service.name, self.host, self.metrics_port, exc, self.service.name.upper(),
+            )
+            return
+        self.metrics_port = self._metrics.start()
+        gpu = self.service.gpu_metrics and register_gpu_metrics()
+        log.info("%s metrics on http://%s:%d/metrics%s", self.service.name, self.host, self.metrics_port,
+                 " (with NVML GPU metrics)" if gpu else "")
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *self._service_names):
@@ -110,8 +147,13 @@ class ServerApp:
 
 
 async def serve(service: Service, settings: Settings, *, port: int) -> None:
-    """Run one stage until SIGTERM or SIGINT, then shut it down gracefully."""
-    app = ServerApp(service, settings, port=port)
+    """Run one stage until SIGTERM or SIGINT, then shut it down gracefully.
+
+    Process-wide telemetry starts here: the OTLP tracer provider (from ``OTEL_*``) and /metrics.
+    """
+    flush_traces = configure_tracing(service.name, os.environ)
+    metrics_port = settings.metrics_port(service.name) if service.name in STAGES else None
+    app = ServerApp(service, settings, port=port, metrics_port=metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -124,4 +166,8 @@ async def serve(service: Service, settings: Settings, *, port: int) -> None:
         await stopping
     else:
         starting.cancel()
-    await app.stop()
+    try:
+        await app.stop()
+    finally:
+        if flush_traces is not None:
+            flush_traces(settings.grace_period_s)

@@ -75,6 +75,18 @@ class Settings:
 
     log_level: str = "INFO"
 
+    # Observability (docs/monitoring.md). Prometheus /metrics per stage: 0 picks a free port,
+    # a negative port or INFERLINE_METRICS=false serves none.
+    metrics: bool = True
+    controller_metrics_port: int = 9101
+    preprocess_metrics_port: int = 9102
+    inference_metrics_port: int = 9103
+    postprocess_metrics_port: int = 9104
+    # "json": one JSON object per line with trace and request ids; "text" for reading by eye.
+    log_format: str = "json"
+    # Where the inference stage writes PyTorch profiler traces (`inferline profile`).
+    profile_dir: Path = Path("out/profiles")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
@@ -87,6 +99,11 @@ class Settings:
 
     def port(self, stage: str) -> int:
         return int(getattr(self, f"{stage if stage == GATEWAY else _known(stage)}_port"))
+
+    def metrics_port(self, stage: str) -> int | None:
+        """The stage's /metrics port, or None when metrics are off for it."""
+        port = int(getattr(self, f"{_known(stage)}_metrics_port"))
+        return port if self.metrics and port >= 0 else None
 
     def target(self, stage: str) -> str:
         return str(getattr(self, f"{_known(stage)}_target"))
@@ -120,7 +137,7 @@ def _parse(var: str, raw: str, type_name: Any) -> Any:
             if lowered in {"0", "false", "no", "off"}:
                 return False
             raise ValueError("expected true/false")
-        if kind == "Path | None":
+        if kind in ("Path | None", "Path"):
             return Path(raw).expanduser()
         if kind == "tuple[Path, ...]":
             return tuple(Path(part).expanduser() for part in raw.split(os.pathsep) if part)

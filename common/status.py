@@ -15,6 +15,8 @@ import grpc
 
 from inferline.common import errors
 from inferline.common.generated import types_pb2
+from inferline.common.telemetry.context import SERVICE
+from inferline.common.telemetry.metrics import ITEM_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ def http_status_for(code: grpc.StatusCode) -> int:
 
 def item_status(exc: BaseException) -> types_pb2.Status:
     code, message = status_for(exc)
+    ITEM_ERRORS.labels(SERVICE.get(), code.name).inc()
     if code is grpc.StatusCode.INTERNAL:
         log.error("item failed", exc_info=exc)
     return types_pb2.Status(code=code.value[0], message=message)

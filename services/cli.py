@@ -13,6 +13,9 @@ import os
 import signal
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -127,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(models)
     models.set_defaults(handler=cmd_models)
 
+    profile = commands.add_parser("profile", help="PyTorch profiler trace of the inference stage's next N batches")
+    profile.add_argument("--batches", type=int, default=10, help="forward passes to capture")
+    profile.add_argument("--model", default="", help="only this model's passes (default: the first to run)")
+    profile.add_argument("--metrics", help="the inference stage's metrics address (default: localhost:INFERLINE_INFERENCE_METRICS_PORT)")
+    profile.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the batches")
+    profile.set_defaults(handler=cmd_profile)
+
     demo = commands.add_parser("demo", help="start the stack, detect the sample images, stop the stack")
     demo.add_argument("--images", nargs="*", default=[], help="more images or directories")
     demo.add_argument("--out", type=Path, default=Path("out/demo"))
@@ -173,7 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("error: --inprocess is a mode of the controller (inferline serve controller --inprocess)", file=sys.stderr)
             return EXIT_RPC_ERROR
         settings = dataclasses.replace(settings, inprocess=True)
-    configure_logging(settings.log_level, args.stage)
+    configure_logging(settings.log_level, args.stage, settings.log_format)
     if args.stage == GATEWAY:
         return serve_gateway(settings, args.port)
     port = args.port if args.port is not None else settings.port(args.stage)
@@ -197,6 +207,24 @@ def serve_gateway(settings: Settings, port: int | None) -> int:
     if port is not None:
         settings = dataclasses.replace(settings, gateway_port=port)
     asyncio.run(serve_http(settings))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Arms the inference stage's profiler (docs/monitoring.md) and prints where the trace went."""
+    address = args.metrics or f"localhost:{Settings.from_env().inference_metrics_port}"
+    query = urllib.parse.urlencode({"batches": args.batches, "timeout": args.timeout, **({"model": args.model} if args.model else {})})
+    request = urllib.request.Request(f"http://{address}/debug/profile?{query}", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout + 10) as reply:
+            print(reply.read().decode())
+    except urllib.error.HTTPError as exc:
+        print(f"error: {json.loads(exc.read()).get('error', exc.reason)}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    except OSError as exc:
+        print(f"error: cannot reach the inference stage's metrics port at {address} ({exc}); "
+              "pass --metrics HOST:PORT", file=sys.stderr)
+        return EXIT_RPC_ERROR
     return 0
 
 

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inferline.common.errors import DeadlineExceeded, Overloaded
+from inferline.common.telemetry import RequestContext, capture
+from inferline.common.telemetry.metrics import track_queue
+from inferline.common.telemetry.tracing import batch_started
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class _Pending:
     future: asyncio.Future
     expires: float | None  # time.monotonic() deadline
     enqueued: float = field(default_factory=time.monotonic)
+    request: RequestContext = field(default_factory=capture)  # telemetry: its trace and profile
 
 
 class DynamicBatcher:
@@ -57,6 +61,7 @@ class DynamicBatcher:
         self._workers: list[asyncio.Task] = []
         # Sizes of the batches run so far: what tests and, later, metrics read.
         self.batch_sizes: list[int] = []
+        track_queue(name, lambda: len(self._queue), config.max_queue_size)
 
     @property
     def depth(self) -> int:
@@ -101,8 +106,9 @@ class DynamicBatcher:
             if not batch:
                 continue
             self.batch_sizes.append(len(batch))
+            observed = batch_started(self.name, [p.request for p in batch], [p.enqueued for p in batch])
             try:
-                results = await loop.run_in_executor(self._executor, self._run, [p.item for p in batch])
+                results = await loop.run_in_executor(self._executor, observed.run(self._run), [p.item for p in batch])
             except Exception as exc:  # noqa: BLE001 - a failed pass fails its own items only
                 log.exception("%s: forward pass failed for %d items", self.name, len(batch))
                 results = [exc] * len(batch)

@@ -20,6 +20,7 @@ import numpy as np
 from inferline.common.errors import InvalidInput, ModelNotFound, ModelNotReady
 from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
+from inferline.common.telemetry.metrics import MODEL_LOAD_SECONDS
 from inferline.common.tensors import numpy_dtype
 from inferline.services.inference.backends import Backend, load_backend
 from inferline.services.inference.batching import BatchingConfig, DynamicBatcher
@@ -95,6 +96,7 @@ class ModelManager:
             )
             backend = load_backend(config, weights, self.settings)
             elapsed = time.perf_counter() - started
+            MODEL_LOAD_SECONDS.labels(name).set(elapsed)
             self._models[name] = LoadedModel(config, backend, weights, elapsed)
             log.info(
                 "loaded %s v%s (%s/%s) from %s in %.2f s%s",

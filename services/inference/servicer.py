@@ -12,6 +12,7 @@ from inferline.common.server import Service
 from inferline.common.settings import Settings
 from inferline.common.errors import InvalidInput
 from inferline.common.status import OK, item_status
+from inferline.common.telemetry.profiler import profile_route
 from inferline.services.inference.filters import candidate_filter
 from inferline.services.inference.models import LoadedModel, ModelManager
 
@@ -106,4 +107,4 @@ def build_service(settings: Settings) -> Service:
         await manager.aclose()
         await asyncio.to_thread(manager.close)
 
-    return Service("inference", register, load, close, servicer=servicer)
+    return Service("inference", register, load, close, servicer=servicer, routes=profile_route(settings.profile_dir), gpu_metrics=True)

@@ -17,6 +17,7 @@ from inferline.common.recipes import Recipe
 from inferline.common.server import Service
 from inferline.common.settings import Settings
 from inferline.common.status import OK, item_status
+from inferline.common.telemetry import in_context, span
 from inferline.common.transform import ImageTransform
 from inferline.services.postprocess.embeddings import kmeans, l2_normalize, rank, threshold_groups, zero_shot
 from inferline.services.postprocess.recipes import POSTPROCESSORS, load_families
@@ -53,7 +54,8 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
 
         def run(item: postprocess_pb2.PostprocessItem):
             outputs = {t.name: tensors.from_proto(t) for t in item.outputs}
-            return postprocessor(outputs, _transform(item.transform), options, recipe.params, labels)
+            with span("nms", **{"inferline.recipe": recipe.name}):
+                return postprocessor(outputs, _transform(item.transform), options, recipe.params, labels)
 
         outcomes = await self._map(run, request.items)
         response = postprocess_pb2.PostprocessResponse()
@@ -71,9 +73,10 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
         renderer = partial(RENDERERS.get(name), max_pixels=self.settings.max_image_pixels)
 
         def run(item: postprocess_pb2.RenderItem):
-            return renderer(
-                RenderInput(item.name, item.width, item.height, detections_from_proto(item.detections), item.image)
-            )
+            with span("render", **{"inferline.format": name, "inferline.image_size": f"{item.width}x{item.height}"}):
+                return renderer(
+                    RenderInput(item.name, item.width, item.height, detections_from_proto(item.detections), item.image)
+                )
 
         outcomes = await self._map(run, request.items)
         response = postprocess_pb2.RenderResponse()
@@ -98,7 +101,7 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
 
     async def _map(self, fn, items) -> list:
         loop = asyncio.get_running_loop()
-        return await asyncio.gather(*(loop.run_in_executor(self.pool, fn, item) for item in items), return_exceptions=True)
+        return await asyncio.gather(*(loop.run_in_executor(self.pool, in_context(fn), item) for item in items), return_exceptions=True)
 
 
 def build_service(settings: Settings) -> Service:

@@ -19,6 +19,7 @@ from inferline.common.recipes import Recipe
 from inferline.common.server import Service
 from inferline.common.settings import Settings
 from inferline.common.status import OK, item_status
+from inferline.common.telemetry import in_context, span, traced
 from inferline.common.transform import ImageTransform
 from inferline.services.preprocess.recipes import PREPROCESSORS, TEXT_PREPROCESSORS, load_families
 
@@ -51,8 +52,12 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
             raise InvalidInput("regions need the images they are cut from")
         if not request.images:
             raise InvalidInput("no images or texts in the request")
-        preprocessor = PREPROCESSORS.get(recipe.name, error=InvalidInput)
-        decode = lambda data: decode_image(data, max_pixels=self.settings.max_image_pixels)  # noqa: E731
+        preprocessor = _traced(PREPROCESSORS.get(recipe.name, error=InvalidInput), recipe.name)
+
+        def decode(data: bytes) -> np.ndarray:
+            with span("decode", **{"inferline.encoded_bytes": len(data)}):
+                return decode_image(data, max_pixels=self.settings.max_image_pixels)
+
         response = preprocess_pb2.PreprocessResponse()
         if not request.regions and self.torch_device is not None and recipe.name == "letterbox":
             _fill_images(response, await self._letterbox_on_device(request.images, recipe, decode))
@@ -82,7 +87,8 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         others = [i for i in range(len(images)) if i not in set(jpegs)]
         loop = asyncio.get_running_loop()
         batch_job = loop.run_in_executor(
-            self.pool, gpu.letterbox_batch, [images[i].data for i in jpegs], recipe.params, self.torch_device,
+            self.pool, in_context(traced("decode_letterbox", gpu.letterbox_batch, **{"inferline.device": str(self.torch_device), "inferline.batch_size": len(jpegs)})),
+            [images[i].data for i in jpegs], recipe.params, self.torch_device,
             self.settings.max_image_pixels,
         ) if jpegs else _done([])
         letterbox = PREPROCESSORS.get("letterbox")
@@ -113,7 +119,19 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
 
     async def _map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
         loop = asyncio.get_running_loop()
-        return await asyncio.gather(*(loop.run_in_executor(self.pool, fn, item) for item in items), return_exceptions=True)
+        return await asyncio.gather(*(loop.run_in_executor(self.pool, in_context(fn), item) for item in items), return_exceptions=True)
+
+
+def _traced(preprocessor: Callable[..., tuple[np.ndarray, ImageTransform]], name: str) -> Callable[..., tuple[np.ndarray, ImageTransform]]:
+    """The recipe (letterbox, clip_image, ...) as one span, with the image size in and out."""
+
+    def run(pixels: np.ndarray, params: dict) -> tuple[np.ndarray, ImageTransform]:
+        with span(name, **{"inferline.image_size": f"{pixels.shape[1]}x{pixels.shape[0]}"}) as current:
+            array, transform = preprocessor(pixels, params)
+            current.set_attribute("inferline.input_size", f"{transform.input_width}x{transform.input_height}")
+            return array, transform
+
+    return run
 
 
 async def _done(value):

@@ -1,0 +1,76 @@
+"""Per-request context that travels with a call: service, request id and the profile flag.
+
+Context variables, so each asyncio task (one per RPC) has its own; thread-pool work sees them
+when submitted through ``in_context``, and queued batch items carry a ``capture`` of them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+# gRPC metadata keys (lower case, as gRPC requires).
+REQUEST_ID_HEADER = "x-request-id"
+PROFILE_HEADER = "x-inferline-profile"
+TIMINGS_TRAILER = "x-inferline-timings"
+
+SERVICE: contextvars.ContextVar[str] = contextvars.ContextVar("inferline_service", default="")
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("inferline_request_id", default="")
+
+
+@dataclass
+class Profile:
+    """Milliseconds per step of one request, summed over its items (``x-inferline-profile``).
+
+    Steps of items that run in parallel add up, so a step can exceed the request's wall time:
+    the sum says where the work went, the stage totals say how long the caller waited.
+    """
+
+    ms: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, key: str, seconds: float) -> None:
+        with self._lock:
+            self.ms[key] = self.ms.get(key, 0.0) + seconds * 1000.0
+
+    def merge(self, timings: dict[str, float]) -> None:
+        with self._lock:
+            for key, value in timings.items():
+                self.ms[key] = self.ms.get(key, 0.0) + value
+
+
+PROFILE: contextvars.ContextVar[Profile | None] = contextvars.ContextVar("inferline_profile", default=None)
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What a queued item needs to be reported under its own request: trace parent, profile."""
+
+    otel: otel_context.Context
+    service: str
+    profile: Profile | None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Items with equal keys belong to the same request (the same parent span)."""
+        return trace.get_current_span(self.otel).get_span_context().span_id, id(self.profile)
+
+
+def capture() -> RequestContext:
+    return RequestContext(otel_context.get_current(), SERVICE.get(), PROFILE.get())
+
+
+def in_context(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` bound to a copy of the caller's context, for ``run_in_executor``: executor threads
+    do not inherit context variables, so spans and logs there would lose their request.
+
+    Call it once per submitted item: one copied context cannot be entered by two threads.
+    """
+    return functools.partial(contextvars.copy_context().run, fn)

@@ -1,0 +1,188 @@
+"""gRPC interceptors: one span, one metric sample and one access log line per RPC.
+
+The server side continues the caller's W3C trace context from the call's metadata and sets the
+request context (service, request id, profile flag) for the handler; the client side (the
+controller's channels to the stages) starts a CLIENT span and passes all of it on, and brings
+the stage's step timings back from the trailing metadata when a profile was asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from inferline.common.telemetry import metrics
+from inferline.common.telemetry.context import (
+    PROFILE,
+    PROFILE_HEADER,
+    REQUEST_ID,
+    REQUEST_ID_HEADER,
+    SERVICE,
+    TIMINGS_TRAILER,
+    Profile,
+)
+from inferline.common.telemetry.tracing import span_scope, tracing_on
+
+access_log = logging.getLogger("inferline.access")
+
+# A caller's request id is logged on every line; longer ones are cut.
+MAX_REQUEST_ID = 128
+# Probes and reflection would drown the access log; they are still counted in the metrics.
+QUIET_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
+
+UnaryHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def split_method(full: str) -> tuple[str, str]:
+    """``/inferline.v1.PreprocessService/Preprocess`` -> (``inferline.v1.PreprocessService``, ``Preprocess``)."""
+    service, _, method = full.lstrip("/").rpartition("/")
+    return service, method
+
+
+def _flag(value: str | None) -> bool:
+    return value is not None and value.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
+    """Outermost interceptor: it sees the final status, after the error mapping."""
+
+    def __init__(self, service: str):
+        self.service = service
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._observed(handler.unary_unary, handler_call_details.method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _observed(self, inner: UnaryHandler, full_method: str) -> UnaryHandler:
+        rpc_service, method = split_method(full_method)
+        quiet = rpc_service.startswith(QUIET_SERVICES)
+        in_flight = metrics.RPC_IN_FLIGHT.labels(self.service, method)
+        attributes = {"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": method}
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            SERVICE.set(self.service)
+            request_id = metadata.get(REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID] or uuid.uuid4().hex
+            REQUEST_ID.set(request_id)
+            profile = Profile() if _flag(metadata.get(PROFILE_HEADER)) else None
+            PROFILE.set(profile)
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            in_flight.inc()
+            with span_scope(
+                f"{rpc_service}/{method}", context=propagate.extract(metadata) if tracing_on() else None,
+                kind=SpanKind.SERVER, attributes=attributes, record_exception=False, set_status_on_exception=False,
+            ) as span:
+                try:
+                    response = await inner(request, context)
+                    trailers = [(REQUEST_ID_HEADER, request_id)]
+                    if profile is not None:
+                        trailers.append(_attach_profile(profile, self.service, started, response))
+                    context.set_trailing_metadata(trailers)
+                    return response
+                except grpc.aio.AbortError:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED  # the caller went away or its deadline passed
+                    raise
+                except BaseException:
+                    code = grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    elapsed = time.perf_counter() - started
+                    in_flight.dec()
+                    metrics.RPC_SECONDS.labels(self.service, method, code.name).observe(elapsed)
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+                    if code is not grpc.StatusCode.OK:
+                        span.set_status(Status(StatusCode.ERROR, code.name))
+                    access_log.log(
+                        logging.DEBUG if quiet else logging.INFO,
+                        "%s %s %.1f ms", method, code.name, elapsed * 1000,
+                        extra={"rpc_method": f"{rpc_service}/{method}", "status": code.name,
+                               "duration_ms": round(elapsed * 1000, 3)},
+                    )
+
+        return call
+
+
+def _attach_profile(profile: Profile, service: str, started: float, response: Any) -> tuple[str, str]:
+    """The profile goes into ``timings_ms`` when the response has one (the controller's), beside
+    the controller's own per-stage wall times; returns the trailer that carries it back."""
+    profile.add(f"{service}.server", time.perf_counter() - started)
+    timings = getattr(response, "timings_ms", None)
+    if timings is not None:
+        for key, value in profile.ms.items():
+            if key not in timings:
+                timings[key] = round(value, 3)
+    return TIMINGS_TRAILER, json.dumps(profile.ms)
+
+
+class TelemetryClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """On the controller's channels to the stages: trace context, request id and profile flag out;
+    the stage's step timings back in."""
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        rpc_service, method = split_method(_text(client_call_details.method))
+        stage = _stage_name(rpc_service)
+        profile = PROFILE.get()
+        with span_scope(
+            f"{rpc_service}/{method}", kind=SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": method},
+            record_exception=False, set_status_on_exception=False,
+        ) as span:
+            carrier: dict[str, str] = {}
+            if tracing_on():
+                propagate.inject(carrier)
+            if REQUEST_ID.get():
+                carrier[REQUEST_ID_HEADER] = REQUEST_ID.get()
+            if profile is not None:
+                carrier[PROFILE_HEADER] = "1"
+            metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()), *carrier.items())
+            details = client_call_details._replace(metadata=metadata)
+            started = time.perf_counter()
+            call = await continuation(details, request)
+            code = grpc.StatusCode.OK
+            try:
+                await call
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                span.set_status(Status(StatusCode.ERROR, code.name))
+                raise
+            finally:
+                metrics.STAGE_CALL_SECONDS.labels(stage, method, code.name).observe(time.perf_counter() - started)
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if profile is not None:
+                for key, value in await call.trailing_metadata() or ():
+                    if key == TIMINGS_TRAILER:
+                        profile.merge(json.loads(value))
+            return call
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _stage_name(rpc_service: str) -> str:
+    """``inferline.v1.PreprocessService`` -> ``preprocess`` (a bounded label)."""
+    name = rpc_service.rpartition(".")[2]
+    return name.removesuffix("Service").lower() or "unknown"

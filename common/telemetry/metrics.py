@@ -1,0 +1,177 @@
+"""Prometheus metrics of every stage, and the HTTP endpoint that serves them.
+
+Names follow Prometheus conventions (``inferline_`` prefix, base units, ``_seconds``,
+``_total``). Labels are bounded: service and stage names, the gRPC method (a fixed set per
+service), status code names, model names from the repository, step names from the code.
+Nothing per request, image or client ever becomes a label.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# 1 ms .. 60 s: a cached tiny image is a few ms, a large CPU batch of Faster R-CNN tens of s.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+RPC_SECONDS = Histogram(
+    "inferline_rpc_duration_seconds",
+    "Server-side duration of each RPC, by service, method and gRPC status code.",
+    ["service", "method", "code"],
+    buckets=LATENCY_BUCKETS,
+)
+RPC_IN_FLIGHT = Gauge(
+    "inferline_rpc_in_flight", "RPCs being handled right now.", ["service", "method"]
+)
+STAGE_CALL_SECONDS = Histogram(
+    "inferline_stage_call_duration_seconds",
+    "The controller's view of each call to a stage (network and queueing included).",
+    ["stage", "method", "code"],
+    buckets=LATENCY_BUCKETS,
+)
+STEP_SECONDS = Histogram(
+    "inferline_step_duration_seconds",
+    "Inner steps of a stage (decode, letterbox, queue_wait, batch_run, nms, render), per item or batch.",
+    ["service", "step"],
+    buckets=STEP_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "inferline_batch_size", "Items per forward pass made by the dynamic batcher.", ["model"], buckets=BATCH_BUCKETS
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "inferline_queue_wait_seconds",
+    "Time an item waited in its model's batching queue before its forward pass began.",
+    ["model"],
+    buckets=STEP_BUCKETS,
+)
+QUEUE_DEPTH = Gauge("inferline_queue_depth", "Items waiting in the model's batching queue.", ["model"])
+QUEUE_CAPACITY = Gauge(
+    "inferline_queue_capacity", "The batching queue's limit (max_queue_size); full refuses calls.", ["model"]
+)
+MODEL_LOAD_SECONDS = Gauge("inferline_model_load_seconds", "How long loading the model took at start-up.", ["model"])
+ITEM_ERRORS = Counter(
+    "inferline_item_errors_total", "Items of a batch that failed on their own, by status code.", ["service", "code"]
+)
+
+
+def track_queue(model: str, depth: Callable[[], int], capacity: int) -> None:
+    """Queue depth is read at scrape time, so the batcher's hot path does no metric work."""
+    QUEUE_DEPTH.labels(model).set_function(depth)
+    QUEUE_CAPACITY.labels(model).set(capacity)
+
+
+class NvmlCollector(Collector):
+    """GPU utilisation and memory from NVML, read at scrape time; nothing without a GPU."""
+
+    def __init__(self, nvml: Any):
+        self.nvml = nvml
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        util = GaugeMetricFamily(
+            "inferline_gpu_utilization_ratio", "Share of the last sample period the GPU was busy (0-1).", labels=["gpu"]
+        )
+        used = GaugeMetricFamily("inferline_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"])
+        total = GaugeMetricFamily("inferline_gpu_memory_total_bytes", "GPU memory in all.", labels=["gpu"])
+        nvml = self.nvml
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                rates = nvml.nvmlDeviceGetUtilizationRates(handle)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                util.add_metric([str(index)], rates.gpu / 100.0)
+                used.add_metric([str(index)], float(memory.used))
+                total.add_metric([str(index)], float(memory.total))
+        except nvml.NVMLError as exc:
+            log.warning("NVML read failed: %s", exc)
+        yield from (util, used, total)
+
+
+_gpu_registered = False
+
+
+def register_gpu_metrics() -> bool:
+    """Adds the NVML collector once per process when a driver and a GPU are there."""
+    global _gpu_registered
+    if _gpu_registered:
+        return True
+    try:
+        import pynvml  # nvidia-ml-py; optional
+
+        pynvml.nvmlInit()
+        if pynvml.nvmlDeviceGetCount() == 0:
+            return False
+    except Exception:  # noqa: BLE001 - no library, no driver or no GPU: no GPU metrics
+        return False
+    REGISTRY.register(NvmlCollector(pynvml))
+    _gpu_registered = True
+    return True
+
+
+Route = Callable[[BaseHTTPRequestHandler], None]
+
+
+class MetricsServer:
+    """``/metrics`` (and extra routes such as the profiler's) on a daemon thread.
+
+    A plain threading HTTP server: a scrape never waits on the gRPC event loop, so a stage whose
+    loop is stuck still reports (and its in-flight and queue gauges show why).
+    """
+
+    def __init__(self, host: str, port: int, routes: dict[tuple[str, str], Route] | None = None):
+        self.routes: dict[tuple[str, str], Route] = {("GET", "/metrics"): _serve_metrics, **(routes or {})}
+        routes_ = self.routes
+
+        class Handler(BaseHTTPRequestHandler):
+            def _dispatch(self, verb: str) -> None:
+                route = routes_.get((verb, self.path.split("?", 1)[0]))
+                if route is None:
+                    known = ", ".join(f"{v} {p}" for v, p in sorted(routes_))
+                    reply(self, 404, "text/plain", f"no such endpoint; this server has: {known}\n".encode())
+                    return
+                route(self)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                self._dispatch("GET")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._dispatch("POST")
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug("metrics http: " + fmt, *args)
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+
+    def start(self) -> int:
+        self._thread.start()
+        return self.port
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def reply(handler: BaseHTTPRequestHandler, status: int, content_type: str, body: bytes) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def _serve_metrics(handler: BaseHTTPRequestHandler) -> None:
+    reply(handler, 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
+

@@ -1,0 +1,148 @@
+"""Profiling: the per-request stage breakdown (``x-inferline-profile``) and PyTorch profiler
+traces of the inference stage for N batches (``POST /debug/profile`` on its metrics port)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from inferline.common import tensors
+from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
+from tests.support.servers import InProcessStack
+
+BREAKDOWN = {"preprocess.decode", "preprocess.letterbox", "preprocess.server", "inference.queue_wait",
+             "inference.batch_run", "inference.server", "postprocess.nms", "postprocess.server"}
+
+
+def _detect(stack, data_dir, metadata=()):
+    with grpc.insecure_channel(stack.controller) as channel:
+        stub = controller_pb2_grpc.ControllerServiceStub(channel)
+        images = [types_pb2.Image(name=n, data=(data_dir / n).read_bytes()) for n in ("shapes_01.jpg", "shapes_02.jpg")]
+        return stub.Detect(controller_pb2.DetectRequest(model="yolov8n", images=images), metadata=metadata, timeout=120)
+
+
+def test_profile_flag_adds_the_per_step_breakdown_of_every_stage_to_timings(stack, data_dir):
+    timings = dict(_detect(stack, data_dir, [("x-inferline-profile", "1")]).timings_ms)
+    assert BREAKDOWN <= set(timings), sorted(timings)
+    assert all(timings[key] > 0 for key in BREAKDOWN)
+    # The controller's own wall times stay, and a stage's server time fits inside its call.
+    for stage in ("preprocess", "inference", "postprocess"):
+        assert timings[f"{stage}.server"] <= timings[stage] + 0.5
+    assert timings["inference.batch_run"] <= timings["inference.server"] + 0.5
+
+
+@pytest.mark.parametrize("flag", [None, "0", "false"])
+def test_without_the_profile_flag_timings_keep_their_plain_shape(stack, data_dir, flag):
+    metadata = [] if flag is None else [("x-inferline-profile", flag)]
+    timings = _detect(stack, data_dir, metadata).timings_ms
+    assert set(timings) == {"preprocess", "inference", "postprocess", "total"}
+
+
+def _post(app, query: str) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{app.metrics_port}/debug/profile?{query}", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _infer(app, count: int) -> None:
+    with grpc.insecure_channel(app.address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        pixels = np.random.default_rng(0).integers(0, 256, (3, 320, 320), dtype=np.uint8)
+        for _ in range(count):
+            item = inference_pb2.InferItem(inputs=[tensors.to_proto(pixels, "images")])
+            stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="yolov8n", items=[item]), timeout=60)
+
+
+def test_profiler_captures_a_chrome_trace_of_exactly_the_next_n_batches(inference):
+    app, profiles = inference
+    answer: dict = {}
+    capture = threading.Thread(target=lambda: answer.update(zip(("status", "body"), _post(app, "batches=2&timeout=60"))))
+    capture.start()
+    # Keep sending until the capture is done: the route may arm after the first call.
+    while capture.is_alive():
+        _infer(app, 1)
+        capture.join(0.2)
+    assert answer["status"] == 200, answer
+    body = answer["body"]
+    assert (body["model"], body["batches"]) == ("yolov8n", 2)
+    trace = json.loads(open(body["trace"]).read())
+    assert body["trace"].startswith(str(profiles))
+    names = {event.get("name", "") for event in trace["traceEvents"]}
+    assert any(name.startswith("aten::conv") for name in names), "the trace holds the model's convolutions"
+
+
+@pytest.mark.parametrize(
+    "query, message",
+    [("batches=0", "batches must be between 1 and 1000"), ("batches=many", "invalid literal"),
+     ("batches=1&timeout=soon", "could not convert")],
+)
+def test_profiler_refuses_bad_parameters_with_usage(inference, query, message):
+    app, _ = inference
+    status, body = _post(app, query)
+    assert status == 400 and message in body["error"] and "POST /debug/profile?batches=N" in body["usage"]
+
+
+def test_profiler_without_traffic_times_out_with_advice_and_can_be_armed_again(inference):
+    app, _ = inference
+    status, body = _post(app, "batches=1&timeout=0.3")
+    assert status == 504 and "send traffic while profiling" in body["error"] and body["batches_seen"] == 0
+    answer: dict = {}
+    capture = threading.Thread(target=lambda: answer.update(zip(("status", "body"), _post(app, "batches=1&timeout=60"))))
+    capture.start()
+    while capture.is_alive():
+        _infer(app, 1)
+        capture.join(0.2)
+    assert answer["status"] == 200, answer
+
+
+CLI = [sys.executable, "-m", "inferline.services.cli"]
+
+
+def test_profile_command_prints_the_trace_file(inference):
+    app, profiles = inference
+    command = subprocess.Popen([*CLI, "profile", "--batches", "1", "--metrics", f"127.0.0.1:{app.metrics_port}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while command.poll() is None:
+        _infer(app, 1)
+        time.sleep(0.2)
+    out, err = command.communicate()
+    assert command.returncode == 0, err
+    assert json.loads(out)["trace"].startswith(str(profiles))
+
+
+def test_profile_command_names_the_address_it_could_not_reach():
+    done = subprocess.run([*CLI, "profile", "--metrics", "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "cannot reach the inference stage's metrics port at 127.0.0.1:1" in done.stderr
+
+
+def test_profile_command_passes_on_the_stages_refusal(inference):
+    app, _ = inference
+    done = subprocess.run([*CLI, "profile", "--batches", "0", "--metrics", f"127.0.0.1:{app.metrics_port}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "batches must be between 1 and 1000" in done.stderr
+
+
+
+
+@pytest.mark.slow
+def test_the_device_preprocess_path_reports_its_batched_decode_and_letterbox(settings, data_dir):
+    stack = InProcessStack(dataclasses.replace(settings, preprocess_device="torch-cpu", models=("yolov8n",)))
+    try:
+        timings = dict(_detect(stack, data_dir, [("x-inferline-profile", "1")]).timings_ms)
+    finally:
+        stack.close()
+    assert timings["preprocess.decode_letterbox"] > 0
+    assert "preprocess.letterbox" not in timings, "the JPEGs took the device path, not OpenCV's"

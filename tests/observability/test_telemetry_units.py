@@ -1,0 +1,101 @@
+"""The small pieces: when tracing turns on, what a log line holds, context in thread pools."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from opentelemetry import trace
+
+from inferline.common.logs import JsonFormatter, TextFormatter
+from inferline.common.telemetry.context import REQUEST_ID, SERVICE, Profile, in_context
+from inferline.common.telemetry.tracing import configure_tracing, tracing_requested
+
+
+@pytest.mark.parametrize(
+    "environ, on",
+    [
+        ({}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_SDK_DISABLED": "true"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": ""}, False),
+    ],
+)
+def test_tracing_is_on_only_when_an_otlp_endpoint_is_configured(environ, on):
+    assert tracing_requested(environ) is on
+
+
+def test_without_otlp_no_sdk_is_installed_and_spans_are_no_ops():
+    assert configure_tracing("preprocess", {}) is None
+    assert not isinstance(trace.get_tracer_provider(), _sdk_provider())
+    with trace.get_tracer("t").start_as_current_span("x") as span:
+        assert not span.is_recording()
+
+
+def _sdk_provider() -> type:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    return TracerProvider
+
+
+def _log_line(formatter: logging.Formatter, **extra: object) -> str:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    logger = logging.getLogger("inferline.test.logs")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("Detect %s", "OK", extra=extra)
+    finally:
+        logger.handlers.clear()
+    return stream.getvalue().strip()
+
+
+def test_json_line_holds_the_request_context_and_structured_fields():
+    service, request = SERVICE.set("controller"), REQUEST_ID.set("req-7")
+    try:
+        line = json.loads(_log_line(JsonFormatter("fallback"), status="OK", duration_ms=12.5))
+    finally:
+        SERVICE.reset(service)
+        REQUEST_ID.reset(request)
+    assert line["service"] == "controller" and line["request_id"] == "req-7" and line["message"] == "Detect OK"
+    assert (line["status"], line["duration_ms"]) == ("OK", 12.5)
+    assert {"ts", "level", "logger", "trace_id", "span_id"} <= set(line)
+
+
+def test_json_line_outside_a_request_names_the_process_service_and_has_empty_ids():
+    line = json.loads(_log_line(JsonFormatter("inference")))
+    assert line["service"] == "inference" and line["request_id"] == "" and line["trace_id"] == ""
+
+
+def test_text_line_ends_with_the_request_id():
+    request = REQUEST_ID.set("req-9")
+    try:
+        assert _log_line(TextFormatter("controller")).endswith("Detect OK (request req-9)")
+    finally:
+        REQUEST_ID.reset(request)
+
+
+def test_thread_pool_work_sees_the_request_only_through_in_context():
+    token = REQUEST_ID.set("req-pool")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(REQUEST_ID.get).result() == ""
+            assert pool.submit(in_context(REQUEST_ID.get)).result() == "req-pool"
+    finally:
+        REQUEST_ID.reset(token)
+
+
+def test_profile_sums_steps_in_milliseconds_and_merges_a_stages_timings():
+    profile = Profile()
+    profile.add("preprocess.decode", 0.002)
+    profile.add("preprocess.decode", 0.003)
+    profile.merge({"preprocess.decode": 1.0, "inference.batch_run": 40.0})
+    assert profile.ms == pytest.approx({"preprocess.decode": 6.0, "inference.batch_run": 40.0})
