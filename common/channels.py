@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from inferline.common.settings import Settings
+from inferline.common.tls import channel_credentials
 
 
 def channel_options(settings: Settings) -> list[tuple[str, int]]:
@@ -15,4 +16,7 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 def create_channel(target: str, settings: Settings) -> grpc.aio.Channel:
+    credentials = channel_credentials(settings)
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=channel_options(settings))
     return grpc.aio.insecure_channel(target, options=channel_options(settings))

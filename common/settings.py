@@ -35,6 +35,13 @@ class Settings:
     grace_period_s: float = 10.0
     # Seconds a controller gives the stages when its caller set no deadline.
     default_timeout_s: float = 60.0
+    # TLS between the services (common/tls.py): this process's certificate and key, and the CA
+    # that peers' certificates must chain to. tls_serve=false keeps this listener plaintext
+    # (a controller behind an ingress) while its channels to the stages still use TLS.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_serve: bool = True
 
     # Models.
     model_repository: Path | None = None

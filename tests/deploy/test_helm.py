@@ -75,7 +75,12 @@ def test_rendered_objects_are_valid_for_kubernetes_1_35(helm, name, tmp_path):
     else:
         assert "nvidia.com/gpu" not in limits
     if name == "tls":
-        assert _by_kind(docs, "Certificate")["t-inferline-tls"]["spec"]["secretName"] == "inferline-tls"
+        certificate = _by_kind(docs, "Certificate")["t-inferline-tls"]["spec"]
+        assert certificate["secretName"] == "inferline-tls" and "localhost" in certificate["dnsNames"]
+        assert "t-inferline-inference.default.svc" in certificate["dnsNames"]
+        controller_env = deployments["t-inferline-controller"]["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert {"name": "INFERLINE_TLS_SERVE", "value": "false"} in controller_env
+        assert {"name": "INFERLINE_TLS_CA_FILE", "value": "/etc/inferline/tls/ca.crt"} in inference["containers"][0]["env"]
         assert any(v.get("secret", {}).get("secretName") == "inferline-tls" for v in inference["volumes"])
     if name == "autoscaling":
         hpas = _by_kind(docs, "HorizontalPodAutoscaler")
@@ -125,6 +130,24 @@ def test_rendered_deployments_run_under_podman_kube_play_and_serve_detect(helm, 
         assert_detects_shapes(detect(f"127.0.0.1:{ports['controller']}", shapes_image, timeout=180))
         pods = podman("pod", "ps", "--filter", f"name={release}", "--format", "{{.Name}} {{.Status}}").stdout.split("\n")
         assert sum("Running" in p for p in pods) == 4, pods
+        _run_helm_test_pod(helm, release, tmp_path / "values.json", ports)
     finally:
         podman("kube", "down", str(play), check=False, timeout=120)
         podman("volume", "rm", "-f", f"{release}-inferline-models", check=False)
+
+
+def _run_helm_test_pod(helm: str, release: str, values: Path, ports: dict[str, int]) -> None:
+    """The chart's `helm test` pod, its own container and script, with the Service names it would
+    dial replaced by the host ports (no Service DNS under podman)."""
+    pod = yaml.safe_load(run([helm, "template", release, str(CHART), "-f", str(values),
+                              "--show-only", "templates/tests/test-detect.yaml"]).stdout)
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    for stage, port in ports.items():
+        env[f"TARGET_{stage.upper()}"] = f"127.0.0.1:{port}"
+    args = ["run", "--rm", "--network", "host", "--read-only", "--user", "10001:10001"]
+    for key, value in env.items():
+        args += ["-e", f"{key}={value}"]
+    done = podman(*args, container["image"], *container["command"], timeout=300)
+    assert "inference 127.0.0.1" in done.stdout and f"Detect {env['MODEL']} 1:" in done.stdout, done.stdout
