@@ -140,6 +140,9 @@ def test_four_containers_serve_detect_with_limits_on_a_user_network(container_st
     assert health(container_stack.target) == "SERVING"
     response = detect(container_stack.target, shapes_image)
     assert_detects_shapes(response)
+    stats = podman("stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}} {{.CPUPerc}}",
+                   *container_stack.names.values()).stdout
+    print("memory after one Detect:\n" + stats)
     limits = json.loads(podman("inspect", container_stack.names["inference"]).stdout)[0]["HostConfig"]
     assert limits["Memory"] == 1024 ** 3 and limits["NanoCpus"] == 1_000_000_000 and limits["ReadonlyRootfs"]
 

@@ -6,7 +6,6 @@ one cannot install, the test fails with the script's message instead of skipping
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -97,7 +96,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def containers_env() -> dict[str, str]:
-    return dict(os.environ, CONTAINERS_CONF=os.environ["CONTAINERS_CONF"])
