@@ -56,11 +56,13 @@ COMPOSE_FILE := deploy/compose.yaml
 PROFILES ?=
 COMPOSE = $(shell if docker compose version >/dev/null 2>&1; then echo "docker compose"; \
   elif command -v podman-compose >/dev/null; then echo podman-compose; \
-  elif [ -x .cache/tools/venv/bin/podman-compose ]; then echo .cache/tools/venv/bin/podman-compose; fi)
-HELM = $(shell command -v helm || { [ -x .cache/tools/bin/helm ] && echo .cache/tools/bin/helm; })
+  elif [ -x .cache/tools/venv/bin/podman-compose ]; then echo $(abspath .cache/tools/venv/bin/podman-compose); fi)
+HELM = $(shell command -v helm || { [ -x .cache/tools/bin/helm ] && echo $(abspath .cache/tools/bin/helm); })
 RELEASE ?= inferline
 NAMESPACE ?= inferline
 HELM_VALUES ?=
+# podman/buildah settings these machines need (runc, ulimits root may set); yours may differ.
+export CONTAINERS_CONF ?= $(abspath deploy/tools/containers.conf)
 
 images:
 	@command -v buildah >/dev/null || command -v docker >/dev/null || \

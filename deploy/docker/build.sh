@@ -19,6 +19,8 @@ read -r -a EXTRA <<<"${INFERLINE_BUILD_OPTS:-}"
 
 if command -v buildah >/dev/null; then
   BUILD=(buildah build --pull=never --format docker --layers)
+  # runc and the ulimits root may set on these machines (deploy/tools/containers.conf).
+  export CONTAINERS_CONF=${CONTAINERS_CONF:-$ROOT/deploy/tools/containers.conf}
 elif command -v docker >/dev/null; then
   BUILD=(docker build)
 else
