@@ -67,3 +67,48 @@ openapi: setup
 # docs/demo.png (the README's picture of the demo page), from the gateway's browser test.
 demo-screenshot: setup
 	INFERLINE_WRITE_DOCS=1 $(BIN)/python -m pytest -q --no-cov tests/gateway/test_demo_page_browser.py
+
+# ---- Deployment (docs/deployment.md) -------------------------------------------------------
+# Images: buildah where present (no daemon needed), else docker. Compose: docker compose, else
+# podman-compose. Helm: helm on PATH, else the one deploy/tools/install-helm.sh puts in .cache/tools.
+.PHONY: images compose-up compose-down deploy-local deploy-k8s helm-lint
+IMAGES ?= controller preprocess postprocess inference-onnx
+COMPOSE_FILE := deploy/compose.yaml
+PROFILES ?=
+COMPOSE = $(shell if docker compose version >/dev/null 2>&1; then echo "docker compose"; \
+  elif command -v podman-compose >/dev/null; then echo podman-compose; \
+  elif [ -x .cache/tools/venv/bin/podman-compose ]; then echo $(abspath .cache/tools/venv/bin/podman-compose); fi)
+HELM = $(shell command -v helm || { [ -x .cache/tools/bin/helm ] && echo $(abspath .cache/tools/bin/helm); })
+RELEASE ?= inferline
+NAMESPACE ?= inferline
+HELM_VALUES ?=
+# podman/buildah settings these machines need (runc, ulimits root may set); yours may differ.
+export CONTAINERS_CONF ?= $(abspath deploy/tools/containers.conf)
+
+images:
+	@command -v buildah >/dev/null || command -v docker >/dev/null || \
+	  { echo "make images: needs buildah or docker (deploy/tools/install-containers.sh installs buildah/podman on Debian)" >&2; exit 2; }
+	deploy/docker/build.sh $(IMAGES)
+
+compose-up:
+	@[ -n "$(COMPOSE)" ] || { echo "make compose-up: needs 'docker compose' or podman-compose (deploy/tools/install-containers.sh)" >&2; exit 2; }
+	cd deploy && $(COMPOSE) -f compose.yaml $(foreach p,$(PROFILES),--profile $(p)) up -d
+
+compose-down:
+	@[ -n "$(COMPOSE)" ] || { echo "make compose-down: needs 'docker compose' or podman-compose" >&2; exit 2; }
+	cd deploy && $(COMPOSE) -f compose.yaml $(foreach p,$(PROFILES),--profile $(p)) down
+
+deploy-local: images compose-up
+	@echo "inferline is starting: controller on localhost:$${INFERLINE_CONTROLLER_HOST_PORT:-50051} (make compose-down stops it)"
+
+helm-lint:
+	@[ -n "$(HELM)" ] || { echo "make helm-lint: needs helm (deploy/tools/install-helm.sh)" >&2; exit 2; }
+	$(HELM) lint --strict helm/inferline
+	@for f in helm/inferline/ci/*.yaml; do $(HELM) lint --strict helm/inferline -f $$f >/dev/null && echo "lint ok with $$f"; done
+
+deploy-k8s:
+	@[ -n "$(HELM)" ] || { echo "make deploy-k8s: needs helm (deploy/tools/install-helm.sh, or your package manager)" >&2; exit 2; }
+	@command -v kubectl >/dev/null || [ -x .cache/tools/bin/kubectl ] || { echo "make deploy-k8s: needs kubectl" >&2; exit 2; }
+	@KUBECTL=$$(command -v kubectl || echo .cache/tools/bin/kubectl); $$KUBECTL config current-context >/dev/null 2>&1 || \
+	  { echo "make deploy-k8s: no current kube context (kubectl config use-context NAME)" >&2; exit 2; }
+	$(HELM) upgrade --install $(RELEASE) helm/inferline --namespace $(NAMESPACE) --create-namespace --wait --timeout 10m $(foreach f,$(HELM_VALUES),-f $(f))

@@ -6,6 +6,7 @@ import grpc
 
 from inferline.common.settings import Settings
 from inferline.common.telemetry.interceptors import TelemetryClientInterceptor
+from inferline.common.tls import channel_credentials
 
 
 def channel_options(settings: Settings) -> list[tuple[str, int]]:
@@ -16,6 +17,8 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 def create_channel(target: str, settings: Settings) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        target, options=channel_options(settings), interceptors=[TelemetryClientInterceptor()]  # trace context
-    )
+    credentials = channel_credentials(settings)
+    interceptors = [TelemetryClientInterceptor()]  # trace context
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=channel_options(settings), interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=channel_options(settings), interceptors=interceptors)

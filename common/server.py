@@ -26,6 +26,7 @@ from inferline.common.status import ErrorMappingInterceptor
 from inferline.common.telemetry.interceptors import TelemetryServerInterceptor
 from inferline.common.telemetry.metrics import MetricsServer, Route, register_gpu_metrics
 from inferline.common.telemetry.tracing import configure_tracing
+from inferline.common.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,12 @@ class ServerApp:
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
+            credentials = server_credentials(self.settings)
+            address = f"{self.host}:{self.requested_port}"
+            if credentials is not None:
+                self.port = server.add_secure_port(address, credentials)
+            else:
+                self.port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ConfigError(
                 f"{self.service.name}: cannot listen on {self.host}:{self.requested_port} ({exc}); "

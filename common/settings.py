@@ -48,6 +48,14 @@ class Settings:
     gateway_max_upload_mb: int = 32
     gateway_timeout_s: float = 60.0
 
+    # TLS between the services (common/tls.py): this process's certificate and key, and the CA
+    # that peers' certificates must chain to. tls_serve=false keeps this listener plaintext
+    # (a controller behind an ingress) while its channels to the stages still use TLS.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_serve: bool = True
+
     # Models.
     model_repository: Path | None = None
     # Folders searched for weight files, in order (INFERLINE_MODEL_DIR, os.pathsep-separated).

@@ -9,11 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
-
 from inferline.common.detections import Detection
 from inferline.common.errors import InvalidInput
-from inferline.common.images import decode_image
 from inferline.common.registry import Registry
 
 
@@ -76,6 +73,12 @@ def render_csv(item: RenderInput, max_pixels: int) -> Rendered:
 
 @RENDERERS.register("png")
 def render_png(item: RenderInput, max_pixels: int) -> Rendered:
+    # Imported here, not at the top: the controller and the CLI import this module for JSON and
+    # CSV only, and the controller's container image carries no OpenCV or Pillow.
+    import cv2
+
+    from inferline.common.images import decode_image
+
     if not item.image:
         raise InvalidInput(f"{item.name or 'image'}: the png renderer needs the original image bytes")
     canvas = decode_image(item.image, max_pixels=max_pixels).copy()

@@ -1,0 +1,21 @@
+#!/bin/sh
+# Builds /opt/venv for one image: the stage's pinned requirements, then inferline itself without
+# dependencies (so nothing the stage does not import slips in), then drops what a running
+# service never uses (pip, setuptools, test suites) so the runtime stage copies less.
+# Usage: install-venv.sh REQUIREMENTS_FILE [extra pip arguments...]
+set -eu
+reqs=$1; shift
+python3 -m venv /opt/venv
+/opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "$@" -r "$reqs"
+/opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps /wheels/inferline-*.whl
+# ultralytics requires opencv-python, whose cv2 needs libGL; both wheels write the same cv2
+# folder, so keep only the headless one (the services never open a window).
+if /opt/venv/bin/pip show --quiet opencv-python 2>/dev/null && /opt/venv/bin/pip show --quiet opencv-python-headless 2>/dev/null; then
+  /opt/venv/bin/pip uninstall --yes --quiet opencv-python
+  /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --force-reinstall --no-deps \
+    "$(grep -h '^opencv-python-headless==' /requirements/*.txt | head -1)"
+fi
+/opt/venv/bin/pip uninstall --yes --quiet pip setuptools
+find /opt/venv/lib -depth -type d -name tests \( -path '*/numpy/*' -o -path '*/onnx/*' -o -path '*/grpc*' \) -exec rm -rf {} +
+find /opt/venv -name '*.pyi' -delete
+python3 -m compileall -q -j 0 /opt/venv/lib >/dev/null

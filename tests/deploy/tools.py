@@ -1,0 +1,98 @@
+"""Helpers for the deployment tests: the project's own tool installers, podman, and one Detect.
+
+The tools come from deploy/tools/install-*.sh (the same scripts operators and `make` use); when
+one cannot install, the test fails with the script's message instead of skipping.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inferline.common.generated import controller_pb2, controller_pb2_grpc, types_pb2
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS = REPO / "deploy" / "tools"
+DEPLOY_IMAGES = ("controller", "preprocess", "postprocess", "inference-onnx")
+STAGE_PORTS = {"controller": 50051, "preprocess": 50052, "inference": 50053, "postprocess": 50054}
+
+
+def run(cmd: list[str], *, timeout: float = 600, check: bool = True, env: dict[str, str] | None = None,
+        cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """Runs a command; on failure the assertion shows the command and its output."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    if check and done.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, cmd))} exited {done.returncode}\n--- stdout\n{done.stdout[-4000:]}"
+                    f"\n--- stderr\n{done.stderr[-4000:]}")
+    return done
+
+
+def install(script: str) -> str:
+    """Runs deploy/tools/<script> and returns its last line (the path it installed)."""
+    return run(["bash", str(TOOLS / script)], timeout=900).stdout.strip().splitlines()[-1]
+
+
+def podman(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run(["podman", *args], timeout=timeout, check=check)
+
+
+def wait_healthy(container: str, timeout: float = 180) -> None:
+    """Runs the image's own HEALTHCHECK until it passes. podman has no systemd timer here to run
+    it on its own schedule, so the test is the timer (`podman healthcheck run`)."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        done = podman("healthcheck", "run", container, check=False, timeout=60)
+        if done.returncode == 0:
+            return
+        last = done.stdout + done.stderr
+        state = podman("inspect", "--format", "{{.State.Status}}", container, check=False).stdout.strip()
+        if state in {"exited", "stopped"}:
+            logs = podman("logs", container, check=False)
+            pytest.fail(f"{container} exited before it was healthy:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
+        time.sleep(2)
+    logs = podman("logs", container, check=False)
+    pytest.fail(f"{container} not healthy after {timeout:.0f} s ({last.strip()}):\n{logs.stderr[-3000:]}")
+
+
+def health(target: str) -> str:
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def detect(target: str, image: Path, model: str = "yolov8n", timeout: float = 120) -> controller_pb2.DetectResponse:
+    """One Detect call through the controller, retried while the stack is still coming up."""
+    request = controller_pb2.DetectRequest(model=model, images=[types_pb2.Image(data=image.read_bytes(), name=image.name)])
+    deadline = time.monotonic() + timeout
+    while True:
+        with grpc.insecure_channel(target) as channel:
+            try:
+                return controller_pb2_grpc.ControllerServiceStub(channel).Detect(request, timeout=60)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+        time.sleep(2)
+
+
+def assert_detects_shapes(response: controller_pb2.DetectResponse) -> None:
+    """The stand-in YOLOv8n finds the synthetic shapes in shapes_05.jpg (a kite and a frisbee)."""
+    assert len(response.results) == 1
+    result = response.results[0]
+    assert result.status.code == 0, result.status.message
+    assert (result.width, result.height) == (640, 480)
+    labels = {d.label for d in result.detections if d.score > 0.5}
+    assert {"kite", "frisbee"} <= labels, [(d.label, d.score) for d in result.detections]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
