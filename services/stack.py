@@ -163,4 +163,6 @@ def free_port_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
         result[f"INFERLINE_{stage.upper()}_PORT"] = str(port)
         result[f"INFERLINE_{stage.upper()}_TARGET"] = f"localhost:{port}"
     result["INFERLINE_GATEWAY_PORT"] = str(ports[-1])
+    for stage in STAGES:  # metrics on free ports too, so a second stack does not clash on 9101-9104
+        result[f"INFERLINE_{stage.upper()}_METRICS_PORT"] = "0"
     return result

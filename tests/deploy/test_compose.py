@@ -59,3 +59,18 @@ def test_compose_up_serves_detect(container_tools, images, onnx_models, shapes_i
         assert_detects_shapes(detect(f"127.0.0.1:{port}", shapes_image, timeout=180))
     finally:
         _compose(container_tools, "-p", env["COMPOSE_PROJECT_NAME"], "down", "-t", "5", env=env)
+
+
+def test_compose_and_helm_use_the_observability_rules_and_jobs():
+    """One rule file: the chart's copy is the one Prometheus loads locally and in Compose, and
+    Compose's Prometheus scrapes the four services under the job names the alerts use."""
+    rules = REPO / "deploy" / "prometheus" / "rules" / "inferline.rules.yaml"
+    assert (REPO / "helm" / "inferline" / "files" / "prometheus-rules.yaml").read_text() == rules.read_text()
+    config = yaml.safe_load((COMPOSE.parent / "compose" / "prometheus.yml").read_text())
+    local = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == local["rule_files"]
+    jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
+    ports = {"controller": 9101, "preprocess": 9102, "inference": 9103, "postprocess": 9104}
+    assert jobs == {f"inferline-{stage}": [f"{stage}:{port}"] for stage, port in ports.items()}
+    mounts = yaml.safe_load(COMPOSE.read_text())["services"]["prometheus"]["volumes"]
+    assert "./compose/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
