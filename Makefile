@@ -44,7 +44,7 @@ protos: setup
 	$(BIN)/python protos/generate.py
 
 bench: setup
-	$(BIN)/python bench/e2e_detect.py $(if $(wildcard $(SHARED_DATA)),--images $(SHARED_DATA))
+	$(BIN)/python bench/compare.py $(if $(wildcard $(SHARED_DATA)),--images $(SHARED_DATA))
 
 # Prometheus rules and config: promtool's checks and the rules' unit tests (docs/monitoring.md).
 check-rules:
