@@ -5,6 +5,8 @@ One function per family, registered by the name a model config gives as ``loader
 
 from __future__ import annotations
 
+import platform
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +30,16 @@ def build_ultralytics_module(path: Path) -> tuple[torch.nn.Module, tuple[str, ..
     return module, labels
 
 
+def _channels_last(device: torch.device) -> bool:
+    return (
+        device.type == "cpu"
+        and sys.platform in ("linux", "win32")
+        and platform.machine() in {"AMD64", "x86_64"}
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    )
+
+
 @LOADERS.register("ultralytics")
 def load_ultralytics(path: Path, device: torch.device, config: ModelConfig) -> TorchModel:
     module, labels = build_ultralytics_module(path)
@@ -35,6 +47,9 @@ def load_ultralytics(path: Path, device: torch.device, config: ModelConfig) -> T
         if hasattr(m, "inplace"):
             m.inplace = True
     module.to(device)
+    # As ultralytics' AutoBackend does for .pt models: channels-last weights on x86 CPUs with
+    # oneDNN (~10% faster convolutions there, and the same numerics as YOLO.predict).
+    module.to(memory_format=torch.channels_last if _channels_last(device) else torch.contiguous_format)
 
     def forward(inputs: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         images = inputs["images"].float() / 255.0
