@@ -259,25 +259,11 @@ def parse_pids(raw: Sequence[str]) -> dict[str, int]:
     return pids
 
 
-def run(
-    target: str,
-    model: str,
-    images: Sequence[Path],
-    *,
-    concurrency: int,
-    duration: float,
-    batch: int = 1,
-    warmup: float = 2.0,
-    timeout: float = 30.0,
-    pids: Mapping[str, int] | None = None,
-) -> BenchResult:
+def run(target: str, model: str, images: Sequence[Path], *, pids: Mapping[str, int] | None = None, **load: Any) -> BenchResult:
+    """``drive`` to completion (``load``: its keyword arguments), then the stages' peak memory;
+    without ``pids``, the stages are looked up on this host."""
     if pids is None:
         pids = find_stage_pids() if os.path.isdir("/proc") else {}
-    result = asyncio.run(
-        drive(
-            target, model, images, concurrency=concurrency, duration=duration, batch=batch, warmup=warmup,
-            timeout=timeout, pids=pids,
-        )
-    )
+    result = asyncio.run(drive(target, model, images, pids=pids, **load))
     result.rss_mb = stage_memory(pids)
     return result
