@@ -16,6 +16,7 @@ Writes ``<out>/<stem>.json``, ``<out>/<stem>.md`` and ``<out>/<stem>-latency-thr
 
     .venv/bin/python bench/compare.py                          # ~6 min on 2 cores
     .venv/bin/python bench/compare.py --duration 5 --concurrency 1 8 --skip-references
+    .venv/bin/python bench/compare.py --replot                # redraw the PNG from the JSON
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="*", default=None, help="pipeline variants to run (default: all)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU run (references and INFERLINE_DEVICE)")
     p.add_argument("--reference-batch", type=int, default=8, help="images per call of batched ultralytics predict")
+    p.add_argument("--replot", action="store_true", help="redraw the plot from <out>/<stem>.json, run nothing")
     return p.parse_args(argv)
 
 
@@ -176,6 +178,9 @@ VARIANTS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        draw(json.loads((args.out / f"{args.stem}.json").read_text())["rows"], args.out / f"{args.stem}-latency-throughput.png")
+        return 0
     images = [str(p) for p in collect_images(args.images)]
     paths = [Path(p) for p in images]
     rows: list[dict] = []
@@ -285,11 +290,11 @@ def draw(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     families = [f for f in ("yolo", "frcnn", "clip") if any(r["family"] == f for r in rows)]
-    fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 7.5), squeeze=False)
     for ax, family in zip(axes[0], families):
         mine = [r for r in rows if r["family"] == family]
         for contender in dict.fromkeys(r["contender"] for r in mine):
-            points = sorted((r for r in mine if r["contender"] == contender), key=lambda r: r["img_per_s"])
+            points = sorted((r for r in mine if r["contender"] == contender), key=lambda r: r["concurrency"] or 0)
             xs = [r["img_per_s"] for r in points]
             marker = "*" if points[0]["concurrency"] is None else "o"
             ax.plot(xs, [r["p50_ms"] for r in points], marker=marker, markersize=10 if marker == "*" else 6, label=contender)
@@ -302,7 +307,7 @@ def draw(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("latency per request, ms")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
