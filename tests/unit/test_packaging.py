@@ -20,3 +20,25 @@ def test_every_python_package_folder_is_listed_in_pyproject():
 def test_nothing_is_installed_as_a_top_level_common_or_services():
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert all(name.startswith("inferline.") for name in setuptools["packages"])
+
+
+def test_container_requirements_cover_the_base_dependencies():
+    """The images install inferline with --no-deps and pinned requirements files: a dependency
+    added to pyproject but not to the images would only fail inside a container."""
+    import re  # noqa: PLC0415
+    import tomllib  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[2]
+    base = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+
+    def name(spec: str) -> str:
+        return re.split(r"[<>=!~\[; ]", spec.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+    folder = root / "deploy" / "docker" / "requirements"
+    common = {name(line) for line in (folder / "common.txt").read_text().splitlines() if line and not line.startswith(("#", "-r"))}
+    for stage in ("controller", "preprocess", "postprocess", "inference-onnx"):
+        pinned = set(common) | {
+            name(line) for line in (folder / f"{stage}.txt").read_text().splitlines() if line and not line.startswith(("#", "-r"))
+        }
+        needed = {name(spec) for spec in base} - {"opencv-python-headless", "pillow", "ftfy", "regex"}
+        assert needed <= pinned, f"{stage} image lacks {sorted(needed - pinned)}"
