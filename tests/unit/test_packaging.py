@@ -26,7 +26,6 @@ def test_container_requirements_cover_the_base_dependencies():
     """The images install inferline with --no-deps and pinned requirements files: a dependency
     added to pyproject but not to the images would only fail inside a container."""
     import re  # noqa: PLC0415
-    import tomllib  # noqa: PLC0415
 
     root = Path(__file__).resolve().parents[2]
     base = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
