@@ -83,8 +83,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         """JPEGs in one batched device decode (nvJPEG on CUDA), the rest through OpenCV."""
         from inferline.services.preprocess import gpu  # noqa: PLC0415 - imports torch
 
-        jpegs = [i for i, image in enumerate(images) if gpu.is_jpeg(image.data)]
-        others = [i for i in range(len(images)) if i not in set(jpegs)]
+        is_jpeg = [gpu.is_jpeg(image.data) for image in images]
+        jpegs = [i for i, yes in enumerate(is_jpeg) if yes]
+        others = [i for i, yes in enumerate(is_jpeg) if not yes]
         loop = asyncio.get_running_loop()
         batch_job = loop.run_in_executor(
             self.pool, in_context(traced("decode_letterbox", gpu.letterbox_batch, **{"inferline.device": str(self.torch_device), "inferline.batch_size": len(jpegs)})),
