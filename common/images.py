@@ -5,6 +5,13 @@ is refused before a single pixel is allocated: a 50 KB PNG that claims 100k x 10
 nothing. Pixels are then decoded by OpenCV, as ultralytics does, and the EXIF orientation is
 applied explicitly rather than trusting each decoder's defaults.
 
+Pixels come from OpenCV when it is installed (ultralytics decodes with ``cv2.imread``, and
+OpenCV is the faster decoder), otherwise from Pillow, converted to exactly OpenCV's
+``IMREAD_COLOR`` bytes: the preprocess and postprocess container images leave OpenCV out to
+meet their size budget (see ``services/preprocess/resize.py``). Both use libjpeg-turbo with the
+same settings, so JPEG pixels agree; ``tests/unit/test_images.py`` checks every format and mode
+through both decoders.
+
 The format is chosen from the magic bytes and parsed by that Pillow plugin alone, not through
 ``PIL.Image.open``: only the four formats we serve are ever parsed, and ultralytics (imported
 in the same process in in-process mode) monkey-patches ``Image.open`` to install packages.
@@ -15,26 +22,65 @@ from __future__ import annotations
 import io
 import struct
 
-import cv2
 import numpy as np
 from PIL import BmpImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from inferline.common.errors import InvalidInput
+
+try:  # the fast decoder, when installed; see the module docstring
+    import cv2
+except ImportError:  # pragma: no cover - exercised in the slim container images (tests/deploy)
+    cv2 = None
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 _NOT_AN_IMAGE = f"not a decodable image: expected one of {', '.join(FORMATS)}"
 _EXIF_ORIENTATION = 0x0112
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """HxWx3 uint8 BGR, upright according to EXIF."""
+def decode_image(data: bytes, *, max_pixels: int, decoder: str | None = None) -> np.ndarray:
+    """HxWx3 uint8 BGR, upright according to EXIF. ``decoder`` ("opencv" or "pillow") is for
+    tests; by default OpenCV when installed, else Pillow (same pixels)."""
     if not data:
         raise InvalidInput("image is empty (0 bytes)")
     width, height, orientation = _probe(data, max_pixels)
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    decode = _decode_opencv if (decoder or DECODER) == "opencv" else _decode_pillow
+    pixels = decode(data)
     if pixels is None:
         raise InvalidInput(f"image ({width}x{height}) could not be decoded; the file may be truncated or corrupt")
     return apply_orientation(pixels, orientation)
+
+
+DECODER = "opencv" if cv2 is not None else "pillow"
+
+
+def _decode_opencv(data: bytes) -> np.ndarray | None:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+
+
+def _decode_pillow(data: bytes) -> np.ndarray | None:
+    """Pillow's pixels as OpenCV's ``IMREAD_COLOR`` would give them: BGR, 8 bits, alpha dropped
+    (not blended), grey replicated, 16-bit samples reduced to their high byte, CMYK converted
+    with OpenCV's formula from the raw (Adobe-inverted) samples."""
+    try:
+        with _parser(data)(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode == "CMYK":
+                return _cmyk_to_bgr(np.asarray(image), inverted="adobe" in image.info)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                grey = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            return np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError):
+        return None
+
+
+def _cmyk_to_bgr(cmyk: np.ndarray, *, inverted: bool) -> np.ndarray:
+    """OpenCV's icvCvt_CMYK2BGR on the samples libjpeg returns (Pillow inverts Adobe files)."""
+    raw = (255 - cmyk if inverted else cmyk).astype(np.int32)
+    k = raw[:, :, 3]
+    channels = [k - (((255 - raw[:, :, i]) * k) >> 8) for i in (2, 1, 0)]  # B from Y, G from M, R from C
+    return np.stack(channels, axis=2).astype(np.uint8)
 
 
 def probe_image(data: bytes, max_pixels: int) -> tuple[int, int, int]:
@@ -75,19 +121,23 @@ def _probe(data: bytes, max_pixels: int) -> tuple[int, int, int]:
 
 
 def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
-    """The EXIF orientation tag's eight cases (as PIL.ImageOps.exif_transpose)."""
-    if orientation == 2:
-        return cv2.flip(pixels, 1)
-    if orientation == 3:
-        return cv2.rotate(pixels, cv2.ROTATE_180)
-    if orientation == 4:
-        return cv2.flip(pixels, 0)
-    if orientation == 5:
-        return cv2.transpose(pixels)
-    if orientation == 6:
-        return cv2.rotate(pixels, cv2.ROTATE_90_CLOCKWISE)
-    if orientation == 7:
-        return cv2.rotate(cv2.transpose(pixels), cv2.ROTATE_180)
-    if orientation == 8:
-        return cv2.rotate(pixels, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    return pixels
+    """The EXIF orientation tag's eight cases (as PIL.ImageOps.exif_transpose), as contiguous
+    arrays: pure index permutations, so numpy gives the same bytes as OpenCV's flip/rotate."""
+    if orientation not in _ORIENTATIONS:
+        return pixels
+    return np.ascontiguousarray(_ORIENTATIONS[orientation](pixels))
+
+
+def _transposed(pixels: np.ndarray) -> np.ndarray:
+    return pixels.transpose(1, 0, 2)
+
+
+_ORIENTATIONS = {
+    2: lambda p: p[:, ::-1],  # mirrored
+    3: lambda p: p[::-1, ::-1],  # rotated 180
+    4: lambda p: p[::-1],  # flipped
+    5: _transposed,  # transposed
+    6: lambda p: _transposed(p)[:, ::-1],  # rotated 90 clockwise
+    7: lambda p: _transposed(p)[::-1, ::-1],  # transversed
+    8: lambda p: _transposed(p)[::-1],  # rotated 90 counter-clockwise
+}

@@ -18,4 +18,7 @@ fi
 /opt/venv/bin/pip uninstall --yes --quiet pip setuptools
 find /opt/venv/lib -depth -type d -name tests \( -path '*/numpy/*' -o -path '*/onnx/*' -o -path '*/grpc*' \) -exec rm -rf {} +
 find /opt/venv -name '*.pyi' -delete
+# numpy's build tools (distutils, f2py): only for compiling Fortran/C extensions.
+rm -rf /opt/venv/lib/python3*/site-packages/numpy/distutils /opt/venv/lib/python3*/site-packages/numpy/f2py \
+  /opt/venv/bin/f2py /opt/venv/bin/numpy-config
 python3 -m compileall -q -j 0 /opt/venv/lib >/dev/null

@@ -7,6 +7,7 @@ import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from inferline.common.detections import Detection
@@ -73,32 +74,38 @@ def render_csv(item: RenderInput, max_pixels: int) -> Rendered:
 
 @RENDERERS.register("png")
 def render_png(item: RenderInput, max_pixels: int) -> Rendered:
-    # Imported here, not at the top: the controller and the CLI import this module for JSON and
-    # CSV only, and the controller's container image carries no OpenCV or Pillow.
-    import cv2
+    """Boxes and labels drawn with Pillow, in ultralytics' colours and proportions. Pillow, not
+    OpenCV: the postprocess image carries no OpenCV (size budget), and the controller's image
+    neither, hence the imports here rather than at the top (the CLI imports this module for
+    JSON and CSV)."""
+    from PIL import Image, ImageDraw
 
     from inferline.common.images import decode_image
 
     if not item.image:
         raise InvalidInput(f"{item.name or 'image'}: the png renderer needs the original image bytes")
-    canvas = decode_image(item.image, max_pixels=max_pixels).copy()
-    line = max(round(sum(canvas.shape[:2]) / 2 * 0.003), 2)
-    font_scale = line / 3
+    canvas = Image.fromarray(decode_image(item.image, max_pixels=max_pixels)[:, :, ::-1])
+    draw = ImageDraw.Draw(canvas)
+    line = max(round(sum(canvas.size) / 2 * 0.003), 2)
+    font = _font(max(round(line * 5.5), 10))
     for d in item.detections:
-        hex_color = _PALETTE[d.class_id % len(_PALETTE)]
-        color = tuple(int(hex_color[i : i + 2], 16) for i in (4, 2, 0))  # BGR
+        color = "#" + _PALETTE[d.class_id % len(_PALETTE)]
         x1, y1, x2, y2 = (int(round(v)) for v in d.box)
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, line, cv2.LINE_AA)
+        draw.rectangle((x1, y1, max(x2, x1), max(y2, y1)), outline=color, width=line)
         text = f"{d.label} {d.score:.2f}" + (f" ({d.zero_shot[0]} {d.zero_shot[1]:.2f})" if d.zero_shot else "")
-        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, max(line - 1, 1))
-        above = y1 - th - 3 >= 0
-        top = y1 - th - 3 if above else y1
-        cv2.rectangle(canvas, (x1, top), (x1 + tw, top + th + 3), color, -1, cv2.LINE_AA)
-        cv2.putText(
-            canvas, text, (x1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255),
-            max(line - 1, 1), cv2.LINE_AA,
-        )
-    ok, encoded = cv2.imencode(".png", canvas)
-    if not ok:
-        raise InvalidInput(f"{item.name or 'image'}: could not encode the annotated image")
-    return Rendered(encoded.tobytes(), "image/png")
+        left, top_, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left, bottom - top_
+        top = y1 - th - 3 if y1 - th - 3 >= 0 else y1  # label above the box when it fits
+        draw.rectangle((x1, top, x1 + tw + 2, top + th + 3), fill=color)
+        draw.text((x1 + 1, top + 1 - top_), text, fill=(255, 255, 255), font=font)
+    out = io.BytesIO()
+    canvas.save(out, format="PNG", compress_level=1)  # fast; OpenCV's default level too
+    return Rendered(out.getvalue(), "image/png")
+
+
+@lru_cache(maxsize=16)
+def _font(size: int) -> Any:
+    """Pillow's bundled scalable font (no font files in the image to depend on)."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from inferline.common.transform import ImageTransform
+from inferline.services.preprocess.resize import resize_linear
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def letterbox_geometry(
     height: int, width: int, size: tuple[int, int], *, stride: int = 32, auto: bool = True, scaleup: bool = True,
     center: bool = True,
 ) -> Geometry:
-    """ultralytics' LetterBox.get_params, shared by the OpenCV path and the torch (GPU) path."""
+    """ultralytics' LetterBox.get_params, shared by the CPU path and the torch (GPU) path."""
     target_h, target_w = int(size[0]), int(size[1])
     # Python floats and Python round() (half to even) exactly as LetterBox.get_params, so that the
     # resized size agrees with ultralytics even when w * r lands on .5.
@@ -93,8 +93,11 @@ def letterbox(
 
     pixels = np.ascontiguousarray(image_bgr)  # OpenCV rejects negative strides (e.g. a flipped view)
     if (width, height) != (new_w, new_h):
-        pixels = cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    pixels = cv2.copyMakeBorder(pixels, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(pad_value,) * 3)
+        pixels = resize_linear(pixels, new_w, new_h)
+    if top or bottom or left or right:  # cv2.copyMakeBorder(BORDER_CONSTANT), in numpy
+        padded = np.full((new_h + top + bottom, new_w + left + right, 3), pad_value, np.uint8)
+        padded[top : top + new_h, left : left + new_w] = pixels
+        pixels = padded
     # The predictor permutes HWC->CHW and flips the channel axis (BGR->RGB) before dividing by 255.
     chw_rgb = np.ascontiguousarray(pixels[:, :, ::-1].transpose(2, 0, 1))
 
