@@ -72,7 +72,7 @@ demo-screenshot: setup
 # Images: buildah where present (no daemon needed), else docker. Compose: docker compose, else
 # podman-compose. Helm: helm on PATH, else the one deploy/tools/install-helm.sh puts in .cache/tools.
 .PHONY: images compose-up compose-down deploy-local deploy-k8s helm-lint
-IMAGES ?= controller preprocess postprocess inference-onnx
+IMAGES ?= controller preprocess postprocess inference-onnx gateway
 COMPOSE_FILE := deploy/compose.yaml
 PROFILES ?=
 COMPOSE = $(shell if docker compose version >/dev/null 2>&1; then echo "docker compose"; \

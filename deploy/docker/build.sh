@@ -12,7 +12,7 @@ cd "$ROOT"
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
 TAG=${INFERLINE_IMAGE_TAG:-$VERSION}
 PREFIX=${INFERLINE_IMAGE_PREFIX:-localhost/inferline-}
-TARGETS=("$@"); [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(controller preprocess postprocess inference-onnx)
+TARGETS=("$@"); [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(controller preprocess postprocess inference-onnx gateway)
 REVISION=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 read -r -a EXTRA <<<"${INFERLINE_BUILD_OPTS:-}"

@@ -4,6 +4,9 @@ Used by the images' HEALTHCHECK (Docker, Compose, podman), so a stage that runs 
 (the inference stage while its models load) is reported unhealthy rather than merely running.
 The stage, port and TLS files come from the same INFERLINE_* variables the stage itself reads;
 with TLS it dials localhost, a name the certificate must carry (the Helm chart's does).
+
+The HTTP gateway (INFERLINE_STAGE=gateway) has no gRPC listener: for it the check is an HTTP GET
+of its liveness route, /healthz, with the standard library only (the image has no curl).
 """
 
 from __future__ import annotations
@@ -11,22 +14,48 @@ from __future__ import annotations
 import os
 import sys
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-DEFAULT_PORTS = {"controller": 50051, "preprocess": 50052, "inference": 50053, "postprocess": 50054}
+DEFAULT_PORTS = {"controller": 50051, "preprocess": 50052, "inference": 50053, "postprocess": 50054, "gateway": 8080}
+HTTP_STAGES = {"gateway"}
 
 
 def main() -> int:
     stage = os.environ.get("INFERLINE_STAGE", "controller")
     port = os.environ.get(f"INFERLINE_{stage.upper()}_PORT") or str(DEFAULT_PORTS.get(stage, 50051))
+    timeout = float(os.environ.get("HEALTHCHECK_TIMEOUT_S", "3"))
+    if stage in HTTP_STAGES:
+        url = sys.argv[1] if len(sys.argv) > 1 else f"http://127.0.0.1:{port}/healthz"
+        return check_http(stage, url, timeout)
+    return check_grpc(stage, port, timeout)
+
+
+def check_http(stage: str, url: str, timeout: float) -> int:
+    """0 when the URL answers 200; any other status, a refused connection or a timeout is 1."""
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 (a fixed local http URL)
+            status = reply.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except OSError as exc:  # refused, unreachable, timed out
+        print(f"{stage} at {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{stage} at {url}: HTTP {status}")
+    return 0 if status == 200 else 1
+
+
+def check_grpc(stage: str, port: str, timeout: float) -> int:
+    """0 only when the stage's grpc.health.v1 service answers SERVING."""
+    import grpc  # noqa: PLC0415
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+
     tls = _tls_credentials()
     target = sys.argv[1] if len(sys.argv) > 1 else f"{'localhost' if tls else '127.0.0.1'}:{port}"
     channel = grpc.secure_channel(target, tls) if tls else grpc.insecure_channel(target)
     with channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=float(os.environ.get("HEALTHCHECK_TIMEOUT_S", "3")))
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         except grpc.RpcError as exc:
             print(f"{stage} at {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -35,8 +64,10 @@ def main() -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def _tls_credentials() -> grpc.ChannelCredentials | None:
+def _tls_credentials():  # -> grpc.ChannelCredentials | None (grpc is imported only for gRPC checks)
     """Mirrors common/tls.py: the listener is TLS when a certificate is set and tls_serve is not off."""
+    import grpc  # noqa: PLC0415
+
     env = os.environ
     if not env.get("INFERLINE_TLS_CERT_FILE") or env.get("INFERLINE_TLS_SERVE", "true").lower() in {"0", "false", "no", "off"}:
         return None

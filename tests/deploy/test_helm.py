@@ -1,6 +1,6 @@
-"""helm/inferline: lints, renders valid Kubernetes 1.35 objects for the default, GPU, TLS and
-autoscaling values, refuses bad values, and its rendered Deployments run under `podman kube play`
-and serve Detect."""
+"""helm/inferline: lints, renders valid Kubernetes 1.35 objects for the default, GPU, TLS,
+autoscaling and gateway-ingress values, refuses bad values, and its rendered Deployments (the HTTP
+gateway's too) run under `podman kube play` and serve Detect over gRPC and HTTP."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.tools import REPO, assert_detects_shapes, detect, free_port, install, podman, run
+from tests.deploy.tools import (
+    REPO, assert_detects_shapes, assert_detects_shapes_json, detect, free_port, http_detect, install, podman, run,
+    wait_http,
+)
 
 pytestmark = pytest.mark.slow
 
 CHART = REPO / "helm" / "inferline"
 VALUES = {"default": None, "gpu": CHART / "ci" / "gpu-values.yaml", "tls": CHART / "ci" / "tls-values.yaml",
-          "autoscaling": CHART / "ci" / "autoscaling-values.yaml"}
+          "autoscaling": CHART / "ci" / "autoscaling-values.yaml", "gateway": CHART / "ci" / "gateway-values.yaml"}
 OPERATOR_APIS = ["--api-versions", "monitoring.coreos.com/v1/ServiceMonitor",
                  "--api-versions", "monitoring.coreos.com/v1/PrometheusRule"]
 
@@ -54,9 +57,11 @@ def test_rendered_objects_are_valid_for_kubernetes_1_35(helm, name, tmp_path):
     done = run([validate, "--strict", "-k", "1.35.0", str(manifest)])
     assert "failed" not in done.stdout + done.stderr
     deployments = _by_kind(docs, "Deployment")
-    assert sorted(d.split("-")[-1] for d in deployments) == ["controller", "inference", "postprocess", "preprocess"]
-    assert len(_by_kind(docs, "Service")) == 4 and len(_by_kind(docs, "PodDisruptionBudget")) == 4
-    for deployment in deployments.values():
+    assert sorted(d.split("-")[-1] for d in deployments) == ["controller", "gateway", "inference", "postprocess", "preprocess"]
+    assert len(_by_kind(docs, "Service")) == 5 and len(_by_kind(docs, "PodDisruptionBudget")) == 5
+    _assert_gateway(docs, name)
+    stages = {k: v for k, v in deployments.items() if not k.endswith("-gateway")}
+    for deployment in stages.values():
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         container = pod["containers"][0]
@@ -84,13 +89,77 @@ def test_rendered_objects_are_valid_for_kubernetes_1_35(helm, name, tmp_path):
         assert any(v.get("secret", {}).get("secretName") == "inferline-tls" for v in inference["volumes"])
     if name == "autoscaling":
         hpas = _by_kind(docs, "HorizontalPodAutoscaler")
-        assert len(hpas) == 4
+        assert len(hpas) == 5 and hpas["t-inferline-gateway"]["spec"]["scaleTargetRef"]["name"] == "t-inferline-gateway"
         metrics = hpas["t-inferline-inference"]["spec"]["metrics"]
         assert [m["type"] for m in metrics] == ["Resource", "Pods"]
         assert all("replicas" not in d["spec"] for d in deployments.values())
     policies = _by_kind(docs, "NetworkPolicy")
-    stage_from = policies["t-inferline-inference"]["spec"]["ingress"][0]["from"]
-    assert stage_from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "controller"
+    for stage in ("preprocess", "inference", "postprocess"):  # the controller only (and `helm test`), never the gateway
+        stage_from = policies[f"t-inferline-{stage}"]["spec"]["ingress"][0]["from"]
+        components = [peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in stage_from]
+        assert components == ["controller", "helm-test"], components
+
+
+def _component(peer: dict) -> str | None:
+    return peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+
+
+def _assert_gateway(docs: list[dict], name: str) -> None:
+    """The gateway: HTTP probes on its port, the chart's pod security, the controller's Service as
+    its target, reachable by its callers, and able to reach the controller whatever controllerFrom says."""
+    deployment = _by_kind(docs, "Deployment")["t-inferline-gateway"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    [container] = pod["containers"]
+    assert container["image"] == "localhost/inferline-gateway:0.1.0"
+    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8080}
+    assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["capabilities"]["drop"] == ["ALL"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["INFERLINE_CONTROLLER_TARGET"] == "t-inferline-controller:50051"
+    assert env["INFERLINE_GATEWAY_PORT"] == "8080" and env["INFERLINE_STAGE"] == "gateway"
+    assert ("INFERLINE_TLS_CA_FILE" in env) is (name == "tls-controller")  # only when the controller listens with TLS
+    service = _by_kind(docs, "Service")["t-inferline-gateway"]["spec"]
+    assert service["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]
+    policies = _by_kind(docs, "NetworkPolicy")
+    gateway_in = policies["t-inferline-gateway"]["spec"]["ingress"]
+    assert gateway_in[0]["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    controller_from = policies["t-inferline-controller"]["spec"]["ingress"][0].get("from")
+    ingresses = _by_kind(docs, "Ingress")
+    if name == "gateway":
+        assert deployment["spec"]["replicas"] == 3 and env["INFERLINE_GATEWAY_MAX_UPLOAD_MB"] == "16"
+        assert [_component(peer) for peer in controller_from] == [None, "gateway"]
+        assert [_component(peer) for peer in gateway_in[0]["from"]] == [None, "helm-test"]
+        ingress = ingresses["t-inferline-gateway"]["spec"]
+        assert ingress["ingressClassName"] == "nginx" and ingress["tls"][0]["secretName"] == "inferline-gateway-tls"
+        [rule] = ingress["rules"]
+        assert rule["host"] == "inferline.example.com"
+        assert rule["http"]["paths"][0]["backend"]["service"] == {"name": "t-inferline-gateway", "port": {"name": "http"}}
+    else:
+        assert controller_from is None and "from" not in gateway_in[0]  # open by default
+        assert not ingresses, "the Ingress is off by default"
+    if name != "tls-controller":  # rendered with the Prometheus Operator's APIs
+        monitor = _by_kind(docs, "ServiceMonitor")["t-inferline"]["spec"]["endpoints"]
+        assert {"port": "http", "path": "/metrics"}.items() <= monitor[1].items()
+
+
+def test_gateway_off_renders_none_of_its_objects(helm):
+    docs = _render(helm, "--set", "gateway.enabled=false", "--set", "autoscaling.enabled=true", *OPERATOR_APIS)
+    assert not [d["metadata"]["name"] for d in docs if d["metadata"]["name"].endswith("-gateway")]
+    assert len(_by_kind(docs, "Deployment")) == 4 and len(_by_kind(docs, "HorizontalPodAutoscaler")) == 4
+    assert [e["port"] for e in _by_kind(docs, "ServiceMonitor")["t-inferline"]["spec"]["endpoints"]] == ["metrics"]
+    test_pod = _by_kind(docs, "Pod")["t-inferline-test-detect"]
+    assert "GATEWAY_URL" not in {e["name"] for e in test_pod["spec"]["containers"][0]["env"]}
+
+
+def test_gateway_dials_a_tls_controller_with_the_release_certificate(helm):
+    docs = _render(helm, "-f", str(VALUES["tls"]), "--set", "tls.controllerListener=true")
+    _assert_gateway(docs, "tls-controller")
+    pod = _by_kind(docs, "Deployment")["t-inferline-gateway"]["spec"]["template"]["spec"]
+    assert {"name": "tls", "mountPath": "/etc/inferline/tls", "readOnly": True} in pod["containers"][0]["volumeMounts"]
 
 
 def test_operator_objects_only_where_the_operator_is_installed(helm):
@@ -102,6 +171,8 @@ def test_operator_objects_only_where_the_operator_is_installed(helm):
     ("stages.controller.port=0", "/stages/controller/port"),
     ("models.names=null", "models"),
     ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+    ("gateway.port=70000", "/gateway/port"),
+    ("gateway.ingress.pathType=Any", "/gateway/ingress/pathType"),
 ])
 def test_bad_values_are_refused_naming_the_value(helm, bad, message):
     done = run([helm, "template", "t", str(CHART), "--set", bad], check=False)
@@ -110,8 +181,9 @@ def test_bad_values_are_refused_naming_the_value(helm, bad, message):
 
 
 def test_rendered_deployments_run_under_podman_kube_play_and_serve_detect(helm, images, onnx_models, shapes_image, tmp_path):
-    """Pods on the host network (podman kube play has no cluster DNS for Services), each stage on
-    a free port, the weights folder as a hostPath volume, the model repository from the ConfigMap."""
+    """Pods on the host network (podman kube play has no cluster DNS for Services), each stage and
+    the gateway on a free port, the weights folder as a hostPath volume, the model repository from
+    the ConfigMap; Detect through the controller (gRPC) and through the gateway (HTTP)."""
     ports = {stage: free_port() for stage in ("controller", "preprocess", "inference", "postprocess")}
     release = f"kp{ports['controller']}"
     values = {
@@ -119,24 +191,29 @@ def test_rendered_deployments_run_under_podman_kube_play_and_serve_detect(helm, 
         "stages": {stage: {"port": port, "metricsPort": free_port(), "replicas": 1} for stage, port in ports.items()},
         "controllerTargets": {stage: f"127.0.0.1:{ports[stage]}" for stage in ("preprocess", "inference", "postprocess")},
         "models": {"names": ["yolov8n"], "volume": {"hostPath": {"path": str(onnx_models), "type": "Directory"}}},
+        "gateway": {"port": free_port(), "replicas": 1, "controllerTarget": f"127.0.0.1:{ports['controller']}"},
     }
+    gateway = f"http://127.0.0.1:{values['gateway']['port']}"
     (tmp_path / "values.json").write_text(json.dumps(values))
     out = run([helm, "template", release, str(CHART), "-f", str(tmp_path / "values.json"),
-               "--show-only", "templates/deployment.yaml", "--show-only", "templates/configmap-models.yaml"]).stdout
+               "--show-only", "templates/deployment.yaml", "--show-only", "templates/gateway-deployment.yaml",
+               "--show-only", "templates/configmap-models.yaml"]).stdout
     play = tmp_path / "play.yaml"
     play.write_text(out)
     try:
         podman("kube", "play", str(play), timeout=300)
         assert_detects_shapes(detect(f"127.0.0.1:{ports['controller']}", shapes_image, timeout=180))
+        assert '"ready"' in wait_http(f"{gateway}/readyz", timeout=60)
+        assert_detects_shapes_json(http_detect(gateway, shapes_image, timeout=60))
         pods = podman("pod", "ps", "--filter", f"name={release}", "--format", "{{.Name}} {{.Status}}").stdout.split("\n")
-        assert sum("Running" in p for p in pods) == 4, pods
-        _run_helm_test_pod(helm, release, tmp_path / "values.json", ports)
+        assert sum("Running" in p for p in pods) == 5, pods
+        _run_helm_test_pod(helm, release, tmp_path / "values.json", ports, gateway)
     finally:
         podman("kube", "down", str(play), check=False, timeout=120)
         podman("volume", "rm", "-f", f"{release}-inferline-models", check=False)
 
 
-def _run_helm_test_pod(helm: str, release: str, values: Path, ports: dict[str, int]) -> None:
+def _run_helm_test_pod(helm: str, release: str, values: Path, ports: dict[str, int], gateway: str) -> None:
     """The chart's `helm test` pod, its own container and script, with the Service names it would
     dial replaced by the host ports (no Service DNS under podman)."""
     pod = yaml.safe_load(run([helm, "template", release, str(CHART), "-f", str(values),
@@ -146,8 +223,11 @@ def _run_helm_test_pod(helm: str, release: str, values: Path, ports: dict[str, i
     env = {e["name"]: e["value"] for e in container["env"]}
     for stage, port in ports.items():
         env[f"TARGET_{stage.upper()}"] = f"127.0.0.1:{port}"
+    assert env["GATEWAY_URL"].startswith(f"http://{release}-inferline-gateway:")
+    env["GATEWAY_URL"] = gateway
     args = ["run", "--rm", "--network", "host", "--read-only", "--user", "10001:10001"]
     for key, value in env.items():
         args += ["-e", f"{key}={value}"]
     done = podman(*args, container["image"], *container["command"], timeout=300)
     assert "inference 127.0.0.1" in done.stdout and f"Detect {env['MODEL']} 1:" in done.stdout, done.stdout
+    assert f"gateway {gateway}: POST /v1/detect" in done.stdout, done.stdout

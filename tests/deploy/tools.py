@@ -18,7 +18,7 @@ from inferline.common.generated import controller_pb2, controller_pb2_grpc, type
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "deploy" / "tools"
-DEPLOY_IMAGES = ("controller", "preprocess", "postprocess", "inference-onnx")
+DEPLOY_IMAGES = ("controller", "preprocess", "postprocess", "inference-onnx", "gateway")
 STAGE_PORTS = {"controller": 50051, "preprocess": 50052, "inference": 50053, "postprocess": 50054}
 
 
@@ -96,3 +96,81 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 10) -> tuple[int, str]:
+    """(status, body) of one GET; an HTTP error status is returned, not raised."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def wait_http(url: str, timeout: float = 120, status: int = 200) -> str:
+    """Polls a URL until it answers `status` (a gateway's /readyz while its controller comes up)."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            code, body = http_get(url, timeout=5)
+            if code == status:
+                return body
+            last = f"HTTP {code}: {body[:500]}"
+        except OSError as exc:  # refused or reset while the server starts
+            last = str(exc)
+        time.sleep(2)
+    pytest.fail(f"{url} did not answer {status} within {timeout:.0f} s (last: {last})")
+
+
+def http_detect(base_url: str, image: Path, model: str = "yolov8n", timeout: float = 120) -> dict:
+    """One POST /v1/detect through an HTTP gateway, the image as base64 JSON (as in the README's
+    curl line); retried while the gateway or the stack behind it is still coming up (503)."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"model": model, "images": [{"name": image.name, "data": base64.b64encode(image.read_bytes()).decode()}]})
+    deadline = time.monotonic() + timeout
+    while True:
+        request = urllib.request.Request(f"{base_url}/v1/detect", data=body.encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                return json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or time.monotonic() > deadline:
+                pytest.fail(f"POST {base_url}/v1/detect: HTTP {exc.code}: {exc.read().decode()[:2000]}")
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(2)
+
+
+def assert_detects_shapes_json(document: dict) -> None:
+    """The gateway's JSON for shapes_05.jpg says what assert_detects_shapes checks on the gRPC reply."""
+    [result] = document["results"]
+    assert "error" not in result, result.get("error")
+    assert (result["width"], result["height"]) == (640, 480)
+    labels = {d["label"] for d in result["detections"] if d["score"] > 0.5}
+    assert {"kite", "frisbee"} <= labels, result["detections"]
+
+
+def compressed_size(image: str, workdir: Path) -> int:
+    """Sum of the gzip-compressed layers of `podman save`: what a registry stores and a node pulls."""
+    import gzip
+    import tarfile
+
+    archive = workdir / "image.tar"
+    podman("save", "--format", "docker-archive", "-o", str(archive), image)
+    total = 0
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if member.isfile() and (member.name.endswith(".tar") or "/layer" in member.name):
+                total += len(gzip.compress(tar.extractfile(member).read(), compresslevel=6))
+    archive.unlink()
+    return total
