@@ -18,4 +18,7 @@ fi
 /opt/venv/bin/pip uninstall --yes --quiet pip setuptools
 find /opt/venv/lib -depth -type d -name tests \( -path '*/numpy/*' -o -path '*/onnx/*' -o -path '*/grpc*' \) -exec rm -rf {} +
 find /opt/venv -name '*.pyi' -delete
-python3 -m compileall -q -j 0 /opt/venv/lib >/dev/null
+# torch ships test helpers written for newer Pythons (torch/testing/_internal/py312_intrinsics.py),
+# which no service imports and this Python cannot compile: skip them rather than fail the build.
+# -q prints only the files that fail, so a failure here says which.
+python3 -m compileall -q -j 0 -x '/torch/testing/_internal/' /opt/venv/lib

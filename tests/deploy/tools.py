@@ -96,3 +96,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def build_image(target: str, *, env: dict[str, str] | None = None, timeout: float = 3000) -> tuple[str, float]:
+    """Builds one target with deploy/docker/build.sh (extra variables in `env`, e.g.
+    INFERLINE_BUILD_OPTS) and returns its tag and the seconds the build took."""
+    import os
+
+    started = time.monotonic()
+    done = run(["bash", str(REPO / "deploy" / "docker" / "build.sh"), target], env={**os.environ, **(env or {})},
+               timeout=timeout)
+    tag = done.stdout.split("built ", 1)[1].split()[0]
+    return tag, time.monotonic() - started
+
+
+def _all_images() -> list[dict]:
+    import json
+
+    return json.loads(podman("images", "--all", "--format", "json").stdout or "[]")
+
+
+def image_ids() -> set[str]:
+    """Every image id in local storage, intermediate build layers included."""
+    return {image["Id"] for image in _all_images()}
+
+
+def remove_images_made_since(before: set[str], tag: str) -> None:
+    """Gives the disk back after a large image: its tag, then the images (build layers) that did
+    not exist before its build, newest first. An image another build still uses as a parent is
+    kept (podman refuses to remove it without --force, which is never passed)."""
+    podman("rmi", tag, check=False)
+    made = sorted((image for image in _all_images() if image["Id"] not in before), key=lambda image: -image["Created"])
+    for image in made:
+        podman("rmi", image["Id"], check=False)
