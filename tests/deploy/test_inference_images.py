@@ -2,7 +2,8 @@
 unprivileged user on a read-only root filesystem, and serves Detect behind the other three images.
 
 Both are large (torch brings NVIDIA's CUDA libraries, onnxruntime-gpu its CUDA provider), so each
-module-scoped fixture removes its image and build layers afterwards. There is no GPU here: the
+image is built for one test class and removed, with the build layers it made, when the class ends:
+the two are never on disk at once. There is no GPU here: the
 CUDA image is built on python:3.11-slim with CUDA and cuDNN from NVIDIA's pip wheels (the
 Dockerfile's default base, NVIDIA's CUDA image, cannot be pulled offline), checked for a CUDA
 provider whose libraries all resolve but the driver's, and run on its CPU fallback.
@@ -19,7 +20,7 @@ import pytest
 
 from tests.deploy.test_images import ContainerStack
 from tests.deploy.tools import (
-    assert_detects_shapes, build_image, detect, image_ids, podman, remove_images_made_since, wait_healthy,
+    assert_detects_shapes, build_image, detect, image_ids, podman, remove_built_image, wait_healthy,
 )
 
 pytestmark = pytest.mark.slow
@@ -34,22 +35,22 @@ DRIVER = "libcuda.so.1"
 
 def _built(target: str, env: dict[str, str]) -> Iterator[str]:
     before = image_ids()
-    tag, seconds = build_image(target, env={"INFERLINE_PIP_FROM_HOST": "1", **env})
+    tag, seconds, layers = build_image(target, env={"INFERLINE_PIP_FROM_HOST": "1", **env})
     size = int(json.loads(podman("image", "inspect", tag).stdout)[0]["Size"])
     print(f"\n{target}: built in {seconds:.0f} s, {size / MB:.0f} MB unpacked")
     try:
         yield tag
     finally:
-        remove_images_made_since(before, tag)
+        remove_built_image(tag, before, layers)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def torch_image(container_tools: str) -> Iterator[str]:
     """inference-torch, from the wheel sources the host's pip uses (local mirrors mounted)."""
     yield from _built("inference-torch", {})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def cuda_image(container_tools: str) -> Iterator[str]:
     """inference-cuda on python:3.11-slim with CUDA and cuDNN from NVIDIA's pip wheels."""
     yield from _built("inference-cuda", {"INFERLINE_BUILD_OPTS": CUDA_ON_SLIM})
@@ -103,48 +104,51 @@ def _assert_unprivileged_with_healthcheck(image: str, title: str) -> None:
 
 # --- PyTorch ---------------------------------------------------------------------------------
 
-def test_torch_image_imports_the_pytorch_backend_as_the_unprivileged_user(torch_image):
-    _assert_unprivileged_with_healthcheck(torch_image, "inferline-inference-torch")
-    versions = _in_image(torch_image, "python -c 'import torch, torchvision, ultralytics, open_clip; "
-                                      "print(torch.__version__, torchvision.__version__, ultralytics.__version__)'")
-    # ultralytics announces the settings file it creates (under /tmp) before the last line.
-    torch_version = versions.strip().splitlines()[-1].split()[0]
-    print("torch, torchvision, ultralytics:", versions.strip().splitlines()[-1])
-    assert torch_version.startswith("2."), versions
+class TestPyTorchImage:
+    """inference-torch: the PyTorch backend (torch, torchvision, ultralytics, open_clip)."""
 
+    def test_imports_the_pytorch_backend_as_the_unprivileged_user(self, torch_image):
+        _assert_unprivileged_with_healthcheck(torch_image, "inferline-inference-torch")
+        versions = _in_image(torch_image, "python -c 'import torch, torchvision, ultralytics, open_clip; "
+                                          "print(torch.__version__, torchvision.__version__, ultralytics.__version__)'")
+        # ultralytics announces the settings file it creates (under /tmp) before the last line.
+        last = versions.strip().splitlines()[-1]
+        print("torch, torchvision, ultralytics:", last)
+        assert last.split()[0].startswith("2."), versions
 
-def test_torch_image_serves_detect_with_the_pytorch_backend_on_a_read_only_root(
-        images, torch_image, yolo_weights, shapes_image):
-    stack = StackWithInference(images, yolo_weights.parent, torch_image, memory="2g")
-    logs = _serve_detect(stack, shapes_image)
-    # The default model repository: yolov8n.pt through ultralytics on torch, not the ONNX file.
-    assert re.search(r"loaded yolov8n v\S+ \(torch/ultralytics\) from /models/yolov8n\.pt", logs), logs[-3000:]
-    # ultralytics (settings, fonts) and torch keep their files under /tmp; nothing tried the root.
-    for complaint in ("Read-only file system", "not writeable", "Permission denied"):
-        assert complaint not in logs, logs[-3000:]
+    def test_serves_detect_with_the_pytorch_backend_on_a_read_only_root(
+            self, images, torch_image, yolo_weights, shapes_image):
+        stack = StackWithInference(images, yolo_weights.parent, torch_image, memory="2g")
+        logs = _serve_detect(stack, shapes_image)
+        # The default model repository: yolov8n.pt through ultralytics on torch, not the ONNX file.
+        assert re.search(r"loaded yolov8n v\S+ \(torch/ultralytics\) from /models/yolov8n\.pt", logs), logs[-3000:]
+        # ultralytics (settings, fonts) and torch keep their files under /tmp; nothing tried the root.
+        for complaint in ("Read-only file system", "not writeable", "Permission denied"):
+            assert complaint not in logs, logs[-3000:]
 
 
 # --- CUDA ------------------------------------------------------------------------------------
 
-def test_cuda_image_has_the_cuda_provider_and_its_libraries_resolve(cuda_image):
-    _assert_unprivileged_with_healthcheck(cuda_image, "inferline-inference-cuda")
-    providers = _in_image(cuda_image, "python -c 'import onnxruntime as o; print(o.get_available_providers())'")
-    assert "CUDAExecutionProvider" in providers, providers
-    ldd = _in_image(cuda_image, "ldd /opt/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so")
-    for library in ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10"):
-        assert re.search(rf"{re.escape(library)} => /", ldd), f"{library} not resolved:\n{ldd}"
-    missing = {line.split()[0] for line in ldd.splitlines() if "not found" in line}
-    assert missing == {DRIVER}, ldd
-    # Opened at run time rather than linked: cuDNN, cuFFT and NVRTC must be known to the linker too.
-    cache = _in_image(cuda_image, "ldconfig -p")
-    for library in ("libcudnn.so.9", "libcufft.so.12", "libnvrtc.so.13"):
-        assert f"{library} " in cache, f"{library} is not in the linker cache"
+class TestCudaImage:
+    """inference-cuda on python:3.11-slim with CUDA and cuDNN from pip wheels, without a GPU."""
 
+    def test_has_the_cuda_provider_and_its_libraries_resolve_but_the_driver(self, cuda_image):
+        _assert_unprivileged_with_healthcheck(cuda_image, "inferline-inference-cuda")
+        providers = _in_image(cuda_image, "python -c 'import onnxruntime as o; print(o.get_available_providers())'")
+        assert "CUDAExecutionProvider" in providers, providers
+        ldd = _in_image(cuda_image, "ldd /opt/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so")
+        for library in ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10"):
+            assert re.search(rf"{re.escape(library)} => /", ldd), f"{library} not resolved:\n{ldd}"
+        missing = {line.split()[0] for line in ldd.splitlines() if "not found" in line}
+        assert missing == {DRIVER}, ldd
+        # Opened at run time rather than linked: cuDNN, cuFFT and NVRTC must be known to the linker too.
+        cache = _in_image(cuda_image, "ldconfig -p")
+        for library in ("libcudnn.so.9", "libcufft.so.12", "libnvrtc.so.13"):
+            assert f"{library} " in cache, f"{library} is not in the linker cache"
 
-def test_cuda_image_without_a_gpu_serves_detect_on_the_cpu_after_one_warning(
-        images, cuda_image, onnx_models, shapes_image):
-    stack = StackWithInference(images, onnx_models, cuda_image)
-    logs = _serve_detect(stack, shapes_image)
-    assert re.search(r"loaded yolov8n v\S+ \(onnxruntime/ultralytics\) from /models/yolov8n\.onnx", logs), logs[-3000:]
-    warnings = [line for line in logs.splitlines() if "Failed to create CUDAExecutionProvider" in line]
-    assert len(warnings) == 1, logs[-3000:]
+    def test_without_a_gpu_warns_once_and_serves_detect_on_the_cpu(self, images, cuda_image, onnx_models, shapes_image):
+        stack = StackWithInference(images, onnx_models, cuda_image)
+        logs = _serve_detect(stack, shapes_image)
+        assert re.search(r"loaded yolov8n v\S+ \(onnxruntime/ultralytics\) from /models/yolov8n\.onnx", logs), logs[-3000:]
+        warnings = [line for line in logs.splitlines() if "Failed to create CUDAExecutionProvider" in line]
+        assert len(warnings) == 1, logs[-3000:]
