@@ -98,7 +98,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-
 def build_image(target: str, *, env: dict[str, str] | None = None, timeout: float = 3000) -> tuple[str, float, set[str]]:
     """Builds one target with deploy/docker/build.sh (extra variables in `env`, e.g.
     INFERLINE_BUILD_OPTS); returns its tag, the seconds the build took, and the (short) ids of
