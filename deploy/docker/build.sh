@@ -6,6 +6,11 @@
 # Builder: buildah when present (daemonless; used here and in CI), else docker. The base image
 # python:3.11-slim must already be local (--pull=never): deploy/tools/install-containers.sh makes it.
 # Extra build options go in INFERLINE_BUILD_OPTS (e.g. "--volume /opt/wheels:/wheels:ro").
+# INFERLINE_PIP_FROM_HOST=1 hands the host's pip wheel sources to the torch and CUDA builds: the
+# index-url, extra-index-url, find-links and constraint of `pip config list` (environment
+# included) become PIP_* build arguments, and each local folder or file among them is mounted
+# read-only at the same path (a file:// index's parent folder, where its `../files` links point).
+# That way a machine with local wheel mirrors builds the multi-GB torch image from disk.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
@@ -16,6 +21,38 @@ TARGETS=("$@"); [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(controller preprocess postp
 REVISION=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 read -r -a EXTRA <<<"${INFERLINE_BUILD_OPTS:-}"
+
+# Prints build options for the host's pip configuration (INFERLINE_PIP_FROM_HOST=1), one per line.
+host_pip_opts() {
+  local python config scope line key value item path
+  python=$(command -v python3 || command -v python) || return 0
+  declare -A seen=() chosen=()
+  # `pip config list` prints `scope.key='value'`; read in pip's order of precedence, later wins.
+  config=$("$python" -m pip config list 2>/dev/null || true)
+  for scope in global user site :env:; do
+    while IFS= read -r line; do
+      key=${line#*.}; key=${key%%=*}; value=${line#*=}; value=${value#\'}; value=${value%\'}
+      case $key in index-url|extra-index-url|find-links|constraint) chosen[$key]=$value ;; esac
+    done < <(grep "^$scope\\." <<<"$config" || true)
+  done
+  for key in "${!chosen[@]}"; do
+    value=${chosen[$key]}
+    echo "--build-arg"; echo "PIP_$(tr 'a-z-' 'A-Z_' <<<"$key")=$value"
+    for item in $value; do
+      path=${item#file://}
+      [ "${path:0:1}" = / ] || continue
+      case $key in index-url|extra-index-url) path=$(dirname "${path%/}") ;; esac
+      [ -e "$path" ] && [ -z "${seen[$path]:-}" ] || continue
+      seen[$path]=1
+      echo "--volume"; echo "$path:$path:ro"
+    done
+  done
+}
+if [ "${INFERLINE_PIP_FROM_HOST:-0}" = 1 ]; then
+  mapfile -t HOST_PIP < <(host_pip_opts)
+  EXTRA+=("${HOST_PIP[@]}")
+  echo "pip sources from the host: ${HOST_PIP[*]}" >&2
+fi
 
 if command -v buildah >/dev/null; then
   BUILD=(buildah build --pull=never --format docker --layers)

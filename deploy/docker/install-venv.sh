@@ -21,4 +21,7 @@ find /opt/venv -name '*.pyi' -delete
 # numpy's build tools (distutils, f2py): only for compiling Fortran/C extensions.
 rm -rf /opt/venv/lib/python3*/site-packages/numpy/distutils /opt/venv/lib/python3*/site-packages/numpy/f2py \
   /opt/venv/bin/f2py /opt/venv/bin/numpy-config
-python3 -m compileall -q -j 0 /opt/venv/lib >/dev/null
+# torch ships test helpers written for newer Pythons (torch/testing/_internal/py312_intrinsics.py),
+# which no service imports and this Python cannot compile: skip them rather than fail the build.
+# -q prints only the files that fail, so a failure here says which.
+python3 -m compileall -q -j 0 -x '/torch/testing/_internal/' /opt/venv/lib

@@ -174,3 +174,40 @@ def compressed_size(image: str, workdir: Path) -> int:
                 total += len(gzip.compress(tar.extractfile(member).read(), compresslevel=6))
     archive.unlink()
     return total
+
+
+def build_image(target: str, *, env: dict[str, str] | None = None, timeout: float = 3000) -> tuple[str, float, set[str]]:
+    """Builds one target with deploy/docker/build.sh (extra variables in `env`, e.g.
+    INFERLINE_BUILD_OPTS); returns its tag, the seconds the build took, and the (short) ids of
+    every image the build committed or reused, as buildah prints them (`--> 3e40203ff1b`)."""
+    import os
+    import re
+
+    started = time.monotonic()
+    done = run(["bash", str(REPO / "deploy" / "docker" / "build.sh"), target], env={**os.environ, **(env or {})},
+               timeout=timeout)
+    tag = done.stdout.split("built ", 1)[1].split()[0]
+    return tag, time.monotonic() - started, set(re.findall(r"^--> (?:Using cache )?([0-9a-f]{11,64})\s*$", done.stderr, re.M))
+
+
+def _all_images() -> list[dict]:
+    import json
+
+    return json.loads(podman("images", "--all", "--format", "json").stdout or "[]")
+
+
+def image_ids() -> set[str]:
+    """Every image id in local storage, intermediate build layers included."""
+    return {image["Id"] for image in _all_images()}
+
+
+def remove_built_image(tag: str, before: set[str], layers: set[str]) -> None:
+    """Gives the disk back after a large image: its tag, then the untagged build layers its own
+    build printed that did not exist before it (`before`), newest first. Never an image with a
+    tag (the session's other images, or anyone's built meanwhile), nor one that was there before;
+    a layer another image still uses as its parent stays too (no --force)."""
+    podman("rmi", tag, check=False)
+    mine = [image for image in _all_images()
+            if image["Id"] not in before and not image.get("RepoTags") and any(image["Id"].startswith(s) for s in layers)]
+    for image in sorted(mine, key=lambda image: -image["Created"]):
+        podman("rmi", image["Id"], check=False)
