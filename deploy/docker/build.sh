@@ -2,7 +2,7 @@
 # Builds inferline images from deploy/docker/Dockerfile, one target each, tagged
 # ${INFERLINE_IMAGE_PREFIX}<target>:${INFERLINE_IMAGE_TAG} (default localhost/inferline-<target>:<version>).
 # Usage: deploy/docker/build.sh [target ...]
-#   targets: controller preprocess postprocess inference-onnx (default), inference-torch, inference-cuda
+#   targets: controller preprocess postprocess inference-onnx gateway (default), inference-torch, inference-cuda
 # Builder: buildah when present (daemonless; used here and in CI), else docker. The base image
 # python:3.11-slim must already be local (--pull=never): deploy/tools/install-containers.sh makes it.
 # Extra build options go in INFERLINE_BUILD_OPTS (e.g. "--volume /opt/wheels:/wheels:ro").
