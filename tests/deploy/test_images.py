@@ -3,7 +3,6 @@ serve Detect together as containers with memory and CPU limits on a user network
 
 from __future__ import annotations
 
-import gzip
 import json
 import uuid
 from pathlib import Path
@@ -12,7 +11,8 @@ import grpc
 import pytest
 
 from tests.deploy.tools import (
-    REPO, STAGE_PORTS, assert_detects_shapes, detect, free_port, health, install, podman, run, wait_healthy,
+    REPO, STAGE_PORTS, assert_detects_shapes, compressed_size, detect, free_port, health, install, podman, run,
+    wait_healthy,
 )
 
 pytestmark = pytest.mark.slow
@@ -35,26 +35,11 @@ def _inspect(image: str) -> dict:
     return json.loads(podman("image", "inspect", image).stdout)[0]
 
 
-def _pull_size(image: str, tmp_path: Path) -> int:
-    """Sum of the gzip-compressed layers of `podman save`, what a registry would store."""
-    archive = tmp_path / "image.tar"
-    podman("save", "--format", "docker-archive", "-o", str(archive), image)
-    import tarfile
-
-    total = 0
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            if member.isfile() and (member.name.endswith(".tar") or "/layer" in member.name):
-                total += len(gzip.compress(tar.extractfile(member).read(), compresslevel=6))
-    archive.unlink()
-    return total
-
-
 @pytest.mark.parametrize("name", ["controller", "preprocess", "postprocess", "inference-onnx"])
 def test_image_is_within_its_size_budget_and_runs_unprivileged(images, name, tmp_path):
     info = _inspect(images[name])
     unpacked = int(info["Size"])
-    pulled = _pull_size(images[name], tmp_path)
+    pulled = compressed_size(images[name], tmp_path)
     print(f"{name}: {unpacked / MB:.0f} MB unpacked, {pulled / MB:.0f} MB compressed")
     assert unpacked <= BUDGET[name], f"{name}: {unpacked / MB:.0f} MB unpacked > {BUDGET[name] / MB:.0f} MB"
     assert pulled <= BUDGET[name], f"{name}: {pulled / MB:.0f} MB compressed > {BUDGET[name] / MB:.0f} MB"
