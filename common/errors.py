@@ -28,7 +28,16 @@ class WrongTask(InvalidInput):
 
 
 class Overloaded(InferlineError):
-    """A bounded resource is full; retrying later with backoff is the right reaction."""
+    """A bounded resource is full; retrying later with backoff is the right reaction.
+
+    ``retry_after_s`` is the server's estimate of when a retry could be taken (the time the
+    work ahead needs to drain). It travels as gRPC ``RetryInfo`` and HTTP ``Retry-After``, so
+    well-behaved clients back off by what the server knows instead of a guess.
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class StageUnavailable(InferlineError):
@@ -49,3 +58,19 @@ class WeightsError(InferlineError):
 
 class ConfigError(InferlineError):
     """A model config file or a setting is invalid."""
+
+
+# Longest client-supplied string quoted back in a message or a log line.
+QUOTE_LIMIT = 80
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr`` of a client-supplied value, cut to ``limit`` characters.
+
+    A 100 kB model name must not come back in a 100 kB error (nor fill the logs): messages name
+    what the client sent only as far as a person needs to recognise it.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 1]}…[{len(text)} chars]"

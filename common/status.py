@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from inferline.common import errors
 from inferline.common.generated import types_pb2
@@ -79,6 +81,41 @@ def code_from_status(status: types_pb2.Status) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+# gRPC's rich error model: a google.rpc.Status in this trailer carries typed details (RetryInfo).
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def retry_trailer(exc: BaseException, code: grpc.StatusCode, message: str) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata with a ``RetryInfo`` for an ``Overloaded`` error that knows its delay.
+
+    gRPC clients read it with ``grpc_status.rpc_status.from_call`` (or ``retry_after_s`` below);
+    the gateway turns it into ``Retry-After``.
+    """
+    delay = getattr(exc, "retry_after_s", None)
+    if delay is None:
+        return ()
+    info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(delay), nanos=int(delay % 1 * 1e9)))
+    detail = status_pb2.Status(code=code.value[0], message=message)
+    detail.details.add().Pack(info)
+    return ((STATUS_DETAILS_KEY, detail.SerializeToString()),)
+
+
+def retry_after_s(metadata: Any) -> float | None:
+    """The ``RetryInfo`` delay in a call's trailing metadata, or None when it carries none."""
+    for key, value in metadata or ():
+        if key != STATUS_DETAILS_KEY:
+            continue
+        detail = status_pb2.Status.FromString(value)
+        for any_detail in detail.details:
+            if any_detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                any_detail.Unpack(info)
+                return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return None
+
+
+
+
 UnaryHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
@@ -113,6 +150,6 @@ def _mapped(inner: UnaryHandler, method: str) -> UnaryHandler:
                 log.exception("%s failed", method)
             else:
                 log.info("%s -> %s: %s", method, code.name, message)
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=retry_trailer(exc, code, message))
 
     return call

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from inferline.common import errors
 from inferline.common.server import ServerApp, Service
 from inferline.common.settings import Settings
-from inferline.common.status import INTERNAL_MESSAGE
+from inferline.common.status import INTERNAL_MESSAGE, retry_after_s
 from inferline.services.stack import wait_serving
 from tests.support import slow_server
 from tests.support.servers import LoopThread
@@ -76,6 +76,37 @@ def test_domain_errors_become_their_status_codes_through_a_real_server(loop, exc
         assert _health(app.address) == health_pb2.HealthCheckResponse.SERVING, "the server stays up"
     finally:
         loop.run(app.stop(0))
+
+
+def test_overloaded_carries_its_retry_delay_as_retry_info(loop):
+    app = ServerApp(_raising_service(errors.Overloaded("queue full", retry_after_s=1.25)), Settings(), port=0, host="127.0.0.1")
+    loop.run(app.start())
+    try:
+        with grpc.insecure_channel(app.address) as channel:
+            with pytest.raises(grpc.RpcError) as raised:
+                channel.unary_unary(f"/{ERRORS_SERVICE}/Fail")(b"", timeout=5)
+        assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert retry_after_s(raised.value.trailing_metadata()) == pytest.approx(1.25)
+    finally:
+        loop.run(app.stop(0))
+
+
+def test_an_overload_without_an_estimate_sends_no_retry_info(loop):
+    app = ServerApp(_raising_service(errors.Overloaded("queue full")), Settings(), port=0, host="127.0.0.1")
+    loop.run(app.start())
+    try:
+        with grpc.insecure_channel(app.address) as channel:
+            with pytest.raises(grpc.RpcError) as raised:
+                channel.unary_unary(f"/{ERRORS_SERVICE}/Fail")(b"", timeout=5)
+        assert retry_after_s(raised.value.trailing_metadata()) is None
+    finally:
+        loop.run(app.stop(0))
+
+
+def test_client_strings_are_quoted_short():
+    assert errors.quoted("yolov8n") == "'yolov8n'"
+    long = errors.quoted("x" * 100_000)
+    assert len(long) < 120 and long.endswith("[100002 chars]")
 
 
 def test_health_is_not_serving_until_load_finishes(loop):
