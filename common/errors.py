@@ -74,3 +74,9 @@ def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
     if len(text) <= limit:
         return text
     return f"{text[: limit - 1]}…[{len(text)} chars]"
+
+
+def at_most(count: int, limit: int, what: str, setting: str) -> None:
+    """Refuses a request carrying more than ``limit`` of something, naming the setting to raise."""
+    if count > limit:
+        raise InvalidInput(f"{count} {what} in one request is over the limit of {limit} ({setting}); split the request")

@@ -1,8 +1,8 @@
 """Encoded bytes -> BGR pixels, safely.
 
 The header is read first (Pillow parses it without decoding), so an image over the pixel limit
-is refused before a single pixel is allocated: a 50 KB PNG that claims 100k x 100k pixels costs
-nothing. Pixels are then decoded by OpenCV, as ultralytics does, and the EXIF orientation is
+(``INFERLINE_MAX_IMAGE_PIXELS``) is refused before a single pixel is allocated: a 50 KB PNG that
+claims 100k x 100k pixels costs nothing, and the EXIF orientation is found without decoding too. Pixels are then decoded by OpenCV, as ultralytics does, and the EXIF orientation is
 applied explicitly rather than trusting each decoder's defaults.
 
 Pixels come from OpenCV when it is installed (ultralytics decodes with ``cv2.imread``, and
@@ -113,11 +113,43 @@ def _probe(data: bytes, max_pixels: int) -> tuple[int, int, int]:
                     f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
                     "(INFERLINE_MAX_IMAGE_PIXELS)"
                 )
-            # Only now: for PNG, Pillow decodes the whole image to find an eXIf chunk.
-            orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+            orientation = int(_exif(image, data).get(_EXIF_ORIENTATION, 1) or 1)
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError):
         raise InvalidInput(_NOT_AN_IMAGE) from None
     return width, height, orientation
+
+
+# PNG chunks Pillow reads the EXIF orientation from (eXIf, "Raw profile type exif" text, XMP).
+_PNG_METADATA_CHUNKS = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
+
+
+def _exif(image: ImageFile.ImageFile, data: bytes) -> Image.Exif:
+    """The image's EXIF as Pillow's ``getexif`` gives it, without decoding the pixels.
+
+    ``PngImageFile.getexif`` decodes the whole image first (``load()``), only to see the chunks
+    after the pixel data: a 143 KB PNG of 7000x7000 was decompressed to 147 MB here and then
+    decoded again by OpenCV. The chunks before the pixels are in ``info`` already, so when none
+    of the metadata chunks follows the pixel data, the generic ``Image.getexif`` reads the
+    same tags from ``info`` alone (the same result, nothing decoded).
+    """
+    if isinstance(image, PngImagePlugin.PngImageFile) and not _png_metadata_after_pixels(data):
+        return Image.Image.getexif(image)
+    return image.getexif()
+
+
+def _png_metadata_after_pixels(data: bytes) -> bool:
+    """Whether a metadata chunk follows the first IDAT: a walk over chunk headers, no inflating."""
+    pos, seen_pixels = 8, False
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"IDAT":
+            seen_pixels = True
+        elif kind == b"IEND":
+            return False
+        elif seen_pixels and kind in _PNG_METADATA_CHUNKS:
+            return True
+        pos += 12 + length
+    return False
 
 
 def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from inferline.common.errors import ConfigError
+from inferline.common.errors import ConfigError, quoted
 
 T = TypeVar("T")
 
@@ -33,7 +33,7 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items)) or "none"
-            raise error(f"unknown {self.kind} {name!r} (known: {known})") from None
+            raise error(f"unknown {self.kind} {quoted(name)} (known: {known})") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -67,7 +67,6 @@ class Settings:
     torch_threads: int = 0
 
     # Limits and pools.
-    max_image_pixels: int = 50_000_000
     max_batch_images: int = 64
     # Images of one client request that travel through the stages together; a bigger request is
     # split into slices that run concurrently (the first one's inference overlaps the next one's
@@ -80,6 +79,32 @@ class Settings:
     # ultralytics), "cuda" / "cuda:N" (nvJPEG and torch on that GPU), or "torch-cpu" (the GPU
     # path's code on the CPU, for testing it without a GPU). Needs torch unless "opencv".
     preprocess_device: str = "opencv"
+
+    # Input limits (issue 13, validation): every stage checks what it is sent against these,
+    # whoever the caller is, before any costly work, and refuses with INVALID_ARGUMENT naming
+    # the limit and its variable (docs/reliability.md has the reasons behind each default).
+    # Pixels of one image, read from its header before decoding. The served models see at most
+    # 640x640 (YOLO), 224x224 (CLIP) or 320..640 (Faster R-CNN); an 8K UHD frame (7680x4320,
+    # 33 MP, 100 MB decoded) is the largest input that still makes sense, and bigger ones only
+    # cost decode time and memory.
+    max_image_pixels: int = 33_177_600
+    # Largest side a recipe may ask for (letterbox/clip_image `size`, `stride`): ultralytics'
+    # P6 models run at 1280; 2048 (a 12 MB input tensor) leaves room without letting a size of
+    # 12000 (432 MB) through.
+    max_input_side: int = 2048
+    # Regions (crops) per Preprocess call and items per ModelInfer call: a Detect with
+    # classify_with crops every box of up to max_batch_images images.
+    max_regions: int = 4096
+    # Bytes (UTF-8) of one text or label, checked before tokenising: CLIP's 77 tokens hold well
+    # under 1 KB of real text.
+    max_text_bytes: int = 2048
+    # Image vectors per Embeddings call (one per crop of a Detect with classify_with; texts
+    # are bounded by max_labels, so zero-shot scores at most 4096 x 256 pairs, under a second)
+    # and their width (CLIP ViT-B/32: 512, the biggest open_clip towers: 1280). Clustering
+    # compares every pair, iteratively: it has its own, smaller bound.
+    max_embeddings: int = 4096
+    max_embedding_dim: int = 4096
+    max_cluster_items: int = 1024
 
     log_level: str = "INFO"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -120,7 +121,14 @@ UnaryHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns domain errors raised by unary handlers into their status codes."""
+    """Turns domain errors raised by unary handlers into their status codes, and requests that
+    do not parse into INVALID_ARGUMENT.
+
+    grpc.aio runs the deserializer before any handler and answers its exceptions with UNKNOWN
+    and the exception's text ("Unexpected <class 'DecodeError'>: ..."): a client bug reported as
+    a server mystery. The deserializer is therefore wrapped: a failure becomes an ``Undecodable``
+    value that the handler wrapper turns into INVALID_ARGUMENT naming the message type.
+    """
 
     async def intercept_service(
         self,
@@ -133,13 +141,49 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         return grpc.unary_unary_rpc_method_handler(
             _mapped(handler.unary_unary, method),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes did not parse: what the handler wrapper reports instead of it."""
+
+    message_type: str
+    size: int
+    reason: str
+
+    @property
+    def message(self) -> str:
+        return (
+            f"the request is not a valid {self.message_type} message ({self.size} bytes: {self.reason}); "
+            "send the message built by code generated from protos/inferline/v1, with text fields in UTF-8"
+        )
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+    owner = getattr(deserialize, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    message_type = getattr(descriptor, "full_name", None) or "request"
+
+    def run(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the bytes were the client's
+            # protobuf says "Error parsing message with type 'X': <reason>"; the reason is what helps.
+            return Undecodable(message_type, len(raw), errors.quoted(str(exc).rsplit(": ", 1)[-1]).strip("'\""))
+
+    return run
+
+
 def _mapped(inner: UnaryHandler, method: str) -> UnaryHandler:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            log.info("%s -> INVALID_ARGUMENT: undecodable %s (%d bytes)", method, request.message_type, request.size)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             return await inner(request, context)
         except grpc.aio.AbortError:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from inferline.common.detections import DetectOptions
-from inferline.common.errors import InvalidInput, StageFailed, WrongTask
+from inferline.common.errors import InvalidInput, StageFailed, WrongTask, quoted
 from inferline.common.generated import (
     controller_pb2,
     inference_pb2,
@@ -29,6 +29,9 @@ from inferline.common.tensors import from_proto
 from inferline.services.controller.stages import Deadline, StageClients
 
 METADATA_TTL_S = 10.0
+# Model names are folder names in the model repository: a longer name cannot exist, so it is
+# refused before it travels to the inference stage.
+MAX_MODEL_NAME_BYTES = 255
 RENDER_FORMATS = (types_pb2.RENDER_FORMAT_JSON, types_pb2.RENDER_FORMAT_CSV, types_pb2.RENDER_FORMAT_PNG)
 
 
@@ -63,8 +66,7 @@ class Controller:
 
     async def model_metadata(self, name: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse:
         """Cached briefly: metadata changes only when the inference stage reloads."""
-        if not name:
-            raise InvalidInput("model is required; ListModels shows what is served")
+        self._validate_model_name(name)
         cached = self._metadata.get(name)
         if cached is not None and time.monotonic() - cached[0] < METADATA_TTL_S:
             return cached[1]
@@ -82,7 +84,7 @@ class Controller:
     async def _model_for(self, name: str, task: str, operation: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse:
         metadata = await self.model_metadata(name, deadline)
         if metadata.task != task:
-            raise WrongTask(f"model {name!r} is a {metadata.task} model; {operation} needs a {task} model")
+            raise WrongTask(f"model {quoted(name)} is a {metadata.task} model; {operation} needs a {task} model")
         return metadata
 
     async def _text_tower(self, image_model: inference_pb2.ModelMetadataResponse, operation: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse:
@@ -155,16 +157,38 @@ class Controller:
         items = await self._encode(text_model, preprocess_pb2.PreprocessRequest(texts=labels), deadline, timings, "text_")
         for label, item in zip(labels, items):
             if not item.ok:
-                raise InvalidInput(f"label {label!r}: {item.status.message}")
+                raise InvalidInput(f"label {quoted(label)}: {item.status.message}")
         return [item.outputs[0] for item in items], float(scale)
 
     def _validate_labels(self, labels: Sequence[str]) -> None:
         if not labels:
             raise InvalidInput("labels are required: give at least one candidate label or prompt")
-        if len(labels) > self.settings.max_labels:
-            raise InvalidInput(f"{len(labels)} labels is over the limit of {self.settings.max_labels} (INFERLINE_MAX_LABELS)")
+        self._validate_texts(labels, "labels")
         if any(not label.strip() for label in labels):
             raise InvalidInput("labels must not be empty strings")
+
+    def _validate_texts(self, texts: Sequence[str], what: str) -> None:
+        """Counts and sizes before anything is tokenised: a label of 100 KB would be refused by
+        the tokenizer only after cleaning and encoding all of it (and 255 more like it)."""
+        if len(texts) > self.settings.max_labels:
+            raise InvalidInput(f"{len(texts)} {what} is over the limit of {self.settings.max_labels} (INFERLINE_MAX_LABELS)")
+        limit = self.settings.max_text_bytes
+        for index, text in enumerate(texts):
+            size = len(text.encode("utf-8"))
+            if size > limit:
+                raise InvalidInput(
+                    f"{what}[{index}] ({quoted(text, 40)}) is {size} bytes, over the limit of {limit} "
+                    "(INFERLINE_MAX_TEXT_BYTES); the model's context holds far less: shorten it"
+                )
+
+    def _validate_model_name(self, name: str, field: str = "model") -> None:
+        if not name:
+            raise InvalidInput(f"{field} is required; ListModels shows what is served")
+        if len(name.encode("utf-8")) > MAX_MODEL_NAME_BYTES:
+            raise InvalidInput(
+                f"{field} {quoted(name)} is {len(name.encode('utf-8'))} bytes long; model names are at most "
+                f"{MAX_MODEL_NAME_BYTES} (ListModels shows what is served)"
+            )
 
     def _validate_images(self, images: Sequence[types_pb2.Image], required: bool = True) -> None:
         if required and not images:
@@ -343,8 +367,7 @@ class Controller:
         if not request.images and not request.texts:
             raise InvalidInput("nothing to embed: give images, texts or both")
         self._validate_images(request.images, required=False)
-        if len(request.texts) > self.settings.max_labels:
-            raise InvalidInput(f"{len(request.texts)} texts is over the limit of {self.settings.max_labels} (INFERLINE_MAX_LABELS)")
+        self._validate_texts(request.texts, "texts")
         if request.cluster.k < 0 or not 0 <= request.cluster.threshold <= 1:
             raise InvalidInput("cluster.k must be >= 0 and cluster.threshold within [0, 1]")
         model = await self._model_for(request.model, "embed", "Embed", deadline)

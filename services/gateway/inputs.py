@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 
+from inferline.common.errors import quoted
 from inferline.common.generated import types_pb2
 from inferline.services.gateway.problems import ApiError, describe_errors, invalid
 from inferline.services.gateway.schemas import Base64Image, JsonImages
@@ -59,7 +60,7 @@ async def read_body(request: Request, list_fields: frozenset[str], max_images: i
         return Body()
     raise ApiError(
         grpc.StatusCode.INVALID_ARGUMENT,
-        f"unsupported Content-Type {content_type or '(none)'!r}: send multipart/form-data (field `images`, "
+        f"unsupported Content-Type {quoted(content_type) if content_type else '(none)'}: send multipart/form-data (field `images`, "
         "repeatable) or application/json ({\"images\": [{\"data\": \"<base64>\"}]})",
         415,
     )
@@ -72,7 +73,7 @@ async def _json(request: Request) -> Any:
     try:
         return await request.json()
     except ValueError as exc:
-        raise invalid(f"the JSON body does not parse: {exc}") from None
+        raise invalid(f"the JSON body does not parse: {quoted(str(exc))}") from None
 
 
 async def _from_form(form: FormData, list_fields: frozenset[str]) -> Body:
@@ -87,7 +88,7 @@ async def _from_form(form: FormData, list_fields: frozenset[str]) -> Body:
             continue
         values = form.getlist(key)
         if any(isinstance(v, UploadFile) for v in values):
-            raise invalid(f"form field `{key}` must be text, not a file")
+            raise invalid(f"form field {quoted(key)} must be text, not a file")
         fields[key] = list(values) if key in list_fields else values[-1]
     return Body(images=images, fields=fields)
 
@@ -118,5 +119,5 @@ def timeout_from(request: Request, default_s: float) -> float:
     except ValueError:
         value = float("nan")
     if not 0.0 < value <= MAX_TIMEOUT_S:
-        raise invalid(f"X-Request-Timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {raw!r}")
+        raise invalid(f"X-Request-Timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {quoted(raw)}")
     return value

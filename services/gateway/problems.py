@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from inferline.common.errors import quoted
 from inferline.common.status import HTTP_INTERNAL, INTERNAL_MESSAGE, STATUS_TABLE, http_status_for
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     code = _code_for_http(exc.status_code)
     detail = str(exc.detail) if exc.status_code < HTTP_INTERNAL else INTERNAL_MESSAGE
     if exc.status_code == 404 and exc.detail == "Not Found":
-        detail = f"no such endpoint: {request.method} {request.url.path} (see /docs)"
+        detail = f"no such endpoint: {request.method} {quoted(request.url.path)} (see /docs)"
     return problem_response(request, ApiError(code, detail, exc.status_code), headers=getattr(exc, "headers", None))
 
 

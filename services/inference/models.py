@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inferline.common.errors import InvalidInput, ModelNotFound, ModelNotReady
+from inferline.common.errors import InvalidInput, ModelNotFound, ModelNotReady, quoted
 from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
 from inferline.common.telemetry.metrics import MODEL_LOAD_SECONDS
@@ -108,11 +108,11 @@ class ModelManager:
         config = self.configs.get(name)
         if config is None or (version and version != config.version):
             known = ", ".join(sorted(self.configs)) or "none"
-            wanted = f"{name!r}" + (f" version {version!r}" if version else "")
+            wanted = quoted(name) + (f" version {quoted(version)}" if version else "")
             raise ModelNotFound(f"model {wanted} is not served here (models: {known})")
         model = self._models.get(name)
         if model is None:
-            raise ModelNotReady(f"model {name!r} is still loading")
+            raise ModelNotReady(f"model {quoted(name)} is still loading")
         return model
 
     def all(self) -> list[LoadedModel]:

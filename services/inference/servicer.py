@@ -10,7 +10,7 @@ from inferline.common import tensors
 from inferline.common.generated import inference_pb2, inference_pb2_grpc
 from inferline.common.server import Service
 from inferline.common.settings import Settings
-from inferline.common.errors import InvalidInput
+from inferline.common.errors import InvalidInput, at_most
 from inferline.common.status import OK, item_status
 from inferline.common.telemetry.profiler import profile_route
 from inferline.services.inference.filters import candidate_filter
@@ -18,8 +18,9 @@ from inferline.services.inference.models import LoadedModel, ModelManager
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, manager: ModelManager):
+    def __init__(self, manager: ModelManager, settings: Settings):
         self.manager = manager
+        self.settings = settings
 
     async def ServerLive(self, request, context):
         return inference_pb2.ServerLiveResponse(live=True)
@@ -39,9 +40,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         model = self.manager.get(request.model_name, request.model_version)
-        items = [_decode_item(item) for item in request.items]
         if not 0.0 <= request.min_score <= 1.0:
             raise InvalidInput(f"min_score must be within [0, 1], got {request.min_score}")
+        if not request.items:
+            raise InvalidInput("no items in the request: give each item's input tensors")
+        at_most(len(request.items), self.settings.max_regions, "items", "INFERLINE_MAX_REGIONS")
+        items = [_decode_item(item) for item in request.items]
         outputs = await self.manager.infer(request.model_name, request.model_version, items, context.time_remaining())
         shrink = candidate_filter(model.config.postprocess.name) if request.min_score > 0 else None
         if shrink is not None:
@@ -60,9 +64,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 
 def _decode_item(item: inference_pb2.InferItem) -> dict | Exception:
+    """A malformed tensor (``tensors.from_proto`` says how) fails its item only."""
     try:
         return {t.name: tensors.from_proto(t) for t in item.inputs}
-    except Exception as exc:  # noqa: BLE001 - a malformed tensor fails its item only
+    except InvalidInput as exc:
         return exc
 
 
@@ -94,7 +99,7 @@ def metadata(model: LoadedModel) -> inference_pb2.ModelMetadataResponse:
 
 def build_service(settings: Settings) -> Service:
     manager = ModelManager(settings)
-    servicer = InferenceServicer(manager)
+    servicer = InferenceServicer(manager, settings)
 
     def register(server: grpc.aio.Server) -> list[str]:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)

@@ -26,9 +26,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from inferline.common.errors import ConfigError, InvalidInput
+from inferline.common.errors import ConfigError, InvalidInput, quoted
 from inferline.common.transform import ImageTransform
-from inferline.services.preprocess.recipes import PREPROCESSORS, TEXT_PREPROCESSORS, size_param
+from inferline.services.preprocess.recipes import (
+    PARAM_CHECKS,
+    PREPROCESSORS,
+    TEXT_PREPROCESSORS,
+    RecipeLimits,
+    check_size,
+    size_param,
+)
 
 _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _RESIZE_MODES = ("shortest", "longest", "squash")
@@ -39,14 +46,14 @@ DEFAULT_CONTEXT_LENGTH = 77
 def _positive_int(params: Mapping[str, Any], key: str, default: int) -> int:
     value = params.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer() or value < 1:
-        raise InvalidInput(f"clip {key} must be a positive integer, got {value!r}")
+        raise InvalidInput(f"clip {key} must be a positive integer, got {quoted(value)}")
     return int(value)
 
 
 def _choice(params: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:
     value = params.get(key, default)
     if value not in allowed:
-        raise InvalidInput(f"clip_image {key} must be one of {', '.join(allowed)}, got {value!r}")
+        raise InvalidInput(f"clip_image {key} must be one of {', '.join(allowed)}, got {quoted(value)}")
     return value
 
 
@@ -81,6 +88,47 @@ def _interpolation(mode: str, target: tuple[int, int], requested: str) -> Image.
     return _INTERPOLATIONS[requested]
 
 
+def _image_params(params: Mapping[str, Any]) -> tuple[tuple[int, int], str, str, int]:
+    """size, resize_mode, interpolation and fill_color, checked."""
+    target = size_param(params, "clip_image", 224)
+    mode = _choice(params, "resize_mode", "shortest", _RESIZE_MODES)
+    requested = _choice(params, "interpolation", "bicubic", tuple(_INTERPOLATIONS))
+    fill = params.get("fill_color", 0)
+    integer = not isinstance(fill, bool) and isinstance(fill, (int, float)) and float(fill).is_integer()
+    if not integer or not 0 <= fill <= 255:
+        raise InvalidInput(f"clip_image fill_color must be an integer 0..255, got {quoted(fill)}")
+    return target, mode, requested, int(fill)
+
+
+@PARAM_CHECKS.register("clip_image")
+def check_clip_image(params: Mapping[str, Any], limits: RecipeLimits) -> None:
+    check_size(_image_params(params)[0], "clip_image", limits)
+
+
+@PARAM_CHECKS.register("clip_tokenize")
+def check_clip_tokenize(params: Mapping[str, Any], limits: RecipeLimits) -> None:
+    """A context holds one token per byte of text at most (plus start and end), so a longer one
+    than ``max_text_bytes + 2`` only pads: it is refused rather than allocated (8 bytes a slot)."""
+    context_length = _positive_int(params, "context_length", DEFAULT_CONTEXT_LENGTH)
+    if context_length > limits.max_text_bytes + 2:
+        raise InvalidInput(
+            f"clip_tokenize context_length {context_length} is over the limit of {limits.max_text_bytes + 2} "
+            "(INFERLINE_MAX_TEXT_BYTES + 2); use the context_length from the model's metadata"
+        )
+    _tokenizer_params(params)
+
+
+def _tokenizer_params(params: Mapping[str, Any]) -> str | None:
+    """The ``vocab`` path (None: open_clip's), after checking ``tokenizer`` and ``vocab``."""
+    name = params.get("tokenizer", DEFAULT_TOKENIZER)
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"clip_tokenize tokenizer must be an open_clip model name, got {quoted(name)}")
+    vocab = params.get("vocab")
+    if vocab is not None and (not isinstance(vocab, str) or not vocab):
+        raise InvalidInput(f"clip_tokenize vocab must be the path of bpe_simple_vocab_16e6.txt.gz, got {quoted(vocab)}")
+    return vocab
+
+
 @PREPROCESSORS.register("clip_image")
 def clip_image(image: np.ndarray, params: Mapping[str, Any]) -> tuple[np.ndarray, ImageTransform]:
     """BGR HxWx3 uint8 -> uint8 (3, size, size) RGB, identical to open_clip's eval transform
@@ -98,14 +146,7 @@ def clip_image(image: np.ndarray, params: Mapping[str, Any]) -> tuple[np.ndarray
     height, width = image.shape[:2]
     if height < 1 or width < 1:
         raise InvalidInput(f"clip_image got an empty image ({width}x{height})")
-    target = size_param(params, "clip_image", 224)
-    mode = _choice(params, "resize_mode", "shortest", _RESIZE_MODES)
-    requested = _choice(params, "interpolation", "bicubic", tuple(_INTERPOLATIONS))
-    fill = params.get("fill_color", 0)
-    integer = not isinstance(fill, bool) and isinstance(fill, (int, float)) and float(fill).is_integer()
-    if not integer or not 0 <= fill <= 255:
-        raise InvalidInput(f"clip_image fill_color must be an integer 0..255, got {fill!r}")
-    fill = int(fill)
+    target, mode, requested, fill = _image_params(params)
 
     new_h, new_w = _resized_size(height, width, target, mode)
     if new_h < 1 or new_w < 1:
@@ -184,10 +225,4 @@ def clip_tokenize(text: str, params: Mapping[str, Any]) -> np.ndarray:
     if not text.strip():
         raise InvalidInput("text is empty; give the words to embed (e.g. 'a photo of a dog')")
     context_length = _positive_int(params, "context_length", DEFAULT_CONTEXT_LENGTH)
-    name = params.get("tokenizer", DEFAULT_TOKENIZER)
-    if not isinstance(name, str) or not name:
-        raise InvalidInput(f"clip_tokenize tokenizer must be an open_clip model name, got {name!r}")
-    vocab = params.get("vocab")
-    if vocab is not None and (not isinstance(vocab, str) or not vocab):
-        raise InvalidInput(f"clip_tokenize vocab must be the path of bpe_simple_vocab_16e6.txt.gz, got {vocab!r}")
-    return _tokenizer(vocab).tokenize(text, context_length)
+    return _tokenizer(_tokenizer_params(params)).tokenize(text, context_length)

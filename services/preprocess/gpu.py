@@ -24,7 +24,7 @@ from inferline.common.errors import InvalidInput
 from inferline.common.images import probe_image
 from inferline.common.transform import ImageTransform
 from inferline.services.preprocess.letterbox import letterbox_geometry
-from inferline.services.preprocess.recipes import size_param
+from inferline.services.preprocess.recipes import LetterboxParams
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -56,16 +56,13 @@ def letterbox_tensor(image: Any, params: Mapping[str, Any]) -> tuple[np.ndarray,
     import torch.nn.functional as F
 
     _, height, width = image.shape
-    g = letterbox_geometry(
-        height, width, size_param(params, "letterbox", 640),
-        stride=int(params.get("stride", 32)), auto=bool(params.get("auto", False)), scaleup=bool(params.get("scaleup", True)),
-    )
+    p = LetterboxParams.parse(params)
+    g = letterbox_geometry(height, width, p.size, stride=p.stride, auto=p.auto, scaleup=p.scaleup)
     if (g.new_w, g.new_h) != (width, height):
         resized = F.interpolate(image[None].float(), size=(g.new_h, g.new_w), mode="bilinear", align_corners=False)
         image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
-    pad_value = int(params.get("pad_value", 114))
     if g.left or g.right or g.top or g.bottom:
-        image = F.pad(image, (g.left, g.right, g.top, g.bottom), value=pad_value)
+        image = F.pad(image, (g.left, g.right, g.top, g.bottom), value=p.pad_value)
     return image.contiguous().cpu().numpy(), g.transform(width, height)
 
 

@@ -7,14 +7,17 @@ Model families beyond YOLO register theirs in ``*_recipes.py`` modules of this p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from inferline.common.errors import InvalidInput
+from inferline.common.errors import InvalidInput, quoted
 from inferline.common.plugins import import_family_modules
 from inferline.common.registry import Registry
+from inferline.common.settings import Settings
 from inferline.common.transform import ImageTransform
 from inferline.services.preprocess.letterbox import letterbox
 
@@ -24,8 +27,35 @@ TextPreprocessor = Callable[[str, Mapping[str, Any]], np.ndarray]
 TEXT_PREPROCESSORS: Registry[TextPreprocessor] = Registry("text preprocess recipe")
 
 
+@dataclass(frozen=True)
+class RecipeLimits:
+    """The bounds a request's recipe parameters must stay within (from Settings)."""
+
+    max_side: int
+    max_text_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RecipeLimits:
+        return cls(max_side=settings.max_input_side, max_text_bytes=settings.max_text_bytes)
+
+
+# Each recipe's parameter check, run once per request before anything is decoded, so that a
+# recipe asking for a 12000-pixel letterbox is refused in microseconds, not after decoding and
+# resizing every image of the batch to 432 MB each. Raises InvalidInput.
+ParamCheck = Callable[[Mapping[str, Any], RecipeLimits], None]
+PARAM_CHECKS: Registry[ParamCheck] = Registry("preprocess recipe")
+
+
 def load_families() -> list[str]:
     return import_family_modules(__package__, __file__, "_recipes")
+
+
+def check_params(name: str, params: Mapping[str, Any], limits: RecipeLimits) -> None:
+    """The named recipe's parameters against ``limits``; a recipe without a check takes none."""
+    if name in PARAM_CHECKS:
+        PARAM_CHECKS.get(name)(params, limits)
+    elif params:
+        raise InvalidInput(f"recipe {quoted(name)} takes no parameters, got {quoted(sorted(params))}")
 
 
 def size_param(params: Mapping[str, Any], recipe: str, default: int) -> tuple[int, int]:
@@ -33,20 +63,66 @@ def size_param(params: Mapping[str, Any], recipe: str, default: int) -> tuple[in
     ``PreprocessCfg.size``."""
     size = params.get("size", default)
     values = size if isinstance(size, (list, tuple)) else [size, size]
-    if len(values) != 2 or any(
-        isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer() or v < 1 for v in values
-    ):
-        raise InvalidInput(f"{recipe} size must be a positive integer or [height, width], got {size!r}")
+    if len(values) != 2 or any(not _is_integer(v) or v < 1 for v in values):
+        raise InvalidInput(f"{recipe} size must be a positive integer or [height, width], got {quoted(size)}")
     return int(values[0]), int(values[1])
+
+
+def check_size(size: tuple[int, int], recipe: str, limits: RecipeLimits) -> None:
+    if max(size) > limits.max_side:
+        raise InvalidInput(
+            f"{recipe} size {size[0]}x{size[1]} is over the limit of {limits.max_side} pixels a side "
+            "(INFERLINE_MAX_INPUT_SIDE); use the size from the model's metadata"
+        )
+
+
+def int_param(params: Mapping[str, Any], key: str, recipe: str, default: int, low: int, high: int) -> int:
+    value = params.get(key, default)
+    if not _is_integer(value) or not low <= value <= high:
+        raise InvalidInput(f"{recipe} {key} must be an integer in [{low}, {high}], got {quoted(value)}")
+    return int(value)
+
+
+def bool_param(params: Mapping[str, Any], key: str, recipe: str, default: bool) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{recipe} {key} must be true or false, got {quoted(value)}")
+    return value
+
+
+def _is_integer(value: Any) -> bool:
+    """An int, or a float holding one (protobuf's Struct carries every number as a double)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or (math.isfinite(value) and float(value).is_integer())
+
+
+@dataclass(frozen=True)
+class LetterboxParams:
+    size: tuple[int, int]
+    stride: int
+    auto: bool
+    scaleup: bool
+    pad_value: int
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any]) -> LetterboxParams:
+        size = size_param(params, "letterbox", 640)
+        return cls(
+            size=size,
+            stride=int_param(params, "stride", "letterbox", 32, 1, max(size)),
+            auto=bool_param(params, "auto", "letterbox", False),
+            scaleup=bool_param(params, "scaleup", "letterbox", True),
+            pad_value=int_param(params, "pad_value", "letterbox", 114, 0, 255),
+        )
+
+
+@PARAM_CHECKS.register("letterbox")
+def check_letterbox(params: Mapping[str, Any], limits: RecipeLimits) -> None:
+    check_size(LetterboxParams.parse(params).size, "letterbox", limits)
 
 
 @PREPROCESSORS.register("letterbox")
 def letterbox_recipe(image: np.ndarray, params: Mapping[str, Any]) -> tuple[np.ndarray, ImageTransform]:
-    return letterbox(
-        image,
-        size_param(params, "letterbox", 640),
-        stride=int(params.get("stride", 32)),
-        auto=bool(params.get("auto", False)),
-        scaleup=bool(params.get("scaleup", True)),
-        pad_value=int(params.get("pad_value", 114)),
-    )
+    p = LetterboxParams.parse(params)
+    return letterbox(image, p.size, stride=p.stride, auto=p.auto, scaleup=p.scaleup, pad_value=p.pad_value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -12,7 +13,7 @@ import grpc
 import numpy as np
 
 from inferline.common import tensors
-from inferline.common.errors import ConfigError, InvalidInput
+from inferline.common.errors import ConfigError, InvalidInput, at_most
 from inferline.common.generated import preprocess_pb2, preprocess_pb2_grpc, types_pb2
 from inferline.common.images import decode_image
 from inferline.common.recipes import Recipe
@@ -21,11 +22,20 @@ from inferline.common.settings import Settings
 from inferline.common.status import OK, item_status
 from inferline.common.telemetry import in_context, span, traced
 from inferline.common.transform import ImageTransform
-from inferline.services.preprocess.recipes import PREPROCESSORS, TEXT_PREPROCESSORS, load_families
+from inferline.services.preprocess.recipes import (
+    PREPROCESSORS,
+    TEXT_PREPROCESSORS,
+    RecipeLimits,
+    check_params,
+    load_families,
+)
 
 
 def crop(pixels: np.ndarray, box: types_pb2.Box) -> np.ndarray:
     """The box's pixels, the box rounded outwards and clipped to the image."""
+    corners = (box.x1, box.y1, box.x2, box.y2)
+    if not all(math.isfinite(v) for v in corners):
+        raise InvalidInput(f"region box {corners} must be finite pixel coordinates")
     height, width = pixels.shape[:2]
     x1, y1 = max(int(np.floor(box.x1)), 0), max(int(np.floor(box.y1)), 0)
     x2, y2 = min(int(np.ceil(box.x2)), width), min(int(np.ceil(box.y2)), height)
@@ -41,17 +51,13 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         # pool gives real parallelism across a batch without blocking the event loop.
         self.pool = pool
         self.torch_device = torch_device(settings.preprocess_device)
+        self.limits = RecipeLimits.from_settings(settings)
 
     async def Preprocess(self, request, context):
         recipe = Recipe.from_proto(request.recipe)
+        self._validate(request, recipe)
         if request.texts:
-            if request.images or request.regions:
-                raise InvalidInput("a preprocess request carries images or texts, not both")
             return await self._texts(recipe, request.texts)
-        if request.regions and not request.images:
-            raise InvalidInput("regions need the images they are cut from")
-        if not request.images:
-            raise InvalidInput("no images or texts in the request")
         preprocessor = _traced(PREPROCESSORS.get(recipe.name, error=InvalidInput), recipe.name)
 
         def decode(data: bytes) -> np.ndarray:
@@ -78,6 +84,25 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
 
         _fill_images(response, await self._map(cut, request.regions))
         return response
+
+    def _validate(self, request: preprocess_pb2.PreprocessRequest, recipe: Recipe) -> None:
+        """Everything checkable before work starts: what the request carries, how many, and the
+        recipe's parameters, so that an absurd request costs microseconds whoever sends it."""
+        settings = self.settings
+        if request.texts:
+            if request.images or request.regions:
+                raise InvalidInput("a preprocess request carries images or texts, not both")
+            TEXT_PREPROCESSORS.get(recipe.name, error=InvalidInput)
+            at_most(len(request.texts), settings.max_labels, "texts", "INFERLINE_MAX_LABELS")
+        else:
+            if request.regions and not request.images:
+                raise InvalidInput("regions need the images they are cut from")
+            if not request.images:
+                raise InvalidInput("no images or texts in the request")
+            PREPROCESSORS.get(recipe.name, error=InvalidInput)
+            at_most(len(request.images), settings.max_batch_images, "images", "INFERLINE_MAX_BATCH_IMAGES")
+            at_most(len(request.regions), settings.max_regions, "regions", "INFERLINE_MAX_REGIONS")
+        check_params(recipe.name, recipe.params, self.limits)
 
     async def _letterbox_on_device(self, images, recipe: Recipe, decode) -> list:
         """JPEGs in one batched device decode (nvJPEG on CUDA), the rest through OpenCV."""
@@ -111,7 +136,18 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
     async def _texts(self, recipe: Recipe, texts: Iterable[str]) -> preprocess_pb2.PreprocessResponse:
         tokenizer = TEXT_PREPROCESSORS.get(recipe.name, error=InvalidInput)
         response = preprocess_pb2.PreprocessResponse()
-        for outcome in await self._map(lambda text: tokenizer(text, recipe.params), texts):
+        limit = self.settings.max_text_bytes
+
+        def tokenize(text: str) -> Any:
+            size = len(text.encode("utf-8"))
+            if size > limit:
+                raise InvalidInput(
+                    f"text is {size} bytes, over the limit of {limit} (INFERLINE_MAX_TEXT_BYTES); "
+                    "a model's context holds far less: shorten it"
+                )
+            return tokenizer(text, recipe.params)
+
+        for outcome in await self._map(tokenize, texts):
             if isinstance(outcome, BaseException):
                 response.texts.add(status=item_status(outcome))
             else:
