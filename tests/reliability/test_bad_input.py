@@ -582,3 +582,72 @@ def test_random_postprocess_and_inference_requests_are_never_unknown_or_internal
     code, items = code_of(lambda: clients.inference.ModelInfer(request, timeout=T))
     assert code not in NEVER and not NEVER & set(items), (code, items)
     assert clients.serving("postprocess") and clients.serving("inference")
+
+
+# ---- memory on real processes: every allocation counts, whatever library made it -----------
+
+
+def _status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"/proc/{pid}/status has no {field}")
+
+
+def peak_rss_growth(pid: int, call: Callable[[], Any]) -> tuple[int, Any]:
+    """Bytes the process's peak RSS rose above its RSS before ``call``: writing 5 to
+    clear_refs resets VmHWM to the current RSS (Linux >= 4.0)."""
+    before = _status_kb(pid, "VmRSS")
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    result = call()
+    return (_status_kb(pid, "VmHWM") - before) * 1024, result
+
+
+# A process receiving a message holds it in gRPC core's buffers, as Python bytes (assembled
+# from a copy) and as the parsed message: about 4x its size at the peak, measured; see
+# docs/reliability-validation.md. That is bounded by INFERLINE_MAX_MESSAGE_MB before our code runs.
+PROCESS_RECEIVE_COPIES = 4
+
+
+@pytest.fixture(scope="module")
+def processes(model_dir, clip_weights, tmp_path_factory) -> Iterator[Any]:
+    from tests.observability.harness import Stages, stage_env
+
+    stages = Stages.start(stage_env(model_dir, clip_weights.parent, INFERLINE_MODELS="yolov8n"), tmp_path_factory.mktemp("bad-input"))
+    yield stages
+    stages.stop()
+
+
+ABSURD = [case for case in CASES if case.absurd]
+
+
+@pytest.mark.slow
+def test_absurd_requests_cost_each_stage_process_under_50_mb_and_a_second(processes):
+    clients = open_clients({stage: processes.target(stage) for stage in STAGES})
+    measurements = []
+    try:
+        for case in ABSURD:
+            payload = case.rpc.payload()
+            send = clients.raw(case.rpc.stage, case.rpc.method)
+
+            def call() -> tuple[grpc.StatusCode, float]:
+                started = time.perf_counter()
+                try:
+                    answer = send(payload, timeout=T)
+                    code = item_failure(case.rpc.response.FromString(answer))[0] if case.rpc.response else grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                return code, time.perf_counter() - started
+
+            growth, (code, seconds) = peak_rss_growth(processes.processes[case.target].pid, call)
+            measurements.append((case.target, case.id, code.name, round(seconds, 3), round(growth / 2**20, 1), round(len(payload) / 2**20, 1)))
+            assert code is case.code, measurements[-1]
+            assert seconds < REFUSE_WITHIN_S, measurements[-1]
+            assert growth - PROCESS_RECEIVE_COPIES * len(payload) < REFUSE_UNDER_BYTES, measurements[-1]
+            assert clients.serving(case.target)
+    finally:
+        print("\nstage | case | code | seconds | peak RSS growth MiB | request MiB")
+        for row in measurements:
+            print(" | ".join(map(str, row)))
+        for channel in clients.channels.values():
+            channel.close()

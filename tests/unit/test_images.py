@@ -171,3 +171,44 @@ def test_image_over_the_pixel_limit_is_refused_before_decoding():
 def test_gigantic_claimed_size_is_refused_without_allocating():
     with pytest.raises(InvalidInput, match="limit"):
         decode_image(_png_header_claiming(100_000, 100_000), max_pixels=LIMIT)
+
+
+def _png_with_orientation(orientation: int, *, after_pixels: bool) -> bytes:
+    """A PNG whose eXIf chunk sits before the pixel data (as Pillow writes it) or after it
+    (allowed by the PNG spec's third edition, and what some tools write)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(_gradient(30, 50)).save(out, format="PNG", exif=exif)
+    data = out.getvalue()
+    if not after_pixels:
+        return data
+    start = data.index(b"eXIf") - 4
+    (length,) = struct.unpack(">I", data[start : start + 4])
+    chunk = data[start : start + 12 + length]
+    without = data[:start] + data[start + 12 + length :]
+    end = without.index(b"IEND") - 4
+    return without[:end] + chunk + without[end:]
+
+
+@pytest.mark.parametrize("after_pixels", [False, True])
+def test_png_orientation_is_applied_wherever_its_exif_chunk_sits(after_pixels):
+    data = _png_with_orientation(6, after_pixels=after_pixels)
+    assert (data.index(b"eXIf") > data.index(b"IDAT")) is after_pixels
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))[..., ::-1]
+    np.testing.assert_array_equal(decode_image(data, max_pixels=LIMIT, decoder="opencv"), expected)
+
+
+def test_png_orientation_before_the_pixel_data_is_read_without_decoding_them(monkeypatch):
+    """Pillow's PngImageFile.getexif decodes the whole image to look for chunks after the pixels;
+    a 143 KB PNG of 7000x7000 became 147 MB that way, before OpenCV decoded it again."""
+    from PIL import PngImagePlugin
+
+    from inferline.common.images import probe_image
+
+    def refuse(self):
+        raise AssertionError("the PNG's pixels were decoded to read its header")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", refuse)
+    assert probe_image(_png_with_orientation(8, after_pixels=False), LIMIT) == (50, 30, 8)
+    assert probe_image(_encode(_gradient(), "PNG"), LIMIT) == (60, 40, 1)
