@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import grpc
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from inferline.common.errors import quoted
@@ -53,6 +54,11 @@ async def read_body(request: Request, list_fields: frozenset[str], max_images: i
             form = await request.form(max_files=max_images, max_fields=1000)
         except UnicodeDecodeError:
             raise invalid("form fields must be UTF-8 text") from None
+        except HTTPException as exc:  # Starlette's multipart parser stopped: too many files or fields
+            raise invalid(
+                f"the form was refused: {quoted(exc.detail)}; at most {max_images} images per request "
+                "(INFERLINE_MAX_BATCH_IMAGES): split the batch"
+            ) from None
         return await _from_form(form, list_fields)
     if content_type == "application/json":
         return _from_json(await _json(request))

@@ -426,7 +426,8 @@ def upload(*datas: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
 
 
 HTTP_CASES = [
-    HttpCase("1000 images, multipart", lambda h: h.post("/v1/detect", files=upload(*[tiny_png()] * 1000)), 400, "INVALID_ARGUMENT", "64"),
+    HttpCase("1000 images, multipart", lambda h: h.post("/v1/detect", files=upload(*[tiny_png()] * 1000)), 400, "INVALID_ARGUMENT",
+             "INFERLINE_MAX_BATCH_IMAGES"),
     HttpCase("1000 images, JSON", lambda h: h.post("/v1/detect", json={"images": [{"data": b64(tiny_png())}] * 1000}),
              400, "INVALID_ARGUMENT", "INFERLINE_MAX_BATCH_IMAGES"),
     HttpCase("model name of 100 KB", lambda h: h.post("/v1/detect", json={"model": "m" * 100_000, "images": [{"data": b64(tiny_png())}]}),
