@@ -96,17 +96,14 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
         return response
 
     async def Embeddings(self, request, context):
+        """Counts and scalars first, then the vectors: a refusal costs no decoding."""
         settings = self.settings
         at_most(len(request.images), settings.max_embeddings, "image embeddings", "INFERLINE_MAX_EMBEDDINGS")
         at_most(len(request.texts), settings.max_labels, "text embeddings", "INFERLINE_MAX_LABELS")
         count = len(request.images) + len(request.texts)
-        images = _matrix(request.images, "image", settings.max_embedding_dim)
-        texts = _matrix(request.texts, "text", settings.max_embedding_dim)
-        if images.shape[1] and texts.shape[1] and images.shape[1] != texts.shape[1]:
-            raise InvalidInput(f"image embeddings have {images.shape[1]} dimensions, text embeddings {texts.shape[1]}")
         if request.top_k < 0:
             raise InvalidInput(f"top_k must be >= 0, got {request.top_k}")
-        if request.top_k and len(texts) and not (math.isfinite(request.logit_scale) and request.logit_scale > 0):
+        if request.top_k and request.texts and not (math.isfinite(request.logit_scale) and request.logit_scale > 0):
             raise InvalidInput("zero-shot needs a positive, finite logit_scale (from the model's metadata)")
         cluster = request.cluster
         if cluster.k < 0 or not -1.0 <= cluster.threshold <= 1.0:
@@ -120,6 +117,10 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
             )
         if cluster.k > count:
             raise InvalidInput(f"cannot make {cluster.k} clusters of {count} embeddings")
+        images = _matrix(request.images, "image", settings.max_embedding_dim)
+        texts = _matrix(request.texts, "text", settings.max_embedding_dim)
+        if images.shape[1] and texts.shape[1] and images.shape[1] != texts.shape[1]:
+            raise InvalidInput(f"image embeddings have {images.shape[1]} dimensions, text embeddings {texts.shape[1]}")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, _embeddings, images, texts, request.logit_scale, request.top_k, cluster.k, cluster.threshold)
 

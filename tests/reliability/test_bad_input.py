@@ -15,9 +15,6 @@ Memory is measured two ways (docs/reliability-validation.md says why):
 from __future__ import annotations
 
 import base64
-import dataclasses
-import math
-import os
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -48,8 +45,6 @@ from inferline.common.generated import (
     types_pb2,
 )
 from inferline.common.recipes import Recipe
-from inferline.common.settings import Settings
-from inferline.services.stack import wait_serving
 from tests.support.gateway import RunningGateway
 from tests.support.images import encoded
 
