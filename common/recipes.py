@@ -8,7 +8,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from inferline.common.errors import ConfigError, InvalidInput
+from inferline.common.errors import ConfigError, InvalidInput, quoted
 from inferline.common.generated import types_pb2
 
 
@@ -26,7 +26,13 @@ class Recipe:
     def from_proto(cls, message: types_pb2.Recipe) -> Recipe:
         if not message.name:
             raise InvalidInput("recipe has no name; take it from the model's metadata")
-        return cls(message.name, json_format.MessageToDict(message.params))
+        try:
+            params = json_format.MessageToDict(message.params)
+        except ValueError:  # json_format refuses NaN and infinity in a Struct (JSON has neither)
+            raise InvalidInput(
+                f"recipe {quoted(message.name)} has a NaN or infinite parameter; parameters are finite numbers"
+            ) from None
+        return cls(message.name, params)
 
     @classmethod
     def from_config(cls, raw: Any, where: str) -> Recipe:

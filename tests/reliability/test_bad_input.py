@@ -323,6 +323,7 @@ CASES = [
          INVALID, "stride must be an integer in [1, 640]"),
     Case("letterbox pad_value 300", preprocess(Recipe("letterbox", {"pad_value": 300}), images=images(jpeg_30kb())),
          INVALID, "pad_value must be an integer in [0, 255]"),
+    Case("letterbox size NaN", preprocess(Recipe("letterbox", {"size": NAN}), images=images(jpeg_30kb())), INVALID, "NaN"),
     Case("letterbox auto 'yes'", preprocess(Recipe("letterbox", {"auto": "yes"}), images=images(jpeg_30kb())),
          INVALID, "auto must be true or false"),
     Case("65 images", preprocess(images=images(*[tiny_png()] * 65)), INVALID, "INFERLINE_MAX_BATCH_IMAGES"),
@@ -510,7 +511,7 @@ def test_random_bytes_to_any_method_are_never_unknown_or_internal(clients, targe
 
 
 FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=32)
-PARAM_VALUES = st.one_of(st.integers(-(2**40), 2**40), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+PARAM_VALUES = st.one_of(st.integers(-(2**40), 2**40), st.floats(), st.booleans(),
                          st.text(max_size=20), st.lists(st.integers(-5, 5000), max_size=3))
 RECIPES = st.sampled_from(["letterbox", "clip_image", "rgb", "clip_tokenize", "nope"])
 
@@ -647,3 +648,33 @@ def test_absurd_requests_cost_each_stage_process_under_50_mb_and_a_second(proces
             print(" | ".join(map(str, row)))
         for channel in clients.channels.values():
             channel.close()
+
+
+@FUZZ
+@given(
+    model=st.sampled_from(["yolov8n", "fasterrcnn-mobilenet-v3-large-320-fpn", "clip-vit-b-32", "", "nope"]),
+    pictures=st.lists(garbled_image(), max_size=2),
+    conf=st.one_of(st.none(), FLOATS),
+    max_det=st.one_of(st.none(), st.integers(-5, 2**31 - 1)),
+    classes=st.lists(st.integers(-(2**31), 2**31 - 1), max_size=3),
+    classify_with=st.sampled_from(["", "clip-vit-b-32", "yolov8n"]),
+    labels=st.lists(st.text(max_size=30), max_size=3),
+    top_k=st.integers(-3, 5),
+)
+def test_random_controller_requests_are_never_unknown_or_internal(clients, model, pictures, conf, max_det, classes, classify_with, labels, top_k):
+    options = types_pb2.DetectOptions(classes=classes)
+    if conf is not None:
+        options.conf = conf
+    if max_det is not None:
+        options.max_det = max_det
+    calls = [
+        lambda: clients.controller.Detect(controller_pb2.DetectRequest(
+            model=model, images=images(*pictures), options=options, classify_with=classify_with, labels=labels), timeout=T),
+        lambda: clients.controller.Classify(controller_pb2.ClassifyRequest(
+            model=model, images=images(*pictures), labels=labels, top_k=top_k), timeout=T),
+        lambda: clients.controller.Embed(controller_pb2.EmbedRequest(model=model, images=images(*pictures), texts=labels), timeout=T),
+    ]
+    for call in calls:
+        code, items = code_of(call)
+        assert code not in NEVER and not NEVER & set(items), (code, items)
+    assert clients.serving("controller")
