@@ -7,6 +7,7 @@ reads its HTTP codes from the same rows, so the two protocols cannot drift apart
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -136,14 +137,22 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = handler_call_details.method
-        return grpc.unary_unary_rpc_method_handler(
-            _mapped(handler.unary_unary, method),
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _mapped(handler.unary_unary, method),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:  # health's Watch: one request message, too
+            return grpc.unary_stream_rpc_method_handler(
+                _streamed(handler.unary_stream, method),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
 
 @dataclass(frozen=True)
@@ -179,11 +188,32 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return run
 
 
+async def _refuse(request: Undecodable, method: str, context: grpc.aio.ServicerContext) -> None:
+    log.info("%s -> INVALID_ARGUMENT: undecodable %s (%d bytes)", method, request.message_type, request.size)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
+def _streamed(inner: Callable[[Any, grpc.aio.ServicerContext], Any], method: str) -> UnaryHandler:
+    """A server-streaming handler behind the same parse check; its responses pass through
+    (written by the handler itself, or yielded by it and written here)."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, Undecodable):
+            await _refuse(request, method, context)
+        result = inner(request, context)
+        if inspect.isasyncgen(result):
+            async for response in result:
+                await context.write(response)
+        else:
+            await result
+
+    return call
+
+
 def _mapped(inner: UnaryHandler, method: str) -> UnaryHandler:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Undecodable):
-            log.info("%s -> INVALID_ARGUMENT: undecodable %s (%d bytes)", method, request.message_type, request.size)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            await _refuse(request, method, context)
         try:
             return await inner(request, context)
         except grpc.aio.AbortError:

@@ -474,6 +474,21 @@ def test_bad_http_input_is_refused_with_a_short_problem_while_good_requests_succ
     assert http.get("/healthz").status_code == 200 and clients.serving("controller")
 
 
+def test_a_corrupt_streaming_request_is_invalid_argument_too(clients):
+    """Health's Watch (server streaming) goes through the same parse check as unary methods."""
+    for stage in STAGES:
+        watch = clients.channels[stage].unary_stream(
+            "/grpc.health.v1.Health/Watch", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        with pytest.raises(grpc.RpcError) as raised:
+            next(iter(watch(CORRUPT, timeout=T)))
+        assert raised.value.code() is INVALID, stage
+        assert "not a valid grpc.health.v1.HealthCheckRequest" in raised.value.details()
+        replies = watch(health_pb2.HealthCheckRequest().SerializeToString(), timeout=T)
+        assert health_pb2.HealthCheckResponse.FromString(next(iter(replies))).status == health_pb2.HealthCheckResponse.SERVING
+        replies.cancel()
+
+
 # ---- fuzzing: random bytes and random field values never get UNKNOWN or INTERNAL ----------
 
 FUZZ = hypothesis_settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
