@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resamp
 _RESIZE_MODES = ("shortest", "longest", "squash")
 DEFAULT_TOKENIZER = "ViT-B-32"
 DEFAULT_CONTEXT_LENGTH = 77
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 
 def _positive_int(params: Mapping[str, Any], key: str, default: int) -> int:
@@ -124,8 +126,10 @@ def _tokenizer_params(params: Mapping[str, Any]) -> str | None:
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"clip_tokenize tokenizer must be an open_clip model name, got {quoted(name)}")
     vocab = params.get("vocab")
-    if vocab is not None and (not isinstance(vocab, str) or not vocab):
-        raise InvalidInput(f"clip_tokenize vocab must be the path of bpe_simple_vocab_16e6.txt.gz, got {quoted(vocab)}")
+    # The path arrives in a request: only a file of the vocabulary's own name is ever opened, so
+    # a caller cannot make the stage read (or probe for) any other file.
+    if vocab is not None and (not isinstance(vocab, str) or Path(vocab).name != VOCAB_FILE):
+        raise InvalidInput(f"clip_tokenize vocab must be the path of {VOCAB_FILE}, got {quoted(vocab)}")
     return vocab
 
 

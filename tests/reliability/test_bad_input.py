@@ -335,6 +335,8 @@ CASES = [
     Case("256 texts of 100 KB", preprocess(CLIP_TEXT, texts=[BIG_TEXT] * 256), INVALID, "INFERLINE_MAX_TEXT_BYTES", True),
     Case("context_length 10^9", preprocess(Recipe("clip_tokenize", {"context_length": 1e9}), texts=["a dog"]),
          INVALID, "context_length"),
+    Case("vocab naming another server file", preprocess(Recipe("clip_tokenize", {"vocab": "/etc/passwd"}), texts=["a dog"]),
+         INVALID, "bpe_simple_vocab_16e6.txt.gz"),
     Case("PNG of 7000x7000, eight", preprocess(images=images(*[png_7000()] * 8)), INVALID, "INFERLINE_MAX_IMAGE_PIXELS", True),
     Case("recipe name of 100 KB", preprocess(Recipe("r" * 100_000), images=images(tiny_png())), INVALID, "unknown preprocess recipe"),
     Case("corrupt protobuf", raw("preprocess", "/inferline.v1.PreprocessService/Preprocess", CORRUPT),
@@ -547,7 +549,8 @@ def garbled_image(draw: st.DrawFn) -> bytes:
 @given(
     recipe=RECIPES,
     params=st.dictionaries(st.sampled_from(["size", "stride", "auto", "scaleup", "pad_value", "context_length",
-                                            "resize_mode", "interpolation", "fill_color"]), PARAM_VALUES, max_size=3),
+                                            "resize_mode", "interpolation", "fill_color", "tokenizer", "vocab"]),
+                           PARAM_VALUES, max_size=3),
     pictures=st.lists(garbled_image(), max_size=3),
     texts=st.lists(st.text(max_size=40), max_size=3),
     boxes=st.lists(st.tuples(st.integers(-2, 3), FLOATS, FLOATS, FLOATS, FLOATS), max_size=3),
