@@ -15,6 +15,7 @@ Memory is measured two ways (docs/reliability-validation.md says why):
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -45,6 +46,7 @@ from inferline.common.generated import (
     types_pb2,
 )
 from inferline.common.recipes import Recipe
+from inferline.common.settings import Settings
 from tests.support.gateway import RunningGateway
 from tests.support.images import encoded
 
@@ -696,3 +698,30 @@ def test_random_controller_requests_are_never_unknown_or_internal(clients, model
         code, items = code_of(call)
         assert code not in NEVER and not NEVER & set(items), (code, items)
     assert clients.serving("controller")
+
+
+# ---- the limits are settings: each one moves the line where the refusal starts -------------
+
+LIMIT_CASES = [
+    ("max_input_side", 320, preprocess(Recipe("letterbox", {"size": 640}), images=images(tiny_png())), "INFERLINE_MAX_INPUT_SIDE"),
+    ("max_batch_images", 2, preprocess(images=images(*[tiny_png()] * 3)), "INFERLINE_MAX_BATCH_IMAGES"),
+    ("max_regions", 2, preprocess(images=images(tiny_png()), regions=[types_pb2.Region(image=0, box=types_pb2.Box(x2=8, y2=8))] * 3),
+     "INFERLINE_MAX_REGIONS"),
+    ("max_text_bytes", 100, preprocess(CLIP_TEXT, texts=["a photo " * 15]), "text is 120 bytes, over the limit of 100"),
+    ("max_labels", 1, preprocess(CLIP_TEXT, texts=["a", "b"]), "INFERLINE_MAX_LABELS"),
+    ("max_image_pixels", 3000, preprocess(images=images(tiny_png())), "INFERLINE_MAX_IMAGE_PIXELS"),
+    ("max_embeddings", 2, embeddings(images=[fp32(np.ones(4))] * 3), "INFERLINE_MAX_EMBEDDINGS"),
+    ("max_embedding_dim", 3, embeddings(images=[fp32(np.ones(4))]), "INFERLINE_MAX_EMBEDDING_DIM"),
+    ("max_cluster_items", 2, embeddings(images=[fp32(np.ones(4))] * 3, cluster=types_pb2.ClusterOptions(k=2)), "INFERLINE_MAX_CLUSTER_ITEMS"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "rpc", "needle"), LIMIT_CASES, ids=[c[0] for c in LIMIT_CASES])
+def test_each_limit_is_read_from_its_setting(settings, field, value, rpc, needle):
+    from tests.support.servers import stage_channel
+
+    assert Settings.from_env({f"INFERLINE_{field.upper()}": str(value)}) == dataclasses.replace(Settings(), **{field: value})
+    with stage_channel(rpc.stage, dataclasses.replace(settings, **{field: value})) as channel:
+        clients = Clients({rpc.stage: channel})
+        outcome = measured(rpc, clients)
+    assert outcome.code is INVALID and needle in outcome.message, outcome
