@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from inferline.common.errors import InvalidInput
+from inferline.common.errors import InvalidInput, quoted
 from inferline.common.generated import types_pb2
 
 
@@ -64,7 +64,7 @@ class DetectOptions:
         if self.max_det is not None and self.max_det < 1:
             raise InvalidInput(f"max_det must be at least 1, got {self.max_det}")
         if any(c < 0 for c in self.classes):
-            raise InvalidInput(f"class ids must be non-negative, got {list(self.classes)}")
+            raise InvalidInput(f"class ids must be non-negative, got {quoted(list(self.classes))}")
         return self
 
     def resolved(self, defaults: Mapping[str, Any]) -> tuple[float, float, int]:

@@ -312,6 +312,8 @@ CASES = [
     Case("PNG of 7000x7000 (143 KB)", detect(images=images(*[png_7000()] * 8)), INVALID, "INFERLINE_MAX_IMAGE_PIXELS", True),
     Case("truncated JPEG", detect(images=images(truncated_jpeg())), INVALID, "could not be decoded"),
     Case("conf NaN", detect(images=images(tiny_png()), options=types_pb2.DetectOptions(conf=NAN)), INVALID, "conf must be"),
+    Case("100,000 negative class ids", detect(images=images(tiny_png()), options=types_pb2.DetectOptions(classes=[-1] * 100_000)),
+         INVALID, "class ids must be non-negative"),
     Case("cluster threshold 2", embed(texts=["a dog"], cluster=types_pb2.ClusterOptions(threshold=2)), INVALID, "threshold"),
     Case("corrupt protobuf", raw("controller", CONTROLLER + "Detect", CORRUPT),
          INVALID, "not a valid inferline.v1.DetectRequest"),
