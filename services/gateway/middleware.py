@@ -16,6 +16,7 @@ import grpc
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from inferline.common.errors import QUOTE_LIMIT, quoted
 from inferline.services.gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics
 from inferline.services.gateway.problems import ApiError, problem_response, unexpected_error_handler
 
@@ -59,7 +60,8 @@ class RequestContext:
             # Probes, scrapes, assets and the demo page's polling only at DEBUG, so the log reads.
             level = logging.INFO if api_call or status >= 400 else logging.DEBUG
             log.log(
-                level, "%s %s -> %d in %.1f ms request_id=%s", scope["method"], scope["path"], status, seconds * 1000, request_id
+                level, "%s %s -> %d in %.1f ms request_id=%s", scope["method"], _loggable(scope["path"]), status, seconds * 1000,
+                request_id,
             )
 
         async def send_with_id(message: Message) -> None:
@@ -137,3 +139,8 @@ def _request_id(scope: Scope) -> str:
 def _route_template(scope: Scope) -> str:
     route: Any = scope.get("route")
     return getattr(route, "path", None) or UNMATCHED_ROUTE
+
+
+def _loggable(path: str) -> str:
+    """A path as sent, unless it is long: then quoted and cut (a 60 KB path is one log line)."""
+    return path if len(path) <= QUOTE_LIMIT else quoted(path)

@@ -495,6 +495,13 @@ def test_a_corrupt_streaming_request_is_invalid_argument_too(clients):
         replies.cancel()
 
 
+def test_a_long_path_is_cut_in_the_access_log(http, caplog):
+    with caplog.at_level("INFO", logger="inferline.gateway.access"):
+        http.get("/v1/" + "p" * 60_000)
+    lines = [r.getMessage() for r in caplog.records if "-> 404" in r.getMessage()]
+    assert lines and all(len(line) < SHORT_MESSAGE for line in lines), lines
+
+
 # ---- fuzzing: random bytes and random field values never get UNKNOWN or INTERNAL ----------
 
 FUZZ = hypothesis_settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
