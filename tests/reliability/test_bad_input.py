@@ -70,7 +70,7 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_mess
 
 @cache
 def jpeg_30kb() -> bytes:
-    """A 640x480 photo-like JPEG of about 30 KB (the issue's letterbox size=12000 victim)."""
+    """A 640x480 photo-like JPEG of 25 KB, like the 30 KB one the issue letterboxed at size=12000."""
     yy, xx = np.mgrid[0:480, 0:640]
     pixels = np.dstack([(xx * 255 // 639), (yy * 255 // 479), ((xx + yy) % 256)]).astype(np.uint8)
     pixels = cv2.GaussianBlur(pixels, (0, 0), 3)
