@@ -95,6 +95,14 @@ class Settings:
     # Where the inference stage writes PyTorch profiler traces (`inferline profile`).
     profile_dir: Path = Path("out/profiles")
 
+    # Security defaults (issue 13, part "security"; docs/reliability-security.md).
+    # Weight files served although their model config does not trust them, by digest
+    # (sha256:<64 hex>, comma-separated): an operator's explicit, logged opt-in, e.g. the stand-ins.
+    trusted_weights: tuple[str, ...] = ()
+    # POST /debug/profile on the inference stage's metrics port: off unless true, and when
+    # true answered only to callers on this host (127.0.0.1 or ::1); /metrics stays open.
+    profiling: bool = False
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
