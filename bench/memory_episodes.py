@@ -109,12 +109,12 @@ async def _closed_loop(target: str, model: str, images: Sequence[Path], *, clien
     return codes
 
 
-def overload(target: str, model: str, images: Sequence[Path], pids: Mapping[str, int], *, clients: int, seconds: float, timeout: float) -> Episode:
+def overload(target: str, model: str, images: Sequence[Path], pids: Mapping[str, int], *, clients: int, seconds: float, timeout: float, idle_seconds: int) -> Episode:
     """One episode: ``clients`` closed-loop callers for ``seconds``, then the wait for idle."""
     codes = asyncio.run(_closed_loop(target, model, images, clients=clients, seconds=seconds, timeout=timeout))
     episode = Episode(clients, seconds, codes=dict(codes), images_ok=codes.get("OK", 0))
     episode.peak_rss_mib = loadgen.stage_memory(pids)
-    episode.idle_rss_mib = wait_idle(pids)
+    episode.idle_rss_mib = wait_idle(pids, seconds=idle_seconds)
     return episode
 
 
@@ -144,11 +144,12 @@ def run(args: argparse.Namespace) -> dict:
         with client.open_channel(stack.controller_target) as channel:
             for path in images[:4]:
                 client.detect(channel, [path], model=args.model, options=types_pb2.DetectOptions(), timeout=120)
-        warm = wait_idle(pids)
+        warm = wait_idle(pids, seconds=args.idle_seconds)
         print(f"warmed up: {warm}", flush=True)
         episodes = []
         for n in range(1, args.episodes + 1):
-            episode = overload(stack.controller_target, args.model, images, pids, clients=args.clients, seconds=args.seconds, timeout=args.timeout)
+            episode = overload(stack.controller_target, args.model, images, pids, clients=args.clients, seconds=args.seconds,
+                               timeout=args.timeout, idle_seconds=args.idle_seconds)
             episodes.append(episode)
             print(f"episode {n}: codes {episode.codes}, idle RSS {episode.idle_rss_mib}", flush=True)
         environment = {k: v for k, v in sorted(env.items()) if k.startswith(("MALLOC_", "INFERLINE_MALLOC_", "INFERLINE_MEMORY_"))}
@@ -193,14 +194,15 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=200, help="closed-loop callers per episode (saturation is ~50 on 2 cores)")
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each episode")
     parser.add_argument("--timeout", type=float, default=30.0, help="each call's deadline")
+    parser.add_argument("--idle-seconds", type=int, default=6, help="seconds in a row without CPU use or RSS change that count as idle")
     parser.add_argument("--model", default="yolov8n")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--port-base", type=int, help="ports BASE..BASE+8 instead of free ones")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--name", default="memory-episodes", help="file name of the results, without .json/.md")
     args = parser.parse_args()
-    if args.episodes < 1 or args.clients < 1 or args.seconds <= 0:
-        parser.error("--episodes and --clients must be >= 1, --seconds > 0")
+    if args.episodes < 1 or args.clients < 1 or args.seconds <= 0 or args.idle_seconds < 1:
+        parser.error("--episodes, --clients and --idle-seconds must be >= 1, --seconds > 0")
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
