@@ -3,8 +3,8 @@
 Off unless ``INFERLINE_PROFILING=true``, and then answered only on this host (the metrics port
 it shares is scraped from anywhere): profiling slows the passes it captures and writes files, so
 nobody else may arm it. ``POST /debug/profile?batches=N[&model=NAME][&timeout=S]`` on the
-inference stage's metrics port (or ``inferline profile``) arms it; the model's thread that runs the next pass starts the
-profiler and stops it after its N-th pass, so the trace holds exactly those passes and nothing
+inference stage's metrics port (or ``inferline profile``) arms it; the model's thread that runs
+the next pass starts the profiler and stops it after its N-th pass, so the trace holds exactly those passes and nothing
 else pays for it (with several instances of a model, the passes of one instance). The answer names the Chrome trace file (open in Perfetto or chrome://tracing).
 torch is imported only when a capture runs: the other stages never load it.
 """

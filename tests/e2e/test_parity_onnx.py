@@ -89,7 +89,8 @@ def frcnn_onnx_stack(tmp_path_factory, settings, model_dir):
     shutil.copytree(BUILTIN_REPOSITORY / FRCNN, repository / f"{FRCNN}-onnx")
     config_path = repository / f"{FRCNN}-onnx" / "config.yaml"
     raw = yaml.safe_load(config_path.read_text())
-    raw.update(name=f"{FRCNN}-onnx", backend="onnxruntime", weights={"file": "frcnn.onnx", "path": str(exported)})
+    raw.update(name=f"{FRCNN}-onnx", backend="onnxruntime", weights={"file": "frcnn.onnx", "path": str(exported),
+                                                                            "verify": f"sha256:{sha256_of(exported)}"})
     raw["parameters"] = {"providers": ["CPUExecutionProvider"]}
     config_path.write_text(yaml.safe_dump(raw))
     stack = InProcessStack(dataclasses.replace(settings, model_repository=repository))
