@@ -17,6 +17,18 @@ ifeq ($(origin INFERLINE_MODEL_DIR), undefined)
   endif
 endif
 
+# The stand-in weights of ../shared/models (MANIFEST.md) are not the official releases, so their
+# model configs refuse them; the demo, the tests, `make up` and `make compose-up` serve them by
+# pinning their sha256 here, visibly (docs/reliability-security.md). Set INFERLINE_TRUSTED_WEIGHTS
+# yourself (empty: trust only what the configs trust) to override.
+STANDIN_WEIGHTS := sha256:33f4216002cafa403a4588a328e025d1542f2acda1e632c2f7ba8a9a95359b3b,$\
+  sha256:25bbfbb18cb954526df555aa35b4d6ce4209a380bd090556c0dc16371214a040,$\
+  sha256:6b9f40a9136c2376e8634d65ef7d207c1837d9d0701676ab21ad4ef57149dcbf,$\
+  sha256:c13dab08bc102089ef3fd0650b6c4d8f2b2751b1407584d3163d08431223d089
+ifeq ($(origin INFERLINE_TRUSTED_WEIGHTS), undefined)
+  export INFERLINE_TRUSTED_WEIGHTS := $(STANDIN_WEIGHTS)
+endif
+
 .PHONY: setup demo test test-fast up protos check-protos bench clean openapi demo-screenshot check-rules monitoring-picture
 
 setup: $(VENV)/.installed

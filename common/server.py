@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from inferline.common.channels import channel_options
 from inferline.common.errors import ConfigError
+from inferline.common.memory import bound_memory
 from inferline.common.settings import STAGES, Settings
 from inferline.common.status import ErrorMappingInterceptor
 from inferline.common.telemetry.interceptors import TelemetryServerInterceptor
@@ -158,6 +159,7 @@ async def serve(service: Service, settings: Settings, *, port: int) -> None:
     Process-wide telemetry starts here: the OTLP tracer provider (from ``OTEL_*``) and /metrics.
     """
     flush_traces = configure_tracing(service.name, os.environ)
+    bound_memory(settings)  # issue 13, bounded memory: allocator limits and the idle heap trimmer
     metrics_port = settings.metrics_port(service.name) if service.name in STAGES else None
     app = ServerApp(service, settings, port=port, metrics_port=metrics_port)
     stop = asyncio.Event()

@@ -120,6 +120,21 @@ class Settings:
     # Where the inference stage writes PyTorch profiler traces (`inferline profile`).
     profile_dir: Path = Path("out/profiles")
 
+    # Security defaults and bounded memory (issue 13, part "security"; docs/reliability-security.md).
+    # Weight files served although their model config does not trust them, by digest
+    # (sha256:<64 hex>, comma-separated): an operator's explicit, logged opt-in, e.g. the stand-ins.
+    trusted_weights: tuple[str, ...] = ()
+    # POST /debug/profile on the inference stage's metrics port: off unless true, and when
+    # true answered only to callers on this host (127.0.0.1 or ::1); /metrics stays open.
+    profiling: bool = False
+    # glibc malloc (common/memory.py): arenas per process (0: glibc's 8 per core), a fixed mmap
+    # threshold in KiB (0: glibc's dynamic one), and seconds without calls after which a stage
+    # hands its free heap back to the kernel (0: never). They keep idle RSS where it was
+    # before an overload instead of at the overload's peak.
+    malloc_arena_max: int = 2
+    malloc_mmap_threshold_kb: int = 0
+    memory_trim_idle_s: float = 2.0
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

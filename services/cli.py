@@ -330,7 +330,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         return EXIT_RPC_ERROR
     config = configs[args.model]
     weights = resolve_weights(
-        config.weights, model=config.name, model_dir=settings.model_dir, allow_download=settings.allow_download
+        config.weights, model=config.name, model_dir=settings.model_dir, allow_download=settings.allow_download,
+        trusted=settings.trusted_weights,
     )
     out = args.out or Path(f"{config.name}.onnx")
     try:

@@ -13,6 +13,7 @@ import pytest
 from inferline.common.settings import Settings
 from inferline.services.inference.weights import sha256_of
 from tests.support.servers import InProcessStack
+from tests.support.standins import STANDIN_PINS, TRUSTED_WEIGHTS_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 STANDIN_CACHE = REPO / ".cache" / "standins"
@@ -24,6 +25,12 @@ KNOWN_YOLO_SHA256 = {
     "33f4216002cafa403a4588a328e025d1542f2acda1e632c2f7ba8a9a95359b3b",  # stand-in
     "f59b3d833e2ff32e194b5bb8e08d211dc7c5bdf144b90d2c8412c47ccfc83b36",  # official yolov8n.pt
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stacks the tests start as processes inherit the stand-ins' pins (unless the run set its own)."""
+    for var, value in TRUSTED_WEIGHTS_ENV.items():
+        os.environ.setdefault(var, value)
 
 
 def _first_dir(*candidates: str | Path | None) -> Path | None:
@@ -88,7 +95,8 @@ def clip_weights(model_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def settings(model_dir: Path, clip_weights: Path) -> Settings:
     return Settings(
-        model_dir=(model_dir, clip_weights.parent), allow_download=False, grace_period_s=2.0, worker_threads=2
+        model_dir=(model_dir, clip_weights.parent), allow_download=False, grace_period_s=2.0, worker_threads=2,
+        trusted_weights=STANDIN_PINS,
     )
 
 

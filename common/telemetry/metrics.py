@@ -8,6 +8,7 @@ Nothing per request, image or client ever becomes a label.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -119,6 +120,28 @@ def register_gpu_metrics() -> bool:
 
 
 Route = Callable[[BaseHTTPRequestHandler], None]
+
+# Exactly these, not all of 127.0.0.0/8: sidecar proxies hand on remote callers from other
+# loopback addresses (Istio's inbound passthrough comes from 127.0.0.6).
+LOOPBACK_PEERS = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+
+
+def loopback_only(route: Route) -> Route:
+    """A debug route answered only to callers on this host, on a port that Prometheus scrapes
+    from anywhere: others get 403 before the route runs (kubectl port-forward and ssh tunnels
+    arrive from 127.0.0.1, so an operator still reaches it)."""
+
+    def guarded(handler: BaseHTTPRequestHandler) -> None:
+        peer = handler.client_address[0]
+        if peer not in LOOPBACK_PEERS:
+            log.warning("refused %s %s from %s: it answers only on this host", handler.command, handler.path.split("?", 1)[0], peer)
+            body = {"error": f"{handler.path.split('?', 1)[0]} answers only to 127.0.0.1 or ::1 on this host, not {peer}; "
+                             "use kubectl port-forward or an ssh tunnel"}
+            reply(handler, 403, "application/json", json.dumps(body).encode())
+            return
+        route(handler)
+
+    return guarded
 
 
 class MetricsServer:

@@ -1,8 +1,10 @@
 """PyTorch profiler traces of the next N forward passes of a model, on request.
 
-``POST /debug/profile?batches=N[&model=NAME][&timeout=S]`` on the inference stage's metrics port
-(or ``inferline profile``) arms it; the model's thread that runs the next pass starts the
-profiler and stops it after its N-th pass, so the trace holds exactly those passes and nothing
+Off unless ``INFERLINE_PROFILING=true``, and then answered only on this host (the metrics port
+it shares is scraped from anywhere): profiling slows the passes it captures and writes files, so
+nobody else may arm it. ``POST /debug/profile?batches=N[&model=NAME][&timeout=S]`` on the
+inference stage's metrics port (or ``inferline profile``) arms it; the model's thread that runs
+the next pass starts the profiler and stops it after its N-th pass, so the trace holds exactly those passes and nothing
 else pays for it (with several instances of a model, the passes of one instance). The answer names the Chrome trace file (open in Perfetto or chrome://tracing).
 torch is imported only when a capture runs: the other stages never load it.
 """
@@ -19,7 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from inferline.common.errors import InvalidInput
-from inferline.common.telemetry.metrics import Route, reply
+from inferline.common.telemetry.metrics import Route, loopback_only, reply
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +113,13 @@ def _start_profiler() -> Any:
 PROFILER = BatchProfiler()
 
 
-def profile_route(out_dir: Path, profiler: BatchProfiler = PROFILER) -> dict[tuple[str, str], Route]:
-    """The HTTP route that arms a capture and answers when it is written (or times out)."""
+def profile_route(out_dir: Path, *, enabled: bool, profiler: BatchProfiler = PROFILER) -> dict[tuple[str, str], Route]:
+    """The HTTP route that arms a capture and answers when it is written (or times out), to
+    callers on this host; when profiling is off, one that says how to turn it on and arms nothing."""
+
+    def disabled(handler: Any) -> None:
+        _json(handler, 404, {"error": "profiling is off on this stage; start it with INFERLINE_PROFILING=true "
+                                      "(the endpoint then answers on this host only)"})
 
     def handle(handler: Any) -> None:
         query = parse_qs(urlsplit(handler.path).query)
@@ -133,7 +140,7 @@ def profile_route(out_dir: Path, profiler: BatchProfiler = PROFILER) -> dict[tup
             return
         _json(handler, 200, {"trace": str(capture.path), "model": capture.model, "batches": capture.batches})
 
-    return {("POST", "/debug/profile"): handle}
+    return {("POST", "/debug/profile"): loopback_only(handle) if enabled else disabled}
 
 
 def _json(handler: Any, status: int, body: dict[str, Any]) -> None:

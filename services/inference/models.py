@@ -93,6 +93,7 @@ class ModelManager:
                 model=name,
                 model_dir=self.settings.model_dir,
                 allow_download=self.settings.allow_download,
+                trusted=self.settings.trusted_weights,
             )
             backend = load_backend(config, weights, self.settings)
             elapsed = time.perf_counter() - started

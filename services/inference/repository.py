@@ -33,15 +33,52 @@ class TensorSpec:
     shape: tuple[int, ...]
 
 
+SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def parse_sha256(text: str, where: str) -> str:
+    """A full sha256 pin, written ``sha256:<64 hex digits>``, as lower-case hex."""
+    prefix, _, digest = text.strip().partition(":")
+    digest = digest.lower()
+    if prefix != "sha256" or len(digest) != 64 or not set(digest) <= SHA256_HEX:
+        raise ConfigError(f"{where}: {text!r} is not a sha256 pin; write sha256:<64 hex digits>")
+    return digest
+
+
+@dataclass(frozen=True)
+class Verify:
+    """What a weights file must be before it is loaded (a pickle runs code when it is loaded).
+
+    ``official``: the release checksum in ``weights.sha256``; ``sha256:<hex>``: exactly this
+    file (a custom model pins what it trusts); ``warn``: any file, with a warning at load.
+    """
+
+    mode: str = "official"
+    pin: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> Verify:
+        if text in ("official", "warn"):
+            return cls(text)
+        if text.startswith("sha256:"):
+            return cls("sha256", parse_sha256(text, where))
+        raise ConfigError(f"{where}: verify {text!r} is not one of official, sha256:<64 hex digits>, warn")
+
+    def __str__(self) -> str:
+        return f"sha256:{self.pin}" if self.mode == "sha256" else self.mode
+
+
 @dataclass(frozen=True)
 class WeightsSpec:
     file: str
-    # Official release checksum: a different file is served, with one warning at load.
+    # Official release checksum (a prefix, as torchvision's file names carry, is enough).
     sha256: str | None = None
     # Where the official file comes from when it is not on disk ("ultralytics", ...).
     source: str | None = None
     # An explicit location, absolute or relative to the model's folder; wins over the rest.
     path: Path | None = None
+    # The integrity policy: strict (``official``) unless the config says what else it trusts.
+    verify: Verify = Verify()
 
 
 @dataclass(frozen=True)
@@ -108,6 +145,8 @@ def load_config(path: Path) -> ModelConfig:
     weights = reader.mapping("weights")
     weights_reader = _Reader(weights, f"{path}: weights")
     explicit = weights_reader.optional_text("path")
+    official_sha256 = weights_reader.optional_text("sha256")
+    verify = _verify(weights_reader.optional_text("verify"), official_sha256, f"{path}: weights")
     config = ModelConfig(
         name=reader.text("name"),
         version=str(raw.get("version", "1")),
@@ -116,9 +155,10 @@ def load_config(path: Path) -> ModelConfig:
         loader=reader.text("loader"),
         weights=WeightsSpec(
             file=weights_reader.text("file"),
-            sha256=weights_reader.optional_text("sha256"),
+            sha256=official_sha256,
             source=weights_reader.optional_text("source"),
             path=(path.parent / explicit) if explicit else None,
+            verify=verify,
         ),
         inputs=reader.tensors("inputs"),
         outputs=reader.tensors("outputs"),
@@ -137,6 +177,22 @@ def load_config(path: Path) -> ModelConfig:
     if config.name != path.parent.name:
         raise ConfigError(f"{path}: name {config.name!r} must equal its folder's name")
     return config
+
+
+def _verify(raw: str | None, official_sha256: str | None, where: str) -> Verify:
+    """Strict by default where the config names an official release; a file with no official
+    checksum (a custom model, an export) must say what it trusts, so nothing is trusted by omission."""
+    if raw is None:
+        if official_sha256 is None:
+            raise ConfigError(
+                f"{where}: no official sha256 to check the file against, so 'verify' must say what to trust: "
+                "sha256:<64 hex digits> (this exact file) or warn (any file, with a warning)"
+            )
+        return Verify()
+    verify = Verify.parse(raw, where)
+    if verify.mode == "official" and official_sha256 is None:
+        raise ConfigError(f"{where}: verify: official needs the release's 'sha256' in the config")
+    return verify
 
 
 def _dynamic_batching(raw: Any, where: str) -> dict[str, Any]:

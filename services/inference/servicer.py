@@ -72,6 +72,8 @@ def _decode_item(item: inference_pb2.InferItem) -> dict | Exception:
 
 
 def metadata(model: LoadedModel) -> inference_pb2.ModelMetadataResponse:
+    """What a caller plans with. ``weights.path`` is the file's name only: the server's folder
+    layout is no caller's business (the load log names the full path)."""
     config = model.config
 
     def specs(items):
@@ -91,7 +93,7 @@ def metadata(model: LoadedModel) -> inference_pb2.ModelMetadataResponse:
         postprocess=model.postprocess.to_proto(),
         labels=model.labels,
         weights=inference_pb2.WeightsInfo(
-            path=str(model.weights.path), sha256=model.weights.sha256, official=model.weights.official
+            path=model.weights.path.name, sha256=model.weights.sha256, official=model.weights.official
         ),
         max_batch_size=config.max_batch_size,
     )
@@ -112,4 +114,5 @@ def build_service(settings: Settings) -> Service:
         await manager.aclose()
         await asyncio.to_thread(manager.close)
 
-    return Service("inference", register, load, close, servicer=servicer, routes=profile_route(settings.profile_dir), gpu_metrics=True)
+    routes = profile_route(settings.profile_dir, enabled=settings.profiling)
+    return Service("inference", register, load, close, servicer=servicer, routes=routes, gpu_metrics=True)

@@ -1,8 +1,13 @@
-"""Finding model weights and checking that they are the official release.
+"""Finding model weights and checking them against the model's integrity policy.
 
 Order: the config's explicit ``weights.path``; then ``$INFERLINE_MODEL_DIR/<file>``; then the
 official download a user gets online, through the model library's own downloader. Offline and
 missing, the error names the file and where to put it.
+
+The file's sha256 is checked here, before any loader opens it: ultralytics checkpoints are
+pickles, and unpickling a file runs whatever code it holds. The policy is the config's
+``weights.verify`` (docs/reliability-security.md); an operator may also pin files by digest in
+``INFERLINE_TRUSTED_WEIGHTS`` (the stand-in weights that tests and the demo serve).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 
 from inferline.common.errors import WeightsError
 from inferline.common.registry import Registry
-from inferline.services.inference.repository import WeightsSpec
+from inferline.services.inference.repository import WeightsSpec, parse_sha256
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +60,23 @@ def _download_open_clip(file: str, dest: Path) -> None:
     )
 
 
+TRUSTED_SETTING = "INFERLINE_TRUSTED_WEIGHTS"
+
+
 @dataclass(frozen=True)
 class ResolvedWeights:
     path: Path
     sha256: str
     official: bool
+    # Why the file is served: the official release, a pin (the config's or the operator's), or
+    # ``verify: warn``; for the load log and tests.
+    trusted_by: str = ""
+
+
+def trusted_digests(pins: Sequence[str]) -> frozenset[str]:
+    """``INFERLINE_TRUSTED_WEIGHTS`` entries (``sha256:<hex>``) as digests; a malformed one is
+    a configuration error at start-up, not a silently ignored pin."""
+    return frozenset(parse_sha256(pin, TRUSTED_SETTING) for pin in pins)
 
 
 def resolve_weights(
@@ -69,17 +86,41 @@ def resolve_weights(
     model_dir: Sequence[Path],
     allow_download: bool,
     cache_dir: Path = DEFAULT_CACHE,
+    trusted: Sequence[str] = (),
 ) -> ResolvedWeights:
+    """The weights file, found and verified: it is hashed, and refused unless the policy (or an
+    operator's pin in ``trusted``) accepts it, before anything reads it as a model."""
+    pins = trusted_digests(trusted)
     path = _locate(spec, model=model, model_dir=model_dir, allow_download=allow_download, cache_dir=cache_dir)
     digest = sha256_of(path)
     # A short checksum is a prefix, as torchvision's file names carry (``...-907ea3f9.pth``).
     official = spec.sha256 is not None and digest.startswith(spec.sha256.lower())
-    if spec.sha256 is not None and not official:
-        log.warning(
-            "%s: %s is not the official release of %s (sha256 %s, official %s); serving it anyway",
-            model, path, spec.file, digest, spec.sha256,
-        )
-    return ResolvedWeights(path=path, sha256=digest, official=official)
+    verify = spec.verify
+    if (verify.mode == "official" and official) or (verify.mode == "sha256" and digest == verify.pin):
+        trusted_by = "official release" if verify.mode == "official" else "pinned in the model config"
+    elif digest in pins:
+        trusted_by = f"pinned by {TRUSTED_SETTING}"
+        log.warning("%s: serving %s (sha256 %s): it is not what the model config trusts (verify: %s), "
+                    "but %s pins it", model, path, digest, verify, TRUSTED_SETTING)
+    elif verify.mode == "warn":
+        trusted_by = "official release" if official else "unverified (verify: warn)"
+        if not official:
+            log.warning("%s: serving %s unverified (sha256 %s; the model config says verify: warn)", model, path, digest)
+    else:
+        raise WeightsError(_refusal(spec, model=model, path=path, digest=digest))
+    return ResolvedWeights(path=path, sha256=digest, official=official, trusted_by=trusted_by)
+
+
+def _refusal(spec: WeightsSpec, *, model: str, path: Path, digest: str) -> str:
+    if spec.verify.mode == "official":
+        expected, fix = f"the official release of {spec.file} (sha256 {spec.sha256})", f"put the official {spec.file} there"
+    else:
+        expected, fix = f"the file pinned by verify: {spec.verify}", "put the pinned file there"
+    return (
+        f"{model}: refusing weights file {path}: its sha256 is {digest}, but the model config trusts only "
+        f"{expected}; the file was not loaded. Either {fix}, or, if you trust this file, pin it: "
+        f"verify: sha256:{digest} under weights in the model's config.yaml, or {TRUSTED_SETTING}=sha256:{digest}"
+    )
 
 
 def find_local(spec: WeightsSpec, model_dir: Sequence[Path], cache_dir: Path = DEFAULT_CACHE) -> Path | None:

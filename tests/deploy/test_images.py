@@ -14,6 +14,7 @@ from tests.deploy.tools import (
     REPO, STAGE_PORTS, assert_detects_shapes, compressed_size, detect, free_port, health, install, podman, run,
     wait_healthy,
 )
+from tests.support.standins import TRUSTED_WEIGHTS_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +91,7 @@ class ContainerStack:
         podman("network", "create", self.network)
         self.start("preprocess")
         self.start("postprocess")
-        self.start("inference", "-v", f"{self.models}:/models:ro", env={"INFERLINE_MODELS": "yolov8n"})
+        self.start("inference", "-v", f"{self.models}:/models:ro", env={"INFERLINE_MODELS": "yolov8n", **TRUSTED_WEIGHTS_ENV})
         self.start("controller", "-p", f"127.0.0.1:{self.port}:50051", env={
             f"INFERLINE_{stage.upper()}_TARGET": f"{stage}:{port}"
             for stage, port in STAGE_PORTS.items() if stage != "controller"})

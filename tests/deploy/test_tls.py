@@ -19,6 +19,7 @@ from inferline.common.settings import Settings
 from inferline.common.tls import channel_credentials, server_credentials
 from tests.deploy.tools import REPO, assert_detects_shapes, detect, run
 from tests.support.servers import LoopThread, start_stage
+from tests.support.standins import STANDIN_PINS
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def pki(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def tls_settings(pki, model_dir) -> Settings:
     return Settings(model_dir=(model_dir,), models=("yolov8n",), tls_cert_file=pki["cert"],
-                    tls_key_file=pki["key"], tls_ca_file=pki["ca"])
+                    tls_key_file=pki["key"], tls_ca_file=pki["ca"], trusted_weights=STANDIN_PINS)
 
 
 @pytest.fixture(scope="module")

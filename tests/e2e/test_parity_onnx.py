@@ -14,6 +14,7 @@ import inferline.services.inference.backends.onnxruntime_backend  # noqa: F401 -
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, types_pb2
 from inferline.services.inference.export import export_onnx
 from inferline.services.inference.repository import BUILTIN_REPOSITORY, load_config
+from inferline.services.inference.weights import sha256_of
 from tests.support.parity import iou, mismatches
 from tests.support.servers import InProcessStack
 
@@ -30,7 +31,7 @@ def onnx_stack(tmp_path_factory, settings, yolo_weights):
     config = yaml.safe_load(config_path.read_text())
     config["name"] = "yolov8n-onnx"
     config["backend"] = "onnxruntime"
-    config["weights"] = {"file": "yolov8n.onnx", "path": str(exported)}
+    config["weights"] = {"file": "yolov8n.onnx", "path": str(exported), "verify": f"sha256:{sha256_of(exported)}"}
     config["parameters"] = {"providers": ["CPUExecutionProvider"], "graph_optimization_level": "all"}
     config_path.write_text(yaml.safe_dump(config))
     stack = InProcessStack(dataclasses.replace(settings, model_repository=repository))
@@ -88,7 +89,8 @@ def frcnn_onnx_stack(tmp_path_factory, settings, model_dir):
     shutil.copytree(BUILTIN_REPOSITORY / FRCNN, repository / f"{FRCNN}-onnx")
     config_path = repository / f"{FRCNN}-onnx" / "config.yaml"
     raw = yaml.safe_load(config_path.read_text())
-    raw.update(name=f"{FRCNN}-onnx", backend="onnxruntime", weights={"file": "frcnn.onnx", "path": str(exported)})
+    raw.update(name=f"{FRCNN}-onnx", backend="onnxruntime", weights={"file": "frcnn.onnx", "path": str(exported),
+                                                                            "verify": f"sha256:{sha256_of(exported)}"})
     raw["parameters"] = {"providers": ["CPUExecutionProvider"]}
     config_path.write_text(yaml.safe_dump(raw))
     stack = InProcessStack(dataclasses.replace(settings, model_repository=repository))

@@ -14,6 +14,7 @@ import yaml
 
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, types_pb2
 from inferline.services.inference.repository import BUILTIN_REPOSITORY
+from inferline.services.inference.weights import sha256_of
 from tests.support.images import shapes_scene
 from tests.support.parity import mismatches
 from tests.support.servers import InProcessStack
@@ -108,6 +109,7 @@ def test_any_yolov8_checkpoint_and_any_image_size_match_predict(tmp_path, settin
     config = yaml.safe_load((repository / "perturbed" / "config.yaml").read_text())
     config["name"] = "perturbed"
     config["weights"]["path"] = str(other_checkpoint)
+    config["weights"]["verify"] = f"sha256:{sha256_of(other_checkpoint)}"  # a custom checkpoint pins what it trusts
     (repository / "perturbed" / "config.yaml").write_text(yaml.safe_dump(config))
     custom = InProcessStack(dataclasses.replace(settings, model_repository=repository))
     try:

@@ -44,7 +44,7 @@ def test_only_loads_the_named_models_and_refuses_unknown_names(tmp_path):
 
 
 def test_explicit_weights_path_is_relative_to_the_model_folder(tmp_path):
-    path = _write(tmp_path, "yolov8n", weights={"file": "yolov8n.pt", "path": "weights/best.pt"})
+    path = _write(tmp_path, "yolov8n", weights={"file": "yolov8n.pt", "path": "weights/best.pt", "verify": "warn"})
     assert load_config(path).weights.path == tmp_path / "yolov8n" / "weights" / "best.pt"
 
 
@@ -63,6 +63,10 @@ def test_explicit_weights_path_is_relative_to_the_model_folder(tmp_path):
         ({"dynamic_batching": {"preferred_batch_sizes": [0]}}, "'preferred_batch_sizes' must be a list of positive"),
         ({"instance_count": 0}, "'instance_count' must be a positive integer"),
         ({"precision": "fp8"}, "precision 'fp8' is not one of fp32, fp16, bf16"),
+        ({"weights": {"file": "best.pt"}}, "no official sha256 to check the file against, so 'verify' must say what to trust"),
+        ({"weights": {"file": "best.pt", "verify": "official"}}, "verify: official needs the release's 'sha256'"),
+        ({"weights": {"file": "best.pt", "verify": "trust-me"}}, "verify 'trust-me' is not one of official, sha256:<64 hex digits>, warn"),
+        ({"weights": {"file": "best.pt", "verify": "sha256:abc"}}, "'sha256:abc' is not a sha256 pin"),
     ],
 )
 def test_invalid_configs_name_the_file_and_field(tmp_path, changes, message):
@@ -96,3 +100,15 @@ def test_instances_and_precision_are_declared_in_config(tmp_path):
     assert (config.instance_count, config.precision) == (2, "bf16")
     default = load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml")
     assert (default.instance_count, default.precision) == (1, "fp32")
+
+
+def test_weights_policy_is_official_by_default_where_the_config_names_a_release():
+    for name, config in load_repository(BUILTIN_REPOSITORY).items():
+        assert config.weights.sha256 and str(config.weights.verify) == "official", name
+
+
+def test_a_custom_file_pins_its_digest_or_says_warn(tmp_path):
+    pin = "AB" * 32
+    pinned = load_config(_write(tmp_path, "pinned", weights={"file": "best.pt", "verify": f"sha256:{pin}"}))
+    assert (pinned.weights.verify.mode, pinned.weights.verify.pin) == ("sha256", pin.lower())
+    assert str(load_config(_write(tmp_path, "loose", weights={"file": "best.pt", "verify": "warn"})).weights.verify) == "warn"

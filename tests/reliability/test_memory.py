@@ -1,0 +1,102 @@
+"""Bounded memory: after repeated overload, every stage goes back to the same idle RSS.
+
+The stack runs as `inferline up` runs it (four processes); bench/memory_episodes.py drives short
+overload episodes against it and records each stage's idle VmRSS after each one. Without the
+allocator setup and the idle trimmer (common/memory.py), idle RSS climbs episode after episode
+(INFERLINE_MALLOC_ARENA_MAX=0 INFERLINE_MEMORY_TRIM_IDLE_S=0 shows it: this test then fails).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inferline.common.memory import IdleTrimmer, activity
+from inferline.common.settings import Settings
+from tests.support.servers import stage_channel
+
+REPO = Path(__file__).resolve().parents[2]
+EPISODES = 5
+
+
+@pytest.mark.slow
+def test_idle_rss_of_every_stage_after_five_overloads_is_within_ten_percent_of_after_the_first(model_dir, data_dir, tmp_path):
+    # Trims 0.5 s and 2 s after the last work (2 s and 8 s by default), so each idle wait is short.
+    env = {**os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false",
+           "INFERLINE_MEMORY_TRIM_IDLE_S": os.environ.get("INFERLINE_MEMORY_TRIM_IDLE_S", "0.5")}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "memory_episodes.py"), "--episodes", str(EPISODES), "--clients", "96",
+         "--seconds", "2", "--timeout", "4", "--idle-seconds", "3", "--images", str(data_dir), "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "memory-episodes.json").read_text())
+    episodes = result["episodes"]
+    assert len(episodes) == EPISODES
+    assert all(sum(e["codes"].values()) >= e["clients"] for e in episodes), "every episode sent load"
+    first, last = episodes[0]["idle_rss_mib"], episodes[-1]["idle_rss_mib"]
+    assert set(first) == {"controller", "preprocess", "inference", "postprocess"}
+    grew = {stage: (first[stage], last[stage]) for stage in first if last[stage] > 1.10 * first[stage]}
+    assert not grew, f"idle RSS (MiB) after episode 1 -> after episode {EPISODES}: {grew}\n{(tmp_path / 'memory-episodes.md').read_text()}"
+
+
+class FakeStage:
+    """Work under way and work done, as the trimmer reads them; each trim is signalled."""
+
+    def __init__(self) -> None:
+        self.under_way, self.done = 0.0, 0.0
+        self.trimmed = threading.Semaphore(0)
+
+    def activity(self) -> tuple[float, float]:
+        return self.under_way, self.done
+
+    def release(self) -> bool:
+        self.trimmed.release()
+        return True
+
+
+def _trimmer(stage: FakeStage) -> IdleTrimmer:
+    return IdleTrimmer(0.2, activity=stage.activity, release=stage.release).start()
+
+
+def test_the_idle_trimmer_trims_when_a_stage_goes_idle_then_leaves_a_quiet_stage_alone():
+    stage = FakeStage()
+    trimmer = _trimmer(stage)
+    try:
+        assert not stage.trimmed.acquire(timeout=0.6), "a stage that did nothing was trimmed"
+        stage.done = 3
+        assert stage.trimmed.acquire(timeout=5), "no trim once idle"
+        assert stage.trimmed.acquire(timeout=5), "no late trim"
+        assert not stage.trimmed.acquire(timeout=1.0), "a quiet stage was trimmed again"
+        stage.done = 4
+        assert stage.trimmed.acquire(timeout=5)
+    finally:
+        trimmer.stop()
+    assert trimmer.trims >= 3
+
+
+def test_the_idle_trimmer_waits_while_work_is_under_way_even_with_no_call_finishing():
+    stage = FakeStage()
+    stage.under_way, stage.done = 5, 1  # e.g. a model draining the queue of callers that left
+    trimmer = _trimmer(stage)
+    try:
+        assert not stage.trimmed.acquire(timeout=0.8)
+        stage.under_way, stage.done = 0, 2
+        assert stage.trimmed.acquire(timeout=5)
+    finally:
+        trimmer.stop()
+
+
+def test_the_trimmer_sees_a_real_servers_calls_as_work_done(settings):
+    with stage_channel("postprocess", settings) as channel:
+        before = activity()[1]
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert activity()[1] > before
+    assert Settings().malloc_arena_max == 2 and Settings().memory_trim_idle_s == 2.0
