@@ -81,6 +81,20 @@ class Settings:
     # path's code on the CPU, for testing it without a GPU). Needs torch unless "opencv".
     preprocess_device: str = "opencv"
 
+    # Admission control and overload (issue 13, part "admission"; docs/reliability-admission.md).
+    # The controller refuses a request (RESOURCE_EXHAUSTED with a RetryInfo hint) before any
+    # stage work when its model's images in flight would pass an adaptive limit, or when the
+    # model's observed service rate says it would finish after its deadline. The limit starts at
+    # admission_initial_limit and adapts from latency within [min, max]; tolerance is how far
+    # latency may rise above its long-run average before the limit shrinks.
+    admission: bool = True
+    admission_initial_limit: int = 8
+    admission_min_limit: int = 2
+    admission_max_limit: int = 256
+    admission_tolerance: float = 1.5
+    # The longest retry hint a refusal carries.
+    admission_max_retry_s: float = 30.0
+
     log_level: str = "INFO"
 
     # Observability (docs/monitoring.md). Prometheus /metrics per stage: 0 picks a free port,

@@ -1,0 +1,186 @@
+"""Admission control's arithmetic: the adaptive limit, the service rate, and what is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from inferline.common.errors import DeadlineExceeded, Overloaded
+from inferline.services.controller.admission import (
+    Admission,
+    AdmissionConfig,
+    GradientLimit,
+    ModelAdmission,
+    ServiceRate,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _admission(clock: Clock | None = None, **config) -> ModelAdmission:
+    return ModelAdmission("m", AdmissionConfig(**config), clock or Clock())
+
+
+def _complete(admission: ModelAdmission, clock: Clock, images: int, latency: float, remaining: float = 60.0) -> None:
+    with admission.admit(images, remaining):
+        clock.now += latency
+
+
+# ---- the limit ------------------------------------------------------------------------------
+
+
+def test_steady_latency_under_full_use_grows_the_limit_up_to_its_ceiling():
+    limit = GradientLimit(AdmissionConfig(initial_limit=4, max_limit=20))
+    for _ in range(200):
+        limit.update(rtt=0.1, in_flight=int(limit.limit))
+    assert limit.limit == 20
+
+
+def test_latency_far_above_its_average_shrinks_the_limit_down_to_its_floor():
+    limit = GradientLimit(AdmissionConfig(initial_limit=50, min_limit=8, long_window=1000))
+    limit.update(rtt=0.1, in_flight=50)
+    for _ in range(200):
+        limit.update(rtt=1.0, in_flight=50)
+    assert limit.limit == 8
+
+
+def test_latency_within_the_tolerance_does_not_shrink_the_limit():
+    limit = GradientLimit(AdmissionConfig(initial_limit=10, tolerance=1.5, long_window=1000))
+    limit.update(rtt=0.1, in_flight=10)
+    before = limit.limit
+    limit.update(rtt=0.14, in_flight=10)
+    assert limit.limit >= before
+
+
+def test_a_limit_the_callers_do_not_use_does_not_grow():
+    limit = GradientLimit(AdmissionConfig(initial_limit=10))
+    for _ in range(50):
+        limit.update(rtt=0.1, in_flight=2)
+    assert limit.limit == 10
+
+
+def test_work_dropped_downstream_shrinks_the_limit_multiplicatively_to_the_floor():
+    limit = GradientLimit(AdmissionConfig(initial_limit=10, min_limit=8))
+    limit.dropped()
+    assert limit.limit == pytest.approx(9)
+    limit.dropped()
+    limit.dropped()
+    assert limit.limit == 8
+
+
+# ---- the service rate ---------------------------------------------------------------------
+
+
+def test_the_service_rate_is_images_in_flight_over_latency():
+    rate = ServiceRate(weight=1.0)
+    assert rate.seconds_for(10) is None
+    rate.update(in_flight=8, latency_s=2.0)
+    assert rate.per_s == pytest.approx(4.0)
+    assert rate.seconds_for(10) == pytest.approx(2.5)
+
+
+def test_the_service_rate_is_smoothed_and_ignores_empty_samples():
+    rate = ServiceRate(weight=0.5)
+    rate.update(in_flight=4, latency_s=1.0)
+    rate.update(in_flight=8, latency_s=1.0)
+    rate.update(in_flight=0, latency_s=1.0)
+    rate.update(in_flight=3, latency_s=0.0)
+    assert rate.per_s == pytest.approx(6.0)
+
+
+# ---- what is taken and what is refused ----------------------------------------------------
+
+
+def test_requests_under_the_limit_are_taken_and_counted_in_flight():
+    admission = _admission(initial_limit=4)
+    with admission.admit(2, 10.0), admission.admit(2, 10.0):
+        assert admission.in_flight == 4
+    assert admission.in_flight == 0
+
+
+def test_a_request_over_the_limit_is_refused_with_a_retry_hint_and_holds_nothing():
+    clock = Clock()
+    admission = _admission(clock, initial_limit=4, min_retry_s=0.05)
+    _complete(admission, clock, images=2, latency=1.0)  # a rate: 2 images/s
+    with admission.admit(3, 10.0):
+        with pytest.raises(Overloaded, match="concurrency limit") as refused:
+            with admission.admit(2, 10.0):
+                pass
+        assert admission.in_flight == 3
+    # 3 images in flight drain in 1.5 s at 2 images/s; the hint adds up to 2x jitter.
+    assert 1.5 <= refused.value.retry_after_s <= 3.0
+    assert admission.refused == {"limit": 1, "deadline": 0}
+
+
+def test_one_request_larger_than_the_limit_is_taken_when_nothing_else_runs():
+    admission = _admission(initial_limit=2)
+    with admission.admit(10, 10.0):
+        assert admission.in_flight == 10
+
+
+def test_a_request_that_would_finish_after_its_deadline_is_refused_at_once():
+    clock = Clock()
+    admission = _admission(clock, initial_limit=100)
+    _complete(admission, clock, images=4, latency=2.0)  # 2 images/s
+    with admission.admit(4, 60.0):
+        # 4 in flight + 2 of its own at 2 images/s: 3 s, more than the 2 s it has left.
+        with pytest.raises(Overloaded, match="after its deadline"):
+            with admission.admit(2, 2.0):
+                pass
+        with admission.admit(2, 4.0):
+            assert admission.in_flight == 6
+    assert admission.refused["deadline"] == 1
+
+
+def test_before_any_rate_is_known_only_the_limit_refuses():
+    admission = _admission(initial_limit=8)
+    with admission.admit(1, 0.001), admission.admit(1, 0.001):
+        assert admission.in_flight == 2
+
+
+def test_the_retry_hint_stays_within_its_bounds():
+    clock = Clock()
+    admission = _admission(clock, initial_limit=1, min_limit=1, max_retry_s=0.5)
+    _complete(admission, clock, images=1, latency=100.0)  # 0.01 images/s: a drain of 100 s
+    with admission.admit(1, 1000.0):
+        with pytest.raises(Overloaded) as refused:
+            admission.check(1, 1000.0)
+    assert refused.value.retry_after_s == 0.5
+
+
+def test_a_block_that_fails_or_is_cancelled_releases_its_images_without_feeding_the_rate():
+    admission = _admission(initial_limit=8)
+    with pytest.raises(KeyError), admission.admit(3, 10.0):
+        raise KeyError("boom")
+    with pytest.raises(BaseException), admission.admit(3, 10.0):  # noqa: B017, PT011 - CancelledError is one
+        raise KeyboardInterrupt
+    assert admission.in_flight == 0
+    assert admission.rate.per_s is None
+
+
+def test_an_overload_or_deadline_downstream_shrinks_the_limit():
+    admission = _admission(initial_limit=10)
+    with pytest.raises(Overloaded), admission.admit(1, 10.0):
+        raise Overloaded("inference queue full")
+    with pytest.raises(DeadlineExceeded), admission.admit(1, 10.0):
+        raise DeadlineExceeded("late")
+    assert admission.limit.limit == pytest.approx(8.1)
+
+
+def test_disabled_admission_takes_everything():
+    admission = _admission(enabled=False, initial_limit=1)
+    with admission.admit(5, 0.0), admission.admit(5, 0.0):
+        assert admission.in_flight == 10
+
+
+def test_each_model_has_its_own_admission():
+    admission = Admission(AdmissionConfig(initial_limit=1))
+    with admission.model("a").admit(1, 10.0):
+        with admission.model("b").admit(1, 10.0):
+            assert admission.model("a").in_flight == admission.model("b").in_flight == 1
+    assert set(admission.models()) == {"a", "b"}
