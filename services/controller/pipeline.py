@@ -5,14 +5,21 @@ and postprocess recipes a model needs, its labels, its task, and (for CLIP) whic
 text tower. Items that fail in one stage carry their status to the end and skip the later
 stages; the rest of the batch goes on. Work that does not depend on each other (an image tower
 and a text tower) runs concurrently.
+
+Admission (``admission.py``) takes or refuses each request after its cheap checks (counts,
+options, the cached model metadata) and before any stage call that does work, so a refusal costs
+no decode. Concurrent parts of one request run with ``_together``: the first failure cancels the
+rest, and a caller who goes away (gRPC cancels the handler) cancels every stage call in flight,
+which frees the work they had queued downstream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from inferline.common.detections import DetectOptions
 from inferline.common.errors import InvalidInput, StageFailed, WrongTask
@@ -26,6 +33,7 @@ from inferline.common.generated import (
 from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
 from inferline.common.tensors import from_proto
+from inferline.services.controller.admission import Admission, AdmissionConfig
 from inferline.services.controller.stages import Deadline, StageClients
 
 METADATA_TTL_S = 10.0
@@ -58,6 +66,7 @@ class Controller:
         self.settings = settings
         self.stages = stages
         self._metadata: dict[str, tuple[float, inference_pb2.ModelMetadataResponse]] = {}
+        self.admission = Admission(admission_config(settings))
 
     # ---- models -------------------------------------------------------------------------
 
@@ -190,6 +199,18 @@ class Controller:
             raise InvalidInput("labels are for re-labelling boxes: set classify_with to a zero-shot model too")
         metadata = await self._model_for(request.model, "detect", "Detect", deadline)
         classifier = await self._model_for(request.classify_with, "embed", "classify_with", deadline) if request.classify_with else None
+        with self.admission.model(metadata.name).admit(len(request.images), _left(deadline)):
+            return await self._detect(request, options, metadata, classifier, deadline, started)
+
+    async def _detect(
+        self,
+        request: controller_pb2.DetectRequest,
+        options: DetectOptions,
+        metadata: inference_pb2.ModelMetadataResponse,
+        classifier: inference_pb2.ModelMetadataResponse | None,
+        deadline: Deadline,
+        started: float,
+    ) -> controller_pb2.DetectResponse:
         timings = Timings()
         results = [controller_pb2.ImageResult(name=image.name) for image in request.images]
 
@@ -200,7 +221,7 @@ class Controller:
         # the slices (with other requests' images) into its own batches again.
         size = max(1, self.settings.pipeline_slice)
         slices = [range(start, min(start + size, len(results))) for start in range(0, len(results), size)]
-        await asyncio.gather(*(
+        await _together(*(
             self._detect_slice(metadata, request, results, list(part), conf, deadline, timings) for part in slices
         ))
         alive = [i for i, result in enumerate(results) if result.status.code == 0]
@@ -288,7 +309,7 @@ class Controller:
         if not boxes:
             return
         regions = [types_pb2.Region(image=i, box=d.box) for i, d in boxes]
-        crops, (texts, scale) = await asyncio.gather(
+        crops, (texts, scale) = await _together(
             self._encode(classifier, preprocess_pb2.PreprocessRequest(images=request.images, regions=regions), deadline, timings, "crop_"),
             self._label_embeddings(classifier, request.labels, deadline, timings),
         )
@@ -314,8 +335,14 @@ class Controller:
         if request.top_k < 0:
             raise InvalidInput(f"top_k must be 0 (all labels) or more, got {request.top_k}")
         model = await self._model_for(request.model, "embed", "Classify", deadline)
+        with self.admission.model(model.name).admit(len(request.images), _left(deadline)):
+            return await self._classify(request, model, deadline, started)
+
+    async def _classify(
+        self, request: controller_pb2.ClassifyRequest, model: inference_pb2.ModelMetadataResponse, deadline: Deadline, started: float
+    ) -> controller_pb2.ClassifyResponse:
         timings = Timings()
-        items, (texts, scale) = await asyncio.gather(
+        items, (texts, scale) = await _together(
             self._encode(model, preprocess_pb2.PreprocessRequest(images=request.images), deadline, timings),
             self._label_embeddings(model, request.labels, deadline, timings),
         )
@@ -348,10 +375,16 @@ class Controller:
         if request.cluster.k < 0 or not 0 <= request.cluster.threshold <= 1:
             raise InvalidInput("cluster.k must be >= 0 and cluster.threshold within [0, 1]")
         model = await self._model_for(request.model, "embed", "Embed", deadline)
+        with self.admission.model(model.name).admit(len(request.images) + len(request.texts), _left(deadline)):
+            return await self._embed(request, model, deadline, started)
+
+    async def _embed(
+        self, request: controller_pb2.EmbedRequest, model: inference_pb2.ModelMetadataResponse, deadline: Deadline, started: float
+    ) -> controller_pb2.EmbedResponse:
         timings = Timings()
         image_job = self._encode(model, preprocess_pb2.PreprocessRequest(images=request.images), deadline, timings) if request.images else _nothing()
         text_job = self._embed_texts(model, request.texts, deadline, timings) if request.texts else _nothing()
-        image_items, text_items = await asyncio.gather(image_job, text_job)
+        image_items, text_items = await _together(image_job, text_job)
         response = controller_pb2.EmbedResponse(
             model=model.name,
             images=[controller_pb2.EmbeddedImage(name=image.name) for image in request.images],
@@ -399,6 +432,34 @@ class Controller:
 
 async def _nothing() -> list[Item]:
     return []
+
+
+async def _together(*jobs: Awaitable[Any]) -> list[Any]:
+    """``asyncio.gather``, except that the first failure cancels the other jobs (plain gather
+    lets them run on, doing stage work for a request whose caller already has its error)."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _left(deadline: Deadline) -> float:
+    return deadline.expires - time.monotonic()
+
+
+def admission_config(settings: Settings) -> AdmissionConfig:
+    return AdmissionConfig(
+        enabled=settings.admission,
+        initial_limit=settings.admission_initial_limit,
+        min_limit=settings.admission_min_limit,
+        max_limit=settings.admission_max_limit,
+        tolerance=settings.admission_tolerance,
+        max_retry_s=settings.admission_max_retry_s,
+    )
 
 
 def _floats(tensor: types_pb2.Tensor) -> list[float]:
