@@ -51,6 +51,7 @@ class Sample:
     images: int
     failed_images: int
     code: str  # gRPC status name of the call
+    image_codes: tuple[str, ...] = ()  # status names of the images that failed in an OK call
 
 
 @dataclass
@@ -94,6 +95,11 @@ class BenchResult:
     def calls(self) -> dict[str, int]:
         return dict(Counter(s.code for s in self.samples))
 
+    @property
+    def failed_image_codes(self) -> dict[str, int]:
+        """Images that failed on their own inside OK calls, by status."""
+        return dict(Counter(code for s in self.samples for code in s.image_codes))
+
     def to_dict(self) -> dict[str, Any]:
         codes = Counter(s.code for s in self.samples if s.code != "OK")
         return {
@@ -112,6 +118,7 @@ class BenchResult:
             "images": self.images_ok,
             "error_codes": dict(codes),
             "calls": self.calls,
+            "failed_images_in_ok_calls": self.failed_image_codes,
             "ok_ms": self.latency_ms("OK"),
             "refused_ms": self.latency_ms(REFUSED),
             "refusals_with_retry_hint": self.hinted,
@@ -166,11 +173,15 @@ def build_requests(model: str, task: str, images: Sequence[Path], batch: int) ->
     return "Embed", [controller_pb2.EmbedRequest(model=model, images=g) for g in groups]
 
 
-def _failed_images(response: Any) -> int:
+def _failed_images(response: Any) -> tuple[str, ...]:
+    """The status names of the images of an OK response that failed on their own."""
     items = getattr(response, "results", None)
     if items is None:
         items = getattr(response, "images", [])
-    return sum(1 for item in items if item.status.code != 0)
+    return tuple(_CODE_NAMES.get(item.status.code, "UNKNOWN") for item in items if item.status.code != 0)
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 # ---- the load ------------------------------------------------------------------------------
@@ -208,15 +219,18 @@ async def drive(
                     return
                 request = requests[next(counter) % len(requests)]
                 hint = None
+                image_codes: tuple[str, ...] = ()
                 try:
                     response = await call(request, timeout=timeout)
-                    code, failed = "OK", _failed_images(response)
+                    code = "OK"
+                    image_codes = _failed_images(response)
+                    failed = len(image_codes)
                 except grpc.aio.AioRpcError as exc:
                     code, failed = exc.code().name, batch
                     hint = retry_after_s(exc.trailing_metadata()) if code == REFUSED else None
                 done = time.perf_counter()
                 if window[0] <= done <= window[1]:
-                    result.samples.append(Sample(done, done - sent, batch, failed, code))
+                    result.samples.append(Sample(done, done - sent, batch, failed, code, image_codes))
                     result.hinted += hint is not None
                 if hint is not None and honour_retry:
                     await asyncio.sleep(min(hint, max(0.0, window[1] - done)))

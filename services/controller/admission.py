@@ -4,11 +4,11 @@ A refusal must cost microseconds, so it is decided from what the controller alre
 before a byte goes to the preprocess stage. Per model the controller keeps two estimates, both
 from requests it has seen complete:
 
-- **a limit on images in flight**, adapted from observed latency (the gradient limiter of
-  Netflix's concurrency-limits, the idea behind Envoy's adaptive concurrency): while latency
-  stays near its long-run average the limit grows; when latency climbs above it by more than a
-  tolerance, work is queueing downstream and the limit shrinks, so queues stay short and the
-  images that are taken finish fast.
+- **a limit on images in flight**, adapted from observed latency (the Vegas limiter of
+  Netflix's concurrency-limits; Envoy's adaptive concurrency works from the same idea, latency
+  against its minimum): latency above the unloaded minimum measures the queue behind the
+  limit; a short queue lets the limit grow, a long one shrinks it, so the stack stays
+  saturated but queues stay short and the images that are taken finish fast.
 - **a service rate** (images per second the model's pipeline completes, from Little's law:
   images in flight over their latency). A request's expected completion is the work in flight
   ahead of it plus its own, over that rate: if that comes after the request's deadline the
@@ -39,45 +39,55 @@ class AdmissionConfig:
     initial_limit: int = 8
     min_limit: int = 2
     max_limit: int = 256
-    # Latency may rise this much above its long-run average before the limit shrinks.
-    tolerance: float = 1.5
+    # Images queued behind the limit (times log10 of the limit, at least 1) below which the
+    # limit grows and above which it shrinks (Vegas' alpha and beta).
+    alpha: float = 3.0
+    beta: float = 6.0
     # Share of each new limit estimate blended into the current limit (Netflix's smoothing).
-    smoothing: float = 0.2
-    # Requests whose latency makes up the long-run average (an exponential window).
-    long_window: int = 100
+    smoothing: float = 0.5
+    # A request is taken only if its expected completion, times this, is within its deadline:
+    # latency varies around the estimate (p99 is about 1.5x p50 at saturation here).
+    deadline_margin: float = 1.5
     # Shortest and longest retry hint a refusal carries.
     min_retry_s: float = 0.05
     max_retry_s: float = 30.0
 
 
-class GradientLimit:
-    """Netflix's Gradient2: the limit follows ``long_rtt / short_rtt``.
+class VegasLimit:
+    """TCP Vegas applied to a concurrency limit, as Netflix's ``VegasLimit`` does.
 
-    ``gradient = clamp(tolerance * long / short, 0.5, 1)``; the new estimate is
-    ``limit * gradient + sqrt(limit)`` (the square root is the queue it allows to build, so a
-    limit that is too low still grows), blended in with ``smoothing``. While the caller does
-    not use half the limit, it does not grow (an idle limit would say nothing about capacity).
+    ``rtt_noload`` is the lowest latency seen (the pipeline with nothing queued). A latency
+    above it says how much of the limit is queueing: ``queue = limit * (1 - rtt_noload / rtt)``.
+    Below ``alpha`` images queued the limit grows (fast while almost nothing queues), above
+    ``beta`` it shrinks, in between it holds: the stack runs just past its saturation, with a
+    short queue that keeps it busy and latency near what it is unloaded. While the callers
+    use less than half the limit it does not move (an idle limit says nothing of capacity).
     """
 
     def __init__(self, config: AdmissionConfig):
         self.config = config
         self.limit = float(config.initial_limit)
-        self.long_rtt: float | None = None
+        self.rtt_noload: float | None = None
 
     def update(self, rtt: float, in_flight: int) -> None:
-        config = self.config
         if rtt <= 0:
             return
-        if self.long_rtt is None:
-            self.long_rtt = rtt
+        if self.rtt_noload is None or rtt < self.rtt_noload:
+            self.rtt_noload = rtt
+            return
+        if in_flight * 2 < self.limit:
+            return
+        config = self.config
+        log = max(1.0, math.log10(self.limit))
+        alpha, beta = config.alpha * log, config.beta * log
+        queue = math.ceil(self.limit * (1 - self.rtt_noload / rtt))
+        if queue <= log:
+            estimate = self.limit + beta
+        elif queue < alpha:
+            estimate = self.limit + log
+        elif queue > beta:
+            estimate = self.limit - log
         else:
-            self.long_rtt += (rtt - self.long_rtt) * 2 / (config.long_window + 1)
-        if self.long_rtt / rtt > 2:
-            # Latency fell far below the average (load went away): let the average catch up fast.
-            self.long_rtt *= 0.95
-        gradient = max(0.5, min(1.0, config.tolerance * self.long_rtt / rtt))
-        estimate = self.limit * gradient + math.sqrt(self.limit)
-        if estimate > self.limit and in_flight * 2 < self.limit:
             return
         blended = self.limit * (1 - config.smoothing) + estimate * config.smoothing
         self.limit = max(float(config.min_limit), min(float(config.max_limit), blended))
@@ -117,7 +127,7 @@ class ModelAdmission:
         self.model = model
         self.config = config
         self.clock = clock
-        self.limit = GradientLimit(config)
+        self.limit = VegasLimit(config)
         self.rate = ServiceRate()
         self.in_flight = 0
         self.admitted = 0
@@ -141,10 +151,10 @@ class ModelAdmission:
                 retry_after_s=self._retry_after(),
             )
         expected = self.expected_completion_s(images)
-        if expected is not None and self.in_flight and expected > remaining_s:
+        if expected is not None and self.in_flight and expected * self.config.deadline_margin > remaining_s:
             self._refused("deadline")
             raise Overloaded(
-                f"model {self.model!r} would finish this request in about {expected:.2f} s, after its "
+                f"model {self.model!r} would finish this request in about {expected:.2f} s, too close to its "
                 f"deadline ({remaining_s:.2f} s left); retry later or with a longer deadline",
                 retry_after_s=self._retry_after(),
             )

@@ -66,22 +66,42 @@ class Controller:
         self.settings = settings
         self.stages = stages
         self._metadata: dict[str, tuple[float, inference_pb2.ModelMetadataResponse]] = {}
+        self._refreshing: dict[str, asyncio.Future] = {}
         self.admission = Admission(admission_config(settings))
 
     # ---- models -------------------------------------------------------------------------
 
     async def model_metadata(self, name: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse:
-        """Cached briefly: metadata changes only when the inference stage reloads."""
+        """Cached briefly: metadata changes only when the inference stage reloads.
+
+        Stale metadata is served while one background call refreshes it, so admission never
+        waits on the inference stage: under overload its event loop is the busiest, and every
+        request arriving as the entry expired would otherwise wait on it before being refused.
+        """
         if not name:
             raise InvalidInput("model is required; ListModels shows what is served")
         cached = self._metadata.get(name)
-        if cached is not None and time.monotonic() - cached[0] < METADATA_TTL_S:
-            return cached[1]
+        if cached is None:
+            return await self._fetch_metadata(name, deadline)
+        if time.monotonic() - cached[0] >= METADATA_TTL_S and name not in self._refreshing:
+            refresh = asyncio.ensure_future(self._refresh_metadata(name))
+            self._refreshing[name] = refresh
+            refresh.add_done_callback(lambda _: self._refreshing.pop(name, None))
+        return cached[1]
+
+    async def _fetch_metadata(self, name: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse:
         metadata = await self.stages.call(
             "inference", self.stages.inference.ModelMetadata, inference_pb2.ModelMetadataRequest(name=name), deadline
         )
         self._metadata[name] = (time.monotonic(), metadata)
         return metadata
+
+    async def _refresh_metadata(self, name: str) -> None:
+        """A failed refresh forgets the entry: the next request asks the stage and gets its error."""
+        try:
+            await self._fetch_metadata(name, Deadline(METADATA_TTL_S))
+        except Exception:  # noqa: BLE001 - the next request's own call reports it
+            self._metadata.pop(name, None)
 
     async def list_models(self, deadline: Deadline) -> inference_pb2.ListModelsResponse:
         return await self.stages.call(
@@ -457,7 +477,7 @@ def admission_config(settings: Settings) -> AdmissionConfig:
         initial_limit=settings.admission_initial_limit,
         min_limit=settings.admission_min_limit,
         max_limit=settings.admission_max_limit,
-        tolerance=settings.admission_tolerance,
+        deadline_margin=settings.admission_deadline_margin,
         max_retry_s=settings.admission_max_retry_s,
     )
 

@@ -8,9 +8,9 @@ from inferline.common.errors import DeadlineExceeded, Overloaded
 from inferline.services.controller.admission import (
     Admission,
     AdmissionConfig,
-    GradientLimit,
     ModelAdmission,
     ServiceRate,
+    VegasLimit,
 )
 
 
@@ -34,38 +34,57 @@ def _complete(admission: ModelAdmission, clock: Clock, images: int, latency: flo
 # ---- the limit ------------------------------------------------------------------------------
 
 
-def test_steady_latency_under_full_use_grows_the_limit_up_to_its_ceiling():
-    limit = GradientLimit(AdmissionConfig(initial_limit=4, max_limit=20))
-    for _ in range(200):
-        limit.update(rtt=0.1, in_flight=int(limit.limit))
-    assert limit.limit == 20
+def _limit(**config) -> VegasLimit:
+    limit = VegasLimit(AdmissionConfig(**config))
+    limit.update(rtt=0.1, in_flight=1)  # the unloaded latency
+    return limit
 
 
-def test_latency_far_above_its_average_shrinks_the_limit_down_to_its_floor():
-    limit = GradientLimit(AdmissionConfig(initial_limit=50, min_limit=8, long_window=1000))
-    limit.update(rtt=0.1, in_flight=50)
+def test_the_lowest_latency_seen_is_the_unloaded_one_and_moves_nothing():
+    limit = VegasLimit(AdmissionConfig(initial_limit=10))
+    limit.update(rtt=0.3, in_flight=10)
+    limit.update(rtt=0.1, in_flight=10)
+    assert (limit.rtt_noload, limit.limit) == (0.1, 10)
+
+
+def test_latency_near_the_unloaded_one_grows_the_limit_up_to_its_ceiling():
+    limit = _limit(initial_limit=4, max_limit=40)
+    for _ in range(100):
+        limit.update(rtt=0.105, in_flight=int(limit.limit))
+    assert limit.limit == 40
+
+
+def test_a_long_queue_shrinks_the_limit_down_to_its_floor():
+    limit = _limit(initial_limit=50, min_limit=10)
     for _ in range(200):
-        limit.update(rtt=1.0, in_flight=50)
+        limit.update(rtt=1.0, in_flight=int(limit.limit))
+    assert limit.limit == 10
+
+
+def test_a_queue_between_alpha_and_beta_holds_the_limit():
+    limit = _limit(initial_limit=8, alpha=3, beta=6)
+    limit.update(rtt=0.2, in_flight=8)  # 8 * (1 - 0.1 / 0.2) = 4 queued: between 3 and 6
     assert limit.limit == 8
 
 
-def test_latency_within_the_tolerance_does_not_shrink_the_limit():
-    limit = GradientLimit(AdmissionConfig(initial_limit=10, tolerance=1.5, long_window=1000))
-    limit.update(rtt=0.1, in_flight=10)
-    before = limit.limit
-    limit.update(rtt=0.14, in_flight=10)
-    assert limit.limit >= before
+def test_the_limit_settles_where_the_queue_is_between_alpha_and_beta():
+    """A stack that completes 10 images/s, 0.1 s unloaded: latency is in_flight / 10 once
+    saturated. The limit settles near saturation (1 image) plus a queue of 3 to 6."""
+    limit = _limit(initial_limit=40, min_limit=1)
+    for _ in range(300):
+        limit.update(rtt=max(0.1, limit.limit / 10), in_flight=int(limit.limit))
+    assert 4 <= limit.limit <= 8
 
 
 def test_a_limit_the_callers_do_not_use_does_not_grow():
-    limit = GradientLimit(AdmissionConfig(initial_limit=10))
+    limit = _limit(initial_limit=10)
     for _ in range(50):
         limit.update(rtt=0.1, in_flight=2)
     assert limit.limit == 10
 
 
 def test_work_dropped_downstream_shrinks_the_limit_multiplicatively_to_the_floor():
-    limit = GradientLimit(AdmissionConfig(initial_limit=10, min_limit=8))
+    limit = _limit(initial_limit=10, min_limit=8)
     limit.dropped()
     assert limit.limit == pytest.approx(9)
     limit.dropped()
@@ -128,11 +147,12 @@ def test_a_request_that_would_finish_after_its_deadline_is_refused_at_once():
     admission = _admission(clock, initial_limit=100)
     _complete(admission, clock, images=4, latency=2.0)  # 2 images/s
     with admission.admit(4, 60.0):
-        # 4 in flight + 2 of its own at 2 images/s: 3 s, more than the 2 s it has left.
-        with pytest.raises(Overloaded, match="after its deadline"):
-            with admission.admit(2, 2.0):
+        # 4 in flight + 2 of its own at 2 images/s: 3 s; with the 1.5x margin 4.5 s, more than
+        # the 4 s it has left.
+        with pytest.raises(Overloaded, match="too close to its deadline"):
+            with admission.admit(2, 4.0):
                 pass
-        with admission.admit(2, 4.0):
+        with admission.admit(2, 4.5):
             assert admission.in_flight == 6
     assert admission.refused["deadline"] == 1
 
