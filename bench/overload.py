@@ -7,14 +7,16 @@ built-in repository, PyTorch YOLOv8n), on free ports (or ``--port-base``), loopb
    goodput (OK images/s) reaches 95% of the best seen; its goodput is the saturated throughput
    and its OK p99 the saturated p99;
 2. runs 4x and 10x that concurrency with a deadline of ``--deadline`` seconds per call (default:
-   twice the saturated p99, at least 2 s: a deadline the stack can meet when it is not
-   overloaded) and reports goodput / saturated throughput, calls by status, refusal p50/p99,
-   OK p50/p99, DEADLINE_EXCEEDED, the inference stage's ``inferline_wasted_items_total`` delta
-   (model runs for callers already gone) and each stage's peak RSS.
+   1.5x the saturated p99, at least 1 s: a deadline the stack meets when it is not overloaded,
+   with little to spare) and reports goodput / saturated throughput, calls by status, images
+   that failed inside OK calls, refusal p50/p99, OK p50/p99, DEADLINE_EXCEEDED, the inference
+   stage's ``inferline_wasted_items_total`` delta (model runs for callers already gone) and
+   each stage's peak RSS.
 
-Clients honour the RetryInfo hint of a refusal (as gRPC's retry pushback does) unless
-``--no-honour-retry``. Writes bench/results/overload-cpu.{json,md} (``--quick``: a shorter run
-to overload-cpu-quick.*). About 4 minutes in full, 2 in ``--quick``::
+Each overload level runs twice: with clients that honour a refusal's RetryInfo hint (as gRPC's
+retry pushback does) and with clients that send again at once (the worst client). Writes
+bench/results/overload-cpu.{json,md} (``--quick``: a shorter run to overload-cpu-quick.*).
+About 5 minutes in full, 2 in ``--quick``::
 
     INFERLINE_MODEL_DIR=../shared/models:.cache/standins .venv/bin/python bench/overload.py
 """
@@ -29,6 +31,7 @@ import math
 import os
 import platform
 import socket
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -68,6 +71,17 @@ def stack_env(port_base: int | None) -> dict[str, str]:
     return env
 
 
+def environment() -> dict[str, str]:
+    """What a reader needs to rerun and compare: CPU, library versions, the commit."""
+    import torch  # noqa: PLC0415 - only for its version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    return {"cpu": cpu, "python": platform.python_version(), "torch": torch.__version__, "commit": commit}
+
+
 def scrape(port: int, name: str) -> float:
     """The sum of a counter's samples on a stage's /metrics (0 when it has none yet)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
@@ -92,7 +106,6 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter sweep and runs (about 2 minutes)")
     parser.add_argument("--sweep", type=int, nargs="+", default=None, help="concurrencies of the sweep")
     parser.add_argument("--deadline", type=float, default=None, help="seconds per call under overload")
-    parser.add_argument("--no-honour-retry", dest="honour", action="store_false")
     parser.add_argument("--port-base", type=int, default=None, help="consecutive ports from here (9 in all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -107,8 +120,8 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other work: figures are noisy)",
+        **environment(),
         "model": MODEL,
-        "honour_retry": args.honour,
     }
     with LocalStack(settings, env=env) as stack:
         pids = {stage: p.pid for stage, p in stack.processes.items()}
@@ -116,25 +129,26 @@ def main() -> int:
             for path in images[:4]:  # warm the model (first passes allocate)
                 client.detect(channel, [path], model=MODEL, options=types_pb2.DetectOptions(), timeout=120)
         print(f"sweep {sweep} ({sweep_s:g} s each)", flush=True)
-        points = [{"concurrency": c, **drive(stack.controller_target, images, c, sweep_s, 60.0, args.honour)} for c in sweep]
+        points = [{"concurrency": c, **drive(stack.controller_target, images, c, sweep_s, 60.0, True)} for c in sweep]
         best = max(p["img_per_s"] for p in points)
         saturated = next(p for p in points if p["img_per_s"] >= 0.95 * best)
         sat_c, sat_rate = saturated["concurrency"], saturated["img_per_s"]
         sat_p99 = saturated["ok_ms"].get("p99", float("nan"))
-        deadline = args.deadline or max(2.0, math.ceil(2 * sat_p99 / 1000))
+        deadline = args.deadline or max(1.0, math.ceil(1.5 * sat_p99 / 100) / 10)
         report["sweep"] = points
         report["saturation"] = {"concurrency": sat_c, "img_per_s": sat_rate, "ok_p99_ms": sat_p99}
         report["deadline_s"] = deadline
         print(f"saturated at c={sat_c}: {sat_rate} img/s, OK p99 {sat_p99} ms; overload deadline {deadline} s", flush=True)
         runs = []
-        for factor in (4, 10):
+        for factor, honour in ((4, True), (10, True), (4, False), (10, False)):
             wasted_before = scrape(metrics_port, WASTED)
-            d = drive(stack.controller_target, images, factor * sat_c, overload_s, deadline, args.honour)
+            d = drive(stack.controller_target, images, factor * sat_c, overload_s, deadline, honour)
             wasted = scrape(metrics_port, WASTED) - wasted_before
             calls = d["calls"]
             refusals = sum(n for code, n in calls.items() if code != "OK")
             runs.append({
                 "factor": factor,
+                "honour_retry": honour,
                 "concurrency": factor * sat_c,
                 "goodput_img_per_s": d["img_per_s"],
                 "goodput_ratio": round(d["img_per_s"] / sat_rate, 3) if sat_rate else None,
@@ -143,7 +157,8 @@ def main() -> int:
                 "refusals_with_retry_hint": d["refusals_with_retry_hint"],
                 "refused_ms": d["refused_ms"],
                 "ok_ms": d["ok_ms"],
-                "deadline_exceeded": calls.get("DEADLINE_EXCEEDED", 0),
+                "failed_images_in_ok_calls": d["failed_images_in_ok_calls"],
+                "deadline_exceeded": calls.get("DEADLINE_EXCEEDED", 0) + d["failed_images_in_ok_calls"].get("DEADLINE_EXCEEDED", 0),
                 "wasted_model_runs": wasted,
             })
         report["overload"] = runs
@@ -163,8 +178,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Overload: goodput at 4x and 10x saturation (YOLOv8n, default configuration, closed loop)",
         "",
-        f"Measured {report['date']} on {report['machine']}.",
-        f"Command: `{report['command']}`. Clients honour RetryInfo: {report['honour_retry']}.",
+        f"Measured {report['date']} on {report['machine']}, {report['cpu']}; python {report['python']}, "
+        f"torch {report['torch']}, commit {report['commit']}.",
+        f"Command: `{report['command']}`.",
         "",
         "Sweep (goodput = OK images/s):",
         "",
@@ -176,16 +192,19 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Saturated at concurrency {sat['concurrency']}: {sat['img_per_s']} img/s, OK p99 {sat['ok_p99_ms']} ms. "
         f"Deadline per call under overload: {report['deadline_s']} s.",
         "",
-        "| load | concurrency | goodput (img/s) | / saturated | refusal p50 / p99 (ms) | OK p50 / p99 (ms) | DEADLINE_EXCEEDED | other non-OK | wasted model runs | calls |",
-        "|---|---:|---:|---:|---|---|---:|---:|---:|---|",
+        "DEADLINE_EXCEEDED counts calls and images failed inside OK calls; \"honours hint\": a refused client",
+        "waits the RetryInfo delay before its next call (gRPC retry pushback), else it sends again at once.",
+        "",
+        "| load | honours hint | concurrency | goodput (img/s) | / saturated | refusal p50 / p99 (ms) | OK p50 / p99 (ms) | DEADLINE_EXCEEDED | other non-OK | wasted model runs | calls |",
+        "|---|---|---:|---:|---:|---|---|---:|---:|---:|---|",
     ]
     for run in report["overload"]:
         refused = run["refused_ms"]
         ok = run["ok_ms"]
         lines.append(
-            f"| {run['factor']}x | {run['concurrency']} | {run['goodput_img_per_s']} | {run['goodput_ratio']} | "
+            f"| {run['factor']}x | {'yes' if run['honour_retry'] else 'no'} | {run['concurrency']} | {run['goodput_img_per_s']} | {run['goodput_ratio']} | "
             f"{refused.get('p50', '-')} / {refused.get('p99', '-')} | {ok.get('p50', '-')} / {ok.get('p99', '-')} | "
-            f"{run['deadline_exceeded']} | {run['non_ok_not_resource_exhausted'] - run['deadline_exceeded']} | "
+            f"{run['deadline_exceeded']} | {run['non_ok_not_resource_exhausted'] - run['calls'].get('DEADLINE_EXCEEDED', 0)} | "
             f"{run['wasted_model_runs']:g} | {run['calls']} |"
         )
     lines += ["", "Peak RSS (MB): " + ", ".join(f"{k} {v}" for k, v in report["peak_rss_mb"].items()), ""]

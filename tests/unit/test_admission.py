@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 
-from inferline.common.errors import DeadlineExceeded, Overloaded
+from inferline.common.errors import DeadlineExceeded, Overloaded, StageUnavailable
+from inferline.common.generated import inference_pb2
+from inferline.common.settings import Settings
 from inferline.services.controller.admission import (
     Admission,
     AdmissionConfig,
@@ -12,6 +17,8 @@ from inferline.services.controller.admission import (
     ServiceRate,
     VegasLimit,
 )
+from inferline.services.controller.pipeline import METADATA_TTL_S, Controller, _together
+from inferline.services.controller.stages import Deadline
 
 
 class Clock:
@@ -204,3 +211,83 @@ def test_each_model_has_its_own_admission():
         with admission.model("b").admit(1, 10.0):
             assert admission.model("a").in_flight == admission.model("b").in_flight == 1
     assert set(admission.models()) == {"a", "b"}
+
+
+# ---- what admission waits on: nothing downstream ------------------------------------------
+
+
+class _Stages:
+    """The controller's stage clients, answering ModelMetadata once released."""
+
+    def __init__(self) -> None:
+        self.inference = SimpleNamespace(ModelMetadata="ModelMetadata")
+        self.calls = 0
+        self.release = asyncio.Event()
+        self.fail = False
+
+    async def call(self, stage, method, request, deadline):
+        self.calls += 1
+        await self.release.wait()
+        if self.fail:
+            raise StageUnavailable("inference stage is unavailable")
+        return inference_pb2.ModelMetadataResponse(name=request.name, task="detect", versions=[str(self.calls)])
+
+
+def _stale(controller: Controller, name: str) -> None:
+    stamp, metadata = controller._metadata[name]
+    controller._metadata[name] = (stamp - METADATA_TTL_S - 1, metadata)
+
+
+def test_stale_model_metadata_is_served_at_once_while_one_call_refreshes_it():
+    async def main():
+        stages = _Stages()
+        controller = Controller(Settings(), stages)
+        stages.release.set()
+        first = await controller.model_metadata("m", Deadline(5))
+        _stale(controller, "m")
+        stages.release.clear()
+        answers = [await controller.model_metadata("m", Deadline(5)) for _ in range(3)]
+        assert answers == [first] * 3, "served stale, without waiting"
+        assert len(controller._refreshing) == 1, "one refresh for all three"
+        stages.release.set()
+        await asyncio.gather(*controller._refreshing.values())
+        assert stages.calls == 2
+        assert (await controller.model_metadata("m", Deadline(5))).versions == ["2"]
+
+    asyncio.run(main())
+
+
+def test_a_failed_refresh_forgets_the_entry_so_the_next_request_sees_the_error():
+    async def main():
+        stages = _Stages()
+        controller = Controller(Settings(), stages)
+        stages.release.set()
+        await controller.model_metadata("m", Deadline(5))
+        _stale(controller, "m")
+        stages.fail = True
+        await controller.model_metadata("m", Deadline(5))
+        await asyncio.gather(*controller._refreshing.values())
+        with pytest.raises(StageUnavailable):
+            await controller.model_metadata("m", Deadline(5))
+
+    asyncio.run(main())
+
+
+def test_the_first_failure_of_a_request_cancels_its_other_stage_work():
+    async def main():
+        other_started = asyncio.Event()
+
+        async def fails():
+            await other_started.wait()
+            raise Overloaded("inference queue full")
+
+        async def slow():
+            other_started.set()
+            await asyncio.sleep(60)
+
+        slow_job = asyncio.ensure_future(slow())
+        with pytest.raises(Overloaded):
+            await _together(fails(), slow_job)
+        assert slow_job.cancelled()
+
+    asyncio.run(main())
