@@ -53,6 +53,10 @@ class AdmissionConfig:
     max_retry_s: float = 30.0
 
 
+# Weight of a request that ran alone in the unloaded latency's EWMA.
+NOLOAD_WEIGHT = 0.2
+
+
 class VegasLimit:
     """TCP Vegas applied to a concurrency limit, as Netflix's ``VegasLimit`` does.
 
@@ -62,6 +66,11 @@ class VegasLimit:
     ``beta`` it shrinks, in between it holds: the stack runs just past its saturation, with a
     short queue that keeps it busy and latency near what it is unloaded. While the callers
     use less than half the limit it does not move (an idle limit says nothing of capacity).
+
+    The unloaded latency follows the lowest sample, and every request that ran alone pulls it
+    towards the typical unloaded latency: one unusually fast request (a tiny image) must not
+    pin the limit to its floor ever after. Under sustained overload no request runs alone, so
+    the baseline stays where quiet moments put it instead of drifting up with the queue.
     """
 
     def __init__(self, config: AdmissionConfig):
@@ -69,11 +78,14 @@ class VegasLimit:
         self.limit = float(config.initial_limit)
         self.rtt_noload: float | None = None
 
-    def update(self, rtt: float, in_flight: int) -> None:
+    def update(self, rtt: float, in_flight: int, alone: bool = False) -> None:
         if rtt <= 0:
             return
         if self.rtt_noload is None or rtt < self.rtt_noload:
             self.rtt_noload = rtt
+            return
+        if alone:
+            self.rtt_noload += (rtt - self.rtt_noload) * NOLOAD_WEIGHT
             return
         if in_flight * 2 < self.limit:
             return
@@ -173,14 +185,18 @@ class ModelAdmission:
             yield
         except BaseException as exc:
             if isinstance(exc, (Overloaded, DeadlineExceeded)):
-                self.limit.dropped()
+                self.dropped()
             raise
         else:
             latency = self.clock() - started
             self.rate.update(in_flight, latency)
-            self.limit.update(latency, in_flight)
+            self.limit.update(latency, in_flight, alone=in_flight == images)
         finally:
             self.in_flight -= images
+
+    def dropped(self) -> None:
+        """Work was refused or timed out downstream (a whole call, or images inside one)."""
+        self.limit.dropped()
 
     def _refused(self, reason: str) -> None:
         self.refused[reason] += 1

@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.rpc import code_pb2
+
 from inferline.common.detections import DetectOptions
 from inferline.common.errors import InvalidInput, StageFailed, WrongTask
 from inferline.common.generated import (
@@ -37,6 +39,8 @@ from inferline.services.controller.admission import Admission, AdmissionConfig
 from inferline.services.controller.stages import Deadline, StageClients
 
 METADATA_TTL_S = 10.0
+# Item statuses that say the stack took more than it could finish: admission backs off.
+OVERLOAD_CODES = (code_pb2.DEADLINE_EXCEEDED, code_pb2.RESOURCE_EXHAUSTED)
 RENDER_FORMATS = (types_pb2.RENDER_FORMAT_JSON, types_pb2.RENDER_FORMAT_CSV, types_pb2.RENDER_FORMAT_PNG)
 
 
@@ -219,8 +223,12 @@ class Controller:
             raise InvalidInput("labels are for re-labelling boxes: set classify_with to a zero-shot model too")
         metadata = await self._model_for(request.model, "detect", "Detect", deadline)
         classifier = await self._model_for(request.classify_with, "embed", "classify_with", deadline) if request.classify_with else None
-        with self.admission.model(metadata.name).admit(len(request.images), _left(deadline)):
-            return await self._detect(request, options, metadata, classifier, deadline, started)
+        admission = self.admission.model(metadata.name)
+        with admission.admit(len(request.images), _left(deadline)):
+            response = await self._detect(request, options, metadata, classifier, deadline, started)
+        if any(result.status.code in OVERLOAD_CODES for result in response.results):
+            admission.dropped()
+        return response
 
     async def _detect(
         self,

@@ -291,3 +291,17 @@ def test_the_first_failure_of_a_request_cancels_its_other_stage_work():
         assert slow_job.cancelled()
 
     asyncio.run(main())
+
+
+def test_one_unusually_fast_request_does_not_pin_the_unloaded_latency():
+    limit = _limit(initial_limit=8)  # 0.1 s: the first request, a tiny image
+    for _ in range(30):
+        limit.update(rtt=0.3, in_flight=1, alone=True)  # the usual image, alone
+    assert limit.rtt_noload == pytest.approx(0.3, rel=0.01)
+
+
+def test_under_sustained_load_the_unloaded_latency_does_not_drift_up():
+    limit = _limit(initial_limit=8)
+    for _ in range(100):
+        limit.update(rtt=0.8, in_flight=8)
+    assert limit.rtt_noload == 0.1
