@@ -139,9 +139,10 @@ def test_cancelled_callers_leave_no_admitted_or_queued_work_behind(stack, sample
             return [await call.code() for call in calls]
 
     codes = asyncio.run(go_away())
-    admitted = codes.count(grpc.StatusCode.CANCELLED)
-    assert admitted >= 1
-    assert admitted + codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == callers, codes
+    # Refused at once, answered within the 0.2 s, or cancelled while admitted.
+    assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}, codes
+    assert grpc.StatusCode.CANCELLED in codes
+    admitted = codes.count(grpc.StatusCode.CANCELLED) + codes.count(grpc.StatusCode.OK)
     expires = time.monotonic() + 30
     while (stack.metric("controller", "inferline_admission_in_flight", model=MODEL)
            or stack.metric("inference", "inferline_queue_depth", model=MODEL)):
