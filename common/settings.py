@@ -105,6 +105,19 @@ class Settings:
     max_embeddings: int = 4096
     max_embedding_dim: int = 4096
     max_cluster_items: int = 1024
+    # Admission control and overload (issue 13, part "admission"; docs/reliability-admission.md).
+    # The controller refuses a request (RESOURCE_EXHAUSTED with a RetryInfo hint) before any
+    # stage work when its model's images in flight would pass an adaptive limit, or when the
+    # model's observed service rate says it would finish after its deadline (with a margin:
+    # expected x admission_deadline_margin must fit). The limit starts at
+    # admission_initial_limit and adapts from latency (Vegas) within [min, max].
+    admission: bool = True
+    admission_initial_limit: int = 8
+    admission_min_limit: int = 4
+    admission_max_limit: int = 512
+    admission_deadline_margin: float = 1.5
+    # The longest retry hint a refusal carries.
+    admission_max_retry_s: float = 30.0
 
     log_level: str = "INFO"
 

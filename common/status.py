@@ -222,6 +222,10 @@ def _mapped(inner: UnaryHandler, method: str) -> UnaryHandler:
             code, message = status_for(exc)
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", method)
+            elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # Refusals come in storms under overload: a log line each would cost more than
+                # the refusal itself (inferline_admission_refused_total counts them).
+                log.debug("%s -> %s: %s", method, code.name, message)
             else:
                 log.info("%s -> %s: %s", method, code.name, message)
             await context.abort(code, message, trailing_metadata=retry_trailer(exc, code, message))

@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration", type=float, default=20.0, help="seconds measured, after the warm-up")
     bench.add_argument("--warmup", type=float, default=3.0, help="seconds sent first and not counted")
     bench.add_argument("--batch", type=int, default=1, help="images per request")
+    bench.add_argument("--honour-retry", action="store_true",
+                       help="after a refusal, wait the server's RetryInfo hint before the next call (as gRPC's retry pushback does)")
     bench.add_argument("--pid", action="append", default=[], metavar="STAGE=PID",
                        help="a stage's process for the memory figures (default: found by command line)")
     bench.add_argument("--json", action="store_true", help="one JSON object instead of text")
@@ -357,7 +359,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         result = loadgen.run(
             args.target, args.model, client.collect_images(args.images), concurrency=args.concurrency,
-            duration=args.duration, batch=args.batch, warmup=args.warmup, timeout=args.timeout, pids=pids,
+            duration=args.duration, batch=args.batch, warmup=args.warmup, timeout=args.timeout,
+            honour_retry=args.honour_retry, pids=pids,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

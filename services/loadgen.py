@@ -6,13 +6,18 @@ given images, ``batch`` images per request. The first ``warmup`` seconds are not
 ``duration`` seconds after them, every request that completes inside that window is (a request
 sent during the warm-up but answered inside the window counts, so long batches are not lost to
 short windows; no new request starts after the window): latency per request, images answered, errors (an RPC that failed counts each of its images; an image
-whose own status failed counts once). Peak resident memory (``VmHWM``) is read from /proc for
+whose own status failed counts once). ``img_per_s`` is goodput: images answered OK per second.
+Calls are counted by status, and the latency of OK calls and of refusals (RESOURCE_EXHAUSTED)
+is reported apart, since a server under overload answers both and they must not blur. With
+``honour_retry`` a worker refused with a ``RetryInfo`` hint sleeps that long before its next
+call, as gRPC's retry pushback does; without it, it sends again at once (the worst client). Peak resident memory (``VmHWM``) is read from /proc for
 the stages this host runs, found by their ``inferline serve <stage>`` command lines unless pids
 are given.
 
 The JSON form (``--json``) is one object, stable for scripts::
 
-    {"img_per_s": .., "p50_ms": .., "p95_ms": .., "p99_ms": .., "errors": .., "rss_mb": {stage: MB}, ...}
+    {"img_per_s": .., "p50_ms": .., "p95_ms": .., "p99_ms": .., "errors": .., "rss_mb": {stage: MB},
+     "calls": {code: n}, "ok_ms": {"p50": .., ..}, "refused_ms": {"p50": .., ..}, ...}
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ import numpy as np
 from inferline.common.channels import channel_options
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2, types_pb2
 from inferline.common.settings import Settings
+from inferline.common.status import retry_after_s
 
 STAGE_NAMES = ("controller", "preprocess", "inference", "postprocess", "gateway")
+REFUSED = "RESOURCE_EXHAUSTED"
 
 
 @dataclass
@@ -44,6 +51,7 @@ class Sample:
     images: int
     failed_images: int
     code: str  # gRPC status name of the call
+    image_codes: tuple[str, ...] = ()  # status names of the images that failed in an OK call
 
 
 @dataclass
@@ -54,6 +62,9 @@ class BenchResult:
     batch: int
     duration_s: float
     samples: list[Sample] = field(default_factory=list)
+    honour_retry: bool = False
+    # Refusals that carried a RetryInfo hint (all of them, when the server behaves).
+    hinted: int = 0
     rss_mb: dict[str, float] = field(default_factory=dict)
     # CPU seconds (user + system) each stage process spent inside the measured window.
     cpu_s: dict[str, float] = field(default_factory=dict)
@@ -70,10 +81,24 @@ class BenchResult:
     def errors(self) -> int:
         return sum(s.images if s.code != "OK" else s.failed_images for s in self.samples)
 
-    def percentile_ms(self, q: float) -> float:
-        if not self.samples:
+    def percentile_ms(self, q: float, code: str | None = None) -> float:
+        """Latency percentile of every call, or of the calls that ended with ``code``."""
+        latencies = [s.latency_s for s in self.samples if code is None or s.code == code]
+        if not latencies:
             return float("nan")
-        return float(np.percentile([s.latency_s for s in self.samples], q) * 1000)
+        return float(np.percentile(latencies, q) * 1000)
+
+    def latency_ms(self, code: str) -> dict[str, float]:
+        return {f"p{q}": round(self.percentile_ms(q, code), 2) for q in (50, 95, 99)} if self.calls.get(code) else {}
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return dict(Counter(s.code for s in self.samples))
+
+    @property
+    def failed_image_codes(self) -> dict[str, int]:
+        """Images that failed on their own inside OK calls, by status."""
+        return dict(Counter(code for s in self.samples for code in s.image_codes))
 
     def to_dict(self) -> dict[str, Any]:
         codes = Counter(s.code for s in self.samples if s.code != "OK")
@@ -92,6 +117,12 @@ class BenchResult:
             "requests": self.requests,
             "images": self.images_ok,
             "error_codes": dict(codes),
+            "calls": self.calls,
+            "failed_images_in_ok_calls": self.failed_image_codes,
+            "ok_ms": self.latency_ms("OK"),
+            "refused_ms": self.latency_ms(REFUSED),
+            "refusals_with_retry_hint": self.hinted,
+            "honour_retry": self.honour_retry,
             # What each stage costs per answered image, whatever else shares the machine: the
             # per-stage breakdown that says where a CPU-bound pipeline's time goes.
             "cpu_ms_per_image": {
@@ -108,6 +139,13 @@ class BenchResult:
             f"  latency      p50 {d['p50_ms']:.1f} ms   p95 {d['p95_ms']:.1f} ms   p99 {d['p99_ms']:.1f} ms",
             f"  errors       {d['errors']}" + (f" {d['error_codes']}" if d["error_codes"] else ""),
         ]
+        if d["ok_ms"]:
+            lines.append("  OK latency   " + "   ".join(f"{k} {v:.1f} ms" for k, v in d["ok_ms"].items()))
+        if d["refused_ms"]:
+            lines.append(
+                "  refusals     " + "   ".join(f"{k} {v:.1f} ms" for k, v in d["refused_ms"].items())
+                + f"   ({self.hinted} with a retry hint" + (", honoured)" if self.honour_retry else ")")
+            )
         if self.rss_mb:
             lines.append("  peak RSS     " + "   ".join(f"{k} {v:.0f} MB" for k, v in self.rss_mb.items()))
         if d["cpu_ms_per_image"]:
@@ -135,11 +173,15 @@ def build_requests(model: str, task: str, images: Sequence[Path], batch: int) ->
     return "Embed", [controller_pb2.EmbedRequest(model=model, images=g) for g in groups]
 
 
-def _failed_images(response: Any) -> int:
+def _failed_images(response: Any) -> tuple[str, ...]:
+    """The status names of the images of an OK response that failed on their own."""
     items = getattr(response, "results", None)
     if items is None:
         items = getattr(response, "images", [])
-    return sum(1 for item in items if item.status.code != 0)
+    return tuple(_CODE_NAMES.get(item.status.code, "UNKNOWN") for item in items if item.status.code != 0)
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 # ---- the load ------------------------------------------------------------------------------
@@ -155,6 +197,7 @@ async def drive(
     batch: int = 1,
     warmup: float = 2.0,
     timeout: float = 30.0,
+    honour_retry: bool = False,
     pids: Mapping[str, int] | None = None,
 ) -> BenchResult:
     if concurrency < 1 or batch < 1 or duration <= 0 or warmup < 0:
@@ -164,7 +207,7 @@ async def drive(
         info = await stub.ModelInfo(inference_pb2.ModelMetadataRequest(name=model), timeout=timeout)
         operation, requests = build_requests(model, info.task, images, batch)
         call = getattr(stub, operation)
-        result = BenchResult(model, operation, concurrency, batch, duration)
+        result = BenchResult(model, operation, concurrency, batch, duration, honour_retry=honour_retry)
         counter = itertools.count()
         started = time.perf_counter()
         window = (started + warmup, started + warmup + duration)
@@ -175,14 +218,22 @@ async def drive(
                 if sent >= window[1]:
                     return
                 request = requests[next(counter) % len(requests)]
+                hint = None
+                image_codes: tuple[str, ...] = ()
                 try:
                     response = await call(request, timeout=timeout)
-                    code, failed = "OK", _failed_images(response)
+                    code = "OK"
+                    image_codes = _failed_images(response)
+                    failed = len(image_codes)
                 except grpc.aio.AioRpcError as exc:
                     code, failed = exc.code().name, batch
+                    hint = retry_after_s(exc.trailing_metadata()) if code == REFUSED else None
                 done = time.perf_counter()
                 if window[0] <= done <= window[1]:
-                    result.samples.append(Sample(done, done - sent, batch, failed, code))
+                    result.samples.append(Sample(done, done - sent, batch, failed, code, image_codes))
+                    result.hinted += hint is not None
+                if hint is not None and honour_retry:
+                    await asyncio.sleep(min(hint, max(0.0, window[1] - done)))
 
         async def cpu_meter() -> None:
             await asyncio.sleep(max(0.0, window[0] - time.perf_counter()))

@@ -65,6 +65,30 @@ ITEM_ERRORS = Counter(
     "inferline_item_errors_total", "Items of a batch that failed on their own, by status code.", ["service", "code"]
 )
 
+# Admission and overload (docs/reliability-admission.md).
+ADMISSION_LIMIT = Gauge(
+    "inferline_admission_limit", "The controller's adaptive limit on images in flight, per model.", ["model"]
+)
+ADMISSION_IN_FLIGHT = Gauge(
+    "inferline_admission_in_flight", "Images the controller has admitted and not yet answered, per model.", ["model"]
+)
+ADMISSION_REFUSED = Counter(
+    "inferline_admission_refused_total",
+    "Requests refused before any stage work, by why: over the concurrency limit, or not done before their deadline.",
+    ["model", "reason"],
+)
+SHED_ITEMS = Counter(
+    "inferline_shed_items_total",
+    "Items the batcher settled without running: refused at submit (expected wait beyond their deadline), "
+    "expired in the queue or their caller gone.",
+    ["model", "reason"],
+)
+WASTED_ITEMS = Counter(
+    "inferline_wasted_items_total",
+    "Items the model ran whose caller had gone (cancelled, or past its deadline) by the time their results were ready.",
+    ["model"],
+)
+
 
 def track_queue(model: str, depth: Callable[[], int], capacity: int) -> None:
     """Queue depth is read at scrape time, so the batcher's hot path does no metric work."""

@@ -5,14 +5,23 @@ and postprocess recipes a model needs, its labels, its task, and (for CLIP) whic
 text tower. Items that fail in one stage carry their status to the end and skip the later
 stages; the rest of the batch goes on. Work that does not depend on each other (an image tower
 and a text tower) runs concurrently.
+
+Admission (``admission.py``) takes or refuses each request after its cheap checks (counts,
+options, the cached model metadata) and before any stage call that does work, so a refusal costs
+no decode. Concurrent parts of one request run with ``_together``: the first failure cancels the
+rest, and a caller who goes away (gRPC cancels the handler) cancels every stage call in flight,
+which frees the work they had queued downstream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from google.rpc import code_pb2
 
 from inferline.common.detections import DetectOptions
 from inferline.common.errors import InvalidInput, StageFailed, WrongTask, quoted
@@ -26,12 +35,15 @@ from inferline.common.generated import (
 from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
 from inferline.common.tensors import from_proto
+from inferline.services.controller.admission import Admission, AdmissionConfig
 from inferline.services.controller.stages import Deadline, StageClients
 
 METADATA_TTL_S = 10.0
 # Model names are folder names in the model repository: a longer name cannot exist, so it is
 # refused before it travels to the inference stage.
 MAX_MODEL_NAME_BYTES = 255
+# Item statuses that say the stack took more than it could finish: admission backs off.
+OVERLOAD_CODES = (code_pb2.DEADLINE_EXCEEDED, code_pb2.RESOURCE_EXHAUSTED)
 RENDER_FORMATS = (types_pb2.RENDER_FORMAT_JSON, types_pb2.RENDER_FORMAT_CSV, types_pb2.RENDER_FORMAT_PNG)
 
 
@@ -61,20 +73,41 @@ class Controller:
         self.settings = settings
         self.stages = stages
         self._metadata: dict[str, tuple[float, inference_pb2.ModelMetadataResponse]] = {}
+        self._refreshing: dict[str, asyncio.Future] = {}
+        self.admission = Admission(admission_config(settings))
 
     # ---- models -------------------------------------------------------------------------
 
     async def model_metadata(self, name: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse:
-        """Cached briefly: metadata changes only when the inference stage reloads."""
+        """Cached briefly: metadata changes only when the inference stage reloads.
+
+        Stale metadata is served while one background call refreshes it, so admission never
+        waits on the inference stage: under overload its event loop is the busiest, and every
+        request arriving as the entry expired would otherwise wait on it before being refused.
+        """
         self._validate_model_name(name)
         cached = self._metadata.get(name)
-        if cached is not None and time.monotonic() - cached[0] < METADATA_TTL_S:
-            return cached[1]
+        if cached is None:
+            return await self._fetch_metadata(name, deadline)
+        if time.monotonic() - cached[0] >= METADATA_TTL_S and name not in self._refreshing:
+            refresh = asyncio.ensure_future(self._refresh_metadata(name))
+            self._refreshing[name] = refresh
+            refresh.add_done_callback(lambda _: self._refreshing.pop(name, None))
+        return cached[1]
+
+    async def _fetch_metadata(self, name: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse:
         metadata = await self.stages.call(
             "inference", self.stages.inference.ModelMetadata, inference_pb2.ModelMetadataRequest(name=name), deadline
         )
         self._metadata[name] = (time.monotonic(), metadata)
         return metadata
+
+    async def _refresh_metadata(self, name: str) -> None:
+        """A failed refresh forgets the entry: the next request asks the stage and gets its error."""
+        try:
+            await self._fetch_metadata(name, Deadline(METADATA_TTL_S))
+        except Exception:  # noqa: BLE001 - the next request's own call reports it
+            self._metadata.pop(name, None)
 
     async def list_models(self, deadline: Deadline) -> inference_pb2.ListModelsResponse:
         return await self.stages.call(
@@ -214,6 +247,22 @@ class Controller:
             raise InvalidInput("labels are for re-labelling boxes: set classify_with to a zero-shot model too")
         metadata = await self._model_for(request.model, "detect", "Detect", deadline)
         classifier = await self._model_for(request.classify_with, "embed", "classify_with", deadline) if request.classify_with else None
+        admission = self.admission.model(metadata.name)
+        with admission.admit(len(request.images), _left(deadline)):
+            response = await self._detect(request, options, metadata, classifier, deadline, started)
+        if any(result.status.code in OVERLOAD_CODES for result in response.results):
+            admission.dropped()
+        return response
+
+    async def _detect(
+        self,
+        request: controller_pb2.DetectRequest,
+        options: DetectOptions,
+        metadata: inference_pb2.ModelMetadataResponse,
+        classifier: inference_pb2.ModelMetadataResponse | None,
+        deadline: Deadline,
+        started: float,
+    ) -> controller_pb2.DetectResponse:
         timings = Timings()
         results = [controller_pb2.ImageResult(name=image.name) for image in request.images]
 
@@ -224,7 +273,7 @@ class Controller:
         # the slices (with other requests' images) into its own batches again.
         size = max(1, self.settings.pipeline_slice)
         slices = [range(start, min(start + size, len(results))) for start in range(0, len(results), size)]
-        await asyncio.gather(*(
+        await _together(*(
             self._detect_slice(metadata, request, results, list(part), conf, deadline, timings) for part in slices
         ))
         alive = [i for i, result in enumerate(results) if result.status.code == 0]
@@ -312,7 +361,7 @@ class Controller:
         if not boxes:
             return
         regions = [types_pb2.Region(image=i, box=d.box) for i, d in boxes]
-        crops, (texts, scale) = await asyncio.gather(
+        crops, (texts, scale) = await _together(
             self._encode(classifier, preprocess_pb2.PreprocessRequest(images=request.images, regions=regions), deadline, timings, "crop_"),
             self._label_embeddings(classifier, request.labels, deadline, timings),
         )
@@ -338,8 +387,14 @@ class Controller:
         if request.top_k < 0:
             raise InvalidInput(f"top_k must be 0 (all labels) or more, got {request.top_k}")
         model = await self._model_for(request.model, "embed", "Classify", deadline)
+        with self.admission.model(model.name).admit(len(request.images), _left(deadline)):
+            return await self._classify(request, model, deadline, started)
+
+    async def _classify(
+        self, request: controller_pb2.ClassifyRequest, model: inference_pb2.ModelMetadataResponse, deadline: Deadline, started: float
+    ) -> controller_pb2.ClassifyResponse:
         timings = Timings()
-        items, (texts, scale) = await asyncio.gather(
+        items, (texts, scale) = await _together(
             self._encode(model, preprocess_pb2.PreprocessRequest(images=request.images), deadline, timings),
             self._label_embeddings(model, request.labels, deadline, timings),
         )
@@ -371,10 +426,16 @@ class Controller:
         if request.cluster.k < 0 or not 0 <= request.cluster.threshold <= 1:
             raise InvalidInput("cluster.k must be >= 0 and cluster.threshold within [0, 1]")
         model = await self._model_for(request.model, "embed", "Embed", deadline)
+        with self.admission.model(model.name).admit(len(request.images) + len(request.texts), _left(deadline)):
+            return await self._embed(request, model, deadline, started)
+
+    async def _embed(
+        self, request: controller_pb2.EmbedRequest, model: inference_pb2.ModelMetadataResponse, deadline: Deadline, started: float
+    ) -> controller_pb2.EmbedResponse:
         timings = Timings()
         image_job = self._encode(model, preprocess_pb2.PreprocessRequest(images=request.images), deadline, timings) if request.images else _nothing()
         text_job = self._embed_texts(model, request.texts, deadline, timings) if request.texts else _nothing()
-        image_items, text_items = await asyncio.gather(image_job, text_job)
+        image_items, text_items = await _together(image_job, text_job)
         response = controller_pb2.EmbedResponse(
             model=model.name,
             images=[controller_pb2.EmbeddedImage(name=image.name) for image in request.images],
@@ -422,6 +483,34 @@ class Controller:
 
 async def _nothing() -> list[Item]:
     return []
+
+
+async def _together(*jobs: Awaitable[Any]) -> list[Any]:
+    """``asyncio.gather``, except that the first failure cancels the other jobs (plain gather
+    lets them run on, doing stage work for a request whose caller already has its error)."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _left(deadline: Deadline) -> float:
+    return deadline.expires - time.monotonic()
+
+
+def admission_config(settings: Settings) -> AdmissionConfig:
+    return AdmissionConfig(
+        enabled=settings.admission,
+        initial_limit=settings.admission_initial_limit,
+        min_limit=settings.admission_min_limit,
+        max_limit=settings.admission_max_limit,
+        deadline_margin=settings.admission_deadline_margin,
+        max_retry_s=settings.admission_max_retry_s,
+    )
 
 
 def _floats(tensor: types_pb2.Tensor) -> list[float]:

@@ -1,13 +1,16 @@
 """Errors as RFC 9457 problem documents (``application/problem+json``).
 
 A failed call to the controller keeps its gRPC status name in the body (``code``) and gets its
-HTTP code from the one status table in ``inferline.common.status``; errors the gateway finds
-itself (a bad field, a body over the limit) are built the same way, so a client parses one shape.
+HTTP code from the one status table in ``inferline.common.status``; a retry hint the controller
+sent (gRPC ``RetryInfo``, on a refusal under overload) becomes ``Retry-After`` on the 429 or
+503. Errors the gateway finds itself (a bad field, a body over the limit) are built the same
+way, so a client parses one shape.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
@@ -20,7 +23,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferline.common.errors import quoted
-from inferline.common.status import HTTP_INTERNAL, INTERNAL_MESSAGE, STATUS_TABLE, http_status_for
+from inferline.common.status import HTTP_INTERNAL, INTERNAL_MESSAGE, STATUS_TABLE, http_status_for, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +62,20 @@ class Problem(BaseModel):
 class ApiError(Exception):
     """An error the gateway answers with; ``http`` defaults from the status table."""
 
-    def __init__(self, code: grpc.StatusCode, detail: str, http: int | None = None):
+    def __init__(self, code: grpc.StatusCode, detail: str, http: int | None = None, retry_after: float | None = None):
         super().__init__(detail)
         self.code = code
         self.detail = detail
         self.http = http_status_for(code) if http is None else http
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """``Retry-After`` in whole seconds (RFC 9110 allows no fraction), rounded up so a client
+        that honours it never comes back before the server's estimate."""
+        if self.retry_after is None:
+            return None
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 def invalid(detail: str) -> ApiError:
@@ -77,7 +89,8 @@ def from_rpc_error(exc: grpc.RpcError) -> ApiError:
     detail = INTERNAL_MESSAGE if http == HTTP_INTERNAL else (exc.details() or code.name)
     if code is grpc.StatusCode.UNAVAILABLE and "controller" not in detail:
         detail = f"the controller is unavailable: {detail}"
-    return ApiError(code, detail, http)
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return ApiError(code, detail, http, retry_after=retry_after_s(trailers))
 
 
 def problem_response(request: Request, error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -99,7 +112,7 @@ async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
             "%s %s -> %d %s: %s request_id=%s",
             request.method, request.url.path, exc.http, exc.code.name, exc.detail, getattr(request.state, "request_id", ""),
         )
-    return problem_response(request, exc)
+    return problem_response(request, exc, headers=exc.headers)
 
 
 async def rpc_error_handler(request: Request, exc: Exception) -> JSONResponse:

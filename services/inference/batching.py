@@ -4,8 +4,14 @@ Items from concurrent requests wait in one bounded queue; a worker takes the old
 every queued item of the same input shape, up to ``max_batch_size``, waiting at most
 ``max_queue_delay`` for more once it holds one (none when the batch is full or a preferred
 size is reached), runs them as one forward pass and hands each caller its own outputs.
-A full queue refuses at once (``Overloaded``) instead of growing; an item whose deadline has
-passed while queued is dropped (``DeadlineExceeded``) before it costs a model run.
+The queue is sized by deadline x service rate, not only by a constant: the batcher keeps an
+EWMA of the seconds one item costs a forward pass, and refuses at once (``Overloaded``, with the
+expected drain time as a retry hint) an item whose expected wait plus run would end after its
+deadline; ``max_queue_size`` stays as the hard bound on memory. No item runs for a caller who
+has gone: a cancelled caller's items are settled without a run, and when a batch forms, an item
+whose deadline has passed, or will have passed before the pass is expected to end, is dropped
+(``DeadlineExceeded``). Items whose caller left during their pass are counted
+(``inferline_wasted_items_total``): the figure this design keeps at zero.
 """
 
 from __future__ import annotations
@@ -14,20 +20,28 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 from inferline.common.errors import DeadlineExceeded, Overloaded
 from inferline.common.telemetry import RequestContext, capture
-from inferline.common.telemetry.metrics import track_queue
+from inferline.common.telemetry.metrics import SHED_ITEMS, WASTED_ITEMS, track_queue
 from inferline.common.telemetry.tracing import batch_started
 
 log = logging.getLogger(__name__)
 
 # Runs one batch (a list of items of one shape) and returns one result per item.
 RunBatch = Callable[[list[Any]], list[Any]]
+
+# Recent batch sizes kept for tests and debugging; older ones are forgotten (memory stays flat).
+RECENT_BATCHES = 256
+# Weight of each pass in the EWMA of seconds per item.
+SERVICE_TIME_WEIGHT = 0.2
+# A pass may take this much longer than its estimate before an item it holds is counted as
+# expiring during it.
+PASS_MARGIN = 1.2
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,10 @@ class _Pending:
     enqueued: float = field(default_factory=time.monotonic)
     request: RequestContext = field(default_factory=capture)  # telemetry: its trace and profile
 
+    def gone(self, now: float) -> bool:
+        """Its caller cancelled, or its deadline has passed: a result would reach no one."""
+        return self.future.done() or (self.expires is not None and self.expires <= now)
+
 
 class DynamicBatcher:
     def __init__(self, name: str, run: RunBatch, executor: Executor, config: BatchingConfig):
@@ -59,21 +77,29 @@ class DynamicBatcher:
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._workers: list[asyncio.Task] = []
-        # Sizes of the batches run so far: what tests and, later, metrics read.
-        self.batch_sizes: list[int] = []
+        # Sizes of the most recent batches (bounded) and how many passes ran in all.
+        self.batch_sizes: deque[int] = deque(maxlen=RECENT_BATCHES)
+        self.batches_run = 0
+        # Items taken into passes that have not finished yet.
+        self.running = 0
+        # EWMA of a forward pass's seconds per item; None until the first pass ends.
+        self.item_seconds: float | None = None
         track_queue(name, lambda: len(self._queue), config.max_queue_size)
 
     @property
     def depth(self) -> int:
         return len(self._queue)
 
+    def expected_wait_s(self, items: int) -> float | None:
+        """Seconds until ``items`` more would be done, behind what is queued and running; None
+        before the first pass has been timed."""
+        if self.item_seconds is None:
+            return None
+        return (len(self._queue) + self.running + items) * self.item_seconds / max(1, self.config.instances)
+
     async def submit(self, keyed_items: Sequence[tuple[Hashable, Any]], timeout: float | None = None) -> list[Any]:
         """Results (or exceptions) for ``(shape key, item)`` pairs, in order."""
-        if len(self._queue) + len(keyed_items) > self.config.max_queue_size:
-            raise Overloaded(
-                f"model {self.name!r} has {len(self._queue)} items queued (limit {self.config.max_queue_size}); "
-                "retry with backoff"
-            )
+        self._admit(len(keyed_items), timeout)
         self._ensure_worker()
         loop = asyncio.get_running_loop()
         expires = None if timeout is None else time.monotonic() + timeout
@@ -81,6 +107,32 @@ class DynamicBatcher:
         self._queue.extend(pending)
         self._arrived.set()
         return list(await asyncio.gather(*(p.future for p in pending), return_exceptions=True))
+
+    def _admit(self, count: int, timeout: float | None) -> None:
+        """Refuses at once what the queue cannot hold or cannot finish before the deadline."""
+        queued = len(self._queue)
+        if queued + count > self.config.max_queue_size:
+            self._shed("refused", count)
+            raise Overloaded(
+                f"model {self.name!r} has {queued} items queued (limit {self.config.max_queue_size}); "
+                "retry after the hinted delay",
+                retry_after_s=self._drain_s(),
+            )
+        expected = self.expected_wait_s(count)
+        if timeout is not None and expected is not None and (queued or self.running) and expected > timeout:
+            self._shed("refused", count)
+            raise Overloaded(
+                f"model {self.name!r} would start these {count} items in about {expected:.2f} s, after their "
+                f"deadline ({max(0.0, timeout):.2f} s left); retry after the hinted delay",
+                retry_after_s=self._drain_s(),
+            )
+
+    def _drain_s(self) -> float | None:
+        wait = self.expected_wait_s(0)
+        return None if wait is None else round(max(wait, 0.01), 3)
+
+    def _shed(self, reason: str, count: int = 1) -> None:
+        SHED_ITEMS.labels(self.name, reason).inc(count)
 
     async def close(self) -> None:
         for worker in self._workers:
@@ -106,19 +158,36 @@ class DynamicBatcher:
             if not batch:
                 continue
             self.batch_sizes.append(len(batch))
+            self.batches_run += 1
+            self.running += len(batch)
             observed = batch_started(self.name, [p.request for p in batch], [p.enqueued for p in batch])
+            started = time.monotonic()
             try:
                 results = await loop.run_in_executor(self._executor, observed.run(self._run), [p.item for p in batch])
+                self._timed(time.monotonic() - started, len(batch))
             except Exception as exc:  # noqa: BLE001 - a failed pass fails its own items only
                 log.exception("%s: forward pass failed for %d items", self.name, len(batch))
                 results = [exc] * len(batch)
-            for pending, result in zip(batch, results, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    pending.future.set_exception(result)
-                else:
-                    pending.future.set_result(result)
+            finally:
+                self.running -= len(batch)
+            self._settle(batch, results)
+
+    def _timed(self, seconds: float, items: int) -> None:
+        sample = seconds / items
+        previous = self.item_seconds
+        self.item_seconds = sample if previous is None else previous + (sample - previous) * SERVICE_TIME_WEIGHT
+
+    def _settle(self, batch: Iterable[_Pending], results: Iterable[Any]) -> None:
+        now = time.monotonic()
+        for pending, result in zip(batch, results, strict=True):
+            if pending.gone(now):
+                WASTED_ITEMS.labels(self.name).inc()
+            if pending.future.done():
+                continue
+            if isinstance(result, BaseException):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
 
     async def _next_batch(self) -> list[_Pending]:
         while not self._queue:
@@ -142,19 +211,34 @@ class DynamicBatcher:
         return count >= self.config.max_batch_size or count in self.config.preferred_batch_sizes
 
     def _take(self, key: Hashable) -> list[_Pending]:
-        """Removes up to max_batch_size live items of ``key``; settles cancelled and expired ones."""
+        """Removes up to max_batch_size live items of ``key``; settles cancelled and expired ones.
+
+        An item that would still be running when its deadline passes (by the timed cost of a
+        pass this size, with a margin for its variance) is expired now: its caller will have
+        gone before its result exists.
+        """
         now = time.monotonic()
-        batch, keep = [], deque()
+        taken: list[_Pending] = []
+        keep: deque[_Pending] = deque()
         for pending in self._queue:
-            if pending.key != key or len(batch) >= self.config.max_batch_size:
+            if pending.key != key or len(taken) >= self.config.max_batch_size:
                 keep.append(pending)
             elif pending.future.done():
-                continue  # its caller went away
-            elif pending.expires is not None and pending.expires <= now:
+                self._shed("gone")
+            else:
+                taken.append(pending)
+        self._queue = keep
+        ends = now + (self.item_seconds or 0.0) * len(taken) * PASS_MARGIN
+        batch = []
+        for pending in taken:
+            if pending.expires is not None and pending.expires <= ends:
+                self._shed("expired")
                 pending.future.set_exception(
-                    DeadlineExceeded(f"deadline passed after {now - pending.enqueued:.3f} s in {self.name!r}'s queue")
+                    DeadlineExceeded(
+                        f"deadline would pass before {self.name!r} could run the item "
+                        f"(after {now - pending.enqueued:.3f} s in its queue)"
+                    )
                 )
             else:
                 batch.append(pending)
-        self._queue = keep
         return batch

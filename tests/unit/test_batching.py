@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from inferline.common.errors import DeadlineExceeded, Overloaded
-from inferline.services.inference.batching import BatchingConfig, DynamicBatcher
+from inferline.services.inference.batching import RECENT_BATCHES, BatchingConfig, DynamicBatcher
 
 
 class Recorder:
@@ -219,3 +219,123 @@ def test_one_instance_never_runs_two_batches_at_once():
 
     _run(main())
     assert most == 1
+
+
+# ---- overload: deadline-aware queue, cancellation, wasted runs --------------------------------
+
+
+def _wasted(model: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("inferline_wasted_items_total", {"model": model}) or 0.0
+
+
+def test_cancelled_queued_callers_free_all_their_queued_work(executor):
+    """64 callers queue behind a busy model, then all go away: none of their items runs."""
+
+    async def main():
+        gate = threading.Event()
+        model = Recorder(gate)
+        batcher = DynamicBatcher("cancel-64", model, executor, BatchingConfig(max_batch_size=32))
+        blocker = await _occupy(batcher)
+        callers = [asyncio.ensure_future(batcher.submit([("a", n)])) for n in range(1, 65)]
+        await asyncio.sleep(0)
+        assert batcher.depth == 64
+        for caller in callers:
+            caller.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+        gate.set()
+        await blocker
+        assert await batcher.submit([("a", 100)]) == [200]
+        assert model.batches == [[0], [100]], "no cancelled caller's item reached the model"
+        assert batcher.depth == 0
+        await batcher.close()
+
+    _run(main())
+    assert _wasted("cancel-64") == 0
+
+
+def test_an_item_that_cannot_start_before_its_deadline_is_refused_at_submit_with_a_hint(executor):
+    async def main():
+        gate = threading.Event()
+        batcher = DynamicBatcher("m", Recorder(gate), executor, BatchingConfig(max_batch_size=1))
+        batcher.item_seconds = 1.0  # as timed by earlier passes
+        blocker = await _occupy(batcher)
+        queued = asyncio.ensure_future(batcher.submit([("a", 1), ("a", 2)], timeout=60.0))
+        await asyncio.sleep(0)
+        # One running and two queued at 1 s each: four seconds before this one would be done,
+        # and the hint is the three the work ahead needs to drain.
+        with pytest.raises(Overloaded, match="after their deadline") as refused:
+            await batcher.submit([("a", 3)], timeout=2.0)
+        assert refused.value.retry_after_s == pytest.approx(3.0)
+        gate.set()
+        await asyncio.gather(blocker, queued)
+        await batcher.close()
+
+    _run(main())
+
+
+def test_the_queue_bound_follows_the_deadline_not_only_the_constant(executor):
+    async def main():
+        gate = threading.Event()
+        batcher = DynamicBatcher("m", Recorder(gate), executor, BatchingConfig(max_batch_size=1, max_queue_size=1000))
+        batcher.item_seconds = 0.5
+        blocker = await _occupy(batcher)
+        taken = [asyncio.ensure_future(batcher.submit([("a", n)], timeout=5.0)) for n in range(20)]
+        await asyncio.sleep(0)
+        outcomes = await asyncio.gather(*taken[9:], return_exceptions=True)
+        # 5 s of deadline at 0.5 s per item: the running one and 9 queued fit, the rest are refused.
+        assert batcher.depth == 9
+        assert all(isinstance(o, Overloaded) for o in outcomes)
+        gate.set()
+        await asyncio.gather(blocker, *taken[:9])
+        await batcher.close()
+
+    _run(main())
+
+
+def test_an_item_whose_deadline_would_pass_during_its_pass_never_runs(executor):
+    async def main():
+        gate = threading.Event()
+        model = Recorder(gate)
+        batcher = DynamicBatcher("m", model, executor, BatchingConfig(max_batch_size=4))
+        blocker = await _occupy(batcher)
+        doomed = asyncio.ensure_future(batcher.submit([("a", 1)], timeout=5.0))
+        await asyncio.sleep(0)
+        batcher.item_seconds = 10.0  # the passes turn out slow: this item could not finish in time
+        gate.set()
+        await blocker
+        (outcome,) = await doomed
+        assert isinstance(outcome, DeadlineExceeded)
+        assert model.batches == [[0]]
+        await batcher.close()
+
+    _run(main())
+
+
+def test_items_whose_caller_left_during_their_pass_are_counted_as_wasted(executor):
+    async def main():
+        gate = threading.Event()
+        batcher = DynamicBatcher("wasted", Recorder(gate), executor, BatchingConfig(max_batch_size=4))
+        running = await _occupy(batcher)
+        running.cancel()
+        gate.set()
+        while batcher.running:
+            await asyncio.sleep(0.01)
+        await batcher.close()
+
+    before = _wasted("wasted")
+    _run(main())
+    assert _wasted("wasted") == before + 1
+
+
+def test_the_batch_size_record_is_bounded(executor):
+    async def main():
+        batcher = DynamicBatcher("m", Recorder(), executor, BatchingConfig(max_batch_size=1))
+        for n in range(RECENT_BATCHES + 10):
+            await batcher.submit([("a", n)])
+        assert len(batcher.batch_sizes) == RECENT_BATCHES
+        assert batcher.batches_run == RECENT_BATCHES + 10
+        await batcher.close()
+
+    _run(main())

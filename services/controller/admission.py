@@ -1,0 +1,231 @@
+"""Admission control: take or refuse a request before any stage does work for it.
+
+A refusal must cost microseconds, so it is decided from what the controller already knows,
+before a byte goes to the preprocess stage. Per model the controller keeps two estimates, both
+from requests it has seen complete:
+
+- **a limit on images in flight**, adapted from observed latency (the Vegas limiter of
+  Netflix's concurrency-limits; Envoy's adaptive concurrency works from the same idea, latency
+  against its minimum): latency above the unloaded minimum measures the queue behind the
+  limit; a short queue lets the limit grow, a long one shrinks it, so the stack stays
+  saturated but queues stay short and the images that are taken finish fast.
+- **a service rate** (images per second the model's pipeline completes, from Little's law:
+  images in flight over their latency). A request's expected completion is the work in flight
+  ahead of it plus its own, over that rate: if that comes after the request's deadline the
+  request is refused now, never run for a caller who will have gone (Triton's queue policy).
+
+A refusal is ``Overloaded`` with ``retry_after_s``, the time the work in flight needs to drain
+(RetryInfo on gRPC, Retry-After on HTTP), jittered so refused callers do not return in step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from inferline.common.errors import DeadlineExceeded, Overloaded
+from inferline.common.telemetry.metrics import ADMISSION_IN_FLIGHT, ADMISSION_LIMIT, ADMISSION_REFUSED
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """The knobs, from ``INFERLINE_ADMISSION_*`` settings."""
+
+    enabled: bool = True
+    initial_limit: int = 8
+    min_limit: int = 2
+    max_limit: int = 256
+    # Images queued behind the limit (times log10 of the limit, at least 1) below which the
+    # limit grows and above which it shrinks (Vegas' alpha and beta).
+    alpha: float = 3.0
+    beta: float = 6.0
+    # Share of each new limit estimate blended into the current limit (Netflix's smoothing).
+    smoothing: float = 0.5
+    # A request is taken only if its expected completion, times this, is within its deadline:
+    # latency varies around the estimate (p99 is about 1.5x p50 at saturation here).
+    deadline_margin: float = 1.5
+    # Shortest and longest retry hint a refusal carries.
+    min_retry_s: float = 0.05
+    max_retry_s: float = 30.0
+
+
+# Weight of a request that ran alone in the unloaded latency's EWMA.
+NOLOAD_WEIGHT = 0.2
+
+
+class VegasLimit:
+    """TCP Vegas applied to a concurrency limit, as Netflix's ``VegasLimit`` does.
+
+    ``rtt_noload`` is the lowest latency seen (the pipeline with nothing queued). A latency
+    above it says how much of the limit is queueing: ``queue = limit * (1 - rtt_noload / rtt)``.
+    Below ``alpha`` images queued the limit grows (fast while almost nothing queues), above
+    ``beta`` it shrinks, in between it holds: the stack runs just past its saturation, with a
+    short queue that keeps it busy and latency near what it is unloaded. While the callers
+    use less than half the limit it does not move (an idle limit says nothing of capacity).
+
+    The unloaded latency follows the lowest sample, and every request that ran alone pulls it
+    towards the typical unloaded latency: one unusually fast request (a tiny image) must not
+    pin the limit to its floor ever after. Under sustained overload no request runs alone, so
+    the baseline stays where quiet moments put it instead of drifting up with the queue.
+    """
+
+    def __init__(self, config: AdmissionConfig):
+        self.config = config
+        self.limit = float(config.initial_limit)
+        self.rtt_noload: float | None = None
+
+    def update(self, rtt: float, in_flight: int, alone: bool = False) -> None:
+        if rtt <= 0:
+            return
+        if self.rtt_noload is None or rtt < self.rtt_noload:
+            self.rtt_noload = rtt
+            return
+        if alone:
+            self.rtt_noload += (rtt - self.rtt_noload) * NOLOAD_WEIGHT
+            return
+        if in_flight * 2 < self.limit:
+            return
+        config = self.config
+        log = max(1.0, math.log10(self.limit))
+        alpha, beta = config.alpha * log, config.beta * log
+        queue = math.ceil(self.limit * (1 - self.rtt_noload / rtt))
+        if queue <= log:
+            estimate = self.limit + beta
+        elif queue < alpha:
+            estimate = self.limit + log
+        elif queue > beta:
+            estimate = self.limit - log
+        else:
+            return
+        blended = self.limit * (1 - config.smoothing) + estimate * config.smoothing
+        self.limit = max(float(config.min_limit), min(float(config.max_limit), blended))
+
+    def dropped(self) -> None:
+        """Downstream refused or timed out work: back off multiplicatively, as AIMD does."""
+        self.limit = max(float(self.config.min_limit), self.limit * 0.9)
+
+
+class ServiceRate:
+    """Images per second the model's pipeline completes, an EWMA of Little's-law samples.
+
+    Each completed request gives one sample: the images in flight when it was admitted
+    (itself included) over its latency. Lightly loaded, that is below the stack's capacity,
+    which errs towards caution only where it does not matter (little work ahead).
+    """
+
+    def __init__(self, weight: float = 0.2):
+        self.weight = weight
+        self.per_s: float | None = None
+
+    def update(self, in_flight: int, latency_s: float) -> None:
+        if latency_s <= 0 or in_flight <= 0:
+            return
+        sample = in_flight / latency_s
+        self.per_s = sample if self.per_s is None else self.per_s + (sample - self.per_s) * self.weight
+
+    def seconds_for(self, images: float) -> float | None:
+        """Expected seconds to complete ``images``, or None before the first sample."""
+        return None if not self.per_s else images / self.per_s
+
+
+class ModelAdmission:
+    """Admission for one model: images in flight against the adaptive limit and the deadline."""
+
+    def __init__(self, model: str, config: AdmissionConfig, clock: Callable[[], float] = time.monotonic):
+        self.model = model
+        self.config = config
+        self.clock = clock
+        self.limit = VegasLimit(config)
+        self.rate = ServiceRate()
+        self.in_flight = 0
+        self.admitted = 0
+        self.refused = {"limit": 0, "deadline": 0}
+
+    def expected_completion_s(self, images: int) -> float | None:
+        """When a request of ``images`` taken now should finish, from the rate; None if unknown."""
+        return self.rate.seconds_for(self.in_flight + images)
+
+    def check(self, images: int, remaining_s: float) -> None:
+        """Raises ``Overloaded`` (with a retry hint) if the request must not be taken now."""
+        if not self.config.enabled:
+            return
+        # One request bigger than the whole limit is still taken when nothing else runs, so a
+        # large batch is slow rather than refused forever.
+        if self.in_flight and self.in_flight + images > self.limit.limit:
+            self._refused("limit")
+            raise Overloaded(
+                f"model {self.model!r} is at its concurrency limit ({self.in_flight} images in flight, "
+                f"limit {int(self.limit.limit)}); retry after the hinted delay",
+                retry_after_s=self._retry_after(),
+            )
+        expected = self.expected_completion_s(images)
+        if expected is not None and self.in_flight and expected * self.config.deadline_margin > remaining_s:
+            self._refused("deadline")
+            raise Overloaded(
+                f"model {self.model!r} would finish this request in about {expected:.2f} s, too close to its "
+                f"deadline ({remaining_s:.2f} s left); retry later or with a longer deadline",
+                retry_after_s=self._retry_after(),
+            )
+
+    @contextmanager
+    def admit(self, images: int, remaining_s: float) -> Iterator[None]:
+        """Holds ``images`` against the limit for the block; a block that completes without an
+        exception feeds its latency to the limiter and the rate; ``Overloaded`` or
+        ``DeadlineExceeded`` from downstream shrinks the limit."""
+        self.check(images, remaining_s)
+        self.in_flight += images
+        self.admitted += 1
+        in_flight = self.in_flight
+        started = self.clock()
+        try:
+            yield
+        except BaseException as exc:
+            if isinstance(exc, (Overloaded, DeadlineExceeded)):
+                self.dropped()
+            raise
+        else:
+            latency = self.clock() - started
+            self.rate.update(in_flight, latency)
+            self.limit.update(latency, in_flight, alone=in_flight == images)
+        finally:
+            self.in_flight -= images
+
+    def dropped(self) -> None:
+        """Work was refused or timed out downstream (a whole call, or images inside one)."""
+        self.limit.dropped()
+
+    def _refused(self, reason: str) -> None:
+        self.refused[reason] += 1
+        ADMISSION_REFUSED.labels(self.model, reason).inc()
+
+    def _retry_after(self) -> float:
+        """The time the work in flight needs to drain, jittered by up to 2x so the callers
+        refused together come back spread out."""
+        drain = self.rate.seconds_for(self.in_flight) or self.config.min_retry_s
+        hint = drain * random.uniform(1.0, 2.0)
+        return round(max(self.config.min_retry_s, min(self.config.max_retry_s, hint)), 3)
+
+
+class Admission:
+    """One ``ModelAdmission`` per model name, made on first use."""
+
+    def __init__(self, config: AdmissionConfig, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.clock = clock
+        self._models: dict[str, ModelAdmission] = {}
+
+    def model(self, name: str) -> ModelAdmission:
+        admission = self._models.get(name)
+        if admission is None:
+            admission = self._models[name] = ModelAdmission(name, self.config, self.clock)
+            # Read at scrape time: the admission path does no metric work beyond a refusal count.
+            ADMISSION_LIMIT.labels(name).set_function(lambda: admission.limit.limit)
+            ADMISSION_IN_FLIGHT.labels(name).set_function(lambda: admission.in_flight)
+        return admission
+
+    def models(self) -> dict[str, ModelAdmission]:
+        return dict(self._models)
