@@ -8,6 +8,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inferline.common.channels import create_channel
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2
 from inferline.common.settings import Settings
+from inferline.services.controller.stages import MODEL_HEALTH_PREFIX
+
+# The controller's health name that is SERVING while it takes calls (not draining).
+CONTROLLER_SERVICE = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
 
 # How long /readyz waits for the controller's health answer before calling it not ready.
 READY_TIMEOUT_S = 2.0
@@ -22,7 +26,11 @@ class ControllerClient:
 
     def __init__(self, settings: Settings):
         self.target = settings.controller_target
-        self.channel = create_channel(settings.controller_target, settings)
+        # A controller replica gets calls while it takes them (not draining), even while a stage
+        # is down: it waits for its stages itself, and so that wait is shared by every replica.
+        self.channel = create_channel(
+            settings.controller_target, settings, health_service=CONTROLLER_SERVICE
+        )
         self.stub = controller_pb2_grpc.ControllerServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -55,10 +63,12 @@ class ControllerClient:
             inference_pb2.ModelMetadataRequest(name=name), timeout=timeout, metadata=self._metadata(request_id)
         )
 
-    async def serving(self) -> bool:
-        """Whether the controller answers its health check with SERVING right now."""
+    async def serving(self, model: str = "") -> bool:
+        """Whether the controller answers its health check with SERVING right now: the whole
+        controller, or with ``model`` its health name ``model/<model>``."""
+        service = MODEL_HEALTH_PREFIX + model if model else ""
         try:
-            reply = await self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=READY_TIMEOUT_S)
+            reply = await self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=READY_TIMEOUT_S)
         except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
