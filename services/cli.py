@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run one stage (or the HTTP gateway) in the foreground")
     serve_cmd.add_argument("stage", choices=(*STAGES, GATEWAY))
     serve_cmd.add_argument("--port", type=int, help="default: INFERLINE_<STAGE>_PORT")
+    serve_cmd.add_argument(
+        "--exit-with-parent", type=int, metavar="PID",
+        help="stop (as on SIGTERM) when process PID, which started this one, exits even by SIGKILL "
+             "(how `inferline up` starts its stages, so none outlives it holding its port; Linux)",
+    )
     _add_inprocess(serve_cmd)
     serve_cmd.set_defaults(handler=cmd_serve)
 
@@ -183,7 +188,22 @@ def _write(text: str, out: Path | None) -> None:
         out.write_text(text)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """SIGTERM this process when its parent exits; armed here, after exec, rather than in a
+    preexec_fn, which is unsafe in a parent with threads. A parent already gone ends it now."""
+    if sys.platform != "linux":
+        return
+    import ctypes  # noqa: PLC0415 - Linux only
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        raise SystemExit(f"the process that started this one ({parent}) has already exited")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.exit_with_parent is not None:
+        _exit_with_parent(args.exit_with_parent)
     settings = Settings.from_env()
     if args.inprocess:
         if args.stage != "controller":

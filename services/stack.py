@@ -37,15 +37,6 @@ START_ORDER = ("preprocess", "inference", "postprocess", "controller")
 UP_ORDER = (*START_ORDER, GATEWAY)
 
 
-def _terminate_with_parent() -> None:
-    """In the child, before exec: SIGTERM it when the parent dies, even by SIGKILL, so a killed
-    `inferline up` leaves no stage behind holding its port."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def wait_serving(target: str, timeout: float, alive: callable = lambda: True) -> None:
     """Blocks until the server at ``target`` reports SERVING on the standard health service."""
     expires = time.monotonic() + timeout
@@ -133,16 +124,18 @@ class _Child:
     process: subprocess.Popen | None = None
     started: float = 0.0
     restarts: int = 0
+    # Restarts since it last stayed up long enough to reset the backoff.
+    consecutive: int = 0
     # When the supervisor restarts it (monotonic time), once it has seen it exit.
     restart_at: float | None = None
 
     def spawn(self) -> None:
-        command = [sys.executable, "-m", "inferline.services.cli", "serve", self.stage]
+        # No preexec_fn: forking Python code in a process with gRPC threads can crash the child;
+        # the child arms its own parent-death signal (cli.py, --exit-with-parent).
+        command = [sys.executable, "-m", "inferline.services.cli", "serve", self.stage, "--exit-with-parent", str(os.getpid())]
         if self.stage != GATEWAY:
             command += ["--port", str(self.port)]
-        self.process = subprocess.Popen(
-            command, env=self.env, preexec_fn=_terminate_with_parent if sys.platform == "linux" else None
-        )
+        self.process = subprocess.Popen(command, env=self.env)
         self.started = time.monotonic()
 
 
@@ -233,7 +226,8 @@ class LocalStack:
             for name, child in self._children.items():
                 code = child.process.poll() if child.process is not None else None
                 if code is not None and child.restart_at is None:
-                    delay, child.restarts = backoff.delay(child.restarts, now - child.started)
+                    delay, child.consecutive = backoff.delay(child.consecutive, now - child.started)
+                    child.restarts += 1
                     child.restart_at = now + delay
                     how = f"signal {-code}" if code < 0 else f"code {code}"
                     log.error("%s exited unexpectedly (%s) after %.1f s; restarting it in %.1f s (restart %d)",
