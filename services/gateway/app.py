@@ -300,7 +300,9 @@ def create_app(settings: Settings) -> FastAPI:
         responses=_errors(503),
         tags=["ops"],
     )
-    async def readyz(model: str = "") -> Health:
+    async def readyz(
+        model: Annotated[str, Query(description="a model name: ready only while this model answers")] = "",
+    ) -> Health:
         if not await controller().serving(model):
             where = f"the controller at {settings.controller_target}"
             raise ApiError(
