@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 START_ORDER = ("preprocess", "inference", "postprocess", "controller")
 # `inferline up`: the gateway after the controller, whose readiness its /readyz reports.
 UP_ORDER = (*START_ORDER, GATEWAY)
+# Stop order: callers before what they call.
+STOP_TIERS = ((GATEWAY,), ("controller",), ("preprocess", "inference", "postprocess"))
 
 
 def wait_serving(target: str, timeout: float, alive: callable = lambda: True) -> None:
@@ -246,24 +248,31 @@ class LocalStack:
         return None
 
     def stop(self) -> dict[str, int]:
-        """SIGTERM to every stage (each drains its calls), then wait; returns exit codes."""
+        """SIGTERM to every process (each drains its calls), callers first: the gateway, then
+        the controller, then the stages, each tier once the one before has exited, so the
+        calls a controller still completes find its stages up. Returns exit codes."""
         self._stopping.set()
         if self._supervisor is not None:
             self._supervisor.join()
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
         codes = {}
-        for stage, process in self.processes.items():
-            try:
-                codes[stage] = process.wait(timeout=self.settings.grace_period_s + 10)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in time; killing it", stage)
-                process.kill()
-                codes[stage] = process.wait()
+        for tier in STOP_TIERS:
+            names = [name for name, child in self._children.items() if child.stage in tier and name in self.processes]
+            for name in names:
+                if self.processes[name].poll() is None:
+                    self.processes[name].send_signal(signal.SIGTERM)
+            for name in names:
+                codes[name] = self._wait_stopped(name, self.processes[name])
         self.processes.clear()
         self._children.clear()
         return codes
+
+    def _wait_stopped(self, name: str, process: subprocess.Popen) -> int:
+        try:
+            return process.wait(timeout=self.settings.drain_delay_s + self.settings.grace_period_s + 10)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in time; killing it", name)
+            process.kill()
+            return process.wait()
 
     def __enter__(self) -> LocalStack:
         self.start()

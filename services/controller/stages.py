@@ -98,14 +98,13 @@ class StageWatcher:
     settings: Settings
     targets: dict[str, str]
     health: dict[str, StageHealth] = field(default_factory=dict)
-    _channels: dict[str, list[tuple[str, grpc.aio.Channel]]] = field(default_factory=dict)
+    _channels: dict[str, list[grpc.aio.Channel]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for stage, target in self.targets.items():
             self.health[stage] = StageHealth()
             self._channels[stage] = [
-                (address, create_channel(address, self.settings, health_service=None))
-                for address in replica_addresses(target)
+                create_channel(address, self.settings, health_service=None) for address in replica_addresses(target)
             ]
         # Models named in the settings read NOT_SERVING (not "unknown") until they are loaded.
         self._models: set[str] = set(self.settings.models)
@@ -136,7 +135,11 @@ class StageWatcher:
         """The controller's readiness hook: reports each change until cancelled by the drain."""
         last: dict[str, bool] | None = None
         while True:
-            names = await self.poll()
+            try:
+                names = await self.poll()
+            except Exception:  # noqa: BLE001 - a bug here must not freeze the readiness it reports
+                log.exception("checking the stages failed; the controller reports NOT_SERVING")
+                names = {name: False for name in last or {"": False}}
             if names != last:
                 if last is None or names[""] != last[""]:
                     log.info("controller %s (%s)", "SERVING" if names[""] else "NOT_SERVING", self.describe())
@@ -151,7 +154,7 @@ class StageWatcher:
         )
 
     async def _poll_stage(self, stage: str) -> None:
-        replies = await asyncio.gather(*(self._check(channel) for _, channel in self._channels[stage]))
+        replies = await asyncio.gather(*(self._check(channel) for channel in self._channels[stage]))
         health = self.health[stage]
         health.serving_replicas = sum(state is StageState.SERVING for state in replies)
         previous = health.state
@@ -166,7 +169,7 @@ class StageWatcher:
         STAGE_SERVING.labels(stage).set(1 if health.state is StageState.SERVING else 0)
         STAGE_REPLICAS_SERVING.labels(stage).set(health.serving_replicas)
         if stage == "inference":
-            serving = [channel for (_, channel), state in zip(self._channels[stage], replies) if state is StageState.SERVING]
+            serving = [channel for channel, state in zip(self._channels[stage], replies) if state is StageState.SERVING]
             health.models = frozenset().union(*await asyncio.gather(*(self._models_of(c) for c in serving)))
 
     async def _check(self, channel: grpc.aio.Channel) -> StageState:
@@ -194,7 +197,7 @@ class StageWatcher:
 
     async def close(self) -> None:
         for replicas in self._channels.values():
-            for _, channel in replicas:
+            for channel in replicas:
                 await channel.close()
 
 
