@@ -79,8 +79,15 @@ class StageHealth:
     state: StageState | None = None
     serving_replicas: int = 0
     last_serving: float | None = None
-    # Models the SERVING replicas of the inference stage serve.
-    models: frozenset[str] = frozenset()
+    # The inference stage's replicas: the models each serves, asked once when it turns SERVING
+    # (a replica loads its models before it serves, and never changes them after); None while
+    # it does not serve.
+    replica_models: list[frozenset[str] | None] = field(default_factory=list)
+
+    @property
+    def models(self) -> frozenset[str]:
+        """Models some SERVING replica serves."""
+        return frozenset().union(*(m for m in self.replica_models if m is not None))
 
 
 @dataclass
@@ -102,10 +109,10 @@ class StageWatcher:
 
     def __post_init__(self) -> None:
         for stage, target in self.targets.items():
-            self.health[stage] = StageHealth()
             self._channels[stage] = [
                 create_channel(address, self.settings, health_service=None) for address in replica_addresses(target)
             ]
+            self.health[stage] = StageHealth(replica_models=[None] * len(self._channels[stage]))
         # Models named in the settings read NOT_SERVING (not "unknown") until they are loaded.
         self._models: set[str] = set(self.settings.models)
 
@@ -165,12 +172,16 @@ class StageWatcher:
         else:
             health.state = StageState.UNREACHABLE
         if previous is not None and previous is not health.state:
-            log.warning("%s stage is %s (%s)", stage, health.state.value, self.targets[stage])
+            level = logging.INFO if health.state is StageState.SERVING else logging.WARNING
+            log.log(level, "%s stage is %s (%s)", stage, health.state.value, self.targets[stage])
         STAGE_SERVING.labels(stage).set(1 if health.state is StageState.SERVING else 0)
         STAGE_REPLICAS_SERVING.labels(stage).set(health.serving_replicas)
         if stage == "inference":
-            serving = [channel for channel, state in zip(self._channels[stage], replies) if state is StageState.SERVING]
-            health.models = frozenset().union(*await asyncio.gather(*(self._models_of(c) for c in serving)))
+            for i, (channel, state) in enumerate(zip(self._channels[stage], replies)):
+                if state is not StageState.SERVING:
+                    health.replica_models[i] = None
+                elif health.replica_models[i] is None:
+                    health.replica_models[i] = await self._models_of(channel)
 
     async def _check(self, channel: grpc.aio.Channel) -> StageState:
         try:
@@ -181,14 +192,14 @@ class StageWatcher:
             return StageState.UNREACHABLE
         return StageState.SERVING if reply.status == health_pb2.HealthCheckResponse.SERVING else StageState.NOT_SERVING
 
-    async def _models_of(self, channel: grpc.aio.Channel) -> frozenset[str]:
-        """The models one replica serves."""
+    async def _models_of(self, channel: grpc.aio.Channel) -> frozenset[str] | None:
+        """The models one replica serves (None if it did not say: asked again next time)."""
         try:
             reply = await inference_pb2_grpc.InferenceServiceStub(channel).ListModels(
                 inference_pb2.ListModelsRequest(), timeout=self._timeout
             )
         except grpc.aio.AioRpcError:
-            return frozenset()
+            return None
         return frozenset(model.name for model in reply.models)
 
     @property
