@@ -160,6 +160,9 @@ class LocalStack:
     restarts: dict[str, int] = field(default_factory=dict)
     _children: dict[str, _Child] = field(default_factory=dict)
     _stopping: threading.Event = field(default_factory=threading.Event)
+    # The supervisor has made its last restart / may end (its children are stopped).
+    _idle: threading.Event = field(default_factory=threading.Event)
+    _stopped: threading.Event = field(default_factory=threading.Event)
     _supervisor: threading.Thread | None = None
 
     @property
@@ -186,12 +189,13 @@ class LocalStack:
             child.spawn()
         self._publish()
         try:
-            for name, child in self._children.items():
-                process = child.process
+            for child in self._children.values():
                 try:
-                    _wait_ready(child.stage, child.port, timeout, alive=lambda p=process: p.poll() is None)
+                    # Any process that ends before the whole stack is up fails the start (no
+                    # supervision yet: a stage that cannot start would only crash-loop).
+                    _wait_ready(child.stage, child.port, timeout, alive=lambda: self.exited() is None)
                 except RuntimeError:
-                    raise RuntimeError(f"the {name} stage exited while starting; its log above says why") from None
+                    raise RuntimeError(f"the {self.exited()} stage exited while starting; its log above says why") from None
         except BaseException:
             self.stop()
             raise
@@ -221,7 +225,10 @@ class LocalStack:
         self.restarts.update({name: c.restarts for name, c in self._children.items()})
 
     def _supervise(self) -> None:
-        """Restarts what exits, each after its backoff, until the stack stops."""
+        """Restarts what exits, each after its backoff, until the stack stops.
+
+        The thread outlives the processes it started: their parent-death signal is bound to
+        it, and must not fire before ``stop`` has stopped them in order."""
         backoff = Backoff.from_settings(self.settings)
         while not self._stopping.wait(0.1):
             now = time.monotonic()
@@ -234,11 +241,13 @@ class LocalStack:
                     how = f"signal {-code}" if code < 0 else f"code {code}"
                     log.error("%s exited unexpectedly (%s) after %.1f s; restarting it in %.1f s (restart %d)",
                               name, how, now - child.started, delay, child.restarts)
-                elif child.restart_at is not None and now >= child.restart_at and not self._stopping.is_set():
+                elif child.restart_at is not None and now >= child.restart_at:
                     child.restart_at = None
                     child.spawn()
                     log.warning("%s restarted (pid %d)", name, child.process.pid)
                     self._publish()
+        self._idle.set()
+        self._stopped.wait()
 
     def exited(self) -> str | None:
         """The first process that has ended, if any (unsupervised stacks: a benchmark's check)."""
@@ -253,7 +262,7 @@ class LocalStack:
         calls a controller still completes find its stages up. Returns exit codes."""
         self._stopping.set()
         if self._supervisor is not None:
-            self._supervisor.join()
+            self._idle.wait()
         codes = {}
         for tier in STOP_TIERS:
             names = [name for name, child in self._children.items() if child.stage in tier and name in self.processes]
@@ -262,6 +271,9 @@ class LocalStack:
                     self.processes[name].send_signal(signal.SIGTERM)
             for name in names:
                 codes[name] = self._wait_stopped(name, self.processes[name])
+        self._stopped.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
         self.processes.clear()
         self._children.clear()
         return codes
