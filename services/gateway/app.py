@@ -297,14 +297,17 @@ def create_app(settings: Settings) -> FastAPI:
         "/readyz",
         summary="Readiness: the controller is reachable and SERVING (with ?model=NAME: that model answers)",
         response_model=Health,
-        responses=_errors(503),
+        responses=_errors(404, 503),
         tags=["ops"],
     )
     async def readyz(
         model: Annotated[str, Query(description="a model name: ready only while this model answers")] = "",
     ) -> Health:
-        if not await controller().serving(model):
-            where = f"the controller at {settings.controller_target}"
+        status = await controller().health(model)
+        where = f"the controller at {settings.controller_target}"
+        if status == "NOT_FOUND":
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"model {quoted(model)} is not served by {where}")
+        if status != "SERVING":
             raise ApiError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"model {quoted(model)} is not ready at {where}" if model else f"{where} is not reachable or not SERVING",

@@ -32,7 +32,7 @@ class ControllerClient:
             settings.controller_target, settings, health_service=CONTROLLER_SERVICE
         )
         self.stub = controller_pb2_grpc.ControllerServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     @staticmethod
     def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
@@ -63,15 +63,16 @@ class ControllerClient:
             inference_pb2.ModelMetadataRequest(name=name), timeout=timeout, metadata=self._metadata(request_id)
         )
 
-    async def serving(self, model: str = "") -> bool:
-        """Whether the controller answers its health check with SERVING right now: the whole
-        controller, or with ``model`` its health name ``model/<model>``."""
+    async def health(self, model: str = "") -> str:
+        """The controller's health right now: the whole controller, or with ``model`` its health
+        name ``model/<model>``: SERVING, NOT_SERVING, NOT_FOUND (a model it does not serve) or
+        UNREACHABLE."""
         service = MODEL_HEALTH_PREFIX + model if model else ""
         try:
-            reply = await self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=READY_TIMEOUT_S)
-        except grpc.RpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+            reply = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=READY_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            return "NOT_FOUND" if exc.code() is grpc.StatusCode.NOT_FOUND else "UNREACHABLE"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     async def close(self) -> None:
         await self.channel.close()

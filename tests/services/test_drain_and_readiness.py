@@ -196,7 +196,7 @@ def test_the_controller_is_serving_only_while_its_stages_are_and_per_model(loop)
             assert http.get("/readyz").status_code == 200
             assert http.get("/readyz", params={"model": "yolov8n"}).status_code == 200
             unknown = http.get("/readyz", params={"model": "nope"})
-            assert unknown.status_code == 503 and "model 'nope' is not ready" in unknown.json()["detail"]
+            assert unknown.status_code == 404 and "model 'nope' is not served" in unknown.json()["detail"]
 
             loop.run(stages.servers["postprocess"].stop(grace=0))
             _until(lambda: _status(channel) == "NOT_SERVING", what="NOT_SERVING once postprocess is gone")
