@@ -9,6 +9,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
@@ -16,7 +17,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferline.common.channels import create_channel
-from inferline.common.generated import inference_pb2, inference_pb2_grpc, postprocess_pb2, postprocess_pb2_grpc
+from inferline.common.generated import (
+    controller_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    postprocess_pb2,
+    postprocess_pb2_grpc,
+)
 from inferline.common.server import RETRIED_CALLS, ServerApp, Service
 from inferline.common.settings import Settings
 from tests.support.gateway import RunningGateway
@@ -207,3 +214,45 @@ def test_the_controller_is_serving_only_while_its_stages_are_and_per_model(loop)
         controller.stop()
         for app in stages.servers.values():
             loop.run(app.stop(grace=0))
+
+
+class FakeController(controller_pb2_grpc.ControllerServiceServicer):
+    async def ListModels(self, request, context):
+        return inference_pb2.ListModelsResponse(models=[inference_pb2.ModelMetadataResponse(name="yolov8n")])
+
+
+def _fake_controller(loop: LoopThread, port: int = 0) -> RunningServer:
+    def register(server: grpc.aio.Server) -> list[str]:
+        controller_pb2_grpc.add_ControllerServiceServicer_to_server(FakeController(), server)
+        return ["inferline.v1.ControllerService"]
+
+    async def start() -> ServerApp:
+        app = ServerApp(Service("controller", register), Settings(), port=port, host="127.0.0.1")
+        await app.start()
+        return app
+
+    return RunningServer(loop, loop.run(start()))
+
+
+# Longer than the retry policy's attempts take (5 attempts, backoffs of at most 0.2+0.4+0.8+1.6 s).
+CONTROLLER_OUTAGE_S = 4.0
+
+
+def test_the_gateway_waits_for_a_controller_that_restarts_instead_of_answering_503(loop):
+    controller = _fake_controller(loop)
+    port = controller.app.port
+    gateway = RunningGateway(Settings(), f"127.0.0.1:{port}")
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:
+            assert http.get("/v1/models").status_code == 200
+            controller.stop(grace=0)
+            with ThreadPoolExecutor(1) as pool:
+                during = pool.submit(http.get, "/v1/models", headers={"X-Request-Timeout": "20"})
+                time.sleep(CONTROLLER_OUTAGE_S)  # the outage itself, not a wait for something
+                controller = _fake_controller(loop, port)
+                answer = during.result()
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["models"][0]["name"] == "yolov8n"
+    finally:
+        gateway.stop()
+        controller.stop()
