@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -145,6 +149,9 @@ def test_a_draining_stage_is_not_serving_yet_answers_what_callers_sent_before_an
         stub_channel.close()
 
 
+HEALTHCHECK = Path(__file__).resolve().parents[2] / "deploy" / "docker" / "healthcheck.py"
+
+
 class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
     """Lists the one model it serves; the test decides when its load ends."""
 
@@ -182,6 +189,12 @@ class FakeStages:
         return {f"{stage}_target": app.address for stage, app in self.servers.items()}
 
 
+def _container_health_check(target: str, service: str | None = None) -> int:
+    """The images' health check (Kubernetes' exec probes with TLS) against ``target``."""
+    env = {**os.environ, "INFERLINE_STAGE": "controller", **({"HEALTHCHECK_SERVICE": service} if service else {})}
+    return subprocess.run([sys.executable, str(HEALTHCHECK), target], env=env, capture_output=True, timeout=30).returncode
+
+
 def test_the_controller_is_serving_only_while_its_stages_are_and_per_model(loop):
     stages = FakeStages(loop)
     stages.start()
@@ -195,6 +208,8 @@ def test_the_controller_is_serving_only_while_its_stages_are_and_per_model(loop)
             assert _status(channel, "inferline.v1.ControllerService") == "SERVING", "it takes calls meanwhile"
             assert http.get("/readyz").status_code == 503
             assert http.get("/readyz", params={"model": "yolov8n"}).status_code == 503
+            assert _container_health_check(controller.address) == 1, "readiness: not ready"
+            assert _container_health_check(controller.address, "inferline.v1.ControllerService") == 0, "liveness: alive"
 
             loop.loop.call_soon_threadsafe(stages.loaded.set)
             _until(lambda: _status(channel) == "SERVING", what="SERVING once inference loaded")
