@@ -232,7 +232,7 @@ def test_kill_9_of_a_stage_is_back_and_answering_within_its_load_time_plus_5s(
     metrics = f"http://127.0.0.1:{inference_metrics_port}/metrics"
     load_time = _model_load_seconds(metrics) if stage == "inference" else 0.0
     print(f"kill -9 {stage}: back and answering OK after {recovered:.2f} s (model load {load_time:.2f} s); "
-          f"{len(load.failures)} failed calls of {load.ok + len(load.failures)}")
+          f"{len(load.failures)} failed calls of {load.ok + len(load.failures)} {load.failures}")
     assert recovered <= load_time + 5.0
     if stage == "inference":
         after_kill = [s for s in health.samples if s[0] >= killed + READINESS_LAG_S]
