@@ -4,6 +4,18 @@ A stage hands over a ``Service``: a function that registers its servicers, and o
 ``load``/``close`` hooks. The bootstrap owns everything else: the grpc.aio server and its
 message limits, the error-mapping interceptor, the standard health service (NOT_SERVING until
 ``load`` finished), server reflection, signal handling and graceful shutdown.
+
+Health names: each registered service name is SERVING from the end of ``load`` until the drain
+starts (the replica takes calls: what a client's load balancer checks). The overall name ``""``
+(what Kubernetes and ``inferline up`` probe) follows the same, unless the service has a
+``readiness`` hook: then the hook reports it, with any further names of its own (the
+controller's ``model/<name>``), for as long as the stage runs.
+
+Shutdown on SIGTERM, in this order, so a stopping stage never refuses work its callers already
+sent: every health name NOT_SERVING (callers' channels stop picking this replica), keep accepting
+for ``drain_delay_s`` (the time callers, or Kubernetes endpoints, need to notice), stop with
+``grace_period_s`` for the calls in flight (calls arriving now are refused with UNAVAILABLE and
+the callers' retry policy sends them elsewhere or waits for the restart), then ``close``.
 """
 
 from __future__ import annotations
@@ -12,12 +24,13 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter
 
 from inferline.common.channels import channel_options
 from inferline.common.errors import ConfigError
@@ -34,6 +47,10 @@ log = logging.getLogger(__name__)
 # Registers the stage's servicers on the server and returns their full service names.
 Register = Callable[[grpc.aio.Server], Sequence[str]]
 Hook = Callable[[], Awaitable[None]]
+# Sets health names to SERVING (True) or NOT_SERVING (False); "" is the whole stage.
+ReportHealth = Callable[[Mapping[str, bool]], Awaitable[None]]
+# Runs for the life of the stage after ``load``, reporting its readiness as it changes.
+Readiness = Callable[[ReportHealth], Awaitable[None]]
 
 
 @dataclass
@@ -49,6 +66,29 @@ class Service:
     routes: dict[tuple[str, str], Route] = field(default_factory=dict)
     # NVML GPU metrics on this stage's /metrics (the inference stage: the one that uses the GPU).
     gpu_metrics: bool = False
+    # Readiness that depends on more than this process (the controller's stages), if any.
+    readiness: Readiness | None = None
+
+
+RETRIED_CALLS = Counter(
+    "inferline_retried_calls_total",
+    "Calls this service received that are a caller's gRPC retry (a restart, drain or lost replica "
+    "cost latency here instead of an error).",
+    ["service"],
+)
+
+
+class RetryCounter(grpc.aio.ServerInterceptor):
+    """Counts retries from the header gRPC's retry policy puts on every attempt after the first
+    (the caller's side sees no trace of them)."""
+
+    def __init__(self, service: str):
+        self.retried = RETRIED_CALLS.labels(service)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if any(key == "grpc-previous-rpc-attempts" for key, _ in handler_call_details.invocation_metadata or ()):
+            self.retried.inc()
+        return await continuation(handler_call_details)
 
 
 class ServerApp:
@@ -72,6 +112,7 @@ class ServerApp:
         self._health = health.aio.HealthServicer()
         self._service_names: list[str] = []
         self._stopped = False
+        self._readiness: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
@@ -79,7 +120,9 @@ class ServerApp:
 
     async def start(self) -> int:
         server = grpc.aio.server(
-            interceptors=[TelemetryServerInterceptor(self.service.name), ErrorMappingInterceptor()],
+            interceptors=[
+                RetryCounter(self.service.name), TelemetryServerInterceptor(self.service.name), ErrorMappingInterceptor()
+            ],
             options=[*channel_options(self.settings), ("grpc.so_reuseport", 0)],
         )
         self._service_names = list(self.service.register(server))
@@ -110,17 +153,30 @@ class ServerApp:
             except BaseException:
                 await server.stop(0)
                 raise
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s is serving", self.service.name)
+        if self.service.readiness is None:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("%s is serving", self.service.name)
+        else:
+            for name in self._service_names:
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self._readiness = asyncio.create_task(self.service.readiness(self._report))
+            log.info("%s takes calls; it reports SERVING once what it needs is ready", self.service.name)
         return self.port
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Health to NOT_SERVING, drain in-flight calls for up to ``grace`` s, then release."""
+    async def stop(self, grace: float | None = None, drain_delay: float = 0.0) -> None:
+        """Health to NOT_SERVING, keep accepting for ``drain_delay`` s, drain in-flight calls for
+        up to ``grace`` s, then release (the order in the module docstring)."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.settings.grace_period_s if grace is None else grace
         await self._health.enter_graceful_shutdown()
+        if self._readiness is not None:
+            self._readiness.cancel()
+            await asyncio.gather(self._readiness, return_exceptions=True)
+        if self._server is not None and drain_delay > 0:
+            log.info("%s is NOT_SERVING; still accepting calls for %.1f s", self.service.name, drain_delay)
+            await asyncio.sleep(drain_delay)
         if self._server is not None:
             log.info("%s draining (grace %.1f s)", self.service.name, grace)
             await self._server.stop(grace)
@@ -152,6 +208,12 @@ class ServerApp:
         for name in ("", *self._service_names):
             await self._health.set(name, status)
 
+    async def _report(self, names: Mapping[str, bool]) -> None:
+        """The readiness hook's report; the health servicer ignores it once the drain began."""
+        for name, serving in names.items():
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            await self._health.set(name, status)
+
 
 async def serve(service: Service, settings: Settings, *, port: int) -> None:
     """Run one stage until SIGTERM or SIGINT, then shut it down gracefully.
@@ -175,7 +237,7 @@ async def serve(service: Service, settings: Settings, *, port: int) -> None:
     else:
         starting.cancel()
     try:
-        await app.stop()
+        await app.stop(drain_delay=settings.drain_delay_s if starting.done() else 0.0)
     finally:
         if flush_traces is not None:
             flush_traces(settings.grace_period_s)

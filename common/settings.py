@@ -41,6 +41,25 @@ class Settings:
     # (`inferline serve controller --inprocess`): for measuring what the boundaries cost.
     inprocess: bool = False
 
+    # Faults (docs/reliability-faults.md): retries of UNAVAILABLE between the services (gRPC's
+    # retry policy, with a budget of maxTokens: below half of it a channel stops retrying), the
+    # drain on SIGTERM (health NOT_SERVING, still accepting for drain_delay_s while callers see
+    # it, then grace_period_s for the calls in flight), how often the controller checks its
+    # stages, and how long its calls wait for a stage that was serving and went away (restart,
+    # rollout) before they fail fast with UNAVAILABLE. `inferline up` restarts a stage that
+    # exits with a backoff from restart_backoff_s doubling to restart_max_backoff_s, reset once
+    # it has stayed up restart_reset_after_s.
+    retry_max_attempts: int = 5
+    retry_initial_backoff_s: float = 0.2
+    retry_max_backoff_s: float = 2.0
+    retry_budget_tokens: int = 100
+    drain_delay_s: float = 2.0
+    readiness_poll_s: float = 0.5
+    stage_outage_wait_s: float = 30.0
+    restart_backoff_s: float = 0.5
+    restart_max_backoff_s: float = 30.0
+    restart_reset_after_s: float = 30.0
+
     # HTTP gateway (services/gateway): where it listens, where it finds the controller, the
     # largest request body it reads, and the deadline it gives a call without X-Request-Timeout.
     gateway_port: int = 8080

@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-import time
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,7 +29,7 @@ from inferline.common.settings import GATEWAY, STAGES, Settings
 from inferline.services import client
 from inferline.services.inference.repository import BUILTIN_REPOSITORY, ModelConfig, load_repository
 from inferline.services.inference.weights import find_local
-from inferline.services.stack import UP_ORDER, LocalStack
+from inferline.services.stack import UP_ORDER, LocalStack, parse_replicas
 
 log = logging.getLogger("inferline")
 
@@ -57,11 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run one stage (or the HTTP gateway) in the foreground")
     serve_cmd.add_argument("stage", choices=(*STAGES, GATEWAY))
     serve_cmd.add_argument("--port", type=int, help="default: INFERLINE_<STAGE>_PORT")
+    serve_cmd.add_argument(
+        "--exit-with-parent", type=int, metavar="PID",
+        help="stop (as on SIGTERM) when process PID, which started this one, exits even by SIGKILL "
+             "(how `inferline up` starts its stages, so none outlives it holding its port; Linux)",
+    )
     _add_inprocess(serve_cmd)
     serve_cmd.set_defaults(handler=cmd_serve)
 
-    up = commands.add_parser("up", help="run the four stages and the HTTP gateway as local processes until Ctrl-C")
+    up = commands.add_parser(
+        "up", help="run the four stages and the HTTP gateway as local processes until Ctrl-C, restarting any that exits"
+    )
     _add_inprocess(up)
+    up.add_argument(
+        "--replicas", action="append", default=[], metavar="STAGE=N",
+        help="run N copies of a stage on ports of their own, its callers spread over them "
+             "(repeatable: --replicas inference=2 --replicas postprocess=2)",
+    )
     up.set_defaults(handler=cmd_up)
 
     detect = commands.add_parser("detect", help="detect objects in images through the running stack")
@@ -178,7 +190,22 @@ def _write(text: str, out: Path | None) -> None:
         out.write_text(text)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """SIGTERM this process when its parent exits; armed here, after exec, rather than in a
+    preexec_fn, which is unsafe in a parent with threads. A parent already gone ends it now."""
+    if sys.platform != "linux":
+        return
+    import ctypes  # noqa: PLC0415 - Linux only
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        raise SystemExit(f"the process that started this one ({parent}) has already exited")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.exit_with_parent is not None:
+        _exit_with_parent(args.exit_with_parent)
     settings = Settings.from_env()
     if args.inprocess:
         if args.stage != "controller":
@@ -231,20 +258,25 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    """The stack, supervised: a process that exits is restarted (services/stack.py) until
+    SIGTERM or Ctrl-C stops `inferline up` itself."""
     settings = Settings.from_env()
     configure_logging(settings.log_level, "up")
+    replicas = parse_replicas(args.replicas)
     # The gateway finds the controller where this stack puts it, unless told otherwise.
     env = {"INFERLINE_CONTROLLER_TARGET": f"localhost:{settings.controller_port}", **os.environ}
     if args.inprocess:  # one controller process holding the three stages, and the gateway
+        if set(replicas) - {"controller"}:
+            print("error: with --inprocess only the controller has replicas (--replicas controller=N)", file=sys.stderr)
+            return EXIT_RPC_ERROR
         env["INFERLINE_INPROCESS"] = "true"
-        stack = LocalStack(settings, env=env, stages=("controller", "gateway"))
+        stack = LocalStack(settings, env=env, stages=("controller", "gateway"), replicas=replicas, supervise=True)
     else:
-        stack = LocalStack(settings, env=env, stages=UP_ORDER)
-    stopping = False
+        stack = LocalStack(settings, env=env, stages=UP_ORDER, replicas=replicas, supervise=True)
+    stopping = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        stopping.set()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -253,15 +285,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         "inferline is up: controller at %s, gateway at http://localhost:%d (Ctrl-C stops it)",
         stack.controller_target, settings.gateway_port,
     )
-    exited = None
-    while not stopping and exited is None:
-        exited = stack.exited()
-        time.sleep(0.2)
-    if exited:
-        log.error("%s stopped unexpectedly; stopping the rest", exited)
+    while not stopping.wait(0.5):  # the signal handler runs on this thread, between waits
+        pass
     codes = stack.stop()
     log.info("stopped (%s)", ", ".join(f"{k}={v}" for k, v in codes.items()))
-    return 1 if exited else 0
+    return 0
 
 
 def _options(args: argparse.Namespace) -> types_pb2.DetectOptions:

@@ -51,16 +51,19 @@ def check_grpc(stage: str, port: str, timeout: float) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
 
     tls = _tls_credentials()
+    # The health name asked: "" (ready) by default; a liveness probe names the stage's service
+    # (the controller's "" follows its stages, its service name only its own process).
+    service = os.environ.get("HEALTHCHECK_SERVICE", "")
     target = sys.argv[1] if len(sys.argv) > 1 else f"{'localhost' if tls else '127.0.0.1'}:{port}"
     channel = grpc.secure_channel(target, tls) if tls else grpc.insecure_channel(target)
     with channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as exc:
             print(f"{stage} at {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{stage} at {target}: {status}")
+    print(f"{stage} at {target}{f' ({service})' if service else ''}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 

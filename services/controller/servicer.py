@@ -39,7 +39,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
 def build_service(settings: Settings) -> Service:
     """The controller; with ``settings.inprocess`` it also holds the three stages (and serves
-    only once their models are loaded)."""
+    only once their models are loaded). Otherwise it is SERVING only while every stage it calls
+    is (checked from its load on, so the first check is done before it takes a call), and its
+    health names ``model/<name>`` say which models answer (services/controller/stages.py)."""
+    readiness = None
     if settings.inprocess:
         from inferline.services.controller.inprocess import LocalStages  # noqa: PLC0415 - imports the stages
 
@@ -47,11 +50,15 @@ def build_service(settings: Settings) -> Service:
         stages: StageClients | LocalStages = local
         load = local.load
     else:
-        stages, load = StageClients(settings), None
+        clients = StageClients(settings)
+        stages, readiness = clients, clients.watcher.run
+
+        async def load() -> None:
+            await clients.watcher.poll()
     servicer = ControllerServicer(settings, Controller(settings, stages))
 
     def register(server: grpc.aio.Server) -> list[str]:
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server)
         return [controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name]
 
-    return Service("controller", register, load=load, close=stages.close, servicer=servicer)
+    return Service("controller", register, load=load, close=stages.close, servicer=servicer, readiness=readiness)

@@ -1,27 +1,53 @@
-"""Clients of the three stages, with their failures turned into domain errors.
+"""Clients of the three stages, with their failures turned into domain errors, and the watch
+on the stages that makes the controller's readiness.
 
-One channel per stage, made once and reused by every request. A stage's status becomes the
-controller's status with the stage named in the message, so a caller sees "inference stage at
-localhost:50053 is unavailable" rather than a bare UNAVAILABLE.
+One channel per stage, made once and reused by every request; it retries UNAVAILABLE and spreads
+calls over the stage's replicas (common/channels.py). A stage's status becomes the controller's
+status with the stage named in the message, so a caller sees "inference stage at localhost:50053
+is unavailable" rather than a bare UNAVAILABLE.
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
+import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import Gauge
 
-from inferline.common.channels import create_channel
+from inferline.common.channels import create_channel, replica_addresses
 from inferline.common.errors import DeadlineExceeded, StageUnavailable
 from inferline.common.generated import (
+    inference_pb2,
     inference_pb2_grpc,
     postprocess_pb2_grpc,
     preprocess_pb2_grpc,
 )
+from inferline.common.server import ReportHealth
 from inferline.common.settings import Settings
 from inferline.common.status import error_for
+
+log = logging.getLogger(__name__)
+
+STAGE_NAMES = ("preprocess", "inference", "postprocess")
+# The controller's health name of one model: SERVING while every stage is and a replica of the
+# inference stage has the model loaded (`grpcurl -d '{"service":"model/yolov8n"}' ... Check`).
+MODEL_HEALTH_PREFIX = "model/"
+
+STAGE_SERVING = Gauge(
+    "inferline_stage_serving",
+    "1 while the controller sees a replica of the stage SERVING, else 0 (its readiness follows).",
+    ["stage"],
+)
+STAGE_REPLICAS_SERVING = Gauge(
+    "inferline_stage_replicas_serving", "Replicas of the stage that the controller sees SERVING.", ["stage"]
+)
 
 Response = TypeVar("Response")
 
@@ -39,10 +65,158 @@ class Deadline:
         return left
 
 
+class StageState(enum.Enum):
+    SERVING = "SERVING"
+    # The process answers but is loading or draining.
+    NOT_SERVING = "NOT_SERVING"
+    UNREACHABLE = "UNREACHABLE"
+
+
+@dataclass
+class StageHealth:
+    """What the last check of one stage (all its replicas) found."""
+
+    state: StageState | None = None
+    serving_replicas: int = 0
+    last_serving: float | None = None
+    # The inference stage's replicas: the models each serves, asked once when it turns SERVING
+    # (a replica loads its models before it serves, and never changes them after); None while
+    # it does not serve.
+    replica_models: list[frozenset[str] | None] = field(default_factory=list)
+
+    @property
+    def models(self) -> frozenset[str]:
+        """Models some SERVING replica serves."""
+        return frozenset().union(*(m for m in self.replica_models if m is not None))
+
+
+@dataclass
+class StageWatcher:
+    """Checks every replica of every stage each ``readiness_poll_s`` and turns what it sees into
+    the controller's health: ``""`` SERVING while each stage has a SERVING replica, and
+    ``model/<name>`` while, besides, a SERVING replica of the inference stage serves that model
+    (``ListModels``); a model the settings name reads NOT_SERVING until then, others are
+    unknown (NOT_FOUND) until first seen.
+
+    Each replica is checked on its own plain channel (no load balancing, no health filter), so a
+    loading replica reads NOT_SERVING rather than "no replica ready".
+    """
+
+    settings: Settings
+    targets: dict[str, str]
+    health: dict[str, StageHealth] = field(default_factory=dict)
+    _channels: dict[str, list[grpc.aio.Channel]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for stage, target in self.targets.items():
+            self._channels[stage] = [
+                create_channel(address, self.settings, health_service=None) for address in replica_addresses(target)
+            ]
+            self.health[stage] = StageHealth(replica_models=[None] * len(self._channels[stage]))
+        # Models named in the settings read NOT_SERVING (not "unknown") until they are loaded.
+        self._models: set[str] = set(self.settings.models)
+
+    def expected(self, stage: str) -> bool:
+        """Whether calls should wait for the stage (gRPC wait-for-ready) rather than fail fast:
+        it answers (perhaps still loading or draining), or it was serving less than
+        ``stage_outage_wait_s`` ago and is most likely restarting."""
+        health = self.health[stage]
+        if health.state in (StageState.SERVING, StageState.NOT_SERVING):
+            return True
+        return health.last_serving is not None and (
+            time.monotonic() - health.last_serving <= self.settings.stage_outage_wait_s
+        )
+
+    @property
+    def serving(self) -> bool:
+        return all(h.state is StageState.SERVING for h in self.health.values())
+
+    async def poll(self) -> dict[str, bool]:
+        """Checks every replica once; returns the controller's health names."""
+        await asyncio.gather(*(self._poll_stage(stage) for stage in self.targets))
+        serving, served = self.serving, self.health["inference"].models
+        self._models |= served
+        return {"": serving, **{MODEL_HEALTH_PREFIX + model: serving and model in served for model in self._models}}
+
+    async def run(self, report: ReportHealth) -> None:
+        """The controller's readiness hook: reports each change until cancelled by the drain."""
+        last: dict[str, bool] | None = None
+        while True:
+            try:
+                names = await self.poll()
+            except Exception:  # noqa: BLE001 - a bug here must not freeze the readiness it reports
+                log.exception("checking the stages failed; the controller reports NOT_SERVING")
+                names = {name: False for name in last or {"": False}}
+            if names != last:
+                if last is None or names[""] != last[""]:
+                    log.info("controller %s (%s)", "SERVING" if names[""] else "NOT_SERVING", self.describe())
+                await report(names)
+                last = names
+            await asyncio.sleep(self.settings.readiness_poll_s)
+
+    def describe(self) -> str:
+        return ", ".join(
+            f"{stage} {h.state.value if h.state else 'unchecked'} ({h.serving_replicas}/{len(self._channels[stage])} serving)"
+            for stage, h in self.health.items()
+        )
+
+    async def _poll_stage(self, stage: str) -> None:
+        replies = await asyncio.gather(*(self._check(channel) for channel in self._channels[stage]))
+        health = self.health[stage]
+        health.serving_replicas = sum(state is StageState.SERVING for state in replies)
+        previous = health.state
+        if health.serving_replicas:
+            health.state, health.last_serving = StageState.SERVING, time.monotonic()
+        elif StageState.NOT_SERVING in replies:
+            health.state = StageState.NOT_SERVING
+        else:
+            health.state = StageState.UNREACHABLE
+        if previous is not None and previous is not health.state:
+            level = logging.INFO if health.state is StageState.SERVING else logging.WARNING
+            log.log(level, "%s stage is %s (%s)", stage, health.state.value, self.targets[stage])
+        STAGE_SERVING.labels(stage).set(1 if health.state is StageState.SERVING else 0)
+        STAGE_REPLICAS_SERVING.labels(stage).set(health.serving_replicas)
+        if stage == "inference":
+            for i, (channel, state) in enumerate(zip(self._channels[stage], replies)):
+                if state is not StageState.SERVING:
+                    health.replica_models[i] = None
+                elif health.replica_models[i] is None:
+                    health.replica_models[i] = await self._models_of(channel)
+
+    async def _check(self, channel: grpc.aio.Channel) -> StageState:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError:
+            return StageState.UNREACHABLE
+        return StageState.SERVING if reply.status == health_pb2.HealthCheckResponse.SERVING else StageState.NOT_SERVING
+
+    async def _models_of(self, channel: grpc.aio.Channel) -> frozenset[str] | None:
+        """The models one replica serves (None if it did not say: asked again next time)."""
+        try:
+            reply = await inference_pb2_grpc.InferenceServiceStub(channel).ListModels(
+                inference_pb2.ListModelsRequest(), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        return frozenset(model.name for model in reply.models)
+
+    @property
+    def _timeout(self) -> float:
+        return max(1.0, self.settings.readiness_poll_s)
+
+    async def close(self) -> None:
+        for replicas in self._channels.values():
+            for channel in replicas:
+                await channel.close()
+
+
 class StageClients:
     def __init__(self, settings: Settings):
-        self.targets = {stage: settings.target(stage) for stage in ("preprocess", "inference", "postprocess")}
+        self.targets = {stage: settings.target(stage) for stage in STAGE_NAMES}
         self._channels = {stage: create_channel(target, settings) for stage, target in self.targets.items()}
+        self.watcher = StageWatcher(settings, self.targets)
         self.preprocess = preprocess_pb2_grpc.PreprocessServiceStub(self._channels["preprocess"])
         self.inference = inference_pb2_grpc.InferenceServiceStub(self._channels["inference"])
         self.postprocess = postprocess_pb2_grpc.PostprocessServiceStub(self._channels["postprocess"])
@@ -51,7 +225,9 @@ class StageClients:
         self, stage: str, method: Callable[..., Awaitable[Response]], request: object, deadline: Deadline
     ) -> Response:
         try:
-            return await method(request, timeout=deadline.remaining(stage))
+            return await method(
+                request, timeout=deadline.remaining(stage), wait_for_ready=self.watcher.expected(stage)
+            )
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code(), exc.details() or ""
             if code is grpc.StatusCode.UNAVAILABLE:
@@ -65,3 +241,4 @@ class StageClients:
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
+        await self.watcher.close()

@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from google.protobuf import json_format
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from inferline.common.errors import quoted
 from inferline.common.generated import controller_pb2, types_pb2
 from inferline.common.settings import Settings
 from inferline.services import client
@@ -294,15 +295,22 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get(
         "/readyz",
-        summary="Readiness: the controller is reachable and SERVING",
+        summary="Readiness: the controller is reachable and SERVING (with ?model=NAME: that model answers)",
         response_model=Health,
-        responses=_errors(503),
+        responses=_errors(404, 503),
         tags=["ops"],
     )
-    async def readyz() -> Health:
-        if not await controller().serving():
+    async def readyz(
+        model: Annotated[str, Query(description="a model name: ready only while this model answers")] = "",
+    ) -> Health:
+        status = await controller().health(model)
+        where = f"the controller at {settings.controller_target}"
+        if status == "NOT_FOUND":
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"model {quoted(model)} is not served by {where}")
+        if status != "SERVING":
             raise ApiError(
-                grpc.StatusCode.UNAVAILABLE, f"the controller at {settings.controller_target} is not reachable or not SERVING"
+                grpc.StatusCode.UNAVAILABLE,
+                f"model {quoted(model)} is not ready at {where}" if model else f"{where} is not reachable or not SERVING",
             )
         return Health(status="ready")
 
