@@ -6,9 +6,11 @@ built-in repository, PyTorch YOLOv8n), on free ports (or ``--port-base``), loopb
 1. a short sweep of closed-loop concurrencies finds the saturating one: the smallest whose
    goodput (OK images/s) reaches 95% of the best seen; its goodput is the saturated throughput
    and its OK p99 the saturated p99;
-2. runs 4x and 10x that concurrency with a deadline of ``--deadline`` seconds per call (default:
-   1.5x the saturated p99, at least 1 s: a deadline the stack meets when it is not overloaded,
-   with little to spare) and reports goodput / saturated throughput, calls by status, images
+2. runs ``--rounds`` interleaved rounds of the saturating concurrency and 4x and 10x it (a
+   shared 2-core machine varies by +-10% between short runs, so ratios compare runs side by
+   side and medians are quoted), overload with a deadline of ``--deadline`` seconds per call
+   (default: 1.5x the saturated p99, at least 1 s: a deadline the stack meets when it is not
+   overloaded, with little to spare), and reports goodput / saturated goodput, calls by status, images
    that failed inside OK calls, refusal p50/p99, OK p50/p99, DEADLINE_EXCEEDED, the inference
    stage's ``inferline_wasted_items_total`` delta (model runs for callers already gone) and
    each stage's peak RSS.
@@ -18,7 +20,7 @@ on a small machine it shares the stack's cores, and clients on other machines (a
 production) would not take the stack's CPU. Each overload level runs twice: with clients that honour a refusal's RetryInfo hint (as gRPC's
 retry pushback does) and with clients that send again at once (the worst client). Writes
 bench/results/overload-cpu.{json,md} (``--quick``: a shorter run to overload-cpu-quick.*).
-About 5 minutes in full, 2 in ``--quick``::
+About 6 minutes in full, 2 in ``--quick`` (one round)::
 
     INFERLINE_MODEL_DIR=../shared/models:.cache/standins .venv/bin/python bench/overload.py
 """
@@ -123,11 +125,14 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=None, help="seconds per call under overload")
     parser.add_argument("--client-nice", type=int, default=5, help="niceness of the load generator (0: same as the stack)")
     parser.add_argument("--port-base", type=int, default=None, help="consecutive ports from here (9 in all)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every level (medians are quoted)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    sweep = args.sweep or ([1, 2, 4, 8] if args.quick else [1, 2, 4, 6, 8, 12])
-    sweep_s, overload_s = (5.0, 10.0) if args.quick else (8.0, 20.0)
+    sweep = args.sweep or ([1, 4, 8] if args.quick else [1, 2, 4, 6, 8, 12])
+    sweep_s, overload_s = (5.0, 8.0) if args.quick else (8.0, 12.0)
+    if args.quick:
+        args.rounds = min(args.rounds, 1)
     images = sorted(args.images.glob("*.jpg")) if args.images.is_dir() else [args.images]
     env = stack_env(args.port_base)
     settings = Settings.from_env(env)
@@ -158,33 +163,21 @@ def main() -> int:
         report["saturation"] = {"concurrency": sat_c, "img_per_s": sat_rate, "ok_p99_ms": sat_p99}
         report["deadline_s"] = deadline
         print(f"saturated at c={sat_c}: {sat_rate} img/s, OK p99 {sat_p99} ms; overload deadline {deadline} s", flush=True)
-        runs = []
-        for factor, honour in ((4, True), (10, True), (4, False), (10, False)):
-            wasted_before = scrape(metrics_port, WASTED)
-            refused_before = server_refusals(controller_metrics)
-            d = drive(stack.controller_target, images, factor * sat_c, overload_s, deadline, honour)
-            wasted = scrape(metrics_port, WASTED) - wasted_before
-            refused_after = server_refusals(controller_metrics)
-            server_count = refused_after[0] - refused_before[0]
-            server_fast = refused_after[1] - refused_before[1]
-            calls = d["calls"]
-            refusals = sum(n for code, n in calls.items() if code != "OK")
-            runs.append({
-                "factor": factor,
-                "honour_retry": honour,
-                "concurrency": factor * sat_c,
-                "goodput_img_per_s": d["img_per_s"],
-                "goodput_ratio": round(d["img_per_s"] / sat_rate, 3) if sat_rate else None,
-                "calls": calls,
-                "non_ok_not_resource_exhausted": refusals - calls.get(loadgen.REFUSED, 0),
-                "refusals_with_retry_hint": d["refusals_with_retry_hint"],
-                "refused_ms": d["refused_ms"],
-                "server_refusals_within_50ms": round(server_fast / server_count, 4) if server_count else None,
-                "ok_ms": d["ok_ms"],
-                "failed_images_in_ok_calls": d["failed_images_in_ok_calls"],
-                "deadline_exceeded": calls.get("DEADLINE_EXCEEDED", 0) + d["failed_images_in_ok_calls"].get("DEADLINE_EXCEEDED", 0),
-                "wasted_model_runs": wasted,
-            })
+        # Side by side, in rounds: the saturated level is measured again beside each overload
+        # level, so a ratio compares runs minutes apart, not a sweep point with a later run; on a
+        # shared machine one short run varies by +-10%, so each figure is the median of the rounds.
+        levels = [(1, True), (4, True), (10, True), (4, False), (10, False)]
+        rounds: dict[tuple[int, bool], list[dict[str, Any]]] = {level: [] for level in levels}
+        for number in range(args.rounds):
+            print(f"round {number + 1} of {args.rounds}", flush=True)
+            for factor, honour in levels:
+                rounds[(factor, honour)].append(
+                    measure(stack.controller_target, images, factor, honour, sat_c, overload_s,
+                            deadline if factor > 1 else 60.0, metrics_port, controller_metrics)
+                )
+        baseline = _median([r["goodput_img_per_s"] for r in rounds[(1, True)]])
+        report["saturated_in_rounds"] = {"img_per_s_median": baseline, "runs": rounds[(1, True)]}
+        runs = [summarise(rounds[level], baseline) for level in levels if level[0] > 1]
         report["overload"] = runs
         report["peak_rss_mb"] = loadgen.stage_memory(pids)
     out = args.out
@@ -195,6 +188,70 @@ def main() -> int:
     (out / f"{stem}.md").write_text(md)
     print(md)
     return 0
+
+
+def measure(target: str, images: list[Path], factor: int, honour: bool, sat_c: int, seconds: float,
+            deadline: float, metrics_port: int, controller_metrics: int) -> dict[str, Any]:
+    """One closed-loop run at ``factor`` x the saturating concurrency, with its server-side counts."""
+    wasted_before = scrape(metrics_port, WASTED)
+    refused_before = server_refusals(controller_metrics)
+    d = drive(target, images, factor * sat_c, seconds, deadline, honour)
+    refused_after = server_refusals(controller_metrics)
+    server_count = refused_after[0] - refused_before[0]
+    calls = d["calls"]
+    refusals = sum(n for code, n in calls.items() if code != "OK")
+    return {
+        "factor": factor,
+        "honour_retry": honour,
+        "concurrency": factor * sat_c,
+        "goodput_img_per_s": d["img_per_s"],
+        "calls": calls,
+        "non_ok_not_resource_exhausted": refusals - calls.get(loadgen.REFUSED, 0),
+        "refusals_with_retry_hint": d["refusals_with_retry_hint"],
+        "refused_ms": d["refused_ms"],
+        "server_refusals": server_count,
+        "server_refusals_within_50ms": round((refused_after[1] - refused_before[1]) / server_count, 4) if server_count else None,
+        "ok_ms": d["ok_ms"],
+        "failed_images_in_ok_calls": d["failed_images_in_ok_calls"],
+        "deadline_exceeded": calls.get("DEADLINE_EXCEEDED", 0) + d["failed_images_in_ok_calls"].get("DEADLINE_EXCEEDED", 0),
+        "wasted_model_runs": scrape(metrics_port, WASTED) - wasted_before,
+    }
+
+
+def summarise(runs: list[dict[str, Any]], baseline: float) -> dict[str, Any]:
+    """Medians over the rounds of one level (goodput, latencies), totals of what must be zero."""
+    def median_of(key: str, field: str) -> float | str:
+        values = [r[key][field] for r in runs if field in r[key]]
+        return round(_median(values), 2) if values else "-"
+
+    goodput = _median([r["goodput_img_per_s"] for r in runs])
+    calls: dict[str, int] = {}
+    for r in runs:
+        for code, n in r["calls"].items():
+            calls[code] = calls.get(code, 0) + n
+    fast = [r["server_refusals_within_50ms"] for r in runs if r["server_refusals_within_50ms"] is not None]
+    return {
+        "factor": runs[0]["factor"],
+        "honour_retry": runs[0]["honour_retry"],
+        "concurrency": runs[0]["concurrency"],
+        "goodput_img_per_s": round(goodput, 2),
+        "goodput_ratio": round(goodput / baseline, 3) if baseline else None,
+        "goodput_ratio_per_round": [round(r["goodput_img_per_s"] / baseline, 3) for r in runs] if baseline else [],
+        "calls": calls,
+        "non_ok_not_resource_exhausted": sum(r["non_ok_not_resource_exhausted"] for r in runs),
+        "refused_ms": {"p50": median_of("refused_ms", "p50"), "p99": median_of("refused_ms", "p99")},
+        "server_refusals_within_50ms": min(fast) if fast else None,
+        "ok_ms": {"p50": median_of("ok_ms", "p50"), "p99": median_of("ok_ms", "p99")},
+        "deadline_exceeded": sum(r["deadline_exceeded"] for r in runs),
+        "wasted_model_runs": sum(r["wasted_model_runs"] for r in runs),
+        "rounds": runs,
+    }
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -214,8 +271,12 @@ def to_markdown(report: dict[str, Any]) -> str:
         *(f"| {p['concurrency']} | {p['img_per_s']} | {p['ok_ms'].get('p50', '')} | {p['ok_ms'].get('p99', '')} | {p['calls']} |"
           for p in report["sweep"]),
         "",
-        f"Saturated at concurrency {sat['concurrency']}: {sat['img_per_s']} img/s, OK p99 {sat['ok_p99_ms']} ms. "
+        f"Saturated at concurrency {sat['concurrency']} in the sweep: {sat['img_per_s']} img/s, OK p99 {sat['ok_p99_ms']} ms. "
         f"Deadline per call under overload: {report['deadline_s']} s.",
+        "",
+        f"Then {len(report['saturated_in_rounds']['runs'])} interleaved rounds of every level below, the saturated "
+        f"concurrency included (its median goodput, {report['saturated_in_rounds']['img_per_s_median']} img/s, is the "
+        "denominator of each ratio): goodput and latencies are medians over the rounds, counts are totals.",
         "",
         "DEADLINE_EXCEEDED counts calls and images failed inside OK calls; \"honours hint\": a refused client",
         "waits the RetryInfo delay before its next call (gRPC retry pushback), else it sends again at once.",
@@ -223,14 +284,14 @@ def to_markdown(report: dict[str, Any]) -> str:
         "Refusal latency as the clients saw it, and the share of refusals the controller answered within",
         "50 ms by its own RPC histogram (no client scheduling in it).",
         "",
-        "| load | honours hint | concurrency | goodput (img/s) | / saturated | refusal p50 / p99 (ms) | server refusals <= 50 ms | OK p50 / p99 (ms) | DEADLINE_EXCEEDED | other non-OK | wasted model runs | calls |",
+        "| load | honours hint | concurrency | goodput (img/s) | / saturated (per round) | refusal p50 / p99 (ms) | server refusals <= 50 ms | OK p50 / p99 (ms) | DEADLINE_EXCEEDED | other non-OK | wasted model runs | calls |",
         "|---|---|---:|---:|---:|---|---:|---|---:|---:|---:|---|",
     ]
     for run in report["overload"]:
         refused = run["refused_ms"]
         ok = run["ok_ms"]
         lines.append(
-            f"| {run['factor']}x | {'yes' if run['honour_retry'] else 'no'} | {run['concurrency']} | {run['goodput_img_per_s']} | {run['goodput_ratio']} | "
+            f"| {run['factor']}x | {'yes' if run['honour_retry'] else 'no'} | {run['concurrency']} | {run['goodput_img_per_s']} | {run['goodput_ratio']} ({', '.join(map(str, run['goodput_ratio_per_round']))}) | "
             f"{refused.get('p50', '-')} / {refused.get('p99', '-')} | {run['server_refusals_within_50ms']} | "
             f"{ok.get('p50', '-')} / {ok.get('p99', '-')} | "
             f"{run['deadline_exceeded']} | {run['non_ok_not_resource_exhausted'] - run['calls'].get('DEADLINE_EXCEEDED', 0)} | "
