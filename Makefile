@@ -29,7 +29,7 @@ ifeq ($(origin INFERLINE_TRUSTED_WEIGHTS), undefined)
   export INFERLINE_TRUSTED_WEIGHTS := $(STANDIN_WEIGHTS)
 endif
 
-.PHONY: setup demo test test-fast up protos check-protos bench clean openapi demo-screenshot check-rules monitoring-picture
+.PHONY: setup demo test test-fast up protos check-protos bench bench-overload bench-memory clean openapi demo-screenshot check-rules monitoring-picture
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,13 @@ protos: setup
 
 bench: setup
 	$(BIN)/python bench/compare.py $(if $(wildcard $(SHARED_DATA)),--images $(SHARED_DATA))
+
+# Reliability figures (docs/reliability.md): goodput at 4x and 10x saturation (~5 min), and idle
+# memory after five overload episodes (~4 min). Both start their own stack on free ports.
+bench-overload: setup
+	$(BIN)/python bench/overload.py
+bench-memory: setup
+	$(BIN)/python bench/memory_episodes.py --episodes 5 --clients 200 --seconds 6
 
 # Prometheus rules and config: promtool's checks and the rules' unit tests (docs/monitoring.md).
 check-rules:

@@ -94,9 +94,14 @@ def clip_weights(model_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(model_dir: Path, clip_weights: Path) -> Settings:
+    """The shared in-process stack's settings. Its admission limit never drops below what the
+    suite sends at once (a bad-input case of 8 images beside two good calls): the tests that
+    share it specify other behaviour, and a limit adapted to their bursts would refuse some of
+    them at random. Admission has its own tests (tests/unit/test_admission.py,
+    tests/reliability/test_overload.py) on stacks of their own."""
     return Settings(
         model_dir=(model_dir, clip_weights.parent), allow_download=False, grace_period_s=2.0, worker_threads=2,
-        trusted_weights=STANDIN_PINS,
+        trusted_weights=STANDIN_PINS, admission_min_limit=128, admission_initial_limit=128,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from inferline.services.inference.servicer import build_service as build_inferen
 from inferline.services.inference.weights import sha256_of
 from tests.support.gateway import RunningGateway
 from tests.support.servers import InProcessStack, LoopThread, start_stage
+from tests.support.standins import STANDIN_PINS
 
 OFFICIAL_YOLO = "f59b3d833e2ff32e194b5bb8e08d211dc7c5bdf144b90d2c8412c47ccfc83b36"
 CLI = [sys.executable, "-m", "inferline.services.cli"]
@@ -197,3 +199,14 @@ def test_the_cli_models_command_names_no_server_folder(yolo_stack, model_dir, fo
     assert done.returncode == 0, done.stderr
     assert "yolov8n.pt" in done.stdout
     _no_folder(done.stdout, model_dir)
+
+
+def test_the_makefile_pins_exactly_the_stand_ins_the_tests_pin_and_they_are_the_shared_files(model_dir: Path):
+    """The stand-in digests live in two places (the Makefile for `make demo|test|up`, the tests
+    for in-process stacks): they must not drift apart, nor from the files they let through."""
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    block = makefile.split("STANDIN_WEIGHTS :=", 1)[1].split("\n\n", 1)[0].split("ifeq", 1)[0]
+    assert set(re.findall(r"sha256:[0-9a-f]{64}", block)) == set(STANDIN_PINS)
+    for name in ("yolov8n.pt", "yolov8n-seg.pt", "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth"):
+        if (model_dir / name).is_file():
+            assert f"sha256:{sha256_of(model_dir / name)}" in STANDIN_PINS, name
