@@ -209,7 +209,7 @@ class LocalStack:
         copies: dict[str, list[int]] = {}
         for stage in self.stages:
             count = self.replicas.get(stage, 1) if stage != GATEWAY else 1
-            copies[stage] = [self.settings.port(stage), *_free_ports(count - 1)]
+            copies[stage] = [self.settings.port(stage), *free_ports(count - 1)]
             if count > 1:
                 env[f"INFERLINE_{stage.upper()}_TARGET"] = ",".join(f"127.0.0.1:{port}" for port in copies[stage])
         for stage, ports in copies.items():
@@ -294,7 +294,7 @@ class LocalStack:
         self.stop()
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """Ports the OS says are free now (another process may take one before it is bound, which
     then fails with a clear error)."""
     sockets = [socket.socket() for _ in range(count)]
@@ -312,7 +312,7 @@ def free_port_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 
     For a second stack beside a running one (tests, benchmarks).
     """
-    ports = _free_ports(len(STAGES) + 1)
+    ports = free_ports(len(STAGES) + 1)
     result = dict(os.environ if env is None else env)
     for stage, port in zip(STAGES, ports):
         result[f"INFERLINE_{stage.upper()}_PORT"] = str(port)

@@ -10,7 +10,6 @@ import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ import yaml
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from inferline.common.settings import STAGES
-from inferline.services.stack import START_ORDER, wait_serving
+from inferline.services.stack import START_ORDER, free_ports, wait_serving
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -37,17 +36,6 @@ RULE_TESTS = DEPLOY / "prometheus" / "rules" / "inferline.rules.test.yaml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "inferline.json"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:

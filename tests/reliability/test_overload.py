@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import pytest
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, types_pb2
 from inferline.common.settings import STAGES, Settings
 from inferline.services import loadgen
-from inferline.services.stack import LocalStack
+from inferline.services.stack import LocalStack, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -30,17 +29,6 @@ MODEL = "yolov8n"
 # Far past what any CPU runner saturates at (about 4 on two cores), and cheap for the client.
 CLIENTS = 48
 GENEROUS_DEADLINE_S = 30.0
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class Stack:
@@ -68,7 +56,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(model_dir: Path) -> Iterator[Stack]:
-    ports = _free_ports(2 * len(STAGES) + 1)
+    ports = free_ports(2 * len(STAGES) + 1)
     env = dict(os.environ)
     env.update(INFERLINE_MODELS=MODEL, INFERLINE_MODEL_DIR=str(model_dir), INFERLINE_ALLOW_DOWNLOAD="false",
                INFERLINE_LOG_LEVEL="WARNING", INFERLINE_GRACE_PERIOD_S="2")
