@@ -87,11 +87,17 @@ def code_from_status(status: types_pb2.Status) -> grpc.StatusCode:
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
-def retry_trailer(exc: BaseException, code: grpc.StatusCode, message: str) -> tuple[tuple[str, bytes], ...]:
-    """Trailing metadata with a ``RetryInfo`` for an ``Overloaded`` error that knows its delay.
+# gRPC's server pushback (the retry design, A6): a client whose retry policy retries this status
+# waits this many milliseconds before its next attempt, without parsing anything.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
-    gRPC clients read it with ``grpc_status.rpc_status.from_call`` (or ``retry_after_s`` below);
-    the gateway turns it into ``Retry-After``.
+
+def retry_trailer(exc: BaseException, code: grpc.StatusCode, message: str) -> tuple[tuple[str, bytes | str], ...]:
+    """Trailing metadata for an error that knows when a retry could be taken (``Overloaded``).
+
+    Two forms of the same delay: a ``RetryInfo`` in the rich status, which applications read
+    (``grpc_status.rpc_status.from_call``, or ``retry_after_s`` below; the gateway turns it into
+    ``Retry-After``), and gRPC's pushback header, which a stock client's retry policy obeys.
     """
     delay = getattr(exc, "retry_after_s", None)
     if delay is None:
@@ -99,7 +105,7 @@ def retry_trailer(exc: BaseException, code: grpc.StatusCode, message: str) -> tu
     info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(delay), nanos=int(delay % 1 * 1e9)))
     detail = status_pb2.Status(code=code.value[0], message=message)
     detail.details.add().Pack(info)
-    return ((STATUS_DETAILS_KEY, detail.SerializeToString()),)
+    return ((STATUS_DETAILS_KEY, detail.SerializeToString()), (PUSHBACK_KEY, str(max(0, round(delay * 1000)))))
 
 
 def retry_after_s(metadata: Any) -> float | None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -87,6 +89,38 @@ def test_overloaded_carries_its_retry_delay_as_retry_info(loop):
                 channel.unary_unary(f"/{ERRORS_SERVICE}/Fail")(b"", timeout=5)
         assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert retry_after_s(raised.value.trailing_metadata()) == pytest.approx(1.25)
+        assert ("grpc-retry-pushback-ms", "1250") in tuple(raised.value.trailing_metadata())
+    finally:
+        loop.run(app.stop(0))
+
+
+def test_a_stock_grpc_client_retrying_resource_exhausted_waits_the_pushback(loop):
+    """A client whose own retry policy retries RESOURCE_EXHAUSTED needs no inferline code to
+    back off: gRPC obeys the server's pushback before its next attempt."""
+    attempts: list[float] = []
+
+    async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        attempts.append(time.monotonic())
+        raise errors.Overloaded("queue full", retry_after_s=0.6)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        handler = grpc.unary_unary_rpc_method_handler(refuse)
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(ERRORS_SERVICE, {"Fail": handler})])
+        return [ERRORS_SERVICE]
+
+    app = ServerApp(Service("refusing", register), Settings(), port=0, host="127.0.0.1")
+    loop.run(app.start())
+    policy = {"methodConfig": [{"name": [{"service": ERRORS_SERVICE}], "retryPolicy": {
+        "maxAttempts": 2, "initialBackoff": "0.01s", "maxBackoff": "0.01s", "backoffMultiplier": 1,
+        "retryableStatusCodes": ["RESOURCE_EXHAUSTED"]}}]}
+    try:
+        options = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(policy))]
+        with grpc.insecure_channel(app.address, options=options) as channel:
+            with pytest.raises(grpc.RpcError) as raised:
+                channel.unary_unary(f"/{ERRORS_SERVICE}/Fail")(b"", timeout=5)
+        assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert len(attempts) == 2
+        assert attempts[1] - attempts[0] >= 0.55, "the retry waited the pushback, not the 10 ms backoff"
     finally:
         loop.run(app.stop(0))
 
