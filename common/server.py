@@ -221,21 +221,29 @@ async def serve(service: Service, settings: Settings, *, port: int) -> None:
     Process-wide telemetry starts here: the OTLP tracer provider (from ``OTEL_*``) and /metrics.
     """
     flush_traces = configure_tracing(service.name, os.environ)
-    bound_memory(settings)  # issue 13, bounded memory: allocator limits and the idle heap trimmer
-    metrics_port = settings.metrics_port(service.name) if service.name in STAGES else None
-    app = ServerApp(service, settings, port=port, metrics_port=metrics_port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    starting = asyncio.create_task(app.start())
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if starting.done():
-        starting.result()  # a failed start (bad port, missing weights) ends the process here
-        await stopping
-    else:
-        starting.cancel()
+    # Allocator limits and the idle heap trimmer (common/memory.py). The trimmer stops before the
+    # shutdown: a stage is quiet while it drains, and a trim's gc.collect() on the trimmer's
+    # thread while the main thread tears gRPC down can finalise gRPC objects there and abort the
+    # process ("terminate called without an active exception").
+    trimmer = bound_memory(settings)
+    try:
+        metrics_port = settings.metrics_port(service.name) if service.name in STAGES else None
+        app = ServerApp(service, settings, port=port, metrics_port=metrics_port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        starting = asyncio.create_task(app.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a failed start (bad port, missing weights) ends the process here
+            await stopping
+        else:
+            starting.cancel()
+    finally:
+        if trimmer is not None:
+            trimmer.stop()
     try:
         await app.stop(drain_delay=settings.drain_delay_s if starting.done() else 0.0)
     finally:
