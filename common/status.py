@@ -97,7 +97,10 @@ def retry_trailer(exc: BaseException, code: grpc.StatusCode, message: str) -> tu
 
     Two forms of the same delay: a ``RetryInfo`` in the rich status, which applications read
     (``grpc_status.rpc_status.from_call``, or ``retry_after_s`` below; the gateway turns it into
-    ``Retry-After``), and gRPC's pushback header, which a stock client's retry policy obeys.
+    ``Retry-After``), and, on RESOURCE_EXHAUSTED only, gRPC's pushback header, which a stock
+    client's retry policy obeys. Not on UNAVAILABLE: the channels between inferline services
+    retry that status with their own short backoff (a drain or a lost replica), and a pushback
+    there would hold every retry for the whole hint.
     """
     delay = getattr(exc, "retry_after_s", None)
     if delay is None:
@@ -105,7 +108,10 @@ def retry_trailer(exc: BaseException, code: grpc.StatusCode, message: str) -> tu
     info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(delay), nanos=int(delay % 1 * 1e9)))
     detail = status_pb2.Status(code=code.value[0], message=message)
     detail.details.add().Pack(info)
-    return ((STATUS_DETAILS_KEY, detail.SerializeToString()), (PUSHBACK_KEY, str(max(0, round(delay * 1000)))))
+    trailer: tuple[tuple[str, bytes | str], ...] = ((STATUS_DETAILS_KEY, detail.SerializeToString()),)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        trailer += ((PUSHBACK_KEY, str(max(0, round(delay * 1000)))),)
+    return trailer
 
 
 def retry_after_s(metadata: Any) -> float | None:
