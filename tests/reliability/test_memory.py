@@ -32,13 +32,17 @@ def test_idle_rss_of_every_stage_after_five_overloads_is_within_ten_percent_of_a
     env = {**os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false",
            "INFERLINE_MEMORY_TRIM_IDLE_S": os.environ.get("INFERLINE_MEMORY_TRIM_IDLE_S", "0.5")}
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "memory_episodes.py"), "--episodes", str(EPISODES), "--clients", "96",
+        [sys.executable, str(REPO / "bench" / "memory_episodes.py"), "--episodes", str(EPISODES + 1), "--clients", "96",
          "--seconds", "2", "--timeout", "4", "--idle-seconds", "3", "--images", str(data_dir), "--out", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "memory-episodes.json").read_text())
-    episodes = result["episodes"]
+    # One uncounted episode first: a 2 s episode may not yet have run every batch size, and the
+    # model's per-shape allocations then make a one-time step at the next one (CI saw 799 MiB
+    # after the first, then 947, 953, 955, 956: a step, not a ratchet). The five that count
+    # start from a warmed stack, as bench/memory_episodes.py's longer episodes do.
+    episodes = result["episodes"][1:]
     assert len(episodes) == EPISODES
     assert all(sum(e["codes"].values()) >= e["clients"] for e in episodes), "every episode sent load"
     first, last = episodes[0]["idle_rss_mib"], episodes[-1]["idle_rss_mib"]
