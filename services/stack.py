@@ -104,6 +104,14 @@ class Backoff:
         return cls(settings.restart_backoff_s, settings.restart_max_backoff_s, settings.restart_reset_after_s)
 
 
+def _target_of(ports: Sequence[int]) -> str:
+    """A caller's address for a stage's copies on this host: one port as ``localhost:P``,
+    several as the comma-separated list that ``common/channels.py`` balances over."""
+    if len(ports) == 1:
+        return f"localhost:{ports[0]}"
+    return ",".join(f"127.0.0.1:{port}" for port in ports)
+
+
 def parse_replicas(specs: Sequence[str]) -> dict[str, int]:
     """``["inference=2", "postprocess=3"]`` -> ``{"inference": 2, "postprocess": 3}``."""
     replicas: dict[str, int] = {}
@@ -172,9 +180,7 @@ class LocalStack:
     def target(self, stage: str) -> str:
         """The stage's address for a caller: comma-separated when it runs as several copies."""
         ports = [c.port for c in self._children.values() if c.stage == stage] or [self.settings.port(stage)]
-        if len(ports) == 1:
-            return f"localhost:{ports[0]}"
-        return ",".join(f"127.0.0.1:{port}" for port in ports)
+        return _target_of(ports)
 
     def address(self, name: str) -> str:
         """Where one process (``inference``, ``inference#2``) listens."""
@@ -211,7 +217,7 @@ class LocalStack:
             count = self.replicas.get(stage, 1) if stage != GATEWAY else 1
             copies[stage] = [self.settings.port(stage), *free_ports(count - 1)]
             if count > 1:
-                env[f"INFERLINE_{stage.upper()}_TARGET"] = ",".join(f"127.0.0.1:{port}" for port in copies[stage])
+                env[f"INFERLINE_{stage.upper()}_TARGET"] = _target_of(copies[stage])
         for stage, ports in copies.items():
             for i, port in enumerate(ports):
                 child_env = dict(env)
