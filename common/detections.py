@@ -74,6 +74,11 @@ class DetectOptions:
         max_det = self.max_det if self.max_det is not None else int(defaults.get("max_det", 300))
         return conf, iou, max_det
 
+    def to_proto(self) -> types_pb2.DetectOptions:
+        return types_pb2.DetectOptions(
+            conf=self.conf, iou=self.iou, max_det=self.max_det, classes=self.classes, agnostic_nms=self.agnostic
+        )
+
     @classmethod
     def from_proto(cls, message: types_pb2.DetectOptions) -> DetectOptions:
         return cls(
