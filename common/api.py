@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from inferline.common.detections import Detection, DetectOptions, detections_from_proto
 from inferline.common.errors import InferlineError, InvalidInput
 from inferline.common.generated import controller_pb2, postprocess_pb2, types_pb2
@@ -114,6 +116,21 @@ class Ranking:
     @classmethod
     def from_proto(cls, message: postprocess_pb2.Ranking) -> Ranking:
         return cls(tuple(message.indices), tuple(message.scores))
+
+
+@dataclass
+class Embeddings:
+    """The postprocess stage's embedding work on one batch (its ``Embeddings`` call)."""
+
+    # L2-normalised rows, in request order: (images, dim) and (texts, dim).
+    images: np.ndarray
+    texts: np.ndarray
+    # Per image (when top_k > 0 and there are texts): texts by probability.
+    zero_shot: list[Ranking] = field(default_factory=list)
+    # Per text (when there are images): all images by cosine similarity.
+    text_to_images: list[Ranking] = field(default_factory=list)
+    # Cluster id per embedding, images then texts (when clustering was asked for).
+    clusters: list[int] = field(default_factory=list)
 
 
 # ---- Detect (and segment: the same operation; a segment model's detections carry masks) -----

@@ -21,3 +21,11 @@ class ImageTransform:
     scale_y: float
     pad_x: float
     pad_y: float
+
+
+@dataclass(frozen=True)
+class Region:
+    """A box of one of a request's images, cut out and preprocessed on its own."""
+
+    image: int  # index into the request's images
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in original-image pixels
