@@ -17,13 +17,11 @@ import platform
 import sys
 from pathlib import Path
 
-from inferline.common.generated import types_pb2
+from inferline.common.api import ClassifyRequest, DetectRequest, EmbedRequest
 from inferline.common.recipes import Recipe
-from inferline.common.settings import Settings
-from inferline.services import client
+from inferline.common.settings import STAGES, Settings
+from inferline.services.client import Client, image_inputs
 from inferline.services.stack import LocalStack, free_port_env
-
-STAGES = ("controller", "preprocess", "inference", "postprocess")
 
 
 def _memory_mib(pid: int) -> dict[str, float]:
@@ -44,14 +42,15 @@ def main() -> int:
     env = free_port_env()
     env.setdefault("INFERLINE_LOG_LEVEL", "WARNING")
     settings = Settings.from_env(env)
-    with LocalStack(settings, env=env) as stack, client.open_channel(stack.controller_target) as channel:
-        models = client.list_models(channel, timeout=30)
+    image = image_inputs([args.image])
+    with LocalStack(settings, env=env) as stack, Client(stack.controller_target, settings, timeout=120) as client:
+        models = client.models(timeout=30)
         for model in models:
             if model.task == "detect":
-                client.detect(channel, [args.image], model=model.name, options=types_pb2.DetectOptions(), timeout=120)
+                client.detect(DetectRequest(model.name, image))
             elif Recipe.from_proto(model.postprocess).params.get("text_model"):
-                client.classify(channel, [args.image], model=model.name, labels=["a circle", "a square"], timeout=120)
-                client.embed(channel, model=model.name, images=[args.image], texts=["a circle"], timeout=120)
+                client.classify(ClassifyRequest(model.name, image, ("a circle", "a square")))
+                client.embed(EmbedRequest(model.name, image, ("a circle",)))
         memory = {stage: _memory_mib(stack.processes[stage].pid) for stage in STAGES}
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

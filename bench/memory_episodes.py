@@ -34,12 +34,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from inferline.common.channels import channel_options
-from inferline.common.generated import controller_pb2_grpc, types_pb2
+from inferline.common.api import DetectRequest
+from inferline.common.errors import InferlineError
 from inferline.common.settings import STAGES, Settings
-from inferline.services import client, loadgen
+from inferline.services import loadgen
+from inferline.services.client import AsyncClient, Client, defaults, image_inputs
 from inferline.services.stack import LocalStack, free_port_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,18 +90,17 @@ async def _closed_loop(target: str, model: str, images: Sequence[Path], *, clien
     ``seconds`` have passed; every call's final status is counted, however late it ends."""
     _, requests = loadgen.build_requests(model, "detect", images, batch=1)
     codes: Counter = Counter()
-    async with grpc.aio.insecure_channel(target, options=channel_options(Settings())) as channel:
-        detect = controller_pb2_grpc.ControllerServiceStub(channel).Detect
+    async with AsyncClient(target) as client:
         stop_at = time.monotonic() + seconds
 
         async def caller(offset: int) -> None:
             sent = offset
             while time.monotonic() < stop_at:
                 try:
-                    response = await detect(requests[sent % len(requests)], timeout=timeout)
-                    codes["OK" if response.results[0].status.code == 0 else "ITEM_FAILED"] += 1
-                except grpc.aio.AioRpcError as exc:
-                    codes[exc.code().name] += 1
+                    result = await client.detect(requests[sent % len(requests)], timeout=timeout)  # type: ignore[arg-type]
+                    codes["OK" if result.images[0].error is None else "ITEM_FAILED"] += 1
+                except InferlineError as exc:
+                    codes[loadgen.code_of(exc)] += 1
                 sent += clients
 
         await asyncio.gather(*(caller(i) for i in range(clients)))
@@ -141,9 +139,9 @@ def run(args: argparse.Namespace) -> dict:
     settings = Settings.from_env(env)
     with LocalStack(settings, env=env) as stack:
         pids = {stage: process.pid for stage, process in stack.processes.items()}
-        with client.open_channel(stack.controller_target) as channel:
+        with Client(stack.controller_target, settings, timeout=120) as client:
             for path in images[:4]:
-                client.detect(channel, [path], model=args.model, options=types_pb2.DetectOptions(), timeout=120)
+                client.detect(DetectRequest(args.model, image_inputs([path])))
         warm = wait_idle(pids, seconds=args.idle_seconds)
         print(f"warmed up: {warm}", flush=True)
         episodes = []
@@ -195,7 +193,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each episode")
     parser.add_argument("--timeout", type=float, default=30.0, help="each call's deadline")
     parser.add_argument("--idle-seconds", type=int, default=6, help="seconds in a row without CPU use or RSS change that count as idle")
-    parser.add_argument("--model", default="yolov8n")
+    parser.add_argument("--model", default=defaults.DETECT_MODEL)
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--port-base", type=int, help="ports BASE..BASE+8 instead of free ones")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")

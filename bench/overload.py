@@ -41,12 +41,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from inferline.common.generated import types_pb2
+from inferline.common.api import DetectRequest
 from inferline.common.settings import GATEWAY, STAGES, Settings
-from inferline.services import client, loadgen
+from inferline.services import loadgen
+from inferline.services.client import Client, defaults, image_inputs
 from inferline.services.stack import LocalStack
 
-MODEL = "yolov8n"
+MODEL = defaults.DETECT_MODEL
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
 WASTED = "inferline_wasted_items_total"
@@ -149,9 +150,9 @@ def main() -> int:
     with LocalStack(settings, env=env) as stack:
         pids = {stage: p.pid for stage, p in stack.processes.items()}
         os.nice(args.client_nice)  # after the stages started: they keep the priority they had
-        with client.open_channel(stack.controller_target) as channel:
+        with Client(stack.controller_target, settings, timeout=120) as client:
             for path in images[:4]:  # warm the model (first passes allocate)
-                client.detect(channel, [path], model=MODEL, options=types_pb2.DetectOptions(), timeout=120)
+                client.detect(DetectRequest(MODEL, image_inputs([path])))
         print(f"sweep {sweep} ({sweep_s:g} s each)", flush=True)
         points = [{"concurrency": c, **drive(stack.controller_target, images, c, sweep_s, 60.0, True)} for c in sweep]
         best = max(p["img_per_s"] for p in points)

@@ -130,3 +130,15 @@ def create_channel(
     if credentials is not None:
         return grpc.aio.secure_channel(uri, credentials, options=options, interceptors=chain)
     return grpc.aio.insecure_channel(uri, options=options, interceptors=chain)
+
+
+def create_blocking_channel(target: str, settings: Settings, *, health_service: str | None = "") -> grpc.Channel:
+    """The synchronous twin of :func:`create_channel` (same address forms, limits, retries and
+    TLS), for callers without an event loop: the CLI, scripts, a stack waiting for its stages.
+    It carries no telemetry interceptor: those are grpc.aio's, and a caller without a loop has
+    no trace to continue."""
+    credentials = channel_credentials(settings)
+    uri, options = channel_target(target), client_options(settings, health_service=health_service)
+    if credentials is not None:
+        return grpc.secure_channel(uri, credentials, options=options)
+    return grpc.insecure_channel(uri, options=options)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 
 class InferlineError(Exception):
-    """Base of every error a user can act on; its message is shown to the caller verbatim."""
+    """Base of every error a user can act on; its message is shown to the caller verbatim.
+
+    ``retry_after_s``, when set, is the server's estimate of when a retry could succeed: the
+    status table sends it along with any error (gRPC ``RetryInfo``), and the client package
+    sets it on the error it raises for a status that carried one.
+    """
+
+    retry_after_s: float | None = None
 
 
 class InvalidInput(InferlineError):

@@ -17,7 +17,11 @@ from typing import Any
 from inferline.common.errors import ConfigError
 
 PREFIX = "INFERLINE_"
-STAGES = ("controller", "preprocess", "inference", "postprocess")
+# The services by name: the controller, and the stages it calls, in the order a request visits
+# them. Every list of stages (ports, settings, start and stop order, `inferline serve`) is these.
+CONTROLLER = "controller"
+PIPELINE_STAGES = ("preprocess", "inference", "postprocess")
+STAGES = (CONTROLLER, *PIPELINE_STAGES)
 # The HTTP front door: not a gRPC stage, but it has a port and `inferline serve gateway`.
 GATEWAY = "gateway"
 

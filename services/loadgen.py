@@ -1,23 +1,26 @@
 """``inferline bench``: an async load generator for a running stack, and what it measures.
 
-N workers share one grpc.aio channel to the controller, each sending its next request as soon as
-its previous one answered (closed loop, so concurrency is exactly N). Requests cycle through the
-given images, ``batch`` images per request. The first ``warmup`` seconds are not counted; of the
-``duration`` seconds after them, every request that completes inside that window is (a request
-sent during the warm-up but answered inside the window counts, so long batches are not lost to
-short windows; no new request starts after the window): latency per request, images answered, errors (an RPC that failed counts each of its images; an image
-whose own status failed counts once). ``img_per_s`` is goodput: images answered OK per second.
-Calls are counted by status, and the latency of OK calls and of refusals (RESOURCE_EXHAUSTED)
-is reported apart, since a server under overload answers both and they must not blur. With
-``honour_retry`` a worker refused with a ``RetryInfo`` hint sleeps that long before its next
-call, as gRPC's retry pushback does; without it, it sends again at once (the worst client). Peak resident memory (``VmHWM``) is read from /proc for
-the stages this host runs, found by their ``inferline serve <stage>`` command lines unless pids
-are given.
+N workers share one ``AsyncClient`` (one grpc.aio channel) to the controller, each sending its
+next request as soon as its previous one answered (closed loop, so concurrency is exactly N).
+Requests cycle through the given images, ``batch`` images per request. The first ``warmup``
+seconds are not counted; of the ``duration`` seconds after them, every request that completes
+inside that window is (a request sent during the warm-up but answered inside the window counts,
+so long batches are not lost to short windows; no new request starts after the window): latency
+per request, images answered, errors (an RPC that failed counts each of its images; an image
+whose own status failed counts once), and the per-stage ``timings_ms`` each answer carries.
+``img_per_s`` is goodput: images answered OK per second. Calls are counted by status, and the
+latency of OK calls and of refusals (RESOURCE_EXHAUSTED) is reported apart, since a server under
+overload answers both and they must not blur. With ``honour_retry`` a worker refused with a
+``RetryInfo`` hint sleeps that long before its next call, as gRPC's retry pushback does; without
+it, it sends again at once (the worst client). Peak resident memory (``VmHWM``) is read from
+/proc for the stages this host runs, found by their ``inferline serve <stage>`` command lines
+unless pids are given.
 
 The JSON form (``--json``) is one object, stable for scripts::
 
     {"img_per_s": .., "p50_ms": .., "p95_ms": .., "p99_ms": .., "errors": .., "rss_mb": {stage: MB},
-     "calls": {code: n}, "ok_ms": {"p50": .., ..}, "refused_ms": {"p50": .., ..}, ...}
+     "calls": {code: n}, "ok_ms": {"p50": .., ..}, "refused_ms": {"p50": .., ..},
+     "stages_ms": {"preprocess": {"mean": .., "p50": ..}, .., "total": .., "client": ..}, ...}
 """
 
 from __future__ import annotations
@@ -32,15 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
-from inferline.common.channels import channel_options
-from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2, types_pb2
-from inferline.common.settings import Settings
-from inferline.common.status import retry_after_s
+from inferline.common.api import DetectRequest, DetectResult, EmbedRequest, EmbedResult, ImageInput
+from inferline.common.errors import InferlineError
+from inferline.common.settings import GATEWAY, STAGES, Settings
+from inferline.common.status import status_for
+from inferline.services.client import AsyncClient
 
-STAGE_NAMES = ("controller", "preprocess", "inference", "postprocess", "gateway")
+STAGE_NAMES = (*STAGES, GATEWAY)
 REFUSED = "RESOURCE_EXHAUSTED"
 
 
@@ -52,6 +55,7 @@ class Sample:
     failed_images: int
     code: str  # gRPC status name of the call
     image_codes: tuple[str, ...] = ()  # status names of the images that failed in an OK call
+    timings_ms: dict[str, float] = field(default_factory=dict)  # the answer's per-stage times (OK calls)
 
 
 @dataclass
@@ -95,6 +99,22 @@ class BenchResult:
     def calls(self) -> dict[str, int]:
         return dict(Counter(s.code for s in self.samples))
 
+    def stages_ms(self) -> dict[str, dict[str, float]]:
+        """Mean and median of each stage's time per OK call, as the controller timed it (its call
+        to the stage: the hop and (de)serialisation included; ``total``: its whole handler), and
+        the client's latency (``client``). ``client`` - ``total`` is the hop to the controller
+        and the wait before its handler runs: what a boundary costs, next to the stages' times."""
+        ok = [s for s in self.samples if s.code == "OK"]
+        if not ok:
+            return {}
+        keys = sorted({key for s in ok for key in s.timings_ms})
+        columns = {key: [s.timings_ms.get(key, 0.0) for s in ok] for key in keys}
+        columns["client"] = [s.latency_s * 1000 for s in ok]
+        return {
+            key: {"mean": round(float(np.mean(values)), 2), "p50": round(float(np.median(values)), 2)}
+            for key, values in columns.items()
+        }
+
     @property
     def failed_image_codes(self) -> dict[str, int]:
         """Images that failed on their own inside OK calls, by status."""
@@ -123,6 +143,7 @@ class BenchResult:
             "refused_ms": self.latency_ms(REFUSED),
             "refusals_with_retry_hint": self.hinted,
             "honour_retry": self.honour_retry,
+            "stages_ms": self.stages_ms(),
             # What each stage costs per answered image, whatever else shares the machine: the
             # per-stage breakdown that says where a CPU-bound pipeline's time goes.
             "cpu_ms_per_image": {
@@ -150,6 +171,8 @@ class BenchResult:
             lines.append("  peak RSS     " + "   ".join(f"{k} {v:.0f} MB" for k, v in self.rss_mb.items()))
         if d["cpu_ms_per_image"]:
             lines.append("  CPU/image    " + "   ".join(f"{k} {v:.1f} ms" for k, v in d["cpu_ms_per_image"].items()))
+        if d["stages_ms"]:
+            lines.append("  stages p50   " + "   ".join(f"{k} {v['p50']:.1f} ms" for k, v in d["stages_ms"].items()))
         return "\n".join(lines)
 
 
@@ -158,30 +181,30 @@ class BenchResult:
 OPERATIONS = {"detect": "Detect", "embed": "Embed"}
 
 
-def build_requests(model: str, task: str, images: Sequence[Path], batch: int) -> tuple[str, list[Any]]:
+def build_requests(model: str, task: str, images: Sequence[Path], batch: int) -> tuple[str, list[DetectRequest | EmbedRequest]]:
     """One request per ``batch`` consecutive images, cycling so every request is full."""
     if task not in OPERATIONS:
         raise ValueError(f"model {model!r} is a {task!r} model; inferline bench drives detect and embed models")
     if not images:
         raise ValueError("no images to send")
-    encoded = [types_pb2.Image(data=p.read_bytes(), name=p.name) for p in images]
+    encoded = [ImageInput(p.read_bytes(), p.name) for p in images]
     count = max(1, len(encoded) // batch)
     ring = itertools.cycle(encoded)
-    groups = [[next(ring) for _ in range(batch)] for _ in range(count)]
+    groups = [tuple(next(ring) for _ in range(batch)) for _ in range(count)]
     if task == "detect":
-        return "Detect", [controller_pb2.DetectRequest(model=model, images=g) for g in groups]
-    return "Embed", [controller_pb2.EmbedRequest(model=model, images=g) for g in groups]
+        return "Detect", [DetectRequest(model, g) for g in groups]
+    return "Embed", [EmbedRequest(model, g) for g in groups]
 
 
-def _failed_images(response: Any) -> tuple[str, ...]:
-    """The status names of the images of an OK response that failed on their own."""
-    items = getattr(response, "results", None)
-    if items is None:
-        items = getattr(response, "images", [])
-    return tuple(_CODE_NAMES.get(item.status.code, "UNKNOWN") for item in items if item.status.code != 0)
+def code_of(error: InferlineError | None) -> str:
+    """The gRPC status name of an outcome ("OK" for none), by the one status table."""
+    return "OK" if error is None else status_for(error)[0].name
 
 
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+def _failed_images(result: DetectResult | EmbedResult) -> tuple[str, ...]:
+    """The status names of the images of an OK call that failed on their own."""
+    items = result.images
+    return tuple(code_of(item.error) for item in items if item.error is not None)
 
 
 # ---- the load ------------------------------------------------------------------------------
@@ -199,14 +222,15 @@ async def drive(
     timeout: float = 30.0,
     honour_retry: bool = False,
     pids: Mapping[str, int] | None = None,
+    settings: Settings | None = None,
 ) -> BenchResult:
+    """``settings``: the client's channel settings (TLS, message limit); default plaintext."""
     if concurrency < 1 or batch < 1 or duration <= 0 or warmup < 0:
         raise ValueError("concurrency and batch must be >= 1, duration > 0, warmup >= 0")
-    async with grpc.aio.insecure_channel(target, options=channel_options(Settings())) as channel:
-        stub = controller_pb2_grpc.ControllerServiceStub(channel)
-        info = await stub.ModelInfo(inference_pb2.ModelMetadataRequest(name=model), timeout=timeout)
+    async with AsyncClient(target, settings or Settings()) as client:
+        info = await client.model(model, timeout=timeout)
         operation, requests = build_requests(model, info.task, images, batch)
-        call = getattr(stub, operation)
+        call = client.detect if operation == "Detect" else client.embed
         result = BenchResult(model, operation, concurrency, batch, duration, honour_retry=honour_retry)
         counter = itertools.count()
         started = time.perf_counter()
@@ -220,17 +244,19 @@ async def drive(
                 request = requests[next(counter) % len(requests)]
                 hint = None
                 image_codes: tuple[str, ...] = ()
+                timings: dict[str, float] = {}
                 try:
-                    response = await call(request, timeout=timeout)
+                    response = await call(request, timeout=timeout)  # type: ignore[arg-type]
                     code = "OK"
                     image_codes = _failed_images(response)
                     failed = len(image_codes)
-                except grpc.aio.AioRpcError as exc:
-                    code, failed = exc.code().name, batch
-                    hint = retry_after_s(exc.trailing_metadata()) if code == REFUSED else None
+                    timings = response.timings_ms
+                except InferlineError as exc:
+                    code, failed = code_of(exc), batch
+                    hint = exc.retry_after_s if code == REFUSED else None
                 done = time.perf_counter()
                 if window[0] <= done <= window[1]:
-                    result.samples.append(Sample(done, done - sent, batch, failed, code, image_codes))
+                    result.samples.append(Sample(done, done - sent, batch, failed, code, image_codes, timings))
                     result.hinted += hint is not None
                 if hint is not None and honour_retry:
                     await asyncio.sleep(min(hint, max(0.0, window[1] - done)))

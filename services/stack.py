@@ -26,23 +26,25 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from inferline.common.channels import create_blocking_channel
 from inferline.common.errors import ConfigError
-from inferline.common.settings import GATEWAY, STAGES, Settings
+from inferline.common.settings import CONTROLLER, GATEWAY, PIPELINE_STAGES, STAGES, Settings
 
 log = logging.getLogger(__name__)
 
 # Start order: the controller last, so it is reachable only once the stages are.
-START_ORDER = ("preprocess", "inference", "postprocess", "controller")
+START_ORDER = (*PIPELINE_STAGES, CONTROLLER)
 # `inferline up`: the gateway after the controller, whose readiness its /readyz reports.
 UP_ORDER = (*START_ORDER, GATEWAY)
 # Stop order: callers before what they call.
-STOP_TIERS = ((GATEWAY,), ("controller",), ("preprocess", "inference", "postprocess"))
+STOP_TIERS = ((GATEWAY,), (CONTROLLER,), PIPELINE_STAGES)
 
 
-def wait_serving(target: str, timeout: float, alive: callable = lambda: True) -> None:
-    """Blocks until the server at ``target`` reports SERVING on the standard health service."""
+def wait_serving(target: str, timeout: float, alive: callable = lambda: True, settings: Settings | None = None) -> None:
+    """Blocks until the server at ``target`` reports SERVING on the standard health service
+    (over TLS when ``settings`` name a CA, as the stages' own channels are)."""
     expires = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    with create_blocking_channel(target, settings or Settings(), health_service=None) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if not alive():
@@ -75,11 +77,11 @@ def wait_http_ready(url: str, timeout: float, alive: callable = lambda: True) ->
         time.sleep(0.1)
 
 
-def _wait_ready(stage: str, port: int, timeout: float, alive: callable) -> None:
+def _wait_ready(stage: str, port: int, timeout: float, alive: callable, settings: Settings) -> None:
     if stage == GATEWAY:
         wait_http_ready(f"http://localhost:{port}/readyz", timeout, alive)
     else:
-        wait_serving(f"localhost:{port}", timeout, alive)
+        wait_serving(f"localhost:{port}", timeout, alive, settings)
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ class _Child:
 
     def spawn(self) -> None:
         # No preexec_fn: forking Python code in a process with gRPC threads can crash the child;
-        # the child arms its own parent-death signal (cli.py, --exit-with-parent).
+        # the child arms its own parent-death signal (cli/serve.py, --exit-with-parent).
         command = [sys.executable, "-m", "inferline.services.cli", "serve", self.stage, "--exit-with-parent", str(os.getpid())]
         if self.stage != GATEWAY:
             command += ["--port", str(self.port)]
@@ -175,7 +177,7 @@ class LocalStack:
 
     @property
     def controller_target(self) -> str:
-        return self.target("controller")
+        return self.target(CONTROLLER)
 
     def target(self, stage: str) -> str:
         """The stage's address for a caller: comma-separated when it runs as several copies."""
@@ -199,7 +201,7 @@ class LocalStack:
                 try:
                     # Any process that ends before the whole stack is up fails the start (no
                     # supervision yet: a stage that cannot start would only crash-loop).
-                    _wait_ready(child.stage, child.port, timeout, alive=lambda: self.exited() is None)
+                    _wait_ready(child.stage, child.port, timeout, lambda: self.exited() is None, self.settings)
                 except RuntimeError:
                     raise RuntimeError(f"the {self.exited()} stage exited while starting; its log above says why") from None
         except BaseException:

@@ -14,15 +14,14 @@ from __future__ import annotations
 import os
 import sys
 
-DEFAULT_PORTS = {"controller": 50051, "preprocess": 50052, "inference": 50053, "postprocess": 50054, "gateway": 8080}
-HTTP_STAGES = {"gateway"}
+from inferline.common.settings import CONTROLLER, GATEWAY, Settings
 
 
 def main() -> int:
-    stage = os.environ.get("INFERLINE_STAGE", "controller")
-    port = os.environ.get(f"INFERLINE_{stage.upper()}_PORT") or str(DEFAULT_PORTS.get(stage, 50051))
+    stage = os.environ.get("INFERLINE_STAGE", CONTROLLER)
+    port = str(Settings.from_env().port(stage))  # the port the stage itself listens on
     timeout = float(os.environ.get("HEALTHCHECK_TIMEOUT_S", "3"))
-    if stage in HTTP_STAGES:
+    if stage == GATEWAY:
         url = sys.argv[1] if len(sys.argv) > 1 else f"http://127.0.0.1:{port}/healthz"
         return check_http(stage, url, timeout)
     return check_grpc(stage, port, timeout)

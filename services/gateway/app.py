@@ -1,8 +1,10 @@
 """The gateway's FastAPI app: REST endpoints mirroring the controller, health, metrics, docs, demo page.
 
-``create_app(settings)`` builds it; the controller channel is opened on the server's event loop
-at start-up (lifespan) and closed at shutdown. Routes stay thin: read the request, make one gRPC
-call, shape the answer exactly as the CLI prints it (``inferline.services.client``).
+``create_app(settings)`` builds it; the controller's client (``inferline.services.client``'s
+``AsyncClient``) is made on the server's event loop at start-up (lifespan) and closed at
+shutdown. Routes stay thin: read the request into the API's domain values, make one call, and
+answer with the presentation module's documents, the very shapes the CLI prints
+(``inferline.services.presentation``).
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from fastapi.staticfiles import StaticFiles
 from google.protobuf import json_format
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inferline.common.errors import quoted
-from inferline.common.generated import controller_pb2, types_pb2
+from inferline.common.api import ClassifyRequest, ClusterOptions, DetectRequest, EmbedRequest
+from inferline.common.detections import DetectOptions
+from inferline.common.errors import InferlineError, quoted
 from inferline.common.settings import Settings
-from inferline.services import client
+from inferline.common.status import status_for
+from inferline.services.client import AsyncClient
+from inferline.services.controller.stages import MODEL_HEALTH_PREFIX
 from inferline.services.gateway import problems
-from inferline.services.gateway.controller import ControllerClient
 from inferline.services.gateway.inputs import Body, merged_params, read_body, timeout_from
 from inferline.services.gateway.metrics import GatewayMetrics
 from inferline.services.gateway.middleware import BodyLimit, RequestContext
@@ -46,6 +50,7 @@ from inferline.services.gateway.schemas import (
     ModelsResponse,
     Stats,
 )
+from inferline.services.presentation import documents
 
 STATIC = Path(str(resources.files("inferline.services.gateway") / "static"))
 # Swagger UI 5 (it renders OpenAPI 3.1), as shipped inside the fastapi-offline wheel.
@@ -138,11 +143,11 @@ def _results_content(model: type[Any], *others: str) -> dict[int | str, dict[str
 
 def create_app(settings: Settings) -> FastAPI:
     metrics = GatewayMetrics()
-    state: dict[str, ControllerClient] = {}
+    state: dict[str, AsyncClient] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state["controller"] = ControllerClient(settings)
+        state["controller"] = AsyncClient(settings.controller_target, settings)
         try:
             yield
         finally:
@@ -159,13 +164,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_upload_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
     app.add_exception_handler(ApiError, problems.api_error_handler)
-    app.add_exception_handler(grpc.RpcError, problems.rpc_error_handler)
+    app.add_exception_handler(InferlineError, problems.domain_error_handler)
     app.add_exception_handler(RequestValidationError, problems.validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, problems.http_error_handler)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.mount("/swagger-ui", StaticFiles(directory=SWAGGER_UI), name="swagger-ui")
 
-    def controller() -> ControllerClient:
+    def controller() -> AsyncClient:
         return state["controller"]
 
     def call(request: Request) -> dict[str, Any]:
@@ -187,28 +192,24 @@ def create_app(settings: Settings) -> FastAPI:
         params = merged_params(DetectParams, query, received)
         if params.format == "png" and len(received.images) != 1:
             raise invalid(f"format=png answers one annotated image: send exactly one image (got {len(received.images)})")
-        options = types_pb2.DetectOptions(classes=params.classes)
-        for name in ("conf", "iou", "max_det"):
-            if (value := getattr(params, name)) is not None:
-                setattr(options, name, value)
-        response = await controller().detect(
-            controller_pb2.DetectRequest(
+        result = await controller().detect(
+            DetectRequest(
                 model=params.model,
-                images=received.images,
-                options=options,
-                render=[types_pb2.RENDER_FORMAT_PNG] if params.format == "png" else [],
+                images=tuple(received.images),
+                options=DetectOptions(conf=params.conf, iou=params.iou, max_det=params.max_det, classes=tuple(params.classes)),
+                render=("png",) if params.format == "png" else (),
                 classify_with=params.classify_with,
-                labels=params.labels,
+                labels=tuple(params.labels),
             ),
             **call(request),
         )
-        outcomes = client.detect_outcomes([image.name for image in received.images], response)
-        _unless_all_failed([o.error for o in outcomes])
+        _unless_all_failed([image.error for image in result.images])
+        headers = _server_timing(result.timings_ms)
         if params.format == "png":
-            return Response(outcomes[0].png, media_type="image/png", headers=_server_timing(response))
+            return Response(documents.png_of(result.images[0]), media_type="image/png", headers=headers)
         if params.format == "csv":
-            return Response(client.to_csv(outcomes), media_type="text/csv", headers=_server_timing(response))
-        return JSONResponse({"results": [o.to_dict() for o in outcomes]}, headers=_server_timing(response))
+            return Response(documents.detect_csv([result]), media_type="text/csv", headers=headers)
+        return JSONResponse({"results": documents.detect_results([result])}, headers=headers)
 
     @app.post(
         "/v1/classify",
@@ -223,17 +224,15 @@ def create_app(settings: Settings) -> FastAPI:
         """The CLI's `inferline classify`: each image's labels, best first, as softmax probabilities."""
         received = await body(request, {"labels"})
         params = merged_params(ClassifyParams, query, received)
-        response = await controller().classify(
-            controller_pb2.ClassifyRequest(
-                model=params.model, images=received.images, labels=params.labels, top_k=params.top_k
-            ),
+        result = await controller().classify(
+            ClassifyRequest(params.model, tuple(received.images), tuple(params.labels), top_k=params.top_k),
             **call(request),
         )
-        results = client.classify_results([image.name for image in received.images], response)
-        _unless_all_failed([_as_pair(r.get("error")) for r in results])
+        _unless_all_failed([image.error for image in result.images])
+        headers = _server_timing(result.timings_ms)
         if params.format == "csv":
-            return Response(client.classify_csv(results), media_type="text/csv", headers=_server_timing(response))
-        return JSONResponse({"results": results}, headers=_server_timing(response))
+            return Response(documents.classify_csv([result]), media_type="text/csv", headers=headers)
+        return JSONResponse({"results": documents.classify_results([result])}, headers=headers)
 
     @app.post(
         "/v1/embed",
@@ -250,20 +249,17 @@ def create_app(settings: Settings) -> FastAPI:
         params = merged_params(EmbedParams, query, received)
         if not received.images and not params.texts:
             raise invalid("give images (field `images`) and/or texts (`texts`)")
-        response = await controller().embed(
-            controller_pb2.EmbedRequest(
-                model=params.model,
-                images=received.images,
-                texts=params.texts,
-                cluster=types_pb2.ClusterOptions(k=params.cluster, threshold=params.threshold),
+        result = await controller().embed(
+            EmbedRequest(
+                params.model, tuple(received.images), tuple(params.texts), ClusterOptions(params.cluster, params.threshold)
             ),
             **call(request),
         )
-        result = client.embed_result([image.name for image in received.images], params.texts, response)
-        _unless_all_failed([_as_pair(item.get("error")) for item in result["images"] + result["texts"]])
+        _unless_all_failed([item.error for item in result.images + result.texts])
+        headers = _server_timing(result.timings_ms)
         if params.format == "csv":
-            return Response(client.embed_csv(result), media_type="text/csv", headers=_server_timing(response))
-        return JSONResponse(result, headers=_server_timing(response))
+            return Response(documents.embed_csv(result), media_type="text/csv", headers=headers)
+        return JSONResponse(documents.embed_document(result), headers=headers)
 
     @app.get(
         "/v1/models",
@@ -273,8 +269,7 @@ def create_app(settings: Settings) -> FastAPI:
         tags=["models"],
     )
     async def list_models(request: Request) -> JSONResponse:
-        reply = await controller().list_models(**call(request))
-        return JSONResponse({"models": [_metadata(m) for m in reply.models]})
+        return JSONResponse({"models": [_metadata(m) for m in await controller().models(**call(request))]})
 
     @app.get(
         "/v1/models/{name}",
@@ -283,7 +278,7 @@ def create_app(settings: Settings) -> FastAPI:
         tags=["models"],
     )
     async def model_info(request: Request, name: str) -> JSONResponse:
-        return JSONResponse(_metadata(await controller().model_info(name, **call(request))))
+        return JSONResponse(_metadata(await controller().model(name, **call(request))))
 
     @app.get("/v1/stats", summary="Request rate and p95 latency of the last minute", response_model=Stats, tags=["ops"])
     async def stats() -> Stats:
@@ -303,7 +298,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def readyz(
         model: Annotated[str, Query(description="a model name: ready only while this model answers")] = "",
     ) -> Health:
-        status = await controller().health(model)
+        status = await controller().health(MODEL_HEALTH_PREFIX + model if model else "")
         where = f"the controller at {settings.controller_target}"
         if status == "NOT_FOUND":
             raise ApiError(grpc.StatusCode.NOT_FOUND, f"model {quoted(model)} is not served by {where}")
@@ -368,25 +363,21 @@ def _document_extras(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _server_timing(response: Any) -> dict[str, str]:
+def _server_timing(timings_ms: dict[str, float]) -> dict[str, str]:
     """The controller's per-stage times as a Server-Timing header: browsers' dev tools show it, the
     demo page reads it, and the JSON body stays exactly the CLI's (which has them on detect only)."""
-    return {"Server-Timing": ", ".join(f"{stage};dur={ms:.2f}" for stage, ms in sorted(response.timings_ms.items()))}
+    return {"Server-Timing": ", ".join(f"{stage};dur={ms:.2f}" for stage, ms in sorted(timings_ms.items()))}
 
 
 def _metadata(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-def _as_pair(error: dict[str, str] | None) -> tuple[str, str] | None:
-    return None if error is None else (error["code"], error["message"])
-
-
-def _unless_all_failed(errors: list[tuple[str, str] | None]) -> None:
+def _unless_all_failed(errors: list[InferlineError | None]) -> None:
     """A request whose every item failed failed as a whole: its first item's status, as HTTP."""
     if errors and all(e is not None for e in errors):
-        code, message = errors[0]  # type: ignore[misc]
-        raise ApiError(grpc.StatusCode[code], message if len(errors) == 1 else f"every image failed; the first: {message}")
+        code, message = status_for(errors[0])  # type: ignore[arg-type]
+        raise ApiError(code, message if len(errors) == 1 else f"every image failed; the first: {message}")
 
 
 def openapi_document(settings: Settings | None = None) -> str:

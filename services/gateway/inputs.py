@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from inferline.common.errors import quoted
-from inferline.common.generated import types_pb2
+from inferline.common.api import ImageInput
 from inferline.services.gateway.problems import ApiError, describe_errors, invalid
 from inferline.services.gateway.schemas import Base64Image, JsonImages
 
@@ -30,7 +30,7 @@ MAX_TIMEOUT_S = 3600.0
 
 @dataclass
 class Body:
-    images: list[types_pb2.Image] = field(default_factory=list)
+    images: list[ImageInput] = field(default_factory=list)
     fields: dict[str, Any] = field(default_factory=dict)
 
 
@@ -87,7 +87,7 @@ async def _from_form(form: FormData, list_fields: frozenset[str]) -> Body:
     for index, upload in enumerate(form.getlist("images")):
         if not isinstance(upload, UploadFile):
             raise invalid("`images` must be file uploads (multipart/form-data); send base64 in a JSON body instead")
-        images.append(types_pb2.Image(data=await upload.read(), name=upload.filename or f"image{index}"))
+        images.append(ImageInput(await upload.read(), upload.filename or f"image{index}"))
     fields: dict[str, Any] = {}
     for key in form.keys():
         if key == "images":
@@ -107,12 +107,12 @@ def _from_json(data: Any) -> Body:
     return Body(images=images, fields={k: v for k, v in data.items() if k != "images"})
 
 
-def _decoded(image: Base64Image, index: int) -> types_pb2.Image:
+def _decoded(image: Base64Image, index: int) -> ImageInput:
     try:
         data = base64.b64decode(image.data, validate=True)
     except (binascii.Error, ValueError):
         raise invalid(f"images.{index}.data is not valid base64") from None
-    return types_pb2.Image(data=data, name=image.name or f"image{index}")
+    return ImageInput(data, image.name or f"image{index}")
 
 
 def timeout_from(request: Request, default_s: float) -> float:

@@ -17,12 +17,12 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferline.common.errors import QUOTE_LIMIT, quoted
+from inferline.common.telemetry.context import REQUEST_ID_HEADER
 from inferline.services.gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics
 from inferline.services.gateway.problems import ApiError, problem_response, unexpected_error_handler
 
 log = logging.getLogger("inferline.gateway.access")
 
-REQUEST_ID_HEADER = "x-request-id"
 # A client's own id is kept when it is a plausible id; anything else is replaced, so a header
 # cannot inject text into our logs.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

@@ -1,9 +1,9 @@
 """Errors as RFC 9457 problem documents (``application/problem+json``).
 
-A failed call to the controller keeps its gRPC status name in the body (``code``) and gets its
-HTTP code from the one status table in ``inferline.common.status``; a retry hint the controller
-sent (gRPC ``RetryInfo``, on a refusal under overload) becomes ``Retry-After`` on the 429 or
-503. Errors the gateway finds itself (a bad field, a body over the limit) are built the same
+A failed call to the controller (the client raises it as the domain error of its status) keeps
+its gRPC status name in the body (``code``) and gets its HTTP code from the one status table in
+``inferline.common.status``; a retry hint the controller sent (gRPC ``RetryInfo``, on a refusal
+under overload) becomes ``Retry-After`` on the 429 or 503. Errors the gateway finds itself (a bad field, a body over the limit) are built the same
 way, so a client parses one shape.
 """
 
@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inferline.common.errors import quoted
-from inferline.common.status import HTTP_INTERNAL, INTERNAL_MESSAGE, STATUS_TABLE, http_status_for, retry_after_s
+from inferline.common.errors import InferlineError, quoted
+from inferline.common.status import HTTP_INTERNAL, INTERNAL_MESSAGE, STATUS_TABLE, http_status_for, status_for
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +82,15 @@ def invalid(detail: str) -> ApiError:
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, detail)
 
 
-def from_rpc_error(exc: grpc.RpcError) -> ApiError:
-    """The controller's status as an HTTP error; a server-side failure never leaks its text."""
-    code = exc.code()
+def from_error(error: InferlineError) -> ApiError:
+    """A failed controller call (the client's domain error) as an HTTP error, by the status table;
+    a server-side failure never leaks its text."""
+    code, message = status_for(error)
     http = http_status_for(code)
-    detail = INTERNAL_MESSAGE if http == HTTP_INTERNAL else (exc.details() or code.name)
+    detail = INTERNAL_MESSAGE if http == HTTP_INTERNAL else message
     if code is grpc.StatusCode.UNAVAILABLE and "controller" not in detail:
         detail = f"the controller is unavailable: {detail}"
-    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    return ApiError(code, detail, http, retry_after=retry_after_s(trailers))
+    return ApiError(code, detail, http, retry_after=error.retry_after_s)
 
 
 def problem_response(request: Request, error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -115,12 +115,14 @@ async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, exc, headers=exc.headers)
 
 
-async def rpc_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, grpc.RpcError)
-    error = from_rpc_error(exc)
+async def domain_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A controller call that failed as a whole (``inferline.services.client`` raises the domain
+    error of its status)."""
+    assert isinstance(exc, InferlineError)
+    error = from_error(exc)
     if error.http == HTTP_INTERNAL:
         log.error(
-            "controller failed: %s: %s request_id=%s", exc.code().name, exc.details(), getattr(request.state, "request_id", "")
+            "controller failed: %s: %s request_id=%s", error.code.name, exc, getattr(request.state, "request_id", "")
         )
     return await api_error_handler(request, error)
 

@@ -10,6 +10,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from inferline.services.client import defaults
+from inferline.services.presentation.documents import DETECT_FORMATS, TABLE_FORMATS
+
 INT32_MAX = 2**31 - 1
 
 
@@ -46,14 +49,14 @@ class DetectParams(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: ModelName = Field("yolov8n", description="a detection model from /v1/models")
+    model: ModelName = Field(defaults.DETECT_MODEL, description="a detection model from /v1/models")
     conf: Threshold = Field(None, description="confidence threshold (model default: 0.25)")
     iou: Threshold = Field(None, description="NMS IoU threshold (model default: 0.7)")
     max_det: int | None = Field(None, ge=1, le=INT32_MAX, description="most detections per image (model default: 300)")
     classes: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] = Field([], description="keep only these class ids")
-    classify_with: ModelName = Field("", description="re-label each box with this zero-shot model, e.g. clip-vit-b-32")
+    classify_with: ModelName = Field("", description=f"re-label each box with this zero-shot model, e.g. {defaults.EMBED_MODEL}")
     labels: Labels = Field([], description='labels for classify_with; repeated, or comma-separated: "a car,a dog"')
-    format: Literal["json", "csv", "png"] = Field("json", description="png: the annotated image (one image only)")
+    format: Literal[DETECT_FORMATS] = Field("json", description="png: the annotated image (one image only)")  # type: ignore[valid-type]
 
 
 class ClassifyParams(BaseModel):
@@ -61,10 +64,10 @@ class ClassifyParams(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: ModelName = Field("clip-vit-b-32", description="a zero-shot model from /v1/models")
+    model: ModelName = Field(defaults.EMBED_MODEL, description="a zero-shot model from /v1/models")
     labels: Labels = Field([], description='candidate labels or prompts; repeated, or comma-separated: "a bus,a dog"')
     top_k: int = Field(0, ge=0, le=INT32_MAX, description="labels per image, best first (0: all)")
-    format: Literal["json", "csv"] = "json"
+    format: Literal[TABLE_FORMATS] = "json"  # type: ignore[valid-type]
 
 
 class EmbedParams(BaseModel):
@@ -72,11 +75,11 @@ class EmbedParams(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: ModelName = Field("clip-vit-b-32", description="an embedding model from /v1/models")
+    model: ModelName = Field(defaults.EMBED_MODEL, description="an embedding model from /v1/models")
     texts: list[Text] = Field([], description="texts to embed (repeated); images and texts are ranked against each other")
     cluster: int = Field(0, ge=0, le=INT32_MAX, description="k-means the images and texts into this many clusters")
     threshold: float = Field(0.0, ge=0.0, le=1.0, description="group items with cosine similarity >= this")
-    format: Literal["json", "csv"] = "json"
+    format: Literal[TABLE_FORMATS] = "json"  # type: ignore[valid-type]
 
 
 class Base64Image(BaseModel):
@@ -102,12 +105,23 @@ class LabelScore(BaseModel):
     score: float
 
 
+class Mask(BaseModel):
+    """A binary mask as COCO's uncompressed RLE (what pycocotools' frPyObjects reads)."""
+
+    size: list[int] = Field(min_length=2, max_length=2, description="[height, width] of the image, in pixels")
+    counts: list[int] = Field(
+        description="run lengths over the pixels in column-major order, alternating 0s and 1s, "
+        "starting with a run of 0s (which may be empty)"
+    )
+
+
 class Detection(BaseModel):
     label: str
     class_id: int
     score: float
     box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in image pixels")
     zero_shot: LabelScore | None = Field(None, description="the best of `labels` for this box (with classify_with)")
+    mask: Mask | None = Field(None, description="the object's pixels, from a segmentation model (absent otherwise)")
 
 
 class DetectResult(BaseModel):

@@ -22,7 +22,7 @@ from inferline.common.telemetry import in_context, span
 from inferline.common.transform import ImageTransform
 from inferline.services.postprocess.embeddings import kmeans, l2_normalize, rank, threshold_groups, zero_shot
 from inferline.services.postprocess.recipes import POSTPROCESSORS, load_families
-from inferline.services.postprocess.renderers import RENDERERS, RenderInput
+from inferline.services.presentation.renderers import RENDERERS, RenderInput
 
 FORMAT_NAMES = {
     types_pb2.RENDER_FORMAT_JSON: "json",

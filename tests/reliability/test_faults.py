@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inferline.common.channels import channel_options, channel_target, client_options
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, types_pb2
 from inferline.common.settings import Settings
-from inferline.services.gateway.controller import CONTROLLER_SERVICE
+from inferline.services.client.calls import CONTROLLER_SERVICE
 from inferline.services.stack import START_ORDER, LocalStack, free_port_env, wait_serving
 
 pytestmark = pytest.mark.slow

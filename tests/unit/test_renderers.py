@@ -8,7 +8,7 @@ import pytest
 
 from inferline.common.detections import Detection
 from inferline.common.errors import InvalidInput
-from inferline.services.postprocess.renderers import CSV_HEADER, RENDERERS, RenderInput
+from inferline.services.presentation.renderers import CSV_HEADER, RENDERERS, RenderInput
 
 DETECTIONS = [
     Detection("bus", 5, 0.8734567, (10.123, 20.0, 110.0, 220.0)),

@@ -18,7 +18,7 @@ sys.modules["cv2"] = None  # any import of cv2 now raises ImportError
 import inferline.services.preprocess.servicer, inferline.services.postprocess.servicer  # noqa: E401,F401
 from inferline.common.detections import Detection
 from inferline.common.images import DECODER, decode_image
-from inferline.services.postprocess.renderers import RENDERERS, RenderInput
+from inferline.services.presentation.renderers import RENDERERS, RenderInput
 from inferline.services.preprocess.letterbox import letterbox
 
 SIZES = [(320, 320), (800, 800)]

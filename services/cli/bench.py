@@ -1,0 +1,54 @@
+"""``inferline bench``: closed-loop load on a running stack (services/loadgen.py) and its figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from inferline.common.settings import Settings
+from inferline.services.cli import shared
+from inferline.services.client import collect_images, defaults
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="drive the running stack with concurrent requests; throughput, latency, memory")
+    bench.add_argument("--model", default=defaults.DETECT_MODEL, help="a detect or embed model")
+    bench.add_argument("--images", nargs="+", required=True, help="image files or directories")
+    bench.add_argument("--concurrency", type=int, default=8, help="requests in flight (closed loop)")
+    bench.add_argument("--duration", type=float, default=20.0, help="seconds measured, after the warm-up")
+    bench.add_argument("--warmup", type=float, default=3.0, help="seconds sent first and not counted")
+    bench.add_argument("--batch", type=int, default=1, help="images per request")
+    bench.add_argument("--honour-retry", action="store_true",
+                       help="after a refusal, wait the server's RetryInfo hint before the next call (as gRPC's retry pushback does)")
+    bench.add_argument("--pid", action="append", default=[], metavar="STAGE=PID",
+                       help="a stage's process for the memory figures (default: found by command line)")
+    bench.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    shared.add_target(bench)
+    shared.add_timeout(bench)
+    bench.set_defaults(handler=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from inferline.services import loadgen  # noqa: PLC0415 - numpy-heavy, only for this command
+
+    if args.concurrency < 1 or args.batch < 1 or args.duration <= 0 or args.warmup < 0:
+        return shared.fail("--concurrency and --batch must be >= 1, --duration > 0, --warmup >= 0")
+    try:
+        pids = loadgen.parse_pids(args.pid) if args.pid else None
+    except ValueError as exc:
+        return shared.fail(str(exc))
+    try:
+        result = loadgen.run(
+            args.target, args.model, collect_images(args.images), concurrency=args.concurrency,
+            duration=args.duration, batch=args.batch, warmup=args.warmup, timeout=args.timeout,
+            honour_retry=args.honour_retry, pids=pids, settings=Settings.from_env(),
+        )
+    except ValueError as exc:
+        return shared.fail(str(exc))
+    report = result.to_dict()
+    print(json.dumps(report) if args.json else result.to_text())
+    if not result.images_ok:
+        return shared.fail(
+            f"no image was answered in {args.duration:g} s (failures by code: {report['error_codes'] or 'per-image statuses'})"
+        )
+    return 0

@@ -1,0 +1,173 @@
+"""``inferline detect | classify | embed | models``: the public API from the command line.
+
+Images are read here and sent in requests of ``--batch``; the client returns domain results
+and the presentation module prints them, in the same shapes the HTTP gateway answers with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from inferline.common.api import (
+    ClassifyRequest,
+    ClassifyResult,
+    ClusterOptions,
+    DetectRequest,
+    DetectResult,
+    EmbedRequest,
+)
+from inferline.common.detections import DetectOptions
+from inferline.services.cli import shared
+from inferline.services.client import Client, collect_images, defaults, image_inputs
+from inferline.services.presentation import documents
+
+# Images per request unless --batch says otherwise.
+BATCH = 16
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    detect = commands.add_parser("detect", help="detect objects in images through the running stack")
+    detect.add_argument("images", nargs="+", help="image files or directories")
+    detect.add_argument("--model", default=defaults.DETECT_MODEL)
+    detect.add_argument("--format", choices=documents.DETECT_FORMATS, default="json")
+    detect.add_argument("--out", type=Path, help="output file (json, csv) or directory (png); default stdout")
+    shared.add_target(detect)
+    detect.add_argument("--conf", type=float, help="confidence threshold (model default: 0.25)")
+    detect.add_argument("--iou", type=float, help="NMS IoU threshold (model default: 0.7)")
+    detect.add_argument("--max-det", type=int, help="most detections per image (model default: 300)")
+    detect.add_argument("--classes", type=int, nargs="+", default=[], help="keep only these class ids")
+    detect.add_argument("--batch", type=int, default=BATCH, help="images per request")
+    shared.add_timeout(detect)
+    detect.add_argument("--classify-with", default="", help="re-label each box with this zero-shot model")
+    detect.add_argument("--labels", type=shared.labels, default=[], help='labels for --classify-with: "a car,a dog"')
+    detect.set_defaults(handler=cmd_detect)
+
+    classify = commands.add_parser("classify", help="zero-shot classify images against your labels")
+    classify.add_argument("images", nargs="+", help="image files or directories")
+    classify.add_argument("--labels", type=shared.labels, required=True, help='comma-separated: "a bus,a dog"')
+    classify.add_argument("--model", default=defaults.EMBED_MODEL)
+    classify.add_argument("--top-k", type=int, default=0, help="labels per image (default: all)")
+    classify.add_argument("--format", choices=documents.TABLE_FORMATS, default="json")
+    classify.add_argument("--out", type=Path, help="output file; default stdout")
+    shared.add_target(classify)
+    shared.add_timeout(classify)
+    classify.set_defaults(handler=cmd_classify)
+
+    embed = commands.add_parser("embed", help="L2-normalised embeddings of images and texts")
+    embed.add_argument("--image", action="append", default=[], help="an image file or directory (repeatable)")
+    embed.add_argument("--text", action="append", default=[], help="a text (repeatable)")
+    embed.add_argument("--model", default=defaults.EMBED_MODEL)
+    embed.add_argument("--cluster", type=int, default=0, metavar="K", help="k-means the batch into K clusters")
+    embed.add_argument("--threshold", type=float, default=0.0, help="group items with cosine >= this (near-duplicates)")
+    embed.add_argument("--format", choices=documents.TABLE_FORMATS, default="json")
+    embed.add_argument("--out", type=Path, help="output file; default stdout")
+    shared.add_target(embed)
+    shared.add_timeout(embed)
+    embed.set_defaults(handler=cmd_embed)
+
+    models = commands.add_parser("models", help="list the served models")
+    models.add_argument("--json", action="store_true", help="full metadata as JSON")
+    shared.add_target(models)
+    models.set_defaults(handler=cmd_models)
+
+
+def detect_paths(client: Client, request: DetectRequest, paths: Sequence[Path], batch: int = BATCH) -> list[DetectResult]:
+    """``request`` for every image of ``paths``, ``batch`` images per call."""
+    return [
+        client.detect(dataclasses.replace(request, images=image_inputs(paths[start : start + batch])))
+        for start in range(0, len(paths), batch)
+    ]
+
+
+def classify_paths(client: Client, request: ClassifyRequest, paths: Sequence[Path], batch: int = BATCH) -> list[ClassifyResult]:
+    return [
+        client.classify(dataclasses.replace(request, images=image_inputs(paths[start : start + batch])))
+        for start in range(0, len(paths), batch)
+    ]
+
+
+def write_pngs(results: Sequence[DetectResult], out_dir: Path) -> list[Path]:
+    """Each annotated image the server rendered, as ``<out_dir>/<image stem>.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for result in results:
+        for image in result.images:
+            if png := documents.png_of(image):
+                path = out_dir / f"{Path(image.name).stem}.png"
+                path.write_bytes(png)
+                written.append(path)
+    return written
+
+
+def detect_failures(results: Sequence[DetectResult]) -> int:
+    return shared.report_failures((image.name, image.error) for result in results for image in result.images)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    paths = collect_images(args.images)
+    png = args.format == "png"
+    if png and args.out is None:
+        return shared.fail("--format png needs --out DIR")
+    request = DetectRequest(
+        model=args.model,
+        images=(),
+        options=DetectOptions(conf=args.conf, iou=args.iou, max_det=args.max_det, classes=tuple(args.classes)),
+        render=("png",) if png else (),
+        classify_with=args.classify_with,
+        labels=tuple(args.labels),
+    )
+    with shared.client(args) as client:
+        results = detect_paths(client, request, paths, args.batch)
+    if png:
+        for path in write_pngs(results, args.out):
+            print(path)
+    elif args.format == "json":
+        shared.write(json.dumps({"results": documents.detect_results(results)}, indent=2), args.out)
+    else:
+        shared.write(documents.detect_csv(results), args.out)
+    return detect_failures(results)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    paths = collect_images(args.images)
+    request = ClassifyRequest(model=args.model, images=(), labels=tuple(args.labels), top_k=args.top_k)
+    with shared.client(args) as client:
+        results = classify_paths(client, request, paths)
+    if args.format == "json":
+        shared.write(json.dumps({"results": documents.classify_results(results)}, indent=2), args.out)
+    else:
+        shared.write(documents.classify_csv(results), args.out)
+    return shared.report_failures((image.name, image.error) for result in results for image in result.images)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    if not args.image and not args.text:
+        return shared.fail("give --image and/or --text")
+    paths = collect_images(args.image) if args.image else []
+    request = EmbedRequest(
+        model=args.model, images=image_inputs(paths), texts=tuple(args.text),
+        cluster=ClusterOptions(k=args.cluster, threshold=args.threshold),
+    )
+    with shared.client(args) as client:
+        result = client.embed(request)
+    shared.write(json.dumps(documents.embed_document(result)) if args.format == "json" else documents.embed_csv(result), args.out)
+    return shared.report_failures((item.key, item.error) for item in result.images + result.texts)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with shared.client(args) as client:
+        models = client.models(timeout=30)
+    if args.json:
+        print(json.dumps({"models": [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in models]}, indent=2))
+        return 0
+    print(f"{'model':<40} {'task':<8} {'backend':<8} {'version':<8} weights")
+    for m in models:
+        weights = "official" if m.weights.official else "not official"
+        print(f"{m.name:<40} {m.task:<8} {m.platform:<8} {','.join(m.versions):<8} {weights} ({Path(m.weights.path).name})")
+    return 0
