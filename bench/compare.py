@@ -12,6 +12,11 @@ the ratios come from one run on one machine state):
   at concurrency 1, 8 and 32 with ``inferline bench``'s load generator (``services/loadgen.py``);
 * Faster R-CNN and CLIP through the pipeline at concurrency 8.
 
+Beside throughput and latency it records where a request's time goes (each Detect answer's
+per-stage ``timings_ms``, ultralytics' own ``Results.speed``), checks that every YOLO variant
+finds as many boxes per image as ultralytics does, and notes the machine, library versions and
+commit it ran on.
+
 Writes ``<out>/<stem>.json``, ``<out>/<stem>.md`` and ``<out>/<stem>-latency-throughput.png``.
 
     .venv/bin/python bench/compare.py                          # ~6 min on 2 cores
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -38,15 +44,18 @@ from pathlib import Path
 
 import yaml
 
-from inferline.common.settings import Settings
+from inferline.common.api import DetectRequest
+from inferline.common.settings import CONTROLLER, PIPELINE_STAGES, Settings
 from inferline.services import loadgen
-from inferline.services.client import collect_images
+from inferline.services.client import Client, collect_images, image_inputs
 from inferline.services.inference.repository import BUILTIN_REPOSITORY
 from inferline.services.stack import START_ORDER, LocalStack, free_port_env
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
+# The models the references run (bench/reference.py loads their weight files by these names).
 YOLO, FRCNN, CLIP = "yolov8n", "fasterrcnn-mobilenet-v3-large-320-fpn", "clip-vit-b-32"
+ULTRALYTICS = "ultralytics predict, 1 image/call"
 BASELINE = REPO / "bench" / "results" / "baseline-detect-cpu.json"
 
 
@@ -129,7 +138,7 @@ def stack(repo: Path, models: list[str], variant: Variant, device: str = "cpu") 
     if variant.torch_threads:
         env["INFERLINE_TORCH_THREADS"] = str(variant.torch_threads)
     settings = Settings.from_env(env)
-    running = LocalStack(settings, env=env, stages=("controller",) if variant.inprocess else START_ORDER)
+    running = LocalStack(settings, env=env, stages=(CONTROLLER,) if variant.inprocess else START_ORDER)
     running.start(timeout=300)
     try:
         yield running
@@ -144,6 +153,40 @@ def drive(running: LocalStack, model: str, images: list[Path], concurrency: int,
         warmup=args.warmup, timeout=120, pids=pids,
     )
     return result.to_dict()
+
+
+def detection_counts(running: LocalStack, model: str, images: list[Path]) -> dict[str, int]:
+    """Boxes per image (by file name), one image per Detect at the model's default thresholds,
+    as ultralytics predict is called: the sanity check beside the speed figures."""
+    counts = {}
+    with Client(running.controller_target, running.settings, timeout=120) as client:
+        for path in images:
+            (image,) = client.detect(DetectRequest(model, image_inputs([path]))).images
+            counts[path.name] = len(image.detections)
+    return counts
+
+
+def environment() -> dict:
+    """What a reader needs to rerun and compare: the machine, the libraries, the commit."""
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    versions = {}
+    for package in ("torch", "ultralytics", "torchvision", "open-clip-torch", "onnxruntime", "grpcio", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    git = ["git", "-C", str(REPO)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    dirty = bool(subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, check=False).stdout.strip())
+    return {
+        "cpu": cpu,
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "versions": versions,
+        "commit": commit + (" (with uncommitted changes)" if dirty else ""),
+    }
 
 
 @dataclass(frozen=True)
@@ -184,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     images = [str(p) for p in collect_images(args.images)]
     paths = [Path(p) for p in images]
     rows: list[dict] = []
+    loadavg_at_start = os.getloadavg()
+    counts: dict[str, dict[str, int]] = {}  # contender -> boxes per image
 
     def record(family: str, contender: str, concurrency: int | None, batch: int, report: Mapping) -> None:
         row = {"family": family, "contender": contender, "concurrency": concurrency, "batch": batch, **report}
@@ -192,10 +237,14 @@ def main(argv: list[str] | None = None) -> int:
               f"p50 {report['p50_ms']:8.1f} ms  p95 {report['p95_ms']:8.1f} ms  errors {report['errors']}", flush=True)
 
     if not args.skip_references:
-        record("yolo", "ultralytics predict, 1 image/call", None, 1, reference("ultralytics", images, 1, args))
+        ultralytics = reference("ultralytics", images, 1, args)
+        counts[ULTRALYTICS] = ultralytics.pop("detections")
+        record("yolo", ULTRALYTICS, None, 1, ultralytics)
         gpu = args.device != "cpu"
         label = "ultralytics predict, batched" + (", fp16" if gpu else "")
-        record("yolo", label, None, args.reference_batch, reference("ultralytics", images, args.reference_batch, args, half=gpu))
+        batched = reference("ultralytics", images, args.reference_batch, args, half=gpu)
+        batched.pop("detections")
+        record("yolo", label, None, args.reference_batch, batched)
         record("frcnn", "torchvision loop, 1 image/call", None, 1, reference("torchvision", images, 1, args))
         record("clip", "open_clip loop, 1 image/call", None, 1, reference("open_clip", images, 1, args))
 
@@ -206,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             models = [YOLO, FRCNN, CLIP, f"{CLIP}-text"] if variant.other_models else [YOLO]
             with stack(repository(root, variant), models, variant, args.device) as running:
+                counts[f"pipeline: {variant.label}"] = detection_counts(running, YOLO, paths)
                 for concurrency in args.concurrency:
                     record("yolo", f"pipeline: {variant.label}", concurrency, 1, drive(running, YOLO, paths, concurrency, args))
                 if variant.other_models:
@@ -214,10 +264,14 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python bench/compare.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     summary = summarise(rows)
+    summary["detection_counts"] = parity(counts)
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command.strip(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
+        **environment(),
+        "loadavg_at_start": [round(x, 2) for x in loadavg_at_start],
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "images": len(images),
         "duration_s": args.duration,
         "warmup_s": args.warmup,
@@ -231,6 +285,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def parity(counts: Mapping[str, Mapping[str, int]]) -> dict:
+    """Each pipeline variant's boxes per image against ultralytics' (when it ran): the images
+    where they differ, by contender; an empty ``mismatches`` is the check passed."""
+    reference_counts = counts.get(ULTRALYTICS)
+    if reference_counts is None:
+        return {"checked": False, "reason": "no ultralytics reference in this run"}
+    mismatches = {}
+    for contender, found in counts.items():
+        differ = {image: {"pipeline": n, "ultralytics": reference_counts.get(image)}
+                  for image, n in found.items() if reference_counts.get(image) != n}
+        if differ:
+            mismatches[contender] = differ
+    return {"checked": True, "ultralytics": dict(reference_counts), "mismatches": mismatches}
+
+
 def _best(rows: list[dict], family: str, contender_prefix: str) -> dict | None:
     found = [r for r in rows if r["family"] == family and r["contender"].startswith(contender_prefix)]
     return max(found, key=lambda r: r["img_per_s"], default=None)
@@ -238,7 +307,7 @@ def _best(rows: list[dict], family: str, contender_prefix: str) -> dict | None:
 
 def summarise(rows: list[dict]) -> dict:
     summary: dict = {}
-    base = _best(rows, "yolo", "ultralytics predict, 1 image/call")
+    base = _best(rows, "yolo", ULTRALYTICS)
     four = _best(rows, "yolo", "pipeline: four services")
     if base and four:
         summary["yolo_best_pipeline"] = {"contender": four["contender"], "concurrency": four["concurrency"], "img_per_s": four["img_per_s"]}
@@ -268,6 +337,10 @@ def markdown(meta: dict, summary: dict, rows: list[dict], plot_name: str) -> str
         f"Command: `{meta['command']}` on {meta['machine']}; {meta['images']} images, "
         f"{meta['duration_s']:g} s measured per contender after {meta['warmup_s']:g} s warm-up, one run.",
         "",
+        f"{meta['cpu']} ({meta['usable_cores']} usable cores), load average {meta['loadavg_at_start']} at the start and "
+        f"{meta['loadavg_at_end']} at the end; commit {meta['commit']}; "
+        + ", ".join(f"{name} {version}" for name, version in meta["versions"].items()) + ".",
+        "",
         "| family | contender | concurrency | batch | images/s | vs reference | p50 ms | p95 ms | p99 ms | errors | peak RSS MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -279,8 +352,39 @@ def markdown(meta: dict, summary: dict, rows: list[dict], plot_name: str) -> str
             f"| {r['family']} | {r['contender']} | {r['concurrency'] or '-'} | {r['batch']} | {r['img_per_s']:.2f} | {ratio} "
             f"| {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {rss} |"
         )
+    lines += ["", *stage_table(rows)]
     lines += ["", "Summary:", "", "```json", json.dumps(summary, indent=2), "```", "", f"![latency vs throughput]({plot_name})", ""]
     return "\n".join(lines)
+
+
+def stage_table(rows: list[dict]) -> list[str]:
+    """Where one request's time goes (p50, ms), for the rows that report it at one image per call.
+
+    Pipeline: each stage as the controller timed its call to it (the hop and (de)serialisation
+    included); 'controller other' is the controller's handler less its stage calls, 'outside'
+    the client's latency less the handler (the client-to-controller hop and the wait before the
+    handler runs). ultralytics: its own ``Results.speed``; 'outside' is the rest of its call
+    (reading and decoding the file among it)."""
+    timed = [r for r in rows if r.get("stages_ms") and r["batch"] == 1 and r["family"] == "yolo"]
+    if not timed:
+        return []
+    lines = [
+        "Where the time goes (YOLO, one image per call, p50 ms):",
+        "",
+        "| contender | concurrency | preprocess | inference | postprocess | controller other | outside | client latency |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in timed:
+        stages = {key: value["p50"] for key, value in r["stages_ms"].items()}
+        pre, inf, post = (stages.get(key, 0.0) for key in PIPELINE_STAGES)
+        client = stages["client"]
+        total = stages.get("total")
+        other = "-" if total is None else f"{total - pre - inf - post:.1f}"
+        outside = client - (pre + inf + post if total is None else total)
+        lines.append(
+            f"| {r['contender']} | {r['concurrency'] or '-'} | {pre:.1f} | {inf:.1f} | {post:.1f} | {other} | {outside:.1f} | {client:.1f} |"
+        )
+    return lines
 
 
 def draw(rows: list[dict], path: Path) -> None:

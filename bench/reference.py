@@ -13,6 +13,10 @@ the library's defaults otherwise:
 
 Prints one JSON object: img_per_s, p50_ms, p95_ms, p99_ms, errors (0), rss_mb, torch_threads,
 cpu_ms_per_image (CPU seconds of the process per image: robust to other load on the machine).
+ultralytics also reports its own per-image ``Results.speed`` as ``stages_ms`` (preprocess,
+inference, postprocess: mean and p50, beside the call's latency as ``client``) and, from one
+more pass, the boxes it found per image (``detections``), which compare.py checks the pipeline
+against.
 
     .venv/bin/python bench/reference.py ultralytics --images ../shared/data --duration 10
 """
@@ -27,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +58,7 @@ def find(model_dirs: list[str], name: str) -> Path:
     raise SystemExit(f"error: {name} is in none of {model_dirs}; set INFERLINE_MODEL_DIR")
 
 
-def ultralytics_runner(weights: Path, batch: int, device: str = "cpu", half: bool = False) -> Callable[[list[Path]], None]:
+def ultralytics_runner(weights: Path, batch: int, device: str = "cpu", half: bool = False) -> Callable[[list[Path]], Any]:
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     if digest not in KNOWN_YOLO:
         raise SystemExit(f"error: refusing to unpickle {weights} (sha256 {digest} is neither the stand-in nor the release)")
@@ -110,9 +115,10 @@ RUNNERS = {
 }
 
 
-def measure(run: Callable[[list[Path]], None], images: list[Path], batch: int, duration: float, warmup: float) -> dict:
+def measure(run: Callable[[list[Path]], Any], images: list[Path], batch: int, duration: float, warmup: float) -> dict:
     groups = [[images[(i + k) % len(images)] for k in range(batch)] for i in range(0, len(images), batch)]
     latencies, done, index = [], 0, 0
+    speeds: list[dict[str, float]] = []  # ultralytics' own per-image times
     start = time.perf_counter()
     while time.perf_counter() - start < warmup:
         run(groups[index % len(groups)])
@@ -122,13 +128,14 @@ def measure(run: Callable[[list[Path]], None], images: list[Path], batch: int, d
         t0 = time.perf_counter()
         if t0 - start >= duration:
             break
-        run(groups[index % len(groups)])
+        out = run(groups[index % len(groups)])
         index += 1
         latencies.append(time.perf_counter() - t0)
         done += batch
+        speeds += [dict(r.speed) for r in out or () if hasattr(r, "speed")]
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     ms = np.asarray(latencies) * 1000
-    return {
+    report = {
         "img_per_s": round(done / elapsed, 2),
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p95_ms": round(float(np.percentile(ms, 95)), 2),
@@ -138,6 +145,12 @@ def measure(run: Callable[[list[Path]], None], images: list[Path], batch: int, d
         "batch": batch,
         "cpu_ms_per_image": {"reference": round(cpu * 1000 / done, 2)},
     }
+    if speeds:
+        columns = {key: [s[key] for s in speeds] for key in speeds[0]} | {"client": list(ms)}
+        report["stages_ms"] = {
+            key: {"mean": round(float(np.mean(v)), 2), "p50": round(float(np.median(v)), 2)} for key, v in columns.items()
+        }
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     factory, file_name = RUNNERS[args.library]
     run = factory(find(args.model_dir, file_name), args.batch, args.device, args.half)
-    report = measure(run, collect(args.images), args.batch, args.duration, args.warmup)
+    images = collect(args.images)
+    report = measure(run, images, args.batch, args.duration, args.warmup)
+    if args.library == "ultralytics":
+        report["detections"] = {p.name: len(run([p])[0].boxes) for p in images}
     import torch
 
     report["torch_threads"] = torch.get_num_threads()

@@ -174,3 +174,32 @@ def test_detect_with_garbage_bytes_fails_only_that_image_with_invalid_argument(g
     assert result["status"]["code"] == 3
     assert result["status"].get("message")
     assert not result.get("detections")
+
+
+# ---- the README's grpcurl session is what grpcurl shows ----------------------------------------
+
+README = REPO / "README.md"
+
+
+def readme_transcript(command: str) -> str:
+    """The output the README's grpcurl section shows under ``$ <command>``: the lines after it,
+    up to the blank line that ends them."""
+    text = README.read_text()
+    section = text[text.index("## grpcurl") :]
+    lines = section.splitlines()
+    start = lines.index(f"$ {command}") + 1
+    end = lines.index("", start)
+    return "\n".join(lines[start:end])
+
+
+@pytest.mark.parametrize("args", [["list"], ["describe", "inferline.v1.ControllerService"]], ids=["list", "describe"])
+def test_the_readme_shows_exactly_what_grpcurl_lists_and_describes_on_the_controller(grpcurl, stack, args):
+    shown = readme_transcript(" ".join(["grpcurl -plaintext localhost:50051", *args]))
+    assert ok(run_grpcurl(grpcurl, stack.controller, *args)).strip() == shown
+
+
+def test_the_readme_describes_every_method_of_the_controller(grpcurl, stack):
+    methods = ok(run_grpcurl(grpcurl, stack.controller, "list", "inferline.v1.ControllerService")).split()
+    shown = readme_transcript("grpcurl -plaintext localhost:50051 describe inferline.v1.ControllerService")
+    described = [line.split()[1] for line in shown.splitlines() if line.strip().startswith("rpc ")]
+    assert sorted(f"inferline.v1.ControllerService.{name}" for name in described) == sorted(methods)

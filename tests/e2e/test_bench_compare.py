@@ -1,0 +1,79 @@
+"""bench/compare.py, the one benchmark of the pipeline against the libraries: its entry point
+runs and writes what bench/README.md says, and its checks and tables say what they measure."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "compare.py"
+
+
+def _compare():
+    spec = importlib.util.spec_from_file_location("bench_compare", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(contender: str, concurrency: int | None, stages: dict[str, float]) -> dict:
+    return {
+        "family": "yolo", "contender": contender, "concurrency": concurrency, "batch": 1, "img_per_s": 10.0,
+        "p50_ms": stages["client"], "p95_ms": 1.0, "p99_ms": 1.0, "errors": 0,
+        "stages_ms": {key: {"mean": value, "p50": value} for key, value in stages.items()},
+    }
+
+
+def test_parity_names_each_image_where_a_variant_finds_another_number_of_boxes():
+    compare = _compare()
+    counts = {
+        compare.ULTRALYTICS: {"a.jpg": 2, "b.jpg": 0},
+        "pipeline: same": {"a.jpg": 2, "b.jpg": 0},
+        "pipeline: off": {"a.jpg": 3, "b.jpg": 0},
+    }
+    assert compare.parity(counts) == {
+        "checked": True,
+        "ultralytics": {"a.jpg": 2, "b.jpg": 0},
+        "mismatches": {"pipeline: off": {"a.jpg": {"pipeline": 3, "ultralytics": 2}}},
+    }
+    assert compare.parity({"pipeline: same": {"a.jpg": 2}})["checked"] is False
+
+
+def test_stage_table_splits_the_pipeline_s_latency_and_the_reference_s_call():
+    compare = _compare()
+    rows = [
+        _row(compare.ULTRALYTICS, None, {"preprocess": 1.0, "inference": 90.0, "postprocess": 1.0, "client": 100.0}),
+        _row("pipeline: x", 1, {"preprocess": 5.0, "inference": 100.0, "postprocess": 5.0, "total": 115.0, "client": 120.0}),
+    ]
+    table = compare.stage_table(rows)
+    assert table[-2] == f"| {compare.ULTRALYTICS} | - | 1.0 | 90.0 | 1.0 | - | 8.0 | 100.0 |"
+    assert table[-1] == "| pipeline: x | 1 | 5.0 | 100.0 | 5.0 | 5.0 | 5.0 | 120.0 |"
+
+
+@pytest.mark.slow
+def test_compare_runs_one_pipeline_variant_and_writes_its_results(model_dir, data_dir, tmp_path):
+    env = {**os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--images", str(data_dir), "--skip-references", "--only", "inprocess",
+         "--duration", "1", "--warmup", "0.5", "--concurrency", "1", "--out", str(tmp_path), "--stem", "smoke"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    (row,) = result["rows"]
+    assert row["contender"].startswith("pipeline: --inprocess") and row["concurrency"] == 1
+    assert row["img_per_s"] > 0 and row["errors"] == 0
+    assert {"preprocess", "inference", "postprocess", "total", "client"} <= set(row["stages_ms"])
+    assert result["summary"]["detection_counts"]["checked"] is False  # no ultralytics in this run
+    assert result["meta"]["commit"] and result["meta"]["versions"]["grpcio"]
+    text = (tmp_path / "smoke.md").read_text()
+    assert "Where the time goes" in text and row["contender"] in text
+    assert (tmp_path / "smoke-latency-throughput.png").read_bytes()[:4] == b"\x89PNG"
