@@ -14,9 +14,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from inferline.common.errors import ConfigError
-from inferline.common.settings import Settings
+from inferline.common.errors import ConfigError, StageUnavailable
+from inferline.common.settings import PIPELINE_STAGES, Settings
 from inferline.common.tls import channel_credentials, server_credentials
+from inferline.services.client import Client
 from tests.deploy.tools import REPO, assert_detects_shapes, detect, run
 from tests.support.servers import LoopThread, start_stage
 from tests.support.standins import STANDIN_PINS
@@ -96,6 +97,23 @@ def test_the_image_health_check_speaks_tls_when_the_stage_does(tls_stack, pki):
     plain = {k: v for k, v in env.items() if not k.startswith("INFERLINE_TLS_")}
     done = subprocess.run([sys.executable, script], env=plain, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
+
+
+def test_the_client_speaks_mutual_tls_from_the_same_settings_as_the_services(tls_stack, tls_settings):
+    """A controller that serves TLS too (no ingress in front of it): the client's channel comes
+    from the services' factory, so the INFERLINE_TLS_* files that let a stage dial another let
+    the CLI dial the controller; without them the call fails as unavailable."""
+    loop = LoopThread()
+    stages = {f"{stage}_target": tls_stack[stage].address for stage in PIPELINE_STAGES}
+    controller = start_stage(loop, "controller", dataclasses.replace(tls_settings, **stages))
+    try:
+        with Client(controller.address, tls_settings, timeout=30) as client:
+            assert "yolov8n" in [m.name for m in client.models()]
+        with Client(controller.address, Settings(), timeout=5) as plaintext, pytest.raises(StageUnavailable):
+            plaintext.models()
+    finally:
+        controller.stop()
+        loop.close()
 
 
 def test_half_configured_or_unreadable_tls_is_refused_naming_the_variable(pki, tmp_path):
