@@ -29,19 +29,27 @@ class AsyncClient:
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._reachability = calls.Reachability(settings.stage_outage_wait_s)
 
-    async def detect(self, request: DetectRequest, *, timeout: float | None = None, request_id: str = "") -> DetectResult:
+    async def detect(
+        self, request: DetectRequest, *, timeout: float | None = None, request_id: str = ""
+    ) -> DetectResult:
         return await self._call(calls.DETECT, request, timeout, request_id)
 
-    async def classify(self, request: ClassifyRequest, *, timeout: float | None = None, request_id: str = "") -> ClassifyResult:
+    async def classify(
+        self, request: ClassifyRequest, *, timeout: float | None = None, request_id: str = ""
+    ) -> ClassifyResult:
         return await self._call(calls.CLASSIFY, request, timeout, request_id)
 
     async def embed(self, request: EmbedRequest, *, timeout: float | None = None, request_id: str = "") -> EmbedResult:
         return await self._call(calls.EMBED, request, timeout, request_id)
 
-    async def models(self, *, timeout: float | None = None, request_id: str = "") -> list[inference_pb2.ModelMetadataResponse]:
+    async def models(
+        self, *, timeout: float | None = None, request_id: str = ""
+    ) -> list[inference_pb2.ModelMetadataResponse]:
         return await self._call(calls.MODELS, None, timeout, request_id)
 
-    async def model(self, name: str, *, timeout: float | None = None, request_id: str = "") -> inference_pb2.ModelMetadataResponse:
+    async def model(
+        self, name: str, *, timeout: float | None = None, request_id: str = ""
+    ) -> inference_pb2.ModelMetadataResponse:
         return await self._call(calls.MODEL, name, timeout, request_id)
 
     async def health(self, service: str = "") -> str:
@@ -54,7 +62,9 @@ class AsyncClient:
             return calls.health_failure(exc)
         return calls.health_status(reply)
 
-    async def _call(self, operation: calls.Operation[Any, calls.Result], request: Any, timeout: float | None, request_id: str) -> calls.Result:
+    async def _call(
+        self, operation: calls.Operation[Any, calls.Result], request: Any, timeout: float | None, request_id: str
+    ) -> calls.Result:
         method = getattr(self._stub, operation.method)
         try:
             reply = await method(
@@ -64,7 +74,7 @@ class AsyncClient:
                 wait_for_ready=self._reachability.wait_for_ready(),
             )
         except grpc.aio.AioRpcError as exc:
-            self._reachability.failed(exc.code())
+            self._reachability.failed_with(exc.code())
             raise calls.error_from_rpc(exc) from exc
         self._reachability.answered()
         return operation.from_proto(reply)

@@ -1,5 +1,5 @@
-"""What the sync and async clients share: the channel, the wait-for-ready policy, and how a
-failed call becomes a domain error."""
+"""What the sync and async clients share: the controller's methods with their conversions, the
+wait-for-ready policy, and how a failed call becomes a domain error."""
 
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ class Reachability:
     def answered(self) -> None:
         self._answered = time.monotonic()
 
-    def failed(self, code: grpc.StatusCode) -> None:
-        """A status other than UNAVAILABLE or DEADLINE_EXCEEDED came from the controller itself."""
+    def failed_with(self, code: grpc.StatusCode) -> None:
+        """A call failed: any status but UNAVAILABLE or DEADLINE_EXCEEDED is the controller's
+        own answer."""
         if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             self.answered()
 

@@ -36,16 +36,22 @@ class Client:
     def detect(self, request: DetectRequest, *, timeout: float | None = None, request_id: str = "") -> DetectResult:
         return self._call(calls.DETECT, request, timeout, request_id)
 
-    def classify(self, request: ClassifyRequest, *, timeout: float | None = None, request_id: str = "") -> ClassifyResult:
+    def classify(
+        self, request: ClassifyRequest, *, timeout: float | None = None, request_id: str = ""
+    ) -> ClassifyResult:
         return self._call(calls.CLASSIFY, request, timeout, request_id)
 
     def embed(self, request: EmbedRequest, *, timeout: float | None = None, request_id: str = "") -> EmbedResult:
         return self._call(calls.EMBED, request, timeout, request_id)
 
-    def models(self, *, timeout: float | None = None, request_id: str = "") -> list[inference_pb2.ModelMetadataResponse]:
+    def models(
+        self, *, timeout: float | None = None, request_id: str = ""
+    ) -> list[inference_pb2.ModelMetadataResponse]:
         return self._call(calls.MODELS, None, timeout, request_id)
 
-    def model(self, name: str, *, timeout: float | None = None, request_id: str = "") -> inference_pb2.ModelMetadataResponse:
+    def model(
+        self, name: str, *, timeout: float | None = None, request_id: str = ""
+    ) -> inference_pb2.ModelMetadataResponse:
         return self._call(calls.MODEL, name, timeout, request_id)
 
     def health(self, service: str = "") -> str:
@@ -58,7 +64,9 @@ class Client:
             return calls.health_failure(exc)
         return calls.health_status(reply)
 
-    def _call(self, operation: calls.Operation[Any, calls.Result], request: Any, timeout: float | None, request_id: str) -> calls.Result:
+    def _call(
+        self, operation: calls.Operation[Any, calls.Result], request: Any, timeout: float | None, request_id: str
+    ) -> calls.Result:
         method = getattr(self._stub, operation.method)
         try:
             reply = method(
@@ -68,7 +76,7 @@ class Client:
                 wait_for_ready=self._reachability.wait_for_ready(),
             )
         except grpc.RpcError as exc:
-            self._reachability.failed(exc.code())
+            self._reachability.failed_with(exc.code())
             raise calls.error_from_rpc(exc) from exc
         self._reachability.answered()
         return operation.from_proto(reply)

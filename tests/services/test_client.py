@@ -173,3 +173,12 @@ def test_collect_images_takes_files_as_given_and_the_images_of_folders_sorted(tm
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images found"):
         collect_images([tmp_path / "empty"])
+
+
+def test_the_readme_s_python_example_runs_as_written(stack, data_dir, capsys):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    here = example.replace("localhost:50051", stack.controller).replace("../shared/data", str(data_dir))
+    exec(compile(here, "README.md", "exec"), {})  # noqa: S102 - the README's own example
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith(str(data_dir / "shapes_05.jpg") + " [(")
