@@ -17,7 +17,9 @@ from typing import Any
 from inferline.common.errors import ConfigError
 
 PREFIX = "INFERLINE_"
-STAGES = ("controller", "preprocess", "inference", "postprocess")
+# The three stages the controller calls, in the order a request goes through them.
+PIPELINE_STAGES = ("preprocess", "inference", "postprocess")
+STAGES = ("controller", *PIPELINE_STAGES)
 # The HTTP front door: not a gRPC stage, but it has a port and `inferline serve gateway`.
 GATEWAY = "gateway"
 
