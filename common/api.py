@@ -179,7 +179,7 @@ class ImageDetections:
     height: int = 0
     detections: list[Detection] = field(default_factory=list)
     renderings: list[Rendering] = field(default_factory=list)
-    error: InferlineError | None = None
+    error: Exception | None = None
 
     def to_proto(self) -> controller_pb2.ImageResult:
         return controller_pb2.ImageResult(
@@ -250,7 +250,7 @@ class ImageLabels:
     name: str
     # Best first; softmax probabilities over all the request's labels.
     labels: list[tuple[str, float]] = field(default_factory=list)
-    error: InferlineError | None = None
+    error: Exception | None = None
 
     def to_proto(self) -> controller_pb2.ClassifyResult:
         return controller_pb2.ClassifyResult(
@@ -310,7 +310,7 @@ class Embedded:
 
     key: str
     embedding: list[float] = field(default_factory=list)
-    error: InferlineError | None = None
+    error: Exception | None = None
 
 
 @dataclass
