@@ -24,7 +24,7 @@ from inferline.common.errors import InvalidInput
 from inferline.common.images import probe_image
 from inferline.common.transform import ImageTransform
 from inferline.services.preprocess.letterbox import letterbox_geometry
-from inferline.services.preprocess.recipes import LetterboxParams
+from inferline.services.preprocess.yolo_recipes import LetterboxParams
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
