@@ -20,12 +20,13 @@ from inferline.common.errors import InferlineError, InvalidInput
 from inferline.common.generated import controller_pb2, postprocess_pb2, types_pb2
 from inferline.common.status import code_from_status, error_for, status_for
 
-# The output formats a renderer can produce, by their public names. The proto enum is their
-# wire form; the presentation module (services/presentation.py) owns what each one means.
+# The output formats a renderer can produce, by their public names, read from the proto enum
+# (RENDER_FORMAT_PNG is "png"): a new format is one enum value and one registered renderer
+# (services/presentation), with no table to keep in step.
 FORMAT_BY_ENUM: Mapping[int, str] = {
-    types_pb2.RENDER_FORMAT_JSON: "json",
-    types_pb2.RENDER_FORMAT_CSV: "csv",
-    types_pb2.RENDER_FORMAT_PNG: "png",
+    number: name.removeprefix("RENDER_FORMAT_").lower()
+    for name, number in types_pb2.RenderFormat.items()
+    if number != types_pb2.RENDER_FORMAT_UNSPECIFIED
 }
 ENUM_BY_FORMAT: Mapping[str, int] = {name: number for number, name in FORMAT_BY_ENUM.items()}
 
@@ -34,9 +35,8 @@ def format_from_proto(number: int) -> str:
     try:
         return FORMAT_BY_ENUM[number]
     except KeyError:
-        raise InvalidInput(
-            f"render format {number} is not one of RENDER_FORMAT_JSON, RENDER_FORMAT_CSV, RENDER_FORMAT_PNG"
-        ) from None
+        known = ", ".join(f"RENDER_FORMAT_{name.upper()}" for name in FORMAT_BY_ENUM.values())
+        raise InvalidInput(f"render format {number} is not one of {known}") from None
 
 
 def error_from_status(status: types_pb2.Status) -> InferlineError | None:
