@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeAlias, TypeVar, Union
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from inferline.common.transform import ImageTransform, Region
 
 T = TypeVar("T")
 # One item's outcome: its value, or the error that failed it (and only it).
-Outcome = T | Exception
+Outcome: TypeAlias = Union[T, Exception]  # noqa: UP007 - a generic alias needs Union
 Outputs = Mapping[str, np.ndarray]
 
 
