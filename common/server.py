@@ -62,6 +62,9 @@ class Service:
     # The servicer object itself, so the controller's --inprocess mode can call the same stage
     # code without a server (services/controller/inprocess.py).
     servicer: object | None = None
+    # The stage's domain service (``services/<stage>/service.py``: numpy arrays and domain values
+    # in and out, no protos), for callers in this process that skip the transport altogether.
+    domain: object | None = None
     # Extra HTTP endpoints beside /metrics (the inference stage's profiler).
     routes: dict[tuple[str, str], Route] = field(default_factory=dict)
     # NVML GPU metrics on this stage's /metrics (the inference stage: the one that uses the GPU).

@@ -101,7 +101,7 @@ class LocalPostprocess:
 
 def domain_service(service: Service) -> Any:
     """The stage's domain service inside what its ``build_service`` built."""
-    return service.servicer.service
+    return service.domain
 
 
 class LocalStages:

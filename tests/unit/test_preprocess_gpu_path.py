@@ -14,7 +14,7 @@ from inferline.common.errors import ConfigError, InvalidInput
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, types_pb2
 from inferline.services.preprocess import gpu
 from inferline.services.preprocess.letterbox import letterbox
-from inferline.services.preprocess.servicer import torch_device
+from inferline.services.preprocess.service import torch_device
 from tests.support.images import encoded
 from tests.support.parity import mismatches
 from tests.support.servers import InProcessStack
