@@ -13,6 +13,7 @@ from typing import Any
 from inferline.common.detections import Detection
 from inferline.common.errors import InvalidInput
 from inferline.common.registry import Registry
+from inferline.services.postprocess.mask_overlay import paint_masks
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,13 @@ def render_png(item: RenderInput, max_pixels: int) -> Rendered:
 
     if not item.image:
         raise InvalidInput(f"{item.name or 'image'}: the png renderer needs the original image bytes")
-    canvas = Image.fromarray(decode_image(item.image, max_pixels=max_pixels)[:, :, ::-1])
+    image = decode_image(item.image, max_pixels=max_pixels)[:, :, ::-1]
+    canvas = Image.fromarray(paint_masks(image, [(d.mask, _color(d)) for d in item.detections if d.mask is not None]))
     draw = ImageDraw.Draw(canvas)
     line = max(round(sum(canvas.size) / 2 * 0.003), 2)
     font = _font(max(round(line * 5.5), 10))
     for d in item.detections:
-        color = "#" + _PALETTE[d.class_id % len(_PALETTE)]
+        color = _color(d)
         x1, y1, x2, y2 = (int(round(v)) for v in d.box)
         draw.rectangle((x1, y1, max(x2, x1), max(y2, y1)), outline=color, width=line)
         text = f"{d.label} {d.score:.2f}" + (f" ({d.zero_shot[0]} {d.zero_shot[1]:.2f})" if d.zero_shot else "")
@@ -101,6 +103,10 @@ def render_png(item: RenderInput, max_pixels: int) -> Rendered:
     out = io.BytesIO()
     canvas.save(out, format="PNG", compress_level=1)  # fast; OpenCV's default level too
     return Rendered(out.getvalue(), "image/png")
+
+
+def _color(detection: Detection) -> str:
+    return "#" + _PALETTE[detection.class_id % len(_PALETTE)]
 
 
 @lru_cache(maxsize=16)

@@ -143,8 +143,13 @@ def decode_detections(
     max_det: int = 300,
     classes: Sequence[int] | None = None,
     agnostic: bool = False,
+    nc: int = 0,
 ) -> np.ndarray:
     """Turn one image's raw (4 + nc, N) head output into (K, 6) ``[x1, y1, x2, y2, score, class]`` rows.
+
+    ``nc`` is the number of class rows (0: every row after the 4 box rows). Rows after the class
+    rows (a segmentation head's mask coefficients) only ride along: each kept row carries them
+    after its 6 values, as ultralytics' ``nc`` argument does.
 
     Mirrors ``ultralytics.utils.nms.non_max_suppression`` (single label per box): strict ``>``
     confidence filter on the best class (first index on ties), class filter, best ``MAX_NMS``
@@ -157,24 +162,28 @@ def decode_detections(
         raise ValueError(f"conf must be within [0, 1], got {conf}")
     if output.ndim != 2 or output.shape[0] < 5:
         raise ValueError(f"expected a (4 + classes, anchors) output, got shape {output.shape}")
+    nc = nc or output.shape[0] - 4
+    if not 0 < nc <= output.shape[0] - 4:
+        raise ValueError(f"nc must be within [1, {output.shape[0] - 4}] for a head of {output.shape[0]} rows, got {nc}")
     candidates = np.asarray(output, dtype=np.float32).T
-    class_scores = candidates[:, 4:]
+    class_scores = candidates[:, 4 : 4 + nc]
     best = class_scores.argmax(axis=1) if len(candidates) else np.empty(0, dtype=np.int64)
     score = class_scores[np.arange(len(candidates)), best]
     keep = score > conf
     if classes is not None:
         keep &= np.isin(best, np.asarray(classes))
     xywh, score, label = candidates[keep, :4], score[keep], best[keep].astype(np.float32)
+    extra = candidates[keep, 4 + nc :]
 
     if len(score) > MAX_NMS:
         top = np.argsort(-score, kind="stable")[:MAX_NMS]
-        xywh, score, label = xywh[top], score[top], label[top]
+        xywh, score, label, extra = xywh[top], score[top], label[top], extra[top]
     half_wh = xywh[:, 2:] / np.float32(2)
     xyxy = np.concatenate((xywh[:, :2] - half_wh, xywh[:, :2] + half_wh), axis=1)
 
     offset = label * np.float32(0 if agnostic else MAX_WH)
     picked = nms(xyxy + offset[:, None], score, iou)[:max_det]
-    return np.column_stack((xyxy[picked], score[picked], label[picked])).astype(np.float32, copy=False)
+    return np.column_stack((xyxy[picked], score[picked], label[picked], extra[picked])).astype(np.float32, copy=False)
 
 
 def scale_boxes(boxes: np.ndarray, transform: ImageTransform) -> np.ndarray:

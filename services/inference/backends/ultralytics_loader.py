@@ -55,6 +55,8 @@ def load_ultralytics(path: Path, device: torch.device, config: ModelConfig) -> T
         images = inputs["images"].float() / 255.0
         output = module(images)
         batch = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(batch, (tuple, list)):  # a Segment head: (boxes, classes and mask coefficients; prototypes)
+            return [{"output0": item, "output1": protos} for item, protos in zip(*batch)]
         return [{"output0": item} for item in batch]
 
     return TorchModel(forward=forward, labels=labels)
