@@ -27,11 +27,12 @@ class Mask:
     def __post_init__(self) -> None:
         if self.height < 0 or self.width < 0:
             raise InvalidInput(f"mask size must not be negative, got {self.height}x{self.width}")
-        if any(c < 0 for c in self.counts):
+        counts = np.asarray(self.counts, dtype=np.int64)
+        if (counts < 0).any():
             raise InvalidInput("mask run lengths must not be negative")
-        if sum(self.counts) != self.height * self.width:
+        if int(counts.sum()) != self.height * self.width:
             raise InvalidInput(
-                f"mask run lengths sum to {sum(self.counts)}, but a {self.height}x{self.width} mask has "
+                f"mask run lengths sum to {int(counts.sum())}, but a {self.height}x{self.width} mask has "
                 f"{self.height * self.width} pixels"
             )
 
@@ -78,7 +79,7 @@ class Mask:
 
     @property
     def area(self) -> int:
-        return sum(self.counts[1::2])
+        return int(sum(self.counts[1::2]))
 
     def to_proto(self) -> types_pb2.Mask:
         return types_pb2.Mask(width=self.width, height=self.height, rle_counts=self.counts)

@@ -49,7 +49,7 @@ def test_metadata_describes_everything_a_caller_plans_with(stub):
 
 def test_list_models_lists_the_repository(stub):
     models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5).models
-    assert {m.name for m in models} == {"yolov8n", "fasterrcnn-mobilenet-v3-large-320-fpn", "clip-vit-b-32", "clip-vit-b-32-text"}
+    assert {m.name for m in models} == {"yolov8n", "yolov8n-seg", "fasterrcnn-mobilenet-v3-large-320-fpn", "clip-vit-b-32", "clip-vit-b-32-text"}
 
 
 @pytest.mark.parametrize("method", ["ModelMetadata", "ModelReady"])
@@ -120,6 +120,24 @@ def test_min_score_keeps_exactly_the_candidates_above_it_in_order(stub, sample_i
     assert 0 < candidates.shape[1] < everything.shape[1] // 10
     np.testing.assert_array_equal(candidates, expected)
     assert len(kept.results[0].outputs[0].data) * 10 < len(full.results[0].outputs[0].data)
+
+
+def test_a_segment_model_answers_its_head_and_prototypes_and_filters_only_the_head(stub, sample_images):
+    from inferline.services.preprocess.letterbox import letterbox  # noqa: PLC0415
+
+    import cv2  # noqa: PLC0415
+
+    item = _item(letterbox(cv2.imread(str(sample_images[0])))[0])  # 480 x 640
+    full = stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="yolov8n-seg", items=[item]), timeout=30)
+    kept = stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="yolov8n-seg", items=[item], min_score=0.25), timeout=30)
+    head, protos = (tensors.from_proto(t) for t in full.results[0].outputs)
+    assert [t.name for t in full.results[0].outputs] == ["output0", "output1"]
+    assert head.shape == (4 + 80 + 32, 6300) and protos.shape == (32, 120, 160)
+    candidates, same_protos = (tensors.from_proto(t) for t in kept.results[0].outputs)
+    # Only the 80 class rows decide; the 32 mask coefficients ride along with their anchors.
+    np.testing.assert_array_equal(candidates, head[:, head[4:84].max(axis=0) > 0.25])
+    assert 0 < candidates.shape[1] < head.shape[1] // 10
+    np.testing.assert_array_equal(same_protos, protos)
 
 
 @pytest.mark.parametrize("min_score", [-0.1, 1.5])

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from inferline.common.errors import ConfigError
+from inferline.common.recipes import Recipe
 from inferline.services.inference.repository import BUILTIN_REPOSITORY, load_config, load_repository
 
 BASE = yaml.safe_load((BUILTIN_REPOSITORY / "yolov8n" / "config.yaml").read_text())
@@ -25,6 +26,25 @@ def test_builtin_repository_serves_yolov8n_with_ultralytics_defaults():
     assert config.preprocess.name == "letterbox" and config.preprocess.params["auto"] is True
     assert dict(config.postprocess.params) == {"conf": 0.25, "iou": 0.7, "max_det": 300}
     assert config.weights.file == "yolov8n.pt" and config.weights.source == "ultralytics"
+
+
+def test_builtin_repository_serves_yolov8n_seg_as_a_segment_model_of_the_same_family():
+    configs = load_repository(BUILTIN_REPOSITORY)
+    seg, detect = configs["yolov8n-seg"], configs["yolov8n"]
+    assert (seg.task, seg.loader, seg.postprocess.name) == ("segment", "ultralytics", "yolo_segment")
+    assert seg.preprocess == detect.preprocess and seg.postprocess.params == detect.postprocess.params
+    assert [o.name for o in seg.outputs] == ["output0", "output1"]
+    # Its filter compares the 80 class rows only, not the 32 mask coefficients after them.
+    assert seg.candidate_filter == Recipe("yolo", {"output": "output0", "classes": 80})
+    assert detect.candidate_filter == Recipe("yolo", {"output": "output0"})
+
+
+def test_the_candidate_filter_is_declared_in_config_and_its_name_checked_at_load(tmp_path):
+    assert load_config(_write(tmp_path, "unfiltered", candidate_filter=None)).candidate_filter is None
+    path = _write(tmp_path, "typo", candidate_filter={"name": "yollo"})
+    with pytest.raises(ConfigError, match="'yollo' is not one of yolo") as raised:
+        load_config(path)
+    assert str(path) in str(raised.value)
 
 
 def test_adding_a_model_is_adding_a_folder(tmp_path):
@@ -51,7 +71,7 @@ def test_explicit_weights_path_is_relative_to_the_model_folder(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"task": "segment"}, "task 'segment'"),
+        ({"task": "pose"}, "task 'pose'"),
         ({"backend": None}, "'backend' must be a non-empty string"),
         ({"weights": "yolov8n.pt"}, "'weights' must be a mapping"),
         ({"inputs": []}, "'inputs' must be a non-empty list"),
