@@ -2,7 +2,7 @@
 
 The graph takes exactly what the inference service receives (YOLO: uint8 (B, 3, H, W), H and
 W dynamic, /255 inside the graph) and gives the served outputs (YOLO: ``output0`` (B, 84, N);
-torchvision detectors: one image per run, ``boxes``/``scores``/``labels`` with a batch axis of 1).
+YOLO-seg: ``output0`` (B, 116, N) and the prototypes ``output1`` (B, 32, H/4, W/4); torchvision detectors: one image per run, ``boxes``/``scores``/``labels`` with a batch axis of 1).
 Labels and recipe params travel in the file's ``metadata_props`` ("labels", "recipe_params",
 JSON), so the ONNX Runtime backend needs nothing but the file.
 """
@@ -27,9 +27,9 @@ class _Yolo(torch.nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         output = self.module(images.float() / 255.0)
-        return output[0] if isinstance(output, (tuple, list)) else output
+        return output[0] if isinstance(output, (tuple, list)) else output  # a Segment head's: (head, prototypes)
 
 
 def _build(config: ModelConfig, weights_path: Path) -> tuple[torch.nn.Module, dict[str, np.ndarray], tuple[str, ...], dict]:
@@ -193,10 +193,10 @@ class _Half(torch.nn.Module):
         super().__init__()
         self.inner = module
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         inner = self.inner
         if isinstance(inner, _Yolo):
             out = inner.module(inputs[0].half() / 255.0)
             out = out[0] if isinstance(out, (tuple, list)) else out
-            return out.float()
+            return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
         return inner(*inputs).float()

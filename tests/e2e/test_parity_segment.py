@@ -122,8 +122,8 @@ def test_json_carries_rle_masks_and_png_paints_them(stack, data_dir):
 
     original = cv2.imread(str(path))
     drawn = cv2.imdecode(np.frombuffer(as_png.content, np.uint8), cv2.IMREAD_COLOR)
-    mask = Detection.from_proto(result.detections[0]).mask.decode()
-    inside = cv2.erode(mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)  # away from box lines
-    assert inside.any()
+    masks = [Detection.from_proto(d).mask.decode() for d in result.detections]
+    inside = np.logical_or.reduce(masks)
+    assert inside.sum() > 1000
     changed = (drawn != original).any(axis=2)
-    assert changed[inside].mean() > 0.9, "mask pixels are tinted"
+    assert changed[inside].mean() > 0.95, "mask pixels are tinted"

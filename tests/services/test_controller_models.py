@@ -28,7 +28,7 @@ def _images(*datas: bytes) -> list[types_pb2.Image]:
 
 def test_all_three_families_are_listed_with_their_tasks(stub):
     models = {m.name: m.task for m in stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models}
-    assert models == {"yolov8n": "detect", FRCNN: "detect", CLIP: "embed", f"{CLIP}-text": "embed"}
+    assert models == {"yolov8n": "detect", "yolov8n-seg": "segment", FRCNN: "detect", CLIP: "embed", f"{CLIP}-text": "embed"}
 
 
 def test_model_info_describes_one_model_and_not_found_names_it(stub):
@@ -81,6 +81,7 @@ def test_detect_can_relabel_boxes_with_clip_in_one_call(stub, data_dir):
     [
         ("Detect", controller_pb2.DetectRequest(model=CLIP, images=_images(encoded())), INVALID, "is a embed model; Detect needs a detect model"),
         ("Classify", controller_pb2.ClassifyRequest(model="yolov8n", images=_images(encoded()), labels=["a"]), INVALID, "is a detect model"),
+        ("Classify", controller_pb2.ClassifyRequest(model="yolov8n-seg", images=_images(encoded()), labels=["a"]), INVALID, "is a segment model"),
         ("Classify", controller_pb2.ClassifyRequest(model=CLIP, images=_images(encoded())), INVALID, "labels are required"),
         ("Classify", controller_pb2.ClassifyRequest(model=CLIP, images=_images(encoded()), labels=["ok", " "]), INVALID, "must not be empty"),
         ("Classify", controller_pb2.ClassifyRequest(model=CLIP, images=_images(encoded()), labels=["x"] * 257), INVALID, "over the limit of 256"),

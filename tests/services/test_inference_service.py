@@ -122,13 +122,18 @@ def test_min_score_keeps_exactly_the_candidates_above_it_in_order(stub, sample_i
     assert len(kept.results[0].outputs[0].data) * 10 < len(full.results[0].outputs[0].data)
 
 
-def test_a_segment_model_answers_its_head_and_prototypes_and_filters_only_the_head(stub, sample_images):
+def test_a_segment_model_answers_its_head_and_prototypes_and_filters_only_the_head(stack, stub, sample_images):
     from inferline.services.preprocess.letterbox import letterbox  # noqa: PLC0415
 
     import cv2  # noqa: PLC0415
 
     item = _item(letterbox(cv2.imread(str(sample_images[0])))[0])  # 480 x 640
-    full = stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="yolov8n-seg", items=[item]), timeout=30)
+    # Unfiltered, the head and the prototypes are 5 MB: over a default client's 4 MB limit.
+    options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+    with grpc.insecure_channel(stack.servers["inference"].address, options=options) as channel:
+        full = inference_pb2_grpc.InferenceServiceStub(channel).ModelInfer(
+            inference_pb2.ModelInferRequest(model_name="yolov8n-seg", items=[item]), timeout=30
+        )
     kept = stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="yolov8n-seg", items=[item], min_score=0.25), timeout=30)
     head, protos = (tensors.from_proto(t) for t in full.results[0].outputs)
     assert [t.name for t in full.results[0].outputs] == ["output0", "output1"]

@@ -189,3 +189,36 @@ def test_half_clip_towers_stay_within_fp16_of_torch(tower, clip_weights, tmp_pat
         ours = ours["embedding"]
         assert ours.dtype == np.float32 and ours.shape == (512,)
         assert float(ours @ ref / np.linalg.norm(ours) / np.linalg.norm(ref)) >= 0.999
+
+
+def test_a_segment_model_exports_its_prototypes_and_segments_like_torch(seg_weights, sample_images, tmp_path):
+    from inferline.common.detections import DetectOptions  # noqa: PLC0415
+    from inferline.services.postprocess.yolo_recipes import yolo_segment  # noqa: PLC0415
+
+    config = load_config(BUILTIN_REPOSITORY / "yolov8n-seg" / "config.yaml")
+    backend = _backend(config, export_onnx(config, seg_weights, tmp_path / "yolov8n-seg.onnx"))
+    served = load_ultralytics(seg_weights, torch.device("cpu"), config)
+    found = 0
+    for path in sample_images[:4]:
+        image, transform = letterbox(cv2.imread(str(path)))
+        ours = backend.run({"images": image[None]})[0]
+        with torch.inference_mode():
+            reference = {k: v.numpy() for k, v in served.forward({"images": torch.from_numpy(image[None].copy())})[0].items()}
+        assert sorted(ours) == ["output0", "output1"] and ours["output1"].shape == reference["output1"].shape
+        for name in ours:
+            assert np.abs(ours[name] - reference[name]).max() < MAX_ABS_DIFF, name
+        segmented = [yolo_segment(o, transform, DetectOptions(), config.postprocess.params, ()) for o in (ours, reference)]
+        assert [d.class_id for d in segmented[0]] == [d.class_id for d in segmented[1]]
+        for a, b in zip(*segmented):
+            both, either = (a.mask.decode() & b.mask.decode()).sum(), (a.mask.decode() | b.mask.decode()).sum()
+            assert both / either >= 0.99
+        found += len(segmented[1])
+    assert found > 3
+
+
+def test_a_segment_model_exports_in_half_precision(seg_weights, tmp_path):
+    config = load_config(BUILTIN_REPOSITORY / "yolov8n-seg" / "config.yaml")
+    backend = _backend(config, export_onnx(config, seg_weights, tmp_path / "half.onnx", half=True))
+    out = backend.run({"images": np.full((1, 3, 64, 96), 114, np.uint8)})[0]
+    assert out["output0"].dtype == out["output1"].dtype == np.float32
+    assert out["output0"].shape == (116, 8 * 12 + 4 * 6 + 2 * 3) and out["output1"].shape == (32, 16, 24)
