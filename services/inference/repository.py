@@ -16,12 +16,12 @@ import yaml
 
 from inferline.common.errors import ConfigError
 from inferline.common.recipes import Recipe
+from inferline.common.tasks import TASKS
 from inferline.common.tensors import DTYPE_NAMES
 from inferline.services.inference.filters import FILTERS
 
 BUILTIN_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
 CONFIG_FILE = "config.yaml"
-TASKS = ("detect", "segment", "classify", "embed")
 # Compute precision of the torch backend: fp16 (CUDA) and bf16 (CUDA or CPU) run the forward pass
 # under torch.autocast; inputs and outputs on the wire stay as declared (outputs float32).
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -144,6 +144,7 @@ def load_config(path: Path) -> ModelConfig:
         raise ConfigError(f"{path}: expected a mapping at the top level")
     reader = _Reader(raw, str(path))
     task = reader.text("task")
+    # Only a registered task has a path through the controller (common/tasks.py).
     if task not in TASKS:
         raise ConfigError(f"{path}: task {task!r} is not one of {', '.join(TASKS)}")
     weights = reader.mapping("weights")
