@@ -99,7 +99,8 @@ class ServerApp:
     """
 
     def __init__(
-        self, service: Service, settings: Settings, *, port: int, host: str | None = None, metrics_port: int | None = None
+        self, service: Service, settings: Settings, *, port: int, host: str | None = None,
+        metrics_port: int | None = None
     ):
         self.service = service
         self.metrics_port = metrics_port
@@ -121,7 +122,8 @@ class ServerApp:
     async def start(self) -> int:
         server = grpc.aio.server(
             interceptors=[
-                RetryCounter(self.service.name), TelemetryServerInterceptor(self.service.name), ErrorMappingInterceptor()
+                RetryCounter(self.service.name), TelemetryServerInterceptor(self.service.name),
+                ErrorMappingInterceptor()
             ],
             options=[*channel_options(self.settings), ("grpc.so_reuseport", 0)],
         )

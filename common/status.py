@@ -105,7 +105,9 @@ def retry_trailer(exc: BaseException, code: grpc.StatusCode, message: str) -> tu
     delay = getattr(exc, "retry_after_s", None)
     if delay is None:
         return ()
-    info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(delay), nanos=int(delay % 1 * 1e9)))
+    info = error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=int(delay), nanos=int(delay % 1 * 1e9))
+    )
     detail = status_pb2.Status(code=code.value[0], message=message)
     detail.details.add().Pack(info)
     trailer: tuple[tuple[str, bytes | str], ...] = ((STATUS_DETAILS_KEY, detail.SerializeToString()),)
@@ -230,7 +232,7 @@ def _mapped(inner: UnaryHandler, method: str) -> UnaryHandler:
             return await inner(request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure must become a status
+        except Exception as exc:  # every failure must become a status
             code, message = status_for(exc)
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", method)

@@ -140,7 +140,7 @@ class ModelManager:
             valid.append(index)
         if valid:
             keyed = [(tuple((k, items[i][k].shape) for k in sorted(items[i])), items[i]) for i in valid]  # type: ignore[index]
-            for index, outcome in zip(valid, await model.batcher.submit(keyed, timeout)):
+            for index, outcome in zip(valid, await model.batcher.submit(keyed, timeout), strict=True):
                 results[index] = outcome
         return results
 
@@ -165,7 +165,7 @@ def _check_inputs(item: Item, specs: Sequence[TensorSpec]) -> None:
         if array.dtype != dtype:
             raise InvalidInput(f"input {spec.name!r} must be {spec.dtype}, got {array.dtype}")
         if len(array.shape) != len(spec.shape) or any(
-            want not in (-1, got) for want, got in zip(spec.shape, array.shape)
+            want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
         ):
             raise InvalidInput(f"input {spec.name!r} has shape {array.shape}, the model takes {spec.shape} (-1: any)")
         if 0 in array.shape:

@@ -62,7 +62,7 @@ def torchvision_detect(
     mapped = to_original(boxes[index], transform)
     return [
         Detection(label_for(int(c), labels), int(c), float(s), tuple(float(v) for v in box))
-        for box, s, c in zip(mapped, scores[index], class_ids[index])
+        for box, s, c in zip(mapped, scores[index], class_ids[index], strict=True)
     ]
 
 

@@ -22,7 +22,7 @@ import gzip
 import html
 import importlib.util
 from functools import lru_cache
-from itertools import islice
+from itertools import islice, pairwise
 from pathlib import Path
 
 import ftfy
@@ -120,7 +120,7 @@ class ClipTokenizer:
         ranks = self._ranks
         while len(symbols) > 1:
             best_rank, best = None, None
-            for pair in zip(symbols, symbols[1:]):
+            for pair in pairwise(symbols):
                 rank = ranks.get(pair)
                 if rank is not None and (best_rank is None or rank < best_rank):
                     best_rank, best = rank, pair

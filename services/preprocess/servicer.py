@@ -53,7 +53,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         self.torch_device = torch_device(settings.preprocess_device)
         self.limits = RecipeLimits.from_settings(settings)
 
-    async def Preprocess(self, request, context):
+    async def Preprocess(self, request, context):  # noqa: N802 - gRPC's method name
         recipe = Recipe.from_proto(request.recipe)
         self._validate(request, recipe)
         if request.texts:
@@ -113,7 +113,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         others = [i for i, yes in enumerate(is_jpeg) if not yes]
         loop = asyncio.get_running_loop()
         batch_job = loop.run_in_executor(
-            self.pool, in_context(traced("decode_letterbox", gpu.letterbox_batch, **{"inferline.device": str(self.torch_device), "inferline.batch_size": len(jpegs)})),
+            self.pool,
+            in_context(traced("decode_letterbox", gpu.letterbox_batch,
+                              **{"inferline.device": str(self.torch_device), "inferline.batch_size": len(jpegs)})),
             [images[i].data for i in jpegs], recipe.params, self.torch_device,
             self.settings.max_image_pixels,
         ) if jpegs else _done([])
@@ -127,9 +129,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
             batched = [exc]
         rest = await rest_job
         outcomes: list = [None] * len(images)
-        for i, outcome in zip(jpegs, batched):
+        for i, outcome in zip(jpegs, batched, strict=True):
             outcomes[i] = outcome
-        for i, outcome in zip(others, rest):
+        for i, outcome in zip(others, rest, strict=True):
             outcomes[i] = outcome
         return outcomes
 
@@ -156,10 +158,13 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
 
     async def _map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
         loop = asyncio.get_running_loop()
-        return await asyncio.gather(*(loop.run_in_executor(self.pool, in_context(fn), item) for item in items), return_exceptions=True)
+        return await asyncio.gather(*(loop.run_in_executor(self.pool, in_context(fn), item) for item in items),
+                                    return_exceptions=True)
 
 
-def _traced(preprocessor: Callable[..., tuple[np.ndarray, ImageTransform]], name: str) -> Callable[..., tuple[np.ndarray, ImageTransform]]:
+def _traced(
+    preprocessor: Callable[..., tuple[np.ndarray, ImageTransform]], name: str
+) -> Callable[..., tuple[np.ndarray, ImageTransform]]:
     """The recipe (letterbox, clip_image, ...) as one span, with the image size in and out."""
 
     def run(pixels: np.ndarray, params: dict) -> tuple[np.ndarray, ImageTransform]:
@@ -189,7 +194,9 @@ def torch_device(name: str) -> str | None:
         import torch  # noqa: PLC0415
         import torchvision  # noqa: F401, PLC0415
     except ImportError:
-        raise ConfigError(f"INFERLINE_PREPROCESS_DEVICE={name}: needs torch and torchvision (pip install 'inferline[torch]')") from None
+        raise ConfigError(
+            f"INFERLINE_PREPROCESS_DEVICE={name}: needs torch and torchvision (pip install 'inferline[torch]')"
+        ) from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"INFERLINE_PREPROCESS_DEVICE={name}: torch sees no CUDA device here; use opencv")
     return device

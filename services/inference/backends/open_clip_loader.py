@@ -71,8 +71,8 @@ def _quiet_random_init() -> Iterator[None]:
 
 
 def _build(path: Path, device: torch.device, architecture: str, quick_gelu: bool) -> torch.nn.Module:
-    import open_clip
-    from safetensors.torch import load_file
+    import open_clip  # noqa: PLC0415 - open_clip imports timm: paid when a CLIP model loads
+    from safetensors.torch import load_file  # noqa: PLC0415
 
     try:
         state = load_file(str(path), device="cpu")
@@ -139,7 +139,7 @@ def load_open_clip_image(path: Path, device: torch.device, config: ModelConfig) 
     """The image tower: uint8 (B, 3, H, W) RGB -> per item {output: (D,)} raw image features."""
     module = shared_open_clip_module(path, device, config)
     input_name, output_name = _io_names(config)
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: PLC0415 - open_clip imports timm: paid when a CLIP model loads
 
     preprocess = getattr(module.visual, "preprocess_cfg", None) or {}
     image_size = tuple(getattr(module.visual, "image_size", ()))
