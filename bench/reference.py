@@ -64,8 +64,11 @@ def ultralytics_runner(
     from ultralytics import YOLO
 
     model = YOLO(str(weights))
-    return lambda paths: model.predict(source=[str(p) for p in paths], verbose=False, device=device, batch=batch,
-                                       half=half)
+
+    def run(paths: list[Path]) -> None:
+        model.predict(source=[str(p) for p in paths], verbose=False, device=device, batch=batch, half=half)
+
+    return run
 
 
 def torchvision_runner(

@@ -31,7 +31,7 @@ from inferline.common.errors import InvalidInput
 try:  # the fast decoder, when installed; see the module docstring
     import cv2
 except ImportError:  # pragma: no cover - exercised in the slim container images (tests/deploy)
-    cv2 = None
+    cv2 = None  # type: ignore[assignment]  # and DECODER is "pillow"
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 _NOT_AN_IMAGE = f"not a decodable image: expected one of {', '.join(FORMATS)}"

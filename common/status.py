@@ -11,7 +11,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf import duration_pb2
@@ -29,7 +29,7 @@ HTTP_INTERNAL = 500
 
 # Most specific first: the first matching class wins. Columns: domain error, gRPC code, HTTP
 # code (the gateway's); a server-side failure is 500 there, with INTERNAL_MESSAGE as its text.
-STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, int], ...] = (
+STATUS_TABLE: tuple[tuple[type[errors.InferlineError], grpc.StatusCode, int], ...] = (
     (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT, 400),
     (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND, 404),
     (errors.StageUnavailable, grpc.StatusCode.UNAVAILABLE, 503),
@@ -133,6 +133,9 @@ def retry_after_s(metadata: Any) -> float | None:
 
 
 UnaryHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+# What a grpc.aio continuation returns: a method handler whose behaviours are coroutine functions
+# (grpc's stubs describe the sync server's, so the behaviours are cast below).
+MethodHandler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -147,22 +150,22 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> MethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _mapped(handler.unary_unary, method),
+                _mapped(cast(UnaryHandler, handler.unary_unary), method),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:  # health's Watch: one request message, too
             return grpc.unary_stream_rpc_method_handler(
-                _streamed(handler.unary_stream, method),
+                _streamed(cast(Callable[[Any, grpc.aio.ServicerContext], Any], handler.unary_stream), method),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )

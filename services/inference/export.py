@@ -12,12 +12,16 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from inferline.common.errors import WeightsError
 from inferline.services.inference.repository import ModelConfig
+
+if TYPE_CHECKING:
+    from inferline.services.inference.backends.open_clip_loader import ClipModule
 
 DEFAULT_OPSET = 17
 
@@ -40,11 +44,12 @@ def _build(
         from inferline.services.inference.backends.ultralytics_loader import build_ultralytics_module  # noqa: PLC0415 - each family's loader on demand
 
         module, labels = build_ultralytics_module(weights_path)
-        for m in module.modules():
-            if hasattr(m, "inplace"):
-                m.inplace = False
-            if hasattr(m, "dynamic") and hasattr(m, "anchors"):
-                m.dynamic = True  # Detect head: anchors rebuilt in the graph for every input shape
+        layer: Any  # ultralytics' layers: plain flags that nn.Module's typing does not know
+        for layer in module.modules():
+            if hasattr(layer, "inplace"):
+                layer.inplace = False
+            if hasattr(layer, "dynamic") and hasattr(layer, "anchors"):
+                layer.dynamic = True  # Detect head: anchors rebuilt in the graph for every input shape
         sample = {config.inputs[0].name: np.full((1, 3, 640, 640), 114, dtype=np.uint8)}
         return _Yolo(module).eval(), sample, labels, {}
     if config.loader in ("open_clip_image", "open_clip_text"):
@@ -70,6 +75,7 @@ def _build(
 
         served = load_torchvision_detection(weights_path, torch.device("cpu"), config)
         detector = served.module
+        assert detector is not None  # the torchvision loader serves its module, not only a forward
         # Noise gives proposals and detections while tracing: a blank image traces the
         # no-detection path, whose constants then break the graph on real images.
         sample = {config.inputs[0].name: np.random.default_rng(0).integers(0, 256, (1, 3, 480, 640), dtype=np.uint8)}
@@ -160,7 +166,10 @@ def export_onnx(
 class _ClipImage(torch.nn.Module):
     """uint8 (B, 3, H, W) -> raw image features; ToTensor and Normalize inside, as the loader."""
 
-    def __init__(self, clip: torch.nn.Module, mean, std):
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, clip: ClipModule, mean, std):
         super().__init__()
         self.clip = clip
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1))
@@ -185,7 +194,7 @@ class _TorchvisionDetection(torch.nn.Module):
 
 
 class _ClipText(torch.nn.Module):
-    def __init__(self, clip: torch.nn.Module):
+    def __init__(self, clip: ClipModule):
         super().__init__()
         self.clip = clip
 

@@ -98,7 +98,7 @@ class ClipTokenizer:
         vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(pair) for pair in merges]
         vocab += [START_OF_TEXT, END_OF_TEXT]
         self.encoder: dict[str, int] = {token: index for index, token in enumerate(vocab)}
-        self._ranks: dict[tuple[str, str], int] = {pair: rank for rank, pair in enumerate(merges)}
+        self._ranks: dict[tuple[str, str], int] = {(a, b): rank for rank, (a, b) in enumerate(merges)}
         self.sot_token_id = self.encoder[START_OF_TEXT]
         self.eot_token_id = self.encoder[END_OF_TEXT]
         self.vocab_size = len(self.encoder)

@@ -93,7 +93,7 @@ class OnnxRuntimeBackend:
         return dict(self._recipe_params)
 
     def close(self) -> None:
-        self._session = None  # type: ignore[assignment]
+        self._session = None
 
 
 @BACKENDS.register("onnxruntime")

@@ -96,7 +96,7 @@ def _parameters(config: ModelConfig) -> tuple[str, int, dict[str, Any]]:
     where = f"{config.folder / 'config.yaml'}: parameters"
     architecture = params.get("architecture")
     known = torchvision.models.list_models(module=torchvision.models.detection)
-    if architecture not in known:
+    if not isinstance(architecture, str) or architecture not in known:
         raise ConfigError(
             f"{where}: architecture {architecture!r} is not one of torchvision's detectors ({', '.join(known)})"
         )
