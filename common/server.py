@@ -24,8 +24,9 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -50,7 +51,7 @@ Hook = Callable[[], Awaitable[None]]
 # Sets health names to SERVING (True) or NOT_SERVING (False); "" is the whole stage.
 ReportHealth = Callable[[Mapping[str, bool]], Awaitable[None]]
 # Runs for the life of the stage after ``load``, reporting its readiness as it changes.
-Readiness = Callable[[ReportHealth], Awaitable[None]]
+Readiness = Callable[[ReportHealth], Coroutine[Any, Any, None]]
 
 
 @dataclass
@@ -102,7 +103,8 @@ class ServerApp:
     """
 
     def __init__(
-        self, service: Service, settings: Settings, *, port: int, host: str | None = None, metrics_port: int | None = None
+        self, service: Service, settings: Settings, *, port: int, host: str | None = None,
+        metrics_port: int | None = None
     ):
         self.service = service
         self.metrics_port = metrics_port
@@ -124,7 +126,8 @@ class ServerApp:
     async def start(self) -> int:
         server = grpc.aio.server(
             interceptors=[
-                RetryCounter(self.service.name), TelemetryServerInterceptor(self.service.name), ErrorMappingInterceptor()
+                RetryCounter(self.service.name), TelemetryServerInterceptor(self.service.name),
+                ErrorMappingInterceptor()
             ],
             options=[*channel_options(self.settings), ("grpc.so_reuseport", 0)],
         )

@@ -113,7 +113,7 @@ class _Boxes:
         # Chunks of whole runs, about _PAIR_CHUNK pairs each (a longer run is one chunk on its own).
         bounds = np.unique(np.searchsorted(pairs_before, np.arange(0, sweep.pairs, _PAIR_CHUNK), side="right") - 1)
         better, worse = [sweep.by_start[:0]], [sweep.by_start[:0]]
-        for lo, hi in zip(bounds, np.append(bounds[1:], len(sweep.runs))):
+        for lo, hi in zip(bounds, np.append(bounds[1:], len(sweep.runs)), strict=False):  # no pairs: no bounds
             first = np.repeat(np.arange(lo, hi), sweep.runs[lo:hi])
             second = first + 1 + np.arange(len(first)) - (pairs_before[first] - pairs_before[lo])
             hit = swept.suppresses(first, second)
@@ -129,7 +129,7 @@ def _greedy(members: np.ndarray, better: np.ndarray, worse: np.ndarray) -> np.nd
     better, worse = better[by_better], worse[by_better]
     suppressed = np.zeros(members.max() + 1, dtype=bool)
     heads = np.flatnonzero(np.diff(better, prepend=-1))
-    for head, stop in zip(heads, np.append(heads[1:], len(better))):
+    for head, stop in zip(heads, np.append(heads[1:], len(better)), strict=False):  # no pairs: no heads
         if not suppressed[better[head]]:
             suppressed[worse[head:stop]] = True
     return members[~suppressed[members]]

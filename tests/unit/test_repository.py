@@ -83,9 +83,11 @@ def test_explicit_weights_path_is_relative_to_the_model_folder(tmp_path):
         ({"dynamic_batching": {"preferred_batch_sizes": [0]}}, "'preferred_batch_sizes' must be a list of positive"),
         ({"instance_count": 0}, "'instance_count' must be a positive integer"),
         ({"precision": "fp8"}, "precision 'fp8' is not one of fp32, fp16, bf16"),
-        ({"weights": {"file": "best.pt"}}, "no official sha256 to check the file against, so 'verify' must say what to trust"),
+        ({"weights": {"file": "best.pt"}},
+         "no official sha256 to check the file against, so 'verify' must say what to trust"),
         ({"weights": {"file": "best.pt", "verify": "official"}}, "verify: official needs the release's 'sha256'"),
-        ({"weights": {"file": "best.pt", "verify": "trust-me"}}, "verify 'trust-me' is not one of official, sha256:<64 hex digits>, warn"),
+        ({"weights": {"file": "best.pt", "verify": "trust-me"}},
+         "verify 'trust-me' is not one of official, sha256:<64 hex digits>, warn"),
         ({"weights": {"file": "best.pt", "verify": "sha256:abc"}}, "'sha256:abc' is not a sha256 pin"),
     ],
 )
@@ -110,7 +112,8 @@ def test_empty_or_missing_repository_is_an_error(tmp_path):
 
 
 def test_dynamic_batching_is_declared_in_config(tmp_path):
-    path = _write(tmp_path, "yolov8n", dynamic_batching={"max_queue_delay_ms": 5, "max_queue_size": 64, "preferred_batch_sizes": [4, 8]})
+    path = _write(tmp_path, "yolov8n",
+                  dynamic_batching={"max_queue_delay_ms": 5, "max_queue_size": 64, "preferred_batch_sizes": [4, 8]})
     config = load_config(path)
     assert (config.max_queue_delay_ms, config.max_queue_size, config.preferred_batch_sizes) == (5.0, 64, (4, 8))
 
@@ -131,4 +134,5 @@ def test_a_custom_file_pins_its_digest_or_says_warn(tmp_path):
     pin = "AB" * 32
     pinned = load_config(_write(tmp_path, "pinned", weights={"file": "best.pt", "verify": f"sha256:{pin}"}))
     assert (pinned.weights.verify.mode, pinned.weights.verify.pin) == ("sha256", pin.lower())
-    assert str(load_config(_write(tmp_path, "loose", weights={"file": "best.pt", "verify": "warn"})).weights.verify) == "warn"
+    assert str(load_config(_write(tmp_path, "loose",
+                                  weights={"file": "best.pt", "verify": "warn"})).weights.verify) == "warn"
