@@ -10,8 +10,9 @@ on the wire and back, so an item's code survives every hop unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -28,7 +29,9 @@ FORMAT_BY_ENUM: Mapping[int, str] = {
     for name, number in types_pb2.RenderFormat.items()
     if number != types_pb2.RENDER_FORMAT_UNSPECIFIED
 }
-ENUM_BY_FORMAT: Mapping[str, int] = {name: number for number, name in FORMAT_BY_ENUM.items()}
+ENUM_BY_FORMAT: Mapping[str, types_pb2.RenderFormat] = {
+    name: cast("types_pb2.RenderFormat", number) for number, name in FORMAT_BY_ENUM.items()
+}
 
 
 def format_from_proto(number: int) -> str:
@@ -77,7 +80,9 @@ class Rendering:
     content: bytes
 
     def to_proto(self) -> types_pb2.Rendering:
-        return types_pb2.Rendering(format=ENUM_BY_FORMAT[self.format], content_type=self.content_type, content=self.content)
+        return types_pb2.Rendering(
+            format=ENUM_BY_FORMAT[self.format], content_type=self.content_type, content=self.content
+        )
 
     @classmethod
     def from_proto(cls, message: types_pb2.Rendering) -> Rendering:
@@ -101,6 +106,10 @@ class ClusterOptions:
     @classmethod
     def from_proto(cls, message: types_pb2.ClusterOptions) -> ClusterOptions:
         return cls(message.k, message.threshold)
+
+
+# The default of every call that may cluster: no clustering.
+NO_CLUSTERING = ClusterOptions()
 
 
 @dataclass(frozen=True)

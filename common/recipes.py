@@ -47,5 +47,7 @@ def _parsed(name: str, params: bytes) -> Recipe:
     try:
         values = json_format.MessageToDict(struct_pb2.Struct.FromString(params))
     except ValueError:  # json_format refuses NaN and infinity in a Struct (JSON has neither)
-        raise InvalidInput(f"recipe {quoted(name)} has a NaN or infinite parameter; parameters are finite numbers") from None
+        raise InvalidInput(
+            f"recipe {quoted(name)} has a NaN or infinite parameter; parameters are finite numbers"
+        ) from None
     return Recipe(name, values)

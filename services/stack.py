@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -39,7 +39,7 @@ UP_ORDER = (*START_ORDER, GATEWAY)
 STOP_TIERS = ((GATEWAY,), ("controller",), ("preprocess", "inference", "postprocess"))
 
 
-def wait_serving(target: str, timeout: float, alive: callable = lambda: True) -> None:
+def wait_serving(target: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
     """Blocks until the server at ``target`` reports SERVING on the standard health service."""
     expires = time.monotonic() + timeout
     with grpc.insecure_channel(target) as channel:
@@ -48,7 +48,9 @@ def wait_serving(target: str, timeout: float, alive: callable = lambda: True) ->
             if not alive():
                 raise RuntimeError(f"the server for {target} exited while starting")
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                reply = stub.Check(  # type: ignore[attr-defined]  # stubs list no methods
+                    health_pb2.HealthCheckRequest(service=""), timeout=1.0
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
@@ -58,14 +60,14 @@ def wait_serving(target: str, timeout: float, alive: callable = lambda: True) ->
             time.sleep(0.1)
 
 
-def wait_http_ready(url: str, timeout: float, alive: callable = lambda: True) -> None:
+def wait_http_ready(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
     """Blocks until ``url`` (the gateway's /readyz) answers 200."""
     expires = time.monotonic() + timeout
     while True:
         if not alive():
             raise RuntimeError(f"the server for {url} exited while starting")
         try:
-            with urllib.request.urlopen(url, timeout=2.0) as reply:
+            with urllib.request.urlopen(url, timeout=2.0) as reply:  # noqa: S310 - our own http:// URL
                 if reply.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -75,7 +77,7 @@ def wait_http_ready(url: str, timeout: float, alive: callable = lambda: True) ->
         time.sleep(0.1)
 
 
-def _wait_ready(stage: str, port: int, timeout: float, alive: callable) -> None:
+def _wait_ready(stage: str, port: int, timeout: float, alive: Callable[[], bool]) -> None:
     if stage == GATEWAY:
         wait_http_ready(f"http://localhost:{port}/readyz", timeout, alive)
     else:
@@ -139,14 +141,23 @@ class _Child:
     # When the supervisor restarts it (monotonic time), once it has seen it exit.
     restart_at: float | None = None
 
-    def spawn(self) -> None:
+    def spawn(self) -> subprocess.Popen[bytes]:
         # No preexec_fn: forking Python code in a process with gRPC threads can crash the child;
         # the child arms its own parent-death signal (cli.py, --exit-with-parent).
-        command = [sys.executable, "-m", "inferline.services.cli", "serve", self.stage, "--exit-with-parent", str(os.getpid())]
+        command = [
+            sys.executable,
+            "-m",
+            "inferline.services.cli",
+            "serve",
+            self.stage,
+            "--exit-with-parent",
+            str(os.getpid()),
+        ]
         if self.stage != GATEWAY:
             command += ["--port", str(self.port)]
-        self.process = subprocess.Popen(command, env=self.env)
+        self.process = process = subprocess.Popen(command, env=self.env)
         self.started = time.monotonic()
+        return process
 
 
 @dataclass
@@ -201,7 +212,9 @@ class LocalStack:
                     # supervision yet: a stage that cannot start would only crash-loop).
                     _wait_ready(child.stage, child.port, timeout, alive=lambda: self.exited() is None)
                 except RuntimeError:
-                    raise RuntimeError(f"the {self.exited()} stage exited while starting; its log above says why") from None
+                    raise RuntimeError(
+                        f"the {self.exited()} stage exited while starting; its log above says why"
+                    ) from None
         except BaseException:
             self.stop()
             raise
@@ -249,8 +262,8 @@ class LocalStack:
                               name, how, now - child.started, delay, child.restarts)
                 elif child.restart_at is not None and now >= child.restart_at:
                     child.restart_at = None
-                    child.spawn()
-                    log.warning("%s restarted (pid %d)", name, child.process.pid)
+                    process = child.spawn()
+                    log.warning("%s restarted (pid %d)", name, process.pid)
                     self._publish()
         self._idle.set()
         self._stopped.wait()
@@ -320,7 +333,7 @@ def free_port_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """
     ports = free_ports(len(STAGES) + 1)
     result = dict(os.environ if env is None else env)
-    for stage, port in zip(STAGES, ports):
+    for stage, port in zip(STAGES, ports, strict=False):
         result[f"INFERLINE_{stage.upper()}_PORT"] = str(port)
         result[f"INFERLINE_{stage.upper()}_TARGET"] = f"localhost:{port}"
     result["INFERLINE_GATEWAY_PORT"] = str(ports[-1])

@@ -84,7 +84,7 @@ def seg_weights(model_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def sample_images(data_dir: Path) -> list[Path]:
     """The shared test scenes plus ultralytics' own bus.jpg and zidane.jpg."""
-    import ultralytics
+    import ultralytics  # noqa: PLC0415 - heavy; only sessions that ask for the images pay for it
 
     assets = Path(ultralytics.__file__).parent / "assets"
     return sorted(data_dir.glob("*.jpg")) + [assets / "bus.jpg", assets / "zidane.jpg"]
@@ -97,7 +97,14 @@ def clip_weights(model_dir: Path) -> Path:
     for folder in (model_dir, STANDIN_CACHE):
         if (folder / CLIP_FILE).is_file():
             return folder / CLIP_FILE
-    script = next((p for p in (model_dir / "make_standins.py", REPO.parent / "shared" / "models" / "make_standins.py") if p.is_file()), None)
+    script = next(
+        (
+            p
+            for p in (model_dir / "make_standins.py", REPO.parent / "shared" / "models" / "make_standins.py")
+            if p.is_file()
+        ),
+        None,
+    )
     if script is None:
         pytest.fail(f"{CLIP_FILE} is not in {model_dir} and make_standins.py is not there to make it")
     STANDIN_CACHE.mkdir(parents=True, exist_ok=True)

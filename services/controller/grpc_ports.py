@@ -17,7 +17,15 @@ import grpc
 import numpy as np
 
 from inferline.common import tensors
-from inferline.common.api import ClusterOptions, Embeddings, Ranking, Rendering, error_from_status, ENUM_BY_FORMAT
+from inferline.common.api import (
+    ENUM_BY_FORMAT,
+    NO_CLUSTERING,
+    ClusterOptions,
+    Embeddings,
+    Ranking,
+    Rendering,
+    error_from_status,
+)
 from inferline.common.channels import create_channel
 from inferline.common.detections import Detection, DetectOptions, detections_from_proto
 from inferline.common.errors import DeadlineExceeded, StageFailed, StageUnavailable
@@ -47,7 +55,9 @@ class _Caller:
     def __init__(self, stage: str, target: str, watcher: StageWatcher):
         self.stage, self.target, self.watcher = stage, target, watcher
 
-    async def __call__(self, method: Callable[..., Awaitable[Response]], request: object, deadline: Deadline) -> Response:
+    async def __call__(
+        self, method: Callable[..., Awaitable[Response]], request: object, deadline: Deadline
+    ) -> Response:
         try:
             return await method(
                 request, timeout=deadline.remaining(self.stage), wait_for_ready=self.watcher.expected(self.stage)
@@ -195,7 +205,7 @@ class GrpcPostprocess:
         *,
         logit_scale: float = 0.0,
         top_k: int = 0,
-        cluster: ClusterOptions = ClusterOptions(),
+        cluster: ClusterOptions = NO_CLUSTERING,
     ) -> Embeddings:
         request = postprocess_pb2.EmbeddingsRequest(
             images=[tensors.to_proto(v, "embedding") for v in images],

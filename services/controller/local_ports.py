@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from inferline.common.api import ClusterOptions, Embeddings, Rendering
+from inferline.common.api import NO_CLUSTERING, ClusterOptions, Embeddings, Rendering
 from inferline.common.detections import Detection, DetectOptions
+from inferline.common.generated import inference_pb2
 from inferline.common.recipes import Recipe
 from inferline.common.server import Service
 from inferline.common.settings import PIPELINE_STAGES, Settings
@@ -28,7 +29,6 @@ from inferline.common.transform import ImageTransform, Region
 from inferline.services.controller.ports import Deadline, Outcome, Outputs, Preprocessed, RenderItem
 from inferline.services.inference.servicer import metadata
 from inferline.services.postprocess.renderers import RenderInput
-from inferline.common.generated import inference_pb2
 
 
 class LocalPreprocess:
@@ -93,7 +93,7 @@ class LocalPostprocess:
         *,
         logit_scale: float = 0.0,
         top_k: int = 0,
-        cluster: ClusterOptions = ClusterOptions(),
+        cluster: ClusterOptions = NO_CLUSTERING,
     ) -> Embeddings:
         deadline.remaining("postprocess")
         return await self._service.embeddings(images, texts, logit_scale=logit_scale, top_k=top_k, cluster=cluster)

@@ -171,12 +171,11 @@ class Controller:
         outputs = await timings.timed(
             f"{prefix}inference",
             self.stages.inference.infer(
-                plan.name, plan.version, [inputs[k][0] for k in alive], min_score, deadline  # type: ignore[index]
+                plan.name, plan.version, [_ok(inputs[k])[0] for k in alive], min_score, deadline
             ),
         )
-        for k, result in zip(alive, outputs):
-            transform = items[k].transform  # type: ignore[union-attr]
-            items[k] = result if isinstance(result, Exception) else Encoded(result, transform)
+        for k, result in zip(alive, outputs, strict=True):
+            items[k] = result if isinstance(result, Exception) else Encoded(result, _ok(items[k]).transform)
         return items
 
     def _validate_labels(self, labels: Sequence[str]) -> None:
@@ -190,7 +189,9 @@ class Controller:
         """Counts and sizes before anything is tokenised: a label of 100 KB would be refused by
         the tokenizer only after cleaning and encoding all of it (and 255 more like it)."""
         if len(texts) > self.settings.max_labels:
-            raise InvalidInput(f"{len(texts)} {what} is over the limit of {self.settings.max_labels} (INFERLINE_MAX_LABELS)")
+            raise InvalidInput(
+                f"{len(texts)} {what} is over the limit of {self.settings.max_labels} (INFERLINE_MAX_LABELS)"
+            )
         limit = self.settings.max_text_bytes
         for index, text in enumerate(texts):
             size = len(text.encode("utf-8"))
@@ -219,7 +220,7 @@ class Controller:
             raise StageFailed(f"model {image_model.name!r} reports no logit_scale in its metadata")
         items = await self._encode_texts(text_model, labels, deadline, timings)
         embeddings = []
-        for label, item in zip(labels, items):
+        for label, item in zip(labels, items, strict=True):
             if isinstance(item, Exception):
                 raise InvalidInput(f"label {quoted(label)}: {item}")
             embeddings.append(_first(item))
@@ -266,7 +267,9 @@ class Controller:
         # the slices (with other requests' images) into its own batches again.
         size = max(1, self.settings.pipeline_slice)
         slices = [range(start, min(start + size, len(results))) for start in range(0, len(results), size)]
-        await together(*(self._detect_slice(plan, request, options, results, list(part), deadline, timings) for part in slices))
+        await together(
+            *(self._detect_slice(plan, request, options, results, list(part), deadline, timings) for part in slices)
+        )
         alive = [i for i, result in enumerate(results) if result.error is None]
 
         if classifier is not None and alive:
@@ -281,7 +284,7 @@ class Controller:
                 for i in alive
             ]
             rendered = await timings.timed("render", self.stages.postprocess.render(name, items, deadline))
-            for i, rendering in zip(alive, rendered):
+            for i, rendering in zip(alive, rendered, strict=True):
                 results[i].renderings.append(rendering)
 
         timings.add("total", started)
@@ -304,7 +307,7 @@ class Controller:
             plan, [request.images[i] for i in indices], deadline, timings, min_score=options.conf or 0.0
         )
         mine = [results[i] for i in indices]
-        for result, item in zip(mine, items):
+        for result, item in zip(mine, items, strict=True):
             if not isinstance(item, Exception) and item.transform is not None:
                 result.width, result.height = item.transform.orig_width, item.transform.orig_height
         alive = _settle(mine, items)
@@ -314,11 +317,11 @@ class Controller:
             "postprocess",
             self.stages.postprocess.detections(
                 plan.postprocess, options, plan.labels,
-                [(items[k].outputs, items[k].transform) for k in alive],  # type: ignore[union-attr]
+                [_with_transform(items[k]) for k in alive],
                 deadline,
             ),
         )
-        for k, outcome in zip(alive, detected):
+        for k, outcome in zip(alive, detected, strict=True):
             if isinstance(outcome, Exception):
                 mine[k].error = outcome
             else:
@@ -348,10 +351,10 @@ class Controller:
         scored = await timings.timed(
             "postprocess",
             self.stages.postprocess.embeddings(
-                [_first(crops[k]) for k in cropped], texts, deadline, logit_scale=scale, top_k=1  # type: ignore[arg-type]
+                [_first(crops[k]) for k in cropped], texts, deadline, logit_scale=scale, top_k=1
             ),
         )
-        for k, ranking in zip(cropped, scored.zero_shot):
+        for k, ranking in zip(cropped, scored.zero_shot, strict=True):
             i, d = boxes[k]
             results[i].detections[d] = dataclasses.replace(
                 results[i].detections[d], zero_shot=(request.labels[ranking.indices[0]], ranking.scores[0])
@@ -369,7 +372,9 @@ class Controller:
         with self.admission.model(plan.name).admit(len(request.images), deadline.left):
             return await self._classify(request, plan, deadline, started)
 
-    async def _classify(self, request: ClassifyRequest, plan: ModelPlan, deadline: Deadline, started: float) -> ClassifyResult:
+    async def _classify(
+        self, request: ClassifyRequest, plan: ModelPlan, deadline: Deadline, started: float
+    ) -> ClassifyResult:
         timings = Timings()
         items, (texts, scale) = await together(
             self._encode_images(plan, request.images, deadline, timings),
@@ -381,13 +386,15 @@ class Controller:
             scored = await timings.timed(
                 "postprocess",
                 self.stages.postprocess.embeddings(
-                    [_first(items[i]) for i in alive], texts, deadline,  # type: ignore[arg-type]
+                    [_first(items[i]) for i in alive], texts, deadline,
                     logit_scale=scale, top_k=request.top_k or len(request.labels),
                 ),
             )
             _expect(len(scored.zero_shot), len(alive), "postprocess")
-            for i, ranking in zip(alive, scored.zero_shot):
-                results[i].labels = [(request.labels[j], s) for j, s in zip(ranking.indices, ranking.scores)]
+            for i, ranking in zip(alive, scored.zero_shot, strict=True):
+                results[i].labels = [
+                    (request.labels[j], s) for j, s in zip(ranking.indices, ranking.scores, strict=True)
+                ]
         timings.add("total", started)
         return ClassifyResult(plan.name, results, timings.ms)
 
@@ -422,22 +429,25 @@ class Controller:
             out = await timings.timed(
                 "postprocess",
                 self.stages.postprocess.embeddings(
-                    [_first(image_items[i]) for i in images_ok],  # type: ignore[arg-type]
-                    [_first(text_items[i]) for i in texts_ok],  # type: ignore[arg-type]
+                    [_first(image_items[i]) for i in images_ok],
+                    [_first(text_items[i]) for i in texts_ok],
                     deadline,
                     cluster=request.cluster,
                 ),
             )
-            for i, row in zip(images_ok, out.images):
+            for i, row in zip(images_ok, out.images, strict=True):
                 result.images[i].embedding = _floats(row)
-            for i, row in zip(texts_ok, out.texts):
+            for i, row in zip(texts_ok, out.texts, strict=True):
                 result.texts[i].embedding = _floats(row)
-            for t, ranking in zip(texts_ok, out.text_to_images):
+            # Rankings exist only when some image was embedded too.
+            for t, ranking in zip(texts_ok, out.text_to_images, strict=False):
                 result.rankings.append(
                     TextRanking(request.texts[t], [images_ok[k] for k in ranking.indices], list(ranking.scores))
                 )
             if out.clusters:
-                assigned = dict(zip([("i", i) for i in images_ok] + [("t", i) for i in texts_ok], out.clusters))
+                assigned = dict(
+                    zip([("i", i) for i in images_ok] + [("t", i) for i in texts_ok], out.clusters, strict=True)
+                )
                 result.clusters = [assigned.get(("i", i), -1) for i in range(len(request.images))] + [
                     assigned.get(("t", i), -1) for i in range(len(request.texts))
                 ]
@@ -445,7 +455,9 @@ class Controller:
         result.timings_ms = timings.ms
         return result
 
-    async def _embed_texts(self, plan: ModelPlan, texts: Sequence[str], deadline: Deadline, timings: Timings) -> list[Outcome[Encoded]]:
+    async def _embed_texts(
+        self, plan: ModelPlan, texts: Sequence[str], deadline: Deadline, timings: Timings
+    ) -> list[Outcome[Encoded]]:
         text_model = await self._text_tower(plan, "embedding texts", deadline)
         return await self._encode_texts(text_model, texts, deadline, timings)
 
@@ -478,9 +490,24 @@ def admission_config(settings: Settings) -> AdmissionConfig:
     )
 
 
-def _first(item: Encoded) -> np.ndarray:
+def _ok(item: Outcome[T]) -> T:
+    """An item ``_settle`` (or an ``alive`` list) kept: never an error."""
+    if isinstance(item, Exception):
+        raise StageFailed("a failed item reached a later stage") from item
+    return item
+
+
+def _first(item: Outcome[Encoded]) -> np.ndarray:
     """A one-output model's output (an embedding tower's vector)."""
-    return next(iter(item.outputs.values()))
+    return next(iter(_ok(item).outputs.values()))
+
+
+def _with_transform(item: Outcome[Encoded]) -> tuple[Outputs, ImageTransform]:
+    """An image's outputs and the transform postprocess maps them back with."""
+    encoded = _ok(item)
+    if encoded.transform is None:
+        raise StageFailed("preprocess answered an image without its transform")
+    return encoded.outputs, encoded.transform
 
 
 def _floats(row: np.ndarray) -> list[float]:
@@ -495,7 +522,7 @@ def _expect(got: int, wanted: int, stage: str) -> None:
 def _settle(results: Sequence[Any], items: Sequence[Outcome[Encoded]]) -> list[int]:
     """Sets each failed item's error on its result; returns the indices still going."""
     alive = []
-    for i, (result, item) in enumerate(zip(results, items)):
+    for i, (result, item) in enumerate(zip(results, items, strict=True)):
         if isinstance(item, Exception):
             result.error = item
         else:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from inferline.common.detections import DetectOptions
-from inferline.common.errors import InvalidInput, StageFailed, WrongTask, quoted
+from inferline.common.errors import ConfigError, InvalidInput, StageFailed, WrongTask, quoted
 from inferline.common.generated import inference_pb2
 from inferline.common.recipes import Recipe
 from inferline.common.tasks import Task, task_named, tasks_for
@@ -53,8 +53,10 @@ class ModelPlan:
     def from_metadata(cls, metadata: inference_pb2.ModelMetadataResponse) -> ModelPlan:
         try:
             task = task_named(metadata.task)
-        except Exception:
-            raise StageFailed(f"model {quoted(metadata.name)} has task {quoted(metadata.task)}, which this controller does not serve") from None
+        except ConfigError:
+            raise StageFailed(
+                f"model {quoted(metadata.name)} has task {quoted(metadata.task)}, which this controller does not serve"
+            ) from None
         postprocess = Recipe.from_proto(metadata.postprocess)
         params = postprocess.params
         scale = params.get("logit_scale")
@@ -76,7 +78,9 @@ class ModelPlan:
     def resolved(self, options: DetectOptions) -> DetectOptions:
         """The request's options with this model's defaults filled in: what the postprocess
         stage runs, and the confidence the inference stage may filter candidates at."""
-        conf, iou, max_det = options.resolved({"conf": self.defaults.conf, "iou": self.defaults.iou, "max_det": self.defaults.max_det})
+        conf, iou, max_det = options.resolved(
+            {"conf": self.defaults.conf, "iou": self.defaults.iou, "max_det": self.defaults.max_det}
+        )
         return DetectOptions(conf=conf, iou=iou, max_det=max_det, classes=options.classes, agnostic=options.agnostic)
 
     def check_serves(self, operation: str, what: str | None = None) -> None:
@@ -84,7 +88,8 @@ class ModelPlan:
             first, *others = tasks_for(operation) or ("another",)
             also = f" (or a {' or '.join(others)} model)" if others else ""
             raise WrongTask(
-                f"model {quoted(self.name)} is a {self.task.name} model; {what or operation} needs a {first} model{also}"
+                f"model {quoted(self.name)} is a {self.task.name} model; "
+                f"{what or operation} needs a {first} model{also}"
             )
 
 

@@ -19,7 +19,7 @@ from typing import Protocol, TypeAlias, TypeVar, Union
 
 import numpy as np
 
-from inferline.common.api import ClusterOptions, Embeddings, Rendering
+from inferline.common.api import NO_CLUSTERING, ClusterOptions, Embeddings, Rendering
 from inferline.common.detections import Detection, DetectOptions
 from inferline.common.errors import DeadlineExceeded
 from inferline.common.generated import inference_pb2
@@ -111,17 +111,24 @@ class PostprocessPort(Protocol):
         *,
         logit_scale: float = 0.0,
         top_k: int = 0,
-        cluster: ClusterOptions = ClusterOptions(),
+        cluster: ClusterOptions = NO_CLUSTERING,
     ) -> Embeddings: ...
 
 
 class Stages(Protocol):
     """The three ports, and where they lead (for messages and logs)."""
 
-    preprocess: PreprocessPort
-    inference: InferencePort
-    postprocess: PostprocessPort
-    targets: Mapping[str, str]
+    @property
+    def preprocess(self) -> PreprocessPort: ...
+
+    @property
+    def inference(self) -> InferencePort: ...
+
+    @property
+    def postprocess(self) -> PostprocessPort: ...
+
+    @property
+    def targets(self) -> Mapping[str, str]: ...
 
     async def load(self) -> None: ...
 

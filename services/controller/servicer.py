@@ -23,22 +23,32 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         remaining = context.time_remaining()
         return Deadline(self.settings.default_timeout_s if remaining is None else remaining)
 
-    async def Detect(self, request: controller_pb2.DetectRequest, context: grpc.aio.ServicerContext) -> controller_pb2.DetectResponse:
+    async def Detect(  # noqa: N802 - gRPC's method name
+        self, request: controller_pb2.DetectRequest, context: grpc.aio.ServicerContext
+    ) -> controller_pb2.DetectResponse:
         result = await self.controller.detect(DetectRequest.from_proto(request), self._deadline(context))
         return result.to_proto()
 
-    async def Classify(self, request: controller_pb2.ClassifyRequest, context: grpc.aio.ServicerContext) -> controller_pb2.ClassifyResponse:
+    async def Classify(  # noqa: N802 - gRPC's method name
+        self, request: controller_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> controller_pb2.ClassifyResponse:
         result = await self.controller.classify(ClassifyRequest.from_proto(request), self._deadline(context))
         return result.to_proto()
 
-    async def Embed(self, request: controller_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> controller_pb2.EmbedResponse:
+    async def Embed(  # noqa: N802 - gRPC's method name
+        self, request: controller_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> controller_pb2.EmbedResponse:
         result = await self.controller.embed(EmbedRequest.from_proto(request), self._deadline(context))
         return result.to_proto()
 
-    async def ListModels(self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:
+    async def ListModels(  # noqa: N802 - gRPC's method name
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
         return await self.controller.list_models(self._deadline(context))
 
-    async def ModelInfo(self, request: inference_pb2.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> inference_pb2.ModelMetadataResponse:
+    async def ModelInfo(  # noqa: N802 - gRPC's method name
+        self, request: inference_pb2.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ModelMetadataResponse:
         return await self.controller.model_metadata(request.name, self._deadline(context))
 
 

@@ -112,7 +112,7 @@ class StageWatcher:
         while True:
             try:
                 names = await self.poll()
-            except Exception:  # noqa: BLE001 - a bug here must not freeze the readiness it reports
+            except Exception:
                 log.exception("checking the stages failed; the controller reports NOT_SERVING")
                 names = {name: False for name in last or {"": False}}
             if names != last:
@@ -124,7 +124,8 @@ class StageWatcher:
 
     def describe(self) -> str:
         return ", ".join(
-            f"{stage} {h.state.value if h.state else 'unchecked'} ({h.serving_replicas}/{len(self._channels[stage])} serving)"
+            f"{stage} {h.state.value if h.state else 'unchecked'} "
+            f"({h.serving_replicas}/{len(self._channels[stage])} serving)"
             for stage, h in self.health.items()
         )
 
@@ -145,7 +146,7 @@ class StageWatcher:
         STAGE_SERVING.labels(stage).set(1 if health.state is StageState.SERVING else 0)
         STAGE_REPLICAS_SERVING.labels(stage).set(health.serving_replicas)
         if stage == "inference":
-            for i, (channel, state) in enumerate(zip(self._channels[stage], replies)):
+            for i, (channel, state) in enumerate(zip(self._channels[stage], replies, strict=False)):
                 if state is not StageState.SERVING:
                     health.replica_models[i] = None
                 elif health.replica_models[i] is None:
@@ -153,7 +154,7 @@ class StageWatcher:
 
     async def _check(self, channel: grpc.aio.Channel) -> StageState:
         try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
+            reply = await health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]  # stubs list no methods
                 health_pb2.HealthCheckRequest(service=""), timeout=self._timeout
             )
         except grpc.aio.AioRpcError:

@@ -2,7 +2,8 @@
 
 The graph takes exactly what the inference service receives (YOLO: uint8 (B, 3, H, W), H and
 W dynamic, /255 inside the graph) and gives the served outputs (YOLO: ``output0`` (B, 84, N);
-YOLO-seg: ``output0`` (B, 116, N) and the prototypes ``output1`` (B, 32, H/4, W/4); torchvision detectors: one image per run, ``boxes``/``scores``/``labels`` with a batch axis of 1).
+YOLO-seg: ``output0`` (B, 116, N) and the prototypes ``output1`` (B, 32, H/4, W/4); torchvision
+detectors: one image per run, ``boxes``/``scores``/``labels`` with a batch axis of 1).
 Labels and recipe params travel in the file's ``metadata_props`` ("labels", "recipe_params",
 JSON), so the ONNX Runtime backend needs nothing but the file.
 """

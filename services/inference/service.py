@@ -54,7 +54,9 @@ class Inference:
         if not items:
             raise InvalidInput("no items in the request: give each item's input tensors")
         at_most(len(items), self.settings.max_regions, "items", "INFERLINE_MAX_REGIONS")
-        outputs = await self.manager.infer(name, version, list(items), timeout)  # read once: a LazySequence converts at each read
+        outputs = await self.manager.infer(
+            name, version, list(items), timeout
+        )  # read once: a LazySequence converts at each read
         shrink = candidate_filter(model.config.candidate_filter) if min_score > 0 else None
         if shrink is not None:
             outputs = [o if isinstance(o, Exception) else shrink(o, min_score) for o in outputs]

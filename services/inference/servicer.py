@@ -20,23 +20,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, service: Inference):
         self.service = service
 
-    async def ServerLive(self, request, context):
+    async def ServerLive(self, request, context):  # noqa: N802 - gRPC's method name
         return inference_pb2.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    async def ServerReady(self, request, context):  # noqa: N802 - gRPC's method name
         return inference_pb2.ServerReadyResponse(ready=self.service.ready)
 
-    async def ModelReady(self, request, context):
+    async def ModelReady(self, request, context):  # noqa: N802 - gRPC's method name
         self.service.model(request.name, request.version)
         return inference_pb2.ModelReadyResponse(ready=True)
 
-    async def ModelMetadata(self, request, context):
+    async def ModelMetadata(self, request, context):  # noqa: N802 - gRPC's method name
         return metadata(self.service.model(request.name, request.version))
 
-    async def ListModels(self, request, context):
+    async def ListModels(self, request, context):  # noqa: N802 - gRPC's method name
         return inference_pb2.ListModelsResponse(models=[metadata(m) for m in self.service.models()])
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, request, context):  # noqa: N802 - gRPC's method name
         model = self.service.model(request.model_name, request.model_version)
         outputs = await self.service.infer(
             request.model_name, request.model_version, LazySequence(request.items, _decode_item),

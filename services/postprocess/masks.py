@@ -58,7 +58,9 @@ def interpolate(array: np.ndarray, rows: Taps, cols: Taps) -> np.ndarray:
     torch's CPU kernel at the sizes masks take (bit for bit there; at a few other sizes torch
     sums in another order, and values differ in the last bit)."""
     wide = _blend(array[..., cols.first], cols.first_weight, array[..., cols.second], cols.second_weight)
-    return _blend(wide[..., rows.first, :], rows.first_weight[:, None], wide[..., rows.second, :], rows.second_weight[:, None])
+    return _blend(
+        wide[..., rows.first, :], rows.first_weight[:, None], wide[..., rows.second, :], rows.second_weight[:, None]
+    )
 
 
 def _blend(first: np.ndarray, first_weight: np.ndarray, second: np.ndarray, second_weight: np.ndarray) -> np.ndarray:
@@ -102,7 +104,7 @@ def instance_masks(
     # crop_mask keeps column c where x1 <= c < x2 (and rows alike), compared in float32.
     cols, rows = np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)
     blocks: list[Block | None] = []
-    for logit, (x1, y1, x2, y2) in zip(logits, boxes):
+    for logit, (x1, y1, x2, y2) in zip(logits, boxes, strict=False):
         left, right = _span((cols >= x1) & (cols < x2))
         top, bottom = _span((rows >= y1) & (rows < y2))
         if left == right or top == bottom:

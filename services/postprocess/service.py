@@ -16,7 +16,7 @@ from functools import partial
 
 import numpy as np
 
-from inferline.common.api import ClusterOptions, Embeddings, Ranking
+from inferline.common.api import NO_CLUSTERING, ClusterOptions, Embeddings, Ranking
 from inferline.common.detections import Detection, DetectOptions
 from inferline.common.errors import InvalidInput, at_most, quoted
 from inferline.common.items import map_items
@@ -89,7 +89,7 @@ class Postprocessor:
         texts: Sequence[np.ndarray],
         logit_scale: float = 0.0,
         top_k: int = 0,
-        cluster: ClusterOptions = ClusterOptions(),
+        cluster: ClusterOptions = NO_CLUSTERING,
     ) -> Embeddings:
         """L2-normalised embeddings, with zero-shot rankings (``top_k`` > 0), text-to-image
         rankings and clusters as asked. Counts and scalars are checked first, then the vectors:
@@ -104,7 +104,8 @@ class Postprocessor:
             raise InvalidInput("zero-shot needs a positive, finite logit_scale (from the model's metadata)")
         if cluster.k < 0 or not -1.0 <= cluster.threshold <= 1.0:
             raise InvalidInput(
-                f"cluster.k must be >= 0 and cluster.threshold a cosine within [-1, 1], got {cluster.k} and {cluster.threshold}"
+                "cluster.k must be >= 0 and cluster.threshold a cosine within [-1, 1], "
+                f"got {cluster.k} and {cluster.threshold}"
             )
         if cluster.wanted and count > settings.max_cluster_items:
             raise InvalidInput(
@@ -176,12 +177,16 @@ def _check_render_item(item: RenderInput) -> None:
             raise InvalidInput(f"render item {quoted(item.name)} has a detection with a NaN or infinite box or score")
 
 
-def _embeddings(images: np.ndarray, texts: np.ndarray, logit_scale: float, top_k: int, k: int, threshold: float) -> Embeddings:
+def _embeddings(
+    images: np.ndarray, texts: np.ndarray, logit_scale: float, top_k: int, k: int, threshold: float
+) -> Embeddings:
     images = l2_normalize(images) if len(images) else images
     texts = l2_normalize(texts) if len(texts) else texts
     result = Embeddings(images, texts)
     if top_k and len(images) and len(texts):
-        result.zero_shot = [_ranking(indices, scores) for indices, scores in zero_shot(images, texts, logit_scale, top_k)]
+        result.zero_shot = [
+            _ranking(indices, scores) for indices, scores in zero_shot(images, texts, logit_scale, top_k)
+        ]
     if len(images) and len(texts):
         result.text_to_images = [_ranking(indices, scores) for indices, scores in rank(texts, images)]
     everything = [m for m in (images, texts) if len(m)]

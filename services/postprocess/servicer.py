@@ -23,7 +23,7 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
     def __init__(self, service: Postprocessor):
         self.service = service
 
-    async def Postprocess(self, request, context):
+    async def Postprocess(self, request, context):  # noqa: N802 - gRPC's method name
         outcomes = await self.service.detections(
             Recipe.from_proto(request.recipe),
             DetectOptions.from_proto(request.options),
@@ -38,14 +38,16 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
                 response.results.add(detections=detections_to_proto(outcome), status=OK)
         return response
 
-    async def Render(self, request, context):
-        rendered = await self.service.render(format_from_proto(request.format), LazySequence(request.items, _render_input))
+    async def Render(self, request, context):  # noqa: N802 - gRPC's method name
+        rendered = await self.service.render(
+            format_from_proto(request.format), LazySequence(request.items, _render_input)
+        )
         response = postprocess_pb2.RenderResponse()
         for outcome in rendered:
             response.renderings.add(format=request.format, content_type=outcome.content_type, content=outcome.content)
         return response
 
-    async def Embeddings(self, request, context):
+    async def Embeddings(self, request, context):  # noqa: N802 - gRPC's method name
         result = await self.service.embeddings(
             LazySequence(request.images, tensors.from_proto),
             LazySequence(request.texts, tensors.from_proto),

@@ -38,8 +38,8 @@ def yolo_detect(
     rows = _decode(output, options, params)
     boxes = scale_boxes(rows[:, :4], transform)
     return [
-        Detection(label_for(int(c), labels), int(c), float(s), tuple(float(v) for v in box))
-        for box, s, c in zip(boxes, rows[:, 4], rows[:, 5])
+        Detection(label_for(int(c), labels), int(c), float(s), _box(box))
+        for box, s, c in zip(boxes, rows[:, 4], rows[:, 5], strict=False)
     ]
 
 
@@ -60,12 +60,12 @@ def yolo_segment(
     boxes = scale_boxes(rows[kept, :4], transform)
     original = (transform.orig_height, transform.orig_width)
     detections = []
-    for i, box in zip(kept, boxes):
+    for i, box in zip(kept, boxes, strict=False):
         block = to_original(blocks[i], original)  # type: ignore[arg-type]
         score, class_id = rows[i, 4], int(rows[i, 5])
         detections.append(
             Detection(
-                label_for(class_id, labels), class_id, float(score), tuple(float(v) for v in box),
+                label_for(class_id, labels), class_id, float(score), _box(box),
                 mask=Mask.encode(block.pixels, offset=(block.top, block.left), size=original),
             )
         )
@@ -101,3 +101,8 @@ def _segment_outputs(outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.
             f"{protos.shape[0]} mask coefficients for prototypes of shape {protos.shape}"
         )
     return head, protos
+
+
+def _box(values: np.ndarray) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = (float(v) for v in values)
+    return x1, y1, x2, y2

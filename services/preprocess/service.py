@@ -119,11 +119,24 @@ class Preprocessor:
         jpegs = [i for i, yes in enumerate(is_jpeg) if yes]
         others = [i for i, yes in enumerate(is_jpeg) if not yes]
         loop = asyncio.get_running_loop()
-        batch_job: Awaitable[list] = loop.run_in_executor(
-            self.pool, in_context(traced("decode_letterbox", gpu.letterbox_batch, **{"inferline.device": str(self.torch_device), "inferline.batch_size": len(jpegs)})),
-            [images[i] for i in jpegs], recipe.params, self.torch_device,
-            self.settings.max_image_pixels,
-        ) if jpegs else _done([])
+        batch_job: Awaitable[list] = (
+            loop.run_in_executor(
+                self.pool,
+                in_context(
+                    traced(
+                        "decode_letterbox",
+                        gpu.letterbox_batch,
+                        **{"inferline.device": str(self.torch_device), "inferline.batch_size": len(jpegs)},
+                    )
+                ),
+                [images[i] for i in jpegs],
+                recipe.params,
+                self.torch_device,
+                self.settings.max_image_pixels,
+            )
+            if jpegs
+            else _done([])
+        )
         letterbox = PREPROCESSORS.get("letterbox")
         rest_job = asyncio.ensure_future(
             map_items(self.pool, lambda data: letterbox(decode(data), recipe.params), [images[i] for i in others])
@@ -134,9 +147,9 @@ class Preprocessor:
             batched = [exc]
         rest = await rest_job
         outcomes: list = [None] * len(images)
-        for i, outcome in zip(jpegs, batched):
+        for i, outcome in zip(jpegs, batched, strict=False):
             outcomes[i] = outcome
-        for i, outcome in zip(others, rest):
+        for i, outcome in zip(others, rest, strict=False):
             outcomes[i] = outcome
         return outcomes
 
@@ -185,7 +198,9 @@ def torch_device(name: str) -> str | None:
         import torch  # noqa: PLC0415
         import torchvision  # noqa: F401, PLC0415
     except ImportError:
-        raise ConfigError(f"INFERLINE_PREPROCESS_DEVICE={name}: needs torch and torchvision (pip install 'inferline[torch]')") from None
+        raise ConfigError(
+            f"INFERLINE_PREPROCESS_DEVICE={name}: needs torch and torchvision (pip install 'inferline[torch]')"
+        ) from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"INFERLINE_PREPROCESS_DEVICE={name}: torch sees no CUDA device here; use opencv")
     return device

@@ -22,17 +22,17 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
     def __init__(self, service: Preprocessor):
         self.service = service
 
-    async def Preprocess(self, request, context):
+    async def Preprocess(self, request, context):  # noqa: N802 - gRPC's method name
         recipe = Recipe.from_proto(request.recipe)
         response = preprocess_pb2.PreprocessResponse()
         if request.texts:
             if request.images or request.regions:
                 raise InvalidInput("a preprocess request carries images or texts, not both")
-            for outcome in await self.service.texts(recipe, request.texts):
-                if isinstance(outcome, BaseException):
-                    response.texts.add(status=item_status(outcome))
+            for tokens in await self.service.texts(recipe, request.texts):
+                if isinstance(tokens, BaseException):
+                    response.texts.add(status=item_status(tokens))
                 else:
-                    response.texts.add(tensor=tensors.to_proto(outcome, "tokens"), status=OK)
+                    response.texts.add(tensor=tensors.to_proto(tokens, "tokens"), status=OK)
             return response
         images = LazySequence(request.images, lambda image: image.data)
         regions = LazySequence(request.regions, _region)

@@ -31,7 +31,7 @@ MASK_IOU_MIN = 0.99
 
 @pytest.fixture(scope="module")
 def reference(seg_weights):
-    from ultralytics import YOLO
+    from ultralytics import YOLO  # noqa: PLC0415 - after the weights' sha256 check (seg_weights)
 
     return YOLO(str(seg_weights))
 
@@ -50,14 +50,14 @@ def _detect(channel: grpc.Channel, paths: list[Path], render=(), **options) -> c
 
 
 def _theirs(model, path: Path, **options) -> list[tuple[int, float, list[float], np.ndarray]]:
-    from ultralytics.utils import ops
+    from ultralytics.utils import ops  # noqa: PLC0415 - ultralytics only where the reference runs
 
     result = model.predict(source=str(path), verbose=False, device="cpu", **options)[0]
     if result.masks is None:
         return []
     masks = (ops.scale_masks(result.masks.data[None].float(), result.orig_shape)[0] > 0.5).numpy()
     boxes = result.boxes
-    return list(zip(map(int, boxes.cls.tolist()), boxes.conf.tolist(), boxes.xyxy.tolist(), masks))
+    return list(zip(map(int, boxes.cls.tolist()), boxes.conf.tolist(), boxes.xyxy.tolist(), masks, strict=False))
 
 
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,16 +68,18 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 def _compare(response: controller_pb2.DetectResponse, reference, paths: list[Path], **options) -> list[float]:
     """Every instance's mask IoU; fails with every mismatch listed."""
     problems, mask_ious = [], []
-    for path, result in zip(paths, response.results):
+    for path, result in zip(paths, response.results, strict=False):
         ours = [Detection.from_proto(d) for d in result.detections]
         theirs = _theirs(reference, path, **options)
         if len(ours) != len(theirs):
             problems.append(f"{path.name}: {len(ours)} instances, ultralytics {len(theirs)}")
             continue
-        for k, (detection, (class_id, score, box, mask)) in enumerate(zip(ours, theirs)):
+        for k, (detection, (class_id, score, box, mask)) in enumerate(zip(ours, theirs, strict=False)):
             where = f"{path.name}[{k}]"
             if detection.class_id != class_id or abs(detection.score - score) > SCORE_TOLERANCE:
-                problems.append(f"{where}: class {detection.class_id} score {detection.score}, ultralytics {class_id} {score}")
+                problems.append(
+                    f"{where}: class {detection.class_id} score {detection.score}, ultralytics {class_id} {score}"
+                )
             if iou(detection.box, box) < BOX_IOU_MIN:
                 problems.append(f"{where}: box IoU {iou(detection.box, box):.4f}")
             if detection.mask is None or (detection.mask.height, detection.mask.width) != mask.shape:

@@ -200,13 +200,17 @@ def test_a_segment_model_exports_its_prototypes_and_segments_like_torch(seg_weig
         image, transform = letterbox(cv2.imread(str(path)))
         ours = backend.run({"images": image[None]})[0]
         with torch.inference_mode():
-            reference = {k: v.numpy() for k, v in served.forward({"images": torch.from_numpy(image[None].copy())})[0].items()}
+            reference = {
+                k: v.numpy() for k, v in served.forward({"images": torch.from_numpy(image[None].copy())})[0].items()
+            }
         assert sorted(ours) == ["output0", "output1"] and ours["output1"].shape == reference["output1"].shape
         for name in ours:
             assert np.abs(ours[name] - reference[name]).max() < MAX_ABS_DIFF, name
-        segmented = [yolo_segment(o, transform, DetectOptions(), config.postprocess.params, ()) for o in (ours, reference)]
+        segmented = [
+            yolo_segment(o, transform, DetectOptions(), config.postprocess.params, ()) for o in (ours, reference)
+        ]
         assert [d.class_id for d in segmented[0]] == [d.class_id for d in segmented[1]]
-        for a, b in zip(*segmented):
+        for a, b in zip(*segmented, strict=False):
             both, either = (a.mask.decode() & b.mask.decode()).sum(), (a.mask.decode() | b.mask.decode()).sum()
             assert both / either >= 0.99
         found += len(segmented[1])

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 import torchvision  # noqa: F401  # ultralytics' NMS uses torchvision's kernel only once imported, as in predict
 from ultralytics import YOLO
 from ultralytics.utils import ops
@@ -59,19 +59,21 @@ def _reference(head: np.ndarray, protos: np.ndarray, transform: ImageTransform, 
     keep = masks.amax((-2, -1)) > 0
     pred, masks = pred[keep], masks[keep]
     full = (ops.scale_masks(masks[None].float(), orig_hw)[0] > 0.5).numpy() if len(masks) else []
-    return [(row[:4].tolist(), float(row[4]), int(row[5]), mask) for row, mask in zip(pred.numpy(), full)]
+    return [(row[:4].tolist(), float(row[4]), int(row[5]), mask) for row, mask in zip(pred.numpy(), full, strict=False)]
 
 
 def _assert_same(ours: list[Detection], theirs: list[tuple], where: str = "") -> None:
     assert len(ours) == len(theirs), where
-    for detection, (box, score, class_id, mask) in zip(ours, theirs):
+    for detection, (box, score, class_id, mask) in zip(ours, theirs, strict=False):
         assert detection.class_id == class_id and detection.score == np.float32(score), where
         np.testing.assert_array_equal(np.float32(detection.box), np.float32(box), err_msg=where)
         assert detection.mask is not None and (detection.mask.height, detection.mask.width) == mask.shape
         np.testing.assert_array_equal(detection.mask.decode(), mask, err_msg=where)
 
 
-def _synthetic(rng: np.random.Generator, input_hw: tuple[int, int], anchors: int = 3000) -> tuple[np.ndarray, np.ndarray]:
+def _synthetic(
+    rng: np.random.Generator, input_hw: tuple[int, int], anchors: int = 3000
+) -> tuple[np.ndarray, np.ndarray]:
     """A head of boxes jittered around a few objects (80 class rows, 32 mask coefficients) and
     random prototypes at a quarter of the input size."""
     height, width = input_hw
@@ -92,7 +94,9 @@ def _synthetic(rng: np.random.Generator, input_hw: tuple[int, int], anchors: int
 
 # --- the mask maths against torch and ultralytics --------------------------------------------
 
-@pytest.mark.parametrize(("source", "target"), [((120, 160), (480, 640)), ((96, 160), (384, 640)), ((360, 640), (720, 1280)), ((480, 360), (1080, 810)), ((11, 7), (3, 30))])
+@pytest.mark.parametrize(("source", "target"),
+                         [((120, 160), (480, 640)), ((96, 160), (384, 640)), ((360, 640), (720, 1280)),
+                          ((480, 360), (1080, 810)), ((11, 7), (3, 30))])
 def test_bilinear_resize_equals_torch_interpolate(source, target):
     array = np.random.default_rng(sum(target)).normal(0, 3, (4, *source)).astype(np.float32)
     expected = F.interpolate(torch.from_numpy(array)[None], target, mode="bilinear")[0].numpy()
@@ -111,10 +115,16 @@ def test_instance_masks_equal_ultralytics_process_mask(seed):
     boxes[0] = (5.5, 5.5, 5.9, 5.9)  # no whole pixel inside: an empty crop
     boxes[1] = (-50, -50, -10, -10)  # outside the image
     coefficients[2] = 0  # every logit 0, and a mask keeps only logits > 0: empty
-    expected = ops.process_mask(torch.from_numpy(protos), torch.from_numpy(coefficients), torch.from_numpy(boxes), (height, width), upsample=True)
+    expected = ops.process_mask(
+        torch.from_numpy(protos),
+        torch.from_numpy(coefficients),
+        torch.from_numpy(boxes),
+        (height, width),
+        upsample=True,
+    )
     blocks = instance_masks(protos, coefficients, boxes, (height, width))
     assert blocks[0] is None and blocks[1] is None and blocks[2] is None
-    for block, mask in zip(blocks, expected.numpy()):
+    for block, mask in zip(blocks, expected.numpy(), strict=False):
         assert (block is None) == (not mask.any())
         np.testing.assert_array_equal(_whole(block, (height, width)), mask.astype(bool))
 
@@ -128,19 +138,24 @@ def test_masks_reach_the_original_image_as_ultralytics_scale_masks(orig):
     for mask in masks:
         top, left = rng.integers(0, input_hw[0]), rng.integers(0, input_hw[1])
         rows, cols = rng.integers(1, 200, 2)
-        mask[top : top + rows, left : left + cols] = rng.random((min(rows, input_hw[0] - top), min(cols, input_hw[1] - left))) < 0.7
+        mask[top : top + rows, left : left + cols] = (
+            rng.random((min(rows, input_hw[0] - top), min(cols, input_hw[1] - left))) < 0.7
+        )
     masks[0, :3, :3] = 1  # only in the letterbox padding (or the corner, where there is none)
     expected = (ops.scale_masks(torch.from_numpy(masks)[None].float(), orig)[0] > 0.5).numpy()
-    for mask, want in zip(masks, expected):
+    for mask, want in zip(masks, expected, strict=False):
         rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        block = Block(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(bool), int(rows[0]), int(cols[0]), input_hw)
+        block = Block(
+            mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(bool), int(rows[0]), int(cols[0]), input_hw
+        )
         np.testing.assert_array_equal(_whole(to_original(block, orig), orig), want)
 
 
 # --- the recipe ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("orig", [SIZES[0], SIZES[1], SIZES[3]])
-@pytest.mark.parametrize("options", [{}, {"conf": 0.05, "iou": 0.5}, {"conf": 0.05, "max_det": 3}], ids=["defaults", "low-conf", "max-det"])
+@pytest.mark.parametrize("options", [{}, {"conf": 0.05, "iou": 0.5}, {"conf": 0.05, "max_det": 3}],
+                         ids=["defaults", "low-conf", "max-det"])
 def test_yolo_segment_equals_ultralytics_on_synthetic_heads(orig, options):
     transform = _transform(orig)
     head, protos = _synthetic(np.random.default_rng(orig[1]), (transform.input_height, transform.input_width))
@@ -164,11 +179,28 @@ def test_yolo_segment_equals_predict_on_the_stand_in_model(seg_model, sample_ima
         with torch.no_grad():
             (head, protos), _ = seg_model.model.float().eval()(torch.from_numpy(tensor)[None].float() / 255)
         for conf in (0.25, 0.05):
-            ours = yolo_segment({"output0": head[0].numpy(), "output1": protos[0].numpy()}, transform, DetectOptions(conf=conf), PARAMS, NAMES)
+            ours = yolo_segment(
+                {"output0": head[0].numpy(), "output1": protos[0].numpy()},
+                transform,
+                DetectOptions(conf=conf),
+                PARAMS,
+                NAMES,
+            )
             result = seg_model.predict(image, verbose=False, device="cpu", conf=conf)[0]
-            theirs = [] if result.masks is None else (ops.scale_masks(result.masks.data[None].float(), result.orig_shape)[0] > 0.5).numpy()
+            theirs = (
+                []
+                if result.masks is None
+                else (ops.scale_masks(result.masks.data[None].float(), result.orig_shape)[0] > 0.5).numpy()
+            )
             assert len(ours) == len(result.boxes), path.name
-            for detection, box, score, class_id, mask in zip(ours, result.boxes.xyxy.numpy(), result.boxes.conf.numpy(), result.boxes.cls.numpy(), theirs):
+            for detection, box, score, class_id, mask in zip(
+                ours,
+                result.boxes.xyxy.numpy(),
+                result.boxes.conf.numpy(),
+                result.boxes.cls.numpy(),
+                theirs,
+                strict=False,
+            ):
                 assert detection.class_id == int(class_id) and abs(detection.score - score) <= 1e-6, path.name
                 np.testing.assert_allclose(detection.box, box, atol=1e-3, err_msg=path.name)
                 np.testing.assert_array_equal(detection.mask.decode(), mask, err_msg=path.name)
@@ -207,8 +239,10 @@ def test_the_segment_candidate_filter_reads_class_rows_only_and_keeps_the_protot
     [
         ({"output0": np.zeros((116, 10), np.float32)}, "takes two outputs"),
         ({"a": np.zeros((116, 10), np.float32), "b": np.zeros((116, 10), np.float32)}, "takes two outputs"),
-        ({"output0": np.zeros((36, 10), np.float32), "output1": np.zeros((32, 8, 8), np.float32)}, "cannot hold 4 box rows"),
-        ({"output0": np.zeros((116, 10), np.float32), "output1": np.zeros((32, 0, 8), np.float32)}, "cannot hold 4 box rows"),
+        ({"output0": np.zeros((36, 10), np.float32), "output1": np.zeros((32, 8, 8), np.float32)},
+         "cannot hold 4 box rows"),
+        ({"output0": np.zeros((116, 10), np.float32), "output1": np.zeros((32, 0, 8), np.float32)},
+         "cannot hold 4 box rows"),
     ],
 )
 def test_yolo_segment_refuses_outputs_of_another_shape(outputs, message):

@@ -19,13 +19,13 @@ from inferline.common.items import LazySequence, map_items
 from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
 from inferline.common.transform import ImageTransform, Region
-from inferline.services.inference.servicer import build_service as build_inference
 from inferline.services.inference.service import Inference
+from inferline.services.inference.servicer import build_service as build_inference
 from inferline.services.postprocess.renderers import Rendered, RenderInput
-from inferline.services.postprocess.servicer import build_service as build_postprocess
 from inferline.services.postprocess.service import Postprocessor
-from inferline.services.preprocess.servicer import build_service as build_preprocess
+from inferline.services.postprocess.servicer import build_service as build_postprocess
 from inferline.services.preprocess.service import Preprocessor
+from inferline.services.preprocess.servicer import build_service as build_preprocess
 from tests.support.images import encoded
 from tests.support.servers import LoopThread
 
@@ -96,7 +96,12 @@ def test_preprocess_letterboxes_each_image_and_a_bad_one_fails_alone(loop, prepr
 
 
 def test_preprocess_cuts_one_item_per_region_and_a_bad_region_fails_alone(loop, preprocessor):
-    regions = [Region(0, (10, 10, 74, 42)), Region(3, (0, 0, 8, 8)), Region(0, (300, 300, 400, 400)), Region(0, (150.5, 0, 400, 100))]
+    regions = [
+        Region(0, (10, 10, 74, 42)),
+        Region(3, (0, 0, 8, 8)),
+        Region(0, (300, 300, 400, 400)),
+        Region(0, (150.5, 0, 400, 100)),
+    ]
     cut, missing, outside, clipped = loop.run(preprocessor.images(LETTERBOX, [encoded(100, 200)], regions))
     assert (cut[1].orig_width, cut[1].orig_height) == (64, 32)
     assert isinstance(missing, InvalidInput) and "refers to image 3" in str(missing)
@@ -114,20 +119,25 @@ def test_preprocess_cuts_one_item_per_region_and_a_bad_region_fails_alone(loop, 
         (Recipe("letterbox", {"size": -3}), Unreadable(1), (), "letterbox size must be a positive integer"),
     ],
 )
-def test_preprocess_refuses_a_bad_request_before_reading_any_image(loop, preprocessor, recipe, images, regions, message):
+def test_preprocess_refuses_a_bad_request_before_reading_any_image(
+    loop, preprocessor, recipe, images, regions, message
+):
     with pytest.raises(InvalidInput, match=message):
         loop.run(preprocessor.images(recipe, images, regions))
 
 
 def test_preprocess_tokenizes_texts_and_a_text_over_the_byte_limit_fails_alone(loop, preprocessor):
-    tokens, too_long = loop.run(preprocessor.texts(CLIP_TEXT, ["a dog", "x" * (preprocessor.settings.max_text_bytes + 1)]))
+    tokens, too_long = loop.run(
+        preprocessor.texts(CLIP_TEXT, ["a dog", "x" * (preprocessor.settings.max_text_bytes + 1)])
+    )
     assert tokens.shape == (77,) and tokens[0] != 0
     assert isinstance(too_long, InvalidInput) and "INFERLINE_MAX_TEXT_BYTES" in str(too_long)
 
 
 @pytest.mark.parametrize(
     ("recipe", "count", "message"),
-    [(LETTERBOX, 1, "unknown text preprocess recipe"), (CLIP_TEXT, 0, "no texts"), (CLIP_TEXT, 10_000, "INFERLINE_MAX_LABELS")],
+    [(LETTERBOX, 1, "unknown text preprocess recipe"), (CLIP_TEXT, 0, "no texts"),
+     (CLIP_TEXT, 10_000, "INFERLINE_MAX_LABELS")],
 )
 def test_preprocess_refuses_a_bad_text_request_before_reading_any_text(loop, preprocessor, recipe, count, message):
     with pytest.raises(InvalidInput, match=message):
@@ -174,7 +184,9 @@ def test_inference_with_min_score_keeps_only_the_candidates_above_it(loop, infer
         ("yolov8n", Unreadable(4), 0.0, InvalidInput, "INFERLINE_MAX_REGIONS"),
     ],
 )
-def test_inference_refuses_a_bad_request_before_reading_any_item(loop, inference, name, items, min_score, error, message):
+def test_inference_refuses_a_bad_request_before_reading_any_item(
+    loop, inference, name, items, min_score, error, message
+):
     with pytest.raises(error, match=message):
         loop.run(inference.infer(name, "", items, min_score=min_score))
 
@@ -217,7 +229,9 @@ def test_postprocess_detects_on_the_original_pixels_and_bad_items_fail_alone(loo
         (YOLO, DetectOptions(), 5, "INFERLINE_MAX_BATCH_IMAGES"),
     ],
 )
-def test_postprocess_refuses_a_bad_request_before_reading_any_item(loop, postprocessor, recipe, options, count, message):
+def test_postprocess_refuses_a_bad_request_before_reading_any_item(
+    loop, postprocessor, recipe, options, count, message
+):
     with pytest.raises(InvalidInput, match=message):
         loop.run(postprocessor.detections(recipe, options, LABELS, Unreadable(count)))
 
@@ -230,7 +244,11 @@ def test_render_gives_one_rendering_per_item_and_refuses_a_bad_one(loop, postpro
     with pytest.raises(InvalidInput, match="unknown renderer 'bmp'"):
         loop.run(postprocessor.render("bmp", Unreadable(1)))
     with pytest.raises(InvalidInput, match="NaN or infinite box"):
-        loop.run(postprocessor.render("csv", [item, dataclasses.replace(item, detections=[Detection("bus", 5, float("nan"), (0, 0, 1, 1))])]))
+        loop.run(
+            postprocessor.render(
+                "csv", [item, dataclasses.replace(item, detections=[Detection("bus", 5, float("nan"), (0, 0, 1, 1))])]
+            )
+        )
 
 
 def test_embeddings_are_normalised_ranked_and_clustered(loop, postprocessor):
@@ -255,7 +273,9 @@ def test_embeddings_are_normalised_ranked_and_clustered(loop, postprocessor):
         ([np.array([np.nan, 1.0], np.float32)], [], {}, "NaN"),
     ],
 )
-def test_embeddings_check_counts_and_scalars_before_reading_any_vector(loop, postprocessor, images, texts, kwargs, message):
+def test_embeddings_check_counts_and_scalars_before_reading_any_vector(
+    loop, postprocessor, images, texts, kwargs, message
+):
     with pytest.raises(InvalidInput, match=message):
         loop.run(postprocessor.embeddings(images, texts, **kwargs))
 
