@@ -29,7 +29,7 @@ ifeq ($(origin INFERLINE_TRUSTED_WEIGHTS), undefined)
   export INFERLINE_TRUSTED_WEIGHTS := $(STANDIN_WEIGHTS)
 endif
 
-.PHONY: setup demo test test-fast up protos check-protos bench bench-overload bench-memory clean openapi demo-screenshot check-rules monitoring-picture
+.PHONY: setup lint demo test test-fast up protos check-protos bench bench-overload bench-memory clean openapi demo-screenshot check-rules monitoring-picture
 
 setup: $(VENV)/.installed
 
@@ -41,9 +41,19 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/inferline demo $(if $(wildcard $(SHARED_DATA)),--images $(SHARED_DATA))
 
+# ruff's checks and mypy, as configured in pyproject.toml ([tool.ruff], [tool.mypy]); `make test`
+# runs it first, so CI fails on a lint or type error. mypy reads common/ and services/ under their
+# installed names (inferline.common, inferline.services) through the links in .cache/typecheck.
+lint: setup
+	@mkdir -p .cache/typecheck/inferline
+	@ln -sfn ../../../common .cache/typecheck/inferline/common
+	@ln -sfn ../../../services .cache/typecheck/inferline/services
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 # Line coverage of common/ and services/ is reported, and below [tool.coverage.report]
 # fail_under in pyproject.toml the run fails.
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest --cov --cov-report=term
 
 test-fast: setup

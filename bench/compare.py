@@ -86,7 +86,8 @@ def model_dirs() -> list[str]:
 def reference(library: str, images: list[str], batch: int, args: argparse.Namespace, half: bool = False) -> dict:
     command = [
         sys.executable, str(REPO / "bench" / "reference.py"), library, "--images", *images,
-        "--model-dir", *model_dirs(), "--batch", str(batch), "--duration", str(args.duration), "--warmup", str(args.warmup),
+        "--model-dir", *model_dirs(), "--batch", str(batch),
+        "--duration", str(args.duration), "--warmup", str(args.warmup),
         "--device", args.device, *(["--half"] if half else []),
     ]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=_clean_env()).stdout
@@ -116,12 +117,14 @@ def repository(root: Path, variant: Variant) -> Path:
         onnx = root / "yolov8n.onnx"
         if not onnx.exists():
             subprocess.run(
-                [sys.executable, "-m", "inferline.services.cli", "export", "--model", YOLO, "--dynamic-batch", "--out", str(onnx)],
+                [sys.executable, "-m", "inferline.services.cli", "export", "--model", YOLO, "--dynamic-batch",
+                 "--out", str(onnx)],
                 check=True, capture_output=True, env=_clean_env(),
             )
         config["backend"] = "onnxruntime"
         config["weights"] = {"file": "yolov8n.onnx", "path": str(onnx)}
-        config["parameters"] = {"graph_optimization_level": "all"}  # providers: CUDA first where INFERLINE_DEVICE allows
+        # Providers: CUDA first where INFERLINE_DEVICE allows.
+        config["parameters"] = {"graph_optimization_level": "all"}
         if variant.instances > 1:
             config["parameters"]["intra_op_threads"] = 1
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -178,9 +181,12 @@ def environment() -> dict:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    git = ["git", "-C", str(REPO)]
-    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    dirty = bool(subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, check=False).stdout.strip())
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    commit, dirty = git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain"))
     return {
         "cpu": cpu,
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -208,7 +214,8 @@ VARIANTS = {
         Variant("batch1", "four services, PyTorch, batching off (baseline config)", max_batch_size=1),
         Variant("torch-x2", "four services, PyTorch, 2 instances x 1 thread", instances=2, torch_threads=1),
         Variant("onnxruntime", "four services, ONNX Runtime, dynamic batching", backend_onnx=True),
-        Variant("onnxruntime-x2", "four services, ONNX Runtime, 2 instances x 1 thread", backend_onnx=True, instances=2),
+        Variant("onnxruntime-x2", "four services, ONNX Runtime, 2 instances x 1 thread",
+                backend_onnx=True, instances=2),
         Variant("inprocess", "--inprocess controller, PyTorch, dynamic batching", inprocess=True),
         Variant("inprocess-onnxruntime-x2", "--inprocess controller, ONNX Runtime, 2 instances x 1 thread",
                 backend_onnx=True, instances=2, inprocess=True),
@@ -222,7 +229,8 @@ VARIANTS = {
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot:
-        draw(json.loads((args.out / f"{args.stem}.json").read_text())["rows"], args.out / f"{args.stem}-latency-throughput.png")
+        measured = json.loads((args.out / f"{args.stem}.json").read_text())["rows"]
+        draw(measured, args.out / f"{args.stem}-latency-throughput.png")
         return 0
     images = [str(p) for p in collect_images(args.images)]
     paths = [Path(p) for p in images]
@@ -257,18 +265,21 @@ def main(argv: list[str] | None = None) -> int:
             with stack(repository(root, variant), models, variant, args.device) as running:
                 counts[f"pipeline: {variant.label}"] = detection_counts(running, YOLO, paths)
                 for concurrency in args.concurrency:
-                    record("yolo", f"pipeline: {variant.label}", concurrency, 1, drive(running, YOLO, paths, concurrency, args))
+                    report = drive(running, YOLO, paths, concurrency, args)
+                    record("yolo", f"pipeline: {variant.label}", concurrency, 1, report)
                 if variant.other_models:
                     record("frcnn", f"pipeline: {variant.label}", 8, 1, drive(running, FRCNN, paths, 8, args))
                     record("clip", f"pipeline: {variant.label}", 8, 1, drive(running, CLIP, paths, 8, args))
 
-    command = "python bench/compare.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    arguments = argv if argv is not None else sys.argv[1:]
+    command = "python bench/compare.py " + " ".join(shlex.quote(a) for a in arguments)
     summary = summarise(rows)
     summary["detection_counts"] = parity(counts)
     meta = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": command.strip(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                   f"{platform.python_implementation()} {platform.python_version()}",
         **environment(),
         "loadavg_at_start": [round(x, 2) for x in loadavg_at_start],
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -277,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_s": args.warmup,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2) + "\n")
+    document = {"meta": meta, "summary": summary, "rows": rows}
+    (args.out / f"{args.stem}.json").write_text(json.dumps(document, indent=2) + "\n")
     plot = args.out / f"{args.stem}-latency-throughput.png"
     draw(rows, plot)
     (args.out / f"{args.stem}.md").write_text(markdown(meta, summary, rows, plot.name))
@@ -310,15 +322,19 @@ def summarise(rows: list[dict]) -> dict:
     base = _best(rows, "yolo", ULTRALYTICS)
     four = _best(rows, "yolo", "pipeline: four services")
     if base and four:
-        summary["yolo_best_pipeline"] = {"contender": four["contender"], "concurrency": four["concurrency"], "img_per_s": four["img_per_s"]}
+        summary["yolo_best_pipeline"] = {key: four[key] for key in ("contender", "concurrency", "img_per_s")}
         summary["yolo_vs_ultralytics"] = round(four["img_per_s"] / base["img_per_s"], 2)
     pairs = (("torch", "inprocess"), ("onnxruntime-x2", "inprocess-onnxruntime-x2"))
     for four_name, local_name in pairs:
         for c in sorted({r["concurrency"] for r in rows if r["concurrency"]}):
-            four_row = next((r for r in rows if r["contender"] == f"pipeline: {VARIANTS[four_name].label}" and r["concurrency"] == c), None)
-            local = next((r for r in rows if r["contender"] == f"pipeline: {VARIANTS[local_name].label}" and r["concurrency"] == c), None)
+            four_row, local = (
+                next((r for r in rows if r["contender"] == f"pipeline: {VARIANTS[name].label}"
+                      and r["concurrency"] == c), None)
+                for name in (four_name, local_name)
+            )
             if four_row and local and local["img_per_s"]:
-                summary.setdefault(f"boundary_cost_{four_name}", {})[str(c)] = round(1 - four_row["img_per_s"] / local["img_per_s"], 3)
+                cost = round(1 - four_row["img_per_s"] / local["img_per_s"], 3)
+                summary.setdefault(f"boundary_cost_{four_name}", {})[str(c)] = cost
     for family, ref in (("frcnn", "torchvision loop"), ("clip", "open_clip loop")):
         ours, theirs = _best(rows, family, "pipeline"), _best(rows, family, ref)
         if ours and theirs:
@@ -337,11 +353,12 @@ def markdown(meta: dict, summary: dict, rows: list[dict], plot_name: str) -> str
         f"Command: `{meta['command']}` on {meta['machine']}; {meta['images']} images, "
         f"{meta['duration_s']:g} s measured per contender after {meta['warmup_s']:g} s warm-up, one run.",
         "",
-        f"{meta['cpu']} ({meta['usable_cores']} usable cores), load average {meta['loadavg_at_start']} at the start and "
-        f"{meta['loadavg_at_end']} at the end; commit {meta['commit']}; "
+        f"{meta['cpu']} ({meta['usable_cores']} usable cores), load average {meta['loadavg_at_start']} at the "
+        f"start and {meta['loadavg_at_end']} at the end; commit {meta['commit']}; "
         + ", ".join(f"{name} {version}" for name, version in meta["versions"].items()) + ".",
         "",
-        "| family | contender | concurrency | batch | images/s | vs reference | p50 ms | p95 ms | p99 ms | errors | peak RSS MB |",
+        "| family | contender | concurrency | batch | images/s | vs reference | p50 ms | p95 ms | p99 ms | errors "
+        "| peak RSS MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -349,11 +366,13 @@ def markdown(meta: dict, summary: dict, rows: list[dict], plot_name: str) -> str
         ratio = f"{r['img_per_s'] / ref['img_per_s']:.2f}x" if ref and ref["img_per_s"] else ""
         rss = ", ".join(f"{k} {v:.0f}" for k, v in (r.get("rss_mb") or {}).items())
         lines.append(
-            f"| {r['family']} | {r['contender']} | {r['concurrency'] or '-'} | {r['batch']} | {r['img_per_s']:.2f} | {ratio} "
+            f"| {r['family']} | {r['contender']} | {r['concurrency'] or '-'} | {r['batch']} "
+            f"| {r['img_per_s']:.2f} | {ratio} "
             f"| {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {rss} |"
         )
     lines += ["", *stage_table(rows)]
-    lines += ["", "Summary:", "", "```json", json.dumps(summary, indent=2), "```", "", f"![latency vs throughput]({plot_name})", ""]
+    lines += ["", "Summary:", "", "```json", json.dumps(summary, indent=2), "```", ""]
+    lines += [f"![latency vs throughput]({plot_name})", ""]
     return "\n".join(lines)
 
 
@@ -371,7 +390,8 @@ def stage_table(rows: list[dict]) -> list[str]:
     lines = [
         "Where the time goes (YOLO, one image per call, p50 ms):",
         "",
-        "| contender | concurrency | preprocess | inference | postprocess | controller other | outside | client latency |",
+        "| contender | concurrency | preprocess | inference | postprocess | controller other | outside "
+        "| client latency |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in timed:
@@ -382,30 +402,33 @@ def stage_table(rows: list[dict]) -> list[str]:
         other = "-" if total is None else f"{total - pre - inf - post:.1f}"
         outside = client - (pre + inf + post if total is None else total)
         lines.append(
-            f"| {r['contender']} | {r['concurrency'] or '-'} | {pre:.1f} | {inf:.1f} | {post:.1f} | {other} | {outside:.1f} | {client:.1f} |"
+            f"| {r['contender']} | {r['concurrency'] or '-'} | {pre:.1f} | {inf:.1f} | {post:.1f} | {other} "
+            f"| {outside:.1f} | {client:.1f} |"
         )
     return lines
 
 
 def draw(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - only --replot and the end of a run draw
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after choosing the Agg backend
 
     families = [f for f in ("yolo", "frcnn", "clip") if any(r["family"] == f for r in rows)]
     fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 7.5), squeeze=False)
-    for ax, family in zip(axes[0], families):
+    for ax, family in zip(axes[0], families, strict=True):
         mine = [r for r in rows if r["family"] == family]
         for contender in dict.fromkeys(r["contender"] for r in mine):
             points = sorted((r for r in mine if r["contender"] == contender), key=lambda r: r["concurrency"] or 0)
             xs = [r["img_per_s"] for r in points]
             marker = "*" if points[0]["concurrency"] is None else "o"
-            ax.plot(xs, [r["p50_ms"] for r in points], marker=marker, markersize=10 if marker == "*" else 6, label=contender)
+            ax.plot(xs, [r["p50_ms"] for r in points], marker=marker, markersize=10 if marker == "*" else 6,
+                    label=contender)
             ax.scatter(xs, [r["p95_ms"] for r in points], marker="_", s=120, color=ax.lines[-1].get_color())
             for r in points:
                 if r["concurrency"]:
-                    ax.annotate(f"c{r['concurrency']}", (r["img_per_s"], r["p50_ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                    ax.annotate(f"c{r['concurrency']}", (r["img_per_s"], r["p50_ms"]), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
         ax.set_title(f"{family}: p50 (line) and p95 (dash) latency vs throughput")
         ax.set_xlabel("images/s")
         ax.set_ylabel("latency per request, ms")

@@ -35,7 +35,8 @@ def _memory_mib(pid: int) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "shapes_01.jpg")
+    parser.add_argument("--image", type=Path,
+                        default=Path(__file__).resolve().parents[2] / "shared" / "data" / "shapes_01.jpg")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
 
@@ -53,7 +54,7 @@ def main() -> int:
                 client.embed(EmbedRequest(model.name, image, ("a circle",)))
         memory = {stage: _memory_mib(stack.processes[stage].pid) for stage in STAGES}
     result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "models": [m.name for m in models],
@@ -65,7 +66,8 @@ def main() -> int:
         "# Resident memory per stage, every model loaded",
         "",
         f"Measured {result['date']} on {result['machine']} with {', '.join(result['models'])} loaded, after one",
-        "request per model. Command: `INFERLINE_MODEL_DIR=../shared/models:.cache/standins .venv/bin/python bench/memory.py`.",
+        "request per model. Command: "
+        "`INFERLINE_MODEL_DIR=../shared/models:.cache/standins .venv/bin/python bench/memory.py`.",
         "",
         "| stage | resident (MiB) | peak resident (MiB) |",
         "|---|---:|---:|",

@@ -53,7 +53,8 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def wait_idle(pids: Mapping[str, int], *, quiet_cpu_s: float = 0.05, steady: float = 0.01, seconds: int = 6, timeout: float = 90.0) -> dict[str, float]:
+def wait_idle(pids: Mapping[str, int], *, quiet_cpu_s: float = 0.05, steady: float = 0.01, seconds: int = 6,
+              timeout: float = 90.0) -> dict[str, float]:
     """Each stage's RSS once the stack is idle: for ``seconds`` one-second samples in a row,
     every stage used under ``quiet_cpu_s`` of CPU and its RSS moved by less than ``steady`` (a
     fraction); or after ``timeout`` s, whatever it is then. Long enough that a stage's own idle
@@ -85,7 +86,8 @@ class Episode:
     peak_rss_mib: dict[str, float] = field(default_factory=dict)
 
 
-async def _closed_loop(target: str, model: str, images: Sequence[Path], *, clients: int, seconds: float, timeout: float) -> Counter:
+async def _closed_loop(target: str, model: str, images: Sequence[Path], *, clients: int, seconds: float,
+                       timeout: float) -> Counter:
     """``clients`` callers, each sending its next Detect as soon as its last one answered, until
     ``seconds`` have passed; every call's final status is counted, however late it ends."""
     _, requests = loadgen.build_requests(model, "detect", images, batch=1)
@@ -107,7 +109,8 @@ async def _closed_loop(target: str, model: str, images: Sequence[Path], *, clien
     return codes
 
 
-def overload(target: str, model: str, images: Sequence[Path], pids: Mapping[str, int], *, clients: int, seconds: float, timeout: float, idle_seconds: int) -> Episode:
+def overload(target: str, model: str, images: Sequence[Path], pids: Mapping[str, int], *, clients: int, seconds: float,
+             timeout: float, idle_seconds: int) -> Episode:
     """One episode: ``clients`` closed-loop callers for ``seconds``, then the wait for idle."""
     codes = asyncio.run(_closed_loop(target, model, images, clients=clients, seconds=seconds, timeout=timeout))
     episode = Episode(clients, seconds, codes=dict(codes), images_ok=codes.get("OK", 0))
@@ -146,14 +149,17 @@ def run(args: argparse.Namespace) -> dict:
         print(f"warmed up: {warm}", flush=True)
         episodes = []
         for n in range(1, args.episodes + 1):
-            episode = overload(stack.controller_target, args.model, images, pids, clients=args.clients, seconds=args.seconds,
+            episode = overload(stack.controller_target, args.model, images, pids, clients=args.clients,
+                               seconds=args.seconds,
                                timeout=args.timeout, idle_seconds=args.idle_seconds)
             episodes.append(episode)
             print(f"episode {n}: codes {episode.codes}, idle RSS {episode.idle_rss_mib}", flush=True)
-        environment = {k: v for k, v in sorted(env.items()) if k.startswith(("MALLOC_", "INFERLINE_MALLOC_", "INFERLINE_MEMORY_"))}
+        environment = {
+            k: v for k, v in sorted(env.items()) if k.startswith(("MALLOC_", "INFERLINE_MALLOC_", "INFERLINE_MEMORY_"))
+        }
     first, last = episodes[0].idle_rss_mib, episodes[-1].idle_rss_mib
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "model": args.model,
@@ -169,30 +175,38 @@ def markdown(result: dict) -> str:
     rows = [f"| warmed up | | | {' | '.join(str(result['warm_idle_rss_mib'][s]) for s in stages)} |"]
     for n, e in enumerate(result["episodes"], 1):
         codes = ", ".join(f"{code} {count}" for code, count in sorted(e["codes"].items()))
-        rows.append(f"| after episode {n} | {e['images_ok']} | {codes} | {' | '.join(str(e['idle_rss_mib'][s]) for s in stages)} |")
+        rows.append(
+            f"| after episode {n} | {e['images_ok']} | {codes} | "
+            f"{' | '.join(str(e['idle_rss_mib'][s]) for s in stages)} |"
+        )
     ratio = " | ".join(f"{result['last_over_first'][s]:.3f}" for s in stages)
-    return "\n".join([
-        "# Idle memory after overload episodes",
-        "",
-        f"Measured {result['date']} on {result['machine']}, model {result['model']}; "
-        f"each episode {result['episodes'][0]['clients']} closed-loop clients for {result['episodes'][0]['seconds']:g} s.",
-        f"Command: `{result['command']}`. Allocator environment: {result['environment'] or 'none set'}.",
-        "",
-        f"| idle RSS (MiB) | images OK | calls by status | {' | '.join(stages)} |",
-        f"|---|---:|---|{'---:|' * len(stages)}",
-        *rows,
-        f"| last / first episode | | | {ratio} |",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Idle memory after overload episodes",
+            "",
+            f"Measured {result['date']} on {result['machine']}, model {result['model']}; "
+            f"each episode {result['episodes'][0]['clients']} closed-loop clients "
+            f"for {result['episodes'][0]['seconds']:g} s.",
+            f"Command: `{result['command']}`. Allocator environment: {result['environment'] or 'none set'}.",
+            "",
+            f"| idle RSS (MiB) | images OK | calls by status | {' | '.join(stages)} |",
+            f"|---|---:|---|{'---:|' * len(stages)}",
+            *rows,
+            f"| last / first episode | | | {ratio} |",
+            "",
+        ]
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=5)
-    parser.add_argument("--clients", type=int, default=200, help="closed-loop callers per episode (saturation is ~50 on 2 cores)")
+    parser.add_argument("--clients", type=int, default=200,
+                        help="closed-loop callers per episode (saturation is ~50 on 2 cores)")
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each episode")
     parser.add_argument("--timeout", type=float, default=30.0, help="each call's deadline")
-    parser.add_argument("--idle-seconds", type=int, default=6, help="seconds in a row without CPU use or RSS change that count as idle")
+    parser.add_argument("--idle-seconds", type=int, default=6,
+                        help="seconds in a row without CPU use or RSS change that count as idle")
     parser.add_argument("--model", default=defaults.DETECT_MODEL)
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--port-base", type=int, help="ports BASE..BASE+8 instead of free ones")

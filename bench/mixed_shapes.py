@@ -62,12 +62,13 @@ def measure(strategy, run, items, repeats: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", default=os.environ.get("INFERLINE_MODEL_DIR", "../shared/models").split(os.pathsep)[0])
+    p.add_argument("--model-dir",
+                   default=os.environ.get("INFERLINE_MODEL_DIR", "../shared/models").split(os.pathsep)[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    from inferline.services.inference.backends.ultralytics_loader import build_ultralytics_module
+    from inferline.services.inference.backends.ultralytics_loader import build_ultralytics_module  # noqa: PLC0415 - after torch.set_num_threads(1)
 
     module, _ = build_ultralytics_module(Path(args.model_dir) / "yolov8n.pt")
 
@@ -80,17 +81,22 @@ def main(argv: list[str] | None = None) -> int:
         items = batch_of(shapes)
         for name, strategy in (("group by shape", grouped), ("pad to shared shape", padded)):
             cpu, wall = measure(strategy, run, items, args.repeats)
-            rows.append({"distinct_shapes": shapes, "strategy": name, "cpu_ms_per_image": round(cpu, 1), "wall_ms_per_batch": round(wall, 1)})
+            rows.append({"distinct_shapes": shapes, "strategy": name, "cpu_ms_per_image": round(cpu, 1),
+                         "wall_ms_per_batch": round(wall, 1)})
             print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python bench/mixed_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command.strip(),
+    meta = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "command": command.strip(),
             "model": "yolov8n (PyTorch, 1 thread)", "batch": 8, "shapes": SHAPES}
     (args.out / "mixed-shapes.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    lines = [f"# Mixed shapes in one batch ({meta['date']})", "", f"Command: `{meta['command']}`; {meta['model']}, batch of 8; "
+    lines = [f"# Mixed shapes in one batch ({meta['date']})", "",
+             f"Command: `{meta['command']}`; {meta['model']}, batch of 8; "
              f"shapes (H, W) used in turn: {SHAPES}. Medians of {args.repeats}.", "",
              "| distinct shapes | strategy | CPU ms / image | wall ms / batch |", "|---:|---|---:|---:|"]
-    lines += [f"| {r['distinct_shapes']} | {r['strategy']} | {r['cpu_ms_per_image']} | {r['wall_ms_per_batch']} |" for r in rows]
+    lines += [
+        f"| {r['distinct_shapes']} | {r['strategy']} | {r['cpu_ms_per_image']} | {r['wall_ms_per_batch']} |"
+        for r in rows
+    ]
     (args.out / "mixed-shapes.md").write_text("\n".join(lines) + "\n")
     return 0
 

@@ -49,7 +49,8 @@ def main() -> int:
     tools = install_prometheus()
     with tempfile.TemporaryDirectory(prefix="inferline-monitoring-") as tmp:
         work = Path(tmp)
-        stages = Stages.start(stage_env(Path(model_dirs[0]), Path(model_dirs[-1]), INFERLINE_MODELS="yolov8n"), work / "logs")
+        stages = Stages.start(stage_env(Path(model_dirs[0]), Path(model_dirs[-1]), INFERLINE_MODELS="yolov8n"),
+                              work / "logs")
         prometheus = None
         try:
             prometheus = Prometheus(tools, stages, work)
@@ -85,26 +86,27 @@ def collect(prometheus: Prometheus, start: float, end: float) -> list[dict]:
                 legend = legend.replace("{{", "").replace("}}", "")
                 points = [(float(t) - start, float(v)) for t, v in result["values"]]
                 series.append({"legend": legend, "points": points})
-        panels.append({"title": panel["title"], "unit": panel["fieldConfig"]["defaults"].get("unit", ""), "series": series})
+        panels.append({"title": panel["title"], "unit": panel["fieldConfig"]["defaults"].get("unit", ""),
+                       "series": series})
     return panels
 
 
 def draw(panels: list[dict], out: Path, started: float, phases: list[dict]) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - not a dependency: only the picture needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after matplotlib.use
 
     columns = 3
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.6 * rows))
-    for axis, panel in zip(axes.flat, panels):
+    for axis, panel in zip(axes.flat, panels, strict=False):
         axis.set_title(panel["title"], fontsize=9)
         axis.tick_params(labelsize=7)
         if not panel["series"]:
             axis.text(0.5, 0.5, "no data\n(no GPU on this machine)", ha="center", va="center", transform=axis.transAxes)
         for series in panel["series"][:10]:
-            xs, ys = zip(*series["points"])
+            xs, ys = zip(*series["points"], strict=True)
             axis.plot(xs, ys, label=series["legend"][:40], linewidth=1)
         if panel["series"]:
             axis.legend(fontsize=6, loc="upper left")

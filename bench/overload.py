@@ -17,8 +17,9 @@ built-in repository, PyTorch YOLOv8n), on free ports (or ``--port-base``), loopb
 
 The load generator runs in this process at ``--client-nice`` (default 5) once the stack is up:
 on a small machine it shares the stack's cores, and clients on other machines (as in
-production) would not take the stack's CPU. Each overload level runs twice: with clients that honour a refusal's RetryInfo hint (as gRPC's
-retry pushback does) and with clients that send again at once (the worst client). Writes
+production) would not take the stack's CPU. Each overload level runs twice: with clients that
+honour a refusal's RetryInfo hint (as gRPC's retry pushback does) and with clients that send
+again at once (the worst client). Writes
 bench/results/overload-cpu.{json,md} (``--quick``: a shorter run to overload-cpu-quick.*).
 About 6 minutes in full, 2 in ``--quick`` (one round)::
 
@@ -69,7 +70,7 @@ def stack_env(port_base: int | None) -> dict[str, str]:
         ports = list(range(port_base, port_base + len(names)))
     env = dict(os.environ)
     env.setdefault("INFERLINE_LOG_LEVEL", "WARNING")
-    for name, port in zip(names, ports):
+    for name, port in zip(names, ports, strict=True):
         env[f"INFERLINE_{name.upper()}_PORT"] = str(port)
         if name in STAGES:
             env[f"INFERLINE_{name.upper()}_TARGET"] = f"localhost:{port}"
@@ -81,7 +82,8 @@ def environment() -> dict[str, str]:
     import torch  # noqa: PLC0415 - only for its version
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+                if line.startswith("model name")),
+                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
     return {"cpu": cpu, "python": platform.python_version(), "torch": torch.__version__, "commit": commit}
@@ -107,7 +109,8 @@ def server_refusals(port: int) -> tuple[float, float]:
             scrape(port, "inferline_rpc_duration_seconds_bucket", *refused, 'le="0.05"'))
 
 
-def drive(target: str, images: list[Path], concurrency: int, duration: float, deadline: float, honour: bool) -> dict[str, Any]:
+def drive(target: str, images: list[Path], concurrency: int, duration: float, deadline: float,
+          honour: bool) -> dict[str, Any]:
     result = asyncio.run(loadgen.drive(
         target, MODEL, images, concurrency=concurrency, duration=duration, warmup=min(3.0, duration / 3),
         timeout=deadline, honour_retry=honour,
@@ -124,7 +127,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter sweep and runs (about 2 minutes)")
     parser.add_argument("--sweep", type=int, nargs="+", default=None, help="concurrencies of the sweep")
     parser.add_argument("--deadline", type=float, default=None, help="seconds per call under overload")
-    parser.add_argument("--client-nice", type=int, default=5, help="niceness of the load generator (0: same as the stack)")
+    parser.add_argument("--client-nice", type=int, default=5,
+                        help="niceness of the load generator (0: same as the stack)")
     parser.add_argument("--port-base", type=int, default=None, help="consecutive ports from here (9 in all)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every level (medians are quoted)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -140,7 +144,7 @@ def main() -> int:
     metrics_port = int(env["INFERLINE_INFERENCE_METRICS_PORT"])
     controller_metrics = int(env["INFERLINE_CONTROLLER_METRICS_PORT"])
     report: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other work: figures are noisy)",
         **environment(),
@@ -163,7 +167,8 @@ def main() -> int:
         report["sweep"] = points
         report["saturation"] = {"concurrency": sat_c, "img_per_s": sat_rate, "ok_p99_ms": sat_p99}
         report["deadline_s"] = deadline
-        print(f"saturated at c={sat_c}: {sat_rate} img/s, OK p99 {sat_p99} ms; overload deadline {deadline} s", flush=True)
+        print(f"saturated at c={sat_c}: {sat_rate} img/s, OK p99 {sat_p99} ms; overload deadline {deadline} s",
+              flush=True)
         # Side by side, in rounds: the saturated level is measured again beside each overload
         # level, so a ratio compares runs minutes apart, not a sweep point with a later run; on a
         # shared machine one short run varies by +-10%, so each figure is the median of the rounds.
@@ -211,10 +216,13 @@ def measure(target: str, images: list[Path], factor: int, honour: bool, sat_c: i
         "refusals_with_retry_hint": d["refusals_with_retry_hint"],
         "refused_ms": d["refused_ms"],
         "server_refusals": server_count,
-        "server_refusals_within_50ms": round((refused_after[1] - refused_before[1]) / server_count, 4) if server_count else None,
+        "server_refusals_within_50ms": round((refused_after[1] - refused_before[1]) / server_count,
+                                             4) if server_count else None,
         "ok_ms": d["ok_ms"],
         "failed_images_in_ok_calls": d["failed_images_in_ok_calls"],
-        "deadline_exceeded": calls.get("DEADLINE_EXCEEDED", 0) + d["failed_images_in_ok_calls"].get("DEADLINE_EXCEEDED", 0),
+        "deadline_exceeded": (
+            calls.get("DEADLINE_EXCEEDED", 0) + d["failed_images_in_ok_calls"].get("DEADLINE_EXCEEDED", 0)
+        ),
         "wasted_model_runs": scrape(metrics_port, WASTED) - wasted_before,
     }
 
@@ -269,10 +277,14 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         "| concurrency | goodput (img/s) | OK p50 (ms) | OK p99 (ms) | calls |",
         "|---:|---:|---:|---:|---|",
-        *(f"| {p['concurrency']} | {p['img_per_s']} | {p['ok_ms'].get('p50', '')} | {p['ok_ms'].get('p99', '')} | {p['calls']} |"
-          for p in report["sweep"]),
+        *(
+            f"| {p['concurrency']} | {p['img_per_s']} | {p['ok_ms'].get('p50', '')} | {p['ok_ms'].get('p99', '')} "
+            f"| {p['calls']} |"
+            for p in report["sweep"]
+        ),
         "",
-        f"Saturated at concurrency {sat['concurrency']} in the sweep: {sat['img_per_s']} img/s, OK p99 {sat['ok_p99_ms']} ms. "
+        f"Saturated at concurrency {sat['concurrency']} in the sweep: {sat['img_per_s']} img/s, "
+        f"OK p99 {sat['ok_p99_ms']} ms. "
         f"Deadline per call under overload: {report['deadline_s']} s.",
         "",
         f"Then {len(report['saturated_in_rounds']['runs'])} interleaved rounds of every level below, the saturated "
@@ -285,17 +297,22 @@ def to_markdown(report: dict[str, Any]) -> str:
         "Refusal latency as the clients saw it, and the share of refusals the controller answered within",
         "50 ms by its own RPC histogram (no client scheduling in it).",
         "",
-        "| load | honours hint | concurrency | goodput (img/s) | / saturated (per round) | refusal p50 / p99 (ms) | server refusals <= 50 ms | OK p50 / p99 (ms) | DEADLINE_EXCEEDED | other non-OK | wasted model runs | calls |",
+        "| load | honours hint | concurrency | goodput (img/s) | / saturated (per round) | refusal p50 / p99 (ms) "
+        "| server refusals <= 50 ms | OK p50 / p99 (ms) | DEADLINE_EXCEEDED | other non-OK | wasted model runs "
+        "| calls |",
         "|---|---|---:|---:|---:|---|---:|---|---:|---:|---:|---|",
     ]
     for run in report["overload"]:
         refused = run["refused_ms"]
         ok = run["ok_ms"]
         lines.append(
-            f"| {run['factor']}x | {'yes' if run['honour_retry'] else 'no'} | {run['concurrency']} | {run['goodput_img_per_s']} | {run['goodput_ratio']} ({', '.join(map(str, run['goodput_ratio_per_round']))}) | "
+            f"| {run['factor']}x | {'yes' if run['honour_retry'] else 'no'} | {run['concurrency']} "
+            f"| {run['goodput_img_per_s']} | {run['goodput_ratio']} "
+            f"({', '.join(map(str, run['goodput_ratio_per_round']))}) | "
             f"{refused.get('p50', '-')} / {refused.get('p99', '-')} | {run['server_refusals_within_50ms']} | "
             f"{ok.get('p50', '-')} / {ok.get('p99', '-')} | "
-            f"{run['deadline_exceeded']} | {run['non_ok_not_resource_exhausted'] - run['calls'].get('DEADLINE_EXCEEDED', 0)} | "
+            f"{run['deadline_exceeded']} "
+            f"| {run['non_ok_not_resource_exhausted'] - run['calls'].get('DEADLINE_EXCEEDED', 0)} | "
             f"{run['wasted_model_runs']:g} | {run['calls']} |"
         )
     lines += ["", "Peak RSS (MB): " + ", ".join(f"{k} {v}" for k, v in report["peak_rss_mb"].items()), ""]

@@ -58,17 +58,27 @@ def find(model_dirs: list[str], name: str) -> Path:
     raise SystemExit(f"error: {name} is in none of {model_dirs}; set INFERLINE_MODEL_DIR")
 
 
-def ultralytics_runner(weights: Path, batch: int, device: str = "cpu", half: bool = False) -> Callable[[list[Path]], Any]:
+def ultralytics_runner(
+    weights: Path, batch: int, device: str = "cpu", half: bool = False
+) -> Callable[[list[Path]], Any]:
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     if digest not in KNOWN_YOLO:
-        raise SystemExit(f"error: refusing to unpickle {weights} (sha256 {digest} is neither the stand-in nor the release)")
+        raise SystemExit(
+            f"error: refusing to unpickle {weights} (sha256 {digest} is neither the stand-in nor the release)"
+        )
     from ultralytics import YOLO
 
     model = YOLO(str(weights))
-    return lambda paths: model.predict(source=[str(p) for p in paths], verbose=False, device=device, batch=batch, half=half)
+
+    def run(paths: list[Path]) -> None:
+        model.predict(source=[str(p) for p in paths], verbose=False, device=device, batch=batch, half=half)
+
+    return run
 
 
-def torchvision_runner(weights: Path, _batch: int, device: str = "cpu", half: bool = False) -> Callable[[list[Path]], None]:
+def torchvision_runner(
+    weights: Path, _batch: int, device: str = "cpu", half: bool = False
+) -> Callable[[list[Path]], None]:
     import torch
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
@@ -85,12 +95,16 @@ def torchvision_runner(weights: Path, _batch: int, device: str = "cpu", half: bo
     return run
 
 
-def open_clip_runner(weights: Path, _batch: int, device: str = "cpu", half: bool = False) -> Callable[[list[Path]], None]:
+def open_clip_runner(
+    weights: Path, _batch: int, device: str = "cpu", half: bool = False
+) -> Callable[[list[Path]], None]:
     import open_clip
     import torch
     from PIL import Image
 
-    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=str(weights), force_quick_gelu=True)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "ViT-B-32", pretrained=str(weights), force_quick_gelu=True
+    )
     model.eval().to(device)
 
     def run(paths: list[Path]) -> None:
@@ -148,7 +162,8 @@ def measure(run: Callable[[list[Path]], Any], images: list[Path], batch: int, du
     if speeds:
         columns = {key: [s[key] for s in speeds] for key in speeds[0]} | {"client": list(ms)}
         report["stages_ms"] = {
-            key: {"mean": round(float(np.mean(v)), 2), "p50": round(float(np.median(v)), 2)} for key, v in columns.items()
+            key: {"mean": round(float(np.mean(v)), 2), "p50": round(float(np.median(v)), 2)}
+            for key, v in columns.items()
         }
     return report
 

@@ -10,8 +10,9 @@ on the wire and back, so an item's code survives every hop unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -20,23 +21,25 @@ from inferline.common.errors import InferlineError, InvalidInput
 from inferline.common.generated import controller_pb2, postprocess_pb2, types_pb2
 from inferline.common.status import code_from_status, error_for, status_for
 
-# The output formats a renderer can produce, by their public names. The proto enum is their
-# wire form; the presentation module (services/presentation.py) owns what each one means.
+# The output formats a renderer can produce, by their public names, read from the proto enum
+# (RENDER_FORMAT_PNG is "png"): a new format is one enum value and one registered renderer
+# (services/presentation), with no table to keep in step.
 FORMAT_BY_ENUM: Mapping[int, str] = {
-    types_pb2.RENDER_FORMAT_JSON: "json",
-    types_pb2.RENDER_FORMAT_CSV: "csv",
-    types_pb2.RENDER_FORMAT_PNG: "png",
+    number: name.removeprefix("RENDER_FORMAT_").lower()
+    for name, number in types_pb2.RenderFormat.items()
+    if number != types_pb2.RENDER_FORMAT_UNSPECIFIED
 }
-ENUM_BY_FORMAT: Mapping[str, int] = {name: number for number, name in FORMAT_BY_ENUM.items()}
+ENUM_BY_FORMAT: Mapping[str, types_pb2.RenderFormat] = {
+    name: cast("types_pb2.RenderFormat", number) for number, name in FORMAT_BY_ENUM.items()
+}
 
 
 def format_from_proto(number: int) -> str:
     try:
         return FORMAT_BY_ENUM[number]
     except KeyError:
-        raise InvalidInput(
-            f"render format {number} is not one of RENDER_FORMAT_JSON, RENDER_FORMAT_CSV, RENDER_FORMAT_PNG"
-        ) from None
+        known = ", ".join(f"RENDER_FORMAT_{name.upper()}" for name in FORMAT_BY_ENUM.values())
+        raise InvalidInput(f"render format {number} is not one of {known}") from None
 
 
 def error_from_status(status: types_pb2.Status) -> InferlineError | None:
@@ -77,7 +80,9 @@ class Rendering:
     content: bytes
 
     def to_proto(self) -> types_pb2.Rendering:
-        return types_pb2.Rendering(format=ENUM_BY_FORMAT[self.format], content_type=self.content_type, content=self.content)
+        return types_pb2.Rendering(
+            format=ENUM_BY_FORMAT[self.format], content_type=self.content_type, content=self.content
+        )
 
     @classmethod
     def from_proto(cls, message: types_pb2.Rendering) -> Rendering:
@@ -101,6 +106,10 @@ class ClusterOptions:
     @classmethod
     def from_proto(cls, message: types_pb2.ClusterOptions) -> ClusterOptions:
         return cls(message.k, message.threshold)
+
+
+# The default of every call that may cluster: no clustering.
+NO_CLUSTERING = ClusterOptions()
 
 
 @dataclass(frozen=True)
@@ -179,7 +188,7 @@ class ImageDetections:
     height: int = 0
     detections: list[Detection] = field(default_factory=list)
     renderings: list[Rendering] = field(default_factory=list)
-    error: InferlineError | None = None
+    error: Exception | None = None
 
     def to_proto(self) -> controller_pb2.ImageResult:
         return controller_pb2.ImageResult(
@@ -250,7 +259,7 @@ class ImageLabels:
     name: str
     # Best first; softmax probabilities over all the request's labels.
     labels: list[tuple[str, float]] = field(default_factory=list)
-    error: InferlineError | None = None
+    error: Exception | None = None
 
     def to_proto(self) -> controller_pb2.ClassifyResult:
         return controller_pb2.ClassifyResult(
@@ -310,7 +319,7 @@ class Embedded:
 
     key: str
     embedding: list[float] = field(default_factory=list)
-    error: InferlineError | None = None
+    error: Exception | None = None
 
 
 @dataclass

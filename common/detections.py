@@ -8,6 +8,7 @@ from typing import Any
 
 from inferline.common.errors import InvalidInput, quoted
 from inferline.common.generated import types_pb2
+from inferline.common.masks import Mask
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,8 @@ class Detection:
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in original-image pixels
     # The best of the caller's labels for this box, from a zero-shot model, when asked for.
     zero_shot: tuple[str, float] | None = None
+    # The instance's pixels in the original image, from a segmentation model.
+    mask: Mask | None = None
 
     def to_proto(self) -> types_pb2.Detection:
         x1, y1, x2, y2 = self.box
@@ -26,13 +29,16 @@ class Detection:
         )
         if self.zero_shot is not None:
             message.zero_shot.label, message.zero_shot.score = self.zero_shot
+        if self.mask is not None:
+            message.mask.CopyFrom(self.mask.to_proto())
         return message
 
     @classmethod
     def from_proto(cls, message: types_pb2.Detection) -> Detection:
         b = message.box
         zero_shot = (message.zero_shot.label, message.zero_shot.score) if message.HasField("zero_shot") else None
-        return cls(message.label, message.class_id, message.score, (b.x1, b.y1, b.x2, b.y2), zero_shot)
+        mask = Mask.from_proto(message.mask) if message.HasField("mask") else None
+        return cls(message.label, message.class_id, message.score, (b.x1, b.y1, b.x2, b.y2), zero_shot, mask)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -43,6 +49,8 @@ class Detection:
         }
         if self.zero_shot is not None:
             data["zero_shot"] = {"label": self.zero_shot[0], "score": round(float(self.zero_shot[1]), 5)}
+        if self.mask is not None:
+            data["mask"] = self.mask.to_dict()
         return data
 
 

@@ -2,8 +2,9 @@
 
 The header is read first (Pillow parses it without decoding), so an image over the pixel limit
 (``INFERLINE_MAX_IMAGE_PIXELS``) is refused before a single pixel is allocated: a 50 KB PNG that
-claims 100k x 100k pixels costs nothing, and the EXIF orientation is found without decoding too. Pixels are then decoded by OpenCV, as ultralytics does, and the EXIF orientation is
-applied explicitly rather than trusting each decoder's defaults.
+claims 100k x 100k pixels costs nothing, and the EXIF orientation is found without decoding too.
+Pixels are then decoded by OpenCV, as ultralytics does, and the EXIF orientation is applied
+explicitly rather than trusting each decoder's defaults.
 
 Pixels come from OpenCV when it is installed (ultralytics decodes with ``cv2.imread``, and
 OpenCV is the faster decoder), otherwise from Pillow, converted to exactly OpenCV's
@@ -30,7 +31,7 @@ from inferline.common.errors import InvalidInput
 try:  # the fast decoder, when installed; see the module docstring
     import cv2
 except ImportError:  # pragma: no cover - exercised in the slim container images (tests/deploy)
-    cv2 = None
+    cv2 = None  # type: ignore[assignment]  # and DECODER is "pillow"
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 _NOT_AN_IMAGE = f"not a decodable image: expected one of {', '.join(FORMATS)}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -24,15 +25,12 @@ class Recipe:
 
     @classmethod
     def from_proto(cls, message: types_pb2.Recipe) -> Recipe:
+        """Parsed once per distinct recipe and process: every request for a model carries the
+        same recipe, and turning a Struct into a dict costs more than serialising it to look
+        it up. The cached params are shared: callers read them, never change them."""
         if not message.name:
             raise InvalidInput("recipe has no name; take it from the model's metadata")
-        try:
-            params = json_format.MessageToDict(message.params)
-        except ValueError:  # json_format refuses NaN and infinity in a Struct (JSON has neither)
-            raise InvalidInput(
-                f"recipe {quoted(message.name)} has a NaN or infinite parameter; parameters are finite numbers"
-            ) from None
-        return cls(message.name, params)
+        return _parsed(message.name, message.params.SerializeToString(deterministic=True))
 
     @classmethod
     def from_config(cls, raw: Any, where: str) -> Recipe:
@@ -42,3 +40,14 @@ class Recipe:
         if not isinstance(params, Mapping):
             raise ConfigError(f"{where}.params: expected a mapping")
         return cls(raw["name"], dict(params))
+
+
+@lru_cache(maxsize=256)
+def _parsed(name: str, params: bytes) -> Recipe:
+    try:
+        values = json_format.MessageToDict(struct_pb2.Struct.FromString(params))
+    except ValueError:  # json_format refuses NaN and infinity in a Struct (JSON has neither)
+        raise InvalidInput(
+            f"recipe {quoted(name)} has a NaN or infinite parameter; parameters are finite numbers"
+        ) from None
+    return Recipe(name, values)

@@ -24,8 +24,9 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -50,7 +51,7 @@ Hook = Callable[[], Awaitable[None]]
 # Sets health names to SERVING (True) or NOT_SERVING (False); "" is the whole stage.
 ReportHealth = Callable[[Mapping[str, bool]], Awaitable[None]]
 # Runs for the life of the stage after ``load``, reporting its readiness as it changes.
-Readiness = Callable[[ReportHealth], Awaitable[None]]
+Readiness = Callable[[ReportHealth], Coroutine[Any, Any, None]]
 
 
 @dataclass
@@ -62,6 +63,9 @@ class Service:
     # The servicer object itself, so the controller's --inprocess mode can call the same stage
     # code without a server (services/controller/inprocess.py).
     servicer: object | None = None
+    # The stage's domain service (``services/<stage>/service.py``: numpy arrays and domain values
+    # in and out, no protos), for callers in this process that skip the transport altogether.
+    domain: object | None = None
     # Extra HTTP endpoints beside /metrics (the inference stage's profiler).
     routes: dict[tuple[str, str], Route] = field(default_factory=dict)
     # NVML GPU metrics on this stage's /metrics (the inference stage: the one that uses the GPU).
@@ -99,7 +103,8 @@ class ServerApp:
     """
 
     def __init__(
-        self, service: Service, settings: Settings, *, port: int, host: str | None = None, metrics_port: int | None = None
+        self, service: Service, settings: Settings, *, port: int, host: str | None = None,
+        metrics_port: int | None = None
     ):
         self.service = service
         self.metrics_port = metrics_port
@@ -121,7 +126,8 @@ class ServerApp:
     async def start(self) -> int:
         server = grpc.aio.server(
             interceptors=[
-                RetryCounter(self.service.name), TelemetryServerInterceptor(self.service.name), ErrorMappingInterceptor()
+                RetryCounter(self.service.name), TelemetryServerInterceptor(self.service.name),
+                ErrorMappingInterceptor()
             ],
             options=[*channel_options(self.settings), ("grpc.so_reuseport", 0)],
         )

@@ -17,8 +17,9 @@ from typing import Any
 from inferline.common.errors import ConfigError
 
 PREFIX = "INFERLINE_"
-# The services by name: the controller, and the stages it calls, in the order a request visits
-# them. Every list of stages (ports, settings, start and stop order, `inferline serve`) is these.
+# The services by name: the controller, and the three stages it calls, in the order a request
+# goes through them. Every list of stages (ports, settings, start and stop order, `inferline
+# serve`) is these.
 CONTROLLER = "controller"
 PIPELINE_STAGES = ("preprocess", "inference", "postprocess")
 STAGES = (CONTROLLER, *PIPELINE_STAGES)

@@ -11,7 +11,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf import duration_pb2
@@ -29,7 +29,7 @@ HTTP_INTERNAL = 500
 
 # Most specific first: the first matching class wins. Columns: domain error, gRPC code, HTTP
 # code (the gateway's); a server-side failure is 500 there, with INTERNAL_MESSAGE as its text.
-STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, int], ...] = (
+STATUS_TABLE: tuple[tuple[type[errors.InferlineError], grpc.StatusCode, int], ...] = (
     (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT, 400),
     (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND, 404),
     (errors.StageUnavailable, grpc.StatusCode.UNAVAILABLE, 503),
@@ -105,7 +105,9 @@ def retry_trailer(exc: BaseException, code: grpc.StatusCode, message: str) -> tu
     delay = getattr(exc, "retry_after_s", None)
     if delay is None:
         return ()
-    info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(delay), nanos=int(delay % 1 * 1e9)))
+    info = error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=int(delay), nanos=int(delay % 1 * 1e9))
+    )
     detail = status_pb2.Status(code=code.value[0], message=message)
     detail.details.add().Pack(info)
     trailer: tuple[tuple[str, bytes | str], ...] = ((STATUS_DETAILS_KEY, detail.SerializeToString()),)
@@ -131,6 +133,9 @@ def retry_after_s(metadata: Any) -> float | None:
 
 
 UnaryHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+# What a grpc.aio continuation returns: a method handler whose behaviours are coroutine functions
+# (grpc's stubs describe the sync server's, so the behaviours are cast below).
+MethodHandler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -145,22 +150,22 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> MethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _mapped(handler.unary_unary, method),
+                _mapped(cast(UnaryHandler, handler.unary_unary), method),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:  # health's Watch: one request message, too
             return grpc.unary_stream_rpc_method_handler(
-                _streamed(handler.unary_stream, method),
+                _streamed(cast(Callable[[Any, grpc.aio.ServicerContext], Any], handler.unary_stream), method),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
@@ -230,7 +235,7 @@ def _mapped(inner: UnaryHandler, method: str) -> UnaryHandler:
             return await inner(request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure must become a status
+        except Exception as exc:  # every failure must become a status
             code, message = status_for(exc)
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", method)

@@ -9,7 +9,7 @@ import numpy as np
 from inferline.common.errors import InvalidInput, quoted
 from inferline.common.generated import types_pb2
 
-_TO_NUMPY: dict[int, np.dtype] = {
+_TO_NUMPY: dict[types_pb2.DataType, np.dtype] = {
     types_pb2.DATA_TYPE_BOOL: np.dtype("?"),
     types_pb2.DATA_TYPE_UINT8: np.dtype("u1"),
     types_pb2.DATA_TYPE_INT8: np.dtype("i1"),
@@ -19,7 +19,7 @@ _TO_NUMPY: dict[int, np.dtype] = {
     types_pb2.DATA_TYPE_FP32: np.dtype("<f4"),
     types_pb2.DATA_TYPE_FP64: np.dtype("<f8"),
 }
-_FROM_NUMPY: dict[np.dtype, int] = {dt.newbyteorder("<"): code for code, dt in _TO_NUMPY.items()}
+_FROM_NUMPY: dict[np.dtype, types_pb2.DataType] = {dt.newbyteorder("<"): code for code, dt in _TO_NUMPY.items()}
 
 # No message is larger than 2 GiB (protobuf's own limit), so neither is a tensor in one: a shape
 # that claims more is refused before numpy sees it.
@@ -28,7 +28,7 @@ _MAX_TENSOR_BYTES = 2**31
 _MAX_DIMS = 32
 
 # Config files and metadata name dtypes the short way.
-DTYPE_NAMES: dict[str, int] = {
+DTYPE_NAMES: dict[str, types_pb2.DataType] = {
     "bool": types_pb2.DATA_TYPE_BOOL,
     "uint8": types_pb2.DATA_TYPE_UINT8,
     "int8": types_pb2.DATA_TYPE_INT8,

@@ -13,6 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import grpc_tools
+from grpc_tools import protoc
+
 PROTO_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = PROTO_ROOT.parent / "common" / "generated"
 PROTO_PACKAGE = "inferline/v1"
@@ -26,9 +29,6 @@ def proto_files() -> list[Path]:
 
 def generate(out_dir: Path) -> list[Path]:
     """Write the generated modules into ``out_dir`` and return their paths."""
-    from grpc_tools import protoc
-    import grpc_tools
-
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as raw:
         args = [

@@ -181,7 +181,9 @@ class BenchResult:
 OPERATIONS = {"detect": "Detect", "embed": "Embed"}
 
 
-def build_requests(model: str, task: str, images: Sequence[Path], batch: int) -> tuple[str, list[DetectRequest | EmbedRequest]]:
+def build_requests(
+    model: str, task: str, images: Sequence[Path], batch: int
+) -> tuple[str, list[DetectRequest | EmbedRequest]]:
     """One request per ``batch`` consecutive images, cycling so every request is full."""
     if task not in OPERATIONS:
         raise ValueError(f"model {model!r} is a {task!r} model; inferline bench drives detect and embed models")
@@ -196,7 +198,7 @@ def build_requests(model: str, task: str, images: Sequence[Path], batch: int) ->
     return "Embed", [EmbedRequest(model, g) for g in groups]
 
 
-def code_of(error: InferlineError | None) -> str:
+def code_of(error: Exception | None) -> str:
     """The gRPC status name of an outcome ("OK" for none), by the one status table."""
     return "OK" if error is None else status_for(error)[0].name
 
@@ -336,7 +338,9 @@ def parse_pids(raw: Sequence[str]) -> dict[str, int]:
     return pids
 
 
-def run(target: str, model: str, images: Sequence[Path], *, pids: Mapping[str, int] | None = None, **load: Any) -> BenchResult:
+def run(
+    target: str, model: str, images: Sequence[Path], *, pids: Mapping[str, int] | None = None, **load: Any
+) -> BenchResult:
     """``drive`` to completion (``load``: its keyword arguments), then the stages' peak memory;
     without ``pids``, the stages are looked up on this host."""
     if pids is None:

@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -40,7 +40,9 @@ UP_ORDER = (*START_ORDER, GATEWAY)
 STOP_TIERS = ((GATEWAY,), (CONTROLLER,), PIPELINE_STAGES)
 
 
-def wait_serving(target: str, timeout: float, alive: callable = lambda: True, settings: Settings | None = None) -> None:
+def wait_serving(
+    target: str, timeout: float, alive: Callable[[], bool] = lambda: True, settings: Settings | None = None
+) -> None:
     """Blocks until the server at ``target`` reports SERVING on the standard health service
     (over TLS when ``settings`` name a CA, as the stages' own channels are)."""
     expires = time.monotonic() + timeout
@@ -50,7 +52,9 @@ def wait_serving(target: str, timeout: float, alive: callable = lambda: True, se
             if not alive():
                 raise RuntimeError(f"the server for {target} exited while starting")
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                reply = stub.Check(  # type: ignore[attr-defined]  # stubs list no methods
+                    health_pb2.HealthCheckRequest(service=""), timeout=1.0
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
@@ -60,14 +64,14 @@ def wait_serving(target: str, timeout: float, alive: callable = lambda: True, se
             time.sleep(0.1)
 
 
-def wait_http_ready(url: str, timeout: float, alive: callable = lambda: True) -> None:
+def wait_http_ready(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
     """Blocks until ``url`` (the gateway's /readyz) answers 200."""
     expires = time.monotonic() + timeout
     while True:
         if not alive():
             raise RuntimeError(f"the server for {url} exited while starting")
         try:
-            with urllib.request.urlopen(url, timeout=2.0) as reply:
+            with urllib.request.urlopen(url, timeout=2.0) as reply:  # noqa: S310 - our own http:// URL
                 if reply.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -77,7 +81,7 @@ def wait_http_ready(url: str, timeout: float, alive: callable = lambda: True) ->
         time.sleep(0.1)
 
 
-def _wait_ready(stage: str, port: int, timeout: float, alive: callable, settings: Settings) -> None:
+def _wait_ready(stage: str, port: int, timeout: float, alive: Callable[[], bool], settings: Settings) -> None:
     if stage == GATEWAY:
         wait_http_ready(f"http://localhost:{port}/readyz", timeout, alive)
     else:
@@ -141,14 +145,23 @@ class _Child:
     # When the supervisor restarts it (monotonic time), once it has seen it exit.
     restart_at: float | None = None
 
-    def spawn(self) -> None:
+    def spawn(self) -> subprocess.Popen[bytes]:
         # No preexec_fn: forking Python code in a process with gRPC threads can crash the child;
         # the child arms its own parent-death signal (cli/serve.py, --exit-with-parent).
-        command = [sys.executable, "-m", "inferline.services.cli", "serve", self.stage, "--exit-with-parent", str(os.getpid())]
+        command = [
+            sys.executable,
+            "-m",
+            "inferline.services.cli",
+            "serve",
+            self.stage,
+            "--exit-with-parent",
+            str(os.getpid()),
+        ]
         if self.stage != GATEWAY:
             command += ["--port", str(self.port)]
-        self.process = subprocess.Popen(command, env=self.env)
+        self.process = process = subprocess.Popen(command, env=self.env)
         self.started = time.monotonic()
+        return process
 
 
 @dataclass
@@ -203,7 +216,9 @@ class LocalStack:
                     # supervision yet: a stage that cannot start would only crash-loop).
                     _wait_ready(child.stage, child.port, timeout, lambda: self.exited() is None, self.settings)
                 except RuntimeError:
-                    raise RuntimeError(f"the {self.exited()} stage exited while starting; its log above says why") from None
+                    raise RuntimeError(
+                        f"the {self.exited()} stage exited while starting; its log above says why"
+                    ) from None
         except BaseException:
             self.stop()
             raise
@@ -251,8 +266,8 @@ class LocalStack:
                               name, how, now - child.started, delay, child.restarts)
                 elif child.restart_at is not None and now >= child.restart_at:
                     child.restart_at = None
-                    child.spawn()
-                    log.warning("%s restarted (pid %d)", name, child.process.pid)
+                    process = child.spawn()
+                    log.warning("%s restarted (pid %d)", name, process.pid)
                     self._publish()
         self._idle.set()
         self._stopped.wait()
@@ -322,7 +337,7 @@ def free_port_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """
     ports = free_ports(len(STAGES) + 1)
     result = dict(os.environ if env is None else env)
-    for stage, port in zip(STAGES, ports):
+    for stage, port in zip(STAGES, ports, strict=False):
         result[f"INFERLINE_{stage.upper()}_PORT"] = str(port)
         result[f"INFERLINE_{stage.upper()}_TARGET"] = f"localhost:{port}"
     result["INFERLINE_GATEWAY_PORT"] = str(ports[-1])

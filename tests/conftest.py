@@ -25,6 +25,10 @@ KNOWN_YOLO_SHA256 = {
     "33f4216002cafa403a4588a328e025d1542f2acda1e632c2f7ba8a9a95359b3b",  # stand-in
     "f59b3d833e2ff32e194b5bb8e08d211dc7c5bdf144b90d2c8412c47ccfc83b36",  # official yolov8n.pt
 }
+KNOWN_SEG_SHA256 = {
+    "6b9f40a9136c2376e8634d65ef7d207c1837d9d0701676ab21ad4ef57149dcbf",  # stand-in
+    "a7cd8f929e1903d78a12a48efecab430209f18dc46cb96c3599a5980c63c423c",  # official yolov8n-seg.pt
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -66,9 +70,21 @@ def yolo_weights(model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def seg_weights(model_dir: Path) -> Path:
+    """The YOLOv8n-seg stand-in (MANIFEST.md), verified before ultralytics unpickles it."""
+    path = model_dir / "yolov8n-seg.pt"
+    if not path.is_file():
+        pytest.fail(f"{path} not found: the YOLOv8n-seg stand-in lives beside yolov8n.pt")
+    digest = sha256_of(path)
+    if digest not in KNOWN_SEG_SHA256:
+        pytest.fail(f"{path} has sha256 {digest}, neither the stand-in nor the official release")
+    return path
+
+
+@pytest.fixture(scope="session")
 def sample_images(data_dir: Path) -> list[Path]:
     """The shared test scenes plus ultralytics' own bus.jpg and zidane.jpg."""
-    import ultralytics
+    import ultralytics  # noqa: PLC0415 - heavy; only sessions that ask for the images pay for it
 
     assets = Path(ultralytics.__file__).parent / "assets"
     return sorted(data_dir.glob("*.jpg")) + [assets / "bus.jpg", assets / "zidane.jpg"]
@@ -81,7 +97,14 @@ def clip_weights(model_dir: Path) -> Path:
     for folder in (model_dir, STANDIN_CACHE):
         if (folder / CLIP_FILE).is_file():
             return folder / CLIP_FILE
-    script = next((p for p in (model_dir / "make_standins.py", REPO.parent / "shared" / "models" / "make_standins.py") if p.is_file()), None)
+    script = next(
+        (
+            p
+            for p in (model_dir / "make_standins.py", REPO.parent / "shared" / "models" / "make_standins.py")
+            if p.is_file()
+        ),
+        None,
+    )
     if script is None:
         pytest.fail(f"{CLIP_FILE} is not in {model_dir} and make_standins.py is not there to make it")
     STANDIN_CACHE.mkdir(parents=True, exist_ok=True)

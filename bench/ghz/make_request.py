@@ -46,7 +46,8 @@ def main() -> None:
     args = parser.parse_args()
 
     options = {k: v for k, v in (("conf", args.conf), ("iou", args.iou)) if v is not None}
-    images = [{"name": p.name, "data": base64.b64encode(p.read_bytes()).decode("ascii")} for p in images_in(args.images)]
+    images = [{"name": p.name,
+               "data": base64.b64encode(p.read_bytes()).decode("ascii")} for p in images_in(args.images)]
     requests = [{"model": args.model, "images": [image], "options": options} for image in images]
     if args.one_request:
         data: object = {"model": args.model, "images": images, "options": options}

@@ -118,18 +118,30 @@ class LabelScore(_message.Message):
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Detection(_message.Message):
-    __slots__ = ("label", "class_id", "score", "box", "zero_shot")
+    __slots__ = ("label", "class_id", "score", "box", "zero_shot", "mask")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     BOX_FIELD_NUMBER: _ClassVar[int]
     ZERO_SHOT_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
     label: str
     class_id: int
     score: float
     box: Box
     zero_shot: LabelScore
-    def __init__(self, label: _Optional[str] = ..., class_id: _Optional[int] = ..., score: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., zero_shot: _Optional[_Union[LabelScore, _Mapping]] = ...) -> None: ...
+    mask: Mask
+    def __init__(self, label: _Optional[str] = ..., class_id: _Optional[int] = ..., score: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., zero_shot: _Optional[_Union[LabelScore, _Mapping]] = ..., mask: _Optional[_Union[Mask, _Mapping]] = ...) -> None: ...
+
+class Mask(_message.Message):
+    __slots__ = ("width", "height", "rle_counts")
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    RLE_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    width: int
+    height: int
+    rle_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., rle_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Region(_message.Message):
     __slots__ = ("image", "box")

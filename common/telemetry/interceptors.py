@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
 from opentelemetry import propagate
@@ -40,6 +40,9 @@ MAX_REQUEST_ID = 128
 QUIET_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
 
 UnaryHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+# A grpc.aio continuation's method handler: its behaviours are coroutine functions (grpc's stubs
+# describe the sync server's, so the behaviour is cast below).
+MethodHandler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
 
 
 def split_method(full: str) -> tuple[str, str]:
@@ -60,14 +63,14 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> MethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            self._observed(handler.unary_unary, handler_call_details.method),
+            self._observed(cast(UnaryHandler, handler.unary_unary), handler_call_details.method),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

@@ -131,7 +131,7 @@ def register_gpu_metrics() -> bool:
     if _gpu_registered:
         return True
     try:
-        import pynvml  # nvidia-ml-py; optional
+        import pynvml  # noqa: PLC0415 - nvidia-ml-py; optional
 
         pynvml.nvmlInit()
         if pynvml.nvmlDeviceGetCount() == 0:
@@ -158,9 +158,12 @@ def loopback_only(route: Route) -> Route:
     def guarded(handler: BaseHTTPRequestHandler) -> None:
         peer = handler.client_address[0]
         if peer not in LOOPBACK_PEERS:
-            log.warning("refused %s %s from %s: it answers only on this host", handler.command, handler.path.split("?", 1)[0], peer)
-            body = {"error": f"{handler.path.split('?', 1)[0]} answers only to 127.0.0.1 or ::1 on this host, not {peer}; "
-                             "use kubectl port-forward or an ssh tunnel"}
+            log.warning("refused %s %s from %s: it answers only on this host", handler.command,
+                        handler.path.split("?", 1)[0], peer)
+            body = {
+                "error": f"{handler.path.split('?', 1)[0]} answers only to 127.0.0.1 or ::1 on this host, not {peer}; "
+                "use kubectl port-forward or an ssh tunnel"
+            }
             reply(handler, 403, "application/json", json.dumps(body).encode())
             return
         route(handler)
@@ -188,10 +191,10 @@ class MetricsServer:
                     return
                 route(self)
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 self._dispatch("GET")
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 self._dispatch("POST")
 
             def log_message(self, fmt: str, *args: Any) -> None:

@@ -4,8 +4,9 @@ Off unless ``INFERLINE_PROFILING=true``, and then answered only on this host (th
 it shares is scraped from anywhere): profiling slows the passes it captures and writes files, so
 nobody else may arm it. ``POST /debug/profile?batches=N[&model=NAME][&timeout=S]`` on the
 inference stage's metrics port (or ``inferline profile``) arms it; the model's thread that runs
-the next pass starts the profiler and stops it after its N-th pass, so the trace holds exactly those passes and nothing
-else pays for it (with several instances of a model, the passes of one instance). The answer names the Chrome trace file (open in Perfetto or chrome://tracing).
+the next pass starts the profiler and stops it after its N-th pass, so the trace holds exactly
+those passes and nothing else pays for it (with several instances of a model, the passes of one
+instance). The answer names the Chrome trace file (open in Perfetto or chrome://tracing).
 torch is imported only when a capture runs: the other stages never load it.
 """
 
@@ -92,7 +93,7 @@ class BatchProfiler:
             capture._profile.export_chrome_trace(str(path))
             capture.path = path.resolve()
             log.info("profiler trace of %d batches of %s written to %s", capture.batches, capture.model, capture.path)
-        except Exception as exc:  # noqa: BLE001 - a failed export must not fail the batch
+        except Exception as exc:  # a failed export must not fail the batch
             capture.error = f"could not write the profiler trace: {exc}"
             log.exception("profiler export failed")
         finally:
@@ -100,7 +101,7 @@ class BatchProfiler:
 
 
 def _start_profiler() -> Any:
-    import torch
+    import torch  # noqa: PLC0415 - torch only where a profile is asked for
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():

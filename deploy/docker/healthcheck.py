@@ -57,7 +57,10 @@ def check_grpc(stage: str, port: str, timeout: float) -> int:
     channel = grpc.secure_channel(target, tls) if tls else grpc.insecure_channel(target)
     with channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            # types-grpcio-health-checking's HealthStub declares no methods.
+            reply = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.RpcError as exc:
             print(f"{stage} at {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -71,10 +74,12 @@ def _tls_credentials():  # -> grpc.ChannelCredentials | None (grpc is imported o
     import grpc  # noqa: PLC0415
 
     env = os.environ
-    if not env.get("INFERLINE_TLS_CERT_FILE") or env.get("INFERLINE_TLS_SERVE", "true").lower() in {"0", "false", "no", "off"}:
+    serve_tls = env.get("INFERLINE_TLS_SERVE", "true").lower() not in {"0", "false", "no", "off"}
+    if not env.get("INFERLINE_TLS_CERT_FILE") or not serve_tls:
         return None
     read = lambda var: open(env[var], "rb").read() if env.get(var) else None  # noqa: E731
-    return grpc.ssl_channel_credentials(read("INFERLINE_TLS_CA_FILE"), read("INFERLINE_TLS_KEY_FILE"), read("INFERLINE_TLS_CERT_FILE"))
+    return grpc.ssl_channel_credentials(read("INFERLINE_TLS_CA_FILE"), read("INFERLINE_TLS_KEY_FILE"),
+                                        read("INFERLINE_TLS_CERT_FILE"))
 
 
 if __name__ == "__main__":

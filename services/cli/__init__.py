@@ -10,7 +10,6 @@ One module per job, each adding its subcommands (``add_commands``) with their ha
 from __future__ import annotations
 
 import argparse
-import sys
 
 import grpc
 

@@ -11,7 +11,9 @@ from inferline.services.client import collect_images, defaults
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    bench = commands.add_parser("bench", help="drive the running stack with concurrent requests; throughput, latency, memory")
+    bench = commands.add_parser(
+        "bench", help="drive the running stack with concurrent requests; throughput, latency, memory"
+    )
     bench.add_argument("--model", default=defaults.DETECT_MODEL, help="a detect or embed model")
     bench.add_argument("--images", nargs="+", required=True, help="image files or directories")
     bench.add_argument("--concurrency", type=int, default=8, help="requests in flight (closed loop)")
@@ -19,7 +21,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--warmup", type=float, default=3.0, help="seconds sent first and not counted")
     bench.add_argument("--batch", type=int, default=1, help="images per request")
     bench.add_argument("--honour-retry", action="store_true",
-                       help="after a refusal, wait the server's RetryInfo hint before the next call (as gRPC's retry pushback does)")
+                       help="after a refusal, wait the server's RetryInfo hint before the next call "
+                            "(as gRPC's retry pushback does)")
     bench.add_argument("--pid", action="append", default=[], metavar="STAGE=PID",
                        help="a stage's process for the memory figures (default: found by command line)")
     bench.add_argument("--json", action="store_true", help="one JSON object instead of text")
@@ -48,7 +51,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = result.to_dict()
     print(json.dumps(report) if args.json else result.to_text())
     if not result.images_ok:
-        return shared.fail(
-            f"no image was answered in {args.duration:g} s (failures by code: {report['error_codes'] or 'per-image statuses'})"
-        )
+        codes = report["error_codes"] or "per-image statuses"
+        return shared.fail(f"no image was answered in {args.duration:g} s (failures by code: {codes})")
     return 0

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from inferline.common.api import ClassifyRequest, DetectRequest
-from inferline.common.errors import InferlineError, InvalidInput
+from inferline.common.errors import InvalidInput
 from inferline.common.settings import Settings
 from inferline.services.cli import shared
 from inferline.services.cli.predict import classify_paths, detect_paths, write_pngs
@@ -52,7 +52,9 @@ def demo_models(settings: Settings) -> tuple[dict[str, ModelConfig], list[str]]:
     return present, [name for name in configs if name not in present]
 
 
-def zero_shot(client: Client, embedders: list[str], paths: list[Path], out: Path) -> tuple[list[str], list[tuple[str, InferlineError | None]]]:
+def zero_shot(
+    client: Client, embedders: list[str], paths: list[Path], out: Path
+) -> tuple[list[str], list[tuple[str, Exception | None]]]:
     """Classifies the images with every embedding model that can, which the server decides (an
     image tower with a text tower beside it can; a text tower alone cannot, and says so with
     INVALID_ARGUMENT). Returns those models and the images that failed."""
@@ -97,7 +99,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             results = detect_paths(client, request, paths)
             folder = args.out / model
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "detections.json").write_text(json.dumps({"results": documents.detect_results(results)}, indent=2))
+            document = {"results": documents.detect_results(results)}
+            (folder / "detections.json").write_text(json.dumps(document, indent=2))
             pngs = write_pngs(results, folder / "annotated")
             print(f"\n{model}: {folder / 'detections.json'}, {len(pngs)} annotated PNGs in {folder / 'annotated'}")
             for image in (image for result in results for image in result.images):
@@ -109,6 +112,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name in models:
         if name in served:
             weights = served[name].weights
-            verdict = "the official release" if weights.official else "NOT the official release (a stand-in or custom file)"
+            verdict = (
+                "the official release" if weights.official else "NOT the official release (a stand-in or custom file)"
+            )
             print(f"weights of {name}: {weights.path} are {verdict}")
     return shared.report_failures(failed)

@@ -77,7 +77,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     models.set_defaults(handler=cmd_models)
 
 
-def detect_paths(client: Client, request: DetectRequest, paths: Sequence[Path], batch: int = BATCH) -> list[DetectResult]:
+def detect_paths(
+    client: Client, request: DetectRequest, paths: Sequence[Path], batch: int = BATCH
+) -> list[DetectResult]:
     """``request`` for every image of ``paths``, ``batch`` images per call."""
     return [
         client.detect(dataclasses.replace(request, images=image_inputs(paths[start : start + batch])))
@@ -85,7 +87,9 @@ def detect_paths(client: Client, request: DetectRequest, paths: Sequence[Path], 
     ]
 
 
-def classify_paths(client: Client, request: ClassifyRequest, paths: Sequence[Path], batch: int = BATCH) -> list[ClassifyResult]:
+def classify_paths(
+    client: Client, request: ClassifyRequest, paths: Sequence[Path], batch: int = BATCH
+) -> list[ClassifyResult]:
     return [
         client.classify(dataclasses.replace(request, images=image_inputs(paths[start : start + batch])))
         for start in range(0, len(paths), batch)
@@ -156,7 +160,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     )
     with shared.client(args) as client:
         result = client.embed(request)
-    shared.write(json.dumps(documents.embed_document(result)) if args.format == "json" else documents.embed_csv(result), args.out)
+    if args.format == "json":
+        shared.write(json.dumps(documents.embed_document(result)), args.out)
+    else:
+        shared.write(documents.embed_csv(result), args.out)
     return shared.report_failures((item.key, item.error) for item in result.images + result.texts)
 
 
@@ -164,10 +171,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     with shared.client(args) as client:
         models = client.models(timeout=30)
     if args.json:
-        print(json.dumps({"models": [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in models]}, indent=2))
+        metadata = [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in models]
+        print(json.dumps({"models": metadata}, indent=2))
         return 0
     print(f"{'model':<40} {'task':<8} {'backend':<8} {'version':<8} weights")
     for m in models:
         weights = "official" if m.weights.official else "not official"
-        print(f"{m.name:<40} {m.task:<8} {m.platform:<8} {','.join(m.versions):<8} {weights} ({Path(m.weights.path).name})")
+        versions = ",".join(m.versions)
+        print(f"{m.name:<40} {m.task:<8} {m.platform:<8} {versions:<8} {weights} ({Path(m.weights.path).name})")
     return 0

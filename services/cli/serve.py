@@ -25,6 +25,9 @@ from inferline.services.stack import UP_ORDER, LocalStack, parse_replicas
 
 log = logging.getLogger("inferline")
 
+# prctl(2): the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     serve_cmd = commands.add_parser("serve", help="run one stage (or the HTTP gateway) in the foreground")
@@ -52,7 +55,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     profile = commands.add_parser("profile", help="PyTorch profiler trace of the inference stage's next N batches")
     profile.add_argument("--batches", type=int, default=10, help="forward passes to capture")
     profile.add_argument("--model", default="", help="only this model's passes (default: the first to run)")
-    profile.add_argument("--metrics", help="the inference stage's metrics address (default: localhost:INFERLINE_INFERENCE_METRICS_PORT)")
+    profile.add_argument(
+        "--metrics", help="the inference stage's metrics address (default: localhost:INFERLINE_INFERENCE_METRICS_PORT)"
+    )
     profile.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the batches")
     profile.set_defaults(handler=cmd_profile)
 
@@ -72,7 +77,6 @@ def _exit_with_parent(parent: int) -> None:
         return
     import ctypes  # noqa: PLC0415 - Linux only
 
-    PR_SET_PDEATHSIG = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
         raise SystemExit(f"the process that started this one ({parent}) has already exited")
@@ -116,10 +120,11 @@ def serve_gateway(settings: Settings, port: int | None) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     """Arms the inference stage's profiler (docs/monitoring.md) and prints where the trace went."""
     address = args.metrics or f"localhost:{Settings.from_env().inference_metrics_port}"
-    query = urllib.parse.urlencode({"batches": args.batches, "timeout": args.timeout, **({"model": args.model} if args.model else {})})
+    params = {"batches": args.batches, "timeout": args.timeout, **({"model": args.model} if args.model else {})}
+    query = urllib.parse.urlencode(params)
     request = urllib.request.Request(f"http://{address}/debug/profile?{query}", method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout + 10) as reply:
+        with urllib.request.urlopen(request, timeout=args.timeout + 10) as reply:  # noqa: S310 - http:// built above
             print(reply.read().decode())
     except urllib.error.HTTPError as exc:
         return shared.fail(json.loads(exc.read()).get("error", exc.reason))

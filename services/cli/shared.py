@@ -8,7 +8,6 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from inferline.common.errors import InferlineError
 from inferline.common.settings import Settings
 from inferline.services.client import Client
 from inferline.services.presentation.documents import error_dict
@@ -53,9 +52,10 @@ def write(text: str, out: Path | None) -> None:
         out.write_text(text)
 
 
-def report_failures(items: Iterable[tuple[str, InferlineError | None]]) -> int:
+def report_failures(items: Iterable[tuple[str, Exception | None]]) -> int:
     """Each failed item on stderr; the exit code says whether any failed."""
     failed = [(name, error_dict(error)) for name, error in items if error is not None]
-    for name, error in failed:
-        print(f"error: {name}: {error['code']}: {error['message']}", file=sys.stderr)
+    for name, shown in failed:
+        assert shown is not None
+        print(f"error: {name}: {shown['code']}: {shown['message']}", file=sys.stderr)
     return EXIT_SOME_ITEMS_FAILED if failed else 0

@@ -59,7 +59,10 @@ class Client:
         ``service`` is a health name: "" for the controller as a whole (SERVING while its stages
         are), ``model/<name>`` for one model (services/controller/stages.py)."""
         try:
-            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=calls.HEALTH_TIMEOUT_S)
+            request = health_pb2.HealthCheckRequest(service=service)
+            reply = self._health.Check(  # type: ignore[attr-defined]  # stubs list no methods
+                request, timeout=calls.HEALTH_TIMEOUT_S
+            )
         except grpc.RpcError as exc:
             return calls.health_failure(exc)
         return calls.health_status(reply)

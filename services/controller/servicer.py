@@ -1,14 +1,16 @@
-"""gRPC transport of the controller, the public API."""
+"""gRPC transport of the controller, the public API: protos in, domain values to the operations,
+protos out (``common/api.py`` holds each message's one conversion)."""
 
 from __future__ import annotations
 
 import grpc
 
-from inferline.common.generated import controller_pb2, controller_pb2_grpc
+from inferline.common.api import ClassifyRequest, DetectRequest, EmbedRequest
+from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2
 from inferline.common.server import Service
 from inferline.common.settings import Settings
-from inferline.services.controller.pipeline import Controller
-from inferline.services.controller.stages import Deadline, StageClients
+from inferline.services.controller.operations import Controller
+from inferline.services.controller.ports import Deadline, Stages
 
 
 class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
@@ -21,19 +23,32 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         remaining = context.time_remaining()
         return Deadline(self.settings.default_timeout_s if remaining is None else remaining)
 
-    async def Detect(self, request, context):
-        return await self.controller.detect(request, self._deadline(context))
+    async def Detect(  # noqa: N802 - gRPC's method name
+        self, request: controller_pb2.DetectRequest, context: grpc.aio.ServicerContext
+    ) -> controller_pb2.DetectResponse:
+        result = await self.controller.detect(DetectRequest.from_proto(request), self._deadline(context))
+        return result.to_proto()
 
-    async def Classify(self, request, context):
-        return await self.controller.classify(request, self._deadline(context))
+    async def Classify(  # noqa: N802 - gRPC's method name
+        self, request: controller_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> controller_pb2.ClassifyResponse:
+        result = await self.controller.classify(ClassifyRequest.from_proto(request), self._deadline(context))
+        return result.to_proto()
 
-    async def Embed(self, request, context):
-        return await self.controller.embed(request, self._deadline(context))
+    async def Embed(  # noqa: N802 - gRPC's method name
+        self, request: controller_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> controller_pb2.EmbedResponse:
+        result = await self.controller.embed(EmbedRequest.from_proto(request), self._deadline(context))
+        return result.to_proto()
 
-    async def ListModels(self, request, context):
+    async def ListModels(  # noqa: N802 - gRPC's method name
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
         return await self.controller.list_models(self._deadline(context))
 
-    async def ModelInfo(self, request, context):
+    async def ModelInfo(  # noqa: N802 - gRPC's method name
+        self, request: inference_pb2.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ModelMetadataResponse:
         return await self.controller.model_metadata(request.name, self._deadline(context))
 
 
@@ -43,22 +58,20 @@ def build_service(settings: Settings) -> Service:
     is (checked from its load on, so the first check is done before it takes a call), and its
     health names ``model/<name>`` say which models answer (services/controller/stages.py)."""
     readiness = None
+    stages: Stages
     if settings.inprocess:
-        from inferline.services.controller.inprocess import LocalStages  # noqa: PLC0415 - imports the stages
+        from inferline.services.controller.local_ports import LocalStages  # noqa: PLC0415 - imports the stages
 
-        local = LocalStages(settings)
-        stages: StageClients | LocalStages = local
-        load = local.load
+        stages = LocalStages(settings)
     else:
-        clients = StageClients(settings)
-        stages, readiness = clients, clients.watcher.run
+        from inferline.services.controller.grpc_ports import GrpcStages  # noqa: PLC0415 - one of two transports
 
-        async def load() -> None:
-            await clients.watcher.poll()
+        clients = GrpcStages(settings)
+        stages, readiness = clients, clients.watcher.run
     servicer = ControllerServicer(settings, Controller(settings, stages))
 
     def register(server: grpc.aio.Server) -> list[str]:
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server)
         return [controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name]
 
-    return Service("controller", register, load=load, close=stages.close, servicer=servicer, readiness=readiness)
+    return Service("controller", register, load=stages.load, close=stages.close, servicer=servicer, readiness=readiness)

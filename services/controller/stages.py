@@ -1,11 +1,5 @@
-"""Clients of the three stages, with their failures turned into domain errors, and the watch
-on the stages that makes the controller's readiness.
-
-One channel per stage, made once and reused by every request; it retries UNAVAILABLE and spreads
-calls over the stage's replicas (common/channels.py). A stage's status becomes the controller's
-status with the stage named in the message, so a caller sees "inference stage at localhost:50053
-is unavailable" rather than a bare UNAVAILABLE.
-"""
+"""The watch on the stages that makes the controller's readiness: every replica of every stage,
+checked on its own channel."""
 
 from __future__ import annotations
 
@@ -13,29 +7,19 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Gauge
 
 from inferline.common.channels import create_channel, replica_addresses
-from inferline.common.errors import DeadlineExceeded, StageUnavailable
-from inferline.common.generated import (
-    inference_pb2,
-    inference_pb2_grpc,
-    postprocess_pb2_grpc,
-    preprocess_pb2_grpc,
-)
+from inferline.common.generated import inference_pb2, inference_pb2_grpc
 from inferline.common.server import ReportHealth
 from inferline.common.settings import Settings
-from inferline.common.status import error_for
 
 log = logging.getLogger(__name__)
 
-STAGE_NAMES = ("preprocess", "inference", "postprocess")
 # The controller's health name of one model: SERVING while every stage is and a replica of the
 # inference stage has the model loaded (`grpcurl -d '{"service":"model/yolov8n"}' ... Check`).
 MODEL_HEALTH_PREFIX = "model/"
@@ -48,22 +32,6 @@ STAGE_SERVING = Gauge(
 STAGE_REPLICAS_SERVING = Gauge(
     "inferline_stage_replicas_serving", "Replicas of the stage that the controller sees SERVING.", ["stage"]
 )
-
-Response = TypeVar("Response")
-
-
-class Deadline:
-    """The caller's deadline, shared by every stage call of one request."""
-
-    def __init__(self, seconds: float):
-        self.expires = time.monotonic() + seconds
-
-    def remaining(self, stage: str) -> float:
-        left = self.expires - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded(f"deadline exceeded before the {stage} stage")
-        return left
-
 
 class StageState(enum.Enum):
     SERVING = "SERVING"
@@ -144,7 +112,7 @@ class StageWatcher:
         while True:
             try:
                 names = await self.poll()
-            except Exception:  # noqa: BLE001 - a bug here must not freeze the readiness it reports
+            except Exception:
                 log.exception("checking the stages failed; the controller reports NOT_SERVING")
                 names = {name: False for name in last or {"": False}}
             if names != last:
@@ -156,7 +124,8 @@ class StageWatcher:
 
     def describe(self) -> str:
         return ", ".join(
-            f"{stage} {h.state.value if h.state else 'unchecked'} ({h.serving_replicas}/{len(self._channels[stage])} serving)"
+            f"{stage} {h.state.value if h.state else 'unchecked'} "
+            f"({h.serving_replicas}/{len(self._channels[stage])} serving)"
             for stage, h in self.health.items()
         )
 
@@ -177,7 +146,7 @@ class StageWatcher:
         STAGE_SERVING.labels(stage).set(1 if health.state is StageState.SERVING else 0)
         STAGE_REPLICAS_SERVING.labels(stage).set(health.serving_replicas)
         if stage == "inference":
-            for i, (channel, state) in enumerate(zip(self._channels[stage], replies)):
+            for i, (channel, state) in enumerate(zip(self._channels[stage], replies, strict=False)):
                 if state is not StageState.SERVING:
                     health.replica_models[i] = None
                 elif health.replica_models[i] is None:
@@ -185,7 +154,7 @@ class StageWatcher:
 
     async def _check(self, channel: grpc.aio.Channel) -> StageState:
         try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
+            reply = await health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]  # stubs list no methods
                 health_pb2.HealthCheckRequest(service=""), timeout=self._timeout
             )
         except grpc.aio.AioRpcError:
@@ -210,35 +179,3 @@ class StageWatcher:
         for replicas in self._channels.values():
             for channel in replicas:
                 await channel.close()
-
-
-class StageClients:
-    def __init__(self, settings: Settings):
-        self.targets = {stage: settings.target(stage) for stage in STAGE_NAMES}
-        self._channels = {stage: create_channel(target, settings) for stage, target in self.targets.items()}
-        self.watcher = StageWatcher(settings, self.targets)
-        self.preprocess = preprocess_pb2_grpc.PreprocessServiceStub(self._channels["preprocess"])
-        self.inference = inference_pb2_grpc.InferenceServiceStub(self._channels["inference"])
-        self.postprocess = postprocess_pb2_grpc.PostprocessServiceStub(self._channels["postprocess"])
-
-    async def call(
-        self, stage: str, method: Callable[..., Awaitable[Response]], request: object, deadline: Deadline
-    ) -> Response:
-        try:
-            return await method(
-                request, timeout=deadline.remaining(stage), wait_for_ready=self.watcher.expected(stage)
-            )
-        except grpc.aio.AioRpcError as exc:
-            code, details = exc.code(), exc.details() or ""
-            if code is grpc.StatusCode.UNAVAILABLE:
-                raise StageUnavailable(f"{stage} stage at {self.targets[stage]} is unavailable: {details}") from None
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded(f"deadline exceeded in the {stage} stage") from None
-            # The caller's own mistakes read best unprefixed; anything else names the stage.
-            caller_error = code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
-            raise error_for(code, details if caller_error else f"{stage} stage: {details}") from None
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        await self.watcher.close()

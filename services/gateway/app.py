@@ -57,11 +57,11 @@ STATIC = Path(str(resources.files("inferline.services.gateway") / "static"))
 SWAGGER_UI = Path(str(resources.files("fastapi_offline") / "static"))
 VERSION = "1"
 
-DESCRIPTION = f"""
+DESCRIPTION = """
 REST/JSON front door of the inferline pipeline: every call becomes one gRPC call to the controller.
 
 * Images: multipart uploads in the repeatable field `images`, or base64 in a JSON body
-  (`{{"images": [{{"name": "a.jpg", "data": "<base64>"}}]}}`). The gateway never fetches URLs.
+  (`{"images": [{"name": "a.jpg", "data": "<base64>"}]}`). The gateway never fetches URLs.
 * Options: query parameters, form fields or JSON members (the body wins).
 * Deadline: header `X-Request-Timeout` in seconds (default `INFERLINE_GATEWAY_TIMEOUT_S`, 60).
 * Errors: `application/problem+json` with the gRPC status name in `code`. A request whose images
@@ -191,12 +191,15 @@ def create_app(settings: Settings) -> FastAPI:
         received = await body(request, {"classes", "labels"})
         params = merged_params(DetectParams, query, received)
         if params.format == "png" and len(received.images) != 1:
-            raise invalid(f"format=png answers one annotated image: send exactly one image (got {len(received.images)})")
+            count = len(received.images)
+            raise invalid(f"format=png answers one annotated image: send exactly one image (got {count})")
         result = await controller().detect(
             DetectRequest(
                 model=params.model,
                 images=tuple(received.images),
-                options=DetectOptions(conf=params.conf, iou=params.iou, max_det=params.max_det, classes=tuple(params.classes)),
+                options=DetectOptions(
+                    conf=params.conf, iou=params.iou, max_det=params.max_det, classes=tuple(params.classes)
+                ),
                 render=("png",) if params.format == "png" else (),
                 classify_with=params.classify_with,
                 labels=tuple(params.labels),
@@ -251,7 +254,8 @@ def create_app(settings: Settings) -> FastAPI:
             raise invalid("give images (field `images`) and/or texts (`texts`)")
         result = await controller().embed(
             EmbedRequest(
-                params.model, tuple(received.images), tuple(params.texts), ClusterOptions(params.cluster, params.threshold)
+                params.model, tuple(received.images), tuple(params.texts),
+                ClusterOptions(params.cluster, params.threshold),
             ),
             **call(request),
         )
@@ -274,7 +278,13 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get(
         "/v1/models/{name}",
         summary="One model's metadata",
-        responses={200: {"description": "the model's metadata", "content": {"application/json": {"schema": {"type": "object"}}}}, **_errors(400, 404, 500, 503, 504)},
+        responses={
+            200: {
+                "description": "the model's metadata",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            **_errors(400, 404, 500, 503, 504),
+        },
         tags=["models"],
     )
     async def model_info(request: Request, name: str) -> JSONResponse:
@@ -305,14 +315,17 @@ def create_app(settings: Settings) -> FastAPI:
         if status != "SERVING":
             raise ApiError(
                 grpc.StatusCode.UNAVAILABLE,
-                f"model {quoted(model)} is not ready at {where}" if model else f"{where} is not reachable or not SERVING",
+                f"model {quoted(model)} is not ready at {where}" if model
+                else f"{where} is not reachable or not SERVING",
             )
         return Health(status="ready")
 
     @app.get(
         "/metrics",
         summary="Prometheus metrics of the gateway (inferline_gateway_*)",
-        responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+        responses={
+            200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+        },
         response_class=Response,
         tags=["ops"],
     )
@@ -373,10 +386,10 @@ def _metadata(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-def _unless_all_failed(errors: list[InferlineError | None]) -> None:
+def _unless_all_failed(errors: list[Exception | None]) -> None:
     """A request whose every item failed failed as a whole: its first item's status, as HTTP."""
-    if errors and all(e is not None for e in errors):
-        code, message = status_for(errors[0])  # type: ignore[arg-type]
+    if errors and errors[0] is not None and all(e is not None for e in errors):
+        code, message = status_for(errors[0])
         raise ApiError(code, message if len(errors) == 1 else f"every image failed; the first: {message}")
 
 

@@ -17,8 +17,8 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from inferline.common.errors import quoted
 from inferline.common.api import ImageInput
+from inferline.common.errors import quoted
 from inferline.services.gateway.problems import ApiError, describe_errors, invalid
 from inferline.services.gateway.schemas import Base64Image, JsonImages
 
@@ -66,8 +66,8 @@ async def read_body(request: Request, list_fields: frozenset[str], max_images: i
         return Body()
     raise ApiError(
         grpc.StatusCode.INVALID_ARGUMENT,
-        f"unsupported Content-Type {quoted(content_type) if content_type else '(none)'}: send multipart/form-data (field `images`, "
-        "repeatable) or application/json ({\"images\": [{\"data\": \"<base64>\"}]})",
+        f"unsupported Content-Type {quoted(content_type) if content_type else '(none)'}: send multipart/form-data "
+        "(field `images`, repeatable) or application/json ({\"images\": [{\"data\": \"<base64>\"}]})",
         415,
     )
 

@@ -60,8 +60,8 @@ class RequestContext:
             # Probes, scrapes, assets and the demo page's polling only at DEBUG, so the log reads.
             level = logging.INFO if api_call or status >= 400 else logging.DEBUG
             log.log(
-                level, "%s %s -> %d in %.1f ms request_id=%s", scope["method"], _loggable(scope["path"]), status, seconds * 1000,
-                request_id,
+                level, "%s %s -> %d in %.1f ms request_id=%s", scope["method"], _loggable(scope["path"]), status,
+                seconds * 1000, request_id,
             )
 
         async def send_with_id(message: Message) -> None:
@@ -75,7 +75,7 @@ class RequestContext:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
-        except Exception as exc:  # noqa: BLE001 - the one place a crash becomes a 500
+        except Exception as exc:
             if response_started:
                 raise
             response = await unexpected_error_handler(Request(scope), exc)

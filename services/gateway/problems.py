@@ -3,8 +3,8 @@
 A failed call to the controller (the client raises it as the domain error of its status) keeps
 its gRPC status name in the body (``code``) and gets its HTTP code from the one status table in
 ``inferline.common.status``; a retry hint the controller sent (gRPC ``RetryInfo``, on a refusal
-under overload) becomes ``Retry-After`` on the 429 or 503. Errors the gateway finds itself (a bad field, a body over the limit) are built the same
-way, so a client parses one shape.
+under overload) becomes ``Retry-After`` on the 429 or 503. Errors the gateway finds itself (a
+bad field, a body over the limit) are built the same way, so a client parses one shape.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def from_error(error: InferlineError) -> ApiError:
 def problem_response(request: Request, error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
     request_id = getattr(request.state, "request_id", "")
     body = Problem(
+        type="about:blank",
         title=HTTPStatus(error.http).phrase,
         status=error.http,
         detail=error.detail,
@@ -109,8 +110,8 @@ async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     if exc.http >= HTTP_INTERNAL:
         log.warning(
-            "%s %s -> %d %s: %s request_id=%s",
-            request.method, request.url.path, exc.http, exc.code.name, exc.detail, getattr(request.state, "request_id", ""),
+            "%s %s -> %d %s: %s request_id=%s", request.method, request.url.path, exc.http, exc.code.name, exc.detail,
+            getattr(request.state, "request_id", ""),
         )
     return problem_response(request, exc, headers=exc.headers)
 
@@ -153,6 +154,7 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
     log.error(
-        "%s %s failed request_id=%s", request.method, request.url.path, getattr(request.state, "request_id", ""), exc_info=exc
+        "%s %s failed request_id=%s", request.method, request.url.path, getattr(request.state, "request_id", ""),
+        exc_info=exc,
     )
     return problem_response(request, ApiError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, HTTP_INTERNAL))

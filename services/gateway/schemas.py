@@ -54,7 +54,9 @@ class DetectParams(BaseModel):
     iou: Threshold = Field(None, description="NMS IoU threshold (model default: 0.7)")
     max_det: int | None = Field(None, ge=1, le=INT32_MAX, description="most detections per image (model default: 300)")
     classes: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] = Field([], description="keep only these class ids")
-    classify_with: ModelName = Field("", description=f"re-label each box with this zero-shot model, e.g. {defaults.EMBED_MODEL}")
+    classify_with: ModelName = Field(
+        "", description=f"re-label each box with this zero-shot model, e.g. {defaults.EMBED_MODEL}"
+    )
     labels: Labels = Field([], description='labels for classify_with; repeated, or comma-separated: "a car,a dog"')
     format: Literal[DETECT_FORMATS] = Field("json", description="png: the annotated image (one image only)")  # type: ignore[valid-type]
 
@@ -76,7 +78,9 @@ class EmbedParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: ModelName = Field(defaults.EMBED_MODEL, description="an embedding model from /v1/models")
-    texts: list[Text] = Field([], description="texts to embed (repeated); images and texts are ranked against each other")
+    texts: list[Text] = Field(
+        [], description="texts to embed (repeated); images and texts are ranked against each other"
+    )
     cluster: int = Field(0, ge=0, le=INT32_MAX, description="k-means the images and texts into this many clusters")
     threshold: float = Field(0.0, ge=0.0, le=1.0, description="group items with cosine similarity >= this")
     format: Literal[TABLE_FORMATS] = "json"  # type: ignore[valid-type]
@@ -92,7 +96,9 @@ class JsonImages(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    images: list[Base64Image] = Field([], description="the images, base64 in JSON; no URLs (the gateway fetches nothing)")
+    images: list[Base64Image] = Field(
+        [], description="the images, base64 in JSON; no URLs (the gateway fetches nothing)"
+    )
 
 
 class ItemError(BaseModel):

@@ -35,5 +35,7 @@ async def serve(settings: Settings, sockets: list[socket.socket] | None = None) 
     # the process then exits 0, as the gRPC stages do, instead of dying by that signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
-    log.info("gateway listening on %s:%d, controller at %s", settings.host, settings.gateway_port, settings.controller_target)
+    log.info(
+        "gateway listening on %s:%d, controller at %s", settings.host, settings.gateway_port, settings.controller_target
+    )
     await server.serve(sockets=sockets)

@@ -165,7 +165,7 @@ class DynamicBatcher:
             try:
                 results = await loop.run_in_executor(self._executor, observed.run(self._run), [p.item for p in batch])
                 self._timed(time.monotonic() - started, len(batch))
-            except Exception as exc:  # noqa: BLE001 - a failed pass fails its own items only
+            except Exception as exc:  # a failed pass fails its own items only
                 log.exception("%s: forward pass failed for %d items", self.name, len(batch))
                 results = [exc] * len(batch)
             finally:

@@ -2,7 +2,8 @@
 
 The graph takes exactly what the inference service receives (YOLO: uint8 (B, 3, H, W), H and
 W dynamic, /255 inside the graph) and gives the served outputs (YOLO: ``output0`` (B, 84, N);
-torchvision detectors: one image per run, ``boxes``/``scores``/``labels`` with a batch axis of 1).
+YOLO-seg: ``output0`` (B, 116, N) and the prototypes ``output1`` (B, 32, H/4, W/4); torchvision
+detectors: one image per run, ``boxes``/``scores``/``labels`` with a batch axis of 1).
 Labels and recipe params travel in the file's ``metadata_props`` ("labels", "recipe_params",
 JSON), so the ONNX Runtime backend needs nothing but the file.
 """
@@ -12,12 +13,16 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from inferline.common.errors import WeightsError
 from inferline.services.inference.repository import ModelConfig
+
+if TYPE_CHECKING:
+    from inferline.services.inference.backends.open_clip_loader import ClipModule
 
 DEFAULT_OPSET = 17
 
@@ -27,31 +32,34 @@ class _Yolo(torch.nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         output = self.module(images.float() / 255.0)
-        return output[0] if isinstance(output, (tuple, list)) else output
+        return output[0] if isinstance(output, (tuple, list)) else output  # a Segment head's: (head, prototypes)
 
 
-def _build(config: ModelConfig, weights_path: Path) -> tuple[torch.nn.Module, dict[str, np.ndarray], tuple[str, ...], dict]:
+def _build(
+    config: ModelConfig, weights_path: Path
+) -> tuple[torch.nn.Module, dict[str, np.ndarray], tuple[str, ...], dict]:
     """(module taking the served inputs, sample inputs, labels, recipe params) by loader family."""
     if config.loader == "ultralytics":
-        from inferline.services.inference.backends.ultralytics_loader import build_ultralytics_module
+        from inferline.services.inference.backends.ultralytics_loader import build_ultralytics_module  # noqa: PLC0415 - each family's loader on demand
 
         module, labels = build_ultralytics_module(weights_path)
-        for m in module.modules():
-            if hasattr(m, "inplace"):
-                m.inplace = False
-            if hasattr(m, "dynamic") and hasattr(m, "anchors"):
-                m.dynamic = True  # Detect head: anchors rebuilt in the graph for every input shape
+        layer: Any  # ultralytics' layers: plain flags that nn.Module's typing does not know
+        for layer in module.modules():
+            if hasattr(layer, "inplace"):
+                layer.inplace = False
+            if hasattr(layer, "dynamic") and hasattr(layer, "anchors"):
+                layer.dynamic = True  # Detect head: anchors rebuilt in the graph for every input shape
         sample = {config.inputs[0].name: np.full((1, 3, 640, 640), 114, dtype=np.uint8)}
         return _Yolo(module).eval(), sample, labels, {}
     if config.loader in ("open_clip_image", "open_clip_text"):
-        from inferline.services.inference.backends.open_clip_loader import _logit_scale, shared_open_clip_module
+        from inferline.services.inference.backends.open_clip_loader import _logit_scale, shared_open_clip_module  # noqa: PLC0415 - each family's loader on demand
 
         clip = shared_open_clip_module(weights_path, torch.device("cpu"), config)
         params = _logit_scale(clip)
         if config.loader == "open_clip_image":
-            from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+            from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: PLC0415 - open_clip imports timm
 
             pre = getattr(clip.visual, "preprocess_cfg", None) or {}
             size = tuple(config.inputs[0].shape[1:])
@@ -64,14 +72,20 @@ def _build(config: ModelConfig, weights_path: Path) -> tuple[torch.nn.Module, di
             module = _ClipText(clip)
         return module.eval(), sample, tuple(config.labels), params
     if config.loader == "torchvision_detection":
-        from inferline.services.inference.backends.torchvision_loader import load_torchvision_detection
+        from inferline.services.inference.backends.torchvision_loader import load_torchvision_detection  # noqa: PLC0415 - each family's loader on demand
 
         served = load_torchvision_detection(weights_path, torch.device("cpu"), config)
         detector = served.module
+        assert detector is not None  # the torchvision loader serves its module, not only a forward
         # Noise gives proposals and detections while tracing: a blank image traces the
         # no-detection path, whose constants then break the graph on real images.
         sample = {config.inputs[0].name: np.random.default_rng(0).integers(0, 256, (1, 3, 480, 640), dtype=np.uint8)}
-        return _TorchvisionDetection(detector).eval(), sample, tuple(config.labels or served.labels), dict(served.recipe_params)
+        return (
+            _TorchvisionDetection(detector).eval(),
+            sample,
+            tuple(config.labels or served.labels),
+            dict(served.recipe_params),
+        )
     raise NotImplementedError(f"ONNX export of loader {config.loader!r} is not supported yet")
 
 
@@ -85,8 +99,8 @@ def export_onnx(
     opset: int | None = None,
 ) -> Path:
     """Write ``out`` (an .onnx file) and check it with onnxruntime on a sample input."""
-    import onnx
-    import onnxruntime
+    import onnx  # noqa: PLC0415 - the onnx extra, only to export
+    import onnxruntime  # noqa: PLC0415
 
     if config.loader == "torchvision_detection" and dynamic_batch:
         raise ValueError(
@@ -144,7 +158,7 @@ def export_onnx(
         check.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = onnxruntime.InferenceSession(str(out), sess_options=check, providers=["CPUExecutionProvider"])
     results = session.run(output_names, sample)
-    for name, value in zip(output_names, results):
+    for name, value in zip(output_names, results, strict=True):
         if not np.isfinite(np.asarray(value, dtype=np.float32)).all():
             raise WeightsError(f"{out}: exported model gives non-finite {name}")
     return out
@@ -153,7 +167,10 @@ def export_onnx(
 class _ClipImage(torch.nn.Module):
     """uint8 (B, 3, H, W) -> raw image features; ToTensor and Normalize inside, as the loader."""
 
-    def __init__(self, clip: torch.nn.Module, mean, std):
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, clip: ClipModule, mean, std):
         super().__init__()
         self.clip = clip
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1))
@@ -178,7 +195,7 @@ class _TorchvisionDetection(torch.nn.Module):
 
 
 class _ClipText(torch.nn.Module):
-    def __init__(self, clip: torch.nn.Module):
+    def __init__(self, clip: ClipModule):
         super().__init__()
         self.clip = clip
 
@@ -193,10 +210,10 @@ class _Half(torch.nn.Module):
         super().__init__()
         self.inner = module
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         inner = self.inner
         if isinstance(inner, _Yolo):
             out = inner.module(inputs[0].half() / 255.0)
             out = out[0] if isinstance(out, (tuple, list)) else out
-            return out.float()
+            return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
         return inner(*inputs).float()

@@ -127,22 +127,22 @@ class ModelManager:
         Items of one input shape batch together, also with other requests' items.
         """
         model = self.get(name, version)
-        results: list[Outputs | Exception] = list(items)  # type: ignore[arg-type]
-        valid: list[int] = []
+        results: dict[int, Outputs | Exception] = {}
+        valid: dict[int, Item] = {}
         for index, item in enumerate(items):
             if isinstance(item, Exception):
+                results[index] = item
                 continue
             try:
                 _check_inputs(item, model.config.inputs)
             except InvalidInput as exc:
                 results[index] = exc
                 continue
-            valid.append(index)
+            valid[index] = item
         if valid:
-            keyed = [(tuple((k, items[i][k].shape) for k in sorted(items[i])), items[i]) for i in valid]  # type: ignore[index]
-            for index, outcome in zip(valid, await model.batcher.submit(keyed, timeout)):
-                results[index] = outcome
-        return results
+            keyed = [(tuple((k, item[k].shape) for k in sorted(item)), item) for item in valid.values()]
+            results.update(zip(valid, await model.batcher.submit(keyed, timeout), strict=True))
+        return [results[index] for index in range(len(items))]
 
     async def aclose(self) -> None:
         for model in self._models.values():
@@ -165,7 +165,7 @@ def _check_inputs(item: Item, specs: Sequence[TensorSpec]) -> None:
         if array.dtype != dtype:
             raise InvalidInput(f"input {spec.name!r} must be {spec.dtype}, got {array.dtype}")
         if len(array.shape) != len(spec.shape) or any(
-            want not in (-1, got) for want, got in zip(spec.shape, array.shape)
+            want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
         ):
             raise InvalidInput(f"input {spec.name!r} has shape {array.shape}, the model takes {spec.shape} (-1: any)")
         if 0 in array.shape:

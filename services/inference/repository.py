@@ -16,11 +16,12 @@ import yaml
 
 from inferline.common.errors import ConfigError
 from inferline.common.recipes import Recipe
+from inferline.common.tasks import TASKS
 from inferline.common.tensors import DTYPE_NAMES
+from inferline.services.inference.filters import FILTERS
 
 BUILTIN_REPOSITORY = Path(__file__).resolve().parent / "model_repository"
 CONFIG_FILE = "config.yaml"
-TASKS = ("detect", "classify", "embed")
 # Compute precision of the torch backend: fp16 (CUDA) and bf16 (CUDA or CPU) run the forward pass
 # under torch.autocast; inputs and outputs on the wire stay as declared (outputs float32).
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -93,6 +94,9 @@ class ModelConfig:
     outputs: tuple[TensorSpec, ...]
     preprocess: Recipe
     postprocess: Recipe
+    # What the inference stage may drop from the outputs before they leave it, at the request's
+    # min_score (services/inference/filters.py); None sends everything.
+    candidate_filter: Recipe | None = None
     max_batch_size: int = 32
     labels: tuple[str, ...] = ()
     # Loader-specific settings (an architecture name, a class count, ...).
@@ -140,6 +144,7 @@ def load_config(path: Path) -> ModelConfig:
         raise ConfigError(f"{path}: expected a mapping at the top level")
     reader = _Reader(raw, str(path))
     task = reader.text("task")
+    # Only a registered task has a path through the controller (common/tasks.py).
     if task not in TASKS:
         raise ConfigError(f"{path}: task {task!r} is not one of {', '.join(TASKS)}")
     weights = reader.mapping("weights")
@@ -164,6 +169,7 @@ def load_config(path: Path) -> ModelConfig:
         outputs=reader.tensors("outputs"),
         preprocess=Recipe.from_config(raw.get("preprocess"), f"{path}: preprocess"),
         postprocess=Recipe.from_config(raw.get("postprocess"), f"{path}: postprocess"),
+        candidate_filter=_candidate_filter(raw.get("candidate_filter"), f"{path}: candidate_filter"),
         max_batch_size=reader.positive_int("max_batch_size", 32),
         instance_count=reader.positive_int("instance_count", 1),
         precision=str(raw.get("precision", "fp32")),
@@ -177,6 +183,16 @@ def load_config(path: Path) -> ModelConfig:
     if config.name != path.parent.name:
         raise ConfigError(f"{path}: name {config.name!r} must equal its folder's name")
     return config
+
+
+def _candidate_filter(raw: Any, where: str) -> Recipe | None:
+    """A filter's name is checked at load: a misspelt one would otherwise send every candidate."""
+    if raw is None:
+        return None
+    recipe = Recipe.from_config(raw, where)
+    if recipe.name not in FILTERS:
+        raise ConfigError(f"{where}: {recipe.name!r} is not one of {', '.join(sorted(FILTERS))}")
+    return recipe
 
 
 def _verify(raw: str | None, official_sha256: str | None, where: str) -> Verify:

@@ -1,55 +1,47 @@
-"""gRPC transport of the inference stage: proto <-> ModelManager, nothing else."""
+"""gRPC transport of the inference stage: proto <-> ``Inference`` (service.py), nothing else."""
 
 from __future__ import annotations
-
-import asyncio
 
 import grpc
 
 from inferline.common import tensors
+from inferline.common.errors import InvalidInput
 from inferline.common.generated import inference_pb2, inference_pb2_grpc
+from inferline.common.items import LazySequence
 from inferline.common.server import Service
 from inferline.common.settings import Settings
-from inferline.common.errors import InvalidInput, at_most
 from inferline.common.status import OK, item_status
 from inferline.common.telemetry.profiler import profile_route
-from inferline.services.inference.filters import candidate_filter
-from inferline.services.inference.models import LoadedModel, ModelManager
+from inferline.services.inference.models import LoadedModel
+from inferline.services.inference.service import Inference
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, manager: ModelManager, settings: Settings):
-        self.manager = manager
-        self.settings = settings
+    def __init__(self, service: Inference):
+        self.service = service
 
-    async def ServerLive(self, request, context):
+    async def ServerLive(self, request, context):  # noqa: N802 - gRPC's method name
         return inference_pb2.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
-        return inference_pb2.ServerReadyResponse(ready=self.manager.ready)
+    async def ServerReady(self, request, context):  # noqa: N802 - gRPC's method name
+        return inference_pb2.ServerReadyResponse(ready=self.service.ready)
 
-    async def ModelReady(self, request, context):
-        self.manager.get(request.name, request.version)
+    async def ModelReady(self, request, context):  # noqa: N802 - gRPC's method name
+        self.service.model(request.name, request.version)
         return inference_pb2.ModelReadyResponse(ready=True)
 
-    async def ModelMetadata(self, request, context):
-        return metadata(self.manager.get(request.name, request.version))
+    async def ModelMetadata(self, request, context):  # noqa: N802 - gRPC's method name
+        return metadata(self.service.model(request.name, request.version))
 
-    async def ListModels(self, request, context):
-        return inference_pb2.ListModelsResponse(models=[metadata(m) for m in self.manager.all()])
+    async def ListModels(self, request, context):  # noqa: N802 - gRPC's method name
+        return inference_pb2.ListModelsResponse(models=[metadata(m) for m in self.service.models()])
 
-    async def ModelInfer(self, request, context):
-        model = self.manager.get(request.model_name, request.model_version)
-        if not 0.0 <= request.min_score <= 1.0:
-            raise InvalidInput(f"min_score must be within [0, 1], got {request.min_score}")
-        if not request.items:
-            raise InvalidInput("no items in the request: give each item's input tensors")
-        at_most(len(request.items), self.settings.max_regions, "items", "INFERLINE_MAX_REGIONS")
-        items = [_decode_item(item) for item in request.items]
-        outputs = await self.manager.infer(request.model_name, request.model_version, items, context.time_remaining())
-        shrink = candidate_filter(model.config.postprocess.name) if request.min_score > 0 else None
-        if shrink is not None:
-            outputs = [o if isinstance(o, Exception) else shrink(o, request.min_score) for o in outputs]
+    async def ModelInfer(self, request, context):  # noqa: N802 - gRPC's method name
+        model = self.service.model(request.model_name, request.model_version)
+        outputs = await self.service.infer(
+            request.model_name, request.model_version, LazySequence(request.items, _decode_item),
+            min_score=request.min_score, timeout=context.time_remaining(),
+        )
         response = inference_pb2.ModelInferResponse(
             model_name=model.config.name, model_version=model.config.version, id=request.id
         )
@@ -100,19 +92,16 @@ def metadata(model: LoadedModel) -> inference_pb2.ModelMetadataResponse:
 
 
 def build_service(settings: Settings) -> Service:
-    manager = ModelManager(settings)
-    servicer = InferenceServicer(manager, settings)
+    """The stage's server; ``.domain`` is its ``Inference``, for callers in this process."""
+    inference = Inference(settings)
+    servicer = InferenceServicer(inference)
 
     def register(server: grpc.aio.Server) -> list[str]:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
         return [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
 
-    async def load() -> None:
-        await asyncio.to_thread(manager.load_all)
-
-    async def close() -> None:
-        await manager.aclose()
-        await asyncio.to_thread(manager.close)
-
     routes = profile_route(settings.profile_dir, enabled=settings.profiling)
-    return Service("inference", register, load, close, servicer=servicer, routes=routes, gpu_metrics=True)
+    return Service(
+        "inference", register, inference.load, inference.close,
+        servicer=servicer, domain=inference, routes=routes, gpu_metrics=True,
+    )

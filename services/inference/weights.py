@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +35,14 @@ DOWNLOADERS: Registry[Downloader] = Registry("weights source")
 
 @DOWNLOADERS.register("ultralytics")
 def _download_ultralytics(file: str, dest: Path) -> None:
-    from ultralytics.utils.downloads import attempt_download_asset
+    from ultralytics.utils.downloads import attempt_download_asset  # noqa: PLC0415 - the family's library only to download
 
     attempt_download_asset(str(dest))
 
 
 @DOWNLOADERS.register("torchvision")
 def _download_torchvision(file: str, dest: Path) -> None:
-    from torch.hub import download_url_to_file
+    from torch.hub import download_url_to_file  # noqa: PLC0415 - the family's library only to download
 
     prefix = file.rsplit("-", 1)[-1].split(".")[0]  # torchvision names files <name>-<sha256 prefix>.pth
     download_url_to_file(f"https://download.pytorch.org/models/{file}", str(dest), hash_prefix=prefix)
@@ -50,9 +51,7 @@ def _download_torchvision(file: str, dest: Path) -> None:
 @DOWNLOADERS.register("open_clip")
 def _download_open_clip(file: str, dest: Path) -> None:
     """OpenAI's CLIP ViT-B-32 weights as open_clip serves them (its hub copy, safetensors)."""
-    import shutil
-
-    from open_clip.pretrained import download_pretrained_from_hf
+    from open_clip.pretrained import download_pretrained_from_hf  # noqa: PLC0415 - the family's library only to download
 
     shutil.copyfile(
         download_pretrained_from_hf("timm/vit_base_patch32_clip_224.openai", filename="open_clip_model.safetensors"),
@@ -105,7 +104,8 @@ def resolve_weights(
     elif verify.mode == "warn":
         trusted_by = "official release" if official else "unverified (verify: warn)"
         if not official:
-            log.warning("%s: serving %s unverified (sha256 %s; the model config says verify: warn)", model, path, digest)
+            log.warning("%s: serving %s unverified (sha256 %s; the model config says verify: warn)", model, path,
+                        digest)
     else:
         raise WeightsError(_refusal(spec, model=model, path=path, digest=digest))
     return ResolvedWeights(path=path, sha256=digest, official=official, trusted_by=trusted_by)
@@ -113,7 +113,10 @@ def resolve_weights(
 
 def _refusal(spec: WeightsSpec, *, model: str, path: Path, digest: str) -> str:
     if spec.verify.mode == "official":
-        expected, fix = f"the official release of {spec.file} (sha256 {spec.sha256})", f"put the official {spec.file} there"
+        expected, fix = (
+            f"the official release of {spec.file} (sha256 {spec.sha256})",
+            f"put the official {spec.file} there",
+        )
     else:
         expected, fix = f"the file pinned by verify: {spec.verify}", "put the pinned file there"
     return (
@@ -150,11 +153,13 @@ def _locate(
     advice = f"put {spec.file} in {where} (or point INFERLINE_MODEL_DIR at the folder that has it)"
     if spec.source is None or not allow_download:
         reason = "downloads are off (INFERLINE_ALLOW_DOWNLOAD=false)" if spec.source else "it has no download source"
-        raise WeightsError(f"{model}: weights file {spec.file} not found in {', '.join(looked)}, and {reason}; {advice}")
+        raise WeightsError(
+            f"{model}: weights file {spec.file} not found in {', '.join(looked)}, and {reason}; {advice}"
+        )
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         DOWNLOADERS.get(spec.source)(spec.file, cached)
-    except Exception as exc:  # noqa: BLE001 - any download failure ends in the same advice
+    except Exception as exc:  # any download failure ends in the same advice
         log.debug("download of %s failed", spec.file, exc_info=exc)
         reason = f"the official download failed ({type(exc).__name__}: {exc})"
     else:

@@ -154,6 +154,7 @@ def kmeans(x: np.ndarray, k: int, *, seed: int = 0, max_iter: int = 100, n_init:
         labels, score = _lloyd(data, _kmeans_plus_plus(data, k, rng), max_iter)
         if score > best_score + 1e-9 * n:
             best_labels, best_score = labels, score
+    assert best_labels is not None  # n_init >= 1 runs set it
     return _first_appearance(best_labels)
 
 

@@ -1,6 +1,7 @@
 """Postprocessors by recipe name: raw model outputs of one image -> detections.
 
-Model families beyond YOLO register theirs in ``*_recipes.py`` modules of this package.
+Each model family registers its own in a ``*_recipes.py`` module of this package
+(``yolo_recipes.py``, ``torchvision_recipes.py``); ``load_families`` imports them all.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from typing import Any
 import numpy as np
 
 from inferline.common.detections import Detection, DetectOptions
-from inferline.common.errors import InvalidInput
 from inferline.common.plugins import import_family_modules
 from inferline.common.registry import Registry
 from inferline.common.transform import ImageTransform
-from inferline.services.postprocess.yolo import decode_detections, scale_boxes
 
 Postprocessor = Callable[
     [Mapping[str, np.ndarray], ImageTransform, DetectOptions, Mapping[str, Any], Sequence[str]], list[Detection]
@@ -29,32 +28,3 @@ def load_families() -> list[str]:
 
 def label_for(class_id: int, labels: Sequence[str]) -> str:
     return labels[class_id] if 0 <= class_id < len(labels) else str(class_id)
-
-
-@POSTPROCESSORS.register("yolo_detect")
-def yolo_detect(
-    outputs: Mapping[str, np.ndarray],
-    transform: ImageTransform,
-    options: DetectOptions,
-    params: Mapping[str, Any],
-    labels: Sequence[str],
-) -> list[Detection]:
-    if len(outputs) != 1:
-        raise InvalidInput(f"yolo_detect takes one output tensor, got {sorted(outputs)}")
-    (output,) = outputs.values()
-    if output.ndim != 2 or output.shape[0] < 5:
-        raise InvalidInput(f"yolo_detect expects a (4 + classes, anchors) output, got shape {output.shape}")
-    conf, iou, max_det = options.resolved(params)
-    rows = decode_detections(
-        output.astype(np.float32, copy=False),
-        conf=conf,
-        iou=iou,
-        max_det=max_det,
-        classes=list(options.classes) or None,
-        agnostic=options.agnostic,
-    )
-    boxes = scale_boxes(rows[:, :4], transform)
-    return [
-        Detection(label_for(int(c), labels), int(c), float(s), tuple(float(v) for v in box))
-        for box, s, c in zip(boxes, rows[:, 4], rows[:, 5])
-    ]

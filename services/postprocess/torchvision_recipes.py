@@ -61,8 +61,8 @@ def torchvision_detect(
     index = index[np.argsort(-scores[index], kind="stable")][:max_det]
     mapped = to_original(boxes[index], transform)
     return [
-        Detection(label_for(int(c), labels), int(c), float(s), tuple(float(v) for v in box))
-        for box, s, c in zip(mapped, scores[index], class_ids[index])
+        Detection(label_for(int(c), labels), int(c), float(s), (float(x1), float(y1), float(x2), float(y2)))
+        for (x1, y1, x2, y2), s, c in zip(mapped, scores[index], class_ids[index], strict=True)
     ]
 
 

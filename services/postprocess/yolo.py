@@ -113,7 +113,7 @@ class _Boxes:
         # Chunks of whole runs, about _PAIR_CHUNK pairs each (a longer run is one chunk on its own).
         bounds = np.unique(np.searchsorted(pairs_before, np.arange(0, sweep.pairs, _PAIR_CHUNK), side="right") - 1)
         better, worse = [sweep.by_start[:0]], [sweep.by_start[:0]]
-        for lo, hi in zip(bounds, np.append(bounds[1:], len(sweep.runs))):
+        for lo, hi in zip(bounds, np.append(bounds[1:], len(sweep.runs)), strict=False):  # no pairs: no bounds
             first = np.repeat(np.arange(lo, hi), sweep.runs[lo:hi])
             second = first + 1 + np.arange(len(first)) - (pairs_before[first] - pairs_before[lo])
             hit = swept.suppresses(first, second)
@@ -129,7 +129,7 @@ def _greedy(members: np.ndarray, better: np.ndarray, worse: np.ndarray) -> np.nd
     better, worse = better[by_better], worse[by_better]
     suppressed = np.zeros(members.max() + 1, dtype=bool)
     heads = np.flatnonzero(np.diff(better, prepend=-1))
-    for head, stop in zip(heads, np.append(heads[1:], len(better))):
+    for head, stop in zip(heads, np.append(heads[1:], len(better)), strict=False):  # no pairs: no heads
         if not suppressed[better[head]]:
             suppressed[worse[head:stop]] = True
     return members[~suppressed[members]]
@@ -143,8 +143,13 @@ def decode_detections(
     max_det: int = 300,
     classes: Sequence[int] | None = None,
     agnostic: bool = False,
+    nc: int = 0,
 ) -> np.ndarray:
     """Turn one image's raw (4 + nc, N) head output into (K, 6) ``[x1, y1, x2, y2, score, class]`` rows.
+
+    ``nc`` is the number of class rows (0: every row after the 4 box rows). Rows after the class
+    rows (a segmentation head's mask coefficients) only ride along: each kept row carries them
+    after its 6 values, as ultralytics' ``nc`` argument does.
 
     Mirrors ``ultralytics.utils.nms.non_max_suppression`` (single label per box): strict ``>``
     confidence filter on the best class (first index on ties), class filter, best ``MAX_NMS``
@@ -157,24 +162,28 @@ def decode_detections(
         raise ValueError(f"conf must be within [0, 1], got {conf}")
     if output.ndim != 2 or output.shape[0] < 5:
         raise ValueError(f"expected a (4 + classes, anchors) output, got shape {output.shape}")
+    nc = nc or output.shape[0] - 4
+    if not 0 < nc <= output.shape[0] - 4:
+        raise ValueError(f"nc must be within [1, {output.shape[0] - 4}] for a head of {output.shape[0]} rows, got {nc}")
     candidates = np.asarray(output, dtype=np.float32).T
-    class_scores = candidates[:, 4:]
+    class_scores = candidates[:, 4 : 4 + nc]
     best = class_scores.argmax(axis=1) if len(candidates) else np.empty(0, dtype=np.int64)
     score = class_scores[np.arange(len(candidates)), best]
     keep = score > conf
     if classes is not None:
         keep &= np.isin(best, np.asarray(classes))
     xywh, score, label = candidates[keep, :4], score[keep], best[keep].astype(np.float32)
+    extra = candidates[keep, 4 + nc :]
 
     if len(score) > MAX_NMS:
         top = np.argsort(-score, kind="stable")[:MAX_NMS]
-        xywh, score, label = xywh[top], score[top], label[top]
+        xywh, score, label, extra = xywh[top], score[top], label[top], extra[top]
     half_wh = xywh[:, 2:] / np.float32(2)
     xyxy = np.concatenate((xywh[:, :2] - half_wh, xywh[:, :2] + half_wh), axis=1)
 
     offset = label * np.float32(0 if agnostic else MAX_WH)
     picked = nms(xyxy + offset[:, None], score, iou)[:max_det]
-    return np.column_stack((xyxy[picked], score[picked], label[picked])).astype(np.float32, copy=False)
+    return np.column_stack((xyxy[picked], score[picked], label[picked], extra[picked])).astype(np.float32, copy=False)
 
 
 def scale_boxes(boxes: np.ndarray, transform: ImageTransform) -> np.ndarray:

@@ -12,8 +12,9 @@ the same resize through PIL on the RGB pixels of the decoded image; OpenCV or to
 would differ by a few grey levels. No torch is needed: only PIL and numpy.
 
 Text recipe ``clip_tokenize``: CLIP's BPE tokenizer, reimplemented without torch in
-``clip_tokenizer`` (same ids as open_clip's SimpleTokenizer; imported on first use). open_clip silently truncates a text that does not fit the context; a truncated prompt
-is a different prompt, so we refuse it with the token count instead.
+``clip_tokenizer`` (same ids as open_clip's SimpleTokenizer; imported on first use). open_clip
+silently truncates a text that does not fit the context; a truncated prompt is a different
+prompt, so we refuse it with the token count instead.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ _TOKENIZER_LOCK = threading.Lock()
 @lru_cache(maxsize=4)
 def _cached_tokenizer(vocab: str | None) -> Any:
     try:
-        from inferline.services.preprocess.clip_tokenizer import ClipTokenizer, default_vocab_path
+        from inferline.services.preprocess.clip_tokenizer import ClipTokenizer, default_vocab_path  # noqa: PLC0415 - on first use (see above)
     except ImportError as exc:
         raise ConfigError(f"clip_tokenize needs ftfy and regex installed ({exc})") from None
     return ClipTokenizer(vocab if vocab is not None else default_vocab_path())

@@ -22,7 +22,7 @@ import gzip
 import html
 import importlib.util
 from functools import lru_cache
-from itertools import islice
+from itertools import islice, pairwise
 from pathlib import Path
 
 import ftfy
@@ -98,7 +98,7 @@ class ClipTokenizer:
         vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(pair) for pair in merges]
         vocab += [START_OF_TEXT, END_OF_TEXT]
         self.encoder: dict[str, int] = {token: index for index, token in enumerate(vocab)}
-        self._ranks: dict[tuple[str, str], int] = {pair: rank for rank, pair in enumerate(merges)}
+        self._ranks: dict[tuple[str, str], int] = {(a, b): rank for rank, (a, b) in enumerate(merges)}
         self.sot_token_id = self.encoder[START_OF_TEXT]
         self.eot_token_id = self.encoder[END_OF_TEXT]
         self.vocab_size = len(self.encoder)
@@ -120,7 +120,7 @@ class ClipTokenizer:
         ranks = self._ranks
         while len(symbols) > 1:
             best_rank, best = None, None
-            for pair in zip(symbols, symbols[1:]):
+            for pair in pairwise(symbols):
                 rank = ranks.get(pair)
                 if rank is not None and (best_rank is None or rank < best_rank):
                     best_rank, best = rank, pair

@@ -24,7 +24,7 @@ from inferline.common.errors import InvalidInput
 from inferline.common.images import probe_image
 from inferline.common.transform import ImageTransform
 from inferline.services.preprocess.letterbox import letterbox_geometry
-from inferline.services.preprocess.recipes import LetterboxParams
+from inferline.services.preprocess.yolo_recipes import LetterboxParams
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -37,8 +37,8 @@ def decode_jpegs(datas: Sequence[bytes], device: str, max_pixels: int) -> list[A
     """(3, H, W) uint8 RGB tensors on ``device``, EXIF orientation applied; the pixel limit is
     checked from the headers before anything is decoded. Raises InvalidInput for the batch when
     one file fails, so the caller can retry the items one by one."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
+    import torch  # noqa: PLC0415 - the torch extra, only on the device path
+    from torchvision.io import ImageReadMode, decode_jpeg  # noqa: PLC0415
 
     for data in datas:
         probe_image(data, max_pixels)
@@ -52,17 +52,17 @@ def decode_jpegs(datas: Sequence[bytes], device: str, max_pixels: int) -> list[A
 def letterbox_tensor(image: Any, params: Mapping[str, Any]) -> tuple[np.ndarray, ImageTransform]:
     """The letterbox recipe on a (3, H, W) uint8 RGB tensor: resize on its device, pad, and return
     the (3, H', W') uint8 host array with its transform."""
-    import torch
-    import torch.nn.functional as F
+    import torch  # noqa: PLC0415 - the torch extra, only on the device path
 
     _, height, width = image.shape
     p = LetterboxParams.parse(params)
     g = letterbox_geometry(height, width, p.size, stride=p.stride, auto=p.auto, scaleup=p.scaleup)
     if (g.new_w, g.new_h) != (width, height):
-        resized = F.interpolate(image[None].float(), size=(g.new_h, g.new_w), mode="bilinear", align_corners=False)
+        resized = torch.nn.functional.interpolate(image[None].float(), size=(g.new_h, g.new_w), mode="bilinear",
+                                                  align_corners=False)
         image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
     if g.left or g.right or g.top or g.bottom:
-        image = F.pad(image, (g.left, g.right, g.top, g.bottom), value=p.pad_value)
+        image = torch.nn.functional.pad(image, (g.left, g.right, g.top, g.bottom), value=p.pad_value)
     return image.contiguous().cpu().numpy(), g.transform(width, height)
 
 
@@ -80,7 +80,9 @@ def letterbox_batch(
     return [letterbox_tensor(image, params) for image in images]
 
 
-def _one(data: bytes, params: Mapping[str, Any], device: str, max_pixels: int) -> tuple[np.ndarray, ImageTransform] | Exception:
+def _one(
+    data: bytes, params: Mapping[str, Any], device: str, max_pixels: int
+) -> tuple[np.ndarray, ImageTransform] | Exception:
     try:
         return letterbox_tensor(decode_jpegs([data], device, max_pixels)[0], params)
     except InvalidInput as exc:

@@ -89,7 +89,7 @@ def letterbox(
 
     height, width = image_bgr.shape[:2]
     g = letterbox_geometry(height, width, size, stride=stride, auto=auto, scaleup=scaleup, center=center)
-    new_w, new_h, top, bottom, left, right, r = g.new_w, g.new_h, g.top, g.bottom, g.left, g.right, g.scale
+    new_w, new_h, top, bottom, left, right = g.new_w, g.new_h, g.top, g.bottom, g.left, g.right
 
     pixels = np.ascontiguousarray(image_bgr)  # OpenCV rejects negative strides (e.g. a flipped view)
     if (width, height) != (new_w, new_h):

@@ -2,7 +2,9 @@
 
 Image recipes: decoded BGR pixels + recipe params -> model input tensor and its transform.
 Text recipes: one text + recipe params -> model input tensor (token ids).
-Model families beyond YOLO register theirs in ``*_recipes.py`` modules of this package.
+Each model family registers its recipes in a ``*_recipes.py`` module of this package
+(``yolo_recipes.py``, ``clip_recipes.py``, ``torchvision_recipes.py``); this module holds the
+registries and the parameter helpers they share.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from inferline.common.plugins import import_family_modules
 from inferline.common.registry import Registry
 from inferline.common.settings import Settings
 from inferline.common.transform import ImageTransform
-from inferline.services.preprocess.letterbox import letterbox
 
 Preprocessor = Callable[[np.ndarray, Mapping[str, Any]], tuple[np.ndarray, ImageTransform]]
 PREPROCESSORS: Registry[Preprocessor] = Registry("preprocess recipe")
@@ -95,34 +96,3 @@ def _is_integer(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return isinstance(value, int) or (math.isfinite(value) and float(value).is_integer())
-
-
-@dataclass(frozen=True)
-class LetterboxParams:
-    size: tuple[int, int]
-    stride: int
-    auto: bool
-    scaleup: bool
-    pad_value: int
-
-    @classmethod
-    def parse(cls, params: Mapping[str, Any]) -> LetterboxParams:
-        size = size_param(params, "letterbox", 640)
-        return cls(
-            size=size,
-            stride=int_param(params, "stride", "letterbox", 32, 1, max(size)),
-            auto=bool_param(params, "auto", "letterbox", False),
-            scaleup=bool_param(params, "scaleup", "letterbox", True),
-            pad_value=int_param(params, "pad_value", "letterbox", 114, 0, 255),
-        )
-
-
-@PARAM_CHECKS.register("letterbox")
-def check_letterbox(params: Mapping[str, Any], limits: RecipeLimits) -> None:
-    check_size(LetterboxParams.parse(params).size, "letterbox", limits)
-
-
-@PREPROCESSORS.register("letterbox")
-def letterbox_recipe(image: np.ndarray, params: Mapping[str, Any]) -> tuple[np.ndarray, ImageTransform]:
-    p = LetterboxParams.parse(params)
-    return letterbox(image, p.size, stride=p.stride, auto=p.auto, scaleup=p.scaleup, pad_value=p.pad_value)

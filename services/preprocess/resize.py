@@ -31,9 +31,11 @@ import numpy as np
 try:  # the fast path; see the module docstring for why it may be absent
     import cv2
 except ImportError:  # pragma: no cover - exercised in the preprocess image (tests/deploy)
-    cv2 = None
+    cv2 = None  # type: ignore[assignment]  # every use checks for None first
 
 _COEF_BITS = 11
+# The two source indices and their two weights for each output column or row.
+Taps = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 _COEF_SCALE = np.float32(1 << _COEF_BITS)
 
 
@@ -95,23 +97,23 @@ def _weights(dst: int, src: int, *, clamp: bool) -> tuple[np.ndarray, np.ndarray
 
 
 @lru_cache(maxsize=256)
-def _columns(dst: int, src: int, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _columns(dst: int, src: int, channels: int) -> Taps:
     """Column indices into the flattened (W*C) row and the per-element weights; cached because
     a stream of camera frames asks for the same sizes over and over."""
     first, second, w0, w1 = _weights(dst, src, clamp=True)
     offsets = np.arange(channels)
     cols0 = (first[:, None] * channels + offsets).ravel()
     cols1 = (second[:, None] * channels + offsets).ravel()
-    return _frozen(cols0, cols1, np.repeat(w0, channels), np.repeat(w1, channels))
+    return _frozen((cols0, cols1, np.repeat(w0, channels), np.repeat(w1, channels)))
 
 
 @lru_cache(maxsize=256)
-def _rows(dst: int, src: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _rows(dst: int, src: int) -> Taps:
     first, second, w0, w1 = _weights(dst, src, clamp=False)
-    return _frozen(first, second, w0[:, None], w1[:, None])
+    return _frozen((first, second, w0[:, None], w1[:, None]))
 
 
-def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+def _frozen(arrays: Taps) -> Taps:
     """Cached arrays are shared between calls (and threads): make them read-only."""
     for array in arrays:
         array.setflags(write=False)

@@ -13,8 +13,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-from inferline.common.api import ClassifyResult, DetectResult, EmbedResult, Embedded, ImageDetections
-from inferline.common.errors import InferlineError
+from inferline.common.api import ClassifyResult, DetectResult, Embedded, EmbedResult, ImageDetections
 from inferline.common.status import status_for
 from inferline.services.presentation.renderers import RENDERERS, RenderInput, result_dict, write_csv
 
@@ -26,7 +25,7 @@ TABLE_FORMATS: tuple[str, ...] = ("json", "csv")
 CLASSIFY_CSV_HEADER = ("image", "rank", "label", "score")
 
 
-def error_dict(error: InferlineError | None) -> dict[str, str] | None:
+def error_dict(error: Exception | None) -> dict[str, str] | None:
     """A failed item's error as users see it; None for an item that succeeded."""
     if error is None:
         return None

@@ -5,14 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 from inferline.common.detections import Detection
 from inferline.common.errors import InvalidInput
 from inferline.common.registry import Registry
+from inferline.services.presentation.mask_overlay import paint_masks
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,10 @@ class Rendered:
     content_type: str
 
 
-Renderer = Callable[[RenderInput, int], Rendered]  # (item, max_pixels)
+class Renderer(Protocol):
+    def __call__(self, item: RenderInput, max_pixels: int) -> Rendered: ...
+
+
 RENDERERS: Registry[Renderer] = Registry("renderer")
 CSV_HEADER = ("image", "label", "class_id", "score", "x1", "y1", "x2", "y2")
 
@@ -78,18 +82,19 @@ def render_png(item: RenderInput, max_pixels: int) -> Rendered:
     OpenCV: the postprocess image carries no OpenCV (size budget), and the controller's image
     neither, hence the imports here rather than at the top (the CLI imports this module for
     JSON and CSV)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # noqa: PLC0415 - see above
 
-    from inferline.common.images import decode_image
+    from inferline.common.images import decode_image  # noqa: PLC0415 - see above
 
     if not item.image:
         raise InvalidInput(f"{item.name or 'image'}: the png renderer needs the original image bytes")
-    canvas = Image.fromarray(decode_image(item.image, max_pixels=max_pixels)[:, :, ::-1])
+    image = decode_image(item.image, max_pixels=max_pixels)[:, :, ::-1]
+    canvas = Image.fromarray(paint_masks(image, [(d.mask, _color(d)) for d in item.detections if d.mask is not None]))
     draw = ImageDraw.Draw(canvas)
     line = max(round(sum(canvas.size) / 2 * 0.003), 2)
     font = _font(max(round(line * 5.5), 10))
     for d in item.detections:
-        color = "#" + _PALETTE[d.class_id % len(_PALETTE)]
+        color = _color(d)
         x1, y1, x2, y2 = (int(round(v)) for v in d.box)
         draw.rectangle((x1, y1, max(x2, x1), max(y2, y1)), outline=color, width=line)
         text = f"{d.label} {d.score:.2f}" + (f" ({d.zero_shot[0]} {d.zero_shot[1]:.2f})" if d.zero_shot else "")
@@ -103,9 +108,13 @@ def render_png(item: RenderInput, max_pixels: int) -> Rendered:
     return Rendered(out.getvalue(), "image/png")
 
 
+def _color(detection: Detection) -> str:
+    return "#" + _PALETTE[detection.class_id % len(_PALETTE)]
+
+
 @lru_cache(maxsize=16)
 def _font(size: int) -> Any:
     """Pillow's bundled scalable font (no font files in the image to depend on)."""
-    from PIL import ImageFont
+    from PIL import ImageFont  # noqa: PLC0415 - Pillow only where a PNG is drawn
 
     return ImageFont.load_default(size=size)

@@ -10,7 +10,15 @@ import pytest
 import yaml
 
 from tests.deploy.tools import (
-    REPO, assert_detects_shapes, assert_detects_shapes_json, detect, free_port, http_detect, install, run, wait_http,
+    REPO,
+    assert_detects_shapes,
+    assert_detects_shapes_json,
+    detect,
+    free_port,
+    http_detect,
+    install,
+    run,
+    wait_http,
 )
 
 pytestmark = pytest.mark.slow
@@ -28,7 +36,8 @@ def _compose(container_tools: str, *args: str, env: dict[str, str] | None = None
 
 
 def test_the_whole_file_validates_with_every_profile(container_tools):
-    rendered = yaml.safe_load(_compose(container_tools, "--profile", "observability", "--profile", "gpu", "config").stdout)
+    rendered = yaml.safe_load(_compose(container_tools, "--profile", "observability", "--profile", "gpu",
+                                       "config").stdout)
     services = rendered["services"]
     assert set(services) == INFERLINE | OFFLINE_UNAVAILABLE | {"inference-gpu"}
     for name, service in services.items():

@@ -11,7 +11,14 @@ import pytest
 
 from tests.deploy.test_images import ContainerStack
 from tests.deploy.tools import (
-    assert_detects_shapes_json, compressed_size, free_port, http_detect, http_get, podman, wait_healthy, wait_http,
+    assert_detects_shapes_json,
+    compressed_size,
+    free_port,
+    http_detect,
+    http_get,
+    podman,
+    wait_healthy,
+    wait_http,
 )
 
 pytestmark = pytest.mark.slow
@@ -34,9 +41,17 @@ def test_image_is_small_unprivileged_and_has_no_model_libraries(images, tmp_path
     assert "8080/tcp" in config["ExposedPorts"]
     assert config["Labels"]["org.opencontainers.image.title"] == "inferline-gateway"
     assert "/opt/inferline/healthcheck.py" in " ".join(info["Healthcheck"]["Test"])  # docker format kept it
-    found = podman("run", "--rm", "--network", "none", images["gateway"], "python", "-c",
-                   "import importlib.util as u; print(*[m for m in ('torch', 'cv2', 'PIL', 'onnxruntime', 'ultralytics')"
-                   " if u.find_spec(m)])").stdout.strip()
+    found = podman(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        images["gateway"],
+        "python",
+        "-c",
+        "import importlib.util as u; print(*[m for m in ('torch', 'cv2', 'PIL', 'onnxruntime', 'ultralytics')"
+        " if u.find_spec(m)])",
+    ).stdout.strip()
     assert found == "", f"model or image libraries in the gateway image: {found}"
 
 
@@ -95,6 +110,11 @@ def test_metrics_count_the_requests_it_answered(gateway, shapes_image):
     http_detect(gateway, shapes_image)
     status, text = http_get(f"{gateway}/metrics")
     assert status == 200
-    detects = [line for line in text.splitlines()
-               if line.startswith("inferline_gateway_requests_total{") and 'route="/v1/detect"' in line and 'status="200"' in line]
+    detects = [
+        line
+        for line in text.splitlines()
+        if line.startswith("inferline_gateway_requests_total{")
+        and 'route="/v1/detect"' in line
+        and 'status="200"' in line
+    ]
     assert detects and float(detects[0].rsplit(" ", 1)[1]) >= 1, text[:3000]

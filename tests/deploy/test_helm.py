@@ -11,7 +11,15 @@ import pytest
 import yaml
 
 from tests.deploy.tools import (
-    REPO, assert_detects_shapes, assert_detects_shapes_json, detect, free_port, http_detect, install, podman, run,
+    REPO,
+    assert_detects_shapes,
+    assert_detects_shapes_json,
+    detect,
+    free_port,
+    http_detect,
+    install,
+    podman,
+    run,
     wait_http,
 )
 
@@ -57,7 +65,8 @@ def test_rendered_objects_are_valid_for_kubernetes_1_35(helm, name, tmp_path):
     done = run([validate, "--strict", "-k", "1.35.0", str(manifest)])
     assert "failed" not in done.stdout + done.stderr
     deployments = _by_kind(docs, "Deployment")
-    assert sorted(d.split("-")[-1] for d in deployments) == ["controller", "gateway", "inference", "postprocess", "preprocess"]
+    components = sorted(d.split("-")[-1] for d in deployments)
+    assert components == ["controller", "gateway", "inference", "postprocess", "preprocess"]
     assert len(_by_kind(docs, "Service")) == 5 and len(_by_kind(docs, "PodDisruptionBudget")) == 5
     _assert_gateway(docs, name)
     stages = {k: v for k, v in deployments.items() if not k.endswith("-gateway")}
@@ -85,7 +94,8 @@ def test_rendered_objects_are_valid_for_kubernetes_1_35(helm, name, tmp_path):
         assert "t-inferline-inference.default.svc" in certificate["dnsNames"]
         controller_env = deployments["t-inferline-controller"]["spec"]["template"]["spec"]["containers"][0]["env"]
         assert {"name": "INFERLINE_TLS_SERVE", "value": "false"} in controller_env
-        assert {"name": "INFERLINE_TLS_CA_FILE", "value": "/etc/inferline/tls/ca.crt"} in inference["containers"][0]["env"]
+        assert {"name": "INFERLINE_TLS_CA_FILE",
+                "value": "/etc/inferline/tls/ca.crt"} in inference["containers"][0]["env"]
         assert any(v.get("secret", {}).get("secretName") == "inferline-tls" for v in inference["volumes"])
     if name == "autoscaling":
         hpas = _by_kind(docs, "HorizontalPodAutoscaler")
@@ -123,7 +133,8 @@ def _assert_gateway(docs: list[dict], name: str) -> None:
     assert env["INFERLINE_GATEWAY_PORT"] == "8080" and env["INFERLINE_STAGE"] == "gateway"
     assert ("INFERLINE_TLS_CA_FILE" in env) is (name == "tls-controller")  # only when the controller listens with TLS
     service = _by_kind(docs, "Service")["t-inferline-gateway"]["spec"]
-    assert service["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]
+    assert service["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP",
+                                 "appProtocol": "http"}]
     policies = _by_kind(docs, "NetworkPolicy")
     gateway_in = policies["t-inferline-gateway"]["spec"]["ingress"]
     assert gateway_in[0]["ports"] == [{"port": 8080, "protocol": "TCP"}]
@@ -137,7 +148,10 @@ def _assert_gateway(docs: list[dict], name: str) -> None:
         assert ingress["ingressClassName"] == "nginx" and ingress["tls"][0]["secretName"] == "inferline-gateway-tls"
         [rule] = ingress["rules"]
         assert rule["host"] == "inferline.example.com"
-        assert rule["http"]["paths"][0]["backend"]["service"] == {"name": "t-inferline-gateway", "port": {"name": "http"}}
+        assert rule["http"]["paths"][0]["backend"]["service"] == {
+            "name": "t-inferline-gateway",
+            "port": {"name": "http"},
+        }
     else:
         assert controller_from is None and "from" not in gateway_in[0]  # open by default
         assert not ingresses, "the Ingress is off by default"
@@ -180,7 +194,9 @@ def test_bad_values_are_refused_naming_the_value(helm, bad, message):
     assert message in done.stderr, done.stderr
 
 
-def test_rendered_deployments_run_under_podman_kube_play_and_serve_detect(helm, images, onnx_models, shapes_image, tmp_path):
+def test_rendered_deployments_run_under_podman_kube_play_and_serve_detect(
+    helm, images, onnx_models, shapes_image, tmp_path
+):
     """Pods on the host network (podman kube play has no cluster DNS for Services), each stage and
     the gateway on a free port, the weights folder as a hostPath volume, the model repository from
     the ConfigMap; Detect through the controller (gRPC) and through the gateway (HTTP)."""
@@ -189,7 +205,9 @@ def test_rendered_deployments_run_under_podman_kube_play_and_serve_detect(helm, 
     values = {
         "hostNetwork": True,
         "stages": {stage: {"port": port, "metricsPort": free_port(), "replicas": 1} for stage, port in ports.items()},
-        "controllerTargets": {stage: f"127.0.0.1:{ports[stage]}" for stage in ("preprocess", "inference", "postprocess")},
+        "controllerTargets": {
+            stage: f"127.0.0.1:{ports[stage]}" for stage in ("preprocess", "inference", "postprocess")
+        },
         "models": {"names": ["yolov8n"], "volume": {"hostPath": {"path": str(onnx_models), "type": "Directory"}}},
         "gateway": {"port": free_port(), "replicas": 1, "controllerTarget": f"127.0.0.1:{ports['controller']}"},
     }
@@ -205,7 +223,8 @@ def test_rendered_deployments_run_under_podman_kube_play_and_serve_detect(helm, 
         assert_detects_shapes(detect(f"127.0.0.1:{ports['controller']}", shapes_image, timeout=180))
         assert '"ready"' in wait_http(f"{gateway}/readyz", timeout=60)
         assert_detects_shapes_json(http_detect(gateway, shapes_image, timeout=60))
-        pods = podman("pod", "ps", "--filter", f"name={release}", "--format", "{{.Name}} {{.Status}}").stdout.split("\n")
+        pods = podman("pod", "ps", "--filter", f"name={release}", "--format",
+                      "{{.Name}} {{.Status}}").stdout.split("\n")
         assert sum("Running" in p for p in pods) == 5, pods
         _run_helm_test_pod(helm, release, tmp_path / "values.json", ports, gateway)
     finally:

@@ -11,7 +11,16 @@ import grpc
 import pytest
 
 from tests.deploy.tools import (
-    REPO, STAGE_PORTS, assert_detects_shapes, compressed_size, detect, free_port, health, install, podman, run,
+    REPO,
+    STAGE_PORTS,
+    assert_detects_shapes,
+    compressed_size,
+    detect,
+    free_port,
+    health,
+    install,
+    podman,
+    run,
     wait_healthy,
 )
 from tests.support.standins import TRUSTED_WEIGHTS_ENV
@@ -52,8 +61,16 @@ def test_image_is_within_its_size_budget_and_runs_unprivileged(images, name, tmp
     assert labels["org.opencontainers.image.title"] == f"inferline-{name}"
     assert labels["org.opencontainers.image.version"]
     # No torch in any of these images; no OpenCV or ONNX Runtime outside the inference image.
-    packages = podman("run", "--rm", "--network", "none", images[name], "python", "-c",
-                      "import importlib.util as u; print([m for m in ('torch', 'cv2', 'onnxruntime') if u.find_spec(m)])").stdout
+    packages = podman(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        images[name],
+        "python",
+        "-c",
+        "import importlib.util as u; print([m for m in ('torch', 'cv2', 'onnxruntime') if u.find_spec(m)])",
+    ).stdout
     found = eval(packages.strip().splitlines()[-1])  # a list literal printed by the line above
     assert "torch" not in found
     if name in ("controller", "preprocess", "postprocess"):
@@ -91,7 +108,8 @@ class ContainerStack:
         podman("network", "create", self.network)
         self.start("preprocess")
         self.start("postprocess")
-        self.start("inference", "-v", f"{self.models}:/models:ro", env={"INFERLINE_MODELS": "yolov8n", **TRUSTED_WEIGHTS_ENV})
+        self.start("inference", "-v", f"{self.models}:/models:ro",
+                   env={"INFERLINE_MODELS": "yolov8n", **TRUSTED_WEIGHTS_ENV})
         self.start("controller", "-p", f"127.0.0.1:{self.port}:50051", env={
             f"INFERLINE_{stage.upper()}_TARGET": f"{stage}:{port}"
             for stage, port in STAGE_PORTS.items() if stage != "controller"})

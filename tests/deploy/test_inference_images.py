@@ -20,7 +20,13 @@ import pytest
 
 from tests.deploy.test_images import ContainerStack
 from tests.deploy.tools import (
-    assert_detects_shapes, build_image, detect, image_ids, podman, remove_built_image, wait_healthy,
+    assert_detects_shapes,
+    build_image,
+    detect,
+    image_ids,
+    podman,
+    remove_built_image,
+    wait_healthy,
 )
 
 pytestmark = pytest.mark.slow
@@ -136,7 +142,8 @@ class TestCudaImage:
         _assert_unprivileged_with_healthcheck(cuda_image, "inferline-inference-cuda")
         providers = _in_image(cuda_image, "python -c 'import onnxruntime as o; print(o.get_available_providers())'")
         assert "CUDAExecutionProvider" in providers, providers
-        ldd = _in_image(cuda_image, "ldd /opt/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so")
+        ldd = _in_image(cuda_image,
+                        "ldd /opt/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so")
         for library in ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10"):
             assert re.search(rf"{re.escape(library)} => /", ldd), f"{library} not resolved:\n{ldd}"
         missing = {line.split()[0] for line in ldd.splitlines() if "not found" in line}
@@ -149,6 +156,7 @@ class TestCudaImage:
     def test_without_a_gpu_warns_once_and_serves_detect_on_the_cpu(self, images, cuda_image, onnx_models, shapes_image):
         stack = StackWithInference(images, onnx_models, cuda_image)
         logs = _serve_detect(stack, shapes_image)
-        assert re.search(r"loaded yolov8n v\S+ \(onnxruntime/ultralytics\) from /models/yolov8n\.onnx", logs), logs[-3000:]
+        assert re.search(r"loaded yolov8n v\S+ \(onnxruntime/ultralytics\) from /models/yolov8n\.onnx",
+                         logs), logs[-3000:]
         warnings = [line for line in logs.splitlines() if "Failed to create CUDAExecutionProvider" in line]
         assert len(warnings) == 1, logs[-3000:]

@@ -34,7 +34,8 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
     for ca in ("ca", "other-ca"):
         run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", str(d / f"{ca}.key"), "-out", str(d / f"{ca}.crt"), "-days", "2", "-subj", f"/CN=inferline {ca}"])
+             "-keyout", str(d / f"{ca}.key"), "-out", str(d / f"{ca}.crt"), "-days", "2", "-subj",
+             f"/CN=inferline {ca}"])
     run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
          "-keyout", str(d / "tls.key"), "-out", str(d / "tls.csr"), "-subj", "/CN=localhost"])
     run(["openssl", "x509", "-req", "-in", str(d / "tls.csr"), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"),
@@ -78,7 +79,8 @@ def test_a_stage_refuses_plaintext_and_clients_without_a_certificate(tls_stack, 
     with grpc.secure_channel(address, no_client_cert) as channel, pytest.raises(grpc.RpcError) as anonymous:
         _health(channel)
     assert anonymous.value.code() == grpc.StatusCode.UNAVAILABLE
-    trusting_other_ca = grpc.ssl_channel_credentials(pki["other_ca"].read_bytes(), pki["key"].read_bytes(), pki["cert"].read_bytes())
+    trusting_other_ca = grpc.ssl_channel_credentials(pki["other_ca"].read_bytes(), pki["key"].read_bytes(),
+                                                     pki["cert"].read_bytes())
     with grpc.secure_channel(address, trusting_other_ca) as channel, pytest.raises(grpc.RpcError) as untrusted:
         _health(channel)
     assert untrusted.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -91,7 +93,8 @@ def test_the_image_health_check_speaks_tls_when_the_stage_does(tls_stack, pki):
     port = tls_stack["postprocess"].address.rsplit(":", 1)[1]
     script = str(REPO / "deploy" / "docker" / "healthcheck.py")
     env = dict(os.environ, INFERLINE_STAGE="postprocess", INFERLINE_POSTPROCESS_PORT=port,
-               INFERLINE_TLS_CERT_FILE=str(pki["cert"]), INFERLINE_TLS_KEY_FILE=str(pki["key"]), INFERLINE_TLS_CA_FILE=str(pki["ca"]))
+               INFERLINE_TLS_CERT_FILE=str(pki["cert"]), INFERLINE_TLS_KEY_FILE=str(pki["key"]),
+               INFERLINE_TLS_CA_FILE=str(pki["ca"]))
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "SERVING" in done.stdout, done.stderr
     plain = {k: v for k, v in env.items() if not k.startswith("INFERLINE_TLS_")}
@@ -123,4 +126,5 @@ def test_half_configured_or_unreadable_tls_is_refused_naming_the_variable(pki, t
         channel_credentials(Settings(tls_ca_file=tmp_path / "missing.crt"))
     assert server_credentials(Settings()) is None and channel_credentials(Settings()) is None
     assert server_credentials(Settings(tls_cert_file=pki["cert"], tls_key_file=pki["key"], tls_serve=False)) is None
-    assert Settings.from_env({"INFERLINE_TLS_SERVE": "false", "INFERLINE_TLS_CA_FILE": "/x/ca.crt"}).tls_ca_file == Path("/x/ca.crt")
+    assert Settings.from_env({"INFERLINE_TLS_SERVE": "false",
+                              "INFERLINE_TLS_CA_FILE": "/x/ca.crt"}).tls_ca_file == Path("/x/ca.crt")

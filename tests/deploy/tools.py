@@ -6,8 +6,17 @@ one cannot install, the test fails with the script's message instead of skipping
 
 from __future__ import annotations
 
+import base64
+import gzip
+import json
+import os
+import re
+import socket
 import subprocess
+import tarfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -68,7 +77,8 @@ def health(target: str) -> str:
 
 def detect(target: str, image: Path, model: str = "yolov8n", timeout: float = 120) -> controller_pb2.DetectResponse:
     """One Detect call through the controller, retried while the stack is still coming up."""
-    request = controller_pb2.DetectRequest(model=model, images=[types_pb2.Image(data=image.read_bytes(), name=image.name)])
+    request = controller_pb2.DetectRequest(model=model,
+                                           images=[types_pb2.Image(data=image.read_bytes(), name=image.name)])
     deadline = time.monotonic() + timeout
     while True:
         with grpc.insecure_channel(target) as channel:
@@ -91,8 +101,6 @@ def assert_detects_shapes(response: controller_pb2.DetectResponse) -> None:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -100,11 +108,8 @@ def free_port() -> int:
 
 def http_get(url: str, timeout: float = 10) -> tuple[int, str]:
     """(status, body) of one GET; an HTTP error status is returned, not raised."""
-    import urllib.error
-    import urllib.request
-
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 - a local http URL
             return reply.status, reply.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -129,18 +134,14 @@ def wait_http(url: str, timeout: float = 120, status: int = 200) -> str:
 def http_detect(base_url: str, image: Path, model: str = "yolov8n", timeout: float = 120) -> dict:
     """One POST /v1/detect through an HTTP gateway, the image as base64 JSON (as in the README's
     curl line); retried while the gateway or the stack behind it is still coming up (503)."""
-    import base64
-    import json
-    import urllib.error
-    import urllib.request
-
-    body = json.dumps({"model": model, "images": [{"name": image.name, "data": base64.b64encode(image.read_bytes()).decode()}]})
+    body = json.dumps({"model": model,
+                       "images": [{"name": image.name, "data": base64.b64encode(image.read_bytes()).decode()}]})
     deadline = time.monotonic() + timeout
     while True:
-        request = urllib.request.Request(f"{base_url}/v1/detect", data=body.encode(), method="POST",
+        request = urllib.request.Request(f"{base_url}/v1/detect", data=body.encode(), method="POST",  # noqa: S310 - a local http URL
                                          headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=60) as reply:
+            with urllib.request.urlopen(request, timeout=60) as reply:  # noqa: S310 - a local http URL
                 return json.loads(reply.read())
         except urllib.error.HTTPError as exc:
             if exc.code != 503 or time.monotonic() > deadline:
@@ -162,9 +163,6 @@ def assert_detects_shapes_json(document: dict) -> None:
 
 def compressed_size(image: str, workdir: Path) -> int:
     """Sum of the gzip-compressed layers of `podman save`: what a registry stores and a node pulls."""
-    import gzip
-    import tarfile
-
     archive = workdir / "image.tar"
     podman("save", "--format", "docker-archive", "-o", str(archive), image)
     total = 0
@@ -176,23 +174,21 @@ def compressed_size(image: str, workdir: Path) -> int:
     return total
 
 
-def build_image(target: str, *, env: dict[str, str] | None = None, timeout: float = 3000) -> tuple[str, float, set[str]]:
+def build_image(
+    target: str, *, env: dict[str, str] | None = None, timeout: float = 3000
+) -> tuple[str, float, set[str]]:
     """Builds one target with deploy/docker/build.sh (extra variables in `env`, e.g.
     INFERLINE_BUILD_OPTS); returns its tag, the seconds the build took, and the (short) ids of
     every image the build committed or reused, as buildah prints them (`--> 3e40203ff1b`)."""
-    import os
-    import re
-
     started = time.monotonic()
     done = run(["bash", str(REPO / "deploy" / "docker" / "build.sh"), target], env={**os.environ, **(env or {})},
                timeout=timeout)
     tag = done.stdout.split("built ", 1)[1].split()[0]
-    return tag, time.monotonic() - started, set(re.findall(r"^--> (?:Using cache )?([0-9a-f]{11,64})\s*$", done.stderr, re.M))
+    return tag, time.monotonic() - started, set(re.findall(r"^--> (?:Using cache )?([0-9a-f]{11,64})\s*$", done.stderr,
+                                                           re.M))
 
 
 def _all_images() -> list[dict]:
-    import json
-
     return json.loads(podman("images", "--all", "--format", "json").stdout or "[]")
 
 
@@ -207,7 +203,10 @@ def remove_built_image(tag: str, before: set[str], layers: set[str]) -> None:
     tag (the session's other images, or anyone's built meanwhile), nor one that was there before;
     a layer another image still uses as its parent stays too (no --force)."""
     podman("rmi", tag, check=False)
-    mine = [image for image in _all_images()
-            if image["Id"] not in before and not image.get("RepoTags") and any(image["Id"].startswith(s) for s in layers)]
+    mine = [
+        image
+        for image in _all_images()
+        if image["Id"] not in before and not image.get("RepoTags") and any(image["Id"].startswith(s) for s in layers)
+    ]
     for image in sorted(mine, key=lambda image: -image["Created"]):
         podman("rmi", image["Id"], check=False)

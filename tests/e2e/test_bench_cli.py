@@ -56,13 +56,15 @@ def test_bench_text_output_and_clip_embeddings(stack, data_dir, capsys):
 
 
 def test_bench_names_what_is_wrong(stack, data_dir, capsys):
-    code, _, err = _bench(capsys, "--target", stack.controller, "--model", "nope", "--images", str(data_dir), "--duration", "1")
+    code, _, err = _bench(capsys, "--target", stack.controller, "--model", "nope", "--images", str(data_dir),
+                          "--duration", "1")
     assert code == 1 and "NOT_FOUND" in err and "yolov8n" in err
     code, _, err = _bench(capsys, "--target", stack.controller, "--images", str(data_dir), "--concurrency", "0")
     assert code == 1 and "--concurrency" in err
     code, _, err = _bench(capsys, "--target", stack.controller, "--images", str(data_dir), "--pid", "controller")
     assert code == 1 and "STAGE=PID" in err
-    code, _, err = _bench(capsys, "--target", stack.controller, "--model", "clip-vit-b-32-text", "--images", str(data_dir), "--duration", "1", "--warmup", "0")
+    code, _, err = _bench(capsys, "--target", stack.controller, "--model", "clip-vit-b-32-text", "--images",
+                          str(data_dir), "--duration", "1", "--warmup", "0")
     assert code == 1 and "no image was answered" in err  # a text tower takes no images
 
 

@@ -51,7 +51,8 @@ def test_stage_table_splits_the_pipeline_s_latency_and_the_reference_s_call():
     compare = _compare()
     rows = [
         _row(compare.ULTRALYTICS, None, {"preprocess": 1.0, "inference": 90.0, "postprocess": 1.0, "client": 100.0}),
-        _row("pipeline: x", 1, {"preprocess": 5.0, "inference": 100.0, "postprocess": 5.0, "total": 115.0, "client": 120.0}),
+        _row("pipeline: x", 1,
+             {"preprocess": 5.0, "inference": 100.0, "postprocess": 5.0, "total": 115.0, "client": 120.0}),
     ]
     table = compare.stage_table(rows)
     assert table[-2] == f"| {compare.ULTRALYTICS} | - | 1.0 | 90.0 | 1.0 | - | 8.0 | 100.0 |"

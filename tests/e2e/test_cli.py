@@ -6,12 +6,15 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
+import onnxruntime
 import pytest
 
 from inferline.services.stack import free_port_env, wait_http_ready, wait_serving
@@ -28,7 +31,10 @@ def running_up(model_dir, clip_weights, tmp_path_factory):
         INFERLINE_ALLOW_DOWNLOAD="false",
         INFERLINE_GRACE_PERIOD_S="2",
     )
-    ports = {stage: int(env[f"INFERLINE_{stage.upper()}_PORT"]) for stage in ("controller", "preprocess", "inference", "postprocess")}
+    ports = {
+        stage: int(env[f"INFERLINE_{stage.upper()}_PORT"])
+        for stage in ("controller", "preprocess", "inference", "postprocess")
+    }
     log = tmp_path_factory.mktemp("up") / "up.log"
     with log.open("w") as sink:
         process = subprocess.Popen([*CLI, "up"], env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -36,9 +42,9 @@ def running_up(model_dir, clip_weights, tmp_path_factory):
         for port in ports.values():
             wait_serving(f"localhost:{port}", timeout=180, alive=lambda: process.poll() is None)
         wait_http_ready(f"http://localhost:{env['INFERLINE_GATEWAY_PORT']}/readyz", 60, lambda: process.poll() is None)
-    except Exception:
+    except Exception as exc:
         process.kill()
-        raise AssertionError(log.read_text())
+        raise AssertionError(log.read_text()) from exc
     yield process, f"localhost:{ports['controller']}", log
     if process.poll() is None:
         process.kill()
@@ -120,7 +126,8 @@ def test_detect_with_faster_rcnn_and_clip_relabelling(running_up, data_dir):
 
 def test_classify_prints_labels_best_first(running_up, data_dir):
     _, target, _ = running_up
-    done = _run("classify", str(data_dir / "shapes_01.jpg"), "--labels", "a bus,a dog,a ball", "--top-k", "2", "--target", target)
+    done = _run("classify", str(data_dir / "shapes_01.jpg"), "--labels", "a bus,a dog,a ball", "--top-k", "2",
+                "--target", target)
     assert done.returncode == 0, done.stderr
     (result,) = json.loads(done.stdout)["results"]
     assert Path(result["image"]).name == "shapes_01.jpg"
@@ -161,10 +168,6 @@ def test_classify_without_usable_labels_is_refused(running_up, data_dir):
 
 
 def test_up_serves_the_http_gateway_where_its_log_says(running_up, data_dir):
-    import re
-
-    import httpx
-
     _, _, log = running_up
     deadline = time.monotonic() + 30
     while (found := re.search(r"gateway at (http://\S+)", log.read_text())) is None:
@@ -201,7 +204,8 @@ def test_stages_do_not_outlive_a_killed_up(model_dir):
     process = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for stage in ("controller", "preprocess", "inference", "postprocess"):
-            wait_serving(f"localhost:{env[f'INFERLINE_{stage.upper()}_PORT']}", timeout=180, alive=lambda: process.poll() is None)
+            wait_serving(f"localhost:{env[f'INFERLINE_{stage.upper()}_PORT']}", timeout=180,
+                         alive=lambda: process.poll() is None)
         children = [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
         assert len(children) == 5  # the four stages and the gateway
         process.send_signal(signal.SIGKILL)
@@ -223,18 +227,19 @@ def _state(pid: int) -> str:
 
 
 def test_export_writes_an_onnx_model_runtime_can_load(model_dir, tmp_path):
-    import onnxruntime
-
     env = {**os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false"}
     out = tmp_path / "yolov8n.onnx"
-    done = subprocess.run([*CLI, "export", "--model", "yolov8n", "--dynamic-batch", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*CLI, "export", "--model", "yolov8n", "--dynamic-batch", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
     refused = subprocess.run(
-        [*CLI, "export", "--model", "fasterrcnn-mobilenet-v3-large-320-fpn", "--dynamic-batch", "--out", str(tmp_path / "f.onnx")],
+        [*CLI, "export", "--model", "fasterrcnn-mobilenet-v3-large-320-fpn", "--dynamic-batch", "--out",
+         str(tmp_path / "f.onnx")],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert refused.returncode == 1 and "batch of one image" in refused.stderr and not (tmp_path / "f.onnx").exists()
-    unknown = subprocess.run([*CLI, "export", "--model", "nope", "--out", str(tmp_path / "n.onnx")], env=env, capture_output=True, text=True, timeout=60)
+    unknown = subprocess.run([*CLI, "export", "--model", "nope", "--out", str(tmp_path / "n.onnx")], env=env,
+                             capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 1 and "no model 'nope'" in unknown.stderr and "yolov8n" in unknown.stderr

@@ -136,7 +136,8 @@ def test_detect_with_a_base64_image_returns_boxes_in_original_pixels(grpcurl, st
     assert (width, height) == (640, 480)
 
     request = detect_request("yolov8n", path.read_bytes(), path.name)
-    response = json.loads(ok(run_grpcurl(grpcurl, stack.controller, "inferline.v1.ControllerService/Detect", data=request)))
+    response = json.loads(ok(run_grpcurl(grpcurl, stack.controller, "inferline.v1.ControllerService/Detect",
+                                         data=request)))
 
     assert response["model"] == "yolov8n"
     assert len(response["results"]) == 1
@@ -167,7 +168,8 @@ def test_detect_with_an_unknown_model_fails_the_call_with_not_found(grpcurl, sta
 
 def test_detect_with_garbage_bytes_fails_only_that_image_with_invalid_argument(grpcurl, stack):
     request = detect_request("yolov8n", b"this is not an image", "garbage.jpg")
-    response = json.loads(ok(run_grpcurl(grpcurl, stack.controller, "inferline.v1.ControllerService/Detect", data=request)))
+    response = json.loads(ok(run_grpcurl(grpcurl, stack.controller, "inferline.v1.ControllerService/Detect",
+                                         data=request)))
     assert len(response["results"]) == 1
     result = response["results"][0]
     assert result["name"] == "garbage.jpg"

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 import yaml
+from torchvision.io import decode_image, read_file
+from torchvision.models.detection import (
+    FasterRCNN_MobileNet_V3_Large_320_FPN_Weights,
+    fasterrcnn_mobilenet_v3_large_320_fpn,
+)
+from torchvision.transforms.v2.functional import to_dtype
+from ultralytics import YOLO
 
 import inferline.services.inference.backends.onnxruntime_backend  # noqa: F401 - registers "onnxruntime"
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, types_pb2
@@ -24,7 +32,8 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def onnx_stack(tmp_path_factory, settings, yolo_weights):
     root = tmp_path_factory.mktemp("onnx-repo")
-    exported = export_onnx(load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml"), yolo_weights, root / "yolov8n.onnx")
+    exported = export_onnx(load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml"), yolo_weights,
+                           root / "yolov8n.onnx")
     repository = root / "repository"
     shutil.copytree(BUILTIN_REPOSITORY / "yolov8n", repository / "yolov8n-onnx")
     config_path = repository / "yolov8n-onnx" / "config.yaml"
@@ -46,22 +55,22 @@ def _ours(channel: grpc.Channel, paths: list[Path]) -> list[list]:
     )
     response = stub.Detect(request, timeout=120)
     assert all(r.status.code == 0 for r in response.results), [r.status for r in response.results]
-    return [[(d.label, d.score, (d.box.x1, d.box.y1, d.box.x2, d.box.y2)) for d in r.detections] for r in response.results]
+    return [[(d.label, d.score,
+              (d.box.x1, d.box.y1, d.box.x2, d.box.y2)) for d in r.detections] for r in response.results]
 
 
 def test_onnx_detect_matches_ultralytics_predict(onnx_stack, yolo_weights, sample_images):
-    from ultralytics import YOLO
-
     reference = YOLO(str(yolo_weights))
     with grpc.insecure_channel(onnx_stack.controller) as channel:
         ours = _ours(channel, sample_images)
     failures = {}
     total, worst_iou, worst_score = 0, 1.0, 0.0
-    for path, detections in zip(sample_images, ours):
+    for path, detections in zip(sample_images, ours, strict=True):
         result = reference.predict(source=str(path), verbose=False, device="cpu")[0]
         theirs = [
             (result.names[int(c)], float(s), tuple(float(v) for v in box))
-            for box, s, c in zip(result.boxes.xyxy.tolist(), result.boxes.conf.tolist(), result.boxes.cls.tolist())
+            for box, s, c in zip(result.boxes.xyxy.tolist(), result.boxes.conf.tolist(), result.boxes.cls.tolist(),
+                                 strict=True)
         ]
         total += len(theirs)
         for label, score, box in theirs:
@@ -99,12 +108,6 @@ def frcnn_onnx_stack(tmp_path_factory, settings, model_dir):
 
 
 def test_faster_rcnn_onnx_detect_matches_torchvision(frcnn_onnx_stack, model_dir, sample_images):
-    from torchvision.io import decode_image, read_file
-    from torchvision.models.detection import FasterRCNN_MobileNet_V3_Large_320_FPN_Weights, fasterrcnn_mobilenet_v3_large_320_fpn
-    from torchvision.transforms.v2.functional import to_dtype
-
-    import torch
-
     config = load_config(BUILTIN_REPOSITORY / FRCNN / "config.yaml")
     reference = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=91)
     reference.load_state_dict(torch.load(str(model_dir / config.weights.file), map_location="cpu", weights_only=True))
@@ -126,7 +129,7 @@ def test_faster_rcnn_onnx_detect_matches_torchvision(frcnn_onnx_stack, model_dir
             out = reference([to_dtype(decode_image(read_file(str(path))), torch.float, scale=True)])[0]
         theirs = [
             (names[int(c)], float(s), tuple(float(v) for v in box))
-            for box, s, c in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist())
+            for box, s, c in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist(), strict=True)
         ]
         total += len(theirs)
         problems = mismatches(ours, theirs)

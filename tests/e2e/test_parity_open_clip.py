@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
+import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -15,10 +16,10 @@ TEXTS = ["a photo of a circle", "a red triangle", "a blue square", "a star", "a 
 
 @pytest.fixture(scope="module")
 def reference(clip_weights):
-    import open_clip
-
     # As open_clip loads OpenAI's weights (pretrained="openai"): with QuickGELU, as our config does.
-    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=str(clip_weights), force_quick_gelu=True)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "ViT-B-32", pretrained=str(clip_weights), force_quick_gelu=True
+    )
     model.eval()
     return model, preprocess, open_clip.get_tokenizer("ViT-B-32")
 
@@ -39,7 +40,8 @@ def _images(paths):
 
 def test_image_and_text_embeddings_match_open_clip(stub, reference, sample_images):
     model, preprocess, tokenizer = reference
-    response = stub.Embed(controller_pb2.EmbedRequest(model="clip-vit-b-32", images=_images(sample_images), texts=TEXTS), timeout=120)
+    response = stub.Embed(controller_pb2.EmbedRequest(model="clip-vit-b-32", images=_images(sample_images),
+                                                      texts=TEXTS), timeout=120)
     ours_images = np.array([list(i.embedding) for i in response.images])
     ours_texts = np.array([list(t.embedding) for t in response.texts])
     with torch.no_grad():
@@ -54,12 +56,16 @@ def test_image_and_text_embeddings_match_open_clip(stub, reference, sample_image
 
 def test_zero_shot_top1_matches_open_clip(stub, reference, sample_images):
     model, preprocess, tokenizer = reference
-    response = stub.Classify(controller_pb2.ClassifyRequest(model="clip-vit-b-32", images=_images(sample_images), labels=TEXTS), timeout=120)
+    response = stub.Classify(
+        controller_pb2.ClassifyRequest(model="clip-vit-b-32", images=_images(sample_images), labels=TEXTS), timeout=120
+    )
     with torch.no_grad():
-        images = torch.nn.functional.normalize(model.encode_image(torch.stack([preprocess(Image.open(p)) for p in sample_images])), dim=-1)
+        images = torch.nn.functional.normalize(
+            model.encode_image(torch.stack([preprocess(Image.open(p)) for p in sample_images])), dim=-1
+        )
         texts = torch.nn.functional.normalize(model.encode_text(tokenizer(TEXTS)), dim=-1)
         probabilities = (model.logit_scale.exp() * images @ texts.T).softmax(dim=-1).numpy()
-    for result, expected in zip(response.results, probabilities):
+    for result, expected in zip(response.results, probabilities, strict=True):
         assert [ls.label for ls in result.labels][0] == TEXTS[int(expected.argmax())]
         assert len(result.labels) == len(TEXTS), "top_k 0 returns every label"
         ours = {ls.label: ls.score for ls in result.labels}

@@ -17,7 +17,10 @@ import pytest
 import torch
 import torchvision
 from torchvision.io import decode_image, read_file
-from torchvision.models.detection import FasterRCNN_MobileNet_V3_Large_320_FPN_Weights, fasterrcnn_mobilenet_v3_large_320_fpn
+from torchvision.models.detection import (
+    FasterRCNN_MobileNet_V3_Large_320_FPN_Weights,
+    fasterrcnn_mobilenet_v3_large_320_fpn,
+)
 from torchvision.transforms.functional import convert_image_dtype
 
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, types_pb2
@@ -84,7 +87,8 @@ def _ours(stub, paths: list[Path], **options) -> list[list]:
     )
     response = stub.Detect(request, timeout=120)
     assert all(r.status.code == 0 for r in response.results), [r.status for r in response.results]
-    return [[(d.label, d.score, (d.box.x1, d.box.y1, d.box.x2, d.box.y2)) for d in r.detections] for r in response.results]
+    return [[(d.label, d.score,
+              (d.box.x1, d.box.y1, d.box.x2, d.box.y2)) for d in r.detections] for r in response.results]
 
 
 def _raw(model: torch.nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -98,7 +102,7 @@ def _rows(out: dict[str, torch.Tensor], keep: torch.Tensor | None = None) -> lis
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     return [
         (CATEGORIES[int(c)], float(s), tuple(float(v) for v in box))
-        for box, s, c in zip(boxes.tolist(), scores.tolist(), labels.tolist())
+        for box, s, c in zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=True)
     ]
 
 
@@ -114,13 +118,16 @@ def _assert_parity(ours: list[list], theirs_by_path: dict[Path, list]) -> None:
             failures[path.name] = problems
     assert not failures, failures
     worst_iou, worst_score = _worst(ours, theirs_by_path)
-    print(f"\nparity: {sum(map(len, ours))} detections, worst box IoU {worst_iou:.6f}, worst score delta {worst_score:.2e}")
+    print(
+        f"\nparity: {sum(map(len, ours))} detections, worst box IoU {worst_iou:.6f}, "
+        f"worst score delta {worst_score:.2e}"
+    )
 
 
 def _worst(ours: list[list], theirs_by_path: dict[Path, list]) -> tuple[float, float]:
     """The worst IoU and score difference over rows paired by label and best overlap."""
     worst_iou, worst_score = 1.0, 0.0
-    for detections, reference in zip(ours, theirs_by_path.values()):
+    for detections, reference in zip(ours, theirs_by_path.values(), strict=True):
         for label, score, box in reference:
             mine = max((o for o in detections if o[0] == label), key=lambda o: iou(o[2], box))
             worst_iou = min(worst_iou, iou(mine[2], box))
@@ -178,7 +185,9 @@ def test_lower_iou_is_torchvision_batched_nms_over_the_model_output(stub, refere
     _assert_parity(ours, theirs)
 
 
-def test_an_official_format_checkpoint_runs_exactly_as_torchvision_pretrained(tmp_path, monkeypatch, state_dict, images):
+def test_an_official_format_checkpoint_runs_exactly_as_torchvision_pretrained(
+    tmp_path, monkeypatch, state_dict, images
+):
     """torchvision's release checkpoints were trained with frozen BatchNorm (no num_batches_tracked);
     torchvision's ``weights=COCO_V1`` model, built offline from the same file in its hub cache, is
     the reference, to the bit."""

@@ -11,6 +11,7 @@ import grpc
 import pytest
 import torch
 import yaml
+from ultralytics import YOLO
 
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, types_pb2
 from inferline.services.inference.repository import BUILTIN_REPOSITORY
@@ -22,8 +23,6 @@ from tests.support.servers import InProcessStack
 
 @pytest.fixture(scope="module")
 def reference(yolo_weights):
-    from ultralytics import YOLO
-
     return YOLO(str(yolo_weights))
 
 
@@ -36,7 +35,8 @@ def _ours(channel: grpc.Channel, paths: list[Path], model: str = "yolov8n", **op
     )
     response = stub.Detect(request, timeout=120)
     assert all(r.status.code == 0 for r in response.results), [r.status for r in response.results]
-    return [[(d.label, d.score, (d.box.x1, d.box.y1, d.box.x2, d.box.y2)) for d in r.detections] for r in response.results]
+    return [[(d.label, d.score,
+              (d.box.x1, d.box.y1, d.box.x2, d.box.y2)) for d in r.detections] for r in response.results]
 
 
 def _theirs(model, path: Path, **kwargs) -> list:
@@ -45,13 +45,13 @@ def _theirs(model, path: Path, **kwargs) -> list:
     boxes = result.boxes
     return [
         (names[int(c)], float(s), tuple(float(v) for v in box))
-        for box, s, c in zip(boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.tolist())
+        for box, s, c in zip(boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.tolist(), strict=True)
     ]
 
 
 def _assert_parity(ours: list[list], theirs_by_path: dict[Path, list]) -> None:
     failures = {}
-    for (path, reference), detections in zip(theirs_by_path.items(), ours):
+    for (path, reference), detections in zip(theirs_by_path.items(), ours, strict=True):
         problems = mismatches(detections, reference)
         if problems:
             failures[path.name] = problems
@@ -76,8 +76,6 @@ def test_custom_thresholds_match_predict_with_the_same_thresholds(stack, referen
 @pytest.fixture(scope="module")
 def other_checkpoint(tmp_path_factory, yolo_weights) -> Path:
     """A different YOLOv8 checkpoint: the stand-in's weights perturbed, saved in ultralytics' format."""
-    from ultralytics import YOLO
-
     model = YOLO(str(yolo_weights)).model
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -101,9 +99,9 @@ def odd_images(tmp_path_factory) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_any_yolov8_checkpoint_and_any_image_size_match_predict(tmp_path, settings, other_checkpoint, odd_images, sample_images):
-    from ultralytics import YOLO
-
+def test_any_yolov8_checkpoint_and_any_image_size_match_predict(
+    tmp_path, settings, other_checkpoint, odd_images, sample_images
+):
     repository = tmp_path / "repository"
     shutil.copytree(BUILTIN_REPOSITORY / "yolov8n", repository / "perturbed")
     config = yaml.safe_load((repository / "perturbed" / "config.yaml").read_text())

@@ -15,6 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 pytestmark = pytest.mark.slow
 
@@ -28,15 +35,13 @@ MODEL_OPTIONS = "return Array.from(document.querySelectorAll('#model option'), o
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     done = subprocess.run(["bash", str(INSTALLER)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{INSTALLER} failed:\n{done.stderr[-3000:]}"
     driver_path = done.stdout.strip().splitlines()[-1]
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1480"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1280,1480"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     driver.set_page_load_timeout(60)
@@ -47,11 +52,6 @@ def browser() -> Iterator[object]:
 
 
 def test_upload_shows_the_detection_drawn_listed_and_timed(browser, gateway, data_dir):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-
     wait = WebDriverWait(browser, 120)
     browser.get(gateway.url + "/")
     wait.until(lambda d: "yolov8n" in d.execute_script(MODEL_OPTIONS))
@@ -77,9 +77,11 @@ def test_upload_shows_the_detection_drawn_listed_and_timed(browser, gateway, dat
         "return Array.from(c.getContext('2d').getImageData(arguments[0], arguments[1], 1, 1).data);",
         int(x1), int((y1 + y2) / 2),
     )
-    assert all(abs(a - b) <= 24 for a, b in zip(edge[:3], SPORTS_BALL_RGB)), edge
+    assert all(abs(a - b) <= 24 for a, b in zip(edge[:3], SPORTS_BALL_RGB, strict=True)), edge
 
-    stages = [r.find_element(By.TAG_NAME, "td").text for r in browser.find_elements(By.CSS_SELECTOR, "table.timings tbody tr")]
+    stages = [
+        r.find_element(By.TAG_NAME, "td").text for r in browser.find_elements(By.CSS_SELECTOR, "table.timings tbody tr")
+    ]
     assert {"preprocess", "inference", "postprocess"} <= set(stages)
     wait.until(lambda d: d.find_element(By.ID, "live-p95").text.endswith("ms"))
     assert "Done in" in browser.find_element(By.ID, "status").text
@@ -95,10 +97,6 @@ def test_upload_shows_the_detection_drawn_listed_and_timed(browser, gateway, dat
 
 
 def test_clip_model_shows_zero_shot_labels_for_the_user_s_prompts(browser, gateway, data_dir):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-
     wait = WebDriverWait(browser, 120)
     browser.get(gateway.url + "/")
     wait.until(lambda d: "clip-vit-b-32" in d.execute_script(MODEL_OPTIONS))
@@ -114,14 +112,13 @@ def test_clip_model_shows_zero_shot_labels_for_the_user_s_prompts(browser, gatew
     assert sorted(labels) == ["a blue star", "a green square", "a red circle"]
     scores = [float(r.find_elements(By.TAG_NAME, "td")[1].text) for r in rows]
     assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 0.01
-    stages = [r.find_element(By.TAG_NAME, "td").text for r in browser.find_elements(By.CSS_SELECTOR, "table.timings tbody tr")]
+    stages = [
+        r.find_element(By.TAG_NAME, "td").text for r in browser.find_elements(By.CSS_SELECTOR, "table.timings tbody tr")
+    ]
     assert {"preprocess", "inference", "text_inference"} <= set(stages)
 
 
 def test_swagger_ui_renders_every_operation_from_the_gateway_alone(browser, gateway):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     browser.get(gateway.url + "/docs")
     WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")) == 9)
     paths = {e.get_attribute("data-path") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
@@ -131,10 +128,6 @@ def test_swagger_ui_renders_every_operation_from_the_gateway_alone(browser, gate
 
 
 def test_every_control_has_a_label_and_is_reachable_by_tab(browser, gateway):
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-
     browser.get(gateway.url + "/")
     controls = browser.find_elements(By.CSS_SELECTOR, "#run-form input, #run-form select")
     assert len(controls) == 6

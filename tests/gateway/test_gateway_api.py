@@ -68,7 +68,8 @@ def test_detect_json_equals_the_cli_s_json_for_the_same_image(http, stack, data_
 def test_detect_csv_equals_the_cli_s_csv(http, stack, data_dir, tmp_path):
     images = [data_dir / "shapes_01.jpg", data_dir / "shapes_02.jpg"]
     out = tmp_path / "cli.csv"
-    assert cli.main(["detect", *map(str, images), "--target", stack.controller, "--format", "csv", "--out", str(out)]) == 0
+    assert cli.main(["detect", *map(str, images), "--target", stack.controller, "--format", "csv", "--out",
+                     str(out)]) == 0
     response = http.post("/v1/detect", params={"format": "csv"}, files=[_upload(p, name=str(p)) for p in images])
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/csv")
@@ -111,7 +112,8 @@ def test_detect_with_clip_relabels_each_box_from_form_labels(http, data_dir):
 def test_classify_equals_the_cli_s_json(http, stack, data_dir, tmp_path):
     image = data_dir / "shapes_04.jpg"
     out = tmp_path / "cli.json"
-    assert cli.main(["classify", str(image), "--labels", LABELS, "--top-k", "2", "--target", stack.controller, "--out", str(out)]) == 0
+    assert cli.main(["classify", str(image), "--labels", LABELS, "--top-k", "2", "--target", stack.controller, "--out",
+                     str(out)]) == 0
     response = http.post("/v1/classify", params={"labels": LABELS, "top_k": 2}, files=[_upload(image, name=str(image))])
     assert response.status_code == 200, response.text
     ClassifyResponse.model_validate(response.json())
@@ -194,7 +196,8 @@ def test_demo_page_and_swagger_ui_load_only_from_the_gateway(http):
     assert docs.status_code == 200
     for html in (page.text, docs.text):
         assert "http://" not in html.replace("http://localhost", "") and "https://" not in html
-    for asset in ("/swagger-ui/swagger-ui-bundle.js", "/swagger-ui/swagger-ui.css", "/static/demo.js", "/static/demo.css"):
+    for asset in ("/swagger-ui/swagger-ui-bundle.js", "/swagger-ui/swagger-ui.css", "/static/demo.js",
+                  "/static/demo.css"):
         assert http.get(asset).status_code == 200, asset
     assert http.get("/openapi.json").json()["openapi"].startswith("3.1")
 
@@ -203,7 +206,8 @@ def test_demo_page_and_swagger_ui_load_only_from_the_gateway(http):
 
 
 def test_corrupt_image_is_400_invalid_argument(http):
-    body = _problem(http.post("/v1/detect", files=[("images", ("bad.jpg", b"not an image", "image/jpeg"))]), 400, "INVALID_ARGUMENT")
+    body = _problem(http.post("/v1/detect", files=[("images", ("bad.jpg", b"not an image", "image/jpeg"))]), 400,
+                    "INVALID_ARGUMENT")
     assert "not a decodable image" in body["detail"]
 
 
@@ -218,17 +222,20 @@ def test_one_corrupt_image_among_good_ones_fails_only_its_result(http, data_dir)
 
 
 def test_unknown_model_is_404_naming_the_served_models(http, data_dir):
-    body = _problem(http.post("/v1/detect", params={"model": "nope"}, files=[_upload(data_dir / "shapes_01.jpg")]), 404, "NOT_FOUND")
+    body = _problem(http.post("/v1/detect", params={"model": "nope"}, files=[_upload(data_dir / "shapes_01.jpg")]), 404,
+                    "NOT_FOUND")
     assert "yolov8n" in body["detail"]
     _problem(http.get("/v1/models/nope"), 404, "NOT_FOUND")
 
 
 @pytest.mark.parametrize(
     "params,needle",
-    [({"conf": 2}, "conf"), ({"iou": -0.1}, "iou"), ({"max_det": 0}, "max_det"), ({"format": "gif"}, "format"), ({"classes": "x"}, "classes")],
+    [({"conf": 2}, "conf"), ({"iou": -0.1}, "iou"), ({"max_det": 0}, "max_det"), ({"format": "gif"}, "format"),
+     ({"classes": "x"}, "classes")],
 )
 def test_bad_options_are_400_naming_the_field(http, data_dir, params, needle):
-    body = _problem(http.post("/v1/detect", params=params, files=[_upload(data_dir / "shapes_01.jpg")]), 400, "INVALID_ARGUMENT")
+    body = _problem(http.post("/v1/detect", params=params, files=[_upload(data_dir / "shapes_01.jpg")]), 400,
+                    "INVALID_ARGUMENT")
     assert needle in body["detail"]
 
 
@@ -240,12 +247,14 @@ def test_no_images_is_400(http):
 def test_bad_base64_and_bad_json_are_400(http):
     body = _problem(http.post("/v1/detect", json={"images": [{"data": "%%%"}]}), 400, "INVALID_ARGUMENT")
     assert "base64" in body["detail"]
-    _problem(http.post("/v1/detect", content=b"{not json", headers={"content-type": "application/json"}), 400, "INVALID_ARGUMENT")
+    _problem(http.post("/v1/detect", content=b"{not json", headers={"content-type": "application/json"}), 400,
+             "INVALID_ARGUMENT")
     _problem(http.post("/v1/detect", json=[1, 2]), 400, "INVALID_ARGUMENT")
 
 
 def test_an_image_url_is_refused_not_fetched(http):
-    body = _problem(http.post("/v1/detect", json={"images": [{"url": "http://127.0.0.1:1/a.jpg"}]}), 400, "INVALID_ARGUMENT")
+    body = _problem(http.post("/v1/detect", json={"images": [{"url": "http://127.0.0.1:1/a.jpg"}]}), 400,
+                    "INVALID_ARGUMENT")
     assert "images.0.data" in body["detail"]
 
 
@@ -256,7 +265,8 @@ def test_png_for_two_images_is_400(http, data_dir):
 
 
 def test_unsupported_content_type_is_415(http):
-    _problem(http.post("/v1/detect", content=b"raw bytes", headers={"content-type": "image/jpeg"}), 415, "INVALID_ARGUMENT")
+    _problem(http.post("/v1/detect", content=b"raw bytes", headers={"content-type": "image/jpeg"}), 415,
+             "INVALID_ARGUMENT")
 
 
 def test_classify_without_labels_is_400(http, data_dir):
@@ -264,7 +274,8 @@ def test_classify_without_labels_is_400(http, data_dir):
 
 
 def test_deadline_from_the_header_is_504_when_it_passes(http, data_dir):
-    response = http.post("/v1/detect", headers={"X-Request-Timeout": "0.001"}, files=[_upload(data_dir / "shapes_01.jpg")])
+    response = http.post("/v1/detect", headers={"X-Request-Timeout": "0.001"},
+                         files=[_upload(data_dir / "shapes_01.jpg")])
     _problem(response, 504, "DEADLINE_EXCEEDED")
 
 
@@ -291,7 +302,8 @@ def small_gateway(stack) -> Iterator[httpx.Client]:
 def test_oversize_upload_is_413_from_content_length(small_gateway):
     big = encoded(1200, 1200, ".png", seed=1)
     assert len(big) > 1024 * 1024
-    body = _problem(small_gateway.post("/v1/detect", files=[("images", ("big.png", big, "image/png"))]), 413, "RESOURCE_EXHAUSTED")
+    body = _problem(small_gateway.post("/v1/detect", files=[("images", ("big.png", big, "image/png"))]), 413,
+                    "RESOURCE_EXHAUSTED")
     assert "INFERLINE_GATEWAY_MAX_UPLOAD_MB" in body["detail"]
 
 

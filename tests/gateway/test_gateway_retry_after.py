@@ -16,7 +16,6 @@ from tests.support.gateway import RunningGateway
 from tests.support.servers import LoopThread, start_service
 
 
-
 def _hinted_unavailable() -> errors.ModelNotReady:
     """A 503 whose server knows when to come back: the trailer carries any error's hint."""
     error = errors.ModelNotReady("still loading")
@@ -35,7 +34,7 @@ REFUSALS = {
 
 
 class RefusingController(controller_pb2_grpc.ControllerServiceServicer):
-    async def Detect(self, request, context):
+    async def Detect(self, request, context):  # noqa: N802 - gRPC's method name
         raise REFUSALS[request.model]
 
 

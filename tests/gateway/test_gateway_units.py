@@ -50,7 +50,8 @@ def test_labels_may_be_repeated_or_comma_separated_and_blanks_are_dropped():
 
 @pytest.mark.parametrize(
     "raw,field",
-    [({"conf": 1.5}, "conf"), ({"classes": [2**31]}, "classes"), ({"model": "\ud800"}, "model"), ({"format": "gif"}, "format")],
+    [({"conf": 1.5}, "conf"), ({"classes": [2**31]}, "classes"), ({"model": "\ud800"}, "model"),
+     ({"format": "gif"}, "format")],
 )
 def test_out_of_range_or_unencodable_options_are_refused_by_name(raw, field):
     with pytest.raises(ApiError) as refused:

@@ -30,7 +30,8 @@ def readme_curl_lines() -> list[str]:
 
 def test_the_readme_has_a_curl_line_for_every_endpoint():
     lines = " ".join(readme_curl_lines())
-    for endpoint in ("/v1/detect", "/v1/classify", "/v1/embed", "/v1/models", "/v1/models/yolov8n", "/healthz", "/readyz", "/metrics", "/v1/stats"):
+    for endpoint in ("/v1/detect", "/v1/classify", "/v1/embed", "/v1/models", "/v1/models/yolov8n", "/healthz",
+                     "/readyz", "/metrics", "/v1/stats"):
         assert f"localhost:8080{endpoint}" in lines, endpoint
 
 
@@ -40,7 +41,8 @@ def test_every_readme_curl_line_works_as_written(gateway, data_dir, tmp_path):
     for line in readme_curl_lines():
         command = line.replace("localhost:8080", f"127.0.0.1:{gateway.port}").replace("../shared/data/", f"{data_dir}/")
         command = re.sub(r"(^|\| )curl ", r"\1curl --fail-with-body -sS ", command)
-        done = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
         assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
         outputs.append(done.stdout)
     first = json.loads(outputs[0])["results"][0]

@@ -65,7 +65,7 @@ class Stages:
     def start(cls, base_env: Mapping[str, str], log_dir: Path, timeout: float = 180) -> Stages:
         grpc_ports, metrics_ports = free_ports(4), free_ports(4)
         env = dict(base_env)
-        for stage, port, metrics in zip(STAGES, grpc_ports, metrics_ports):
+        for stage, port, metrics in zip(STAGES, grpc_ports, metrics_ports, strict=True):
             env[f"INFERLINE_{stage.upper()}_PORT"] = str(port)
             env[f"INFERLINE_{stage.upper()}_TARGET"] = f"localhost:{port}"
             env[f"INFERLINE_{stage.upper()}_METRICS_PORT"] = str(metrics)
@@ -213,7 +213,7 @@ class Process:
 
 def http_json(url: str, data: dict[str, str] | None = None, timeout: float = 10) -> Any:
     body = urllib.parse.urlencode(data).encode() if data is not None else None
-    with urllib.request.urlopen(url, data=body, timeout=timeout) as reply:
+    with urllib.request.urlopen(url, data=body, timeout=timeout) as reply:  # noqa: S310 - a local http URL
         return json.loads(reply.read())
 
 
@@ -246,7 +246,7 @@ class Prometheus(Process):
     def _ready(self) -> bool:
         assert self.process.poll() is None, f"Prometheus exited:\n{self.log.read_text()}"
         try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as reply:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as reply:  # noqa: S310 - a local http URL
                 return reply.status == 200
         except OSError:
             return False
@@ -279,7 +279,7 @@ class Webhook:
         received = self.notifications
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 received.append({"path": self.path, **json.loads(body)})
                 self.send_response(200)

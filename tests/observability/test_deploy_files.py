@@ -70,7 +70,9 @@ def test_every_alert_has_a_severity_alertmanager_routes_and_a_runbook_section():
 
 def test_rule_unit_tests_show_every_alert_both_firing_and_not_firing():
     alerts = {a["alert"] for a in _alerts()}
-    cases = [case for test in yaml.safe_load(RULE_TESTS.read_text())["tests"] for case in test.get("alert_rule_test", [])]
+    cases = [
+        case for test in yaml.safe_load(RULE_TESTS.read_text())["tests"] for case in test.get("alert_rule_test", [])
+    ]
     assert {c["alertname"] for c in cases if c["exp_alerts"]} == alerts
     assert {c["alertname"] for c in cases if not c["exp_alerts"]} == alerts
 

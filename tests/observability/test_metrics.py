@@ -80,15 +80,21 @@ def value(families, name: str, suffix: str = "", **labels: str) -> float:
     if family is None:
         return 0.0
     return sum(
-        s.value for s in family.samples if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items())
+        s.value
+        for s in family.samples
+        if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items())
     )
 
 
 def test_rpcs_are_counted_and_timed_by_service_method_and_status_code(scraped):
-    assert scraped.increase("inferline_rpc_duration_seconds", "_count", service="controller", method="Detect", code="OK") >= 4
-    assert scraped.increase("inferline_rpc_duration_seconds", "_count", service="controller", method="Detect", code="NOT_FOUND") == 1
-    assert scraped.increase("inferline_rpc_duration_seconds", "_count", service="inference", method="ModelInfer", code="OK") >= 4
-    assert scraped.increase("inferline_rpc_duration_seconds", "_sum", service="preprocess", method="Preprocess", code="OK") > 0
+    assert scraped.increase("inferline_rpc_duration_seconds", "_count", service="controller", method="Detect",
+                            code="OK") >= 4
+    assert scraped.increase("inferline_rpc_duration_seconds", "_count", service="controller", method="Detect",
+                            code="NOT_FOUND") == 1
+    assert scraped.increase("inferline_rpc_duration_seconds", "_count", service="inference", method="ModelInfer",
+                            code="OK") >= 4
+    assert scraped.increase("inferline_rpc_duration_seconds", "_sum", service="preprocess", method="Preprocess",
+                            code="OK") > 0
 
 
 def test_the_controller_times_each_stage_call(scraped):
@@ -134,7 +140,8 @@ def test_a_taken_metrics_port_is_logged_and_the_stage_still_serves(settings, cap
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     loop = LoopThread()
-    app = ServerApp(build_postprocess(settings), settings, port=0, host="127.0.0.1", metrics_port=taken.getsockname()[1])
+    app = ServerApp(build_postprocess(settings), settings, port=0, host="127.0.0.1",
+                    metrics_port=taken.getsockname()[1])
     try:
         with caplog.at_level(logging.ERROR):
             assert loop.run(app.start()) > 0
@@ -148,7 +155,12 @@ def test_a_taken_metrics_port_is_logged_and_the_stage_still_serves(settings, cap
 
 def test_metrics_ports_come_from_settings_and_can_be_turned_off():
     defaults = Settings()
-    assert [defaults.metrics_port(s) for s in ("controller", "preprocess", "inference", "postprocess")] == [9101, 9102, 9103, 9104]
+    assert [defaults.metrics_port(s) for s in ("controller", "preprocess", "inference", "postprocess")] == [
+        9101,
+        9102,
+        9103,
+        9104,
+    ]
     assert Settings.from_env({"INFERLINE_INFERENCE_METRICS_PORT": "0"}).metrics_port("inference") == 0
     assert Settings.from_env({"INFERLINE_INFERENCE_METRICS_PORT": "-1"}).metrics_port("inference") is None
     assert Settings.from_env({"INFERLINE_METRICS": "false"}).metrics_port("controller") is None

@@ -51,7 +51,7 @@ def test_without_the_profile_flag_timings_keep_their_plain_shape(stack, data_dir
 def _post(app, query: str) -> tuple[int, dict]:
     request = urllib.request.Request(f"http://127.0.0.1:{app.metrics_port}/debug/profile?{query}", method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
+        with urllib.request.urlopen(request, timeout=60) as reply:  # noqa: S310 - a local http URL
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
@@ -69,7 +69,9 @@ def _infer(app, count: int) -> None:
 def test_profiler_captures_a_chrome_trace_of_exactly_the_next_n_batches(inference):
     app, profiles = inference
     answer: dict = {}
-    capture = threading.Thread(target=lambda: answer.update(zip(("status", "body"), _post(app, "batches=2&timeout=60"))))
+    capture = threading.Thread(
+        target=lambda: answer.update(zip(("status", "body"), _post(app, "batches=2&timeout=60"), strict=True))
+    )
     capture.start()
     # Keep sending until the capture is done: the route may arm after the first call.
     while capture.is_alive():
@@ -100,7 +102,9 @@ def test_profiler_without_traffic_times_out_with_advice_and_can_be_armed_again(i
     status, body = _post(app, "batches=1&timeout=0.3")
     assert status == 504 and "send traffic while profiling" in body["error"] and body["batches_seen"] == 0
     answer: dict = {}
-    capture = threading.Thread(target=lambda: answer.update(zip(("status", "body"), _post(app, "batches=1&timeout=60"))))
+    capture = threading.Thread(
+        target=lambda: answer.update(zip(("status", "body"), _post(app, "batches=1&timeout=60"), strict=True))
+    )
     capture.start()
     while capture.is_alive():
         _infer(app, 1)

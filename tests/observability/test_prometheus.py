@@ -136,7 +136,11 @@ def test_every_recording_rule_returns_data_and_every_rule_evaluates_cleanly(moni
     gpu = register_gpu_metrics()
     groups = yaml.safe_load(RULES.read_text())["groups"]
     recorded = [r["record"] for g in groups for r in g["rules"] if "record" in r]
-    empty = [name for name in recorded if not prometheus.query(name) and not (name.startswith("inferline:gpu_memory") and not gpu)]
+    empty = [
+        name
+        for name in recorded
+        if not prometheus.query(name) and not (name.startswith("inferline:gpu_memory") and not gpu)
+    ]
     assert not empty, f"recording rules without data: {empty}"
     loaded = prometheus.rules()
     assert len(loaded) == sum(len(g["rules"]) for g in groups)

@@ -14,5 +14,6 @@ def test_a_call_without_a_request_id_gets_one_back_and_an_overlong_one_is_cut(st
         _, call = stub.ListModels.with_call(inference_pb2.ListModelsRequest(), timeout=30)
         given = dict(call.trailing_metadata())["x-request-id"]
         assert len(given) == 32 and int(given, 16) >= 0
-        _, call = stub.ListModels.with_call(inference_pb2.ListModelsRequest(), metadata=[("x-request-id", "r" * 500)], timeout=30)
+        _, call = stub.ListModels.with_call(inference_pb2.ListModelsRequest(), metadata=[("x-request-id", "r" * 500)],
+                                            timeout=30)
         assert dict(call.trailing_metadata())["x-request-id"] == "r" * 128

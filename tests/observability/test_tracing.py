@@ -50,7 +50,8 @@ def traced(model_dir, clip_weights, data_dir, tmp_path_factory):
             assert response.results[0].detections, "the stand-in detector finds the shapes in shapes_01.jpg"
             assert ("x-request-id", request_id) in call.trailing_metadata(), "the caller gets its request id back"
             with pytest.raises(grpc.RpcError) as refused:
-                stub.Detect(controller_pb2.DetectRequest(model="no-such-model", images=[types_pb2.Image(data=b"x")]), timeout=60)
+                stub.Detect(controller_pb2.DetectRequest(model="no-such-model", images=[types_pb2.Image(data=b"x")]),
+                            timeout=60)
             assert refused.value.code() is grpc.StatusCode.NOT_FOUND
         root = wait_for(
             lambda: next((s for s in receiver.spans if s["service"] == "controller" and s["kind"] == SERVER
@@ -58,7 +59,8 @@ def traced(model_dir, clip_weights, data_dir, tmp_path_factory):
             30, "the controller's Detect span",
         )
         trace_id = root["trace_id"]
-        wait_for(lambda: {s["service"] for s in receiver.trace(trace_id)} >= STAGE_SERVICES, 30, "spans of all four services")
+        wait_for(lambda: {s["service"] for s in receiver.trace(trace_id)} >= STAGE_SERVICES, 30,
+                 "spans of all four services")
     finally:
         stages.stop()  # flushes whatever the batch processors still hold
         receiver.stop()
@@ -131,9 +133,10 @@ def test_every_log_line_is_json_and_the_request_lines_carry_its_trace_and_reques
     trace_id = spans[0]["trace_id"]
     for stage in STAGE_SERVICES:
         lines = [json.loads(line) for line in stages.log(stage).splitlines() if line.strip()]
-        assert lines and all({"ts", "level", "service", "message", "trace_id", "span_id", "request_id"} <= set(l) for l in lines)
-        ours = [l for l in lines if l["request_id"] == request_id]
-        access = [l for l in ours if l["logger"] == "inferline.access"]
+        assert lines and all({"ts", "level", "service", "message", "trace_id", "span_id",
+                              "request_id"} <= set(record) for record in lines)
+        ours = [record for record in lines if record["request_id"] == request_id]
+        access = [record for record in ours if record["logger"] == "inferline.access"]
         assert access, f"no access line of the request in the {stage} log"
         for line in access:
             assert line["trace_id"] == trace_id and len(line["span_id"]) == 16
@@ -159,6 +162,8 @@ def test_an_unreachable_collector_costs_requests_nothing_and_does_not_hold_up_sh
         started = time.monotonic()
         stages.stop()
         stopped_in = time.monotonic() - started
-    assert all(p.returncode == 0 for p in stages.processes.values()), {s: p.returncode for s, p in stages.processes.items()}
+    assert all(p.returncode == 0 for p in stages.processes.values()), {
+        s: p.returncode for s, p in stages.processes.items()
+    }
     # INFERLINE_GRACE_PERIOD_S=2 bounds the drain and then the span flush, each.
     assert stopped_in < 8, f"shutdown took {stopped_in:.1f} s waiting on the collector"

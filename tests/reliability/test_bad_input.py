@@ -21,7 +21,7 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,9 @@ import httpx
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from inferline.common import tensors
 from inferline.common.generated import (
@@ -47,8 +49,10 @@ from inferline.common.generated import (
 )
 from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
+from tests.observability.harness import Stages, stage_env
 from tests.support.gateway import RunningGateway
 from tests.support.images import encoded
+from tests.support.servers import stage_channel
 
 REFUSE_WITHIN_S = 1.0
 REFUSE_UNDER_BYTES = 50 * 1024 * 1024
@@ -137,7 +141,8 @@ class Clients:
 
     def raw(self, stage: str, method: str) -> Callable[..., bytes]:
         """A method of a stage that sends the bytes it is given, unparsed."""
-        return self.channels[stage].unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        return self.channels[stage].unary_unary(method, request_serializer=lambda b: b,
+                                                response_deserializer=lambda b: b)
 
     def serving(self, stage: str) -> bool:
         reply = health_pb2_grpc.HealthStub(self.channels[stage]).Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -184,7 +189,9 @@ def measured(rpc: Rpc, clients: Clients) -> Outcome:
     started = time.perf_counter()
     try:
         answer = send(payload, timeout=T)
-        code, message = item_failure(rpc.response.FromString(answer)) if rpc.response is not None else (grpc.StatusCode.OK, "")
+        code, message = (
+            item_failure(rpc.response.FromString(answer)) if rpc.response is not None else (grpc.StatusCode.OK, "")
+        )
     except grpc.RpcError as exc:
         code, message = exc.code(), exc.details() or ""
     finally:
@@ -232,30 +239,35 @@ CONTROLLER = "/inferline.v1.ControllerService/"
 
 
 def detect(**fields: Any) -> Rpc:
-    return Rpc("controller", CONTROLLER + "Detect", lambda: controller_pb2.DetectRequest(**{"model": "yolov8n", **fields}),
+    return Rpc("controller", CONTROLLER + "Detect",
+               lambda: controller_pb2.DetectRequest(**{"model": "yolov8n", **fields}),
                controller_pb2.DetectResponse)
 
 
 def classify(**fields: Any) -> Rpc:
     return Rpc("controller", CONTROLLER + "Classify",
-               lambda: controller_pb2.ClassifyRequest(**{"model": "clip-vit-b-32", "images": images(tiny_png()), **fields}),
+               lambda: controller_pb2.ClassifyRequest(**{"model": "clip-vit-b-32", "images": images(tiny_png()),
+                                                         **fields}),
                controller_pb2.ClassifyResponse)
 
 
 def embed(**fields: Any) -> Rpc:
-    return Rpc("controller", CONTROLLER + "Embed", lambda: controller_pb2.EmbedRequest(**{"model": "clip-vit-b-32", **fields}),
+    return Rpc("controller", CONTROLLER + "Embed",
+               lambda: controller_pb2.EmbedRequest(**{"model": "clip-vit-b-32", **fields}),
                controller_pb2.EmbedResponse)
 
 
 def preprocess(recipe: Recipe = LETTERBOX, **fields: Any) -> Rpc:
     return Rpc("preprocess", "/inferline.v1.PreprocessService/Preprocess",
-               lambda: preprocess_pb2.PreprocessRequest(recipe=recipe.to_proto(), **fields), preprocess_pb2.PreprocessResponse)
+               lambda: preprocess_pb2.PreprocessRequest(recipe=recipe.to_proto(), **fields),
+               preprocess_pb2.PreprocessResponse)
 
 
 def infer(items: list[inference_pb2.InferItem] | None = None, **fields: Any) -> Rpc:
     def build() -> inference_pb2.ModelInferRequest:
         good = [inference_pb2.InferItem(inputs=[tensors.to_proto(np.zeros((3, 64, 64), np.uint8), "images")])]
-        return inference_pb2.ModelInferRequest(**{"model_name": "yolov8n", "items": good if items is None else items, **fields})
+        return inference_pb2.ModelInferRequest(**{"model_name": "yolov8n", "items": good if items is None else items,
+                                                  **fields})
 
     return Rpc("inference", "/inferline.v1.InferenceService/ModelInfer", build, inference_pb2.ModelInferResponse)
 
@@ -265,24 +277,28 @@ def infer_item(tensor: types_pb2.Tensor) -> list[inference_pb2.InferItem]:
 
 
 def embeddings(**fields: Any) -> Rpc:
-    return Rpc("postprocess", "/inferline.v1.PostprocessService/Embeddings", lambda: postprocess_pb2.EmbeddingsRequest(**fields))
+    return Rpc("postprocess", "/inferline.v1.PostprocessService/Embeddings",
+               lambda: postprocess_pb2.EmbeddingsRequest(**fields))
 
 
 def postprocess(output: types_pb2.Tensor | None = None, transform: dict[str, float] | None = None) -> Rpc:
     def build() -> postprocess_pb2.PostprocessRequest:
-        shape = {"orig_width": 64, "orig_height": 48, "input_width": 64, "input_height": 64, "scale_x": 1.0, "scale_y": 1.0}
+        shape = {"orig_width": 64, "orig_height": 48, "input_width": 64, "input_height": 64, "scale_x": 1.0,
+                 "scale_y": 1.0}
         item = postprocess_pb2.PostprocessItem(
             outputs=[output if output is not None else fp32(np.zeros((84, 10)), "output0")],
             transform=types_pb2.ImageTransform(**{**shape, **(transform or {})}),
         )
         return postprocess_pb2.PostprocessRequest(recipe=Recipe("yolo_detect", {}).to_proto(), items=[item])
 
-    return Rpc("postprocess", "/inferline.v1.PostprocessService/Postprocess", build, postprocess_pb2.PostprocessResponse)
+    return Rpc("postprocess", "/inferline.v1.PostprocessService/Postprocess", build,
+               postprocess_pb2.PostprocessResponse)
 
 
 def render(box: tuple[float, float, float, float]) -> Rpc:
     def build() -> postprocess_pb2.RenderRequest:
-        detection = types_pb2.Detection(label="x", score=0.5, box=types_pb2.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]))
+        detection = types_pb2.Detection(label="x", score=0.5,
+                                        box=types_pb2.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]))
         item = postprocess_pb2.RenderItem(name="a", width=64, height=48, detections=[detection])
         return postprocess_pb2.RenderRequest(format=types_pb2.RENDER_FORMAT_JSON, items=[item])
 
@@ -309,45 +325,61 @@ CASES = [
     Case("256 labels of 100 KB", classify(labels=[BIG_TEXT] * 256), INVALID, "INFERLINE_MAX_TEXT_BYTES", True),
     Case("300 labels", classify(labels=["a dog"] * 300), INVALID, "INFERLINE_MAX_LABELS"),
     Case("embed text of 100 KB", embed(texts=[BIG_TEXT]), INVALID, "INFERLINE_MAX_TEXT_BYTES"),
-    Case("PNG of 7000x7000 (143 KB)", detect(images=images(*[png_7000()] * 8)), INVALID, "INFERLINE_MAX_IMAGE_PIXELS", True),
+    Case("PNG of 7000x7000 (143 KB)", detect(images=images(*[png_7000()] * 8)), INVALID, "INFERLINE_MAX_IMAGE_PIXELS",
+         True),
     Case("truncated JPEG", detect(images=images(truncated_jpeg())), INVALID, "could not be decoded"),
-    Case("conf NaN", detect(images=images(tiny_png()), options=types_pb2.DetectOptions(conf=NAN)), INVALID, "conf must be"),
-    Case("100,000 negative class ids", detect(images=images(tiny_png()), options=types_pb2.DetectOptions(classes=[-1] * 100_000)),
+    Case("conf NaN", detect(images=images(tiny_png()), options=types_pb2.DetectOptions(conf=NAN)), INVALID,
+         "conf must be"),
+    Case("100,000 negative class ids",
+         detect(images=images(tiny_png()), options=types_pb2.DetectOptions(classes=[-1] * 100_000)),
          INVALID, "class ids must be non-negative"),
-    Case("cluster threshold 2", embed(texts=["a dog"], cluster=types_pb2.ClusterOptions(threshold=2)), INVALID, "threshold"),
+    Case("cluster threshold 2", embed(texts=["a dog"], cluster=types_pb2.ClusterOptions(threshold=2)), INVALID,
+         "threshold"),
     Case("corrupt protobuf", raw("controller", CONTROLLER + "Detect", CORRUPT),
          INVALID, "not a valid inferline.v1.DetectRequest"),
     Case("invalid UTF-8 in a string", raw("controller", CONTROLLER + "Detect", BAD_UTF8_MODEL),
          INVALID, "UTF-8"),
     # Preprocess, called directly: the same limits, whoever the caller is.
-    Case("letterbox size 12000 on a 30 KB JPEG", preprocess(Recipe("letterbox", {"size": 12000}), images=images(jpeg_30kb())), INVALID, "INFERLINE_MAX_INPUT_SIDE", True),
+    Case("letterbox size 12000 on a 30 KB JPEG",
+         preprocess(Recipe("letterbox", {"size": 12000}), images=images(jpeg_30kb())), INVALID,
+         "INFERLINE_MAX_INPUT_SIDE", True),
     Case("clip_image size 12000", preprocess(Recipe("clip_image", {"size": 12000}), images=images(jpeg_30kb())),
          INVALID, "INFERLINE_MAX_INPUT_SIDE"),
     Case("letterbox stride 0", preprocess(Recipe("letterbox", {"size": 640, "stride": 0}), images=images(jpeg_30kb())),
          INVALID, "stride must be an integer in [1, 640]"),
     Case("letterbox pad_value 300", preprocess(Recipe("letterbox", {"pad_value": 300}), images=images(jpeg_30kb())),
          INVALID, "pad_value must be an integer in [0, 255]"),
-    Case("letterbox size NaN", preprocess(Recipe("letterbox", {"size": NAN}), images=images(jpeg_30kb())), INVALID, "NaN"),
+    Case("letterbox size NaN", preprocess(Recipe("letterbox", {"size": NAN}), images=images(jpeg_30kb())), INVALID,
+         "NaN"),
     Case("letterbox auto 'yes'", preprocess(Recipe("letterbox", {"auto": "yes"}), images=images(jpeg_30kb())),
          INVALID, "auto must be true or false"),
     Case("65 images", preprocess(images=images(*[tiny_png()] * 65)), INVALID, "INFERLINE_MAX_BATCH_IMAGES"),
-    Case("5000 regions", preprocess(images=images(tiny_png()), regions=[types_pb2.Region(image=0, box=types_pb2.Box(x2=8, y2=8))] * 5000),
+    Case("5000 regions",
+         preprocess(images=images(tiny_png()),
+                    regions=[types_pb2.Region(image=0, box=types_pb2.Box(x2=8, y2=8))] * 5000),
          INVALID, "INFERLINE_MAX_REGIONS"),
-    Case("region with a NaN box", preprocess(images=images(tiny_png()), regions=[types_pb2.Region(image=0, box=types_pb2.Box(x1=NAN, x2=8, y2=8))]),
+    Case("region with a NaN box",
+         preprocess(images=images(tiny_png()),
+                    regions=[types_pb2.Region(image=0, box=types_pb2.Box(x1=NAN, x2=8, y2=8))]),
          INVALID, "finite"),
     Case("257 texts", preprocess(CLIP_TEXT, texts=["a dog"] * 257), INVALID, "INFERLINE_MAX_LABELS"),
-    Case("256 texts of 100 KB", preprocess(CLIP_TEXT, texts=[BIG_TEXT] * 256), INVALID, "INFERLINE_MAX_TEXT_BYTES", True),
+    Case("256 texts of 100 KB", preprocess(CLIP_TEXT, texts=[BIG_TEXT] * 256), INVALID, "INFERLINE_MAX_TEXT_BYTES",
+         True),
     Case("context_length 10^9", preprocess(Recipe("clip_tokenize", {"context_length": 1e9}), texts=["a dog"]),
          INVALID, "context_length"),
-    Case("vocab naming another server file", preprocess(Recipe("clip_tokenize", {"vocab": "/etc/passwd"}), texts=["a dog"]),
+    Case("vocab naming another server file",
+         preprocess(Recipe("clip_tokenize", {"vocab": "/etc/passwd"}), texts=["a dog"]),
          INVALID, "bpe_simple_vocab_16e6.txt.gz"),
-    Case("PNG of 7000x7000, eight", preprocess(images=images(*[png_7000()] * 8)), INVALID, "INFERLINE_MAX_IMAGE_PIXELS", True),
-    Case("recipe name of 100 KB", preprocess(Recipe("r" * 100_000), images=images(tiny_png())), INVALID, "unknown preprocess recipe"),
+    Case("PNG of 7000x7000, eight", preprocess(images=images(*[png_7000()] * 8)), INVALID, "INFERLINE_MAX_IMAGE_PIXELS",
+         True),
+    Case("recipe name of 100 KB", preprocess(Recipe("r" * 100_000), images=images(tiny_png())), INVALID,
+         "unknown preprocess recipe"),
     Case("corrupt protobuf", raw("preprocess", "/inferline.v1.PreprocessService/Preprocess", CORRUPT),
          INVALID, "not a valid inferline.v1.PreprocessRequest"),
     # Inference, called directly.
     Case("shape overflowing int64", infer(infer_item(raw_tensor([2**62, 2**62, 4], b""))), INVALID, "bytes"),
-    Case("tensor bytes not shape x dtype", infer(infer_item(raw_tensor([3, 64, 64], b"abc", types_pb2.DATA_TYPE_UINT8))),
+    Case("tensor bytes not shape x dtype",
+         infer(infer_item(raw_tensor([3, 64, 64], b"abc", types_pb2.DATA_TYPE_UINT8))),
          INVALID, "needs 12288 bytes, got 3"),
     Case("unknown dtype", infer(infer_item(raw_tensor([1], b"\0", 99))), INVALID, "unsupported datatype"),
     Case("min_score NaN", infer(min_score=NAN), INVALID, "min_score"),
@@ -357,13 +389,16 @@ CASES = [
     Case("invalid UTF-8 in a string", raw("inference", "/inferline.v1.InferenceService/ModelInfer", BAD_UTF8_MODEL),
          INVALID, "not a valid inferline.v1.ModelInferRequest"),
     # Postprocess, called directly.
-    Case("20,000 embeddings", embeddings(images=[fp32(np.ones(512))] * 20_000), INVALID, "INFERLINE_MAX_EMBEDDINGS", True),
+    Case("20,000 embeddings", embeddings(images=[fp32(np.ones(512))] * 20_000), INVALID, "INFERLINE_MAX_EMBEDDINGS",
+         True),
     Case("embeddings of 100,000 dimensions", embeddings(images=[fp32(np.ones(100_000))]),
          INVALID, "INFERLINE_MAX_EMBEDDING_DIM"),
     Case("NaN embedding", embeddings(images=[fp32([NAN] * 512)]), INVALID, "NaN"),
-    Case("clustering 2000 embeddings", embeddings(images=[fp32(np.ones(512))] * 2000, cluster=types_pb2.ClusterOptions(threshold=0.9)),
+    Case("clustering 2000 embeddings",
+         embeddings(images=[fp32(np.ones(512))] * 2000, cluster=types_pb2.ClusterOptions(threshold=0.9)),
          INVALID, "INFERLINE_MAX_CLUSTER_ITEMS"),
-    Case("infinite logit_scale", embeddings(images=[fp32(np.ones(4))], texts=[fp32(np.ones(4))], logit_scale=INF, top_k=1),
+    Case("infinite logit_scale",
+         embeddings(images=[fp32(np.ones(4))], texts=[fp32(np.ones(4))], logit_scale=INF, top_k=1),
          INVALID, "logit_scale"),
     Case("NaN boxes and scores from a model", postprocess(fp32(np.full((84, 10), NAN), "output0")), INVALID, "NaN"),
     Case("transform with a NaN scale", postprocess(transform={"scale_x": NAN}), INVALID, "finite"),
@@ -377,7 +412,8 @@ CASES = [
 
 
 def open_clients(addresses: dict[str, str]) -> Clients:
-    return Clients({stage: grpc.insecure_channel(address, options=CHANNEL_OPTIONS) for stage, address in addresses.items()})
+    return Clients({stage: grpc.insecure_channel(address,
+                                                 options=CHANNEL_OPTIONS) for stage, address in addresses.items()})
 
 
 @pytest.fixture(scope="module")
@@ -428,23 +464,31 @@ def upload(*datas: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
 
 
 HTTP_CASES = [
-    HttpCase("1000 images, multipart", lambda h: h.post("/v1/detect", files=upload(*[tiny_png()] * 1000)), 400, "INVALID_ARGUMENT",
+    HttpCase("1000 images, multipart", lambda h: h.post("/v1/detect", files=upload(*[tiny_png()] * 1000)), 400,
+             "INVALID_ARGUMENT",
              "INFERLINE_MAX_BATCH_IMAGES"),
     HttpCase("1000 images, JSON", lambda h: h.post("/v1/detect", json={"images": [{"data": b64(tiny_png())}] * 1000}),
              400, "INVALID_ARGUMENT", "INFERLINE_MAX_BATCH_IMAGES"),
-    HttpCase("model name of 100 KB", lambda h: h.post("/v1/detect", json={"model": "m" * 100_000, "images": [{"data": b64(tiny_png())}]}),
+    HttpCase("model name of 100 KB",
+             lambda h: h.post("/v1/detect", json={"model": "m" * 100_000, "images": [{"data": b64(tiny_png())}]}),
              400, "INVALID_ARGUMENT", "model"),
-    HttpCase("256 labels of 100 KB", lambda h: h.post("/v1/classify", json={"labels": [BIG_TEXT.replace(",", " ")] * 256,
+    HttpCase("256 labels of 100 KB",
+             lambda h: h.post("/v1/classify", json={"labels": [BIG_TEXT.replace(",", " ")] * 256,
                                                                             "images": [{"data": b64(tiny_png())}]}),
              400, "INVALID_ARGUMENT", "INFERLINE_MAX_TEXT_BYTES"),
-    HttpCase("PNG of 7000x7000", lambda h: h.post("/v1/detect", files=upload(png_7000())), 400, "INVALID_ARGUMENT", "INFERLINE_MAX_IMAGE_PIXELS"),
-    HttpCase("truncated JPEG", lambda h: h.post("/v1/detect", files=upload(truncated_jpeg())), 400, "INVALID_ARGUMENT", "could not be decoded"),
-    HttpCase("timeout header of 5 KB", lambda h: h.post("/v1/detect", files=upload(tiny_png()), headers={"x-request-timeout": "9" * 5000}),
+    HttpCase("PNG of 7000x7000", lambda h: h.post("/v1/detect", files=upload(png_7000())), 400, "INVALID_ARGUMENT",
+             "INFERLINE_MAX_IMAGE_PIXELS"),
+    HttpCase("truncated JPEG", lambda h: h.post("/v1/detect", files=upload(truncated_jpeg())), 400, "INVALID_ARGUMENT",
+             "could not be decoded"),
+    HttpCase("timeout header of 5 KB",
+             lambda h: h.post("/v1/detect", files=upload(tiny_png()), headers={"x-request-timeout": "9" * 5000}),
              400, "INVALID_ARGUMENT", "X-Request-Timeout"),
     HttpCase("path of 5 KB", lambda h: h.get("/v1/" + "p" * 5000), 404, "NOT_FOUND", "no such endpoint"),
-    HttpCase("content type of 5 KB", lambda h: h.post("/v1/detect", content=b"x", headers={"content-type": "a/" + "b" * 5000}),
+    HttpCase("content type of 5 KB",
+             lambda h: h.post("/v1/detect", content=b"x", headers={"content-type": "a/" + "b" * 5000}),
              415, "INVALID_ARGUMENT", "Content-Type"),
-    HttpCase("JSON that does not parse", lambda h: h.post("/v1/detect", content=b"{" + b"x" * 5000, headers={"content-type": "application/json"}),
+    HttpCase("JSON that does not parse",
+             lambda h: h.post("/v1/detect", content=b"{" + b"x" * 5000, headers={"content-type": "application/json"}),
              400, "INVALID_ARGUMENT", "JSON"),
 ]
 
@@ -491,7 +535,10 @@ def test_a_corrupt_streaming_request_is_invalid_argument_too(clients):
         assert raised.value.code() is INVALID, stage
         assert "not a valid grpc.health.v1.HealthCheckRequest" in raised.value.details()
         replies = watch(health_pb2.HealthCheckRequest().SerializeToString(), timeout=T)
-        assert health_pb2.HealthCheckResponse.FromString(next(iter(replies))).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health_pb2.HealthCheckResponse.FromString(next(iter(replies))).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         replies.cancel()
 
 
@@ -547,7 +594,8 @@ RECIPES = st.sampled_from(["letterbox", "clip_image", "rgb", "clip_tokenize", "n
 @st.composite
 def garbled_image(draw: st.DrawFn) -> bytes:
     """A real JPEG or PNG, cut short or with bytes of its header overwritten."""
-    data = bytearray(draw(st.sampled_from([jpeg_30kb(), tiny_png(), encoded(40, 30, ".webp"), encoded(20, 20, ".bmp")])))
+    data = bytearray(draw(st.sampled_from([jpeg_30kb(), tiny_png(), encoded(40, 30, ".webp"),
+                                           encoded(20, 20, ".bmp")])))
     if draw(st.booleans()):
         data = data[: draw(st.integers(0, len(data)))]
     for _ in range(draw(st.integers(0, 4))):
@@ -568,7 +616,8 @@ def garbled_image(draw: st.DrawFn) -> bytes:
 )
 def test_random_preprocess_requests_are_never_unknown_or_internal(clients, recipe, params, pictures, texts, boxes):
     regions = [types_pb2.Region(image=i, box=types_pb2.Box(x1=a, y1=b, x2=c, y2=d)) for i, a, b, c, d in boxes]
-    request = preprocess_pb2.PreprocessRequest(recipe=Recipe(recipe, params).to_proto(), images=images(*pictures), texts=texts, regions=regions)
+    request = preprocess_pb2.PreprocessRequest(recipe=Recipe(recipe, params).to_proto(), images=images(*pictures),
+                                               texts=texts, regions=regions)
     code, items = code_of(lambda: clients.preprocess.Preprocess(request, timeout=T))
     assert code not in NEVER and not NEVER & set(items), (code, items)
 
@@ -590,21 +639,26 @@ TENSORS = st.builds(
     embedding=st.lists(FLOATS, min_size=1, max_size=8),
     cluster=st.tuples(st.integers(-2, 10), FLOATS),
 )
-def test_random_postprocess_and_inference_requests_are_never_unknown_or_internal(clients, outputs, floats, sizes, embedding, cluster):
-    transform = types_pb2.ImageTransform(orig_width=sizes[0], orig_height=sizes[1], input_width=sizes[2], input_height=sizes[3],
+def test_random_postprocess_and_inference_requests_are_never_unknown_or_internal(
+    clients, outputs, floats, sizes, embedding, cluster
+):
+    transform = types_pb2.ImageTransform(orig_width=sizes[0], orig_height=sizes[1], input_width=sizes[2],
+                                         input_height=sizes[3],
                                          scale_x=floats[0], scale_y=floats[1], pad_x=floats[2], pad_y=floats[3])
     for recipe in ("yolo_detect", "torchvision_detect"):
         request = postprocess_pb2.PostprocessRequest(
-            recipe=Recipe(recipe, {}).to_proto(), items=[postprocess_pb2.PostprocessItem(outputs=outputs, transform=transform)]
+            recipe=Recipe(recipe, {}).to_proto(),
+            items=[postprocess_pb2.PostprocessItem(outputs=outputs, transform=transform)]
         )
-        code, items = code_of(lambda: clients.postprocess.Postprocess(request, timeout=T))
+        code, items = code_of(partial(clients.postprocess.Postprocess, request, timeout=T))
         assert code not in NEVER and not NEVER & set(items), (recipe, code, items)
     vectors = [fp32(embedding), *outputs]
     request = postprocess_pb2.EmbeddingsRequest(images=vectors, texts=vectors[:1], logit_scale=floats[0], top_k=1,
                                                 cluster=types_pb2.ClusterOptions(k=cluster[0], threshold=cluster[1]))
     code, _ = code_of(lambda: clients.postprocess.Embeddings(request, timeout=T))
     assert code not in NEVER, code
-    request = inference_pb2.ModelInferRequest(model_name="yolov8n", items=[inference_pb2.InferItem(inputs=outputs)], min_score=floats[0])
+    request = inference_pb2.ModelInferRequest(model_name="yolov8n", items=[inference_pb2.InferItem(inputs=outputs)],
+                                              min_score=floats[0])
     code, items = code_of(lambda: clients.inference.ModelInfer(request, timeout=T))
     assert code not in NEVER and not NEVER & set(items), (code, items)
     assert clients.serving("postprocess") and clients.serving("inference")
@@ -637,14 +691,24 @@ PROCESS_RECEIVE_COPIES = 4
 
 @pytest.fixture(scope="module")
 def processes(model_dir, clip_weights, tmp_path_factory) -> Iterator[Any]:
-    from tests.observability.harness import Stages, stage_env
-
-    stages = Stages.start(stage_env(model_dir, clip_weights.parent, INFERLINE_MODELS="yolov8n"), tmp_path_factory.mktemp("bad-input"))
+    stages = Stages.start(stage_env(model_dir, clip_weights.parent, INFERLINE_MODELS="yolov8n"),
+                          tmp_path_factory.mktemp("bad-input"))
     yield stages
     stages.stop()
 
 
 ABSURD = [case for case in CASES if case.absurd]
+
+
+def _timed_call(send: Callable[..., bytes], payload: bytes, response: Any) -> tuple[grpc.StatusCode, float]:
+    """The code of one raw call (its first failed item's, when the response has items) and its seconds."""
+    started = time.perf_counter()
+    try:
+        answer = send(payload, timeout=T)
+        code = item_failure(response.FromString(answer))[0] if response else grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        code = exc.code()
+    return code, time.perf_counter() - started
 
 
 @pytest.mark.slow
@@ -654,19 +718,10 @@ def test_absurd_requests_cost_each_stage_process_under_50_mb_and_a_second(proces
     try:
         for case in ABSURD:
             payload = case.rpc.payload()
-            send = clients.raw(case.rpc.stage, case.rpc.method)
-
-            def call() -> tuple[grpc.StatusCode, float]:
-                started = time.perf_counter()
-                try:
-                    answer = send(payload, timeout=T)
-                    code = item_failure(case.rpc.response.FromString(answer))[0] if case.rpc.response else grpc.StatusCode.OK
-                except grpc.RpcError as exc:
-                    code = exc.code()
-                return code, time.perf_counter() - started
-
+            call = partial(_timed_call, clients.raw(case.rpc.stage, case.rpc.method), payload, case.rpc.response)
             growth, (code, seconds) = peak_rss_growth(processes.processes[case.target].pid, call)
-            measurements.append((case.target, case.id, code.name, round(seconds, 3), round(growth / 2**20, 1), round(len(payload) / 2**20, 1)))
+            measurements.append((case.target, case.id, code.name, round(seconds, 3), round(growth / 2**20, 1),
+                                 round(len(payload) / 2**20, 1)))
             assert code is case.code, measurements[-1]
             assert seconds < REFUSE_WITHIN_S, measurements[-1]
             assert growth - PROCESS_RECEIVE_COPIES * len(payload) < REFUSE_UNDER_BYTES, measurements[-1]
@@ -690,18 +745,27 @@ def test_absurd_requests_cost_each_stage_process_under_50_mb_and_a_second(proces
     labels=st.lists(st.text(max_size=30), max_size=3),
     top_k=st.integers(-3, 5),
 )
-def test_random_controller_requests_are_never_unknown_or_internal(clients, model, pictures, conf, max_det, classes, classify_with, labels, top_k):
+def test_random_controller_requests_are_never_unknown_or_internal(
+    clients, model, pictures, conf, max_det, classes, classify_with, labels, top_k
+):
     options = types_pb2.DetectOptions(classes=classes)
     if conf is not None:
         options.conf = conf
     if max_det is not None:
         options.max_det = max_det
     calls = [
-        lambda: clients.controller.Detect(controller_pb2.DetectRequest(
-            model=model, images=images(*pictures), options=options, classify_with=classify_with, labels=labels), timeout=T),
-        lambda: clients.controller.Classify(controller_pb2.ClassifyRequest(
-            model=model, images=images(*pictures), labels=labels, top_k=top_k), timeout=T),
-        lambda: clients.controller.Embed(controller_pb2.EmbedRequest(model=model, images=images(*pictures), texts=labels), timeout=T),
+        lambda: clients.controller.Detect(
+            controller_pb2.DetectRequest(
+                model=model, images=images(*pictures), options=options, classify_with=classify_with, labels=labels
+            ),
+            timeout=T,
+        ),
+        lambda: clients.controller.Classify(
+            controller_pb2.ClassifyRequest(model=model, images=images(*pictures), labels=labels, top_k=top_k), timeout=T
+        ),
+        lambda: clients.controller.Embed(
+            controller_pb2.EmbedRequest(model=model, images=images(*pictures), texts=labels), timeout=T
+        ),
     ]
     for call in calls:
         code, items = code_of(call)
@@ -712,24 +776,27 @@ def test_random_controller_requests_are_never_unknown_or_internal(clients, model
 # ---- the limits are settings: each one moves the line where the refusal starts -------------
 
 LIMIT_CASES = [
-    ("max_input_side", 320, preprocess(Recipe("letterbox", {"size": 640}), images=images(tiny_png())), "INFERLINE_MAX_INPUT_SIDE"),
+    ("max_input_side", 320, preprocess(Recipe("letterbox", {"size": 640}), images=images(tiny_png())),
+     "INFERLINE_MAX_INPUT_SIDE"),
     ("max_batch_images", 2, preprocess(images=images(*[tiny_png()] * 3)), "INFERLINE_MAX_BATCH_IMAGES"),
-    ("max_regions", 2, preprocess(images=images(tiny_png()), regions=[types_pb2.Region(image=0, box=types_pb2.Box(x2=8, y2=8))] * 3),
+    ("max_regions", 2,
+     preprocess(images=images(tiny_png()), regions=[types_pb2.Region(image=0, box=types_pb2.Box(x2=8, y2=8))] * 3),
      "INFERLINE_MAX_REGIONS"),
     ("max_text_bytes", 100, preprocess(CLIP_TEXT, texts=["a photo " * 15]), "text is 120 bytes, over the limit of 100"),
     ("max_labels", 1, preprocess(CLIP_TEXT, texts=["a", "b"]), "INFERLINE_MAX_LABELS"),
     ("max_image_pixels", 3000, preprocess(images=images(tiny_png())), "INFERLINE_MAX_IMAGE_PIXELS"),
     ("max_embeddings", 2, embeddings(images=[fp32(np.ones(4))] * 3), "INFERLINE_MAX_EMBEDDINGS"),
     ("max_embedding_dim", 3, embeddings(images=[fp32(np.ones(4))]), "INFERLINE_MAX_EMBEDDING_DIM"),
-    ("max_cluster_items", 2, embeddings(images=[fp32(np.ones(4))] * 3, cluster=types_pb2.ClusterOptions(k=2)), "INFERLINE_MAX_CLUSTER_ITEMS"),
+    ("max_cluster_items", 2, embeddings(images=[fp32(np.ones(4))] * 3, cluster=types_pb2.ClusterOptions(k=2)),
+     "INFERLINE_MAX_CLUSTER_ITEMS"),
 ]
 
 
 @pytest.mark.parametrize(("field", "value", "rpc", "needle"), LIMIT_CASES, ids=[c[0] for c in LIMIT_CASES])
 def test_each_limit_is_read_from_its_setting(settings, field, value, rpc, needle):
-    from tests.support.servers import stage_channel
-
-    assert Settings.from_env({f"INFERLINE_{field.upper()}": str(value)}) == dataclasses.replace(Settings(), **{field: value})
+    assert Settings.from_env({f"INFERLINE_{field.upper()}": str(value)}) == dataclasses.replace(
+        Settings(), **{field: value}
+    )
     with stage_channel(rpc.stage, dataclasses.replace(settings, **{field: value})) as channel:
         clients = Clients({rpc.stage: channel})
         outcome = measured(rpc, clients)

@@ -94,7 +94,9 @@ class ClosedLoop:
         with self._changed:
             goal = self.ok + calls
             if not self._changed.wait_for(lambda: self.ok >= goal, timeout):
-                raise AssertionError(f"{calls} calls did not answer OK within {timeout:.0f} s; failures: {self.failures[-5:]}")
+                raise AssertionError(
+                    f"{calls} calls did not answer OK within {timeout:.0f} s; failures: {self.failures[-5:]}"
+                )
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -152,9 +154,11 @@ def _restarted(stack: LocalStack, name: str, before: int) -> None:
 
 
 def _model_load_seconds(metrics_url: str) -> float:
-    with urllib.request.urlopen(metrics_url, timeout=5) as reply:
+    with urllib.request.urlopen(metrics_url, timeout=5) as reply:  # noqa: S310 - a local http URL
         text = reply.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("inferline_model_load_seconds{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("inferline_model_load_seconds{")
+    )
 
 
 def _callers_target(stack: LocalStack, resilient: bool) -> str:
@@ -162,7 +166,8 @@ def _callers_target(stack: LocalStack, resilient: bool) -> str:
     return stack.controller_target if resilient else stack.address("controller")
 
 
-def _faults_under_load(stack: LocalStack, image: bytes, how: signal.Signals, names: list[str], resilient: bool) -> ClosedLoop:
+def _faults_under_load(stack: LocalStack, image: bytes, how: signal.Signals, names: list[str],
+                       resilient: bool) -> ClosedLoop:
     """Sends ``how`` to each process of ``names`` in turn under load; the next fault once the
     process is back and calls answer again."""
     with ClosedLoop(_callers_target(stack, resilient), stack.settings, image, resilient=resilient) as load:
@@ -179,7 +184,10 @@ def test_sigterm_of_each_stage_in_turn_under_load_fails_no_call(supervised, data
     image = (data_dir / "shapes_01.jpg").read_bytes()
     behind = _faults_under_load(supervised, image, signal.SIGTERM, BEHIND_CONTROLLER, resilient=False)
     controller = _faults_under_load(supervised, image, signal.SIGTERM, ["controller"], resilient=True)
-    print(f"SIGTERM of each stage: {behind.ok + controller.ok} calls OK, {len(behind.failures + controller.failures)} failed")
+    print(
+        f"SIGTERM of each stage: {behind.ok + controller.ok} calls OK, "
+        f"{len(behind.failures + controller.failures)} failed"
+    )
     assert behind.failures == [], behind.failures
     assert controller.failures == [], controller.failures
 
@@ -195,8 +203,14 @@ class HealthSamples:
 
     def __enter__(self) -> HealthSamples:
         def sample() -> None:
-            with grpc.insecure_channel(self.controller) as controller, grpc.insecure_channel(self.inference) as inference:
-                of_controller, of_inference = health_pb2_grpc.HealthStub(controller), health_pb2_grpc.HealthStub(inference)
+            with (
+                grpc.insecure_channel(self.controller) as controller,
+                grpc.insecure_channel(self.inference) as inference,
+            ):
+                of_controller, of_inference = (
+                    health_pb2_grpc.HealthStub(controller),
+                    health_pb2_grpc.HealthStub(inference),
+                )
                 while not self._stop.wait(0.05):
                     self.samples.append((
                         time.monotonic(), _health(of_controller), _health(of_controller, "model/yolov8n"),

@@ -27,7 +27,9 @@ EPISODES = 5
 
 
 @pytest.mark.slow
-def test_idle_rss_of_every_stage_after_five_overloads_is_within_ten_percent_of_after_the_first(model_dir, data_dir, tmp_path):
+def test_idle_rss_of_every_stage_after_five_overloads_is_within_ten_percent_of_after_the_first(
+    model_dir, data_dir, tmp_path
+):
     # Trims 0.5 s and 2 s after the last work (2 s and 8 s by default), so each idle wait is short.
     env = {**os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false",
            "INFERLINE_MEMORY_TRIM_IDLE_S": os.environ.get("INFERLINE_MEMORY_TRIM_IDLE_S", "0.5")}
@@ -48,7 +50,10 @@ def test_idle_rss_of_every_stage_after_five_overloads_is_within_ten_percent_of_a
     first, last = episodes[0]["idle_rss_mib"], episodes[-1]["idle_rss_mib"]
     assert set(first) == {"controller", "preprocess", "inference", "postprocess"}
     grew = {stage: (first[stage], last[stage]) for stage in first if last[stage] > 1.10 * first[stage]}
-    assert not grew, f"idle RSS (MiB) after episode 1 -> after episode {EPISODES}: {grew}\n{(tmp_path / 'memory-episodes.md').read_text()}"
+    assert not grew, (
+        f"idle RSS (MiB) after episode 1 -> after episode {EPISODES}: {grew}\n"
+        f"{(tmp_path / 'memory-episodes.md').read_text()}"
+    )
 
 
 class FakeStage:

@@ -60,7 +60,7 @@ def stack(model_dir: Path) -> Iterator[Stack]:
     env = dict(os.environ)
     env.update(INFERLINE_MODELS=MODEL, INFERLINE_MODEL_DIR=str(model_dir), INFERLINE_ALLOW_DOWNLOAD="false",
                INFERLINE_LOG_LEVEL="WARNING", INFERLINE_GRACE_PERIOD_S="2")
-    for stage, port, metrics in zip(STAGES, ports, ports[len(STAGES):]):
+    for stage, port, metrics in zip(STAGES, ports, ports[len(STAGES):], strict=False):
         env[f"INFERLINE_{stage.upper()}_PORT"] = str(port)
         env[f"INFERLINE_{stage.upper()}_TARGET"] = f"localhost:{port}"
         env[f"INFERLINE_{stage.upper()}_METRICS_PORT"] = str(metrics)
@@ -120,7 +120,8 @@ def test_cancelled_callers_leave_no_admitted_or_queued_work_behind(stack, sample
     async def go_away() -> list[grpc.StatusCode]:
         async with grpc.aio.insecure_channel(stack.target) as channel:
             stub = controller_pb2_grpc.ControllerServiceStub(channel)
-            calls = [stub.Detect(controller_pb2.DetectRequest(model=MODEL, images=[image]), timeout=60) for _ in range(callers)]
+            calls = [stub.Detect(controller_pb2.DetectRequest(model=MODEL, images=[image]),
+                                 timeout=60) for _ in range(callers)]
             await asyncio.sleep(0.2)
             for call in calls:
                 call.cancel()

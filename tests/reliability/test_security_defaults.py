@@ -71,7 +71,8 @@ def test_the_stand_in_weights_are_served_only_when_an_operator_pins_their_digest
     try:
         with pytest.raises(WeightsError, match=f"its sha256 is {sha256_of(yolo_weights)}"):
             start_stage(loop, "inference", strict)
-        pinned = start_stage(loop, "inference", _yolo_only(settings, trusted_weights=(f"sha256:{sha256_of(yolo_weights)}",)))
+        pinned = start_stage(loop, "inference",
+                             _yolo_only(settings, trusted_weights=(f"sha256:{sha256_of(yolo_weights)}",)))
         try:
             with grpc.insecure_channel(pinned.address) as channel:
                 meta = inference_pb2_grpc.InferenceServiceStub(channel).ModelMetadata(
@@ -177,7 +178,11 @@ def test_list_models_and_model_info_name_the_weights_file_not_its_folder(yolo_st
         listed = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models
         info = stub.ModelInfo(inference_pb2.ModelMetadataRequest(name="yolov8n"), timeout=10)
     with grpc.insecure_channel(stack.servers["inference"].address) as channel:
-        direct = inference_pb2_grpc.InferenceServiceStub(channel).ListModels(inference_pb2.ListModelsRequest(), timeout=10).models
+        direct = (
+            inference_pb2_grpc.InferenceServiceStub(channel)
+            .ListModels(inference_pb2.ListModelsRequest(), timeout=10)
+            .models
+        )
     for meta in (*listed, info, *direct):
         assert meta.weights.path == "yolov8n.pt"
         _no_folder(str(meta), model_dir)
@@ -195,7 +200,8 @@ def test_the_gateways_models_answer_names_no_server_folder(yolo_stack, model_dir
 @pytest.mark.parametrize("form", [[], ["--json"]])
 def test_the_cli_models_command_names_no_server_folder(yolo_stack, model_dir, form):
     stack, _ = yolo_stack
-    done = subprocess.run([*CLI, "models", "--target", stack.controller, *form], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*CLI, "models", "--target", stack.controller, *form], capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 0, done.stderr
     assert "yolov8n.pt" in done.stdout
     _no_folder(done.stdout, model_dir)

@@ -122,10 +122,10 @@ class HintingController(controller_pb2_grpc.ControllerServiceServicer):
     """Refuses every Detect with a retry hint; Classify answers a status the table has no row
     for, as a proxy in front of a controller might."""
 
-    async def Detect(self, request, context):
+    async def Detect(self, request, context):  # noqa: N802 - gRPC's method name
         raise errors.Overloaded("busy", retry_after_s=2.5)
 
-    async def Classify(self, request, context):
+    async def Classify(self, request, context):  # noqa: N802 - gRPC's method name
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not for you")
 
 
@@ -179,6 +179,6 @@ def test_the_readme_s_python_example_runs_as_written(stack, data_dir, capsys):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     example = readme.split("```python\n", 1)[1].split("```", 1)[0]
     here = example.replace("localhost:50051", stack.controller).replace("../shared/data", str(data_dir))
-    exec(compile(here, "README.md", "exec"), {})  # noqa: S102 - the README's own example
+    exec(compile(here, "README.md", "exec"), {})
     printed = capsys.readouterr().out.strip()
     assert printed.startswith(str(data_dir / "shapes_05.jpg") + " [(")

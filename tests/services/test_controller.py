@@ -46,7 +46,7 @@ def test_detect_returns_detections_sizes_and_stage_timings(stub, data_dir):
 def test_results_come_back_in_request_order(stub, data_dir):
     images = [(data_dir / f"shapes_0{i}.jpg").read_bytes() for i in (1, 2, 3)]
     together = stub.Detect(_detect(*images), timeout=60).results
-    for data, result in zip(images, together):
+    for data, result in zip(images, together, strict=True):
         alone = stub.Detect(_detect(data), timeout=60).results[0]
         assert [d.label for d in result.detections] == [d.label for d in alone.detections]
 
@@ -62,7 +62,8 @@ def test_one_bad_image_fails_only_its_own_result(stub, data_dir):
 
 
 def test_png_rendering_is_the_annotated_original(stub, data_dir):
-    response = stub.Detect(_detect((data_dir / "shapes_02.jpg").read_bytes(), render=[types_pb2.RENDER_FORMAT_PNG]), timeout=60)
+    response = stub.Detect(_detect((data_dir / "shapes_02.jpg").read_bytes(), render=[types_pb2.RENDER_FORMAT_PNG]),
+                           timeout=60)
     (rendering,) = response.results[0].renderings
     assert rendering.content_type == "image/png"
     image = cv2.imdecode(np.frombuffer(rendering.content, np.uint8), cv2.IMREAD_COLOR)
@@ -157,10 +158,10 @@ class _SlowInference(inference_pb2_grpc.InferenceServiceServicer):
         self.metadata = metadata
         self.remaining: list[float] = []
 
-    async def ModelMetadata(self, request, context):
+    async def ModelMetadata(self, request, context):  # noqa: N802 - gRPC's method name
         return self.metadata
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, request, context):  # noqa: N802 - gRPC's method name
         self.remaining.append(context.time_remaining())
         await asyncio.sleep(5)
         return inference_pb2.ModelInferResponse()

@@ -15,7 +15,8 @@ from tests.support.servers import LoopThread, start_stage
 @pytest.fixture(scope="module")
 def inprocess(settings):
     loop = LoopThread()
-    server = start_stage(loop, "controller", dataclasses.replace(settings, inprocess=True, models=("yolov8n",), pipeline_slice=2))
+    server = start_stage(loop, "controller",
+                         dataclasses.replace(settings, inprocess=True, models=("yolov8n",), pipeline_slice=2))
     try:
         with grpc.insecure_channel(server.address) as channel:
             yield controller_pb2_grpc.ControllerServiceStub(channel)
@@ -34,10 +35,11 @@ def _same(ours, theirs) -> None:
     """Equal detections, up to float rounding: batches of other sizes (slices of 2 here, 4 in the
     session stack) may round a convolution differently in the last bit."""
     assert [[d.label for d in r.detections] for r in ours] == [[d.label for d in r.detections] for r in theirs]
-    for a, b in zip(ours, theirs):
-        for x, y in zip(a.detections, b.detections):
+    for a, b in zip(ours, theirs, strict=True):
+        for x, y in zip(a.detections, b.detections, strict=True):
             assert abs(x.score - y.score) < 1e-4
-            assert max(abs(x.box.x1 - y.box.x1), abs(x.box.y1 - y.box.y1), abs(x.box.x2 - y.box.x2), abs(x.box.y2 - y.box.y2)) < 1e-2
+            assert max(abs(x.box.x1 - y.box.x1), abs(x.box.y1 - y.box.y1), abs(x.box.x2 - y.box.x2),
+                       abs(x.box.y2 - y.box.y2)) < 1e-2
 
 
 def _detect(images, **fields):
@@ -61,10 +63,12 @@ def test_inprocess_keeps_per_image_errors_and_the_status_table(inprocess, data_d
     assert response.results[0].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert response.results[1].status.code == 0 and response.results[1].detections
     with pytest.raises(grpc.RpcError) as raised:
-        inprocess.Detect(controller_pb2.DetectRequest(model="nope", images=[types_pb2.Image(data=encoded())]), timeout=30)
+        inprocess.Detect(controller_pb2.DetectRequest(model="nope", images=[types_pb2.Image(data=encoded())]),
+                         timeout=30)
     assert raised.value.code() is grpc.StatusCode.NOT_FOUND and "yolov8n" in raised.value.details()
     with pytest.raises(grpc.RpcError) as raised:
-        inprocess.Detect(_detect([(data_dir / "shapes_01.jpg").read_bytes()], options=types_pb2.DetectOptions(conf=2)), timeout=30)
+        inprocess.Detect(_detect([(data_dir / "shapes_01.jpg").read_bytes()], options=types_pb2.DetectOptions(conf=2)),
+                         timeout=30)
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -28,7 +28,13 @@ def _images(*datas: bytes) -> list[types_pb2.Image]:
 
 def test_all_three_families_are_listed_with_their_tasks(stub):
     models = {m.name: m.task for m in stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models}
-    assert models == {"yolov8n": "detect", FRCNN: "detect", CLIP: "embed", f"{CLIP}-text": "embed"}
+    assert models == {
+        "yolov8n": "detect",
+        "yolov8n-seg": "segment",
+        FRCNN: "detect",
+        CLIP: "embed",
+        f"{CLIP}-text": "embed",
+    }
 
 
 def test_model_info_describes_one_model_and_not_found_names_it(stub):
@@ -41,7 +47,9 @@ def test_model_info_describes_one_model_and_not_found_names_it(stub):
 
 def test_classify_returns_top_k_labels_best_first_with_probabilities(stub, data_dir):
     response = stub.Classify(
-        controller_pb2.ClassifyRequest(model=CLIP, images=_images((data_dir / "shapes_01.jpg").read_bytes(), b"broken"), labels=LABELS, top_k=2),
+        controller_pb2.ClassifyRequest(
+            model=CLIP, images=_images((data_dir / "shapes_01.jpg").read_bytes(), b"broken"), labels=LABELS, top_k=2
+        ),
         timeout=60,
     )
     good, bad = response.results
@@ -62,7 +70,10 @@ def test_embed_returns_unit_vectors_and_clusters(stub, data_dir):
     assert [len(i.embedding) for i in response.images] == [512, 512, 512] and len(response.texts[0].embedding) == 512
     clusters = list(response.clusters)
     assert len(clusters) == 4 and clusters[0] == clusters[1], "identical images are near-duplicates"
-    kmeans = stub.Embed(controller_pb2.EmbedRequest(model=CLIP, images=_images(one, one), cluster=types_pb2.ClusterOptions(k=1)), timeout=60)
+    kmeans = stub.Embed(
+        controller_pb2.EmbedRequest(model=CLIP, images=_images(one, one), cluster=types_pb2.ClusterOptions(k=1)),
+        timeout=60,
+    )
     assert list(kmeans.clusters) == [0, 0]
 
 
@@ -79,18 +90,30 @@ def test_detect_can_relabel_boxes_with_clip_in_one_call(stub, data_dir):
 @pytest.mark.parametrize(
     ("call", "request_", "code", "message"),
     [
-        ("Detect", controller_pb2.DetectRequest(model=CLIP, images=_images(encoded())), INVALID, "is a embed model; Detect needs a detect model"),
-        ("Classify", controller_pb2.ClassifyRequest(model="yolov8n", images=_images(encoded()), labels=["a"]), INVALID, "is a detect model"),
-        ("Classify", controller_pb2.ClassifyRequest(model=CLIP, images=_images(encoded())), INVALID, "labels are required"),
-        ("Classify", controller_pb2.ClassifyRequest(model=CLIP, images=_images(encoded()), labels=["ok", " "]), INVALID, "must not be empty"),
-        ("Classify", controller_pb2.ClassifyRequest(model=CLIP, images=_images(encoded()), labels=["x"] * 257), INVALID, "over the limit of 256"),
-        ("Classify", controller_pb2.ClassifyRequest(model=CLIP, images=_images(encoded()), labels=["word " * 100]), INVALID, "the model takes at most 77"),
-        ("Classify", controller_pb2.ClassifyRequest(model="nope", images=_images(encoded()), labels=["a"]), grpc.StatusCode.NOT_FOUND, "'nope'"),
+        ("Detect", controller_pb2.DetectRequest(model=CLIP, images=_images(encoded())), INVALID,
+         "is a embed model; Detect needs a detect model"),
+        ("Classify", controller_pb2.ClassifyRequest(model="yolov8n", images=_images(encoded()), labels=["a"]), INVALID,
+         "is a detect model"),
+        ("Classify", controller_pb2.ClassifyRequest(model="yolov8n-seg", images=_images(encoded()), labels=["a"]),
+         INVALID, "is a segment model"),
+        ("Classify", controller_pb2.ClassifyRequest(model=CLIP, images=_images(encoded())), INVALID,
+         "labels are required"),
+        ("Classify", controller_pb2.ClassifyRequest(model=CLIP, images=_images(encoded()), labels=["ok", " "]), INVALID,
+         "must not be empty"),
+        ("Classify", controller_pb2.ClassifyRequest(model=CLIP, images=_images(encoded()), labels=["x"] * 257), INVALID,
+         "over the limit of 256"),
+        ("Classify", controller_pb2.ClassifyRequest(model=CLIP, images=_images(encoded()), labels=["word " * 100]),
+         INVALID, "the model takes at most 77"),
+        ("Classify", controller_pb2.ClassifyRequest(model="nope", images=_images(encoded()), labels=["a"]),
+         grpc.StatusCode.NOT_FOUND, "'nope'"),
         ("Embed", controller_pb2.EmbedRequest(model=CLIP), INVALID, "nothing to embed"),
-        ("Embed", controller_pb2.EmbedRequest(model=CLIP, texts=["a"], cluster=types_pb2.ClusterOptions(k=3)), INVALID, "cluster.k=3"),
+        ("Embed", controller_pb2.EmbedRequest(model=CLIP, texts=["a"], cluster=types_pb2.ClusterOptions(k=3)), INVALID,
+         "cluster.k=3"),
         ("Embed", controller_pb2.EmbedRequest(model="yolov8n", texts=["a"]), INVALID, "is a detect model"),
-        ("Detect", controller_pb2.DetectRequest(model="yolov8n", images=_images(encoded()), classify_with=CLIP), INVALID, "labels are required"),
-        ("Detect", controller_pb2.DetectRequest(model="yolov8n", images=_images(encoded()), labels=["a"]), INVALID, "set classify_with"),
+        ("Detect", controller_pb2.DetectRequest(model="yolov8n", images=_images(encoded()), classify_with=CLIP),
+         INVALID, "labels are required"),
+        ("Detect", controller_pb2.DetectRequest(model="yolov8n", images=_images(encoded()), labels=["a"]), INVALID,
+         "set classify_with"),
     ],
 )
 def test_wrong_requests_get_actionable_statuses(stub, call, request_, code, message):
@@ -114,7 +137,9 @@ def test_interleaved_concurrent_requests_to_all_families_match_each_alone(stub, 
         return [(d.label, round(d.score, 4)) for d in response.results[0].detections]
 
     def classify():
-        response = stub.Classify(controller_pb2.ClassifyRequest(model=CLIP, images=_images(image), labels=LABELS), timeout=120)
+        response = stub.Classify(
+            controller_pb2.ClassifyRequest(model=CLIP, images=_images(image), labels=LABELS), timeout=120
+        )
         return [(ls.label, round(ls.score, 4)) for ls in response.results[0].labels]
 
     calls = {"yolo": lambda: detect("yolov8n"), "frcnn": lambda: detect(FRCNN), "clip": classify}
@@ -128,7 +153,9 @@ def test_interleaved_concurrent_requests_to_all_families_match_each_alone(stub, 
 
 def test_embed_ranks_the_images_for_each_text(stub, data_dir):
     images = _images(*[(data_dir / f"shapes_0{i}.jpg").read_bytes() for i in (1, 2, 3)])
-    response = stub.Embed(controller_pb2.EmbedRequest(model=CLIP, images=images, texts=["a circle", "a star"]), timeout=60)
+    response = stub.Embed(
+        controller_pb2.EmbedRequest(model=CLIP, images=images, texts=["a circle", "a star"]), timeout=60
+    )
     assert [r.text for r in response.rankings] == ["a circle", "a star"]
     for ranking in response.rankings:
         assert sorted(ranking.images) == [0, 1, 2]

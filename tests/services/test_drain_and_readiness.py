@@ -12,8 +12,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import httpx
@@ -42,7 +42,7 @@ class FlakyPostprocess(postprocess_pb2_grpc.PostprocessServiceServicer):
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def Postprocess(self, request, context):
+    async def Postprocess(self, request, context):  # noqa: N802 - gRPC's method name
         self.attempts += 1
         if self.attempts <= self.failures:
             await context.abort(self.code, "refused on purpose")
@@ -98,7 +98,9 @@ def test_a_megabyte_request_refused_with_unavailable_is_retried_until_answered(l
     assert RETRIED_CALLS.labels("flaky")._value.get() - before == 2
 
 
-@pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT])
+@pytest.mark.parametrize("code",
+                         [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL,
+                          grpc.StatusCode.INVALID_ARGUMENT])
 def test_other_statuses_are_never_retried(loop, code):
     servicer = FlakyPostprocess(failures=1, code=code)
     server = _serve(loop, servicer)
@@ -155,7 +157,7 @@ HEALTHCHECK = Path(__file__).resolve().parents[2] / "deploy" / "docker" / "healt
 class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
     """Lists the one model it serves; the test decides when its load ends."""
 
-    async def ListModels(self, request, context):
+    async def ListModels(self, request, context):  # noqa: N802 - gRPC's method name
         return inference_pb2.ListModelsResponse(models=[inference_pb2.ModelMetadataResponse(name="yolov8n")])
 
 
@@ -176,7 +178,8 @@ class FakeStages:
             for stage in ("preprocess", "postprocess"):
                 self.servers[stage] = ServerApp(Service(stage, lambda s: []), Settings(), port=0, host="127.0.0.1")
                 await self.servers[stage].start()
-            app = ServerApp(Service("inference", inference, load=self.loaded.wait), Settings(), port=0, host="127.0.0.1")
+            app = ServerApp(Service("inference", inference, load=self.loaded.wait), Settings(), port=0,
+                            host="127.0.0.1")
             self.servers["inference"] = app
             starting = asyncio.create_task(app.start())
             while not app.port:  # listening, its load still waiting
@@ -192,7 +195,8 @@ class FakeStages:
 def _container_health_check(target: str, service: str | None = None) -> int:
     """The images' health check (Kubernetes' exec probes with TLS) against ``target``."""
     env = {**os.environ, "INFERLINE_STAGE": "controller", **({"HEALTHCHECK_SERVICE": service} if service else {})}
-    return subprocess.run([sys.executable, str(HEALTHCHECK), target], env=env, capture_output=True, timeout=30).returncode
+    return subprocess.run([sys.executable, str(HEALTHCHECK), target], env=env, capture_output=True,
+                          timeout=30).returncode
 
 
 def test_the_controller_is_serving_only_while_its_stages_are_and_per_model(loop):
@@ -202,7 +206,10 @@ def test_the_controller_is_serving_only_while_its_stages_are_and_per_model(loop)
     controller = start_stage(loop, "controller", settings)
     gateway = RunningGateway(Settings(), controller.address)
     try:
-        with grpc.insecure_channel(controller.address) as channel, httpx.Client(base_url=gateway.url, timeout=10) as http:
+        with (
+            grpc.insecure_channel(controller.address) as channel,
+            httpx.Client(base_url=gateway.url, timeout=10) as http,
+        ):
             assert _status(channel) == "NOT_SERVING", "inference is still loading"
             assert _status(channel, "model/yolov8n") == "NOT_SERVING"
             assert _status(channel, "inferline.v1.ControllerService") == "SERVING", "it takes calls meanwhile"
@@ -232,7 +239,7 @@ def test_the_controller_is_serving_only_while_its_stages_are_and_per_model(loop)
 
 
 class FakeController(controller_pb2_grpc.ControllerServiceServicer):
-    async def ListModels(self, request, context):
+    async def ListModels(self, request, context):  # noqa: N802 - gRPC's method name
         return inference_pb2.ListModelsResponse(models=[inference_pb2.ModelMetadataResponse(name="yolov8n")])
 
 

@@ -49,7 +49,13 @@ def test_metadata_describes_everything_a_caller_plans_with(stub):
 
 def test_list_models_lists_the_repository(stub):
     models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5).models
-    assert {m.name for m in models} == {"yolov8n", "fasterrcnn-mobilenet-v3-large-320-fpn", "clip-vit-b-32", "clip-vit-b-32-text"}
+    assert {m.name for m in models} == {
+        "yolov8n",
+        "yolov8n-seg",
+        "fasterrcnn-mobilenet-v3-large-320-fpn",
+        "clip-vit-b-32",
+        "clip-vit-b-32-text",
+    }
 
 
 @pytest.mark.parametrize("method", ["ModelMetadata", "ModelReady"])
@@ -76,7 +82,11 @@ def test_infer_runs_items_of_different_shapes_and_fails_bad_items_alone(stub):
             _item(np.zeros((3, 480, 640), np.float32)),  # wrong dtype
             _item(_image(224, 640, seed=1)),
             _item(_image(480, 640), name="pixels"),  # wrong input name
-            inference_pb2.InferItem(inputs=[types_pb2.Tensor(name="images", datatype=types_pb2.DATA_TYPE_UINT8, shape=[3, 32, 32], data=b"\x00")]),
+            inference_pb2.InferItem(
+                inputs=[
+                    types_pb2.Tensor(name="images", datatype=types_pb2.DATA_TYPE_UINT8, shape=[3, 32, 32], data=b"\x00")
+                ]
+            ),
             _item(_image(32, 32)[0]),  # wrong rank
         ],
     )
@@ -92,8 +102,10 @@ def test_infer_runs_items_of_different_shapes_and_fails_bad_items_alone(stub):
 
 def test_a_batch_gives_each_item_what_it_gets_alone(stub):
     images = [_image(256, 320, seed=s) for s in range(3)]
-    batch = stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="yolov8n", items=[_item(i) for i in images]), timeout=60)
-    for image, result in zip(images, batch.results):
+    batch = stub.ModelInfer(
+        inference_pb2.ModelInferRequest(model_name="yolov8n", items=[_item(i) for i in images]), timeout=60
+    )
+    for image, result in zip(images, batch.results, strict=False):
         alone = stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="yolov8n", items=[_item(image)]), timeout=60)
         np.testing.assert_allclose(
             tensors.from_proto(result.outputs[0]), tensors.from_proto(alone.results[0].outputs[0]), rtol=1e-3, atol=1e-3
@@ -107,19 +119,46 @@ def test_infer_on_an_unknown_model_is_not_found(stub):
 
 
 def test_min_score_keeps_exactly_the_candidates_above_it_in_order(stub, sample_images):
-    from inferline.services.preprocess.letterbox import letterbox  # noqa: PLC0415
-
     import cv2  # noqa: PLC0415
+
+    from inferline.services.preprocess.letterbox import letterbox  # noqa: PLC0415
 
     item = _item(letterbox(cv2.imread(str(sample_images[0])), (640, 640))[0])
     full = stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="yolov8n", items=[item]), timeout=30)
-    kept = stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="yolov8n", items=[item], min_score=0.25), timeout=30)
+    kept = stub.ModelInfer(
+        inference_pb2.ModelInferRequest(model_name="yolov8n", items=[item], min_score=0.25), timeout=30
+    )
     everything = tensors.from_proto(full.results[0].outputs[0])
     candidates = tensors.from_proto(kept.results[0].outputs[0])
     expected = everything[:, everything[4:].max(axis=0) > 0.25]
     assert 0 < candidates.shape[1] < everything.shape[1] // 10
     np.testing.assert_array_equal(candidates, expected)
     assert len(kept.results[0].outputs[0].data) * 10 < len(full.results[0].outputs[0].data)
+
+
+def test_a_segment_model_answers_its_head_and_prototypes_and_filters_only_the_head(stack, stub, sample_images):
+    import cv2  # noqa: PLC0415
+
+    from inferline.services.preprocess.letterbox import letterbox  # noqa: PLC0415
+
+    item = _item(letterbox(cv2.imread(str(sample_images[0])))[0])  # 480 x 640
+    # Unfiltered, the head and the prototypes are 5 MB: over a default client's 4 MB limit.
+    options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+    with grpc.insecure_channel(stack.servers["inference"].address, options=options) as channel:
+        full = inference_pb2_grpc.InferenceServiceStub(channel).ModelInfer(
+            inference_pb2.ModelInferRequest(model_name="yolov8n-seg", items=[item]), timeout=30
+        )
+    kept = stub.ModelInfer(
+        inference_pb2.ModelInferRequest(model_name="yolov8n-seg", items=[item], min_score=0.25), timeout=30
+    )
+    head, protos = (tensors.from_proto(t) for t in full.results[0].outputs)
+    assert [t.name for t in full.results[0].outputs] == ["output0", "output1"]
+    assert head.shape == (4 + 80 + 32, 6300) and protos.shape == (32, 120, 160)
+    candidates, same_protos = (tensors.from_proto(t) for t in kept.results[0].outputs)
+    # Only the 80 class rows decide; the 32 mask coefficients ride along with their anchors.
+    np.testing.assert_array_equal(candidates, head[:, head[4:84].max(axis=0) > 0.25])
+    assert 0 < candidates.shape[1] < head.shape[1] // 10
+    np.testing.assert_array_equal(same_protos, protos)
 
 
 @pytest.mark.parametrize("min_score", [-0.1, 1.5])
@@ -135,8 +174,13 @@ def test_min_score_outside_zero_one_is_invalid(stub, min_score):
 
 def test_min_score_leaves_models_without_a_candidate_filter_alone(stub):
     tokens = np.zeros((77,), dtype=np.int64)
-    plain = stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="clip-vit-b-32-text", items=[_item(tokens, "tokens")]), timeout=30)
+    plain = stub.ModelInfer(
+        inference_pb2.ModelInferRequest(model_name="clip-vit-b-32-text", items=[_item(tokens, "tokens")]), timeout=30
+    )
     hinted = stub.ModelInfer(
-        inference_pb2.ModelInferRequest(model_name="clip-vit-b-32-text", items=[_item(tokens, "tokens")], min_score=0.9), timeout=30
+        inference_pb2.ModelInferRequest(
+            model_name="clip-vit-b-32-text", items=[_item(tokens, "tokens")], min_score=0.9
+        ),
+        timeout=30,
     )
     assert hinted.results[0].outputs[0].data == plain.results[0].outputs[0].data

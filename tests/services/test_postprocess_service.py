@@ -47,8 +47,11 @@ def _transform(scale: float = 0.5, pad_x: float = 0.0, pad_y: float = 0.0) -> ty
 
 
 def _request(options: types_pb2.DetectOptions | None = None, items=None) -> postprocess_pb2.PostprocessRequest:
-    items = items if items is not None else [postprocess_pb2.PostprocessItem(outputs=[tensors.to_proto(_raw_output(), "output0")], transform=_transform())]
-    return postprocess_pb2.PostprocessRequest(recipe=YOLO, options=options or types_pb2.DetectOptions(), labels=LABELS, items=items)
+    if items is None:
+        output = tensors.to_proto(_raw_output(), "output0")
+        items = [postprocess_pb2.PostprocessItem(outputs=[output], transform=_transform())]
+    return postprocess_pb2.PostprocessRequest(recipe=YOLO, options=options or types_pb2.DetectOptions(), labels=LABELS,
+                                              items=items)
 
 
 def test_yolo_detect_filters_suppresses_labels_and_maps_to_original_pixels(stub):
@@ -87,7 +90,8 @@ def test_invalid_options_are_invalid_argument(stub, options, message):
 
 def test_a_malformed_item_fails_alone(stub):
     good = postprocess_pb2.PostprocessItem(outputs=[tensors.to_proto(_raw_output(), "output0")], transform=_transform())
-    wrong_shape = postprocess_pb2.PostprocessItem(outputs=[tensors.to_proto(np.zeros((3, 10), np.float32), "output0")], transform=_transform())
+    wrong_shape = postprocess_pb2.PostprocessItem(outputs=[tensors.to_proto(np.zeros((3, 10), np.float32), "output0")],
+                                                  transform=_transform())
     no_transform = postprocess_pb2.PostprocessItem(outputs=[tensors.to_proto(_raw_output(), "output0")])
     results = stub.Postprocess(_request(items=[good, wrong_shape, no_transform]), timeout=10).results
     assert [r.status.code for r in results] == [0, INVALID, INVALID]
@@ -109,11 +113,14 @@ def _render_item(image: bytes = b"") -> postprocess_pb2.RenderItem:
 
 
 def test_render_produces_json_csv_and_png(stub):
-    as_json = stub.Render(postprocess_pb2.RenderRequest(format=types_pb2.RENDER_FORMAT_JSON, items=[_render_item()]), timeout=10)
+    as_json = stub.Render(postprocess_pb2.RenderRequest(format=types_pb2.RENDER_FORMAT_JSON, items=[_render_item()]),
+                          timeout=10)
     assert json.loads(as_json.renderings[0].content)["detections"][0]["label"] == "one"
-    as_csv = stub.Render(postprocess_pb2.RenderRequest(format=types_pb2.RENDER_FORMAT_CSV, items=[_render_item()]), timeout=10)
+    as_csv = stub.Render(postprocess_pb2.RenderRequest(format=types_pb2.RENDER_FORMAT_CSV, items=[_render_item()]),
+                         timeout=10)
     assert as_csv.renderings[0].content.decode().splitlines()[1].startswith("x.png,one,1,0.9")
-    as_png = stub.Render(postprocess_pb2.RenderRequest(format=types_pb2.RENDER_FORMAT_PNG, items=[_render_item(encoded())]), timeout=10)
+    as_png = stub.Render(postprocess_pb2.RenderRequest(format=types_pb2.RENDER_FORMAT_PNG,
+                                                       items=[_render_item(encoded())]), timeout=10)
     assert as_png.renderings[0].content_type == "image/png"
     assert cv2.imdecode(np.frombuffer(as_png.renderings[0].content, np.uint8), cv2.IMREAD_COLOR).shape == (48, 64, 3)
 

@@ -62,7 +62,8 @@ def test_an_image_over_the_pixel_limit_is_refused_with_the_limit_named(stub):
         (_request(encoded(), recipe=types_pb2.Recipe()), "recipe has no name"),
         (_request(), "no images or texts"),
         # A recipe applies to the whole request: its parameters are checked once, before decoding.
-        (_request(encoded(), recipe=Recipe("letterbox", {"size": -3}).to_proto()), "letterbox size must be a positive integer"),
+        (_request(encoded(), recipe=Recipe("letterbox", {"size": -3}).to_proto()),
+         "letterbox size must be a positive integer"),
     ],
 )
 def test_bad_requests_are_invalid_argument(stub, request_, message):
@@ -77,7 +78,8 @@ def _region(image: int, x1: float, y1: float, x2: float, y2: float) -> types_pb2
 
 
 def test_regions_give_one_item_per_box_cut_from_its_image(stub):
-    request = _request(encoded(100, 200), encoded(60, 80, seed=3), recipe=Recipe("letterbox", {"size": 64, "auto": True}).to_proto())
+    request = _request(encoded(100, 200), encoded(60, 80, seed=3),
+                       recipe=Recipe("letterbox", {"size": 64, "auto": True}).to_proto())
     request.regions.extend([_region(0, 10, 10, 74, 42), _region(1, 0, 0, 80, 60), _region(0, 150.5, 0, 400, 100)])
     items = stub.Preprocess(request, timeout=30).images
     assert [item.status.code for item in items] == [0, 0, 0]
@@ -86,7 +88,8 @@ def test_regions_give_one_item_per_box_cut_from_its_image(stub):
 
 def test_bad_regions_fail_alone(stub):
     request = _request(encoded(100, 200), b"broken")
-    request.regions.extend([_region(0, 0, 0, 50, 50), _region(5, 0, 0, 10, 10), _region(0, 300, 300, 400, 400), _region(1, 0, 0, 10, 10)])
+    request.regions.extend([_region(0, 0, 0, 50, 50), _region(5, 0, 0, 10, 10), _region(0, 300, 300, 400, 400),
+                            _region(1, 0, 0, 10, 10)])
     items = stub.Preprocess(request, timeout=30).images
     assert [item.status.code for item in items] == [0, 3, 3, 3]
     assert "refers to image 5" in items[1].status.message
@@ -97,7 +100,10 @@ def test_bad_regions_fail_alone(stub):
 def test_texts_need_a_text_recipe_and_come_alone(stub):
     with pytest.raises(grpc.RpcError) as raised:
         stub.Preprocess(preprocess_pb2.PreprocessRequest(recipe=LETTERBOX, texts=["a dog"]), timeout=10)
-    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "unknown text preprocess recipe" in raised.value.details()
+    assert (
+        raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        and "unknown text preprocess recipe" in raised.value.details()
+    )
     mixed = _request(encoded())
     mixed.texts.append("a dog")
     with pytest.raises(grpc.RpcError) as raised:

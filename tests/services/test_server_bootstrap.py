@@ -50,7 +50,8 @@ def loop():
 
 def _health(address: str, service: str = "") -> int:
     with grpc.insecure_channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                         timeout=5).status
 
 
 @pytest.mark.parametrize(
@@ -81,7 +82,8 @@ def test_domain_errors_become_their_status_codes_through_a_real_server(loop, exc
 
 
 def test_overloaded_carries_its_retry_delay_as_retry_info(loop):
-    app = ServerApp(_raising_service(errors.Overloaded("queue full", retry_after_s=1.25)), Settings(), port=0, host="127.0.0.1")
+    app = ServerApp(_raising_service(errors.Overloaded("queue full", retry_after_s=1.25)), Settings(), port=0,
+                    host="127.0.0.1")
     loop.run(app.start())
     try:
         with grpc.insecure_channel(app.address) as channel:
@@ -168,7 +170,8 @@ def test_reflection_lists_the_registered_services(loop):
     try:
         with grpc.insecure_channel(app.address) as channel:
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                timeout=5)
             names = {s.name for reply in replies for s in reply.list_services_response.service}
         assert {ERRORS_SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
     finally:

@@ -22,16 +22,16 @@ def _raise(name: str) -> None:
 
 
 class FailingController(controller_pb2_grpc.ControllerServiceServicer):
-    async def Detect(self, request, context):
+    async def Detect(self, request, context):  # noqa: N802 - gRPC's method name
         _raise(request.model)
 
-    async def Classify(self, request, context):
+    async def Classify(self, request, context):  # noqa: N802 - gRPC's method name
         _raise(request.model)
 
-    async def Embed(self, request, context):
+    async def Embed(self, request, context):  # noqa: N802 - gRPC's method name
         _raise(request.model)
 
-    async def ModelInfo(self, request, context):
+    async def ModelInfo(self, request, context):  # noqa: N802 - gRPC's method name
         _raise(request.name)
 
 

@@ -29,7 +29,8 @@ class RunningGateway:
         )
         self.server: uvicorn.Server = build_server(self.settings)
         # uvicorn installs no signal handlers off the main thread; stop() asks it to exit.
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.socket])), daemon=True)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.socket])),
+                                       daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

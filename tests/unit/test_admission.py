@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 
 from inferline.common.errors import DeadlineExceeded, Overloaded, StageUnavailable
-from inferline.common.generated import inference_pb2
+from inferline.common.generated import inference_pb2, types_pb2
 from inferline.common.settings import Settings
 from inferline.services.controller.admission import (
     Admission,
@@ -17,8 +16,9 @@ from inferline.services.controller.admission import (
     ServiceRate,
     VegasLimit,
 )
-from inferline.services.controller.pipeline import METADATA_TTL_S, Controller, _together
-from inferline.services.controller.stages import Deadline
+from inferline.services.controller.operations import Controller, together
+from inferline.services.controller.plan import METADATA_TTL_S
+from inferline.services.controller.ports import Deadline
 
 
 class Clock:
@@ -184,7 +184,7 @@ def test_a_block_that_fails_or_is_cancelled_releases_its_images_without_feeding_
     admission = _admission(initial_limit=8)
     with pytest.raises(KeyError), admission.admit(3, 10.0):
         raise KeyError("boom")
-    with pytest.raises(BaseException), admission.admit(3, 10.0):  # noqa: B017, PT011 - CancelledError is one
+    with pytest.raises(BaseException), admission.admit(3, 10.0):  # noqa: B017 - CancelledError is one
         raise KeyboardInterrupt
     assert admission.in_flight == 0
     assert admission.rate.per_s is None
@@ -217,25 +217,28 @@ def test_each_model_has_its_own_admission():
 
 
 class _Stages:
-    """The controller's stage clients, answering ModelMetadata once released."""
+    """The controller's stage ports, the inference one answering model metadata once released."""
 
     def __init__(self) -> None:
-        self.inference = SimpleNamespace(ModelMetadata="ModelMetadata")
+        self.inference = self
         self.calls = 0
         self.release = asyncio.Event()
         self.fail = False
 
-    async def call(self, stage, method, request, deadline):
+    async def model(self, name, deadline):
         self.calls += 1
         await self.release.wait()
         if self.fail:
             raise StageUnavailable("inference stage is unavailable")
-        return inference_pb2.ModelMetadataResponse(name=request.name, task="detect", versions=[str(self.calls)])
+        return inference_pb2.ModelMetadataResponse(
+            name=name, task="detect", versions=[str(self.calls)],
+            preprocess=types_pb2.Recipe(name="letterbox"), postprocess=types_pb2.Recipe(name="yolo_detect"),
+        )
 
 
 def _stale(controller: Controller, name: str) -> None:
-    stamp, metadata = controller._metadata[name]
-    controller._metadata[name] = (stamp - METADATA_TTL_S - 1, metadata)
+    stamp, plan = controller.plans._entries[name]
+    controller.plans._entries[name] = (stamp - METADATA_TTL_S - 1, plan)
 
 
 def test_stale_model_metadata_is_served_at_once_while_one_call_refreshes_it():
@@ -248,9 +251,9 @@ def test_stale_model_metadata_is_served_at_once_while_one_call_refreshes_it():
         stages.release.clear()
         answers = [await controller.model_metadata("m", Deadline(5)) for _ in range(3)]
         assert answers == [first] * 3, "served stale, without waiting"
-        assert len(controller._refreshing) == 1, "one refresh for all three"
+        assert len(controller.plans._refreshing) == 1, "one refresh for all three"
         stages.release.set()
-        await asyncio.gather(*controller._refreshing.values())
+        await asyncio.gather(*controller.plans._refreshing.values())
         assert stages.calls == 2
         assert (await controller.model_metadata("m", Deadline(5))).versions == ["2"]
 
@@ -266,7 +269,7 @@ def test_a_failed_refresh_forgets_the_entry_so_the_next_request_sees_the_error()
         _stale(controller, "m")
         stages.fail = True
         await controller.model_metadata("m", Deadline(5))
-        await asyncio.gather(*controller._refreshing.values())
+        await asyncio.gather(*controller.plans._refreshing.values())
         with pytest.raises(StageUnavailable):
             await controller.model_metadata("m", Deadline(5))
 
@@ -287,7 +290,7 @@ def test_the_first_failure_of_a_request_cancels_its_other_stage_work():
 
         slow_job = asyncio.ensure_future(slow())
         with pytest.raises(Overloaded):
-            await _together(fails(), slow_job)
+            await together(fails(), slow_job)
         assert slow_job.cancelled()
 
     asyncio.run(main())

@@ -7,6 +7,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from prometheus_client import REGISTRY
 
 from inferline.common.errors import DeadlineExceeded, Overloaded
 from inferline.services.inference.batching import RECENT_BATCHES, BatchingConfig, DynamicBatcher
@@ -99,7 +100,8 @@ def test_different_shapes_never_share_a_batch(executor):
 def test_a_preferred_batch_size_runs_without_waiting_for_a_full_batch(executor):
     async def main():
         model = Recorder()
-        batcher = DynamicBatcher("m", model, executor, BatchingConfig(max_batch_size=8, max_queue_delay_s=5.0, preferred_batch_sizes=(2,)))
+        batcher = DynamicBatcher("m", model, executor,
+                                 BatchingConfig(max_batch_size=8, max_queue_delay_s=5.0, preferred_batch_sizes=(2,)))
         assert await batcher.submit([("a", 1), ("a", 2)]) == [2, 4]
         assert model.batches == [[1, 2]]
         await batcher.close()
@@ -225,8 +227,6 @@ def test_one_instance_never_runs_two_batches_at_once():
 
 
 def _wasted(model: str) -> float:
-    from prometheus_client import REGISTRY
-
     return REGISTRY.get_sample_value("inferline_wasted_items_total", {"model": model}) or 0.0
 
 

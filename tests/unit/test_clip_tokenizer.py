@@ -6,13 +6,16 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from inferline.common.errors import ConfigError, InvalidInput
+from inferline.services.preprocess import clip_recipes
 from inferline.services.preprocess import clip_tokenizer as module
+from inferline.services.preprocess.clip_recipes import clip_tokenize
 from inferline.services.preprocess.clip_tokenizer import ClipTokenizer, default_vocab_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,8 +137,6 @@ def test_default_vocab_path_without_open_clip(monkeypatch):
 
 
 def test_recipe_vocab_param(open_clip_tokenizer):
-    from inferline.services.preprocess.clip_recipes import clip_tokenize
-
     text = "a photo of a dog"
     got = clip_tokenize(text, {"vocab": str(default_vocab_path())})
     np.testing.assert_array_equal(got, open_clip_tokenizer([text])[0].numpy())
@@ -157,10 +158,6 @@ def test_tokenizing_needs_no_torch():
 
 def test_concurrent_first_calls_build_one_tokenizer(monkeypatch):
     """The texts of one request are tokenized in parallel: they must share one build."""
-    import threading
-
-    from inferline.services.preprocess import clip_recipes
-
     built = []
     real = ClipTokenizer
 

@@ -9,14 +9,15 @@ from inferline.common.api import (
     FORMAT_BY_ENUM,
     ClassifyResult,
     DetectResult,
-    EmbedResult,
     Embedded,
+    EmbedResult,
     ImageDetections,
     ImageLabels,
     Rendering,
     TextRanking,
 )
 from inferline.common.detections import Detection
+from inferline.common.masks import Mask
 from inferline.services.presentation import documents
 from inferline.services.presentation.renderers import CSV_HEADER, RENDERERS
 
@@ -29,8 +30,11 @@ def test_every_wire_format_has_a_renderer_and_detect_offers_them_all():
 
 
 def test_detect_results_carry_each_image_s_error_and_its_request_s_rounded_timings():
-    first = DetectResult("yolov8n", "1", [ImageDetections("a.jpg", 320, 240, [BUS])], {"total": 12.3456, "inference": 10.0})
-    second = DetectResult("yolov8n", "1", [ImageDetections("b.jpg", error=errors.InvalidInput("not an image"))], {"total": 1.0})
+    first = DetectResult(
+        "yolov8n", "1", [ImageDetections("a.jpg", 320, 240, [BUS])], {"total": 12.3456, "inference": 10.0}
+    )
+    failed = ImageDetections("b.jpg", error=errors.InvalidInput("not an image"))
+    second = DetectResult("yolov8n", "1", [failed], {"total": 1.0})
     assert documents.detect_results([first, second]) == [
         {
             "image": "a.jpg", "width": 320, "height": 240,
@@ -44,11 +48,13 @@ def test_detect_results_carry_each_image_s_error_and_its_request_s_rounded_timin
         },
     ]
     rows = list(csv.reader(io.StringIO(documents.detect_csv([first, second]))))
-    assert tuple(rows[0]) == CSV_HEADER and rows[1:] == [["a.jpg", "bus", "5", "0.87346", "10.12", "20.0", "110.0", "220.0"]]
+    assert tuple(rows[0]) == CSV_HEADER
+    assert rows[1:] == [["a.jpg", "bus", "5", "0.87346", "10.12", "20.0", "110.0", "220.0"]]
 
 
 def test_png_of_an_image_is_its_png_rendering_or_nothing():
-    drawn = ImageDetections("a.jpg", renderings=[Rendering("json", "application/json", b"{}"), Rendering("png", "image/png", b"PNG")])
+    renderings = [Rendering("json", "application/json", b"{}"), Rendering("png", "image/png", b"PNG")]
+    drawn = ImageDetections("a.jpg", renderings=renderings)
     assert documents.png_of(drawn) == b"PNG"
     assert documents.png_of(ImageDetections("b.jpg")) == b""
 
@@ -88,3 +94,11 @@ def test_embed_document_names_ranked_images_and_its_csv_has_one_row_per_item():
         "kind,name,cluster,e0,e1", "image,a.jpg,0,0.6,0.8", "image,b.jpg,-1", "text,a circle,0,0.0,1.0",
     ]
     assert "clusters" not in documents.embed_document(EmbedResult("clip", [], [Embedded("t", [1.0])]))
+
+
+def test_a_segment_model_s_mask_shows_as_coco_rle_in_the_json_and_not_in_the_csv():
+    masked = Detection("ball", 32, 0.9, (0.0, 0.0, 1.0, 2.0), mask=Mask(2, 2, (1, 2, 1)))
+    result = DetectResult("yolov8n-seg", "1", [ImageDetections("a.jpg", 2, 2, [masked])])
+    (document,) = documents.detect_results([result])
+    assert document["detections"][0]["mask"] == {"size": [2, 2], "counts": [1, 2, 1]}
+    assert documents.detect_csv([result]).splitlines()[1] == "a.jpg,ball,32,0.9,0.0,0.0,1.0,2.0"

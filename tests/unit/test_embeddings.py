@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+from inferline.services.postprocess import embeddings
 from inferline.services.postprocess.embeddings import kmeans, l2_normalize, rank, threshold_groups, zero_shot
 
 
@@ -33,7 +33,7 @@ def test_l2_normalize_equals_torch():
     x = _random(50)
     x[3] = 0  # a zero row stays zero (torch's eps), no NaN
     ours = l2_normalize(x)
-    expected = F.normalize(torch.from_numpy(x), dim=-1).numpy()
+    expected = torch.nn.functional.normalize(torch.from_numpy(x), dim=-1).numpy()
     assert ours.dtype == np.float32 and ours.shape == x.shape
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-7)
     np.testing.assert_array_equal(ours[3], 0)
@@ -56,7 +56,7 @@ def test_zero_shot_equals_clip_softmax(logit_scale):
     reference = (logit_scale * torch.from_numpy(images) @ torch.from_numpy(texts).T).softmax(dim=-1).numpy()
     results = zero_shot(images, texts, logit_scale, top_k=0)
     assert len(results) == 7
-    for (indices, probs), expected in zip(results, reference):
+    for (indices, probs), expected in zip(results, reference, strict=True):
         assert indices.dtype == np.int64 and probs.dtype == np.float32 and len(indices) == 11
         np.testing.assert_allclose(probs, expected[indices], rtol=1e-5, atol=1e-7)
         np.testing.assert_array_equal(indices, np.argsort(-expected, kind="stable"))
@@ -68,7 +68,9 @@ def test_zero_shot_top_k_keeps_the_full_softmax():
     images, texts = l2_normalize(_random(3, seed=3)), l2_normalize(_random(20, seed=4))
     full = zero_shot(images, texts, 100.0)
     for k in (1, 5, 20, 50):
-        for (indices, probs), (all_indices, all_probs) in zip(zero_shot(images, texts, 100.0, top_k=k), full):
+        for (indices, probs), (all_indices, all_probs) in zip(
+            zero_shot(images, texts, 100.0, top_k=k), full, strict=True
+        ):
             assert len(indices) == min(k, 20)
             np.testing.assert_array_equal(indices, all_indices[:k])
             np.testing.assert_array_equal(probs, all_probs[:k])  # not renormalised over the k
@@ -98,7 +100,7 @@ def test_zero_shot_refuses_bad_arguments():
 def test_rank_orders_items_by_cosine():
     queries, items = l2_normalize(_random(4, seed=5)), l2_normalize(_random(30, seed=6))
     expected = torch.from_numpy(queries) @ torch.from_numpy(items).T
-    for (indices, scores), row in zip(rank(queries, items), expected.numpy()):
+    for (indices, scores), row in zip(rank(queries, items), expected.numpy(), strict=True):
         np.testing.assert_array_equal(indices, np.argsort(-row, kind="stable"))
         np.testing.assert_allclose(scores, row[indices], atol=1e-6)
         assert np.all(np.diff(scores) <= 0)
@@ -169,8 +171,6 @@ def test_threshold_groups_finds_near_duplicates():
 
 
 def test_threshold_groups_matches_brute_force_across_chunks(monkeypatch):
-    import inferline.services.postprocess.embeddings as embeddings
-
     monkeypatch.setattr(embeddings, "_CHUNK", 7)  # many chunks, pairs spanning them
     x = l2_normalize(_random(60, 3, seed=10))
     for threshold in (0.5, 0.9, 0.99):
@@ -183,8 +183,6 @@ def test_threshold_groups_matches_brute_force_across_chunks(monkeypatch):
 
 
 def test_threshold_groups_joins_a_long_chain(monkeypatch):
-    import inferline.services.postprocess.embeddings as embeddings
-
     monkeypatch.setattr(embeddings, "_CHUNK", 64)
     angles = np.linspace(0, np.pi / 2, 500)  # neighbours close, the ends orthogonal
     chain = np.stack([np.cos(angles), np.sin(angles)], axis=1)

@@ -22,7 +22,8 @@ def test_service_config_retries_only_unavailable_on_every_inferline_service():
 
 
 def test_service_config_takes_attempts_backoff_and_budget_from_settings():
-    settings = Settings(retry_max_attempts=3, retry_initial_backoff_s=0.05, retry_max_backoff_s=1.5, retry_budget_tokens=20)
+    settings = Settings(retry_max_attempts=3, retry_initial_backoff_s=0.05, retry_max_backoff_s=1.5,
+                        retry_budget_tokens=20)
     config = service_config(settings)
     policy = config["methodConfig"][0]["retryPolicy"]
     assert (policy["maxAttempts"], policy["initialBackoff"], policy["maxBackoff"]) == (3, "0.05s", "1.5s")

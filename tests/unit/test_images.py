@@ -4,16 +4,16 @@ Every behaviour holds for both decoders: OpenCV (when installed) and Pillow (the
 images), and the Pillow decoder gives OpenCV's exact pixels for every format and mode."""
 
 import io
-import zlib
 import struct
+import zlib
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 from inferline.common.errors import InvalidInput
-from inferline.common.images import decode_image
+from inferline.common.images import decode_image, probe_image
 
 LIMIT = 50_000_000
 DECODERS = ["opencv", "pillow"]
@@ -160,7 +160,9 @@ def _png_header_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def test_image_over_the_pixel_limit_is_refused_before_decoding():
@@ -202,10 +204,6 @@ def test_png_orientation_is_applied_wherever_its_exif_chunk_sits(after_pixels):
 def test_png_orientation_before_the_pixel_data_is_read_without_decoding_them(monkeypatch):
     """Pillow's PngImageFile.getexif decodes the whole image to look for chunks after the pixels;
     a 143 KB PNG of 7000x7000 became 147 MB that way, before OpenCV decoded it again."""
-    from PIL import PngImagePlugin
-
-    from inferline.common.images import probe_image
-
     def refuse(self):
         raise AssertionError("the PNG's pixels were decoded to read its header")
 

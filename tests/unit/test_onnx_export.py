@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -15,6 +18,7 @@ import inferline.services.inference.backends.onnxruntime_backend as ortb  # regi
 from inferline.common.errors import WeightsError
 from inferline.common.settings import Settings
 from inferline.services.inference.backends import BACKENDS
+from inferline.services.inference.backends.open_clip_loader import load_open_clip_image, load_open_clip_text
 from inferline.services.inference.backends.ultralytics_loader import load_ultralytics
 from inferline.services.inference.export import export_onnx
 from inferline.services.inference.repository import BUILTIN_REPOSITORY, load_config
@@ -44,10 +48,9 @@ def torch_model(yolo_config, yolo_weights):
 
 
 def _backend(config, path: Path, **parameters):
-    import dataclasses
-
     config = dataclasses.replace(config, backend="onnxruntime", parameters={**config.parameters, **parameters})
-    return BACKENDS.get("onnxruntime")(config, ResolvedWeights(path=path, sha256="", official=False), Settings(device="cpu"))
+    return BACKENDS.get("onnxruntime")(config, ResolvedWeights(path=path, sha256="", official=False),
+                                       Settings(device="cpu"))
 
 
 def _letterboxed(paths: list[Path]) -> list[np.ndarray]:
@@ -85,13 +88,11 @@ def test_batch_of_two(yolo_config, yolo_onnx, torch_model, sample_images):
     backend = _backend(yolo_config, yolo_onnx)
     outs = backend.run({"images": np.stack([image, other])})
     assert len(outs) == 2 and set(outs[0]) == {"output0"}
-    for out, im in zip(outs, (image, other)):
+    for out, im in zip(outs, (image, other), strict=True):
         assert np.abs(out["output0"] - _torch_out(torch_model, im)).max() < MAX_ABS_DIFF
 
 
 def test_labels_and_metadata_round_trip(yolo_config, yolo_onnx, torch_model):
-    import onnx
-
     meta = {p.key: p.value for p in onnx.load(str(yolo_onnx)).metadata_props}
     assert tuple(json.loads(meta["labels"])) == torch_model.labels
     backend = _backend(yolo_config, yolo_onnx)
@@ -101,8 +102,6 @@ def test_labels_and_metadata_round_trip(yolo_config, yolo_onnx, torch_model):
 
 
 def test_missing_cuda_falls_back_to_cpu_with_one_warning(yolo_config, yolo_onnx, caplog):
-    import onnxruntime
-
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("CUDA is available here")
     with caplog.at_level(logging.WARNING, logger=ortb.__name__):
@@ -114,7 +113,8 @@ def test_missing_cuda_falls_back_to_cpu_with_one_warning(yolo_config, yolo_onnx,
 
 
 def test_default_providers_choice():
-    assert ortb.choose_providers(None, "cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert ortb.choose_providers(None, "cpu",
+                                 ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert ortb.choose_providers(None, "auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
         "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert ortb.choose_providers(None, "cuda", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
@@ -138,8 +138,6 @@ def test_half_exports_and_loads(yolo_config, yolo_weights, tmp_path):
 
 @pytest.mark.parametrize("tower", ["clip-vit-b-32", "clip-vit-b-32-text"])
 def test_clip_towers_match_torch_embeddings(tower, clip_weights, tmp_path):
-    from inferline.services.inference.backends.open_clip_loader import load_open_clip_image, load_open_clip_text
-
     config = load_config(BUILTIN_REPOSITORY / tower / "config.yaml")
     path = export_onnx(config, clip_weights, tmp_path / f"{tower}.onnx")
     load = load_open_clip_image if config.loader == "open_clip_image" else load_open_clip_text
@@ -156,7 +154,7 @@ def test_clip_towers_match_torch_embeddings(tower, clip_weights, tmp_path):
     assert backend.recipe_params()["logit_scale"] == pytest.approx(reference.recipe_params["logit_scale"])
     with torch.inference_mode():
         theirs = [o["embedding"].numpy() for o in reference.forward({name: torch.from_numpy(batch)})]
-    for ours, ref in zip(backend.run({name: batch}), theirs):
+    for ours, ref in zip(backend.run({name: batch}), theirs, strict=True):
         ours = ours["embedding"]
         assert ours.shape == (512,)
         cosine = float(ours @ ref / np.linalg.norm(ours) / np.linalg.norm(ref))
@@ -169,8 +167,6 @@ def test_clip_towers_match_torch_embeddings(tower, clip_weights, tmp_path):
 def test_half_clip_towers_stay_within_fp16_of_torch(tower, clip_weights, tmp_path):
     """--half: fp16 weights and activations inside, the same uint8/int64 inputs and float32
     embeddings outside; cosine to the float32 torch tower >= 0.999."""
-    from inferline.services.inference.backends.open_clip_loader import load_open_clip_image, load_open_clip_text
-
     config = load_config(BUILTIN_REPOSITORY / tower / "config.yaml")
     path = export_onnx(config, clip_weights, tmp_path / f"{tower}-half.onnx", half=True)
     load = load_open_clip_image if config.loader == "open_clip_image" else load_open_clip_text
@@ -185,7 +181,45 @@ def test_half_clip_towers_stay_within_fp16_of_torch(tower, clip_weights, tmp_pat
     with torch.inference_mode():
         theirs = [o["embedding"].numpy() for o in reference.forward({name: torch.from_numpy(batch)})]
     # Unoptimised on CPU: see export_onnx on ORT's fp16 constant folding.
-    for ours, ref in zip(_backend(config, path, graph_optimization_level="disable").run({name: batch}), theirs):
+    for ours, ref in zip(_backend(config, path, graph_optimization_level="disable").run({name: batch}), theirs,
+                         strict=True):
         ours = ours["embedding"]
         assert ours.dtype == np.float32 and ours.shape == (512,)
         assert float(ours @ ref / np.linalg.norm(ours) / np.linalg.norm(ref)) >= 0.999
+
+
+def test_a_segment_model_exports_its_prototypes_and_segments_like_torch(seg_weights, sample_images, tmp_path):
+    from inferline.common.detections import DetectOptions  # noqa: PLC0415
+    from inferline.services.postprocess.yolo_recipes import yolo_segment  # noqa: PLC0415
+
+    config = load_config(BUILTIN_REPOSITORY / "yolov8n-seg" / "config.yaml")
+    backend = _backend(config, export_onnx(config, seg_weights, tmp_path / "yolov8n-seg.onnx"))
+    served = load_ultralytics(seg_weights, torch.device("cpu"), config)
+    found = 0
+    for path in sample_images[:4]:
+        image, transform = letterbox(cv2.imread(str(path)))
+        ours = backend.run({"images": image[None]})[0]
+        with torch.inference_mode():
+            reference = {
+                k: v.numpy() for k, v in served.forward({"images": torch.from_numpy(image[None].copy())})[0].items()
+            }
+        assert sorted(ours) == ["output0", "output1"] and ours["output1"].shape == reference["output1"].shape
+        for name in ours:
+            assert np.abs(ours[name] - reference[name]).max() < MAX_ABS_DIFF, name
+        segmented = [
+            yolo_segment(o, transform, DetectOptions(), config.postprocess.params, ()) for o in (ours, reference)
+        ]
+        assert [d.class_id for d in segmented[0]] == [d.class_id for d in segmented[1]]
+        for a, b in zip(*segmented, strict=False):
+            both, either = (a.mask.decode() & b.mask.decode()).sum(), (a.mask.decode() | b.mask.decode()).sum()
+            assert both / either >= 0.99
+        found += len(segmented[1])
+    assert found > 3
+
+
+def test_a_segment_model_exports_in_half_precision(seg_weights, tmp_path):
+    config = load_config(BUILTIN_REPOSITORY / "yolov8n-seg" / "config.yaml")
+    backend = _backend(config, export_onnx(config, seg_weights, tmp_path / "half.onnx", half=True))
+    out = backend.run({"images": np.full((1, 3, 64, 96), 114, np.uint8)})[0]
+    assert out["output0"].dtype == out["output1"].dtype == np.float32
+    assert out["output0"].shape == (116, 8 * 12 + 4 * 6 + 2 * 3) and out["output1"].shape == (32, 16, 24)

@@ -34,10 +34,16 @@ def test_container_requirements_cover_the_base_dependencies():
         return re.split(r"[<>=!~\[; ]", spec.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
     folder = root / "deploy" / "docker" / "requirements"
-    common = {name(line) for line in (folder / "common.txt").read_text().splitlines() if line and not line.startswith(("#", "-r"))}
+    common = {
+        name(line)
+        for line in (folder / "common.txt").read_text().splitlines()
+        if line and not line.startswith(("#", "-r"))
+    }
     for stage in ("controller", "preprocess", "postprocess", "inference-onnx", "gateway"):
         pinned = set(common) | {
-            name(line) for line in (folder / f"{stage}.txt").read_text().splitlines() if line and not line.startswith(("#", "-r"))
+            name(line)
+            for line in (folder / f"{stage}.txt").read_text().splitlines()
+            if line and not line.startswith(("#", "-r"))
         }
         needed = {name(spec) for spec in base} - {"opencv-python-headless", "pillow", "ftfy", "regex"}
         assert needed <= pinned, f"{stage} image lacks {sorted(needed - pinned)}"

@@ -14,7 +14,7 @@ from inferline.common.errors import ConfigError, InvalidInput
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, types_pb2
 from inferline.services.preprocess import gpu
 from inferline.services.preprocess.letterbox import letterbox
-from inferline.services.preprocess.servicer import torch_device
+from inferline.services.preprocess.service import torch_device
 from tests.support.images import encoded
 from tests.support.parity import mismatches
 from tests.support.servers import InProcessStack
@@ -74,6 +74,8 @@ def test_detect_through_the_gpu_path_on_cpu_keeps_parity(settings, stack, sample
         return [(d.label, d.score, (d.box.x1, d.box.y1, d.box.x2, d.box.y2)) for d in result.detections]
 
     assert all(r.status.code == 0 for r in got)
-    problems = {r.name: mismatches(rows(r), rows(w)) for r, w in zip(got, want) if mismatches(rows(r), rows(w))}
+    problems = {
+        r.name: mismatches(rows(r), rows(w)) for r, w in zip(got, want, strict=True) if mismatches(rows(r), rows(w))
+    }
     assert not problems, problems
     assert sum(len(r.detections) for r in got) > 10

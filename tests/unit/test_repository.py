@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from inferline.common.errors import ConfigError
+from inferline.common.recipes import Recipe
 from inferline.services.inference.repository import BUILTIN_REPOSITORY, load_config, load_repository
 
 BASE = yaml.safe_load((BUILTIN_REPOSITORY / "yolov8n" / "config.yaml").read_text())
@@ -25,6 +26,25 @@ def test_builtin_repository_serves_yolov8n_with_ultralytics_defaults():
     assert config.preprocess.name == "letterbox" and config.preprocess.params["auto"] is True
     assert dict(config.postprocess.params) == {"conf": 0.25, "iou": 0.7, "max_det": 300}
     assert config.weights.file == "yolov8n.pt" and config.weights.source == "ultralytics"
+
+
+def test_builtin_repository_serves_yolov8n_seg_as_a_segment_model_of_the_same_family():
+    configs = load_repository(BUILTIN_REPOSITORY)
+    seg, detect = configs["yolov8n-seg"], configs["yolov8n"]
+    assert (seg.task, seg.loader, seg.postprocess.name) == ("segment", "ultralytics", "yolo_segment")
+    assert seg.preprocess == detect.preprocess and seg.postprocess.params == detect.postprocess.params
+    assert [o.name for o in seg.outputs] == ["output0", "output1"]
+    # Its filter compares the 80 class rows only, not the 32 mask coefficients after them.
+    assert seg.candidate_filter == Recipe("yolo", {"output": "output0", "classes": 80})
+    assert detect.candidate_filter == Recipe("yolo", {"output": "output0"})
+
+
+def test_the_candidate_filter_is_declared_in_config_and_its_name_checked_at_load(tmp_path):
+    assert load_config(_write(tmp_path, "unfiltered", candidate_filter=None)).candidate_filter is None
+    path = _write(tmp_path, "typo", candidate_filter={"name": "yollo"})
+    with pytest.raises(ConfigError, match="'yollo' is not one of yolo") as raised:
+        load_config(path)
+    assert str(path) in str(raised.value)
 
 
 def test_adding_a_model_is_adding_a_folder(tmp_path):
@@ -51,7 +71,7 @@ def test_explicit_weights_path_is_relative_to_the_model_folder(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"task": "segment"}, "task 'segment'"),
+        ({"task": "pose"}, "task 'pose'"),
         ({"backend": None}, "'backend' must be a non-empty string"),
         ({"weights": "yolov8n.pt"}, "'weights' must be a mapping"),
         ({"inputs": []}, "'inputs' must be a non-empty list"),
@@ -63,9 +83,11 @@ def test_explicit_weights_path_is_relative_to_the_model_folder(tmp_path):
         ({"dynamic_batching": {"preferred_batch_sizes": [0]}}, "'preferred_batch_sizes' must be a list of positive"),
         ({"instance_count": 0}, "'instance_count' must be a positive integer"),
         ({"precision": "fp8"}, "precision 'fp8' is not one of fp32, fp16, bf16"),
-        ({"weights": {"file": "best.pt"}}, "no official sha256 to check the file against, so 'verify' must say what to trust"),
+        ({"weights": {"file": "best.pt"}},
+         "no official sha256 to check the file against, so 'verify' must say what to trust"),
         ({"weights": {"file": "best.pt", "verify": "official"}}, "verify: official needs the release's 'sha256'"),
-        ({"weights": {"file": "best.pt", "verify": "trust-me"}}, "verify 'trust-me' is not one of official, sha256:<64 hex digits>, warn"),
+        ({"weights": {"file": "best.pt", "verify": "trust-me"}},
+         "verify 'trust-me' is not one of official, sha256:<64 hex digits>, warn"),
         ({"weights": {"file": "best.pt", "verify": "sha256:abc"}}, "'sha256:abc' is not a sha256 pin"),
     ],
 )
@@ -90,7 +112,8 @@ def test_empty_or_missing_repository_is_an_error(tmp_path):
 
 
 def test_dynamic_batching_is_declared_in_config(tmp_path):
-    path = _write(tmp_path, "yolov8n", dynamic_batching={"max_queue_delay_ms": 5, "max_queue_size": 64, "preferred_batch_sizes": [4, 8]})
+    path = _write(tmp_path, "yolov8n",
+                  dynamic_batching={"max_queue_delay_ms": 5, "max_queue_size": 64, "preferred_batch_sizes": [4, 8]})
     config = load_config(path)
     assert (config.max_queue_delay_ms, config.max_queue_size, config.preferred_batch_sizes) == (5.0, 64, (4, 8))
 
@@ -111,4 +134,5 @@ def test_a_custom_file_pins_its_digest_or_says_warn(tmp_path):
     pin = "AB" * 32
     pinned = load_config(_write(tmp_path, "pinned", weights={"file": "best.pt", "verify": f"sha256:{pin}"}))
     assert (pinned.weights.verify.mode, pinned.weights.verify.pin) == ("sha256", pin.lower())
-    assert str(load_config(_write(tmp_path, "loose", weights={"file": "best.pt", "verify": "warn"})).weights.verify) == "warn"
+    assert str(load_config(_write(tmp_path, "loose",
+                                  weights={"file": "best.pt", "verify": "warn"})).weights.verify) == "warn"

@@ -58,7 +58,8 @@ def test_letterbox_sizes_of_the_sample_images_equal_opencv(sample_images):
         image = cv2.imread(str(path))
         for size in [(640, 640), (320, 480), (1280, 1280)]:
             g = letterbox_geometry(*image.shape[:2], size)
-            np.testing.assert_array_equal(resize_linear_numpy(image, g.new_w, g.new_h), _opencv(image, g.new_w, g.new_h))
+            np.testing.assert_array_equal(resize_linear_numpy(image, g.new_w, g.new_h),
+                                          _opencv(image, g.new_w, g.new_h))
 
 
 def test_letterbox_without_opencv_gives_the_same_tensor(monkeypatch, sample_images):

@@ -8,7 +8,8 @@ from inferline.common.settings import Settings
 
 def test_defaults_are_the_documented_ports():
     settings = Settings.from_env({})
-    assert [settings.port(s) for s in ("controller", "preprocess", "inference", "postprocess")] == [50051, 50052, 50053, 50054]
+    ports = [settings.port(s) for s in ("controller", "preprocess", "inference", "postprocess")]
+    assert ports == [50051, 50052, 50053, 50054]
     assert settings.max_message_bytes >= 64 * 1024 * 1024
 
 

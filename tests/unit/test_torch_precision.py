@@ -25,7 +25,7 @@ def test_bf16_runs_under_autocast_and_answers_float32_close_to_fp32(yolo_weights
     images = np.random.default_rng(0).integers(0, 256, (2, 3, 96, 128), dtype=np.uint8)
     full = _backend(yolo_weights, "fp32").run({"images": images})
     bf16 = _backend(yolo_weights, "bf16").run({"images": images})
-    for ours, ref in zip(bf16, full):
+    for ours, ref in zip(bf16, full, strict=True):
         out = ours["output0"]
         assert out.dtype == np.float32 and out.shape == ref["output0"].shape
         assert not np.array_equal(out, ref["output0"])  # it did run in bfloat16
@@ -55,6 +55,6 @@ def test_fp16_on_cuda_answers_float32_close_to_fp32(yolo_weights):
     images = np.random.default_rng(0).integers(0, 256, (4, 3, 480, 640), dtype=np.uint8)
     full = _backend(yolo_weights, "fp32", "cuda").run({"images": images})
     half = _backend(yolo_weights, "fp16", "cuda").run({"images": images})
-    for ours, ref in zip(half, full):
+    for ours, ref in zip(half, full, strict=True):
         assert ours["output0"].dtype == np.float32
         assert np.abs(ours["output0"][4:] - ref["output0"][4:]).max() < 0.01

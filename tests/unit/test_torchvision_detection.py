@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torchvision.models.detection import FasterRCNN_MobileNet_V3_Large_320_FPN_Weights as Weights
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from inferline.common.detections import DetectOptions
 from inferline.common.errors import ConfigError, InvalidInput, WeightsError
 from inferline.common.transform import ImageTransform
 from inferline.services.inference.backends.torchvision_loader import (
+    _categories,
     freeze_batchnorm_like_the_checkpoint,
     load_torchvision_detection,
 )
@@ -93,7 +95,8 @@ def test_default_params_return_the_models_rows_unchanged():
 
 
 def test_recipe_defaults_are_torchvisions_when_the_config_gives_none():
-    outputs = _outputs([(0, 0, 10, 10, 0.05, 1), (0, 0, 10, 10, 0.0501, 2)] + [(20 * i, 0, 20 * i + 10, 10, 0.5, 3) for i in range(120)])
+    outputs = _outputs([(0, 0, 10, 10, 0.05, 1),
+                        (0, 0, 10, 10, 0.0501, 2)] + [(20 * i, 0, 20 * i + 10, 10, 0.5, 3) for i in range(120)])
     detections = _run(outputs, params={})
     assert len(detections) == 100 and detections[0].class_id == 3  # max_det 100, and 0.05 itself is not > 0.05
 
@@ -146,7 +149,10 @@ def test_rows_are_sorted_by_score_stably_and_cut_at_max_det():
     rows = [(0, 0, 5, 5, 0.3, 1), (10, 0, 15, 5, 0.9, 2), (20, 0, 25, 5, 0.3, 3), (30, 0, 35, 5, 0.7, 4)]
     assert [d.class_id for d in _run(_outputs(rows))] == [2, 4, 1, 3]
     assert [d.class_id for d in _run(_outputs(rows), max_det=3)] == [2, 4, 1]
-    assert [d.class_id for d in _run(_outputs(rows), params={**PARAMS, "max_det": 2.0})] == [2, 4]  # params arrive as floats
+    assert [d.class_id for d in _run(_outputs(rows), params={**PARAMS, "max_det": 2.0})] == [
+        2,
+        4,
+    ]  # params arrive as floats
 
 
 def test_boxes_are_mapped_back_through_the_transform_and_clipped_to_the_image():
@@ -158,7 +164,8 @@ def test_boxes_are_mapped_back_through_the_transform_and_clipped_to_the_image():
 
 
 def test_labels_come_from_the_models_list_and_unknown_ids_show_as_numbers():
-    detections = _run(_outputs([(0, 0, 5, 5, 0.9, 2), (0, 0, 5, 5, 0.8, 95)]), labels=("__background__", "person", "bicycle"))
+    detections = _run(_outputs([(0, 0, 5, 5, 0.9, 2), (0, 0, 5, 5, 0.8, 95)]),
+                      labels=("__background__", "person", "bicycle"))
     assert [(d.label, d.class_id) for d in detections] == [("bicycle", 2), ("95", 95)]
 
 
@@ -168,13 +175,17 @@ def test_no_detections_and_malformed_outputs():
     with pytest.raises(InvalidInput, match="missing"):
         _run({"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32)})
     with pytest.raises(InvalidInput, match="expects boxes"):
-        _run({"boxes": np.zeros((2, 4), np.float32), "scores": np.zeros(3, np.float32), "labels": np.zeros(3, np.int64)})
+        _run({"boxes": np.zeros((2, 4), np.float32), "scores": np.zeros(3, np.float32),
+              "labels": np.zeros(3, np.int64)})
     with pytest.raises(InvalidInput, match="scale"):
         _run(_outputs(MODEL_ROWS), transform=dataclasses.replace(IDENTITY, scale_x=0.0))
 
 
 def test_the_postprocess_recipe_does_not_import_torch():
-    code = "import sys, inferline.services.postprocess.torchvision_recipes, inferline.services.preprocess.torchvision_recipes; sys.exit('torch' in sys.modules)"
+    code = (
+        "import sys, inferline.services.postprocess.torchvision_recipes, "
+        "inferline.services.preprocess.torchvision_recipes; sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -190,7 +201,9 @@ def config():
 def small_model_state() -> dict[str, torch.Tensor]:
     """A randomly initialised detector of the configured architecture with 3 classes."""
     torch.manual_seed(0)
-    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=3)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3
+    )
     return model.state_dict()
 
 
@@ -219,7 +232,10 @@ def test_loader_refuses_pickles_of_anything_but_tensors(tmp_path, config):
 def test_loader_refuses_a_state_dict_of_another_model(tmp_path, config, small_model_state):
     path = tmp_path / "three-classes.pth"
     torch.save(small_model_state, path)  # 3 classes; the config says 91
-    with pytest.raises(WeightsError, match=rf"{path}: not a fasterrcnn_mobilenet_v3_large_320_fpn state dict with 91 classes: .*size mismatch"):
+    with pytest.raises(
+        WeightsError,
+        match=rf"{path}: not a fasterrcnn_mobilenet_v3_large_320_fpn state dict with 91 classes: .*size mismatch",
+    ):
         load_torchvision_detection(path, torch.device("cpu"), config)
     other = tmp_path / "partial.pth"
     torch.save({k: v for k, v in small_model_state.items() if not k.startswith("roi_heads")}, other)
@@ -255,9 +271,13 @@ def test_loader_builds_with_the_config_parameters_and_serves_a_batch(tmp_path, c
         assert len(out["scores"]) <= 7
 
 
-def test_batchnorm_layers_saved_without_num_batches_tracked_become_frozen_like_torchvisions_pretrained(small_model_state):
+def test_batchnorm_layers_saved_without_num_batches_tracked_become_frozen_like_torchvisions_pretrained(
+    small_model_state,
+):
     def norms(state, eps=None) -> set:
-        module = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=3)
+        module = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+            weights=None, weights_backbone=None, num_classes=3
+        )
         freeze_batchnorm_like_the_checkpoint(module, state, eps)
         module.load_state_dict(state)
         return {(type(m), m.eps) for m in module.modules() if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))}
@@ -273,9 +293,5 @@ def test_batchnorm_layers_saved_without_num_batches_tracked_become_frozen_like_t
 
 
 def test_the_configured_model_has_torchvisions_coco_names(config):
-    from torchvision.models.detection import FasterRCNN_MobileNet_V3_Large_320_FPN_Weights as Weights
-
-    from inferline.services.inference.backends.torchvision_loader import _categories
-
     assert _categories(config.parameters["architecture"], 91) == tuple(Weights.COCO_V1.meta["categories"])
     assert _categories(config.parameters["architecture"], 91)[:2] == ("__background__", "person")

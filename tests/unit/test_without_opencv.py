@@ -27,7 +27,8 @@ for path in sys.argv[1:]:
     data = open(path, "rb").read()
     for size in SIZES:  # down and up: the sample images are 640x480
         tensor, transform = letterbox(decode_image(data, max_pixels=10**8), size)
-        out["tensors"][f"{path} {size}"] = [hashlib.sha256(tensor.tobytes()).hexdigest(), list(tensor.shape), transform.pad_x, transform.pad_y]
+        digest = hashlib.sha256(tensor.tobytes()).hexdigest()
+        out["tensors"][f"{path} {size}"] = [digest, list(tensor.shape), transform.pad_x, transform.pad_y]
     png = RENDERERS.get("png")(RenderInput("x", 1, 1, [Detection("bus", 5, 0.9, (1.0, 2.0, 30.0, 40.0))], data), 10**8)
     out["png"] = png.content[:8].hex()
 print(json.dumps(out))

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torchvision  # noqa: F401  # ultralytics' NMS uses torchvision's kernel only once imported, as in predict
+import torchvision  # ultralytics' NMS uses torchvision's kernel only once imported, as in predict
 from ultralytics import YOLO
 from ultralytics.utils import ops
 from ultralytics.utils.nms import non_max_suppression

@@ -46,5 +46,5 @@ def load_backend(config: ModelConfig, weights: ResolvedWeights, settings: Settin
     if config.backend == "torch":
         import_family_modules(__name__, __file__, "_loader")
     elif config.backend == "onnxruntime":
-        from inferline.services.inference.backends import onnxruntime_backend  # noqa: F401
+        from inferline.services.inference.backends import onnxruntime_backend  # noqa: F401, PLC0415 - registers "onnxruntime" (an optional extra)
     return BACKENDS.get(config.backend)(config, weights, settings)

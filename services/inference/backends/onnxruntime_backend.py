@@ -4,7 +4,8 @@ Config ``parameters``: ``providers`` (list, default CUDA then CPU when the devic
 and CUDA is available, else CPU), ``graph_optimization_level`` (disable|basic|extended|all,
 default all), ``intra_op_threads`` / ``inter_op_threads`` (default ``settings.torch_threads``
 when > 0, else ORT's own), ``allow_spinning`` (default false). A session serves concurrent
-``run`` calls, so ``instance_count: 2`` with ``intra_op_threads: 1`` runs two batches at once. Labels and recipe params come from the file's metadata_props.
+``run`` calls, so ``instance_count: 2`` with ``intra_op_threads: 1`` runs two batches at once.
+Labels and recipe params come from the file's metadata_props.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class OnnxRuntimeBackend:
             outputs = self._run_io_binding(feeds)
         else:
             outputs = self._session.run(self._output_names, feeds)
-        return [{name: out[i] for name, out in zip(self._output_names, outputs)} for i in range(batch)]
+        return [{name: out[i] for name, out in zip(self._output_names, outputs, strict=True)} for i in range(batch)]
 
     def _run_io_binding(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         # Inputs are copied to the GPU once; outputs stay on the device until the one copy back.
@@ -92,7 +93,7 @@ class OnnxRuntimeBackend:
         return dict(self._recipe_params)
 
     def close(self) -> None:
-        self._session = None  # type: ignore[assignment]
+        self._session = None
 
 
 @BACKENDS.register("onnxruntime")
@@ -101,7 +102,9 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
     options = ort.SessionOptions()
     level = str(params.get("graph_optimization_level", "all")).lower()
     if level not in _LEVELS:
-        raise WeightsError(f"{config.name}: graph_optimization_level must be one of {', '.join(_LEVELS)}, got {level!r}")
+        raise WeightsError(
+            f"{config.name}: graph_optimization_level must be one of {', '.join(_LEVELS)}, got {level!r}"
+        )
     options.graph_optimization_level = _LEVELS[level]
     intra = int(params.get("intra_op_threads", settings.torch_threads if settings.torch_threads > 0 else 0))
     inter = int(params.get("inter_op_threads", settings.torch_threads if settings.torch_threads > 0 else 0))

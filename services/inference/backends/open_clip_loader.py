@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
@@ -37,8 +37,12 @@ from inferline.services.inference.repository import ModelConfig
 DEFAULT_ARCHITECTURE = "ViT-B-32"
 
 _LOCK = threading.Lock()
+# open_clip's CLIP (an nn.Module with encode_image, encode_text, logit_scale, visual): open_clip ships
+# no type information, so what we call on it is not checked.
+ClipModule: TypeAlias = Any
+
 # (file, size, mtime, device, architecture, quick_gelu) -> the loaded module, while anyone uses it.
-_MODULES: weakref.WeakValueDictionary[tuple[Any, ...], torch.nn.Module] = weakref.WeakValueDictionary()
+_MODULES: weakref.WeakValueDictionary[tuple[Any, ...], ClipModule] = weakref.WeakValueDictionary()
 
 
 def _settings(config: ModelConfig) -> tuple[str, bool]:
@@ -70,9 +74,9 @@ def _quiet_random_init() -> Iterator[None]:
         root.removeFilter(quiet)
 
 
-def _build(path: Path, device: torch.device, architecture: str, quick_gelu: bool) -> torch.nn.Module:
-    import open_clip
-    from safetensors.torch import load_file
+def _build(path: Path, device: torch.device, architecture: str, quick_gelu: bool) -> ClipModule:
+    import open_clip  # noqa: PLC0415 - open_clip imports timm: paid when a CLIP model loads
+    from safetensors.torch import load_file  # noqa: PLC0415
 
     try:
         state = load_file(str(path), device="cpu")
@@ -105,7 +109,7 @@ def _build(path: Path, device: torch.device, architecture: str, quick_gelu: bool
     return model.float().eval().requires_grad_(False).to(device)
 
 
-def shared_open_clip_module(path: Path, device: torch.device, config: ModelConfig) -> torch.nn.Module:
+def shared_open_clip_module(path: Path, device: torch.device, config: ModelConfig) -> ClipModule:
     """The open_clip module for these weights, loaded once per (file, device, architecture)
     and shared by every model that asks while any of them holds it."""
     architecture, quick_gelu = _settings(config)
@@ -130,7 +134,7 @@ def _io_names(config: ModelConfig) -> tuple[str, str]:
     return config.inputs[0].name, config.outputs[0].name
 
 
-def _logit_scale(module: torch.nn.Module) -> dict[str, float]:
+def _logit_scale(module: ClipModule) -> dict[str, float]:
     return {"logit_scale": float(module.logit_scale.exp().item())}
 
 
@@ -139,7 +143,7 @@ def load_open_clip_image(path: Path, device: torch.device, config: ModelConfig) 
     """The image tower: uint8 (B, 3, H, W) RGB -> per item {output: (D,)} raw image features."""
     module = shared_open_clip_module(path, device, config)
     input_name, output_name = _io_names(config)
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: PLC0415 - open_clip imports timm: paid when a CLIP model loads
 
     preprocess = getattr(module.visual, "preprocess_cfg", None) or {}
     image_size = tuple(getattr(module.visual, "image_size", ()))

@@ -116,7 +116,7 @@ _DATA_CLASSES = {"ultralytics.utils.IterableSimpleNamespace", "types.SimpleNames
 
 
 def safe_load_checkpoint(path: Path) -> Any:
-    allowed = []
+    allowed: list[Any] = []
     for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)):
         module_name, _, attr = name.rpartition(".")
         if not (module_name.startswith(_MODULE_PREFIXES) or name in _DATA_CLASSES):

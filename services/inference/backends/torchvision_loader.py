@@ -96,8 +96,10 @@ def _parameters(config: ModelConfig) -> tuple[str, int, dict[str, Any]]:
     where = f"{config.folder / 'config.yaml'}: parameters"
     architecture = params.get("architecture")
     known = torchvision.models.list_models(module=torchvision.models.detection)
-    if architecture not in known:
-        raise ConfigError(f"{where}: architecture {architecture!r} is not one of torchvision's detectors ({', '.join(known)})")
+    if not isinstance(architecture, str) or architecture not in known:
+        raise ConfigError(
+            f"{where}: architecture {architecture!r} is not one of torchvision's detectors ({', '.join(known)})"
+        )
     num_classes = params.get("num_classes", 91)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise ConfigError(f"{where}: num_classes must be an integer >= 2 (background included), got {num_classes!r}")
@@ -118,11 +120,14 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping) or not state or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
-        raise WeightsError(f"{path}: not a state dict (expected the tensors of model.state_dict(), got {type(state).__name__})")
+        raise WeightsError(
+            f"{path}: not a state dict (expected the tensors of model.state_dict(), got {type(state).__name__})"
+        )
     return dict(state)
 
 
-def freeze_batchnorm_like_the_checkpoint(module: torch.nn.Module, state: Mapping[str, Any], eps: float | None = None) -> None:
+def freeze_batchnorm_like_the_checkpoint(module: torch.nn.Module, state: Mapping[str, Any],
+                                         eps: float | None = None) -> None:
     """Makes each ``nn.BatchNorm2d`` whose ``num_batches_tracked`` the state dict lacks a
     ``FrozenBatchNorm2d`` (eps kept, or ``eps`` when given), as torchvision's pretrained builds."""
     for parent_name, parent in list(module.named_modules()):

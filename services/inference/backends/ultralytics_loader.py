@@ -21,7 +21,9 @@ def build_ultralytics_module(path: Path) -> tuple[torch.nn.Module, tuple[str, ..
     """The module ultralytics' AutoBackend would run (EMA weights, float, fused Conv+BN, eval)
     and its class names; shared by serving and ONNX export."""
     checkpoint = safe_load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("ema") or checkpoint.get("model"), torch.nn.Module):
+    if not isinstance(checkpoint, dict) or not isinstance(
+        checkpoint.get("ema") or checkpoint.get("model"), torch.nn.Module
+    ):
         raise WeightsError(f"{path}: not an ultralytics checkpoint (no 'model' module inside)")
     module = (checkpoint.get("ema") or checkpoint["model"]).float()
     module = module.fuse(verbose=False).eval() if hasattr(module, "fuse") else module.eval()
@@ -31,7 +33,7 @@ def build_ultralytics_module(path: Path) -> tuple[torch.nn.Module, tuple[str, ..
 
 
 def _channels_last(device: torch.device) -> bool:
-    return (
+    return bool(
         device.type == "cpu"
         and sys.platform in ("linux", "win32")
         and platform.machine() in {"AMD64", "x86_64"}
@@ -45,7 +47,7 @@ def load_ultralytics(path: Path, device: torch.device, config: ModelConfig) -> T
     module, labels = build_ultralytics_module(path)
     for m in module.modules():
         if hasattr(m, "inplace"):
-            m.inplace = True
+            setattr(m, "inplace", True)  # noqa: B010 - a flag only some layers have
     module.to(device)
     # As ultralytics' AutoBackend does for .pt models: channels-last weights on x86 CPUs with
     # oneDNN (~10% faster convolutions there, and the same numerics as YOLO.predict).
@@ -55,6 +57,8 @@ def load_ultralytics(path: Path, device: torch.device, config: ModelConfig) -> T
         images = inputs["images"].float() / 255.0
         output = module(images)
         batch = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(batch, (tuple, list)):  # a Segment head: (boxes, classes and mask coefficients; prototypes)
+            return [{"output0": item, "output1": protos} for item, protos in zip(*batch, strict=False)]
         return [{"output0": item} for item in batch]
 
     return TorchModel(forward=forward, labels=labels)

@@ -1,0 +1,70 @@
+"""The inference stage's domain service: named models, input tensors in, output tensors out.
+
+It knows no gRPC: the servicer (``servicer.py``) converts its protos, and the controller's local
+ports call it directly. A request-level problem (unknown model, bad ``min_score``, no items, too
+many) raises before any item runs; a bad item fails alone, its exception returned in its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from inferline.common.errors import InvalidInput, at_most
+from inferline.common.settings import Settings
+from inferline.services.inference.filters import candidate_filter
+from inferline.services.inference.models import LoadedModel, ModelManager
+
+
+class Inference:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.manager = ModelManager(settings)
+
+    @property
+    def ready(self) -> bool:
+        """Every configured model is loaded."""
+        return self.manager.ready
+
+    def model(self, name: str, version: str = "") -> LoadedModel:
+        """The loaded model; ModelNotFound when it is not served here, ModelNotReady while loading."""
+        return self.manager.get(name, version)
+
+    def models(self) -> list[LoadedModel]:
+        return self.manager.all()
+
+    async def infer(
+        self,
+        name: str,
+        version: str,
+        items: Sequence[Mapping[str, np.ndarray] | Exception],
+        min_score: float = 0.0,
+        timeout: float | None = None,
+    ) -> list[dict[str, np.ndarray] | Exception]:
+        """Each item's outputs, through the model's dynamic batcher within ``timeout`` seconds.
+
+        ``min_score`` > 0 drops the candidates that the model's postprocess would drop below that
+        score, when the model has a candidate filter: the same detections in a fraction of the bytes.
+        """
+        model = self.manager.get(name, version)
+        if not 0.0 <= min_score <= 1.0:
+            raise InvalidInput(f"min_score must be within [0, 1], got {min_score}")
+        if not items:
+            raise InvalidInput("no items in the request: give each item's input tensors")
+        at_most(len(items), self.settings.max_regions, "items", "INFERLINE_MAX_REGIONS")
+        outputs = await self.manager.infer(
+            name, version, list(items), timeout
+        )  # read once: a LazySequence converts at each read
+        shrink = candidate_filter(model.config.candidate_filter) if min_score > 0 else None
+        if shrink is not None:
+            outputs = [o if isinstance(o, Exception) else shrink(o, min_score) for o in outputs]
+        return outputs
+
+    async def load(self) -> None:
+        await asyncio.to_thread(self.manager.load_all)
+
+    async def close(self) -> None:
+        await self.manager.aclose()
+        await asyncio.to_thread(self.manager.close)
