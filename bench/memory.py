@@ -20,6 +20,7 @@ from pathlib import Path
 from inferline.common.api import ClassifyRequest, DetectRequest, EmbedRequest
 from inferline.common.recipes import Recipe
 from inferline.common.settings import STAGES, Settings
+from inferline.common.tasks import tasks_for
 from inferline.services.client import Client, image_inputs
 from inferline.services.stack import LocalStack, free_port_env
 
@@ -47,7 +48,7 @@ def main() -> int:
     with LocalStack(settings, env=env) as stack, Client(stack.controller_target, settings, timeout=120) as client:
         models = client.models(timeout=30)
         for model in models:
-            if model.task == "detect":
+            if model.task in tasks_for("Detect"):
                 client.detect(DetectRequest(model.name, image))
             elif Recipe.from_proto(model.postprocess).params.get("text_model"):
                 client.classify(ClassifyRequest(model.name, image, ("a circle", "a square")))

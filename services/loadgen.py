@@ -41,6 +41,7 @@ from inferline.common.api import DetectRequest, DetectResult, EmbedRequest, Embe
 from inferline.common.errors import InferlineError
 from inferline.common.settings import GATEWAY, STAGES, Settings
 from inferline.common.status import status_for
+from inferline.common.tasks import tasks_for
 from inferline.services.client import AsyncClient
 
 STAGE_NAMES = (*STAGES, GATEWAY)
@@ -178,22 +179,23 @@ class BenchResult:
 
 # ---- requests ------------------------------------------------------------------------------
 
-OPERATIONS = {"detect": "Detect", "embed": "Embed"}
-
-
 def build_requests(
     model: str, task: str, images: Sequence[Path], batch: int
 ) -> tuple[str, list[DetectRequest | EmbedRequest]]:
-    """One request per ``batch`` consecutive images, cycling so every request is full."""
-    if task not in OPERATIONS:
-        raise ValueError(f"model {model!r} is a {task!r} model; inferline bench drives detect and embed models")
+    """One request per ``batch`` consecutive images, cycling so every request is full: Detect for a
+    model that Detect serves (detect, segment), Embed for one that Embed serves."""
+    operation = next((op for op in ("Detect", "Embed") if task in tasks_for(op)), None)
+    if operation is None:
+        raise ValueError(
+            f"model {model!r} is a {task!r} model; inferline bench drives models that Detect or Embed serve"
+        )
     if not images:
         raise ValueError("no images to send")
     encoded = [ImageInput(p.read_bytes(), p.name) for p in images]
     count = max(1, len(encoded) // batch)
     ring = itertools.cycle(encoded)
     groups = [tuple(next(ring) for _ in range(batch)) for _ in range(count)]
-    if task == "detect":
+    if operation == "Detect":
         return "Detect", [DetectRequest(model, g) for g in groups]
     return "Embed", [EmbedRequest(model, g) for g in groups]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from inferline.common.api import ClassifyRequest, DetectRequest
 from inferline.common.errors import InvalidInput
 from inferline.common.settings import Settings
+from inferline.common.tasks import tasks_for
 from inferline.services.cli import shared
 from inferline.services.cli.predict import classify_paths, detect_paths, write_pngs
 from inferline.services.client import Client, collect_images, defaults
@@ -79,7 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not paths:
         return shared.fail("no sample images (install ultralytics, or pass --images DIR)")
     models, skipped = demo_models(settings)
-    if not any(c.task == "detect" for c in models.values()):
+    if not any(c.task in tasks_for("Detect") for c in models.values()):
         where = os.pathsep.join(map(str, settings.model_dir)) or "INFERLINE_MODEL_DIR (unset)"
         return shared.fail(f"no detection model has its weights in {where}; put {defaults.DETECT_MODEL}.pt there")
     where = os.pathsep.join(map(str, settings.model_dir)) or "the default locations"
@@ -91,7 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with LocalStack(settings, env=env) as stack, Client(stack.controller_target, settings, timeout=300) as client:
         served = {m.name: m for m in client.models(timeout=30)}
         labellers, failed = zero_shot(client, [n for n, m in served.items() if m.task == "embed"], paths, args.out)
-        for model in [n for n, m in served.items() if m.task == "detect"]:
+        for model in [n for n, m in served.items() if m.task in tasks_for("Detect")]:
             request = DetectRequest(
                 model, (), render=("png",),
                 classify_with=labellers[0] if labellers else "", labels=DEMO_LABELS if labellers else (),

@@ -18,6 +18,7 @@ from inferline.common.api import (
 )
 from inferline.common.detections import Detection
 from inferline.common.masks import Mask
+from inferline.common.tasks import TASKS
 from inferline.services.presentation import documents
 from inferline.services.presentation.renderers import CSV_HEADER, RENDERERS
 
@@ -27,6 +28,8 @@ BUS = Detection("bus", 5, 0.8734567, (10.123, 20.0, 110.0, 220.0))
 def test_every_wire_format_has_a_renderer_and_detect_offers_them_all():
     assert set(RENDERERS) == set(FORMAT_BY_ENUM.values()) == set(documents.DETECT_FORMATS)
     assert set(documents.TABLE_FORMATS) <= set(documents.DETECT_FORMATS)
+    for task in TASKS.values():
+        assert set(task.formats) <= set(RENDERERS), task.name
 
 
 def test_detect_results_carry_each_image_s_error_and_its_request_s_rounded_timings():
