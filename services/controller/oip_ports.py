@@ -74,10 +74,12 @@ class OipInference:
             groups.setdefault(key, []).append(index)
         size = 1 if max_batch == 0 or min_score > 0 else max_batch
         chunks = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
-        answers = await asyncio.gather(
-            *(self._infer_chunk(model, version, [items[i] for i in chunk], max_batch > 0, min_score, deadline)
-              for chunk in chunks)
-        )
+        # One request after another: the stage's batcher runs one shape at a time anyway, and a
+        # stage's reported server time then stays within the controller's wall time of the call.
+        answers = [
+            await self._infer_chunk(model, version, [items[i] for i in chunk], max_batch > 0, min_score, deadline)
+            for chunk in chunks
+        ]
         results: list[Outcome[Outputs]] = [StageFailed("inference stage answered no result")] * len(items)
         for chunk, answer in zip(chunks, answers, strict=True):
             for position, index in enumerate(chunk):
