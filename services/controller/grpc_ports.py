@@ -42,7 +42,6 @@ from inferline.common.recipes import Recipe
 from inferline.common.settings import PIPELINE_STAGES, Settings
 from inferline.common.status import error_for
 from inferline.common.transform import ImageTransform, Region
-from inferline.services.controller.oip_ports import OipInference
 from inferline.services.controller.ports import Deadline, Outcome, Outputs, Preprocessed, RenderItem
 from inferline.services.controller.stages import StageWatcher
 
@@ -241,8 +240,7 @@ class GrpcStages:
         self.watcher = StageWatcher(settings, self.targets)
         callers = {stage: _Caller(stage, target, self.watcher) for stage, target in self.targets.items()}
         self.preprocess = GrpcPreprocess(self._channels["preprocess"], callers["preprocess"])
-        # The inference stage is asked over the Open Inference Protocol (oip_ports.py).
-        self.inference = OipInference(self._channels["inference"], callers["inference"])
+        self.inference = GrpcInference(self._channels["inference"], callers["inference"])
         self.postprocess = GrpcPostprocess(self._channels["postprocess"], callers["postprocess"])
 
     async def load(self) -> None:

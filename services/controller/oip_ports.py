@@ -7,10 +7,10 @@ questions as ``GrpcInference`` (grpc_ports.py), so the plan and the operations d
 
 - ``model`` builds the inferline ``ModelMetadataResponse`` from ModelMetadata + ModelConfig;
 - ``infer`` sends items as Triton batches: items of one input shape and datatype go in one
-  request (a batch tensor has one shape), at most ``max_batch_size`` per request, one item per
-  request when the model has no batching or when ``min_score`` filters (each item then keeps
-  its own number of candidates, which no batch tensor can hold). A request the stage refuses
-  as invalid fails its items alone, as the inferline protocol's per-item statuses did.
+  request (a batch tensor has one shape), at most ``max_batch_size`` per request (one when the
+  model has no batching), all requests at once. ``min_score`` travels as a request parameter
+  for single items only (see ``_infer_chunk``). A request the stage refuses as invalid fails
+  its items alone, as the inferline protocol's per-item statuses did.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from inferline.common import oip
 from inferline.common.errors import InvalidInput, StageFailed
 from inferline.common.generated import grpc_service_pb2, grpc_service_pb2_grpc, inference_pb2, model_config_pb2
 from inferline.common.recipes import Recipe
+from inferline.common.telemetry.context import PROFILE, Profile
 from inferline.common.tensors import DTYPE_NAMES
 from inferline.services.controller.ports import Deadline, Outcome, Outputs
 
@@ -72,14 +73,22 @@ class OipInference:
         for index, item in enumerate(items):
             key = tuple(sorted((name, array.dtype.str, array.shape) for name, array in item.items()))
             groups.setdefault(key, []).append(index)
-        size = 1 if max_batch == 0 or min_score > 0 else max_batch
+        size = max(max_batch, 1)
         chunks = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
-        # One request after another: the stage's batcher runs one shape at a time anyway, and a
-        # stage's reported server time then stays within the controller's wall time of the call.
-        answers = [
-            await self._infer_chunk(model, version, [items[i] for i in chunk], max_batch > 0, min_score, deadline)
-            for chunk in chunks
-        ]
+        # All at once, so that the stage's dynamic batcher can run them as one batch (as it ran
+        # the items of one inferline request).
+        profile = PROFILE.get()
+        children = [Profile() for _ in chunks] if profile is not None else []
+
+        async def send(index: int, chunk: list[int]) -> list[Outputs] | InvalidInput:
+            if profile is not None:
+                PROFILE.set(children[index])  # this task's own context: the parent's is untouched
+            chunk_items = [items[i] for i in chunk]
+            return await self._infer_chunk(model, version, chunk_items, max_batch > 0, min_score, deadline)
+
+        answers = await asyncio.gather(*(send(i, chunk) for i, chunk in enumerate(chunks)))
+        if profile is not None:
+            profile.merge(_concurrent(children))
         results: list[Outcome[Outputs]] = [StageFailed("inference stage answered no result")] * len(items)
         for chunk, answer in zip(chunks, answers, strict=True):
             for position, index in enumerate(chunk):
@@ -90,7 +99,10 @@ class OipInference:
         self, model: str, version: str, items: list[Outputs], batched: bool, min_score: float, deadline: Deadline
     ) -> list[Outputs] | InvalidInput:
         request = grpc_service_pb2.ModelInferRequest(model_name=model, model_version=version)
-        if min_score > 0:
+        # The candidate filter leaves each item its own number of candidates, which no batch
+        # tensor holds: a batch goes unfiltered (the filter drops only what the postprocess
+        # would drop, so the detections are the same), a single item filtered.
+        if min_score > 0 and len(items) == 1:
             request.parameters[MIN_SCORE].double_param = min_score
         for name in items[0]:
             batch = [item[name] for item in items]
@@ -111,6 +123,16 @@ class OipInference:
                     f"inference stage answered output {name!r} of shape {array.shape} for {len(items)} items"
                 )
         return [{name: array[i] for name, array in outputs.items()} for i in range(len(items))]
+
+
+def _concurrent(children: list[Profile]) -> dict[str, float]:
+    """The profiles of calls that ran at once: their steps add up, as every profile's do, but a
+    stage's ``.server`` time is the longest call's, so that it stays within the caller's wait."""
+    merged: dict[str, float] = {}
+    for child in children:
+        for key, value in child.ms.items():
+            merged[key] = max(merged.get(key, 0.0), value) if key.endswith(".server") else merged.get(key, 0.0) + value
+    return merged
 
 
 def plan_metadata(

@@ -13,14 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from inferline.common.generated import (
-    controller_pb2,
-    controller_pb2_grpc,
-    grpc_service_pb2,
-    grpc_service_pb2_grpc,
-    inference_pb2,
-    types_pb2,
-)
+from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
 from inferline.common.server import Service
 from tests.support.images import encoded
 from tests.support.servers import LoopThread, start_service, start_stage
@@ -158,36 +151,32 @@ def test_a_stage_that_is_down_makes_detect_unavailable_and_the_controller_stays_
         loop.close()
 
 
-class _SlowInference(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Serves real metadata (over OIP, as the controller asks) but takes long to infer, and
-    records the deadline it was given."""
+class _SlowInference(inference_pb2_grpc.InferenceServiceServicer):
+    """Serves real metadata but takes long to infer, and records the deadline it was given."""
 
-    def __init__(self, metadata: grpc_service_pb2.ModelMetadataResponse, config: grpc_service_pb2.ModelConfigResponse):
-        self.metadata, self.config = metadata, config
+    def __init__(self, metadata: inference_pb2.ModelMetadataResponse):
+        self.metadata = metadata
         self.remaining: list[float] = []
 
     async def ModelMetadata(self, request, context):  # noqa: N802 - gRPC's method name
         return self.metadata
 
-    async def ModelConfig(self, request, context):  # noqa: N802 - gRPC's method name
-        return self.config
-
     async def ModelInfer(self, request, context):  # noqa: N802 - gRPC's method name
         self.remaining.append(context.time_remaining())
         await asyncio.sleep(5)
-        return grpc_service_pb2.ModelInferResponse()
+        return inference_pb2.ModelInferResponse()
 
 
 def test_the_callers_deadline_flows_to_the_stages(stack):
     with grpc.insecure_channel(stack.servers["inference"].address) as channel:
-        oip_stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        metadata = oip_stub.ModelMetadata(grpc_service_pb2.ModelMetadataRequest(name="yolov8n"), timeout=10)
-        config = oip_stub.ModelConfig(grpc_service_pb2.ModelConfigRequest(name="yolov8n"), timeout=10)
-    slow = _SlowInference(metadata, config)
+        metadata = inference_pb2_grpc.InferenceServiceStub(channel).ModelMetadata(
+            inference_pb2.ModelMetadataRequest(name="yolov8n"), timeout=10
+        )
+    slow = _SlowInference(metadata)
 
     def register(server):
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(slow, server)
-        return ["inference.GRPCInferenceService"]
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(slow, server)
+        return ["inferline.v1.InferenceService"]
 
     loop = LoopThread()
     fake = start_service(loop, lambda settings: Service("slow-inference", register), stack.settings)
