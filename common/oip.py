@@ -3,7 +3,7 @@
 OIP names datatypes with strings ("UINT8", "FP32") and carries a tensor's data either in the
 request's ``raw_input_contents`` (little-endian bytes, one entry per input, in input order) or
 in the tensor's typed ``contents``. Both are accepted here; outputs are always sent raw, as
-Triton does. Used by the inference stage's OIP servicer and the controller's OIP port.
+Triton does. Used by the inference stage's OIP servicer (services/inference/oip_servicer.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from inferline.common.errors import InvalidInput, quoted
-from inferline.common.generated import grpc_service_pb2, model_config_pb2
+from inferline.common.generated import grpc_service_pb2
 
 # OIP datatype name -> numpy dtype, for the datatypes our models can declare.
 TO_NUMPY: dict[str, np.dtype] = {
@@ -39,10 +39,6 @@ FROM_CONFIG: dict[str, str] = {
     "float32": "FP32",
     "float64": "FP64",
 }
-TO_CONFIG: dict[str, str] = {oip: config for config, oip in FROM_CONFIG.items()}
-# Triton's model_config DataType enum ("TYPE_UINT8") for each OIP name.
-CONFIG_TYPES: dict[str, int] = {name: model_config_pb2.DataType.Value(f"TYPE_{name}") for name in TO_NUMPY}
-FROM_CONFIG_TYPE: dict[int, str] = {code: name for name, code in CONFIG_TYPES.items()}
 # Which typed-contents field carries which datatype (FP16 has none: it travels raw only).
 _CONTENTS_FIELD: dict[str, str] = {
     "BOOL": "bool_contents",
@@ -131,16 +127,3 @@ def output_tensor(
     data = np.ascontiguousarray(array, dtype=dtype).tobytes()
     return grpc_service_pb2.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=array.shape), data
 
-
-def decode_outputs(response: grpc_service_pb2.ModelInferResponse) -> dict[str, np.ndarray]:
-    """The response's outputs by name (raw contents, as every OIP server sends outputs)."""
-    raw = response.raw_output_contents
-    if len(raw) != len(response.outputs):
-        raise InvalidInput(
-            f"the response has {len(response.outputs)} outputs but {len(raw)} raw_output_contents"
-        )
-    outputs = {}
-    for tensor, data in zip(response.outputs, raw, strict=True):
-        dtype = numpy_dtype(tensor.datatype, tensor.name)
-        outputs[tensor.name] = np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.shape))
-    return outputs
