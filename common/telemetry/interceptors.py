@@ -185,7 +185,13 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# Services whose names do not say their stage: the Open Inference Protocol's is the inference stage's.
+_STAGE_OF_SERVICE = {"inference.GRPCInferenceService": "inference"}
+
+
 def _stage_name(rpc_service: str) -> str:
     """``inferline.v1.PreprocessService`` -> ``preprocess`` (a bounded label)."""
+    if rpc_service in _STAGE_OF_SERVICE:
+        return _STAGE_OF_SERVICE[rpc_service]
     name = rpc_service.rpartition(".")[2]
     return name.removesuffix("Service").lower() or "unknown"

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Gauge
 
 from inferline.common.channels import create_channel, replica_addresses
-from inferline.common.generated import inference_pb2, inference_pb2_grpc
+from inferline.common.generated import grpc_service_pb2, grpc_service_pb2_grpc
 from inferline.common.server import ReportHealth
 from inferline.common.settings import Settings
 
@@ -163,13 +163,13 @@ class StageWatcher:
 
     async def _models_of(self, channel: grpc.aio.Channel) -> frozenset[str] | None:
         """The models one replica serves (None if it did not say: asked again next time)."""
-        try:
-            reply = await inference_pb2_grpc.InferenceServiceStub(channel).ListModels(
-                inference_pb2.ListModelsRequest(), timeout=self._timeout
+        try:  # the Open Inference Protocol's index, which any OIP server (Triton too) answers
+            reply = await grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(
+                grpc_service_pb2.RepositoryIndexRequest(ready=True), timeout=self._timeout
             )
         except grpc.aio.AioRpcError:
             return None
-        return frozenset(model.name for model in reply.models)
+        return frozenset(model.name for model in reply.models if model.state == "READY")
 
     @property
     def _timeout(self) -> float:

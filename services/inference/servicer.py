@@ -6,13 +6,14 @@ import grpc
 
 from inferline.common import tensors
 from inferline.common.errors import InvalidInput
-from inferline.common.generated import inference_pb2, inference_pb2_grpc
+from inferline.common.generated import grpc_service_pb2, grpc_service_pb2_grpc, inference_pb2, inference_pb2_grpc
 from inferline.common.items import LazySequence
 from inferline.common.server import Service
 from inferline.common.settings import Settings
 from inferline.common.status import OK, item_status
 from inferline.common.telemetry.profiler import profile_route
 from inferline.services.inference.models import LoadedModel
+from inferline.services.inference.oip_servicer import OipInferenceServicer
 from inferline.services.inference.service import Inference
 
 
@@ -92,13 +93,22 @@ def metadata(model: LoadedModel) -> inference_pb2.ModelMetadataResponse:
 
 
 def build_service(settings: Settings) -> Service:
-    """The stage's server; ``.domain`` is its ``Inference``, for callers in this process."""
+    """The stage's server; ``.domain`` is its ``Inference``, for callers in this process.
+
+    It serves the Open Inference Protocol (``inference.GRPCInferenceService``, oip_servicer.py)
+    beside ``inferline.v1.InferenceService``, which the controller's gRPC port still calls.
+    """
     inference = Inference(settings)
     servicer = InferenceServicer(inference)
+    oip_servicer = OipInferenceServicer(inference)
 
     def register(server: grpc.aio.Server) -> list[str]:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
-        return [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(oip_servicer, server)
+        return [
+            inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+            grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+        ]
 
     routes = profile_route(settings.profile_dir, enabled=settings.profiling)
     return Service(

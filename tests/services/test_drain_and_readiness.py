@@ -23,8 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inferline.common.channels import create_channel
 from inferline.common.generated import (
     controller_pb2_grpc,
+    grpc_service_pb2,
+    grpc_service_pb2_grpc,
     inference_pb2,
-    inference_pb2_grpc,
     postprocess_pb2,
     postprocess_pb2_grpc,
 )
@@ -154,11 +155,13 @@ def test_a_draining_stage_is_not_serving_yet_answers_what_callers_sent_before_an
 HEALTHCHECK = Path(__file__).resolve().parents[2] / "deploy" / "docker" / "healthcheck.py"
 
 
-class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
-    """Lists the one model it serves; the test decides when its load ends."""
+class FakeInference(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Lists the one model it serves (over OIP, as the controller asks); the test decides when
+    its load ends."""
 
-    async def ListModels(self, request, context):  # noqa: N802 - gRPC's method name
-        return inference_pb2.ListModelsResponse(models=[inference_pb2.ModelMetadataResponse(name="yolov8n")])
+    async def RepositoryIndex(self, request, context):  # noqa: N802 - gRPC's method name
+        index = grpc_service_pb2.RepositoryIndexResponse.ModelIndex(name="yolov8n", version="1", state="READY")
+        return grpc_service_pb2.RepositoryIndexResponse(models=[index])
 
 
 @dataclasses.dataclass
@@ -171,8 +174,8 @@ class FakeStages:
 
     def start(self) -> None:
         def inference(server: grpc.aio.Server) -> list[str]:
-            inference_pb2_grpc.add_InferenceServiceServicer_to_server(FakeInference(), server)
-            return ["inferline.v1.InferenceService"]
+            grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(FakeInference(), server)
+            return ["inference.GRPCInferenceService"]
 
         async def start_all() -> None:
             for stage in ("preprocess", "postprocess"):

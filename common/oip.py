@@ -1,0 +1,129 @@
+"""numpy <-> Open Inference Protocol tensors (KServe v2 / Triton's ``inference`` protos).
+
+OIP names datatypes with strings ("UINT8", "FP32") and carries a tensor's data either in the
+request's ``raw_input_contents`` (little-endian bytes, one entry per input, in input order) or
+in the tensor's typed ``contents``. Both are accepted here; outputs are always sent raw, as
+Triton does. Used by the inference stage's OIP servicer (services/inference/oip_servicer.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from inferline.common.errors import InvalidInput, quoted
+from inferline.common.generated import grpc_service_pb2
+
+# OIP datatype name -> numpy dtype, for the datatypes our models can declare.
+TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("u1"),
+    "INT8": np.dtype("i1"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+FROM_NUMPY: dict[np.dtype, str] = {dtype: name for name, dtype in TO_NUMPY.items()}
+# The model config's dtype names (repository.py) -> OIP's.
+FROM_CONFIG: dict[str, str] = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "int8": "INT8",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
+}
+# Which typed-contents field carries which datatype (FP16 has none: it travels raw only).
+_CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "INT8": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+_MAX_TENSOR_BYTES = 2**31
+_MAX_DIMS = 32
+
+InputTensor = grpc_service_pb2.ModelInferRequest.InferInputTensor
+
+
+def numpy_dtype(datatype: str, tensor: str) -> np.dtype:
+    dtype = TO_NUMPY.get(datatype)
+    if dtype is None:
+        raise InvalidInput(
+            f"input {quoted(tensor)} has datatype {quoted(datatype)}; supported: {', '.join(TO_NUMPY)}"
+        )
+    return dtype
+
+
+def decode_inputs(request: grpc_service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
+    """The request's input tensors by name, from raw contents when the request has them.
+
+    As the protocol says, raw contents are all or nothing: one entry per input, in order.
+    """
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"the request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents; "
+            "give one raw content per input, or none and typed contents"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name in arrays:
+            raise InvalidInput(f"input {quoted(tensor.name)} is given twice")
+        arrays[tensor.name] = decode_tensor(tensor, raw[index] if raw else None)
+    return arrays
+
+
+def decode_tensor(tensor: InputTensor, raw: bytes | None) -> np.ndarray:
+    """One input as numpy: a read-only view on raw bytes, or an array of its typed contents."""
+    name = quoted(tensor.name)
+    dtype = numpy_dtype(tensor.datatype, tensor.name)
+    shape = tuple(tensor.shape)
+    if len(shape) > _MAX_DIMS:
+        raise InvalidInput(f"input {name} has {len(shape)} dimensions; at most {_MAX_DIMS} are supported")
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input {name} has a negative dimension in shape {quoted(list(shape))}")
+    count = math.prod(shape)
+    if count * dtype.itemsize > _MAX_TENSOR_BYTES:
+        raise InvalidInput(f"input {name}: shape {quoted(list(shape))} is larger than any message can carry")
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidInput(
+                f"input {name}: shape {quoted(list(shape))} of {tensor.datatype} needs "
+                f"{count * dtype.itemsize} bytes, got {len(raw)} in raw_input_contents"
+            )
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    field = _CONTENTS_FIELD.get(tensor.datatype)
+    if field is None:
+        raise InvalidInput(f"input {name}: {tensor.datatype} has no typed contents; send it in raw_input_contents")
+    values: Sequence = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input {name}: shape {quoted(list(shape))} needs {count} values, got {len(values)} in contents.{field}"
+        )
+    array = np.asarray(values)
+    if array.size and dtype.kind in "iu" and (array.min() < np.iinfo(dtype).min or array.max() > np.iinfo(dtype).max):
+        raise InvalidInput(f"input {name}: a value in contents.{field} is out of range for {tensor.datatype}")
+    return array.astype(dtype).reshape(shape)
+
+
+def output_tensor(
+    name: str, array: np.ndarray
+) -> tuple[grpc_service_pb2.ModelInferResponse.InferOutputTensor, bytes]:
+    """An output's metadata and its raw little-endian bytes (for ``raw_output_contents``)."""
+    dtype = array.dtype.newbyteorder("<")
+    datatype = FROM_NUMPY.get(dtype)
+    if datatype is None:
+        raise TypeError(f"no OIP datatype for numpy dtype {array.dtype}")
+    data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+    return grpc_service_pb2.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=array.shape), data
+
