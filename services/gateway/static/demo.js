@@ -34,6 +34,11 @@ async function problemText(response) {
   }
 }
 
+// Detect serves detect and segment models (common/tasks.py); a segment model's boxes carry masks.
+function detects(model) {
+  return model.task === "detect" || model.task === "segment";
+}
+
 function isZeroShot(model) {
   return model.task === "embed" && model.postprocess && model.postprocess.params && model.postprocess.params.text_model;
 }
@@ -46,9 +51,9 @@ async function loadModels() {
     select.replaceChildren(el("option", { value: "" }, "no models"));
     return;
   }
-  models = (await response.json()).models.filter((m) => m.task === "detect" || isZeroShot(m));
+  models = (await response.json()).models.filter((m) => detects(m) || isZeroShot(m));
   select.replaceChildren(...models.map((m) =>
-    el("option", { value: m.name }, `${m.name} (${m.task === "detect" ? "detect" : "zero-shot classify"})`)));
+    el("option", { value: m.name }, `${m.name} (${detects(m) ? m.task : "zero-shot classify"})`)));
   const yolo = models.find((m) => m.name === "yolov8n");
   if (yolo) select.value = yolo.name;
 }
@@ -85,7 +90,7 @@ async function run(event) {
   for (const file of files) form.append("images", file, file.name);
   const params = new URLSearchParams({ model: model.name });
   let endpoint = "/v1/classify";
-  if (model.task === "detect") {
+  if (detects(model)) {
     endpoint = "/v1/detect";
     params.set("conf", $("conf").value);
     params.set("iou", $("iou").value);
@@ -104,7 +109,7 @@ async function run(event) {
     const response = await fetch(`${endpoint}?${params}`, { method: "POST", body: form });
     if (!response.ok) { setStatus(await problemText(response), true); return; }
     const body = await response.json();
-    await showResults(body.results, files, model.task === "detect", serverTiming(response.headers.get("Server-Timing")));
+    await showResults(body.results, files, detects(model), serverTiming(response.headers.get("Server-Timing")));
     const failed = body.results.filter((r) => r.error).length;
     setStatus(`Done in ${Math.round(performance.now() - started)} ms` + (failed ? `; ${failed} image(s) failed` : "") + ".");
   } catch (e) {
