@@ -9,7 +9,7 @@ Triton does. Used by the inference stage's OIP servicer (services/inference/oip_
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -127,3 +127,62 @@ def output_tensor(
     data = np.ascontiguousarray(array, dtype=dtype).tobytes()
     return grpc_service_pb2.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=array.shape), data
 
+
+
+# Ragged batches. A Triton batch tensor has one shape, but a detector's items do not: Faster
+# R-CNN finds a different number of boxes in each image, and a candidate filter keeps a
+# different number of YOLO anchors. An output whose declared shape has a variable dimension (-1)
+# is therefore sent padded with zeros to the batch's largest extent along every dimension, beside
+# ``<name>__shape`` (INT64, [batch, rank]): each item's real shape. A client cuts each item back
+# with ``unstack_items``; one that ignores ``__shape`` outputs sees Triton's usual padded batch.
+SHAPE_SUFFIX = "__shape"
+
+
+def shape_output(name: str) -> str:
+    """The name of the output carrying the real per-item shapes of ragged output ``name``."""
+    return name + SHAPE_SUFFIX
+
+
+def stack_items(items: Sequence[Mapping[str, np.ndarray]], ragged: Collection[str]) -> dict[str, np.ndarray]:
+    """The items' outputs as one batch: a leading batch dimension on every output, the outputs
+    named in ``ragged`` padded and described by their ``__shape`` output, the others stacked as
+    they are (their shapes must agree: a model that declares a fixed shape keeps it)."""
+    stacked: dict[str, np.ndarray] = {}
+    for name in items[0]:
+        arrays = [item[name] for item in items]
+        if name not in ragged:
+            shapes = {a.shape for a in arrays}
+            if len(shapes) > 1:
+                raise ValueError(f"output {name!r} is declared with a fixed shape but its items have {sorted(shapes)}")
+            stacked[name] = np.stack(arrays)
+            continue
+        real = np.array([a.shape for a in arrays], dtype=np.int64).reshape(len(arrays), arrays[0].ndim)
+        largest = tuple(int(n) for n in real.max(axis=0)) if len(arrays) else ()
+        batch = np.zeros((len(arrays), *largest), dtype=arrays[0].dtype)
+        for index, array in enumerate(arrays):
+            region: tuple[int | slice, ...] = (index, *(slice(0, n) for n in array.shape))
+            batch[region] = array
+        stacked[name] = batch
+        stacked[shape_output(name)] = real
+    return stacked
+
+
+def unstack_items(outputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Per-item outputs of one batched response, each ragged output cut to its item's real shape
+    (its ``__shape`` output consumed); the inverse of ``stack_items``."""
+    names = [name for name in outputs if not name.endswith(SHAPE_SUFFIX)]
+    if not names:
+        return []
+    size = len(outputs[names[0]])
+    items: list[dict[str, np.ndarray]] = [{} for _ in range(size)]
+    for name in names:
+        batch = outputs[name]
+        shapes = outputs.get(shape_output(name))
+        if len(batch) != size or (shapes is not None and shapes.shape[:1] != (size,)):
+            raise ValueError(f"output {name!r} has {len(batch)} items where the response has {size}")
+        for index in range(size):
+            item = batch[index]
+            if shapes is not None:
+                item = item[tuple(slice(0, int(n)) for n in shapes[index])]
+            items[index][name] = item
+    return items

@@ -21,6 +21,7 @@ from inferline.common import oip
 from inferline.common.errors import InvalidInput, quoted
 from inferline.common.generated import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 from inferline.services.inference.models import LoadedModel
+from inferline.services.inference.oip_repository import RepositoryServicer
 from inferline.services.inference.service import Inference
 
 SERVER_NAME = "inferline"
@@ -43,7 +44,7 @@ def _version() -> str:
         return "unknown"
 
 
-class OipInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+class OipInferenceServicer(RepositoryServicer, grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, service: Inference):
         self.service = service
 
@@ -66,13 +67,6 @@ class OipInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context):  # noqa: N802 - gRPC's method name
         model = self.service.model(request.name, request.version)
         return grpc_service_pb2.ModelConfigResponse(config=model_config(model))
-
-    async def RepositoryIndex(self, request, context):  # noqa: N802 - gRPC's method name
-        # Every model listed is loaded (the stage starts only when all are): READY.
-        index = grpc_service_pb2.RepositoryIndexResponse.ModelIndex
-        return grpc_service_pb2.RepositoryIndexResponse(
-            models=[index(name=m.config.name, version=m.config.version, state="READY") for m in self.service.models()]
-        )
 
     async def ModelInfer(self, request, context):  # noqa: N802 - gRPC's method name
         model = self.service.model(request.model_name, request.model_version)
