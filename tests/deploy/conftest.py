@@ -6,11 +6,12 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.deploy.tools import DEPLOY_IMAGES, REPO, install, run
+from tests.deploy.tools import DEPLOY_IMAGES, REPO, build_stage_ids, install, prune_stale_build_images, run
 
 
 @pytest.fixture(scope="session")
@@ -22,12 +23,15 @@ def container_tools() -> str:
 
 
 @pytest.fixture(scope="session")
-def images(container_tools: str) -> dict[str, str]:
-    """The four images the stack runs, built by deploy/docker/build.sh (cached layers on re-runs)."""
-    run(["bash", str(REPO / "deploy" / "docker" / "build.sh"), *DEPLOY_IMAGES], timeout=1200)
+def images(container_tools: str) -> Iterator[dict[str, str]]:
+    """The four images the stack runs, built by deploy/docker/build.sh (cached layers on re-runs).
+    When the session ends, the build-only stages of earlier builds go (this build's stay, as the
+    next one's cache): a machine that runs the suite on every change keeps a bounded disk."""
+    done = run(["bash", str(REPO / "deploy" / "docker" / "build.sh"), *DEPLOY_IMAGES], timeout=1200)
     version = next(line.split('"')[1] for line in (REPO / "pyproject.toml").read_text().splitlines()
                    if line.startswith("version = "))
-    return {name: f"localhost/inferline-{name}:{version}" for name in DEPLOY_IMAGES}
+    yield {name: f"localhost/inferline-{name}:{version}" for name in DEPLOY_IMAGES}
+    prune_stale_build_images(keep=build_stage_ids(done.stderr))
 
 
 @pytest.fixture(scope="session")

@@ -184,8 +184,7 @@ def build_image(
     done = run(["bash", str(REPO / "deploy" / "docker" / "build.sh"), target], env={**os.environ, **(env or {})},
                timeout=timeout)
     tag = done.stdout.split("built ", 1)[1].split()[0]
-    return tag, time.monotonic() - started, set(re.findall(r"^--> (?:Using cache )?([0-9a-f]{11,64})\s*$", done.stderr,
-                                                           re.M))
+    return tag, time.monotonic() - started, build_stage_ids(done.stderr)
 
 
 def _all_images() -> list[dict]:
@@ -210,3 +209,29 @@ def remove_built_image(tag: str, before: set[str], layers: set[str]) -> None:
     ]
     for image in sorted(mine, key=lambda image: -image["Created"]):
         podman("rmi", image["Id"], check=False)
+
+
+# The label the Dockerfiles' builder stages carry (and so every build-only stage built on them).
+BUILD_STAGE_LABEL = "org.inferline.stage=build"
+
+
+def build_stage_ids(output: str) -> set[str]:
+    """The (short) ids of the images a build committed or reused, as buildah prints them."""
+    return set(re.findall(r"^--> (?:Using cache )?([0-9a-f]{11,64})\s*$", output, re.M))
+
+
+def prune_stale_build_images(keep: set[str]) -> int:
+    """Removes the untagged build-only stages (the ``venv-*`` stages whose virtual environments
+    were copied into the images) left by earlier builds, except those in ``keep`` (this session's
+    builds used them: they are the next build's cache). Without this, every change to the code
+    leaves ~2 GB of stale stages behind on a machine that runs the suite again and again, until
+    its disk is full. Only images with the builder's label and no tag; never --force."""
+    stale = [
+        image for image in _all_images()
+        if not image.get("RepoTags") and (image.get("Labels") or {}).get("org.inferline.stage") == "build"
+        and not any(image["Id"].startswith(short) for short in keep)
+    ]
+    removed = 0
+    for image in sorted(stale, key=lambda image: -image["Created"]):
+        removed += podman("rmi", image["Id"], check=False).returncode == 0
+    return removed
