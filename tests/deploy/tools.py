@@ -205,7 +205,7 @@ def remove_built_image(tag: str, before: set[str], layers: set[str]) -> None:
     mine = [
         image
         for image in _all_images()
-        if image["Id"] not in before and not image.get("RepoTags") and any(image["Id"].startswith(s) for s in layers)
+        if image["Id"] not in before and not _tagged(image) and any(image["Id"].startswith(s) for s in layers)
     ]
     for image in sorted(mine, key=lambda image: -image["Created"]):
         podman("rmi", image["Id"], check=False)
@@ -225,13 +225,24 @@ def prune_stale_build_images(keep: set[str]) -> int:
     were copied into the images) left by earlier builds, except those in ``keep`` (this session's
     builds used them: they are the next build's cache). Without this, every change to the code
     leaves ~2 GB of stale stages behind on a machine that runs the suite again and again, until
-    its disk is full. Only images with the builder's label and no tag; never --force."""
+    its disk is full. The same goes for the older builds of the images themselves, untagged when a
+    new build took their tag. Only untagged images with our labels; never --force."""
     stale = [
         image for image in _all_images()
-        if not image.get("RepoTags") and (image.get("Labels") or {}).get("org.inferline.stage") == "build"
+        if not _tagged(image) and _ours(image.get("Labels") or {})
         and not any(image["Id"].startswith(short) for short in keep)
     ]
     removed = 0
     for image in sorted(stale, key=lambda image: -image["Created"]):
         removed += podman("rmi", image["Id"], check=False).returncode == 0
     return removed
+
+
+def _ours(labels: dict[str, str]) -> bool:
+    """A build stage of our Dockerfiles, or one of our images (which all name their vendor)."""
+    return labels.get("org.inferline.stage") == "build" or labels.get("org.opencontainers.image.vendor") == "inferline"
+
+
+def _tagged(image: dict) -> bool:
+    """podman's JSON lists an image's tags under ``Names`` (``RepoTags`` stays null)."""
+    return bool(image.get("Names") or image.get("RepoTags"))
