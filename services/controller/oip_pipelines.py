@@ -20,6 +20,7 @@ model of a known task is a new pipeline with no code. Nothing here imports ``grp
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,14 @@ import numpy as np
 
 from inferline.common.api import DetectRequest, DetectResult, EmbedRequest, EmbedResult, ImageInput
 from inferline.common.detections import DetectOptions
-from inferline.common.errors import InferlineError, InvalidInput, ModelNotFound, quoted
+from inferline.common.errors import (
+    DeadlineExceeded,
+    InferlineError,
+    InvalidInput,
+    ModelNotFound,
+    StageUnavailable,
+    quoted,
+)
 from inferline.common.generated import inference_pb2
 from inferline.common.oip_bytes import BYTES
 from inferline.common.recipes import Recipe
@@ -41,6 +49,8 @@ if TYPE_CHECKING:
     from inferline.common.server import Service
     from inferline.services.controller.stages import StageWatcher
     from inferline.services.inference.service import Inference
+
+log = logging.getLogger(__name__)
 
 IMAGE = "IMAGE"
 TEXT = "TEXT"
@@ -133,17 +143,29 @@ def pipelines_from(models: Sequence[inference_pb2.ModelMetadataResponse]) -> dic
 
 
 class PipelineCatalog:
-    """The pipelines, from the controller's model list, cached for ``CATALOG_TTL_S``."""
+    """The pipelines, from the controller's model list, cached for ``CATALOG_TTL_S``.
+
+    While the inference stage cannot be asked, the last list stands (its pipelines then read
+    not ready), so the repository index and ModelReady say what is missing instead of failing;
+    before any list, the stage's error is the answer.
+    """
 
     def __init__(self, list_models: Callable[[Deadline], Awaitable[inference_pb2.ListModelsResponse]]):
         self._list_models = list_models
         self._fetched = float("-inf")
-        self._pipelines: dict[str, Pipeline] = {}
+        self._pipelines: dict[str, Pipeline] | None = None
 
     async def all(self, deadline: Deadline) -> dict[str, Pipeline]:
-        if time.monotonic() - self._fetched >= CATALOG_TTL_S:
-            await self._refresh(deadline)
-        return self._pipelines
+        if self._pipelines is not None and time.monotonic() - self._fetched < CATALOG_TTL_S:
+            return self._pipelines
+        try:
+            return await self._refresh(deadline)
+        except (StageUnavailable, DeadlineExceeded) as exc:
+            if self._pipelines is None:
+                raise
+            self._fetched = time.monotonic()  # asked again after the TTL, not at every call
+            log.warning("listing the models failed (%s); the pipelines of the last list stand", exc)
+            return self._pipelines
 
     async def get(self, name: str, version: str, deadline: Deadline) -> Pipeline:
         pipelines = await self.all(deadline)

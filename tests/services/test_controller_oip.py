@@ -7,7 +7,9 @@ the typed-contents and streaming-error cases, which use tritonclient's own gener
 
 from __future__ import annotations
 
+import dataclasses
 import queue
+import socket
 
 import grpc
 import numpy as np
@@ -18,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from inferline.common import oip_bytes
 from inferline.common.generated import controller_pb2, controller_pb2_grpc, types_pb2
+from tests.support.servers import LoopThread, start_stage
 
 YOLO, RCNN, SEG = "yolov8n", "fasterrcnn-mobilenet-v3-large-320-fpn", "yolov8n-seg"
 CLIP, CLIP_TEXT = "clip-vit-b-32", "clip-vit-b-32-text"
@@ -110,6 +113,26 @@ def test_repository_index_lists_each_pipeline_ready(client):
     index = client.get_model_repository_index()
     assert {m.name for m in index.models} == PIPELINES
     assert {(m.version, m.state) for m in index.models} == {("1", "READY")}
+
+
+def test_with_a_stage_down_the_server_is_live_and_its_pipelines_unavailable(stack):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        unused = s.getsockname()[1]
+    loop = LoopThread()
+    broken = dataclasses.replace(stack.settings, preprocess_target=f"127.0.0.1:{unused}")
+    controller = start_stage(loop, "controller", broken)
+    try:
+        with triton.InferenceServerClient(controller.address) as client:
+            assert client.is_server_live() and not client.is_server_ready()
+            assert not client.is_model_ready(YOLO)
+            index = client.get_model_repository_index()
+            assert {m.name for m in index.models} == PIPELINES
+            assert {m.state for m in index.models} == {"UNAVAILABLE"}
+            assert "waiting for yolov8n" in next(m.reason for m in index.models if m.name == YOLO)
+    finally:
+        controller.stop()
+        loop.close()
 
 
 def test_a_detector_takes_encoded_images_and_gives_efficientnms_outputs(client):
