@@ -135,6 +135,19 @@ def test_with_a_stage_down_the_server_is_live_and_its_pipelines_unavailable(stac
         loop.close()
 
 
+def test_an_inprocess_controller_serves_its_pipelines_ready_once_loaded(settings, photos):
+    loop = LoopThread()
+    controller = start_stage(loop, "controller", dataclasses.replace(settings, inprocess=True, models=(YOLO,)))
+    try:
+        with triton.InferenceServerClient(controller.address) as client:
+            assert client.is_server_ready() and client.is_model_ready(YOLO)
+            assert [m.name for m in client.get_model_repository_index().models] == [YOLO]
+            assert client.infer(YOLO, [_items(photos[0])]).as_numpy("num_detections").tolist() == [[1]]
+    finally:
+        controller.stop()
+        loop.close()
+
+
 def test_a_detector_takes_encoded_images_and_gives_efficientnms_outputs(client):
     meta = client.get_model_metadata(YOLO)
     assert (meta.name, list(meta.versions), meta.platform) == (YOLO, ["1"], "inferline_pipeline")
