@@ -6,9 +6,17 @@ from __future__ import annotations
 import grpc
 
 from inferline.common.api import ClassifyRequest, DetectRequest, EmbedRequest
-from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2
+from inferline.common.generated import (
+    controller_pb2,
+    controller_pb2_grpc,
+    grpc_service_pb2,
+    grpc_service_pb2_grpc,
+    inference_pb2,
+)
 from inferline.common.server import Service
 from inferline.common.settings import Settings
+from inferline.services.controller import oip_pipelines
+from inferline.services.controller.oip_servicer import OipPipelineServicer
 from inferline.services.controller.operations import Controller
 from inferline.services.controller.ports import Deadline, Stages
 
@@ -63,15 +71,23 @@ def build_service(settings: Settings) -> Service:
         from inferline.services.controller.local_ports import LocalStages  # noqa: PLC0415 - imports the stages
 
         stages = LocalStages(settings)
+        ready = oip_pipelines.loaded(stages.services["inference"])
     else:
         from inferline.services.controller.grpc_ports import GrpcStages  # noqa: PLC0415 - one of two transports
 
         clients = GrpcStages(settings)
-        stages, readiness = clients, clients.watcher.run
-    servicer = ControllerServicer(settings, Controller(settings, stages))
+        stages, readiness, ready = clients, clients.watcher.run, oip_pipelines.watched(clients.watcher)
+    controller = Controller(settings, stages)
+    servicer = ControllerServicer(settings, controller)
+    # The same operations as Open Inference Protocol models, one per pipeline (oip_servicer.py).
+    pipelines = OipPipelineServicer(settings, controller, ready)
 
     def register(server: grpc.aio.Server) -> list[str]:
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server)
-        return [controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name]
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(pipelines, server)
+        return [
+            controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name,
+            grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+        ]
 
     return Service("controller", register, load=stages.load, close=stages.close, servicer=servicer, readiness=readiness)
