@@ -71,6 +71,9 @@ class Settings:
     controller_target: str = "localhost:50051"
     gateway_max_upload_mb: int = 32
     gateway_timeout_s: float = 60.0
+    # The OIP server behind the gateway's /v2 routes (REST -> inference.GRPCInferenceService);
+    # empty: the controller, over the gateway's channel to it.
+    gateway_oip_target: str = ""
 
     # TLS between the services (common/tls.py): this process's certificate and key, and the CA
     # that peers' certificates must chain to. tls_serve=false keeps this listener plaintext

@@ -27,6 +27,7 @@ from google.protobuf import json_format
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferline.common.api import ClassifyRequest, ClusterOptions, DetectRequest, EmbedRequest
+from inferline.common.channels import create_channel
 from inferline.common.detections import DetectOptions
 from inferline.common.errors import InferlineError, quoted
 from inferline.common.settings import Settings
@@ -37,6 +38,7 @@ from inferline.services.gateway import problems
 from inferline.services.gateway.inputs import Body, merged_params, read_body, timeout_from
 from inferline.services.gateway.metrics import GatewayMetrics
 from inferline.services.gateway.middleware import BodyLimit, RequestContext
+from inferline.services.gateway.oip_rest import create_oip_router
 from inferline.services.gateway.problems import ApiError, Problem, invalid
 from inferline.services.gateway.schemas import (
     ClassifyParams,
@@ -67,6 +69,8 @@ REST/JSON front door of the inferline pipeline: every call becomes one gRPC call
 * Errors: `application/problem+json` with the gRPC status name in `code`. A request whose images
   *all* failed answers with the first failure's status; when only some failed, the answer is 200
   and each failed result carries its `error`.
+* The Open Inference Protocol's REST form (KServe v2, Triton's, with its binary tensor data
+  extension) is served under `/v2` (`tritonclient.http` works); its spec documents it, not this page.
 * Every response has an `X-Request-ID` header (yours, when you send a plausible one), also logged;
   detect, classify and embed answers have a `Server-Timing` header with the time of each stage.
 """
@@ -144,14 +148,24 @@ def _results_content(model: type[Any], *others: str) -> dict[int | str, dict[str
 def create_app(settings: Settings) -> FastAPI:
     metrics = GatewayMetrics()
     state: dict[str, AsyncClient] = {}
+    oip_channels: dict[str, grpc.aio.Channel] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state["controller"] = AsyncClient(settings.controller_target, settings)
+        oip_target = settings.gateway_oip_target
+        if oip_target and oip_target != settings.controller_target:
+            # Any OIP server: no inferline health name to check, so no client-side health checking.
+            oip_channels["own"] = create_channel(oip_target, settings, health_service=None)
         try:
             yield
         finally:
+            if "own" in oip_channels:
+                await oip_channels.pop("own").close()
             await state.pop("controller").close()
+
+    def oip_channel() -> grpc.aio.Channel:
+        return oip_channels.get("own") or state["controller"].channel
 
     app = FastAPI(
         title="inferline gateway",
@@ -347,6 +361,7 @@ def create_app(settings: Settings) -> FastAPI:
             swagger_favicon_url="/swagger-ui/favicon.png",
         )
 
+    app.include_router(create_oip_router(oip_channel, settings.gateway_timeout_s))
     _document_extras(app)
     return app
 

@@ -158,3 +158,14 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResp
         exc_info=exc,
     )
     return problem_response(request, ApiError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, HTTP_INTERNAL))
+
+
+def oip_error_response(code: grpc.StatusCode, message: str) -> JSONResponse:
+    """An error of the OIP REST routes (``/v2``): the v2 spec's ``{"error": message}`` body, which
+    tritonclient.http reads, with the HTTP code of ``code`` from the same status table as the
+    problem documents; a server-side failure never leaks its text."""
+    http = http_status_for(code)
+    if http == HTTP_INTERNAL:
+        log.warning("OIP call failed: %s: %s", code.name, message)
+        message = INTERNAL_MESSAGE
+    return JSONResponse({"error": message}, status_code=http)
