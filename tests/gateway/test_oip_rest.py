@@ -225,3 +225,36 @@ def test_an_upstream_that_is_down_is_503_with_the_error_key(orphan_gateway):
     with httpx.Client(base_url=orphan_gateway.url, timeout=30) as http:
         reply = http.get("/v2/health/ready", headers={"X-Request-Timeout": "5"})
     assert reply.status_code == 503 and "unavailable" in reply.json()["error"]
+
+
+# The gateway's own upstream, by default: the controller's pipelines (docs/oip-pipelines.md).
+
+
+@pytest.fixture(scope="module")
+def pipeline_gateway(stack) -> Iterator[RunningGateway]:
+    running = RunningGateway(stack.settings, stack.controller)
+    yield running
+    running.stop()
+
+
+def test_a_pipeline_takes_encoded_images_over_rest_as_over_grpc(pipeline_gateway, stack, sample_images):
+    """JPEG bytes in, EfficientNMS-style detections out: the same answer as the controller's gRPC."""
+    encoded = np.array([[p.read_bytes()] for p in sample_images[:2]], dtype=object)
+    outputs = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
+    rest = triton_http.InferenceServerClient(pipeline_gateway.url.removeprefix("http://"), network_timeout=120)
+    try:
+        assert rest.is_model_ready("yolov8n")
+        assert rest.get_model_metadata("yolov8n")["inputs"] == [{"name": "IMAGE", "datatype": "BYTES", "shape": [-1, 1]}]
+        tensor = triton_http.InferInput("IMAGE", [2, 1], "BYTES")
+        tensor.set_data_from_numpy(encoded)
+        via_rest = rest.infer("yolov8n", [tensor], parameters={"conf": "0.3"})
+    finally:
+        rest.close()
+    with triton_grpc.InferenceServerClient(stack.controller) as grpc_client:
+        tensor = triton_grpc.InferInput("IMAGE", [2, 1], "BYTES")
+        tensor.set_data_from_numpy(encoded)
+        via_grpc = grpc_client.infer("yolov8n", [tensor], parameters={"conf": "0.3"})
+    counts = via_rest.as_numpy("num_detections")
+    assert counts.shape == (2, 1) and counts.sum() > 0
+    for name in outputs:
+        np.testing.assert_array_equal(via_rest.as_numpy(name), via_grpc.as_numpy(name))
