@@ -244,7 +244,8 @@ def test_a_pipeline_takes_encoded_images_over_rest_as_over_grpc(pipeline_gateway
     rest = triton_http.InferenceServerClient(pipeline_gateway.url.removeprefix("http://"), network_timeout=120)
     try:
         assert rest.is_model_ready("yolov8n")
-        assert rest.get_model_metadata("yolov8n")["inputs"] == [{"name": "IMAGE", "datatype": "BYTES", "shape": [-1, 1]}]
+        inputs = rest.get_model_metadata("yolov8n")["inputs"]
+        assert inputs == [{"name": "IMAGE", "datatype": "BYTES", "shape": [-1, 1]}]
         tensor = triton_http.InferInput("IMAGE", [2, 1], "BYTES")
         tensor.set_data_from_numpy(encoded)
         via_rest = rest.infer("yolov8n", [tensor], parameters={"conf": "0.3"})
