@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from google.protobuf import text_format
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from inferline.common import oip
 from inferline.common.api import DetectRequest
+from inferline.common.generated import model_config_pb2
 from inferline.services.client import Client, image_inputs
 from inferline.services.inference.filters import candidate_filter
 from inferline.services.inference.repository import BUILTIN_REPOSITORY, load_repository
@@ -71,25 +74,38 @@ def repository(tmp_path_factory: pytest.TempPathFactory, triton_env: dict[str, s
     return out
 
 
-@pytest.fixture(scope="module")
-def tritonserver(
-    tritonserver_binary: Path, repository: Path, triton_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """tritonserver on a loopback port (gRPC only), killed with its stubs (its process group)."""
+def _start(binary: Path, repository: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """tritonserver on a loopback port, gRPC only, in a process group of its own (its stubs too)."""
     (port,) = free_ports(1)
-    log = tmp_path_factory.mktemp("tritonserver") / "tritonserver.log"
     command = [
-        str(tritonserver_binary),
+        str(binary),
         "--model-repository", str(repository),
-        "--backend-directory", str(tritonserver_binary.parent.parent / "backends"),
+        "--backend-directory", str(binary.parent.parent / "backends"),
         "--grpc-address", "127.0.0.1", "--grpc-port", str(port),
         "--allow-http", "false", "--allow-metrics", "false",
     ]
     with log.open("w") as sink:
-        process = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, env=triton_env, start_new_session=True
-        )
-    address = f"127.0.0.1:{port}"
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return process, f"127.0.0.1:{port}"
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def tritonserver(
+    tritonserver_binary: Path, repository: Path, triton_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """tritonserver serving the repository, ready; killed with its stubs (its process group)."""
+    log = tmp_path_factory.mktemp("tritonserver") / "tritonserver.log"
+    process, address = _start(tritonserver_binary, repository, triton_env, log)
     try:
         with triton.InferenceServerClient(address) as client:
             deadline = time.monotonic() + READY_TIMEOUT_S
@@ -106,13 +122,7 @@ def tritonserver(
                 time.sleep(0.5)
         yield address
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+        _stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +233,25 @@ def test_the_controller_detects_the_same_through_tritonserver(stack, tritonserve
     assert [i.error for i in got.images] == [None, None]
     assert [i.detections for i in got.images] == [i.detections for i in expected.images]
     assert all(i.detections for i in got.images)
+
+
+def test_a_config_written_for_other_weights_is_refused(tritonserver_binary, repository, triton_env, tmp_path):
+    other = tmp_path / "repository"
+    shutil.copytree(repository, other)
+    pbtxt = other / MODEL / "config.pbtxt"
+    text = pbtxt.read_text()
+    (pinned,) = _parameters_in(text, "weights_sha256")
+    pbtxt.write_text(text.replace(pinned, "0" * 64))
+    process, _ = _start(tritonserver_binary, other, triton_env, tmp_path / "tritonserver.log")
+    try:
+        process.wait(READY_TIMEOUT_S)  # a model that fails to load stops the server
+    finally:
+        _stop(process)
+    log = (tmp_path / "tritonserver.log").read_text()
+    assert process.returncode != 0
+    assert "differs from its config.pbtxt in weights_sha256" in log
+
+
+def _parameters_in(pbtxt: str, key: str) -> list[str]:
+    config = text_format.Parse(pbtxt, model_config_pb2.ModelConfig())
+    return [config.parameters[key].string_value] if key in config.parameters else []
