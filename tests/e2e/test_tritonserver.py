@@ -210,6 +210,12 @@ def test_min_score_of_one_image_is_our_stage_s(triton_client, our_client, batch)
     assert theirs[oip.shape_output("output0")].tolist() == [list(ours["output0"].shape[1:])]
 
 
+def test_a_min_score_no_candidate_reaches_gives_empty_outputs(triton_client, our_client, batch):
+    theirs = _infer(triton_client, batch[:1], min_score="1")
+    assert theirs["output0"].shape == _infer(our_client, batch[:1], min_score="1")["output0"].shape == (1, 84, 0)
+    assert theirs[oip.shape_output("output0")].tolist() == [[84, 0]]
+
+
 def test_a_bad_min_score_is_refused(triton_client, batch):
     with pytest.raises(InferenceServerException, match="min_score"):
         _infer(triton_client, batch[:1], min_score="2")
