@@ -182,8 +182,8 @@ def test_a_config_override_is_validated_with_a_message_naming_the_field(client):
 
 def test_requests_in_flight_when_their_model_is_unloaded_complete(client, explicit, repo):
     slow = yaml.safe_load((repo / "yolo-b" / "config.yaml").read_text())
-    # Items wait 400 ms in the queue for company: the unload arrives while they are held.
-    slow["dynamic_batching"] = {"max_queue_delay_ms": 400, "max_queue_size": 64}
+    # Items wait up to 2 s in the queue for company: the unload arrives while the model holds them.
+    slow["dynamic_batching"] = {"max_queue_delay_ms": 2000, "max_queue_size": 64}
     slow["max_batch_size"] = 8
     client.load_model("yolo-b", config=json.dumps(slow))
     results: list[object] = []
@@ -198,7 +198,8 @@ def test_requests_in_flight_when_their_model_is_unloaded_complete(client, explic
     threads = [threading.Thread(target=call) for _ in range(3)]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)
+    batcher = explicit.app.service.domain.manager.get("yolo-b").batcher  # the stage's own, in this process
+    _wait_for(lambda: batcher.depth == 3)
     client.unload_model("yolo-b")
     for thread in threads:
         thread.join(60)
@@ -260,12 +261,12 @@ def test_none_mode_refuses_load_and_unload(settings):
             asyncio.run(call)
 
 
-def test_exit_on_error_makes_startup_fail(settings, repo):
+def test_exit_on_error_makes_startup_fail(loop, settings, repo):
     live = dataclasses.replace(
         settings, model_repository=repo, model_control_mode="explicit", load_models=("broken",), exit_on_error=True
     )
     with pytest.raises(WeightsError, match="missing-weights.pt"):
-        ModelManager(live).load_all()
+        start_service(loop, build_service, live)
     tolerant = ModelManager(dataclasses.replace(live, exit_on_error=False))
     tolerant.load_all()
     assert [(s.name, s.state) for s in tolerant.index() if s.name == "broken"] == [("broken", "UNAVAILABLE")]
