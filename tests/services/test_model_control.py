@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import yaml
+from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
 from inferline.common.errors import ConfigError, WeightsError
@@ -148,8 +149,12 @@ def test_explicit_load_then_unload_under_traffic_to_another_model(client, explic
         client.load_model("yolo-b")
         assert _states(client)["yolo-b"][0] == "READY" and client.is_model_ready("yolo-b")
         assert _infer(client, "yolo-b").shape[:2] == (1, 84)
+        assert REGISTRY.get_sample_value("inferline_queue_capacity", {"model": "yolo-b"}) == 256
         client.unload_model("yolo-b")
     assert _states(client)["yolo-b"] == ("UNAVAILABLE", "unloaded")
+    # Its per-model gauges go with it (the stage's /metrics lists only the models it serves).
+    assert REGISTRY.get_sample_value("inferline_queue_capacity", {"model": "yolo-b"}) is None
+    assert REGISTRY.get_sample_value("inferline_queue_depth", {"model": "yolo-b"}) is None
     with pytest.raises(InferenceServerException) as raised:
         _infer(client, "yolo-b")
     assert raised.value.status() == "StatusCode.UNAVAILABLE" and "unloaded" in raised.value.message()
