@@ -90,6 +90,16 @@ class Settings:
     # Names of the models the inference service loads; empty loads the whole repository.
     models: tuple[str, ...] = ()
     allow_download: bool = True
+    # Triton's model control (docs/model-control.md): none loads the repository at start and
+    # refuses load/unload calls; explicit loads ``load_models`` at start (``*``: all; Triton's
+    # --load-model) and then what RepositoryModelLoad asks; poll rescans the repository folder
+    # every ``repository_poll_s`` and loads, reloads and unloads what changed there.
+    model_control_mode: str = "none"
+    repository_poll_s: float = 5.0
+    load_models: tuple[str, ...] = ()
+    # Triton's --exit-on-error: a model that fails to load at start stops the stage; otherwise
+    # it reads UNAVAILABLE (with its reason) and the other models serve.
+    exit_on_error: bool = False
     device: str = "auto"
     torch_threads: int = 0
 

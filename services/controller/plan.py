@@ -123,6 +123,11 @@ class PlanCache:
             refresh.add_done_callback(lambda _: self._refreshing.pop(name, None))
         return cached[1]
 
+    def forget(self, name: str) -> None:
+        """Drops the cached plan of ``name``: the stage watcher calls it when the model is loaded,
+        reloaded or unloaded (its metadata may have changed); the next request asks the stage."""
+        self._entries.pop(name, None)
+
     async def _fetch(self, name: str, deadline: Deadline) -> ModelPlan:
         plan = ModelPlan.from_metadata(await self._fetch_metadata(name, deadline))
         self._entries[name] = (time.monotonic(), plan)

@@ -7,6 +7,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -47,10 +48,10 @@ class StageHealth:
     state: StageState | None = None
     serving_replicas: int = 0
     last_serving: float | None = None
-    # The inference stage's replicas: the models each serves, asked once when it turns SERVING
-    # (a replica loads its models before it serves, and never changes them after); None while
-    # it does not serve.
-    replica_models: list[frozenset[str] | None] = field(default_factory=list)
+    # The inference stage's replicas: the models each serves READY, by name, with their version,
+    # asked at every check (models load and unload live: docs/model-control.md); None while it
+    # does not serve (or did not say).
+    replica_models: list[dict[str, str] | None] = field(default_factory=list)
 
     @property
     def models(self) -> frozenset[str]:
@@ -73,6 +74,9 @@ class StageWatcher:
     settings: Settings
     targets: dict[str, str]
     health: dict[str, StageHealth] = field(default_factory=dict)
+    # Called with a model's name when a replica loads, reloads (another version) or unloads it:
+    # the controller's cached plan of it is stale (PlanCache.forget).
+    on_model_change: Callable[[str], None] | None = None
     _channels: dict[str, list[grpc.aio.Channel]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -147,10 +151,21 @@ class StageWatcher:
         STAGE_REPLICAS_SERVING.labels(stage).set(health.serving_replicas)
         if stage == "inference":
             for i, (channel, state) in enumerate(zip(self._channels[stage], replies, strict=False)):
-                if state is not StageState.SERVING:
-                    health.replica_models[i] = None
-                elif health.replica_models[i] is None:
-                    health.replica_models[i] = await self._models_of(channel)
+                before = health.replica_models[i]
+                now = await self._models_of(channel) if state is StageState.SERVING else None
+                health.replica_models[i] = now
+                if now is not None and now != before:  # (a restarted replica may serve other versions)
+                    self._changed(before or {}, now)
+
+    def _changed(self, before: dict[str, str], now: dict[str, str]) -> None:
+        """Tells ``on_model_change`` of each model whose state or version differs."""
+        if self.on_model_change is None:
+            return
+        for name in sorted(set(before) | set(now)):
+            if before.get(name) != now.get(name):
+                log.debug("model %s changed on an inference replica (version %s -> %s)",
+                         name, before.get(name, "none"), now.get(name, "none"))
+                self.on_model_change(name)
 
     async def _check(self, channel: grpc.aio.Channel) -> StageState:
         try:
@@ -161,15 +176,15 @@ class StageWatcher:
             return StageState.UNREACHABLE
         return StageState.SERVING if reply.status == health_pb2.HealthCheckResponse.SERVING else StageState.NOT_SERVING
 
-    async def _models_of(self, channel: grpc.aio.Channel) -> frozenset[str] | None:
-        """The models one replica serves (None if it did not say: asked again next time)."""
+    async def _models_of(self, channel: grpc.aio.Channel) -> dict[str, str] | None:
+        """The models one replica serves, with their versions (None if it did not say)."""
         try:  # the Open Inference Protocol's index, which any OIP server (Triton too) answers
             reply = await grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(
                 grpc_service_pb2.RepositoryIndexRequest(ready=True), timeout=self._timeout
             )
         except grpc.aio.AioRpcError:
             return None
-        return frozenset(model.name for model in reply.models if model.state == "READY")
+        return {model.name: model.version for model in reply.models if model.state == "READY"}
 
     @property
     def _timeout(self) -> float:

@@ -29,6 +29,7 @@ from inferline.common.errors import DeadlineExceeded, Overloaded
 from inferline.common.telemetry import RequestContext, capture
 from inferline.common.telemetry.metrics import SHED_ITEMS, WASTED_ITEMS, track_queue
 from inferline.common.telemetry.tracing import batch_started
+from inferline.services.inference.statistics import ModelStats
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,12 @@ class _Pending:
 
 
 class DynamicBatcher:
-    def __init__(self, name: str, run: RunBatch, executor: Executor, config: BatchingConfig):
+    def __init__(
+        self, name: str, run: RunBatch, executor: Executor, config: BatchingConfig, stats: ModelStats | None = None
+    ):
         self.name = name
+        # Queue waits and output hand-off times of this model (ModelStatistics); None: not kept.
+        self.stats = stats
         self._run = run
         self._executor = executor
         self.config = config
@@ -134,6 +139,12 @@ class DynamicBatcher:
     def _shed(self, reason: str, count: int = 1) -> None:
         SHED_ITEMS.labels(self.name, reason).inc(count)
 
+    async def drain(self) -> None:
+        """Returns once every item submitted so far has its result (an unload's wait for the
+        model's in-flight requests); the caller stops new submissions first."""
+        while self._queue or self.running:
+            await asyncio.sleep(0.005)
+
     async def close(self) -> None:
         for worker in self._workers:
             worker.cancel()
@@ -162,6 +173,8 @@ class DynamicBatcher:
             self.running += len(batch)
             observed = batch_started(self.name, [p.request for p in batch], [p.enqueued for p in batch])
             started = time.monotonic()
+            if self.stats is not None:
+                self.stats.queued([started - p.enqueued for p in batch])
             try:
                 results = await loop.run_in_executor(self._executor, observed.run(self._run), [p.item for p in batch])
                 self._timed(time.monotonic() - started, len(batch))
@@ -170,7 +183,10 @@ class DynamicBatcher:
                 results = [exc] * len(batch)
             finally:
                 self.running -= len(batch)
+            handed = time.monotonic()
             self._settle(batch, results)
+            if self.stats is not None:
+                self.stats.outputs_handed(len(batch), time.monotonic() - handed)
 
     def _timed(self, seconds: float, items: int) -> None:
         sample = seconds / items

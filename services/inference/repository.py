@@ -140,6 +140,13 @@ def load_config(path: Path) -> ModelConfig:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read model config: {exc}") from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: Any, path: Path) -> ModelConfig:
+    """A model config from its fields as ``config.yaml`` holds them (or their JSON form, as a
+    RepositoryModelLoad's ``config`` parameter carries them); ``path`` is the config file it
+    stands for: errors name it, and relative weights paths resolve beside it."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     reader = _Reader(raw, str(path))

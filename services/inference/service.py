@@ -15,17 +15,18 @@ import numpy as np
 from inferline.common.errors import InvalidInput, at_most
 from inferline.common.settings import Settings
 from inferline.services.inference.filters import candidate_filter
-from inferline.services.inference.models import LoadedModel, ModelManager
+from inferline.services.inference.models import LoadedModel, ModelManager, ModelStatus
 
 
 class Inference:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.manager = ModelManager(settings)
+        self._poller: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
-        """Every configured model is loaded."""
+        """Every model this stage should serve is loaded (Triton's strict readiness)."""
         return self.manager.ready
 
     def model(self, name: str, version: str = "") -> LoadedModel:
@@ -64,7 +65,25 @@ class Inference:
 
     async def load(self) -> None:
         await asyncio.to_thread(self.manager.load_all)
+        if self.manager.mode == "poll":
+            self._poller = asyncio.create_task(self.manager.poll(), name="model-repository-poll")
+
+    # Model control (models.py ModelManager; docs/model-control.md).
+    def repository_index(self, ready_only: bool = False) -> list[ModelStatus]:
+        return self.manager.index(ready_only)
+
+    async def load_model(self, name: str, config_json: str | None = None) -> None:
+        await self.manager.load(name, config_json)
+
+    async def unload_model(self, name: str) -> None:
+        await self.manager.unload(name)
+
+    def statistics(self, name: str = "", version: str = "") -> list[LoadedModel]:
+        return self.manager.statistics(name, version)
 
     async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
         await self.manager.aclose()
         await asyncio.to_thread(self.manager.close)
