@@ -100,14 +100,17 @@ class OipInferenceServicer(RepositoryServicer, grpc_service_pb2_grpc.GRPCInferen
                 raise result  # OIP has no per-item status: one failed item fails the request
             results.append(result)
         stacked = results[0] if info.max_batch_size == 0 else oip.stack_items(results, ragged=info.ragged_outputs)
-        wanted = [o.name for o in request.outputs] or list(stacked)
+        # Unasked, every output in the order ModelMetadata declares them.
+        declared = [t.name for t in info.served_outputs]
+        everything = [n for n in declared if n in stacked] + [n for n in stacked if n not in declared]
+        wanted = [o.name for o in request.outputs] or everything
         response = grpc_service_pb2.ModelInferResponse(
             model_name=info.name, model_version=info.version, id=request.id
         )
         for name in wanted:
             if name not in stacked:
                 raise InvalidInput(
-                    f"model {quoted(info.name)} has no output {quoted(name)} (it has: {', '.join(stacked)})"
+                    f"model {quoted(info.name)} has no output {quoted(name)} (it has: {', '.join(everything)})"
                 )
             tensor, data = oip.output_tensor(name, stacked[name])
             response.outputs.append(tensor)
