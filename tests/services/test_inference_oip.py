@@ -195,7 +195,8 @@ def test_a_stream_answers_each_request_and_outlives_a_failed_one(stack, images):
 
     with grpc.insecure_channel(stack.servers["inference"].address) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        answers = list(stub.ModelStreamInfer(iter([request("yolov8n"), request("nope"), request("yolov8n")]), timeout=120))
+        requests = [request("yolov8n"), request("nope"), request("yolov8n")]
+        answers = list(stub.ModelStreamInfer(iter(requests), timeout=120))
     assert len(answers) == 3
     first, failed, last = answers
     assert not first.error_message and first.infer_response.id == "yolov8n"

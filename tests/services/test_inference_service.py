@@ -27,7 +27,9 @@ def stub(stack):
         yield grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
-def _request(model: str, inputs: dict[str, np.ndarray], min_score: float | None = None, **fields) -> pb.ModelInferRequest:
+def _request(
+    model: str, inputs: dict[str, np.ndarray], min_score: float | None = None, **fields
+) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model, **fields)
     for name, array in inputs.items():
         tensor, data = oip.input_tensor(name, array)
