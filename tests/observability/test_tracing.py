@@ -88,7 +88,7 @@ def test_each_stage_call_is_a_server_span_under_the_controllers_client_span(trac
     by_id = {s["span_id"]: s for s in spans}
     stage_calls = {
         "preprocess": "inferline.v1.PreprocessService/Preprocess",
-        "inference": "inferline.v1.InferenceService/ModelInfer",
+        "inference": "inference.GRPCInferenceService/ModelInfer",
         "postprocess": "inferline.v1.PostprocessService/Postprocess",
     }
     for service, name in stage_calls.items():
