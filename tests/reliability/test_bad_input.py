@@ -564,7 +564,9 @@ FUZZ = hypothesis_settings(max_examples=25, deadline=None, suppress_health_check
 METHODS = {
     "controller": [("/inferline.v1.ControllerService/" + m) for m in ("Detect", "Classify", "Embed", "ModelInfo")],
     "preprocess": ["/inferline.v1.PreprocessService/Preprocess"],
-    "inference": [("/inference.GRPCInferenceService/" + m) for m in ("ModelInfer", "ModelMetadata", "ModelReady", "ModelConfig")],
+    "inference": [
+        ("/inference.GRPCInferenceService/" + m) for m in ("ModelInfer", "ModelMetadata", "ModelReady", "ModelConfig")
+    ],
     "postprocess": [("/inferline.v1.PostprocessService/" + m) for m in ("Postprocess", "Render", "Embeddings")],
 }
 ALL_METHODS = [(stage, method) for stage, methods in METHODS.items() for method in methods]
