@@ -29,7 +29,9 @@ from inferline.common.tls import channel_credentials
 INFERLINE_SERVICES = (
     "inferline.v1.ControllerService",
     "inferline.v1.PreprocessService",
-    "inferline.v1.InferenceService",
+    # The inference stage speaks the Open Inference Protocol; the controller's calls of it are
+    # idempotent too (ModelInfer on a stateless model, the metadata reads).
+    "inference.GRPCInferenceService",
     "inferline.v1.PostprocessService",
 )
 

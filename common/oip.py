@@ -3,7 +3,8 @@
 OIP names datatypes with strings ("UINT8", "FP32") and carries a tensor's data either in the
 request's ``raw_input_contents`` (little-endian bytes, one entry per input, in input order) or
 in the tensor's typed ``contents``. Both are accepted here; outputs are always sent raw, as
-Triton does. Used by the inference stage's OIP servicer (services/inference/oip_servicer.py).
+Triton does. Used by the inference stage's OIP servicer (services/inference/oip_servicer.py)
+and by the controller's client of it (services/controller/grpc_ports.py).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ FROM_CONFIG: dict[str, str] = {
     "float32": "FP32",
     "float64": "FP64",
 }
+TO_CONFIG: dict[str, str] = {name: dtype for dtype, name in FROM_CONFIG.items()}
 # Which typed-contents field carries which datatype (FP16 has none: it travels raw only).
 _CONTENTS_FIELD: dict[str, str] = {
     "BOOL": "bool_contents",
@@ -49,6 +51,9 @@ _CONTENTS_FIELD: dict[str, str] = {
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
 }
+# The request parameter that asks for the candidate filter (the inference stage's min_score):
+# a double_param within [0, 1] (or a string of one: tritonclient sends no doubles).
+MIN_SCORE = "min_score"
 _MAX_TENSOR_BYTES = 2**31
 _MAX_DIMS = 32
 
@@ -114,6 +119,32 @@ def decode_tensor(tensor: InputTensor, raw: bytes | None) -> np.ndarray:
     if array.size and dtype.kind in "iu" and (array.min() < np.iinfo(dtype).min or array.max() > np.iinfo(dtype).max):
         raise InvalidInput(f"input {name}: a value in contents.{field} is out of range for {tensor.datatype}")
     return array.astype(dtype).reshape(shape)
+
+
+def decode_outputs(response: grpc_service_pb2.ModelInferResponse) -> dict[str, np.ndarray]:
+    """A response's output tensors by name (the client's side of ``output_tensor``): from raw
+    contents when the server sent them, as Triton does, else from typed contents. A malformed
+    tensor is an ``InvalidInput`` naming it (the caller decides whose fault that is)."""
+    raw = response.raw_output_contents
+    if raw and len(raw) != len(response.outputs):
+        raise InvalidInput(
+            f"the response has {len(response.outputs)} outputs but {len(raw)} raw_output_contents"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(response.outputs):
+        # An output tensor has the fields of an input tensor that decoding reads.
+        arrays[tensor.name] = decode_tensor(tensor, raw[index] if raw else None)  # type: ignore[arg-type]
+    return arrays
+
+
+def input_tensor(name: str, array: np.ndarray) -> tuple[InputTensor, bytes]:
+    """An input's metadata and its raw little-endian bytes (for ``raw_input_contents``)."""
+    dtype = array.dtype.newbyteorder("<")
+    datatype = FROM_NUMPY.get(dtype)
+    if datatype is None:
+        raise InvalidInput(f"input {quoted(name)}: numpy dtype {array.dtype} has no OIP datatype")
+    data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+    return InputTensor(name=name, datatype=datatype, shape=array.shape), data
 
 
 def output_tensor(

@@ -26,45 +26,23 @@ _sym_db = _symbol_database.Default()
 from . import types_pb2 as inferline_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinferline/v1/inference.proto\x12\x0cinferline.v1\x1a\x18inferline/v1/types.proto\"\x13\n\x11ServerLiveRequest\"\"\n\x12ServerLiveResponse\x12\x0c\n\x04live\x18\x01 \x01(\x08\"\x14\n\x12ServerReadyRequest\"$\n\x13ServerReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"2\n\x11ModelReadyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"#\n\x12ModelReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"5\n\x14ModelMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"W\n\x0eTensorMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x08\x64\x61tatype\x18\x02 \x01(\x0e\x32\x16.inferline.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"=\n\x0bWeightsInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x10\n\x08official\x18\x03 \x01(\x08\"\xdd\x02\n\x15ModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12,\n\x06inputs\x18\x05 \x03(\x0b\x32\x1c.inferline.v1.TensorMetadata\x12-\n\x07outputs\x18\x06 \x03(\x0b\x32\x1c.inferline.v1.TensorMetadata\x12(\n\npreprocess\x18\x07 \x01(\x0b\x32\x14.inferline.v1.Recipe\x12)\n\x0bpostprocess\x18\x08 \x01(\x0b\x32\x14.inferline.v1.Recipe\x12\x0e\n\x06labels\x18\t \x03(\t\x12*\n\x07weights\x18\n \x01(\x0b\x32\x19.inferline.v1.WeightsInfo\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\x05\"\x13\n\x11ListModelsRequest\"I\n\x12ListModelsResponse\x12\x33\n\x06models\x18\x01 \x03(\x0b\x32#.inferline.v1.ModelMetadataResponse\"1\n\tInferItem\x12$\n\x06inputs\x18\x01 \x03(\x0b\x32\x14.inferline.v1.Tensor\"\x85\x01\n\x11ModelInferRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12&\n\x05items\x18\x04 \x03(\x0b\x32\x17.inferline.v1.InferItem\x12\x11\n\tmin_score\x18\x05 \x01(\x02\"Z\n\x0bInferResult\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.inferline.v1.Tensor\x12$\n\x06status\x18\x02 \x01(\x0b\x32\x14.inferline.v1.Status\"w\n\x12ModelInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12*\n\x07results\x18\x04 \x03(\x0b\x32\x19.inferline.v1.InferResult2\x84\x04\n\x10InferenceService\x12O\n\nServerLive\x12\x1f.inferline.v1.ServerLiveRequest\x1a .inferline.v1.ServerLiveResponse\x12R\n\x0bServerReady\x12 .inferline.v1.ServerReadyRequest\x1a!.inferline.v1.ServerReadyResponse\x12O\n\nModelReady\x12\x1f.inferline.v1.ModelReadyRequest\x1a .inferline.v1.ModelReadyResponse\x12X\n\rModelMetadata\x12\".inferline.v1.ModelMetadataRequest\x1a#.inferline.v1.ModelMetadataResponse\x12O\n\nListModels\x12\x1f.inferline.v1.ListModelsRequest\x1a .inferline.v1.ListModelsResponse\x12O\n\nModelInfer\x12\x1f.inferline.v1.ModelInferRequest\x1a .inferline.v1.ModelInferResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinferline/v1/inference.proto\x12\x0cinferline.v1\x1a\x18inferline/v1/types.proto\"5\n\x14ModelMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"W\n\x0eTensorMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x08\x64\x61tatype\x18\x02 \x01(\x0e\x32\x16.inferline.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"=\n\x0bWeightsInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x10\n\x08official\x18\x03 \x01(\x08\"\xdd\x02\n\x15ModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12,\n\x06inputs\x18\x05 \x03(\x0b\x32\x1c.inferline.v1.TensorMetadata\x12-\n\x07outputs\x18\x06 \x03(\x0b\x32\x1c.inferline.v1.TensorMetadata\x12(\n\npreprocess\x18\x07 \x01(\x0b\x32\x14.inferline.v1.Recipe\x12)\n\x0bpostprocess\x18\x08 \x01(\x0b\x32\x14.inferline.v1.Recipe\x12\x0e\n\x06labels\x18\t \x03(\t\x12*\n\x07weights\x18\n \x01(\x0b\x32\x19.inferline.v1.WeightsInfo\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\x05\"\x13\n\x11ListModelsRequest\"I\n\x12ListModelsResponse\x12\x33\n\x06models\x18\x01 \x03(\x0b\x32#.inferline.v1.ModelMetadataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferline.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERVERLIVEREQUEST']._serialized_start=72
-  _globals['_SERVERLIVEREQUEST']._serialized_end=91
-  _globals['_SERVERLIVERESPONSE']._serialized_start=93
-  _globals['_SERVERLIVERESPONSE']._serialized_end=127
-  _globals['_SERVERREADYREQUEST']._serialized_start=129
-  _globals['_SERVERREADYREQUEST']._serialized_end=149
-  _globals['_SERVERREADYRESPONSE']._serialized_start=151
-  _globals['_SERVERREADYRESPONSE']._serialized_end=187
-  _globals['_MODELREADYREQUEST']._serialized_start=189
-  _globals['_MODELREADYREQUEST']._serialized_end=239
-  _globals['_MODELREADYRESPONSE']._serialized_start=241
-  _globals['_MODELREADYRESPONSE']._serialized_end=276
-  _globals['_MODELMETADATAREQUEST']._serialized_start=278
-  _globals['_MODELMETADATAREQUEST']._serialized_end=331
-  _globals['_TENSORMETADATA']._serialized_start=333
-  _globals['_TENSORMETADATA']._serialized_end=420
-  _globals['_WEIGHTSINFO']._serialized_start=422
-  _globals['_WEIGHTSINFO']._serialized_end=483
-  _globals['_MODELMETADATARESPONSE']._serialized_start=486
-  _globals['_MODELMETADATARESPONSE']._serialized_end=835
-  _globals['_LISTMODELSREQUEST']._serialized_start=837
-  _globals['_LISTMODELSREQUEST']._serialized_end=856
-  _globals['_LISTMODELSRESPONSE']._serialized_start=858
-  _globals['_LISTMODELSRESPONSE']._serialized_end=931
-  _globals['_INFERITEM']._serialized_start=933
-  _globals['_INFERITEM']._serialized_end=982
-  _globals['_MODELINFERREQUEST']._serialized_start=985
-  _globals['_MODELINFERREQUEST']._serialized_end=1118
-  _globals['_INFERRESULT']._serialized_start=1120
-  _globals['_INFERRESULT']._serialized_end=1210
-  _globals['_MODELINFERRESPONSE']._serialized_start=1212
-  _globals['_MODELINFERRESPONSE']._serialized_end=1331
-  _globals['_INFERENCESERVICE']._serialized_start=1334
-  _globals['_INFERENCESERVICE']._serialized_end=1850
+  _globals['_MODELMETADATAREQUEST']._serialized_start=72
+  _globals['_MODELMETADATAREQUEST']._serialized_end=125
+  _globals['_TENSORMETADATA']._serialized_start=127
+  _globals['_TENSORMETADATA']._serialized_end=214
+  _globals['_WEIGHTSINFO']._serialized_start=216
+  _globals['_WEIGHTSINFO']._serialized_end=277
+  _globals['_MODELMETADATARESPONSE']._serialized_start=280
+  _globals['_MODELMETADATARESPONSE']._serialized_end=629
+  _globals['_LISTMODELSREQUEST']._serialized_start=631
+  _globals['_LISTMODELSREQUEST']._serialized_end=650
+  _globals['_LISTMODELSRESPONSE']._serialized_start=652
+  _globals['_LISTMODELSRESPONSE']._serialized_end=725
 # @@protoc_insertion_point(module_scope)

@@ -8,40 +8,6 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class ServerLiveRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class ServerLiveResponse(_message.Message):
-    __slots__ = ("live",)
-    LIVE_FIELD_NUMBER: _ClassVar[int]
-    live: bool
-    def __init__(self, live: _Optional[bool] = ...) -> None: ...
-
-class ServerReadyRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class ServerReadyResponse(_message.Message):
-    __slots__ = ("ready",)
-    READY_FIELD_NUMBER: _ClassVar[int]
-    ready: bool
-    def __init__(self, ready: _Optional[bool] = ...) -> None: ...
-
-class ModelReadyRequest(_message.Message):
-    __slots__ = ("name", "version")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    VERSION_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    version: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
-
-class ModelReadyResponse(_message.Message):
-    __slots__ = ("ready",)
-    READY_FIELD_NUMBER: _ClassVar[int]
-    ready: bool
-    def __init__(self, ready: _Optional[bool] = ...) -> None: ...
-
 class ModelMetadataRequest(_message.Message):
     __slots__ = ("name", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -105,43 +71,3 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelMetadataResponse]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelMetadataResponse, _Mapping]]] = ...) -> None: ...
-
-class InferItem(_message.Message):
-    __slots__ = ("inputs",)
-    INPUTS_FIELD_NUMBER: _ClassVar[int]
-    inputs: _containers.RepeatedCompositeFieldContainer[_types_pb2.Tensor]
-    def __init__(self, inputs: _Optional[_Iterable[_Union[_types_pb2.Tensor, _Mapping]]] = ...) -> None: ...
-
-class ModelInferRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "id", "items", "min_score")
-    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
-    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    ID_FIELD_NUMBER: _ClassVar[int]
-    ITEMS_FIELD_NUMBER: _ClassVar[int]
-    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
-    model_name: str
-    model_version: str
-    id: str
-    items: _containers.RepeatedCompositeFieldContainer[InferItem]
-    min_score: float
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[InferItem, _Mapping]]] = ..., min_score: _Optional[float] = ...) -> None: ...
-
-class InferResult(_message.Message):
-    __slots__ = ("outputs", "status")
-    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
-    STATUS_FIELD_NUMBER: _ClassVar[int]
-    outputs: _containers.RepeatedCompositeFieldContainer[_types_pb2.Tensor]
-    status: _types_pb2.Status
-    def __init__(self, outputs: _Optional[_Iterable[_Union[_types_pb2.Tensor, _Mapping]]] = ..., status: _Optional[_Union[_types_pb2.Status, _Mapping]] = ...) -> None: ...
-
-class ModelInferResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "id", "results")
-    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
-    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    ID_FIELD_NUMBER: _ClassVar[int]
-    RESULTS_FIELD_NUMBER: _ClassVar[int]
-    model_name: str
-    model_version: str
-    id: str
-    results: _containers.RepeatedCompositeFieldContainer[InferResult]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[InferResult, _Mapping]]] = ...) -> None: ...

@@ -9,6 +9,7 @@ through the same status table the stage used to make it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -16,7 +17,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from inferline.common import tensors
+from inferline.common import oip, tensors
 from inferline.common.api import (
     ENUM_BY_FORMAT,
     NO_CLUSTERING,
@@ -28,16 +29,25 @@ from inferline.common.api import (
 )
 from inferline.common.channels import create_channel
 from inferline.common.detections import Detection, DetectOptions, detections_from_proto
-from inferline.common.errors import DeadlineExceeded, StageFailed, StageUnavailable
+from inferline.common.errors import (
+    DeadlineExceeded,
+    InferlineError,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    StageFailed,
+    StageUnavailable,
+)
 from inferline.common.generated import (
-    inference_pb2,
-    inference_pb2_grpc,
+    grpc_service_pb2,
+    grpc_service_pb2_grpc,
     postprocess_pb2,
     postprocess_pb2_grpc,
     preprocess_pb2,
     preprocess_pb2_grpc,
     types_pb2,
 )
+from inferline.common.model_info import ModelInfo
 from inferline.common.recipes import Recipe
 from inferline.common.settings import PIPELINE_STAGES, Settings
 from inferline.common.status import error_for
@@ -123,34 +133,97 @@ class GrpcPreprocess:
 
 
 class GrpcInference:
+    """The inference stage over the Open Inference Protocol (``inference.GRPCInferenceService``):
+    any OIP server whose ModelConfig carries the parameters of ``ModelInfo`` can be the stage.
+
+    OIP has no per-item status, so a request is one batch that succeeds or fails whole. Items are
+    therefore sent in groups of one input shape (the batch a model takes), each chunked at the
+    model's ``max_batch_size``, all groups at once; a failed group fails its own items only.
+    """
+
     def __init__(self, channel: grpc.aio.Channel, call: _Caller):
-        self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        self._stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         self._call = call
 
-    async def model(self, name: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse:
-        return await self._call(self._stub.ModelMetadata, inference_pb2.ModelMetadataRequest(name=name), deadline)
+    async def model(self, name: str, deadline: Deadline) -> ModelInfo:
+        # ModelConfig has no version: ModelMetadata names the one served.
+        metadata, config = await asyncio.gather(
+            self._call(self._stub.ModelMetadata, grpc_service_pb2.ModelMetadataRequest(name=name), deadline),
+            self._call(self._stub.ModelConfig, grpc_service_pb2.ModelConfigRequest(name=name), deadline),
+        )
+        return ModelInfo.from_config(config.config, metadata.versions[0] if metadata.versions else "")
 
-    async def models(self, deadline: Deadline) -> inference_pb2.ListModelsResponse:
-        return await self._call(self._stub.ListModels, inference_pb2.ListModelsRequest(), deadline)
+    async def models(self, deadline: Deadline) -> list[ModelInfo]:
+        index = await self._call(
+            self._stub.RepositoryIndex, grpc_service_pb2.RepositoryIndexRequest(ready=True), deadline
+        )
+        ready = [m for m in index.models if m.state == "READY"]
+
+        async def config(entry: grpc_service_pb2.RepositoryIndexResponse.ModelIndex) -> ModelInfo | None:
+            request = grpc_service_pb2.ModelConfigRequest(name=entry.name, version=entry.version)
+            try:
+                reply = await self._call(self._stub.ModelConfig, request, deadline)
+            except ModelNotFound:  # unloaded since the index was read
+                return None
+            return ModelInfo.from_config(reply.config, entry.version)
+
+        return [info for info in await asyncio.gather(*(config(m) for m in ready)) if info is not None]
 
     async def infer(
-        self, model: str, version: str, items: Sequence[Outputs], min_score: float, deadline: Deadline
+        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
     ) -> list[Outcome[Outputs]]:
-        request = inference_pb2.ModelInferRequest(
-            model_name=model,
-            model_version=version,
-            items=[
-                inference_pb2.InferItem(inputs=[tensors.to_proto(array, name) for name, array in item.items()])
-                for item in items
-            ],
-            min_score=min_score,
+        groups = _groups(model, items)
+        answers = await asyncio.gather(
+            *(self._infer_group(model, [items[k] for k in group], min_score, deadline) for group in groups)
         )
-        response = await self._call(self._stub.ModelInfer, request, deadline)
-        expect(len(response.results), len(items), "inference")
-        return [
-            error_from_status(result.status) or {t.name: tensors.from_proto(t) for t in result.outputs}
-            for result in response.results
-        ]
+        outcomes: dict[int, Outcome[Outputs]] = {}
+        for group, results in zip(groups, answers, strict=True):
+            outcomes.update(zip(group, results, strict=True))
+        return [outcomes[k] for k in range(len(items))]
+
+    async def _infer_group(
+        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
+    ) -> list[Outcome[Outputs]]:
+        batched = model.max_batch_size > 0
+        request = grpc_service_pb2.ModelInferRequest(model_name=model.name, model_version=model.version)
+        try:
+            for name in items[0]:
+                array = np.stack([item[name] for item in items]) if batched else items[0][name]
+                tensor, data = oip.input_tensor(name, array)
+                request.inputs.append(tensor)
+                request.raw_input_contents.append(data)
+            if min_score > 0:
+                request.parameters[oip.MIN_SCORE].double_param = min_score
+            response = await self._call(self._stub.ModelInfer, request, deadline)
+        except (StageUnavailable, DeadlineExceeded, Overloaded):
+            raise  # the stage's state, not these items': the whole call fails, as before OIP
+        except InferlineError as exc:
+            return [exc] * len(items)
+        try:
+            outputs = oip.decode_outputs(response)
+        except InvalidInput as exc:
+            raise StageFailed(f"inference stage answered a malformed output: {exc}") from None
+        if not batched:
+            return [outputs]
+        try:
+            results: list[Outcome[Outputs]] = list(oip.unstack_items(outputs))
+        except ValueError as exc:
+            raise StageFailed(f"inference stage: {exc}") from None
+        expect(len(results), len(items), "inference")
+        return results
+
+
+def _groups(model: ModelInfo, items: Sequence[Outputs]) -> list[list[int]]:
+    """Indices of the items that can share one ModelInfer: one input shape and dtype (a model
+    without a batch dimension takes one item a request), at most ``max_batch_size`` each."""
+    if model.max_batch_size == 0:
+        return [[k] for k in range(len(items))]
+    by_shape: dict[tuple, list[int]] = {}
+    for k, item in enumerate(items):
+        key = tuple((name, array.shape, array.dtype.str) for name, array in item.items())
+        by_shape.setdefault(key, []).append(k)
+    size = model.max_batch_size
+    return [group[i : i + size] for group in by_shape.values() for i in range(0, len(group), size)]
 
 
 class GrpcPostprocess:

@@ -21,13 +21,12 @@ import numpy as np
 
 from inferline.common.api import NO_CLUSTERING, ClusterOptions, Embeddings, Rendering
 from inferline.common.detections import Detection, DetectOptions
-from inferline.common.generated import inference_pb2
+from inferline.common.model_info import ModelInfo
 from inferline.common.recipes import Recipe
 from inferline.common.server import Service
 from inferline.common.settings import PIPELINE_STAGES, Settings
 from inferline.common.transform import ImageTransform, Region
 from inferline.services.controller.ports import Deadline, Outcome, Outputs, Preprocessed, RenderItem
-from inferline.services.inference.servicer import metadata
 from inferline.services.presentation.renderers import RenderInput
 
 
@@ -51,16 +50,18 @@ class LocalInference:
     def __init__(self, service: Any):
         self._service = service
 
-    async def model(self, name: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse:
-        return metadata(self._service.model(name))
+    async def model(self, name: str, deadline: Deadline) -> ModelInfo:
+        return self._service.info(name)
 
-    async def models(self, deadline: Deadline) -> inference_pb2.ListModelsResponse:
-        return inference_pb2.ListModelsResponse(models=[metadata(m) for m in self._service.models()])
+    async def models(self, deadline: Deadline) -> list[ModelInfo]:
+        return self._service.infos()
 
     async def infer(
-        self, model: str, version: str, items: Sequence[Outputs], min_score: float, deadline: Deadline
+        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
     ) -> list[Outcome[Outputs]]:
-        return await self._service.infer(model, version, items, min_score, deadline.remaining("inference"))
+        return await self._service.infer(
+            model.name, model.version, items, min_score, deadline.remaining("inference")
+        )
 
 
 class LocalPostprocess:

@@ -41,7 +41,7 @@ from inferline.common.api import (
 )
 from inferline.common.detections import DetectOptions
 from inferline.common.errors import DeadlineExceeded, InvalidInput, Overloaded, StageFailed, WrongTask, quoted
-from inferline.common.generated import inference_pb2
+from inferline.common.model_info import ModelInfo
 from inferline.common.settings import Settings
 from inferline.common.transform import ImageTransform, Region
 from inferline.services.controller.admission import Admission, AdmissionConfig
@@ -103,12 +103,10 @@ class Controller:
 
     # ---- models -------------------------------------------------------------------------
 
-    async def model_metadata(self, name: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse:
-        plan = await self.plans.get(name, deadline)
-        assert plan.metadata is not None
-        return plan.metadata
+    async def model_info(self, name: str, deadline: Deadline) -> ModelInfo:
+        return (await self.plans.get(name, deadline)).info
 
-    async def list_models(self, deadline: Deadline) -> inference_pb2.ListModelsResponse:
+    async def list_models(self, deadline: Deadline) -> list[ModelInfo]:
         return await self.stages.inference.models(deadline)
 
     async def _plan_for(self, name: str, operation: str, deadline: Deadline, what: str | None = None) -> ModelPlan:
@@ -170,9 +168,7 @@ class Controller:
             return items
         outputs = await timings.timed(
             f"{prefix}inference",
-            self.stages.inference.infer(
-                plan.name, plan.version, [_ok(inputs[k])[0] for k in alive], min_score, deadline
-            ),
+            self.stages.inference.infer(plan.info, [_ok(inputs[k])[0] for k in alive], min_score, deadline),
         )
         for k, result in zip(alive, outputs, strict=True):
             items[k] = result if isinstance(result, Exception) else Encoded(result, _ok(items[k]).transform)

@@ -1,7 +1,8 @@
-"""A model's plan: everything the controller needs to run it, resolved once from its metadata.
+"""A model's plan: everything the controller needs to run it, resolved once from its description.
 
-The inference stage's ModelMetadata names a model's task, its recipes, labels and tensors; the
-plan turns them into typed values once per model (and again only when the metadata changes), so
+The inference stage's ``ModelInfo`` (common/model_info.py, from its ModelConfig) names a model's
+task, its recipes, labels and tensors; the plan turns them into typed values once per model
+(and again only when the description changes), so
 a request parses nothing. This module is the one place in the controller that reads a recipe's
 parameters: a detector's default thresholds, a CLIP image tower's text tower and logit scale.
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from inferline.common.detections import DetectOptions
 from inferline.common.errors import ConfigError, InvalidInput, StageFailed, WrongTask, quoted
-from inferline.common.generated import inference_pb2
+from inferline.common.model_info import ModelInfo
 from inferline.common.recipes import Recipe
 from inferline.common.tasks import Task, task_named, tasks_for
 from inferline.services.controller.ports import Deadline
@@ -44,35 +45,38 @@ class ModelPlan:
     labels: tuple[str, ...]
     # A detector's thresholds when the request leaves them unset (its config's, else YOLO's).
     defaults: DetectOptions
+    # The description it was planned from (what ModelInfo shows; how the port batches).
+    info: ModelInfo
     # A zero-shot image tower: the model that embeds texts for it, and CLIP's logit scale.
     text_model: str = ""
     logit_scale: float | None = None
-    metadata: inference_pb2.ModelMetadataResponse | None = None
 
     @classmethod
-    def from_metadata(cls, metadata: inference_pb2.ModelMetadataResponse) -> ModelPlan:
+    def from_info(cls, info: ModelInfo) -> ModelPlan:
         try:
-            task = task_named(metadata.task)
+            task = task_named(info.task)
         except ConfigError:
             raise StageFailed(
-                f"model {quoted(metadata.name)} has task {quoted(metadata.task)}, which this controller does not serve"
+                f"model {quoted(info.name)} has task {quoted(info.task)}, which this controller does not serve"
             ) from None
-        postprocess = Recipe.from_proto(metadata.postprocess)
+        # Through the proto, as a recipe travels to the other stages: one kind of number (float)
+        # whichever transport brought the description, and the parsed params cached once.
+        postprocess = Recipe.from_proto(info.postprocess.to_proto())
         params = postprocess.params
         scale = params.get("logit_scale")
         conf, iou, max_det = DetectOptions().resolved(params)
         return cls(
-            name=metadata.name,
-            version=metadata.versions[0] if metadata.versions else "",
+            name=info.name,
+            version=info.version,
             task=task,
-            preprocess=Recipe.from_proto(metadata.preprocess),
+            preprocess=Recipe.from_proto(info.preprocess.to_proto()),
             postprocess=postprocess,
-            input_name=metadata.inputs[0].name if metadata.inputs else "images",
-            labels=tuple(metadata.labels),
+            input_name=info.inputs[0].name if info.inputs else "images",
+            labels=tuple(info.labels),
             defaults=DetectOptions(conf=conf, iou=iou, max_det=max_det),
             text_model=str(params.get("text_model") or ""),
             logit_scale=float(scale) if isinstance(scale, (int, float)) and math.isfinite(scale) else None,
-            metadata=metadata,
+            info=info,
         )
 
     def resolved(self, options: DetectOptions) -> DetectOptions:
@@ -105,10 +109,10 @@ def validate_model_name(name: str, field: str = "model") -> None:
 
 
 class PlanCache:
-    """Plans by model name, from the inference stage's metadata, refreshed in the background."""
+    """Plans by model name, from the inference stage's descriptions, refreshed in the background."""
 
-    def __init__(self, fetch: Callable[[str, Deadline], Awaitable[inference_pb2.ModelMetadataResponse]]):
-        self._fetch_metadata = fetch
+    def __init__(self, fetch: Callable[[str, Deadline], Awaitable[ModelInfo]]):
+        self._fetch_info = fetch
         self._entries: dict[str, tuple[float, ModelPlan]] = {}
         self._refreshing: dict[str, asyncio.Future[None]] = {}
 
@@ -129,7 +133,7 @@ class PlanCache:
         self._entries.pop(name, None)
 
     async def _fetch(self, name: str, deadline: Deadline) -> ModelPlan:
-        plan = ModelPlan.from_metadata(await self._fetch_metadata(name, deadline))
+        plan = ModelPlan.from_info(await self._fetch_info(name, deadline))
         self._entries[name] = (time.monotonic(), plan)
         return plan
 

@@ -22,7 +22,7 @@ import numpy as np
 from inferline.common.api import NO_CLUSTERING, ClusterOptions, Embeddings, Rendering
 from inferline.common.detections import Detection, DetectOptions
 from inferline.common.errors import DeadlineExceeded
-from inferline.common.generated import inference_pb2
+from inferline.common.model_info import ModelInfo
 from inferline.common.recipes import Recipe
 from inferline.common.transform import ImageTransform, Region
 
@@ -79,15 +79,21 @@ class PreprocessPort(Protocol):
 
 
 class InferencePort(Protocol):
-    async def model(self, name: str, deadline: Deadline) -> inference_pb2.ModelMetadataResponse: ...
+    async def model(self, name: str, deadline: Deadline) -> ModelInfo:
+        """The served model's description; ModelNotFound when the stage does not serve it."""
+        ...
 
-    async def models(self, deadline: Deadline) -> inference_pb2.ListModelsResponse: ...
+    async def models(self, deadline: Deadline) -> list[ModelInfo]:
+        """Every model the stage serves and is ready to run."""
+        ...
 
     async def infer(
-        self, model: str, version: str, items: Sequence[Outputs], min_score: float, deadline: Deadline
+        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
     ) -> list[Outcome[Outputs]]:
-        """Runs ``model`` on each item's inputs. ``min_score`` > 0 lets the stage drop the
-        candidates that cannot survive that confidence (the model's declared candidate filter)."""
+        """Runs ``model`` (its served version) on each item's inputs. ``min_score`` > 0 lets the
+        stage drop the candidates that cannot survive that confidence (the model's declared
+        candidate filter). A failure that concerns only some items' call (a bad input shape)
+        is those items' outcome; the stage's unavailability, overload or the deadline raise."""
         ...
 
 

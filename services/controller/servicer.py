@@ -52,12 +52,14 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def ListModels(  # noqa: N802 - gRPC's method name
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
-        return await self.controller.list_models(self._deadline(context))
+        models = await self.controller.list_models(self._deadline(context))
+        return inference_pb2.ListModelsResponse(models=[m.to_metadata() for m in models])
 
     async def ModelInfo(  # noqa: N802 - gRPC's method name
         self, request: inference_pb2.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ModelMetadataResponse:
-        return await self.controller.model_metadata(request.name, self._deadline(context))
+        info = await self.controller.model_info(request.name, self._deadline(context))
+        return info.to_metadata()
 
 
 def build_service(settings: Settings) -> Service:

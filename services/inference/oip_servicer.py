@@ -5,14 +5,17 @@ into status codes by the one table (common/status.py) in the server's intercepto
 
 Batching is Triton's: when a model's ``max_batch_size`` > 0 the first dimension of every input
 is the batch, which is split into items for the model's dynamic batcher and stacked back on the
-way out; with ``max_batch_size`` 0 a request is one item. What the controller needs beyond OIP
-(task, recipes, labels, candidate filter, weights provenance) travels in ``ModelConfig.parameters``
-as JSON strings, as a Triton user would write them in ``config.pbtxt`` (``PARAMETER_KEYS``).
+way out; with ``max_batch_size`` 0 a request is one item. An output declared with a ``-1``
+dimension may differ between the items of a batch (Faster R-CNN's boxes, a candidate filter's
+anchors): it is sent padded beside ``<name>__shape`` (common/oip.py), and both are declared in
+ModelMetadata and ModelConfig. What the controller needs beyond OIP (task, recipes, labels,
+candidate filter, weights provenance) travels in ``ModelConfig.parameters``: ``ModelInfo``
+(common/model_info.py) holds that conversion.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import AsyncIterator
 from importlib import metadata as package_metadata
 
 import numpy as np
@@ -20,21 +23,19 @@ import numpy as np
 from inferline.common import oip
 from inferline.common.errors import InvalidInput, quoted
 from inferline.common.generated import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
+from inferline.common.model_info import PARAMETER_KEYS, ModelInfo, TensorInfo
+from inferline.common.oip import MIN_SCORE
+from inferline.common.status import status_for
 from inferline.services.inference.models import LoadedModel
 from inferline.services.inference.oip_repository import RepositoryServicer
-from inferline.services.inference.service import Inference
+from inferline.services.inference.service import Inference, model_info
 
 SERVER_NAME = "inferline"
 # Only the extensions served here: ModelConfig is "model_configuration". RepositoryIndex is
 # served, but "model_repository" also promises load and unload, which are not (yet).
+# ModelStreamInfer is served too, but Triton's extension list has no name for it.
 EXTENSIONS = ("model_configuration",)
-# The request parameter that asks for the candidate filter (Inference.infer's min_score).
-MIN_SCORE = "min_score"
-# ModelConfig.parameters keys, each a string (JSON where the value is structured).
-PARAMETER_KEYS = (
-    "task", "preprocess", "postprocess", "labels", "candidate_filter",
-    "weights_file", "weights_sha256", "weights_official", "precision",
-)
+__all__ = ["MIN_SCORE", "PARAMETER_KEYS", "OipInferenceServicer", "model_config", "model_metadata"]
 
 
 def _version() -> str:
@@ -62,33 +63,54 @@ class OipInferenceServicer(RepositoryServicer, grpc_service_pb2_grpc.GRPCInferen
         return grpc_service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=_version(), extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request, context):  # noqa: N802 - gRPC's method name
-        return model_metadata(self.service.model(request.name, request.version))
+        return model_metadata(self.service.info(request.name, request.version))
 
     async def ModelConfig(self, request, context):  # noqa: N802 - gRPC's method name
         model = self.service.model(request.name, request.version)
         return grpc_service_pb2.ModelConfigResponse(config=model_config(model))
 
     async def ModelInfer(self, request, context):  # noqa: N802 - gRPC's method name
-        model = self.service.model(request.model_name, request.model_version)
-        items = split_batch(model, oip.decode_inputs(request))
+        return await self._infer(request, context.time_remaining())
+
+    async def ModelStreamInfer(  # noqa: N802 - gRPC's method name
+        self, request_iterator: AsyncIterator[grpc_service_pb2.ModelInferRequest], context
+    ) -> AsyncIterator[grpc_service_pb2.ModelStreamInferResponse]:
+        """Each request answered in order, by its response or by its error alone: as in Triton,
+        a failed request does not end the stream (no interceptor maps a stream's errors, so the
+        status table's message is set here; an unexpected error does not leak its text)."""
+        async for request in request_iterator:
+            try:
+                response = await self._infer(request, context.time_remaining())
+            except Exception as exc:  # noqa: BLE001 - the error is this request's answer
+                yield grpc_service_pb2.ModelStreamInferResponse(error_message=status_for(exc)[1])
+            else:
+                yield grpc_service_pb2.ModelStreamInferResponse(infer_response=response)
+
+    async def _infer(
+        self, request: grpc_service_pb2.ModelInferRequest, timeout: float | None
+    ) -> grpc_service_pb2.ModelInferResponse:
+        info = self.service.info(request.model_name, request.model_version)
+        items = split_batch(info, oip.decode_inputs(request))
         outputs = await self.service.infer(
-            request.model_name, request.model_version, items,
-            min_score=_min_score(request), timeout=context.time_remaining(),
+            request.model_name, request.model_version, items, min_score=_min_score(request), timeout=timeout
         )
         results = []
         for result in outputs:
             if isinstance(result, Exception):
                 raise result  # OIP has no per-item status: one failed item fails the request
             results.append(result)
-        stacked = stack_batch(model, results)
-        wanted = [o.name for o in request.outputs] or list(stacked)
+        stacked = results[0] if info.max_batch_size == 0 else oip.stack_items(results, ragged=info.ragged_outputs)
+        # Unasked, every output in the order ModelMetadata declares them.
+        declared = [t.name for t in info.served_outputs]
+        everything = [n for n in declared if n in stacked] + [n for n in stacked if n not in declared]
+        wanted = [o.name for o in request.outputs] or everything
         response = grpc_service_pb2.ModelInferResponse(
-            model_name=model.config.name, model_version=model.config.version, id=request.id
+            model_name=info.name, model_version=info.version, id=request.id
         )
         for name in wanted:
             if name not in stacked:
                 raise InvalidInput(
-                    f"model {quoted(model.config.name)} has no output {quoted(name)} (it has: {', '.join(stacked)})"
+                    f"model {quoted(info.name)} has no output {quoted(name)} (it has: {', '.join(everything)})"
                 )
             tensor, data = oip.output_tensor(name, stacked[name])
             response.outputs.append(tensor)
@@ -112,16 +134,15 @@ def _min_score(request: grpc_service_pb2.ModelInferRequest) -> float:
     raise InvalidInput(f"parameter {MIN_SCORE!r} must be a number within [0, 1] (double_param or a string of one)")
 
 
-def split_batch(model: LoadedModel, inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+def split_batch(info: ModelInfo, inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     """The request's items, each input checked against the model's config as Triton checks it."""
-    config = model.config
-    batched = config.max_batch_size > 0
-    expected = {spec.name: spec for spec in config.inputs}
+    batched = info.max_batch_size > 0
+    expected = {spec.name: spec for spec in info.inputs}
     unknown = sorted(set(inputs) - set(expected))
     missing = sorted(set(expected) - set(inputs))
     if unknown or missing:
         raise InvalidInput(
-            f"model {quoted(config.name)} takes inputs {', '.join(expected)}; "
+            f"model {quoted(info.name)} takes inputs {', '.join(expected)}; "
             f"unknown: {', '.join(map(quoted, unknown)) or 'none'}, missing: {', '.join(missing) or 'none'}"
         )
     sizes = set()
@@ -130,11 +151,11 @@ def split_batch(model: LoadedModel, inputs: dict[str, np.ndarray]) -> list[dict[
         datatype = oip.FROM_CONFIG[spec.dtype]
         got = oip.FROM_NUMPY[array.dtype.newbyteorder("<")]
         if got != datatype:
-            raise InvalidInput(f"input {quoted(name)} of model {quoted(config.name)} is {datatype}, got {got}")
+            raise InvalidInput(f"input {quoted(name)} of model {quoted(info.name)} is {datatype}, got {got}")
         want = ([-1] if batched else []) + list(spec.shape)
         if len(array.shape) != len(want) or any(w not in (-1, g) for w, g in zip(want, array.shape, strict=True)):
             raise InvalidInput(
-                f"input {quoted(name)} of model {quoted(config.name)} has shape {want} (-1: any size), "
+                f"input {quoted(name)} of model {quoted(info.name)} has shape {want} (-1: any size), "
                 f"got {list(array.shape)}"
             )
         if batched:
@@ -144,34 +165,18 @@ def split_batch(model: LoadedModel, inputs: dict[str, np.ndarray]) -> list[dict[
     if len(sizes) != 1:
         raise InvalidInput(f"the inputs of one request must have one batch size, got {sorted(sizes)}")
     (size,) = sizes
-    if not 0 < size <= config.max_batch_size:
+    if not 0 < size <= info.max_batch_size:
         raise InvalidInput(
-            f"batch size {size} of model {quoted(config.name)} must be within [1, {config.max_batch_size}] "
+            f"batch size {size} of model {quoted(info.name)} must be within [1, {info.max_batch_size}] "
             "(its max_batch_size)"
         )
     return [{name: array[i] for name, array in inputs.items()} for i in range(size)]
 
 
-def stack_batch(model: LoadedModel, outputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Items' outputs as one batch (a leading batch dimension when ``max_batch_size`` > 0)."""
-    if model.config.max_batch_size == 0:
-        return outputs[0]
-    stacked = {}
-    for name in outputs[0]:
-        shapes = {o[name].shape for o in outputs}
-        if len(shapes) > 1:
-            # Only the candidate filter makes items of one request differ (each keeps its own
-            # candidates), and a batch tensor needs one shape.
-            raise InvalidInput(
-                f"output {quoted(name)} differs in shape between the request's items ({sorted(shapes)}) "
-                f"and cannot form one batch: send one item per request when using {MIN_SCORE!r}"
-            )
-        stacked[name] = np.stack([o[name] for o in outputs])
-    return stacked
-
-
-def _tensor_metadata(model: LoadedModel, specs) -> list[grpc_service_pb2.ModelMetadataResponse.TensorMetadata]:
-    batch = [-1] if model.config.max_batch_size > 0 else []
+def _tensor_metadata(
+    info: ModelInfo, specs: tuple[TensorInfo, ...]
+) -> list[grpc_service_pb2.ModelMetadataResponse.TensorMetadata]:
+    batch = [-1] if info.max_batch_size > 0 else []
     return [
         grpc_service_pb2.ModelMetadataResponse.TensorMetadata(
             name=s.name, datatype=oip.FROM_CONFIG[s.dtype], shape=[*batch, *s.shape]
@@ -180,59 +185,28 @@ def _tensor_metadata(model: LoadedModel, specs) -> list[grpc_service_pb2.ModelMe
     ]
 
 
-def model_metadata(model: LoadedModel) -> grpc_service_pb2.ModelMetadataResponse:
-    config = model.config
+def model_metadata(info: ModelInfo) -> grpc_service_pb2.ModelMetadataResponse:
+    """OIP's ModelMetadata: every output a ModelInfer answers, ``__shape`` ones included."""
     return grpc_service_pb2.ModelMetadataResponse(
-        name=config.name,
-        versions=[config.version],
-        platform=config.backend,
-        inputs=_tensor_metadata(model, config.inputs),
-        outputs=_tensor_metadata(model, config.outputs),
+        name=info.name,
+        versions=[info.version],
+        platform=info.platform,
+        inputs=_tensor_metadata(info, info.inputs),
+        outputs=_tensor_metadata(info, info.served_outputs),
     )
-
-
-def _recipe_json(recipe) -> str:
-    return json.dumps({"name": recipe.name, "params": dict(recipe.params)}, sort_keys=True)
 
 
 def model_config(model: LoadedModel) -> model_config_pb2.ModelConfig:
-    """Triton's ModelConfig for the model, with our extras in ``parameters`` (PARAMETER_KEYS).
-
-    ``weights_file`` is the file's name only: the server's folder layout is no caller's business.
-    """
+    """Triton's ModelConfig: the model's description (``ModelInfo.to_config``) and how this
+    server batches and runs it, which is the server's business, not the description's."""
     config = model.config
-    strings = {
-        "task": config.task,
-        "preprocess": _recipe_json(config.preprocess),
-        "postprocess": _recipe_json(model.postprocess),
-        "labels": json.dumps(list(model.labels)),
-        "weights_file": model.weights.path.name,
-        "weights_sha256": model.weights.sha256,
-        "weights_official": json.dumps(bool(model.weights.official)),
-        "precision": config.precision,
-    }
-    if config.candidate_filter is not None:
-        strings["candidate_filter"] = _recipe_json(config.candidate_filter)
-    def data_type(dtype: str) -> str:
-        return f"TYPE_{oip.FROM_CONFIG[dtype]}"  # Triton's DataType enum, by name
-
-    return model_config_pb2.ModelConfig(
-        name=config.name,
-        backend=config.backend,
-        max_batch_size=config.max_batch_size,
-        input=[
-            model_config_pb2.ModelInput(name=s.name, data_type=data_type(s.dtype), dims=s.shape)
-            for s in config.inputs
-        ],
-        output=[
-            model_config_pb2.ModelOutput(name=s.name, data_type=data_type(s.dtype), dims=s.shape)
-            for s in config.outputs
-        ],
-        dynamic_batching=model_config_pb2.ModelDynamicBatching(
+    message = model_info(model).to_config()
+    message.dynamic_batching.CopyFrom(
+        model_config_pb2.ModelDynamicBatching(
             preferred_batch_size=config.preferred_batch_sizes,
             max_queue_delay_microseconds=round(config.max_queue_delay_ms * 1000),
             default_queue_policy=model_config_pb2.ModelQueuePolicy(max_queue_size=config.max_queue_size),
-        ),
-        instance_group=[model_config_pb2.ModelInstanceGroup(count=config.instance_count)],
-        parameters={key: model_config_pb2.ModelParameter(string_value=value) for key, value in strings.items()},
+        )
     )
+    message.instance_group.append(model_config_pb2.ModelInstanceGroup(count=config.instance_count))
+    return message

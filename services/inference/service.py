@@ -1,6 +1,6 @@
 """The inference stage's domain service: named models, input tensors in, output tensors out.
 
-It knows no gRPC: the servicer (``servicer.py``) converts its protos, and the controller's local
+It knows no gRPC: the servicer (``oip_servicer.py``) converts its protos, and the controller's local
 ports call it directly. A request-level problem (unknown model, bad ``min_score``, no items, too
 many) raises before any item runs; a bad item fails alone, its exception returned in its place.
 """
@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from inferline.common.errors import InvalidInput, at_most
+from inferline.common.model_info import ModelInfo, TensorInfo, WeightsInfo
 from inferline.common.settings import Settings
 from inferline.services.inference.filters import candidate_filter
 from inferline.services.inference.models import LoadedModel, ModelManager, ModelStatus
@@ -35,6 +36,13 @@ class Inference:
 
     def models(self) -> list[LoadedModel]:
         return self.manager.all()
+
+    def info(self, name: str, version: str = "") -> ModelInfo:
+        """The model's description, as a caller plans with it (``model`` says when it cannot)."""
+        return model_info(self.model(name, version))
+
+    def infos(self) -> list[ModelInfo]:
+        return [model_info(m) for m in self.models()]
 
     async def infer(
         self,
@@ -87,3 +95,29 @@ class Inference:
             await asyncio.gather(self._poller, return_exceptions=True)
         await self.manager.aclose()
         await asyncio.to_thread(self.manager.close)
+
+
+def model_info(model: LoadedModel) -> ModelInfo:
+    """A loaded model's description. The postprocess recipe is the loaded one (with what the
+    weights fix, e.g. CLIP's logit scale); the weights are named by file only: the server's
+    folder layout is no caller's business (the load log names the full path)."""
+    config = model.config
+
+    def tensors(specs) -> tuple[TensorInfo, ...]:
+        return tuple(TensorInfo(s.name, s.dtype, tuple(s.shape)) for s in specs)
+
+    return ModelInfo(
+        name=config.name,
+        version=config.version,
+        platform=config.backend,
+        task=config.task,
+        max_batch_size=config.max_batch_size,
+        inputs=tensors(config.inputs),
+        outputs=tensors(config.outputs),
+        preprocess=config.preprocess,
+        postprocess=model.postprocess,
+        candidate_filter=config.candidate_filter,
+        labels=tuple(model.labels),
+        weights=WeightsInfo(model.weights.path.name, model.weights.sha256, bool(model.weights.official)),
+        precision=config.precision,
+    )

@@ -25,7 +25,7 @@ INSTALLER = REPO / "deploy" / "tools" / "install-grpcurl.sh"
 TIMEOUT_S = 60
 STAGE_SERVICES = {
     "preprocess": "inferline.v1.PreprocessService",
-    "inference": "inferline.v1.InferenceService",
+    "inference": "inference.GRPCInferenceService",
     "postprocess": "inferline.v1.PostprocessService",
     "controller": "inferline.v1.ControllerService",
 }

@@ -16,8 +16,14 @@ import grpc
 import numpy as np
 import pytest
 
-from inferline.common import tensors
-from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
+from inferline.common import oip
+from inferline.common.generated import (
+    controller_pb2,
+    controller_pb2_grpc,
+    grpc_service_pb2,
+    grpc_service_pb2_grpc,
+    types_pb2,
+)
 from tests.support.servers import InProcessStack
 
 BREAKDOWN = {"preprocess.decode", "preprocess.letterbox", "preprocess.server", "inference.queue_wait",
@@ -59,11 +65,13 @@ def _post(app, query: str) -> tuple[int, dict]:
 
 def _infer(app, count: int) -> None:
     with grpc.insecure_channel(app.address) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        pixels = np.random.default_rng(0).integers(0, 256, (3, 320, 320), dtype=np.uint8)
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        pixels = np.random.default_rng(0).integers(0, 256, (1, 3, 320, 320), dtype=np.uint8)
+        tensor, data = oip.input_tensor("images", pixels)
         for _ in range(count):
-            item = inference_pb2.InferItem(inputs=[tensors.to_proto(pixels, "images")])
-            stub.ModelInfer(inference_pb2.ModelInferRequest(model_name="yolov8n", items=[item]), timeout=60)
+            request = grpc_service_pb2.ModelInferRequest(model_name="yolov8n", inputs=[tensor])
+            request.raw_input_contents.append(data)
+            stub.ModelInfer(request, timeout=60)
 
 
 def test_profiler_captures_a_chrome_trace_of_exactly_the_next_n_batches(inference):

@@ -88,7 +88,7 @@ def test_each_stage_call_is_a_server_span_under_the_controllers_client_span(trac
     by_id = {s["span_id"]: s for s in spans}
     stage_calls = {
         "preprocess": "inferline.v1.PreprocessService/Preprocess",
-        "inference": "inferline.v1.InferenceService/ModelInfer",
+        "inference": "inference.GRPCInferenceService/ModelInfer",
         "postprocess": "inferline.v1.PostprocessService/Postprocess",
     }
     for service, name in stage_calls.items():
@@ -140,7 +140,9 @@ def test_every_log_line_is_json_and_the_request_lines_carry_its_trace_and_reques
         assert access, f"no access line of the request in the {stage} log"
         for line in access:
             assert line["trace_id"] == trace_id and len(line["span_id"]) == 16
-            assert line["status"] == "OK" and line["duration_ms"] > 0 and line["rpc_method"].startswith("inferline.v1.")
+            # The inference stage speaks OIP (Triton's package), every other stage inferline.v1.
+            package = "inference." if stage == "inference" else "inferline.v1."
+            assert line["status"] == "OK" and line["duration_ms"] > 0 and line["rpc_method"].startswith(package)
 
 
 def test_an_unreachable_collector_costs_requests_nothing_and_does_not_hold_up_shutdown(

@@ -35,12 +35,12 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from inferline.common import tensors
+from inferline.common import oip, tensors
 from inferline.common.generated import (
     controller_pb2,
     controller_pb2_grpc,
-    inference_pb2,
-    inference_pb2_grpc,
+    grpc_service_pb2,
+    grpc_service_pb2_grpc,
     postprocess_pb2,
     postprocess_pb2_grpc,
     preprocess_pb2,
@@ -132,8 +132,8 @@ class Clients:
         return preprocess_pb2_grpc.PreprocessServiceStub(self.channels["preprocess"])
 
     @property
-    def inference(self) -> inference_pb2_grpc.InferenceServiceStub:
-        return inference_pb2_grpc.InferenceServiceStub(self.channels["inference"])
+    def inference(self) -> grpc_service_pb2_grpc.GRPCInferenceServiceStub:
+        return grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channels["inference"])
 
     @property
     def postprocess(self) -> postprocess_pb2_grpc.PostprocessServiceStub:
@@ -263,17 +263,25 @@ def preprocess(recipe: Recipe = LETTERBOX, **fields: Any) -> Rpc:
                preprocess_pb2.PreprocessResponse)
 
 
-def infer(items: list[inference_pb2.InferItem] | None = None, **fields: Any) -> Rpc:
-    def build() -> inference_pb2.ModelInferRequest:
-        good = [inference_pb2.InferItem(inputs=[tensors.to_proto(np.zeros((3, 64, 64), np.uint8), "images")])]
-        return inference_pb2.ModelInferRequest(**{"model_name": "yolov8n", "items": good if items is None else items,
-                                                  **fields})
-
-    return Rpc("inference", "/inferline.v1.InferenceService/ModelInfer", build, inference_pb2.ModelInferResponse)
+OIP_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def infer_item(tensor: types_pb2.Tensor) -> list[inference_pb2.InferItem]:
-    return [inference_pb2.InferItem(inputs=[tensor])]
+def infer(tensor: tuple[Any, bytes] | None = None, min_score: float | None = None, **fields: Any) -> Rpc:
+    """The inference stage's OIP ModelInfer: one input (a good 64x64 image unless given)."""
+    def build() -> grpc_service_pb2.ModelInferRequest:
+        request = grpc_service_pb2.ModelInferRequest(**{"model_name": "yolov8n", **fields})
+        given, data = tensor or oip.input_tensor("images", np.zeros((1, 3, 64, 64), np.uint8))
+        request.inputs.append(given)
+        request.raw_input_contents.append(data)
+        if min_score is not None:
+            request.parameters[oip.MIN_SCORE].double_param = min_score
+        return request
+
+    return Rpc("inference", OIP_INFER, build, grpc_service_pb2.ModelInferResponse)
+
+
+def oip_input(shape: list[int], data: bytes, datatype: str = "FP32") -> tuple[Any, bytes]:
+    return oip.InputTensor(name="images", datatype=datatype, shape=shape), data
 
 
 def embeddings(**fields: Any) -> Rpc:
@@ -377,17 +385,18 @@ CASES = [
     Case("corrupt protobuf", raw("preprocess", "/inferline.v1.PreprocessService/Preprocess", CORRUPT),
          INVALID, "not a valid inferline.v1.PreprocessRequest"),
     # Inference, called directly.
-    Case("shape overflowing int64", infer(infer_item(raw_tensor([2**62, 2**62, 4], b""))), INVALID, "bytes"),
-    Case("tensor bytes not shape x dtype",
-         infer(infer_item(raw_tensor([3, 64, 64], b"abc", types_pb2.DATA_TYPE_UINT8))),
+    Case("shape overflowing int64", infer(oip_input([1, 2**62, 2**62, 4], b"")), INVALID,
+         "larger than any message can carry"),
+    Case("tensor bytes not shape x dtype", infer(oip_input([1, 3, 64, 64], b"abc", "UINT8")),
          INVALID, "needs 12288 bytes, got 3"),
-    Case("unknown dtype", infer(infer_item(raw_tensor([1], b"\0", 99))), INVALID, "unsupported datatype"),
+    Case("unknown dtype", infer(oip_input([1], b"\0", "BF99")), INVALID, "supported: BOOL"),
     Case("min_score NaN", infer(min_score=NAN), INVALID, "min_score"),
-    Case("5000 items", infer(items=infer_item(raw_tensor([1], b"\0", types_pb2.DATA_TYPE_UINT8)) * 5000),
-         INVALID, "INFERLINE_MAX_REGIONS", True),
+    # OIP carries a batch as one tensor: 5000 items are a batch over the model's max_batch_size.
+    Case("5000 items", infer(oip_input([5000, 3, 1, 1], b"\0" * 15000, "UINT8")),
+         INVALID, "max_batch_size", True),
     Case("model name of 100 KB", infer(model_name="m" * 100_000), grpc.StatusCode.NOT_FOUND, "is not served here"),
-    Case("invalid UTF-8 in a string", raw("inference", "/inferline.v1.InferenceService/ModelInfer", BAD_UTF8_MODEL),
-         INVALID, "not a valid inferline.v1.ModelInferRequest"),
+    Case("invalid UTF-8 in a string", raw("inference", OIP_INFER, BAD_UTF8_MODEL),
+         INVALID, "not a valid inference.ModelInferRequest"),
     # Postprocess, called directly.
     Case("20,000 embeddings", embeddings(images=[fp32(np.ones(512))] * 20_000), INVALID, "INFERLINE_MAX_EMBEDDINGS",
          True),
@@ -555,7 +564,9 @@ FUZZ = hypothesis_settings(max_examples=25, deadline=None, suppress_health_check
 METHODS = {
     "controller": [("/inferline.v1.ControllerService/" + m) for m in ("Detect", "Classify", "Embed", "ModelInfo")],
     "preprocess": ["/inferline.v1.PreprocessService/Preprocess"],
-    "inference": [("/inferline.v1.InferenceService/" + m) for m in ("ModelInfer", "ModelMetadata", "ModelReady")],
+    "inference": [
+        ("/inference.GRPCInferenceService/" + m) for m in ("ModelInfer", "ModelMetadata", "ModelReady", "ModelConfig")
+    ],
     "postprocess": [("/inferline.v1.PostprocessService/" + m) for m in ("Postprocess", "Render", "Embeddings")],
 }
 ALL_METHODS = [(stage, method) for stage, methods in METHODS.items() for method in methods]
@@ -657,8 +668,12 @@ def test_random_postprocess_and_inference_requests_are_never_unknown_or_internal
                                                 cluster=types_pb2.ClusterOptions(k=cluster[0], threshold=cluster[1]))
     code, _ = code_of(lambda: clients.postprocess.Embeddings(request, timeout=T))
     assert code not in NEVER, code
-    request = inference_pb2.ModelInferRequest(model_name="yolov8n", items=[inference_pb2.InferItem(inputs=outputs)],
-                                              min_score=floats[0])
+    request = grpc_service_pb2.ModelInferRequest(model_name="yolov8n")
+    for output in outputs:  # the same random tensors, as OIP inputs with raw contents
+        name = types_pb2.DataType.Name(output.datatype) if output.datatype in types_pb2.DataType.values() else "X"
+        request.inputs.add(name=output.name, datatype=name.removeprefix("DATA_TYPE_"), shape=output.shape)
+        request.raw_input_contents.append(output.data)
+    request.parameters[oip.MIN_SCORE].double_param = floats[0]
     code, items = code_of(lambda: clients.inference.ModelInfer(request, timeout=T))
     assert code not in NEVER and not NEVER & set(items), (code, items)
     assert clients.serving("postprocess") and clients.serving("inference")

@@ -13,13 +13,15 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import pytest
 
 from inferline.common.errors import WeightsError
-from inferline.common.generated import controller_pb2_grpc, inference_pb2, inference_pb2_grpc
+from inferline.common.generated import controller_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc, inference_pb2
+from inferline.common.model_info import ModelInfo
 from inferline.common.server import ServerApp
 from inferline.common.settings import Settings
 from inferline.common.telemetry.profiler import PROFILER
@@ -65,6 +67,14 @@ def test_a_checkpoint_that_is_not_the_official_release_is_refused_before_it_is_u
     assert f"verify: sha256:{digest}" in message and f"INFERLINE_TRUSTED_WEIGHTS=sha256:{digest}" in message
 
 
+def _model_info(channel: grpc.Channel) -> Any:
+    """yolov8n's weights as the inference stage describes them (its ModelConfig), in the
+    controller's public shape (``weights.sha256``, ``weights.official``)."""
+    stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    config = stub.ModelConfig(grpc_service_pb2.ModelConfigRequest(name="yolov8n"), timeout=10).config
+    return ModelInfo.from_config(config, "1").to_metadata()
+
+
 def test_the_stand_in_weights_are_served_only_when_an_operator_pins_their_digest(settings, yolo_weights):
     strict = _yolo_only(settings, trusted_weights=())
     loop = LoopThread()
@@ -75,8 +85,7 @@ def test_the_stand_in_weights_are_served_only_when_an_operator_pins_their_digest
                              _yolo_only(settings, trusted_weights=(f"sha256:{sha256_of(yolo_weights)}",)))
         try:
             with grpc.insecure_channel(pinned.address) as channel:
-                meta = inference_pb2_grpc.InferenceServiceStub(channel).ModelMetadata(
-                    inference_pb2.ModelMetadataRequest(name="yolov8n"), timeout=10)
+                meta = _model_info(channel)
             assert meta.weights.sha256 == sha256_of(yolo_weights) and meta.weights.official is False
         finally:
             pinned.stop()
@@ -95,8 +104,7 @@ def test_a_custom_model_config_serves_the_file_it_pins(settings, yolo_weights, t
         server = start_stage(loop, "inference", _yolo_only(settings, model_repository=repository, trusted_weights=()))
         try:
             with grpc.insecure_channel(server.address) as channel:
-                meta = inference_pb2_grpc.InferenceServiceStub(channel).ModelMetadata(
-                    inference_pb2.ModelMetadataRequest(name="yolov8n"), timeout=10)
+                meta = _model_info(channel)
             assert meta.weights.sha256 == sha256_of(yolo_weights)
         finally:
             server.stop()
@@ -178,14 +186,14 @@ def test_list_models_and_model_info_name_the_weights_file_not_its_folder(yolo_st
         listed = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models
         info = stub.ModelInfo(inference_pb2.ModelMetadataRequest(name="yolov8n"), timeout=10)
     with grpc.insecure_channel(stack.servers["inference"].address) as channel:
-        direct = (
-            inference_pb2_grpc.InferenceServiceStub(channel)
-            .ListModels(inference_pb2.ListModelsRequest(), timeout=10)
-            .models
-        )
-    for meta in (*listed, info, *direct):
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        direct = [stub.ModelConfig(grpc_service_pb2.ModelConfigRequest(name="yolov8n"), timeout=10).config]
+    for meta in (*listed, info):
         assert meta.weights.path == "yolov8n.pt"
         _no_folder(str(meta), model_dir)
+    for config in direct:
+        assert config.parameters["weights_file"].string_value == "yolov8n.pt"
+        _no_folder(str(config), model_dir)
 
 
 def test_the_gateways_models_answer_names_no_server_folder(yolo_stack, model_dir):

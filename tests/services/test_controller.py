@@ -13,7 +13,14 @@ import grpc
 import numpy as np
 import pytest
 
-from inferline.common.generated import controller_pb2, controller_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
+from inferline.common.generated import (
+    controller_pb2,
+    controller_pb2_grpc,
+    grpc_service_pb2,
+    grpc_service_pb2_grpc,
+    inference_pb2,
+    types_pb2,
+)
 from inferline.common.server import Service
 from tests.support.images import encoded
 from tests.support.servers import LoopThread, start_service, start_stage
@@ -151,32 +158,36 @@ def test_a_stage_that_is_down_makes_detect_unavailable_and_the_controller_stays_
         loop.close()
 
 
-class _SlowInference(inference_pb2_grpc.InferenceServiceServicer):
-    """Serves real metadata but takes long to infer, and records the deadline it was given."""
+class _SlowInference(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """An OIP server with the real stage's model description that takes long to infer, and
+    records the deadline it was given."""
 
-    def __init__(self, metadata: inference_pb2.ModelMetadataResponse):
-        self.metadata = metadata
+    def __init__(self, metadata: grpc_service_pb2.ModelMetadataResponse, config: grpc_service_pb2.ModelConfigResponse):
+        self.metadata, self.config = metadata, config
         self.remaining: list[float] = []
 
     async def ModelMetadata(self, request, context):  # noqa: N802 - gRPC's method name
         return self.metadata
 
+    async def ModelConfig(self, request, context):  # noqa: N802 - gRPC's method name
+        return self.config
+
     async def ModelInfer(self, request, context):  # noqa: N802 - gRPC's method name
         self.remaining.append(context.time_remaining())
         await asyncio.sleep(5)
-        return inference_pb2.ModelInferResponse()
+        return grpc_service_pb2.ModelInferResponse()
 
 
 def test_the_callers_deadline_flows_to_the_stages(stack):
     with grpc.insecure_channel(stack.servers["inference"].address) as channel:
-        metadata = inference_pb2_grpc.InferenceServiceStub(channel).ModelMetadata(
-            inference_pb2.ModelMetadataRequest(name="yolov8n"), timeout=10
-        )
-    slow = _SlowInference(metadata)
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        metadata = stub.ModelMetadata(grpc_service_pb2.ModelMetadataRequest(name="yolov8n"), timeout=10)
+        config = stub.ModelConfig(grpc_service_pb2.ModelConfigRequest(name="yolov8n"), timeout=10)
+    slow = _SlowInference(metadata, config)
 
     def register(server):
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(slow, server)
-        return ["inferline.v1.InferenceService"]
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(slow, server)
+        return ["inference.GRPCInferenceService"]
 
     loop = LoopThread()
     fake = start_service(loop, lambda settings: Service("slow-inference", register), stack.settings)

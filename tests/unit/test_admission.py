@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from inferline.common.errors import DeadlineExceeded, Overloaded, StageUnavailable
-from inferline.common.generated import inference_pb2, types_pb2
+from inferline.common.model_info import ModelInfo, TensorInfo
+from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
 from inferline.services.controller.admission import (
     Admission,
@@ -230,9 +231,10 @@ class _Stages:
         await self.release.wait()
         if self.fail:
             raise StageUnavailable("inference stage is unavailable")
-        return inference_pb2.ModelMetadataResponse(
-            name=name, task="detect", versions=[str(self.calls)],
-            preprocess=types_pb2.Recipe(name="letterbox"), postprocess=types_pb2.Recipe(name="yolo_detect"),
+        return ModelInfo(
+            name=name, version=str(self.calls), platform="torch", task="detect", max_batch_size=32,
+            inputs=(TensorInfo("images", "uint8", (3, -1, -1)),), outputs=(TensorInfo("output0", "float32", (84, -1)),),
+            preprocess=Recipe("letterbox"), postprocess=Recipe("yolo_detect"),
         )
 
 
@@ -246,16 +248,16 @@ def test_stale_model_metadata_is_served_at_once_while_one_call_refreshes_it():
         stages = _Stages()
         controller = Controller(Settings(), stages)
         stages.release.set()
-        first = await controller.model_metadata("m", Deadline(5))
+        first = await controller.model_info("m", Deadline(5))
         _stale(controller, "m")
         stages.release.clear()
-        answers = [await controller.model_metadata("m", Deadline(5)) for _ in range(3)]
+        answers = [await controller.model_info("m", Deadline(5)) for _ in range(3)]
         assert answers == [first] * 3, "served stale, without waiting"
         assert len(controller.plans._refreshing) == 1, "one refresh for all three"
         stages.release.set()
         await asyncio.gather(*controller.plans._refreshing.values())
         assert stages.calls == 2
-        assert (await controller.model_metadata("m", Deadline(5))).versions == ["2"]
+        assert (await controller.model_info("m", Deadline(5))).version == "2"
 
     asyncio.run(main())
 
@@ -265,13 +267,13 @@ def test_a_failed_refresh_forgets_the_entry_so_the_next_request_sees_the_error()
         stages = _Stages()
         controller = Controller(Settings(), stages)
         stages.release.set()
-        await controller.model_metadata("m", Deadline(5))
+        await controller.model_info("m", Deadline(5))
         _stale(controller, "m")
         stages.fail = True
-        await controller.model_metadata("m", Deadline(5))
+        await controller.model_info("m", Deadline(5))
         await asyncio.gather(*controller.plans._refreshing.values())
         with pytest.raises(StageUnavailable):
-            await controller.model_metadata("m", Deadline(5))
+            await controller.model_info("m", Deadline(5))
 
     asyncio.run(main())
 
