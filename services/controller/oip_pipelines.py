@@ -38,9 +38,8 @@ from inferline.common.errors import (
     StageUnavailable,
     quoted,
 )
-from inferline.common.generated import inference_pb2
+from inferline.common.model_info import ModelInfo
 from inferline.common.oip_bytes import BYTES
-from inferline.common.recipes import Recipe
 from inferline.common.status import error_for, status_for
 from inferline.common.tasks import tasks_for
 from inferline.services.controller.ports import Deadline
@@ -103,25 +102,25 @@ DETECTION_OUTPUTS = (
 )
 
 
-def _embedding_dims(model: inference_pb2.ModelMetadataResponse) -> tuple[int, ...]:
+def _embedding_dims(model: ModelInfo) -> tuple[int, ...]:
     return tuple(model.outputs[0].shape) if model.outputs else (-1,)
 
 
-def pipelines_from(models: Sequence[inference_pb2.ModelMetadataResponse]) -> dict[str, Pipeline]:
+def pipelines_from(models: Sequence[ModelInfo]) -> dict[str, Pipeline]:
     """The pipelines of the served models, by name. An embed model that is neither an image
     tower with a text tower nor the text tower of a served one has no Embed path of its own
     and is left out."""
     detect_tasks = set(tasks_for("Detect"))
     by_name = {m.name: m for m in models}
     towers = {
-        str(Recipe.from_proto(m.postprocess).params.get("text_model") or ""): m.name
+        str(m.postprocess.params.get("text_model") or ""): m.name
         for m in models
         if m.task == "embed"
     }
     towers.pop("", None)
     pipelines: dict[str, Pipeline] = {}
     for m in models:
-        version = m.versions[0] if m.versions else ""
+        version = m.version
         if m.task in detect_tasks:
             pipelines[m.name] = Pipeline(
                 m.name, version, m.task, "Detect", m.name, (TensorSpec(IMAGE, BYTES, (1,)),), DETECTION_OUTPUTS,
@@ -150,7 +149,7 @@ class PipelineCatalog:
     before any list, the stage's error is the answer.
     """
 
-    def __init__(self, list_models: Callable[[Deadline], Awaitable[inference_pb2.ListModelsResponse]]):
+    def __init__(self, list_models: Callable[[Deadline], Awaitable[list[ModelInfo]]]):
         self._list_models = list_models
         self._fetched = float("-inf")
         self._pipelines: dict[str, Pipeline] | None = None
@@ -179,8 +178,7 @@ class PipelineCatalog:
         return pipeline
 
     async def _refresh(self, deadline: Deadline) -> dict[str, Pipeline]:
-        response = await self._list_models(deadline)
-        self._pipelines = pipelines_from(list(response.models))
+        self._pipelines = pipelines_from(await self._list_models(deadline))
         self._fetched = time.monotonic()
         return self._pipelines
 

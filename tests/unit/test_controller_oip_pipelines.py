@@ -11,7 +11,7 @@ import pytest
 from inferline.common.api import DetectResult, ImageDetections
 from inferline.common.detections import Detection
 from inferline.common.errors import InvalidInput, ModelNotFound, Overloaded, StageUnavailable
-from inferline.common.generated import inference_pb2
+from inferline.common.model_info import ModelInfo, TensorInfo
 from inferline.common.oip_bytes import deserialize, serialize
 from inferline.common.recipes import Recipe
 from inferline.services.controller import oip_pipelines
@@ -19,13 +19,13 @@ from inferline.services.controller.oip_pipelines import PipelineCatalog
 from inferline.services.controller.ports import Deadline
 
 
-def _model(
-    name: str, task: str, postprocess: dict | None = None, dim: int = 512
-) -> inference_pb2.ModelMetadataResponse:
-    return inference_pb2.ModelMetadataResponse(
-        name=name, versions=["1"], task=task,
-        postprocess=Recipe("clip" if task == "embed" else "yolo_detect", postprocess or {}).to_proto(),
-        outputs=[inference_pb2.TensorMetadata(name="embedding", shape=[dim])] if task == "embed" else [],
+def _model(name: str, task: str, postprocess: dict | None = None, dim: int = 512) -> ModelInfo:
+    return ModelInfo(
+        name=name, version="1", platform="pytorch", task=task, max_batch_size=8,
+        inputs=(TensorInfo("images", "uint8", (3, -1, -1)),),
+        outputs=(TensorInfo("embedding", "float32", (dim,)),) if task == "embed" else (),
+        preprocess=Recipe("letterbox", {}),
+        postprocess=Recipe("clip" if task == "embed" else "yolo_detect", postprocess or {}),
     )
 
 
@@ -64,11 +64,11 @@ class FakeModels:
         self.calls = 0
         self.down = False
 
-    async def __call__(self, deadline: Deadline) -> inference_pb2.ListModelsResponse:
+    async def __call__(self, deadline: Deadline) -> list[ModelInfo]:
         self.calls += 1
         if self.down:
             raise StageUnavailable("inference stage at localhost:1 is unavailable")
-        return inference_pb2.ListModelsResponse(models=MODELS)
+        return list(MODELS)
 
 
 def test_the_catalog_asks_once_and_names_the_pipelines_for_an_unknown_model():

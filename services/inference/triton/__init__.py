@@ -21,10 +21,10 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from inferline.common import oip
 from inferline.common.generated import model_config_pb2
 from inferline.services.inference.models import LoadedModel
 from inferline.services.inference.oip_servicer import model_config
+from inferline.services.inference.service import model_info
 
 MODEL_PY = '''"""Triton Python backend model serving inferline's {name!r} (written by `inferline triton-repository`)."""
 
@@ -49,25 +49,16 @@ def site_dirs() -> list[str]:
 
 def ragged_outputs(model: LoadedModel) -> list[str]:
     """Outputs with a variable dimension: sent padded beside ``<name>__shape`` (common/oip.py)."""
-    return [spec.name for spec in model.config.outputs if -1 in spec.shape]
+    return sorted(model_info(model).ragged_outputs)
 
 
 def triton_config(model: LoadedModel) -> model_config_pb2.ModelConfig:
-    """Our stage's ModelConfig, for Triton's Python backend: backend "python", a CPU instance
-    group, and the ``__shape`` output of each ragged output."""
+    """Our stage's ModelConfig (with the ``__shape`` output of each ragged output), for
+    Triton's Python backend: backend "python" and a CPU instance group."""
     config = model_config(model)
     config.backend = "python"
     for group in config.instance_group:
         group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
-    ragged = set(ragged_outputs(model))
-    for spec in list(config.output):
-        if spec.name in ragged:
-            # Per item: its real shape, one value per dimension.
-            config.output.append(
-                model_config_pb2.ModelOutput(
-                    name=oip.shape_output(spec.name), data_type=model_config_pb2.TYPE_INT64, dims=[len(spec.dims)]
-                )
-            )
     return config
 
 

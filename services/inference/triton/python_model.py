@@ -22,6 +22,7 @@ from inferline.common.settings import Settings
 from inferline.services.inference.filters import candidate_filter
 from inferline.services.inference.models import ModelManager
 from inferline.services.inference.oip_servicer import MIN_SCORE, model_config, split_batch
+from inferline.services.inference.service import model_info
 from inferline.services.inference.triton import ragged_outputs
 
 
@@ -71,6 +72,7 @@ class TritonPythonModel:
                 "rewrite the repository with `inferline triton-repository` against these weights"
             )
         self.ragged = ragged_outputs(self.model)
+        self.info = model_info(self.model)
         self.filter = candidate_filter(self.model.config.candidate_filter)
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -96,7 +98,7 @@ class TritonPythonModel:
             # Through DLPack, not as_numpy(), which reads numpy 2 arrays with numpy 1's ABI
             # (a uint8 input comes out zeros). A copy: the buffer is the request's.
             inputs[spec.name] = np.array(np.from_dlpack(tensor))
-        items: list[Mapping[str, np.ndarray]] = list(split_batch(self.model, inputs))
+        items: list[Mapping[str, np.ndarray]] = list(split_batch(self.info, inputs))
         results = self.model.run_batch(items)
         if min_score > 0 and self.filter is not None:
             results = [self.filter(r, min_score) for r in results]
