@@ -21,7 +21,7 @@ from importlib import metadata as package_metadata
 import numpy as np
 
 from inferline.common import oip
-from inferline.common.errors import InvalidInput, quoted
+from inferline.common.errors import InvalidInput, ModelNotReady, quoted
 from inferline.common.generated import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 from inferline.common.model_info import PARAMETER_KEYS, ModelInfo, TensorInfo
 from inferline.common.oip import MIN_SCORE
@@ -34,7 +34,7 @@ SERVER_NAME = "inferline"
 # Only the extensions served here: ModelConfig is "model_configuration". RepositoryIndex is
 # served, but "model_repository" also promises load and unload, which are not (yet).
 # ModelStreamInfer is served too, but Triton's extension list has no name for it.
-EXTENSIONS = ("model_configuration",)
+EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 __all__ = ["MIN_SCORE", "PARAMETER_KEYS", "OipInferenceServicer", "model_config", "model_metadata"]
 
 
@@ -56,7 +56,12 @@ class OipInferenceServicer(RepositoryServicer, grpc_service_pb2_grpc.GRPCInferen
         return grpc_service_pb2.ServerReadyResponse(ready=self.service.ready)
 
     async def ModelReady(self, request, context):  # noqa: N802 - gRPC's method name
-        self.service.model(request.name, request.version)
+        # As Triton: a model of the repository that is loading, unloaded or failed is not ready
+        # (its reason is in RepositoryIndex); only a name the repository lacks is an error.
+        try:
+            self.service.model(request.name, request.version)
+        except ModelNotReady:
+            return grpc_service_pb2.ModelReadyResponse(ready=False)
         return grpc_service_pb2.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context):  # noqa: N802 - gRPC's method name

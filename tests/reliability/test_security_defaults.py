@@ -56,11 +56,20 @@ def test_a_checkpoint_that_is_not_the_official_release_is_refused_before_it_is_u
     digest = sha256_of(folder / "yolov8n.pt")
     loop = LoopThread()
     try:
-        with pytest.raises(WeightsError) as raised:
-            start_stage(loop, "inference", _yolo_only(settings, model_dir=(folder,), trusted_weights=()))
+        # The stage starts; the refused model is UNAVAILABLE, its reason the refusal.
+        stage = start_stage(loop, "inference", _yolo_only(settings, model_dir=(folder,), trusted_weights=()))
+        try:
+            with grpc.insecure_channel(stage.address) as channel:
+                index = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(
+                    grpc_service_pb2.RepositoryIndexRequest()
+                )
+        finally:
+            stage.stop()
     finally:
         loop.close()
-    message = str(raised.value)
+    (entry,) = [m for m in index.models if m.name == "yolov8n"]
+    assert entry.state == "UNAVAILABLE"
+    message = entry.reason
     assert not marker.exists(), "the file was unpickled"
     assert str(folder / "yolov8n.pt") in message and digest in message and OFFICIAL_YOLO in message
     assert "put the official yolov8n.pt there" in message
@@ -76,7 +85,8 @@ def _model_info(channel: grpc.Channel) -> Any:
 
 
 def test_the_stand_in_weights_are_served_only_when_an_operator_pins_their_digest(settings, yolo_weights):
-    strict = _yolo_only(settings, trusted_weights=())
+    # Triton's --exit-on-error: a model refused at start stops the stage.
+    strict = _yolo_only(settings, trusted_weights=(), exit_on_error=True)
     loop = LoopThread()
     try:
         with pytest.raises(WeightsError, match=f"its sha256 is {sha256_of(yolo_weights)}"):

@@ -83,7 +83,7 @@ def test_the_stage_watcher_reports_models_whose_state_or_version_changed():
 
 
 def test_a_forgotten_plan_is_fetched_again(monkeypatch):
-    monkeypatch.setattr(plan_module.ModelPlan, "from_metadata", classmethod(lambda cls, metadata: metadata))
+    monkeypatch.setattr(plan_module.ModelPlan, "from_info", classmethod(lambda cls, info: info))
     fetched: list[str] = []
 
     async def fetch(name, deadline):
