@@ -205,3 +205,13 @@ def test_the_readme_describes_every_method_of_the_controller(grpcurl, stack):
     shown = readme_transcript("grpcurl -plaintext localhost:50051 describe inferline.v1.ControllerService")
     described = [line.split()[1] for line in shown.splitlines() if line.strip().startswith("rpc ")]
     assert sorted(f"inferline.v1.ControllerService.{name}" for name in described) == sorted(methods)
+
+
+@pytest.mark.parametrize("port, server", [("50051", "controller"), ("50053", "inference")])
+def test_the_readme_shows_what_oip_model_ready_answers_on_the_controller_and_the_stage(grpcurl, stack, port, server):
+    """Both speak Triton's protocol: the controller's pipelines and the stage's models."""
+    body = '{"name": "yolov8n"}'
+    command = f"grpcurl -plaintext -d '{body}' localhost:{port} inference.GRPCInferenceService/ModelReady"
+    target = stack.controller if server == "controller" else stack.servers["inference"].address
+    got = ok(run_grpcurl(grpcurl, target, "inference.GRPCInferenceService/ModelReady", data=body))
+    assert got.strip() == readme_transcript(command)
