@@ -78,6 +78,14 @@ def test_rendered_objects_are_valid_for_kubernetes_1_35(helm, name, tmp_path):
         assert security["readOnlyRootFilesystem"] is True and security["capabilities"]["drop"] == ["ALL"]
         probe = container["readinessProbe"]
         assert ("exec" in probe) if name == "tls" else (probe["grpc"]["port"] == container["ports"][0]["containerPort"])
+        if name != "tls":
+            # Liveness asks a health name the stage registers: its service's (the inference
+            # stage's is Triton's, which names no stage).
+            stage = container["name"] if "name" in container else ""
+            served = {"inference": "inference.GRPCInferenceService"}.get(
+                stage, f"inferline.v1.{stage.title()}Service"
+            )
+            assert container["livenessProbe"]["grpc"]["service"] == served, stage
     inference = deployments["t-inferline-inference"]["spec"]["template"]["spec"]
     limits = inference["containers"][0]["resources"]["limits"]
     rule = _by_kind(docs, "PrometheusRule")["t-inferline"]
