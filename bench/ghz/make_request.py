@@ -1,4 +1,5 @@
-"""Writes ghz call data for inferline.v1.ControllerService/Detect from image files.
+"""Writes ghz call data for inferline.v1.ControllerService/Detect (or, with --oip, for the
+controller's pipelines over inference.GRPCInferenceService/ModelInfer) from image files.
 
     python bench/ghz/make_request.py IMAGE [IMAGE ...] > bench/ghz/request.json
 
@@ -43,7 +44,14 @@ def main() -> None:
     parser.add_argument("--conf", type=float, help="confidence threshold (default: the model's, 0.25 for YOLO)")
     parser.add_argument("--iou", type=float, help="NMS IoU threshold (default: the model's, 0.7 for YOLO)")
     parser.add_argument("--one-request", action="store_true", help="all images in one request (a batch)")
+    parser.add_argument("--oip", action="store_true",
+                        help="call data for inference.GRPCInferenceService/ModelInfer on the controller's "
+                             "pipeline (bench/ghz/pipeline-infer.json) instead of Detect")
     args = parser.parse_args()
+    if args.oip:
+        json.dump(oip_requests(args), sys.stdout)
+        sys.stdout.write("\n")
+        return
 
     options = {k: v for k, v in (("conf", args.conf), ("iou", args.iou)) if v is not None}
     images = [{"name": p.name,
@@ -55,6 +63,28 @@ def main() -> None:
         data = requests[0] if len(requests) == 1 else requests
     json.dump(data, sys.stdout)
     sys.stdout.write("\n")
+
+
+def oip_requests(args: argparse.Namespace) -> object:
+    """ModelInferRequest(s) in protobuf JSON for the pipeline ``args.model``: input ``IMAGE``
+    (BYTES, shape [batch, 1]) in ``raw_input_contents``, serialised as Triton serialises BYTES
+    (each element's uint32 little-endian length, then its bytes), base64 as JSON wants bytes."""
+    parameters = {k: {"double_param": v} for k, v in (("conf", args.conf), ("iou", args.iou)) if v is not None}
+
+    def request(files: list[Path]) -> dict:
+        raw = b"".join(len(data).to_bytes(4, "little") + data for data in (p.read_bytes() for p in files))
+        return {
+            "model_name": args.model,
+            "inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [len(files), 1]}],
+            "raw_input_contents": [base64.b64encode(raw).decode("ascii")],
+            "parameters": parameters,
+        }
+
+    files = images_in(args.images)
+    if args.one_request:
+        return request(files)
+    requests = [request([p]) for p in files]
+    return requests[0] if len(requests) == 1 else requests
 
 
 if __name__ == "__main__":
