@@ -217,3 +217,19 @@ def unstack_items(outputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarra
                 item = item[tuple(slice(0, int(n)) for n in shapes[index])]
             items[index][name] = item
     return items
+
+
+def infer_response(
+    request: grpc_service_pb2.ModelInferRequest, name: str, version: str, outputs: Mapping[str, np.ndarray]
+) -> grpc_service_pb2.ModelInferResponse:
+    """The answer to ``request``: the outputs it asks for, or all of ``outputs`` in their order
+    when it names none, each sent raw; an output the model lacks is the caller's mistake."""
+    wanted = [o.name for o in request.outputs] or list(outputs)
+    response = grpc_service_pb2.ModelInferResponse(model_name=name, model_version=version, id=request.id)
+    for output in wanted:
+        if output not in outputs:
+            raise InvalidInput(f"model {quoted(name)} has no output {quoted(output)} (it has: {', '.join(outputs)})")
+        tensor, data = output_tensor(output, outputs[output])
+        response.outputs.append(tensor)
+        response.raw_output_contents.append(data)
+    return response

@@ -168,19 +168,7 @@ class OipPipelineServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         else:
             embedded = await self.controller.embed(oip_pipelines.embed_request(pipeline, items), deadline)
             outputs = oip_pipelines.embed_outputs(pipeline, embedded)
-        wanted = [o.name for o in request.outputs] or list(outputs)
-        response = grpc_service_pb2.ModelInferResponse(
-            model_name=pipeline.name, model_version=pipeline.version, id=request.id
-        )
-        for name in wanted:
-            if name not in outputs:
-                raise InvalidInput(
-                    f"model {quoted(pipeline.name)} has no output {quoted(name)} (it has: {', '.join(outputs)})"
-                )
-            tensor, data = oip.output_tensor(name, outputs[name])
-            response.outputs.append(tensor)
-            response.raw_output_contents.append(data)
-        return response
+        return oip.infer_response(request, pipeline.name, pipeline.version, outputs)
 
     def _items(self, pipeline: Pipeline, request: grpc_service_pb2.ModelInferRequest) -> list[bytes]:
         """The request's items (encoded images or texts), checked as Triton checks a request

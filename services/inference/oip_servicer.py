@@ -108,19 +108,7 @@ class OipInferenceServicer(RepositoryServicer, grpc_service_pb2_grpc.GRPCInferen
         # Unasked, every output in the order ModelMetadata declares them.
         declared = [t.name for t in info.served_outputs]
         everything = [n for n in declared if n in stacked] + [n for n in stacked if n not in declared]
-        wanted = [o.name for o in request.outputs] or everything
-        response = grpc_service_pb2.ModelInferResponse(
-            model_name=info.name, model_version=info.version, id=request.id
-        )
-        for name in wanted:
-            if name not in stacked:
-                raise InvalidInput(
-                    f"model {quoted(info.name)} has no output {quoted(name)} (it has: {', '.join(everything)})"
-                )
-            tensor, data = oip.output_tensor(name, stacked[name])
-            response.outputs.append(tensor)
-            response.raw_output_contents.append(data)
-        return response
+        return oip.infer_response(request, info.name, info.version, {n: stacked[n] for n in everything})
 
 
 def _min_score(request: grpc_service_pb2.ModelInferRequest) -> float:
