@@ -154,6 +154,10 @@ class PipelineCatalog:
         self._fetched = float("-inf")
         self._pipelines: dict[str, Pipeline] | None = None
 
+    def forget(self, model: str = "") -> None:
+        """The next call lists the models again (a model was loaded, reloaded or unloaded)."""
+        self._fetched = float("-inf")
+
     async def all(self, deadline: Deadline) -> dict[str, Pipeline]:
         if self._pipelines is not None and time.monotonic() - self._fetched < CATALOG_TTL_S:
             return self._pipelines

@@ -80,12 +80,17 @@ def build_service(settings: Settings) -> Service:
         clients = GrpcStages(settings)
         stages, readiness, ready = clients, clients.watcher.run, oip_pipelines.watched(clients.watcher)
     controller = Controller(settings, stages)
-    if not settings.inprocess:
-        # A model loaded, reloaded or unloaded on the inference stage is planned afresh.
-        clients.watcher.on_model_change = controller.plans.forget
     servicer = ControllerServicer(settings, controller)
     # The same operations as Open Inference Protocol models, one per pipeline (oip_servicer.py).
     pipelines = OipPipelineServicer(settings, controller, ready)
+    if not settings.inprocess:
+        # A model loaded, reloaded or unloaded on the inference stage is planned afresh, and the
+        # pipelines are listed afresh.
+        def model_changed(name: str) -> None:
+            controller.plans.forget(name)
+            pipelines.catalog.forget(name)
+
+        clients.watcher.on_model_change = model_changed
 
     def register(server: grpc.aio.Server) -> list[str]:
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server)

@@ -25,12 +25,16 @@ import yaml
 from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
+from inferline.common.api import DetectRequest
+from inferline.common.detections import DetectOptions
 from inferline.common.errors import ConfigError, WeightsError
 from inferline.common.settings import Settings
+from inferline.services.client import Client, image_inputs
+from inferline.services.controller.plan import METADATA_TTL_S
 from inferline.services.inference.models import ModelManager
 from inferline.services.inference.repository import BUILTIN_REPOSITORY
 from inferline.services.inference.servicer import build_service
-from tests.support.servers import LoopThread, RunningServer, start_service
+from tests.support.servers import LoopThread, RunningServer, start_service, start_stage
 
 IMAGE = np.zeros((1, 3, 64, 64), np.uint8)
 
@@ -279,3 +283,47 @@ def test_exit_on_error_makes_startup_fail(loop, settings, repo):
 def test_an_unknown_mode_is_refused_by_name(settings):
     with pytest.raises(ConfigError, match="INFERLINE_MODEL_CONTROL_MODE='sometimes'"):
         ModelManager(dataclasses.replace(settings, model_control_mode="sometimes"))
+
+
+def test_the_controller_follows_a_reload_and_an_unload_before_its_caches_expire(
+    loop, stack, client, explicit, repo, sample_images
+):
+    """The controller's plans and its OIP pipelines follow the stage's RepositoryIndex at each
+    readiness poll: an unloaded model leaves the controller's pipelines at once, not when their
+    10 s caches expire. A reload of the same version changes nothing RepositoryIndex shows, so its
+    new labels answer within the plan cache's 10 s (METADATA_TTL_S)."""
+    base = yaml.safe_load((repo / "yolo-b" / "config.yaml").read_text())
+    base["labels"] = [f"before-{i}" for i in range(80)]
+    client.load_model("yolo-b", config=json.dumps(base))
+    settings = dataclasses.replace(stack.settings, inference_target=explicit.address, readiness_poll_s=0.2)
+    controller = start_stage(loop, "controller", settings)
+    request = DetectRequest("yolo-b", tuple(image_inputs(sample_images[-1:])), options=DetectOptions(conf=0.01))
+
+    def labels(api: Client) -> set[str]:
+        return {d.label.split("-")[0] for d in api.detect(request).images[0].detections}
+
+    def pipelines() -> set[str]:
+        with triton.InferenceServerClient(controller.address) as oip:
+            index = oip.get_model_repository_index(as_json=True)["models"]
+            return {m["name"] for m in index}
+
+    def within(seconds: float, check) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if check():
+                return True
+            time.sleep(0.1)
+        return False
+
+    try:
+        with Client(controller.address, timeout=60) as api:
+            assert labels(api) == {"before"} and "yolo-b" in pipelines()
+            base["labels"] = [f"after-{i}" for i in range(80)]
+            client.load_model("yolo-b", config=json.dumps(base))
+            assert within(METADATA_TTL_S + 5.0, lambda: labels(api) == {"after"})
+            assert "yolo-b" in pipelines()  # the pipeline list is fresh: its TTL cannot explain what follows
+            client.unload_model("yolo-b")
+            assert within(3.0, lambda: "yolo-b" not in pipelines())  # inside the 10 s caches
+            assert "yolov8n" in pipelines()
+    finally:
+        controller.stop()
