@@ -14,7 +14,6 @@ that fails fails its request, with a message that names it (``IMAGE[1]: ...``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from importlib import metadata as package_metadata
@@ -25,8 +24,8 @@ import numpy as np
 from inferline.common import oip, oip_bytes
 from inferline.common.errors import InvalidInput, quoted
 from inferline.common.generated import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
+from inferline.common.oip_stream import stream_infer
 from inferline.common.settings import Settings
-from inferline.common.status import status_for
 from inferline.services.controller import oip_pipelines
 from inferline.services.controller.oip_pipelines import Pipeline, PipelineCatalog, Readiness, TensorSpec
 from inferline.services.controller.operations import Controller
@@ -111,45 +110,10 @@ class OipPipelineServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(  # noqa: N802 - gRPC's method name
         self, request_iterator: AsyncIterator[grpc_service_pb2.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[grpc_service_pb2.ModelStreamInferResponse]:
-        """Each request answered as soon as it is done (requests of one stream run concurrently,
-        as Triton's do: match them by ``id``); a failed one gets ``error_message``."""
-        answers: asyncio.Queue[grpc_service_pb2.ModelStreamInferResponse | None] = asyncio.Queue()
-
-        async def answer(request: grpc_service_pb2.ModelInferRequest) -> None:
-            try:
-                response = grpc_service_pb2.ModelStreamInferResponse(
-                    infer_response=await self._infer(request, self._deadline(context))
-                )
-            except Exception as exc:  # every failure must reach the caller, and the stream go on
-                code, message = status_for(exc)
-                if code is grpc.StatusCode.INTERNAL:
-                    log.exception("ModelStreamInfer request failed")
-                response = grpc_service_pb2.ModelStreamInferResponse(
-                    error_message=message,
-                    infer_response=grpc_service_pb2.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id
-                    ),
-                )
-            await answers.put(response)
-
-        async def read() -> None:
-            jobs: list[asyncio.Future[None]] = []
-            try:
-                async for request in request_iterator:
-                    jobs.append(asyncio.ensure_future(answer(request)))
-                await asyncio.gather(*jobs)
-            finally:  # the caller went away (or the stream ended): nothing more to answer
-                for job in jobs:
-                    job.cancel()
-                answers.put_nowait(None)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while (response := await answers.get()) is not None:
-                yield response
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+        """Each request answered as soon as it is done, by its response or its error
+        (common/oip_stream.py)."""
+        async for response in stream_infer(request_iterator, lambda r: self._infer(r, self._deadline(context))):
+            yield response
 
     async def _infer(
         self, request: grpc_service_pb2.ModelInferRequest, deadline: Deadline

@@ -25,7 +25,7 @@ from inferline.common.errors import InvalidInput, ModelNotReady, quoted
 from inferline.common.generated import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 from inferline.common.model_info import PARAMETER_KEYS, ModelInfo, TensorInfo
 from inferline.common.oip import MIN_SCORE
-from inferline.common.status import status_for
+from inferline.common.oip_stream import stream_infer
 from inferline.services.inference.models import LoadedModel
 from inferline.services.inference.oip_repository import RepositoryServicer
 from inferline.services.inference.service import Inference, model_info
@@ -80,16 +80,10 @@ class OipInferenceServicer(RepositoryServicer, grpc_service_pb2_grpc.GRPCInferen
     async def ModelStreamInfer(  # noqa: N802 - gRPC's method name
         self, request_iterator: AsyncIterator[grpc_service_pb2.ModelInferRequest], context
     ) -> AsyncIterator[grpc_service_pb2.ModelStreamInferResponse]:
-        """Each request answered in order, by its response or by its error alone: as in Triton,
-        a failed request does not end the stream (no interceptor maps a stream's errors, so the
-        status table's message is set here; an unexpected error does not leak its text)."""
-        async for request in request_iterator:
-            try:
-                response = await self._infer(request, context.time_remaining())
-            except Exception as exc:  # noqa: BLE001 - the error is this request's answer
-                yield grpc_service_pb2.ModelStreamInferResponse(error_message=status_for(exc)[1])
-            else:
-                yield grpc_service_pb2.ModelStreamInferResponse(infer_response=response)
+        """Each request answered as soon as it is done, by its response or its error alone
+        (common/oip_stream.py): requests of one stream reach the dynamic batcher together."""
+        async for response in stream_infer(request_iterator, lambda r: self._infer(r, context.time_remaining())):
+            yield response
 
     async def _infer(
         self, request: grpc_service_pb2.ModelInferRequest, timeout: float | None

@@ -187,22 +187,23 @@ def test_outputs_can_be_asked_for_by_name_shape_outputs_too(client, images):
 
 
 def test_a_stream_answers_each_request_and_outlives_a_failed_one(stack, images):
-    def request(model: str) -> service_pb2.ModelInferRequest:
-        message = service_pb2.ModelInferRequest(model_name=model, id=model)
+    """Requests of one stream run concurrently (they reach the batcher together) and are answered
+    as each is done, as Triton's are: a client matches answers by ``id``."""
+    def request(model: str, id: str) -> service_pb2.ModelInferRequest:
+        message = service_pb2.ModelInferRequest(model_name=model, id=id)
         message.inputs.add(name="images", datatype="UINT8", shape=[1, *images[0].shape])
         message.raw_input_contents.append(images[0].tobytes())
         return message
 
     with grpc.insecure_channel(stack.servers["inference"].address) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        requests = [request("yolov8n"), request("nope"), request("yolov8n")]
-        answers = list(stub.ModelStreamInfer(iter(requests), timeout=120))
-    assert len(answers) == 3
-    first, failed, last = answers
-    assert not first.error_message and first.infer_response.id == "yolov8n"
-    assert "nope" in failed.error_message and not failed.HasField("infer_response")
-    assert not last.error_message
-    assert triton.InferResult(last.infer_response).as_numpy("output0").shape[:2] == (1, 84)
+        requests = [request("yolov8n", "a"), request("nope", "b"), request("yolov8n", "c")]
+        answers = {a.infer_response.id: a for a in stub.ModelStreamInfer(iter(requests), timeout=120)}
+    assert sorted(answers) == ["a", "b", "c"]
+    assert "nope" in answers["b"].error_message and answers["b"].infer_response.model_name == "nope"
+    for good in ("a", "c"):
+        assert not answers[good].error_message
+        assert triton.InferResult(answers[good].infer_response).as_numpy("output0").shape[:2] == (1, 84)
 
 
 def test_the_stage_serves_no_other_inference_protocol(stack):
