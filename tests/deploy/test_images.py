@@ -4,6 +4,7 @@ serve Detect together as containers with memory and CPU limits on a user network
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -155,14 +156,32 @@ def test_unknown_model_is_not_found_through_the_containers(container_stack, shap
     assert "nope" in caught.value.details()
 
 
-def test_inference_without_its_weights_exits_naming_the_file(images, tmp_path):
+def test_inference_without_its_weights_names_the_file_and_exits_only_when_strict(images, tmp_path):
+    """By default a model whose weights are missing is UNAVAILABLE, its reason logged, and the
+    stage stays up for the others (and for a later load); INFERLINE_EXIT_ON_ERROR=true, Triton's
+    --exit-on-error, makes it exit instead."""
     empty = tmp_path / "empty"
     empty.mkdir()
     empty.chmod(0o755)
-    done = podman("run", "--rm", "--read-only", "--network", "none", "-v", f"{empty}:/models:ro",
-                  "-e", "INFERLINE_MODELS=yolov8n", images["inference-onnx"], check=False, timeout=120)
+    run_args = ["--read-only", "--network", "none", "-v", f"{empty}:/models:ro", "-e", "INFERLINE_MODELS=yolov8n"]
+    done = podman("run", "--rm", *run_args, "-e", "INFERLINE_EXIT_ON_ERROR=true", images["inference-onnx"],
+                  check=False, timeout=120)
     assert done.returncode != 0
     assert "yolov8n.onnx" in done.stdout + done.stderr, done.stderr[-2000:]
+    name = f"inferline-noweights-{uuid.uuid4().hex[:8]}"
+    podman("run", "-d", "--name", name, *run_args, images["inference-onnx"])
+    try:
+        deadline = time.monotonic() + 120
+        logs = ""
+        while "yolov8n.onnx" not in logs and time.monotonic() < deadline:
+            time.sleep(1)
+            done = podman("logs", name, check=False)
+            logs = done.stdout + done.stderr
+        assert "yolov8n.onnx" in logs, logs[-2000:]
+        state = json.loads(podman("inspect", name).stdout)[0]["State"]
+        assert state["Running"] is True, state
+    finally:
+        podman("rm", "-f", name, check=False)
 
 
 def test_sigterm_drains_and_exits_cleanly(images):
