@@ -31,7 +31,7 @@ from inferline.common.oip_stream import stream_infer
 from inferline.services.inference.models import LoadedModel
 from inferline.services.inference.oip_repository import RepositoryServicer
 from inferline.services.inference.service import Inference, model_info
-from inferline.services.inference.shared_memory import SharedMemoryRegistry
+from inferline.services.inference.shared_memory import RegionNotFound, SharedMemoryRegistry
 
 SERVER_NAME = "inferline"
 # Only the extensions served here: ModelConfig is "model_configuration". RepositoryIndex is
@@ -116,15 +116,19 @@ class OipInferenceServicer(RepositoryServicer, grpc_service_pb2_grpc.GRPCInferen
         self.service.shared_memory.unregister(request.name)
         return grpc_service_pb2.SystemSharedMemoryUnregisterResponse()
 
-    # Not the default UNIMPLEMENTED ("Method not found!"): a message that says why and what instead.
+    # CUDA shared memory: no region can exist here, which status and unregister say truthfully
+    # (perf_analyzer and tritonclient unregister "all CUDA regions" and expect that to succeed);
+    # registering one is refused with why, not gRPC's default "Method not found!".
     async def CudaSharedMemoryStatus(self, request, context):  # noqa: N802 - gRPC's method name
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_CUDA_SHM)
+        if request.name:
+            raise RegionNotFound(f"no CUDA shared memory region {quoted(request.name)}: {NO_CUDA_SHM}")
+        return grpc_service_pb2.CudaSharedMemoryStatusResponse()
 
     async def CudaSharedMemoryRegister(self, request, context):  # noqa: N802 - gRPC's method name
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_CUDA_SHM)
 
     async def CudaSharedMemoryUnregister(self, request, context):  # noqa: N802 - gRPC's method name
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_CUDA_SHM)
+        return grpc_service_pb2.CudaSharedMemoryUnregisterResponse()
 
     async def _infer(
         self, request: grpc_service_pb2.ModelInferRequest, timeout: float | None

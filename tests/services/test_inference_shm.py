@@ -9,6 +9,7 @@ status and a message naming what to change, and the stage keeps serving.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 import queue
@@ -192,7 +193,11 @@ def test_regions_are_bounded_and_cuda_shared_memory_says_why_it_is_not_served(cl
         error = _refused(client.register_system_shared_memory, "r6", key, 4096)
         assert error.status() == "StatusCode.RESOURCE_EXHAUSTED" and "INFERLINE_SHM_MAX_REGIONS" in error.message()
         client.unregister_system_shared_memory()
-    error = _refused(client.get_cuda_shared_memory_status)
+    # No CUDA region can exist here: listing or unregistering all of them succeeds (as clients
+    # that clean up expect), registering one is refused with why.
+    assert not client.get_cuda_shared_memory_status().regions
+    client.unregister_cuda_shared_memory()
+    error = _refused(client.register_cuda_shared_memory, "gpu", base64.b64encode(b"handle"), 0, 16)
     assert error.status() == "StatusCode.UNIMPLEMENTED" and "no GPU" in error.message()
 
 
