@@ -10,7 +10,7 @@ and by the controller's client of it (services/controller/grpc_ports.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -69,26 +69,37 @@ def numpy_dtype(datatype: str, tensor: str) -> np.dtype:
     return dtype
 
 
-def decode_inputs(request: grpc_service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
+def decode_inputs(
+    request: grpc_service_pb2.ModelInferRequest, shared: Mapping[str, memoryview] | None = None
+) -> dict[str, np.ndarray]:
     """The request's input tensors by name, from raw contents when the request has them.
 
-    As the protocol says, raw contents are all or nothing: one entry per input, in order.
+    As the protocol says, raw contents are all or nothing: one entry per input, in order, the
+    inputs in ``shared`` (read from a shared-memory region, services/inference/shared_memory.py)
+    excepted: those are views of their buffer, and have no raw entry.
     """
+    shared = shared or {}
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    carried = [t for t in request.inputs if t.name not in shared]
+    if raw and len(raw) != len(carried):
         raise InvalidInput(
-            f"the request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents; "
-            "give one raw content per input, or none and typed contents"
+            f"the request has {len(carried)} inputs outside shared memory but {len(raw)} raw_input_contents; "
+            "give one raw content per such input, or none and typed contents"
         )
     arrays: dict[str, np.ndarray] = {}
-    for index, tensor in enumerate(request.inputs):
+    index = 0
+    for tensor in request.inputs:
         if tensor.name in arrays:
             raise InvalidInput(f"input {quoted(tensor.name)} is given twice")
+        if tensor.name in shared:
+            arrays[tensor.name] = decode_tensor(tensor, shared[tensor.name])
+            continue
         arrays[tensor.name] = decode_tensor(tensor, raw[index] if raw else None)
+        index += 1
     return arrays
 
 
-def decode_tensor(tensor: InputTensor, raw: bytes | None) -> np.ndarray:
+def decode_tensor(tensor: InputTensor, raw: bytes | memoryview | None) -> np.ndarray:
     """One input as numpy: a read-only view on raw bytes, or an array of its typed contents."""
     name = quoted(tensor.name)
     dtype = numpy_dtype(tensor.datatype, tensor.name)
@@ -147,16 +158,21 @@ def input_tensor(name: str, array: np.ndarray) -> tuple[InputTensor, bytes]:
     return InputTensor(name=name, datatype=datatype, shape=array.shape), data
 
 
+def output_metadata(name: str, array: np.ndarray) -> grpc_service_pb2.ModelInferResponse.InferOutputTensor:
+    """An output's name, OIP datatype and shape."""
+    datatype = FROM_NUMPY.get(array.dtype.newbyteorder("<"))
+    if datatype is None:
+        raise TypeError(f"no OIP datatype for numpy dtype {array.dtype}")
+    return grpc_service_pb2.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=array.shape)
+
+
 def output_tensor(
     name: str, array: np.ndarray
 ) -> tuple[grpc_service_pb2.ModelInferResponse.InferOutputTensor, bytes]:
     """An output's metadata and its raw little-endian bytes (for ``raw_output_contents``)."""
-    dtype = array.dtype.newbyteorder("<")
-    datatype = FROM_NUMPY.get(dtype)
-    if datatype is None:
-        raise TypeError(f"no OIP datatype for numpy dtype {array.dtype}")
-    data = np.ascontiguousarray(array, dtype=dtype).tobytes()
-    return grpc_service_pb2.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=array.shape), data
+    tensor = output_metadata(name, array)
+    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    return tensor, data
 
 
 
@@ -220,16 +236,27 @@ def unstack_items(outputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarra
 
 
 def infer_response(
-    request: grpc_service_pb2.ModelInferRequest, name: str, version: str, outputs: Mapping[str, np.ndarray]
+    request: grpc_service_pb2.ModelInferRequest,
+    name: str,
+    version: str,
+    outputs: Mapping[str, np.ndarray],
+    placed: Callable[[str, np.ndarray], bool] | None = None,
 ) -> grpc_service_pb2.ModelInferResponse:
     """The answer to ``request``: the outputs it asks for, or all of ``outputs`` in their order
-    when it names none, each sent raw; an output the model lacks is the caller's mistake."""
+    when it names none, each sent raw; an output the model lacks is the caller's mistake.
+
+    ``placed(name, array)`` is True when it has put the output elsewhere (a shared-memory region
+    the request named): its tensor then carries name, datatype and shape, and its raw entry is
+    empty, so that raw entries keep the outputs' order (tritonclient finds them by position)."""
     wanted = [o.name for o in request.outputs] or list(outputs)
     response = grpc_service_pb2.ModelInferResponse(model_name=name, model_version=version, id=request.id)
     for output in wanted:
         if output not in outputs:
             raise InvalidInput(f"model {quoted(name)} has no output {quoted(output)} (it has: {', '.join(outputs)})")
-        tensor, data = output_tensor(output, outputs[output])
+        if placed is not None and placed(output, outputs[output]):
+            tensor, data = output_metadata(output, outputs[output]), b""
+        else:
+            tensor, data = output_tensor(output, outputs[output])
         response.outputs.append(tensor)
         response.raw_output_contents.append(data)
     return response

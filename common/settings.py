@@ -184,6 +184,11 @@ class Settings:
     malloc_arena_max: int = 2
     malloc_mmap_threshold_kb: int = 0
     memory_trim_idle_s: float = 2.0
+    # OIP's system shared memory on the inference stage (docs/shared-memory.md): regions a client
+    # may register at once, and the bytes they may map together. The client owns the memory;
+    # the bound keeps one client from filling this process's address space with mappings.
+    shm_max_regions: int = 64
+    shm_max_bytes: int = 2 * 1024**3
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -15,9 +15,11 @@ candidate filter, weights provenance) travels in ``ModelConfig.parameters``: ``M
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Mapping
 from importlib import metadata as package_metadata
 
+import grpc
 import numpy as np
 
 from inferline.common import oip
@@ -29,12 +31,23 @@ from inferline.common.oip_stream import stream_infer
 from inferline.services.inference.models import LoadedModel
 from inferline.services.inference.oip_repository import RepositoryServicer
 from inferline.services.inference.service import Inference, model_info
+from inferline.services.inference.shared_memory import RegionNotFound, SharedMemoryRegistry
 
 SERVER_NAME = "inferline"
 # Only the extensions served here: ModelConfig is "model_configuration". RepositoryIndex is
 # served, but "model_repository" also promises load and unload, which are not (yet).
 # ModelStreamInfer is served too, but Triton's extension list has no name for it.
-EXTENSIONS = ("model_configuration", "model_repository", "statistics")
+# "system_shared_memory": inputs read from and outputs written into client-created POSIX shm
+# regions (shared_memory.py, docs/shared-memory.md); CUDA shared memory is not served (no GPU).
+EXTENSIONS = ("model_configuration", "model_repository", "statistics", "system_shared_memory")
+# The tensor parameters of OIP's shared-memory extension, on inputs and on requested outputs.
+SHM_REGION = "shared_memory_region"
+SHM_OFFSET = "shared_memory_offset"
+SHM_BYTE_SIZE = "shared_memory_byte_size"
+NO_CUDA_SHM = (
+    "CUDA shared memory is not served: this stage has no GPU to share; use system shared memory "
+    "(SystemSharedMemoryRegister, perf_analyzer --shared-memory=system)"
+)
 __all__ = ["MIN_SCORE", "PARAMETER_KEYS", "OipInferenceServicer", "model_config", "model_metadata"]
 
 
@@ -85,11 +98,52 @@ class OipInferenceServicer(RepositoryServicer, grpc_service_pb2_grpc.GRPCInferen
         async for response in stream_infer(request_iterator, lambda r: self._infer(r, context.time_remaining())):
             yield response
 
+    # OIP's system_shared_memory extension: regions the client created, by name.
+    async def SystemSharedMemoryStatus(self, request, context):  # noqa: N802 - gRPC's method name
+        Status = grpc_service_pb2.SystemSharedMemoryStatusResponse.RegionStatus  # noqa: N806 - a message class
+        return grpc_service_pb2.SystemSharedMemoryStatusResponse(
+            regions={
+                r.name: Status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
+                for r in self.service.shared_memory.status(request.name)
+            }
+        )
+
+    async def SystemSharedMemoryRegister(self, request, context):  # noqa: N802 - gRPC's method name
+        self.service.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return grpc_service_pb2.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request, context):  # noqa: N802 - gRPC's method name
+        self.service.shared_memory.unregister(request.name)
+        return grpc_service_pb2.SystemSharedMemoryUnregisterResponse()
+
+    # CUDA shared memory: no region can exist here, which status and unregister say truthfully
+    # (perf_analyzer and tritonclient unregister "all CUDA regions" and expect that to succeed);
+    # registering one is refused with why, not gRPC's default "Method not found!".
+    async def CudaSharedMemoryStatus(self, request, context):  # noqa: N802 - gRPC's method name
+        if request.name:
+            raise RegionNotFound(f"no CUDA shared memory region {quoted(request.name)}: {NO_CUDA_SHM}")
+        return grpc_service_pb2.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryRegister(self, request, context):  # noqa: N802 - gRPC's method name
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_CUDA_SHM)
+
+    async def CudaSharedMemoryUnregister(self, request, context):  # noqa: N802 - gRPC's method name
+        return grpc_service_pb2.CudaSharedMemoryUnregisterResponse()
+
     async def _infer(
         self, request: grpc_service_pb2.ModelInferRequest, timeout: float | None
     ) -> grpc_service_pb2.ModelInferResponse:
         info = self.service.info(request.model_name, request.model_version)
-        items = split_batch(info, oip.decode_inputs(request))
+        regions = self.service.shared_memory
+        # Where each output goes when the request puts it in shared memory: checked before the
+        # model runs, so a wrong region costs no inference.
+        placements = {}
+        for output in request.outputs:
+            where = _shm_parameters(output.parameters, f"output {quoted(output.name)}")
+            if where is not None:
+                regions.status(where[0])
+                placements[output.name] = where
+        items = split_batch(info, oip.decode_inputs(request, _shared_inputs(request, regions)))
         outputs = await self.service.infer(
             request.model_name, request.model_version, items, min_score=_min_score(request), timeout=timeout
         )
@@ -102,7 +156,79 @@ class OipInferenceServicer(RepositoryServicer, grpc_service_pb2_grpc.GRPCInferen
         # Unasked, every output in the order ModelMetadata declares them.
         declared = [t.name for t in info.served_outputs]
         everything = [n for n in declared if n in stacked] + [n for n in stacked if n not in declared]
-        return oip.infer_response(request, info.name, info.version, {n: stacked[n] for n in everything})
+        return oip.infer_response(
+            request, info.name, info.version, {n: stacked[n] for n in everything},
+            placed=lambda name, array: _place(regions, placements, name, array),
+        )
+
+
+def _shm_parameters(
+    parameters: Mapping[str, grpc_service_pb2.InferParameter], what: str
+) -> tuple[str, int, int] | None:
+    """(region, offset, byte_size) when a tensor's parameters put it in shared memory."""
+    if SHM_REGION not in parameters:
+        return None
+    region = parameters[SHM_REGION]
+    if region.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidInput(f"{what}: parameter {SHM_REGION!r} must be a string_param (the region's name)")
+
+    def integer(key: str, required: bool) -> int:
+        if key not in parameters:
+            if required:
+                raise InvalidInput(f"{what}: parameter {SHM_REGION!r} needs {key!r} (int64_param) beside it")
+            return 0
+        param = parameters[key]
+        kind = param.WhichOneof("parameter_choice")
+        if kind not in ("int64_param", "uint64_param"):
+            raise InvalidInput(f"{what}: parameter {key!r} must be an int64_param")
+        value = int(getattr(param, kind))
+        if value < 0:
+            raise InvalidInput(f"{what}: parameter {key!r} must be >= 0, got {value}")
+        return value
+
+    return region.string_param, integer(SHM_OFFSET, False), integer(SHM_BYTE_SIZE, True)
+
+
+def _shared_inputs(request: grpc_service_pb2.ModelInferRequest, regions: SharedMemoryRegistry) -> dict[str, memoryview]:
+    """The inputs the request puts in shared memory, as read-only views of their regions."""
+    shared = {}
+    for tensor in request.inputs:
+        what = f"input {quoted(tensor.name)}"
+        where = _shm_parameters(tensor.parameters, what)
+        if where is None:
+            continue
+        region, offset, byte_size = where
+        dtype = oip.numpy_dtype(tensor.datatype, tensor.name)
+        if any(d < 0 for d in tensor.shape):
+            raise InvalidInput(f"{what} has a negative dimension in shape {quoted(list(tensor.shape))}")
+        needed = math.prod(tensor.shape) * dtype.itemsize
+        if byte_size != needed:
+            raise InvalidInput(
+                f"{what}: shape {quoted(list(tensor.shape))} of {tensor.datatype} needs {needed} bytes, "
+                f"but {SHM_BYTE_SIZE} is {byte_size}"
+            )
+        shared[tensor.name] = regions.read(region, offset, byte_size, what)
+    return shared
+
+
+def _place(
+    regions: SharedMemoryRegistry, placements: Mapping[str, tuple[str, int, int]], name: str, array: np.ndarray
+) -> bool:
+    """Writes output ``name`` into its shared-memory region when the request asked for that."""
+    where = placements.get(name)
+    if where is None:
+        return False
+    region, offset, byte_size = where
+    what = f"output {quoted(name)}"
+    if byte_size < array.nbytes:
+        raise InvalidInput(
+            f"{what} has {array.nbytes} bytes (shape {list(array.shape)}), more than the {byte_size} of "
+            f"{SHM_BYTE_SIZE} in shared memory region {quoted(region)}; give a larger region"
+        )
+    view = regions.writable(region, offset, array.nbytes, what)
+    target = np.frombuffer(view, dtype=array.dtype.newbyteorder("<")).reshape(array.shape)
+    np.copyto(target, array)
+    return True
 
 
 def _min_score(request: grpc_service_pb2.ModelInferRequest) -> float:

@@ -17,6 +17,7 @@ from inferline.common.model_info import ModelInfo, TensorInfo, WeightsInfo
 from inferline.common.settings import Settings
 from inferline.services.inference.filters import candidate_filter
 from inferline.services.inference.models import LoadedModel, ModelManager, ModelStatus
+from inferline.services.inference.shared_memory import SharedMemoryRegistry
 
 
 class Inference:
@@ -24,6 +25,8 @@ class Inference:
         self.settings = settings
         self.manager = ModelManager(settings)
         self._poller: asyncio.Task | None = None
+        # Client-created regions inputs are read from and outputs written into (OIP's extension).
+        self.shared_memory = SharedMemoryRegistry(settings.shm_max_regions, settings.shm_max_bytes)
 
     @property
     def ready(self) -> bool:
@@ -95,6 +98,7 @@ class Inference:
             await asyncio.gather(self._poller, return_exceptions=True)
         await self.manager.aclose()
         await asyncio.to_thread(self.manager.close)
+        self.shared_memory.close()
 
 
 def model_info(model: LoadedModel) -> ModelInfo:

@@ -66,7 +66,9 @@ def test_server_and_model_health(client):
 def test_server_metadata_lists_only_the_extensions_served(client):
     meta = client.get_server_metadata()
     assert meta.name == "inferline" and meta.version
-    assert list(meta.extensions) == ["model_configuration", "model_repository", "statistics"]
+    assert list(meta.extensions) == [
+        "model_configuration", "model_repository", "statistics", "system_shared_memory"
+    ]
 
 
 def test_model_metadata_has_oip_datatypes_and_a_leading_batch_dimension(client):
