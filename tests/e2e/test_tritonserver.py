@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as triton
 from google.protobuf import text_format
 from PIL import Image
@@ -59,8 +60,13 @@ def tritonserver_binary() -> Path:
 @pytest.fixture(scope="module")
 def triton_env(model_dir: Path) -> dict[str, str]:
     """What both the CLI and tritonserver's Python stub resolve weights with: the model folder,
-    the stand-ins' pins (conftest puts them in os.environ), no download."""
-    return {**os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false"}
+    the stand-ins' pins (conftest puts them in os.environ), no download. And torch's thread
+    count of this process, where our stage runs: a convolution's sums are ordered by its threads,
+    so bit-identical outputs need the same count on both sides (other tests may have set it)."""
+    return {
+        **os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false",
+        "INFERLINE_TORCH_THREADS": str(torch.get_num_threads()),
+    }
 
 
 @pytest.fixture(scope="module")
