@@ -185,12 +185,21 @@ def test_model_config_parameters_are_our_stage_s(triton_client, our_client):
     assert [o.name for o in config.output] == ["output0", oip.shape_output("output0")]
 
 
-def test_a_batch_of_two_gives_our_stage_s_output_bits(triton_client, our_client, batch):
+def assert_same_outputs(theirs: np.ndarray, ours: np.ndarray) -> None:
+    """Equal, bit for bit when torch runs both with the same intra-op threads (as when this file
+    runs alone), else to float32 rounding: a convolution's sums are ordered by its threads, and
+    OpenMP keeps a thread count per thread, so our in-process stage's worker may run with another
+    count than the one the stub is given after other tests changed it (seen in CI)."""
+    assert theirs.shape == ours.shape and theirs.dtype == ours.dtype
+    np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_of_two_gives_our_stage_s_outputs(triton_client, our_client, batch):
     theirs = _infer(triton_client, batch)
     ours = _infer(our_client, batch)
     assert theirs["output0"].shape == (2, 84, 6300)
     assert theirs["output0"].dtype == ours["output0"].dtype == np.float32
-    assert np.array_equal(theirs["output0"], ours["output0"])
+    assert_same_outputs(theirs["output0"], ours["output0"])
     # Same-size items: the ragged output's real shapes are its padded one.
     assert theirs[oip.shape_output("output0")].tolist() == [[84, 6300], [84, 6300]]
 
@@ -206,14 +215,15 @@ def test_min_score_keeps_the_candidates_our_filter_keeps(triton_client, our_clie
         expected = shrink({"output0": full}, float(MIN_SCORE))["output0"]
         assert 0 < expected.shape[1] < 6300
         assert item["output0"].shape == expected.shape
-        assert np.array_equal(item["output0"], expected)
+        assert_same_outputs(item["output0"], expected)
 
 
 def test_min_score_of_one_image_is_our_stage_s(triton_client, our_client, batch):
     one = batch[:1]
     theirs = _infer(triton_client, one, min_score=MIN_SCORE)
     ours = _infer(our_client, one, min_score=MIN_SCORE)
-    assert np.array_equal(theirs["output0"], ours["output0"])
+    assert theirs["output0"].shape == ours["output0"].shape
+    assert_same_outputs(theirs["output0"], ours["output0"])
     assert theirs[oip.shape_output("output0")].tolist() == [list(ours["output0"].shape[1:])]
 
 
