@@ -47,11 +47,17 @@ def test_idle_rss_of_every_stage_after_five_overloads_is_within_ten_percent_of_a
     episodes = result["episodes"][1:]
     assert len(episodes) == EPISODES
     assert all(sum(e["codes"].values()) >= e["clients"] for e in episodes), "every episode sent load"
-    first, last = episodes[0]["idle_rss_mib"], episodes[-1]["idle_rss_mib"]
-    assert set(first) == {"controller", "preprocess", "inference", "postprocess"}
-    grew = {stage: (first[stage], last[stage]) for stage in first if last[stage] > 1.10 * first[stage]}
+    # A ratchet raises the floor: the lower of the last two idle readings must stay within 10% of
+    # the higher of the first two. One reading against one is not enough: the inference stage's
+    # idle RSS also flips between two levels as its largest batch's buffers are kept or returned
+    # (CI saw 832, 779, 952, 953, 779, 952 MiB: no growth, but 779 -> 952 end to end).
+    rss = [e["idle_rss_mib"] for e in episodes]
+    assert set(rss[0]) == {"controller", "preprocess", "inference", "postprocess"}
+    early = {stage: max(r[stage] for r in rss[:2]) for stage in rss[0]}
+    late = {stage: min(r[stage] for r in rss[-2:]) for stage in rss[0]}
+    grew = {stage: (early[stage], late[stage]) for stage in early if late[stage] > 1.10 * early[stage]}
     assert not grew, (
-        f"idle RSS (MiB) after episode 1 -> after episode {EPISODES}: {grew}\n"
+        f"idle RSS (MiB) of episodes 1-2 (highest) -> {EPISODES - 1}-{EPISODES} (lowest): {grew}\n"
         f"{(tmp_path / 'memory-episodes.md').read_text()}"
     )
 
