@@ -74,6 +74,12 @@ class Settings:
     # The OIP server behind the gateway's /v2 routes (REST -> inference.GRPCInferenceService);
     # empty: the controller, over the gateway's channel to it.
     gateway_oip_target: str = ""
+    # issue 19: http. The sub-path the gateway is served under when a proxy does not strip it
+    # (one that strips it sends X-Forwarded-Prefix instead); API keys (comma-separated, or one
+    # per line in a file, e.g. a mounted Secret): empty, no key is required.
+    gateway_root_path: str = ""
+    gateway_api_keys: str = ""
+    gateway_api_keys_file: str = ""
 
     # TLS between the services (common/tls.py): this process's certificate and key, and the CA
     # that peers' certificates must chain to. tls_serve=false keeps this listener plaintext

@@ -9,6 +9,7 @@ answer with the presentation module's documents, the very shapes the CLI prints
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,10 +36,13 @@ from inferline.common.status import status_for
 from inferline.services.client import AsyncClient
 from inferline.services.controller.stages import MODEL_HEALTH_PREFIX
 from inferline.services.gateway import problems
+from inferline.services.gateway.auth import API_KEY, BEARER, SECURITY_SCHEMES, ApiKeys, RequireApiKey
 from inferline.services.gateway.inputs import Body, merged_params, read_body, timeout_from
 from inferline.services.gateway.metrics import GatewayMetrics
 from inferline.services.gateway.middleware import BodyLimit, RequestContext
+from inferline.services.gateway.negotiation import MEDIA_TYPES, choose
 from inferline.services.gateway.oip_rest import create_oip_router
+from inferline.services.gateway.prefix import ForwardedPrefix, root_of
 from inferline.services.gateway.problems import ApiError, Problem, invalid
 from inferline.services.gateway.schemas import (
     ClassifyParams,
@@ -53,6 +57,7 @@ from inferline.services.gateway.schemas import (
     Stats,
 )
 from inferline.services.presentation import documents
+from inferline.services.presentation.documents import DETECT_FORMATS, TABLE_FORMATS
 
 STATIC = Path(str(resources.files("inferline.services.gateway") / "static"))
 # Swagger UI 5 (it renders OpenAPI 3.1), as shipped inside the fastapi-offline wheel.
@@ -93,6 +98,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         400: "invalid request (INVALID_ARGUMENT): a bad option, an undecodable image, no images",
         404: "unknown model (NOT_FOUND)",
         413: "request body over the upload limit",
+        401: "no API key, or one the gateway does not accept (only when the gateway requires keys)",
+        406: "the Accept header allows none of the formats this endpoint answers",
         415: "unsupported Content-Type",
         429: "the model's queue is full (RESOURCE_EXHAUSTED); retry with backoff",
         500: "internal error (the gateway's log has the details, under the request id)",
@@ -102,7 +109,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"description": reasons[code], "content": PROBLEM_CONTENT} for code in codes}
 
 
-API_ERRORS = (400, 404, 413, 415, 429, 500, 503, 504)
+API_ERRORS = (400, 404, 406, 413, 415, 429, 500, 503, 504)
 
 
 def _body_spec(form_fields: dict[str, Any], required: bool, example: dict[str, Any]) -> dict[str, Any]:
@@ -138,11 +145,12 @@ def _option_fields(model: type[Any]) -> dict[str, Any]:
 
 
 def _results_content(model: type[Any], *others: str) -> dict[int | str, dict[str, Any]]:
-    """200 with the JSON model, and the other formats (`format=csv`, `format=png`)."""
+    """200 with the JSON model, and the other formats (`Accept: text/csv` or `format=csv`, ...)."""
     content = {media: {"schema": {"type": "string"}} for media in others}
     if "image/png" in content:
         content["image/png"]["schema"]["contentMediaType"] = "image/png"
-    return {200: {"model": model, "description": "results in the requested `format`", "content": content}}
+    description = "results in the format `format` names, else the one the Accept header prefers (JSON first)"
+    return {200: {"model": model, "description": description, "content": content}}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -174,9 +182,14 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        openapi_url=None,  # served below, with the sub-path the request came through in `servers`
     )
+    keys = ApiKeys.from_settings(settings)
+    if keys.enabled:
+        app.add_middleware(RequireApiKey, keys=keys)
     app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_upload_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
+    app.add_middleware(ForwardedPrefix, root_path=settings.gateway_root_path)
     app.add_exception_handler(ApiError, problems.api_error_handler)
     app.add_exception_handler(InferlineError, problems.domain_error_handler)
     app.add_exception_handler(RequestValidationError, problems.validation_error_handler)
@@ -195,6 +208,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post(
         "/v1/detect",
+        operation_id="detect",
         summary="Detect objects in images",
         responses={**_results_content(DetectResponse, "text/csv", "image/png"), **_errors(*API_ERRORS)},
         openapi_extra=_body_spec(_option_fields(DetectParams), True, {"images": EXAMPLE_IMAGES, "conf": 0.25}),
@@ -204,7 +218,8 @@ def create_app(settings: Settings) -> FastAPI:
         """The CLI's `inferline detect`: JSON (the same document), CSV (one row per detection), or an annotated PNG."""
         received = await body(request, {"classes", "labels"})
         params = merged_params(DetectParams, query, received)
-        if params.format == "png" and len(received.images) != 1:
+        answer = choose(params.format, request.headers.get("accept"), DETECT_FORMATS)
+        if answer == "png" and len(received.images) != 1:
             count = len(received.images)
             raise invalid(f"format=png answers one annotated image: send exactly one image (got {count})")
         result = await controller().detect(
@@ -214,7 +229,7 @@ def create_app(settings: Settings) -> FastAPI:
                 options=DetectOptions(
                     conf=params.conf, iou=params.iou, max_det=params.max_det, classes=tuple(params.classes)
                 ),
-                render=("png",) if params.format == "png" else (),
+                render=("png",) if answer == "png" else (),
                 classify_with=params.classify_with,
                 labels=tuple(params.labels),
             ),
@@ -222,14 +237,15 @@ def create_app(settings: Settings) -> FastAPI:
         )
         _unless_all_failed([image.error for image in result.images])
         headers = _server_timing(result.timings_ms)
-        if params.format == "png":
-            return Response(documents.png_of(result.images[0]), media_type="image/png", headers=headers)
-        if params.format == "csv":
-            return Response(documents.detect_csv([result]), media_type="text/csv", headers=headers)
+        if answer == "png":
+            return Response(documents.png_of(result.images[0]), media_type=MEDIA_TYPES["png"], headers=headers)
+        if answer == "csv":
+            return Response(documents.detect_csv([result]), media_type=MEDIA_TYPES["csv"], headers=headers)
         return JSONResponse({"results": documents.detect_results([result])}, headers=headers)
 
     @app.post(
         "/v1/classify",
+        operation_id="classify",
         summary="Zero-shot classify images against your labels",
         responses={**_results_content(ClassifyResponse, "text/csv"), **_errors(*API_ERRORS)},
         openapi_extra=_body_spec(
@@ -241,18 +257,20 @@ def create_app(settings: Settings) -> FastAPI:
         """The CLI's `inferline classify`: each image's labels, best first, as softmax probabilities."""
         received = await body(request, {"labels"})
         params = merged_params(ClassifyParams, query, received)
+        answer = choose(params.format, request.headers.get("accept"), TABLE_FORMATS)
         result = await controller().classify(
             ClassifyRequest(params.model, tuple(received.images), tuple(params.labels), top_k=params.top_k),
             **call(request),
         )
         _unless_all_failed([image.error for image in result.images])
         headers = _server_timing(result.timings_ms)
-        if params.format == "csv":
-            return Response(documents.classify_csv([result]), media_type="text/csv", headers=headers)
+        if answer == "csv":
+            return Response(documents.classify_csv([result]), media_type=MEDIA_TYPES["csv"], headers=headers)
         return JSONResponse({"results": documents.classify_results([result])}, headers=headers)
 
     @app.post(
         "/v1/embed",
+        operation_id="embed",
         summary="L2-normalised embeddings of images and texts",
         responses={**_results_content(EmbedResponse, "text/csv"), **_errors(*API_ERRORS)},
         openapi_extra=_body_spec(
@@ -264,6 +282,7 @@ def create_app(settings: Settings) -> FastAPI:
         """The CLI's `inferline embed`: images (uploads or base64) and/or `texts`, optionally clustered."""
         received = await body(request, {"texts"})
         params = merged_params(EmbedParams, query, received)
+        answer = choose(params.format, request.headers.get("accept"), TABLE_FORMATS)
         if not received.images and not params.texts:
             raise invalid("give images (field `images`) and/or texts (`texts`)")
         result = await controller().embed(
@@ -275,12 +294,13 @@ def create_app(settings: Settings) -> FastAPI:
         )
         _unless_all_failed([item.error for item in result.images + result.texts])
         headers = _server_timing(result.timings_ms)
-        if params.format == "csv":
-            return Response(documents.embed_csv(result), media_type="text/csv", headers=headers)
+        if answer == "csv":
+            return Response(documents.embed_csv(result), media_type=MEDIA_TYPES["csv"], headers=headers)
         return JSONResponse(documents.embed_document(result), headers=headers)
 
     @app.get(
         "/v1/models",
+        operation_id="listModels",
         summary="The served models and their metadata",
         response_model=ModelsResponse,
         responses=_errors(400, 500, 503, 504),
@@ -291,6 +311,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get(
         "/v1/models/{name}",
+        operation_id="getModel",
         summary="One model's metadata",
         responses={
             200: {
@@ -304,16 +325,29 @@ def create_app(settings: Settings) -> FastAPI:
     async def model_info(request: Request, name: str) -> JSONResponse:
         return JSONResponse(_metadata(await controller().model(name, **call(request))))
 
-    @app.get("/v1/stats", summary="Request rate and p95 latency of the last minute", response_model=Stats, tags=["ops"])
+    @app.get(
+        "/v1/stats",
+        operation_id="getStats",
+        summary="Request rate and p95 latency of the last minute",
+        response_model=Stats,
+        tags=["ops"],
+    )
     async def stats() -> Stats:
         return Stats(**asdict(metrics.recent.stats()))
 
-    @app.get("/healthz", summary="Liveness: the gateway process answers", response_model=Health, tags=["ops"])
+    @app.get(
+        "/healthz",
+        operation_id="liveness",
+        summary="Liveness: the gateway process answers",
+        response_model=Health,
+        tags=["ops"],
+    )
     async def healthz() -> Health:
         return Health(status="ok")
 
     @app.get(
         "/readyz",
+        operation_id="readiness",
         summary="Readiness: the controller is reachable and SERVING (with ?model=NAME: that model answers)",
         response_model=Health,
         responses=_errors(404, 503),
@@ -336,6 +370,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get(
         "/metrics",
+        operation_id="metrics",
         summary="Prometheus metrics of the gateway (inferline_gateway_*)",
         responses={
             200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
@@ -348,27 +383,39 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(content, media_type=media_type)
 
     @app.get("/", include_in_schema=False)
-    async def demo_page() -> HTMLResponse:
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+    async def demo_page(request: Request) -> HTMLResponse:
+        # The page's URLs are relative to <base>, so it works under whatever sub-path it came through.
+        page = (STATIC / "index.html").read_text(encoding="utf-8")
+        base = html.escape(root_of(request.scope) + "/", quote=True)
+        return HTMLResponse(page.replace("<head>", f'<head>\n  <base href="{base}">', 1))
 
     @app.get("/docs", include_in_schema=False)
-    async def swagger_ui() -> HTMLResponse:
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = root_of(request.scope)
         return get_swagger_ui_html(
-            openapi_url="/openapi.json",
+            openapi_url=f"{root}/openapi.json",
             title="inferline gateway - API docs",
-            swagger_js_url="/swagger-ui/swagger-ui-bundle.js",
-            swagger_css_url="/swagger-ui/swagger-ui.css",
-            swagger_favicon_url="/swagger-ui/favicon.png",
+            swagger_js_url=f"{root}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=f"{root}/swagger-ui/favicon.png",
         )
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(request: Request) -> JSONResponse:
+        schema = app.openapi()
+        root = root_of(request.scope)
+        return JSONResponse({**schema, "servers": [{"url": root}]} if root else schema)
+
     app.include_router(create_oip_router(oip_channel, settings.gateway_timeout_s))
-    _document_extras(app)
+    _document_extras(app, keys.enabled)
     return app
 
 
-def _document_extras(app: FastAPI) -> None:
+def _document_extras(app: FastAPI, keys_required: bool) -> None:
     """Adds what routes that read their own body cannot declare (the Problem and JsonImages
-    schemas) and drops what they never answer (FastAPI's 422: validation errors are 400 here)."""
+    schemas, the API-key schemes) and drops what they never answer (FastAPI's 422: validation
+    errors are 400 here). The key schemes are always declared; operations require them (and
+    document 401) only when this gateway has keys, so the committed document is the default's."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -381,6 +428,13 @@ def _document_extras(app: FastAPI) -> None:
                     operation["responses"].pop("422", None)
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
+            schema["components"]["securitySchemes"] = SECURITY_SCHEMES
+            if keys_required:
+                for path, item in schema["paths"].items():
+                    if path.startswith("/v1/"):
+                        for operation in item.values():
+                            operation["security"] = [{BEARER: []}, {API_KEY: []}]
+                            operation["responses"]["401"] = _errors(401)[401]
             for model in (Problem, JsonImages):
                 spec = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(spec.pop("$defs", {}))

@@ -28,6 +28,10 @@ from inferline.common.status import HTTP_INTERNAL, INTERNAL_MESSAGE, STATUS_TABL
 log = logging.getLogger(__name__)
 
 PROBLEM_TYPE = "application/problem+json"
+# 429 (refused under load) and 503 (a stage or the controller is away) invite a retry; without
+# an estimate from the controller, one second: about a restart's or a queue's turn.
+RETRYABLE_HTTP = (429, 503)
+DEFAULT_RETRY_AFTER_S = 1
 
 # HTTP codes the transport produces that the status table has no row for, with the gRPC status
 # name a gRPC client would have seen for the same mistake.
@@ -93,7 +97,16 @@ def from_error(error: InferlineError) -> ApiError:
     return ApiError(code, detail, http, retry_after=error.retry_after_s)
 
 
+def with_retry_after(status: int, headers: dict[str, str] | None) -> dict[str, str] | None:
+    """Every 429 and 503 says when to come back (RFC 9110 10.2.3): the server's estimate when it
+    sent one, else ``DEFAULT_RETRY_AFTER_S``, so a client that honours the header never spins."""
+    if status not in RETRYABLE_HTTP or any(name.lower() == "retry-after" for name in headers or {}):
+        return headers
+    return {**(headers or {}), "Retry-After": str(DEFAULT_RETRY_AFTER_S)}
+
+
 def problem_response(request: Request, error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = with_retry_after(error.http, headers)
     request_id = getattr(request.state, "request_id", "")
     body = Problem(
         type="about:blank",
@@ -168,4 +181,4 @@ def oip_error_response(code: grpc.StatusCode, message: str) -> JSONResponse:
     if http == HTTP_INTERNAL:
         log.warning("OIP call failed: %s: %s", code.name, message)
         message = INTERNAL_MESSAGE
-    return JSONResponse({"error": message}, status_code=http)
+    return JSONResponse({"error": message}, status_code=http, headers=with_retry_after(http, None))

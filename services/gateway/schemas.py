@@ -58,7 +58,11 @@ class DetectParams(BaseModel):
         "", description=f"re-label each box with this zero-shot model, e.g. {defaults.EMBED_MODEL}"
     )
     labels: Labels = Field([], description='labels for classify_with; repeated, or comma-separated: "a car,a dog"')
-    format: Literal[DETECT_FORMATS] = Field("json", description="png: the annotated image (one image only)")  # type: ignore[valid-type]
+    format: Literal[DETECT_FORMATS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="json, csv or png (the annotated image, one image only); default: what the Accept header "
+        "prefers (application/json, text/csv, image/png), JSON when it allows any",
+    )
 
 
 class ClassifyParams(BaseModel):
@@ -69,7 +73,9 @@ class ClassifyParams(BaseModel):
     model: ModelName = Field(defaults.EMBED_MODEL, description="a zero-shot model from /v1/models")
     labels: Labels = Field([], description='candidate labels or prompts; repeated, or comma-separated: "a bus,a dog"')
     top_k: int = Field(0, ge=0, le=INT32_MAX, description="labels per image, best first (0: all)")
-    format: Literal[TABLE_FORMATS] = "json"  # type: ignore[valid-type]
+    format: Literal[TABLE_FORMATS] | None = Field(  # type: ignore[valid-type]
+        None, description="json or csv; default: what the Accept header prefers, JSON when it allows any"
+    )
 
 
 class EmbedParams(BaseModel):
@@ -83,7 +89,9 @@ class EmbedParams(BaseModel):
     )
     cluster: int = Field(0, ge=0, le=INT32_MAX, description="k-means the images and texts into this many clusters")
     threshold: float = Field(0.0, ge=0.0, le=1.0, description="group items with cosine similarity >= this")
-    format: Literal[TABLE_FORMATS] = "json"  # type: ignore[valid-type]
+    format: Literal[TABLE_FORMATS] | None = Field(  # type: ignore[valid-type]
+        None, description="json or csv; default: what the Accept header prefers, JSON when it allows any"
+    )
 
 
 class Base64Image(BaseModel):

@@ -1,4 +1,5 @@
-"""Detections through the four services equal ultralytics' own predict on the same weights."""
+"""Detections through the four services equal ultralytics' own predict on the same weights: the
+same boxes to 0.001 px and the same scores to 1e-5 (``tests/support/parity.py``)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from inferline.common.generated import controller_pb2, controller_pb2_grpc, type
 from inferline.services.inference.repository import BUILTIN_REPOSITORY
 from inferline.services.inference.weights import sha256_of
 from tests.support.images import shapes_scene
-from tests.support.parity import mismatches
+from tests.support.parity import inexact, mismatches
 from tests.support.servers import InProcessStack
 
 
@@ -52,7 +53,7 @@ def _theirs(model, path: Path, **kwargs) -> list:
 def _assert_parity(ours: list[list], theirs_by_path: dict[Path, list]) -> None:
     failures = {}
     for (path, reference), detections in zip(theirs_by_path.items(), ours, strict=True):
-        problems = mismatches(detections, reference)
+        problems = mismatches(detections, reference) or inexact(detections, reference)
         if problems:
             failures[path.name] = problems
     assert not failures, failures

@@ -23,6 +23,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from tests.support.gateway import RunningGateway, ingress_at
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,7 +132,7 @@ def test_swagger_ui_renders_every_operation_from_the_gateway_alone(browser, gate
 def test_every_control_has_a_label_and_is_reachable_by_tab(browser, gateway):
     browser.get(gateway.url + "/")
     controls = browser.find_elements(By.CSS_SELECTOR, "#run-form input, #run-form select")
-    assert len(controls) == 6
+    assert len(controls) == 7
     for control in controls:
         control_id = control.get_attribute("id")
         assert browser.find_elements(By.CSS_SELECTOR, f"label[for='{control_id}']"), f"#{control_id} has no label"
@@ -139,4 +141,41 @@ def test_every_control_has_a_label_and_is_reachable_by_tab(browser, gateway):
     for _ in range(20):
         ActionChains(browser).send_keys(Keys.TAB).perform()
         reached.add(browser.switch_to.active_element.get_attribute("id"))
-    assert {"images", "model", "conf", "iou", "labels", "relabel", "run"} <= reached
+    assert {"images", "model", "conf", "iou", "labels", "relabel", "api-key", "run"} <= reached
+
+
+SUB_PATH = "/tools/inferline"
+
+
+@pytest.fixture(scope="module")
+def gateway_under_sub_path(stack) -> Iterator[RunningGateway]:
+    """The gateway behind an Ingress that serves it at SUB_PATH (strips it, sends X-Forwarded-Prefix)."""
+    running = RunningGateway(stack.settings, stack.controller, wrap=ingress_at(SUB_PATH))
+    yield running
+    running.stop()
+
+
+def test_demo_page_and_docs_work_under_an_ingress_sub_path(browser, gateway_under_sub_path, data_dir):
+    base = gateway_under_sub_path.url + SUB_PATH
+    wait = WebDriverWait(browser, 120)
+    browser.get(base + "/")
+    wait.until(lambda d: "yolov8n" in d.execute_script(MODEL_OPTIONS))
+    Select(browser.find_element(By.ID, "model")).select_by_value("yolov8n")
+    browser.find_element(By.ID, "images").send_keys(str(data_dir / "shapes_01.jpg"))
+    browser.find_element(By.ID, "run").send_keys(Keys.ENTER)
+    rows = wait.until(ec.presence_of_all_elements_located((By.CSS_SELECTOR, "table.detections tbody tr")))
+    assert rows[0].find_elements(By.TAG_NAME, "td")[0].text == "sports ball"
+    wait.until(lambda d: d.find_element(By.ID, "live-p95").text.endswith("ms"))  # v1/stats too
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
+    fetched = [u for u in loaded if not u.startswith("blob:")]
+    assert fetched and all(u.startswith(base + "/") for u in fetched), fetched
+    links = browser.execute_script("return Array.from(document.querySelectorAll('nav a'), a => a.href);")
+    assert links == [base + "/docs", base + "/openapi.json", base + "/metrics"]
+
+    browser.get(base + "/docs")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")) == 9)
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
+    assert loaded and all(u.startswith(base + "/") for u in loaded), loaded
+    # "Try it out" sends to the spec's server: the sub-path, not the host's root.
+    servers = browser.execute_script("return Array.from(document.querySelectorAll('.servers option'), o => o.value);")
+    assert servers == [SUB_PATH], servers

@@ -1,4 +1,5 @@
-"""A refusal's gRPC RetryInfo reaches HTTP clients as Retry-After, on the 429 (and 503)."""
+"""A refusal's gRPC RetryInfo reaches HTTP clients as Retry-After, on the 429 (and 503);
+every 429 and 503 carries one (one second when the server gave no estimate)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from inferline.common import errors
 from inferline.common.generated import controller_pb2, controller_pb2_grpc
 from inferline.common.server import Service
 from inferline.common.settings import Settings
+from inferline.services.gateway.problems import DEFAULT_RETRY_AFTER_S
 from tests.support.gateway import RunningGateway
 from tests.support.servers import LoopThread, start_service
 
@@ -77,10 +79,10 @@ def test_a_fractional_hint_rounds_up_to_whole_seconds(gateway):
     assert response.headers["retry-after"] == "1"
 
 
-def test_a_refusal_without_a_hint_has_no_retry_after(gateway):
+def test_a_refusal_without_a_hint_says_retry_after_one_second(gateway):
     response = _detect(gateway, "unhinted")
     assert response.status_code == 429
-    assert "retry-after" not in response.headers
+    assert response.headers["retry-after"] == str(DEFAULT_RETRY_AFTER_S) == "1"
 
 
 def test_a_503_with_a_retry_hint_carries_retry_after_too(gateway):
@@ -89,7 +91,13 @@ def test_a_503_with_a_retry_hint_carries_retry_after_too(gateway):
     assert response.headers["retry-after"] == "8"
 
 
-def test_a_503_without_a_hint_has_no_retry_after(gateway):
+def test_a_503_without_a_hint_says_retry_after_one_second(gateway):
     response = _detect(gateway, "loading")
     assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+
+
+def test_errors_that_invite_no_retry_carry_no_retry_after(gateway):
+    response = gateway.post("/v1/detect", params={"conf": 7}, files=[("images", ("a.png", b"x", "image/png"))])
+    assert response.status_code == 400
     assert "retry-after" not in response.headers

@@ -11,6 +11,8 @@ import dataclasses
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 
@@ -19,7 +21,7 @@ from inferline.services.gateway.server import build_server
 
 
 class RunningGateway:
-    def __init__(self, settings: Settings, controller_target: str):
+    def __init__(self, settings: Settings, controller_target: str, wrap: Callable[[Any], Any] | None = None):
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(("127.0.0.1", 0))
@@ -28,6 +30,8 @@ class RunningGateway:
             settings, controller_target=controller_target, gateway_port=self.port, host="127.0.0.1"
         )
         self.server: uvicorn.Server = build_server(self.settings)
+        if wrap is not None:  # e.g. an Ingress's path rewrite in front of the app
+            self.server.config.app = wrap(self.server.config.app)
         # uvicorn installs no signal handlers off the main thread; stop() asks it to exit.
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.socket])),
                                        daemon=True)
@@ -46,3 +50,26 @@ class RunningGateway:
         self.server.should_exit = True
         self.thread.join(15)
         self.socket.close()
+
+
+def ingress_at(prefix: str) -> Callable[[Any], Any]:
+    """What an Ingress with a rewrite does in front of the gateway: serves it at ``prefix``,
+    strips the prefix from the path and says so in ``X-Forwarded-Prefix``; anything else is 404."""
+
+    def wrap(app: Any) -> Any:
+        async def ingress(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            path = scope["path"]
+            if path != prefix and not path.startswith(prefix + "/"):
+                await send({"type": "http.response.start", "status": 404, "headers": []})
+                await send({"type": "http.response.body", "body": b"not under the ingress's prefix"})
+                return
+            inner = path[len(prefix):] or "/"
+            headers = [*scope["headers"], (b"x-forwarded-prefix", prefix.encode())]
+            await app({**scope, "path": inner, "raw_path": inner.encode(), "headers": headers}, receive, send)
+
+        return ingress
+
+    return wrap

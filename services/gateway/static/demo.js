@@ -25,6 +25,14 @@ function setStatus(text, isError = false) {
   status.setAttribute("role", isError ? "alert" : "status");
 }
 
+// Every URL is relative to the page's <base> (the gateway sets it to the sub-path the page came
+// through, behind an Ingress); the API key, when the gateway requires one, goes as a bearer token.
+function api(url, init = {}) {
+  const key = $("api-key").value.trim();
+  const headers = key ? { Authorization: `Bearer ${key}` } : {};
+  return fetch(url, { ...init, headers: { ...headers, ...(init.headers || {}) } });
+}
+
 async function problemText(response) {
   try {
     const body = await response.json();
@@ -45,7 +53,7 @@ function isZeroShot(model) {
 
 async function loadModels() {
   const select = $("model");
-  const response = await fetch("/v1/models");
+  const response = await api("v1/models");
   if (!response.ok) {
     setStatus(`cannot list models: ${await problemText(response)}`, true);
     select.replaceChildren(el("option", { value: "" }, "no models"));
@@ -89,9 +97,9 @@ async function run(event) {
   const form = new FormData();
   for (const file of files) form.append("images", file, file.name);
   const params = new URLSearchParams({ model: model.name });
-  let endpoint = "/v1/classify";
+  let endpoint = "v1/classify";
   if (detects(model)) {
-    endpoint = "/v1/detect";
+    endpoint = "v1/detect";
     params.set("conf", $("conf").value);
     params.set("iou", $("iou").value);
     const zeroShot = models.find(isZeroShot);
@@ -106,7 +114,7 @@ async function run(event) {
   setStatus(`Running ${model.name} on ${files.length} image(s)…`);
   const started = performance.now();
   try {
-    const response = await fetch(`${endpoint}?${params}`, { method: "POST", body: form });
+    const response = await api(`${endpoint}?${params}`, { method: "POST", body: form });
     if (!response.ok) { setStatus(await problemText(response), true); return; }
     const body = await response.json();
     await showResults(body.results, files, detects(model), serverTiming(response.headers.get("Server-Timing")));
@@ -228,7 +236,7 @@ async function showResults(results, files, isDetect, timings) {
 
 async function refreshStats() {
   try {
-    const response = await fetch("/v1/stats");
+    const response = await api("v1/stats");
     if (!response.ok) return;
     const stats = await response.json();
     $("live-rate").textContent = `${stats.requests} (${stats.rate_per_s.toFixed(2)}/s)`;
