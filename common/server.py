@@ -114,7 +114,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", keepalive_ms),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", keepalive_ms),
+        # Half the clients' interval: a ping that arrives a little early is no strike.
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms // 2),
         ("grpc.http2.max_ping_strikes", 2),
     ]
 
