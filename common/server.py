@@ -101,16 +101,22 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ``max_connection_age``: each client connection is closed (GOAWAY, then ``grace`` for the
     calls in flight) after about ``max_connection_age_s``, so clients re-resolve the target and
     replicas added since get their share; without it a long-lived channel stays on the pods that
-    existed when it connected. Keepalive: the server accepts the clients' pings at the rate they
+    existed when it connected. New calls move to a new connection at once; the grace is long so
+    that a stream (ModelStreamInfer) is not cut short. Keepalive: the server accepts the clients' pings at the rate they
     send them (common/channels.py) instead of answering them with GOAWAY "too_many_pings", and
     pings idle clients itself to drop connections whose peer vanished.
     """
     keepalive_ms = int(settings.keepalive_time_s * 1000)
+    age: list[tuple[str, int]] = []
+    if settings.max_connection_age_s > 0:
+        age = [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        ]
     return [
         *channel_options(settings),
         ("grpc.so_reuseport", 0),
-        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
-        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        *age,
         ("grpc.keepalive_time_ms", keepalive_ms),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),

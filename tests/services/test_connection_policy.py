@@ -46,6 +46,7 @@ def test_clients_ping_no_faster_than_the_servers_accept():
 def test_servers_close_connections_after_their_max_age_with_a_grace():
     options = dict(server_options(Settings(max_connection_age_s=30, max_connection_age_grace_s=10)))
     assert (options["grpc.max_connection_age_ms"], options["grpc.max_connection_age_grace_ms"]) == (30000, 10000)
+    assert "grpc.max_connection_age_ms" not in dict(server_options(Settings(max_connection_age_s=0)))
 
 
 def _peer_service(settings: Settings, *, broken: list[str] | None = None) -> Service:
