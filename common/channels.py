@@ -7,9 +7,17 @@ not errors. A retry budget (``retryThrottling``) stops retries from multiplying 
 stage is failing rather than restarting. Nothing else is retried: RESOURCE_EXHAUSTED means "less
 load, please" and DEADLINE_EXCEEDED means the caller has gone.
 
-A target may name several replicas (``127.0.0.1:50053,127.0.0.1:50063``); the channel spreads
-calls over them round-robin and, through client-side health checking, sends no new call to a
-replica whose health says NOT_SERVING (loading or draining).
+A target names one replica or several: a DNS name with one record per replica
+(``dns:///inference.ns.svc.cluster.local:50053``, what a headless Service resolves to), or a
+static list (``127.0.0.1:50053,127.0.0.1:50063`` or the same as ``ipv4:...``). The channel
+spreads calls over them round-robin (``loadBalancingConfig``) and, through client-side health
+checking, sends no new call to a replica whose health says NOT_SERVING (loading or draining).
+A retried attempt is picked again, so a call that met a dead replica goes to a live one.
+
+Keepalive pings find a replica that vanished without closing its connections; the servers' own
+``max_connection_age`` (common/server.py) makes the channel re-resolve a DNS name, so replicas
+added behind it get calls; a listed address that does not answer yet is retried at most every
+``reconnect_max_backoff_s``, so a copy started there gets calls too (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -79,19 +87,36 @@ def client_options(settings: Settings, *, health_service: str | None = "") -> li
     buffer; the default 256 KiB is smaller than one 640x640 image tensor)."""
     return [
         *channel_options(settings),
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+        # Pings on a connection without calls, however many (gRPC's default stops after two).
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_reconnect_backoff_ms", _ms(settings.reconnect_max_backoff_s)),
         ("grpc.enable_retries", 1),
         ("grpc.per_rpc_retry_buffer_size", settings.max_message_bytes),
         ("grpc.service_config", json.dumps(service_config(settings, health_service=health_service))),
     ]
 
 
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+# Target schemes given as they are: gRPC's resolvers read them.
+_URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
+
+
 def channel_target(target: str) -> str:
-    """A gRPC target URI from a setting: one address as it is (``host:port``, ``dns:///...``),
-    or comma-separated replicas as one ``ipv4:``/``ipv6:`` URI (IP addresses; ``localhost``
-    means 127.0.0.1), which round-robin then spreads calls over."""
+    """A gRPC target URI from a setting: one address or URI as it is (``host:port``,
+    ``dns:///...``, ``ipv4:...``), or comma-separated replicas as one ``ipv4:``/``ipv6:`` URI (IP
+    addresses; ``localhost`` means 127.0.0.1), which round-robin then spreads calls over."""
+    target = target.strip()
+    if target.startswith(_URI_SCHEMES):
+        return target
     parts = [part.strip() for part in target.split(",") if part.strip()]
     if len(parts) <= 1:
-        return target.strip()
+        return target
     addresses = [_ip_address(part, target) for part in parts]
     families = {version for version, _ in addresses}
     if len(families) > 1:
@@ -101,8 +126,11 @@ def channel_target(target: str) -> str:
 
 
 def replica_addresses(target: str) -> list[str]:
-    """Each replica's own address in a target setting (one for a single address or DNS name)."""
-    return [part.strip() for part in target.split(",") if part.strip()] or [target]
+    """Each replica's own address in a target setting (one for a single address or DNS name,
+    each of an ``ipv4:``/``ipv6:`` list)."""
+    scheme, sep, rest = target.strip().partition(":")
+    listed = rest if sep and scheme in ("ipv4", "ipv6") else target
+    return [part.strip() for part in listed.split(",") if part.strip()] or [target]
 
 
 def _ip_address(part: str, target: str) -> tuple[int, str]:

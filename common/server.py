@@ -95,18 +95,51 @@ class RetryCounter(grpc.aio.ServerInterceptor):
         return await continuation(handler_call_details)
 
 
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The server's connection policy (issue 18, docs/deployment.md "Load balancing").
+
+    ``max_connection_age``: each client connection is closed (GOAWAY, then ``grace`` for the
+    calls in flight) after about ``max_connection_age_s``, so clients re-resolve the target and
+    replicas added since get their share; without it a long-lived channel stays on the pods that
+    existed when it connected. New calls move to a new connection at once; the grace is long so
+    that a stream (ModelStreamInfer) is not cut short. Keepalive: the server accepts the clients' pings at the rate they
+    send them (common/channels.py) instead of answering them with GOAWAY "too_many_pings", and
+    pings idle clients itself to drop connections whose peer vanished.
+    """
+    keepalive_ms = int(settings.keepalive_time_s * 1000)
+    age: list[tuple[str, int]] = []
+    if settings.max_connection_age_s > 0:
+        age = [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        ]
+    return [
+        *channel_options(settings),
+        ("grpc.so_reuseport", 0),
+        *age,
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+        # Half the clients' interval: a ping that arrives a little early is no strike.
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms // 2),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
 class ServerApp:
     """One running stage. ``start`` returns the bound port, so tests can bind port 0.
 
     ``metrics_port`` None serves no /metrics (in-process test stacks share one registry);
-    0 picks a free port, read back from ``metrics_port`` after ``start``.
+    0 picks a free port, read back from ``metrics_port`` after ``start``. ``interceptors`` run
+    after the bootstrap's own (a test's call counter, a deployment's auth check).
     """
 
     def __init__(
         self, service: Service, settings: Settings, *, port: int, host: str | None = None,
-        metrics_port: int | None = None
+        metrics_port: int | None = None, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
     ):
         self.service = service
+        self.interceptors = tuple(interceptors)
         self.metrics_port = metrics_port
         self._metrics: MetricsServer | None = None
         self.settings = settings
@@ -127,9 +160,9 @@ class ServerApp:
         server = grpc.aio.server(
             interceptors=[
                 RetryCounter(self.service.name), TelemetryServerInterceptor(self.service.name),
-                ErrorMappingInterceptor()
+                ErrorMappingInterceptor(), *self.interceptors
             ],
-            options=[*channel_options(self.settings), ("grpc.so_reuseport", 0)],
+            options=server_options(self.settings),
         )
         self._service_names = list(self.service.register(server))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

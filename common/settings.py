@@ -196,6 +196,23 @@ class Settings:
     shm_max_regions: int = 64
     shm_max_bytes: int = 2 * 1024**3
 
+    # issue 18: lb (docs/deployment.md, "Load balancing"). Channels ping an idle connection every
+    # keepalive_time_s and drop it when no answer comes in keepalive_timeout_s (a replica that
+    # vanished without a FIN leaves round-robin's list in seconds, not at the next call); servers
+    # accept those pings. A server closes each connection after max_connection_age_s (gRPC adds
+    # +-10% jitter), letting calls in flight finish for max_connection_age_grace_s: the client
+    # re-resolves its target then, so new replicas behind a DNS name receive calls. New calls go
+    # to the new connection at once, so the grace only bounds long streams (ModelStreamInfer):
+    # one lasts at most age + grace. 0: connections never age (gRPC's default). A listed
+    # address that does not answer is retried at most every reconnect_max_backoff_s (gRPC's
+    # default is 120 s), so a copy that starts there takes calls within that.
+    keepalive_time_s: float = 20.0
+    keepalive_timeout_s: float = 10.0
+    keepalive_permit_without_calls: bool = True
+    max_connection_age_s: float = 30.0
+    max_connection_age_grace_s: float = 300.0
+    reconnect_max_backoff_s: float = 5.0
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

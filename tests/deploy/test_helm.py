@@ -109,7 +109,7 @@ def test_rendered_objects_are_valid_for_kubernetes_1_35(helm, name, tmp_path):
         hpas = _by_kind(docs, "HorizontalPodAutoscaler")
         assert len(hpas) == 5 and hpas["t-inferline-gateway"]["spec"]["scaleTargetRef"]["name"] == "t-inferline-gateway"
         metrics = hpas["t-inferline-inference"]["spec"]["metrics"]
-        assert [m["type"] for m in metrics] == ["Resource", "Pods"]
+        assert [m["type"] for m in metrics] == ["Resource", "Pods", "Pods"]
         assert all("replicas" not in d["spec"] for d in deployments.values())
     policies = _by_kind(docs, "NetworkPolicy")
     for stage in ("preprocess", "inference", "postprocess"):  # the controller only (and `helm test`), never the gateway
@@ -137,7 +137,7 @@ def _assert_gateway(docs: list[dict], name: str) -> None:
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] is True and security["capabilities"]["drop"] == ["ALL"]
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["INFERLINE_CONTROLLER_TARGET"] == "t-inferline-controller:50051"
+    assert env["INFERLINE_CONTROLLER_TARGET"] == "dns:///t-inferline-controller.default.svc:50051"
     assert env["INFERLINE_GATEWAY_PORT"] == "8080" and env["INFERLINE_STAGE"] == "gateway"
     assert ("INFERLINE_TLS_CA_FILE" in env) is (name == "tls-controller")  # only when the controller listens with TLS
     service = _by_kind(docs, "Service")["t-inferline-gateway"]["spec"]
@@ -182,6 +182,58 @@ def test_gateway_dials_a_tls_controller_with_the_release_certificate(helm):
     _assert_gateway(docs, "tls-controller")
     pod = _by_kind(docs, "Deployment")["t-inferline-gateway"]["spec"]["template"]["spec"]
     assert {"name": "tls", "mountPath": "/etc/inferline/tls", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+
+
+def _env_of(deployment: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_stage_services_are_headless_and_their_callers_dial_them_by_dns(helm):
+    """Each channel balances over every pod only if DNS lists them all (issue 18)."""
+    docs = _render(helm, "--namespace", "prod")
+    services, deployments = _by_kind(docs, "Service"), _by_kind(docs, "Deployment")
+    stages = {"controller": 50051, "preprocess": 50052, "inference": 50053, "postprocess": 50054}
+    for stage in stages:
+        assert services[f"t-inferline-{stage}"]["spec"]["clusterIP"] == "None", stage
+    assert "clusterIP" not in services["t-inferline-gateway"]["spec"]  # the user-facing one stays normal
+    controller = _env_of(deployments["t-inferline-controller"])
+    for stage in ("preprocess", "inference", "postprocess"):
+        assert controller[f"INFERLINE_{stage.upper()}_TARGET"] == f"dns:///t-inferline-{stage}.prod.svc:{stages[stage]}"
+    gateway = _env_of(deployments["t-inferline-gateway"])
+    assert gateway["INFERLINE_CONTROLLER_TARGET"] == "dns:///t-inferline-controller.prod.svc:50051"
+
+
+def test_a_clusterip_controller_service_is_there_on_request_and_clusterip_stages_are_dialled_by_name(helm):
+    docs = _render(helm, "--set", "service.controllerClusterIP=true")
+    extra = _by_kind(docs, "Service")["t-inferline-controller-clusterip"]["spec"]
+    assert extra["type"] == "ClusterIP" and [p["name"] for p in extra["ports"]] == ["grpc"]  # scraped once
+    docs = _render(helm, "--set", "service.headless=false")
+    assert all(s["spec"].get("clusterIP") != "None" for s in _by_kind(docs, "Service").values())
+    controller = _env_of(_by_kind(docs, "Deployment")["t-inferline-controller"])
+    assert controller["INFERLINE_INFERENCE_TARGET"] == "t-inferline-inference:50053"
+
+
+def _adapter_rules() -> list[dict]:
+    return yaml.safe_load((CHART / "files" / "prometheus-adapter-rules.yaml").read_text())["rules"]["custom"]
+
+
+def test_every_hpa_pod_metric_is_served_by_a_shipped_adapter_rule(helm):
+    docs = _render(helm, "-f", str(VALUES["autoscaling"]))
+    wanted = {
+        name: [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+        for name, hpa in _by_kind(docs, "HorizontalPodAutoscaler").items()
+    }
+    assert wanted["t-inferline-inference"] == ["inferline_model_busy_ratio", "inferline_queue_depth"]
+    assert wanted["t-inferline-preprocess"] == wanted["t-inferline-postprocess"] == ["inferline_rpc_latency_seconds"]
+    assert wanted["t-inferline-controller"] == wanted["t-inferline-gateway"] == []
+    served = {rule["name"]["as"] for rule in _adapter_rules()}
+    assert {name for names in wanted.values() for name in names} <= served
+    for rule in _adapter_rules():
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+        assert "<<.LabelMatchers>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
+    deployment_doc = (REPO / "docs" / "deployment.md").read_text()
+    assert "inferline_inference_queue_depth" not in deployment_doc
+    assert "files/prometheus-adapter-rules.yaml" in deployment_doc
 
 
 def test_operator_objects_only_where_the_operator_is_installed(helm):

@@ -36,8 +36,14 @@ app.kubernetes.io/component: {{ .stage }}
 {{- if .Values.serviceAccount.create -}}{{ default (include "inferline.fullname" .) .Values.serviceAccount.name }}{{- else -}}{{ default "default" .Values.serviceAccount.name }}{{- end -}}
 {{- end -}}
 
-{{/* The stage's address inside the cluster, as the controller dials it. */}}
+{{/* The stage's address inside the cluster, as the controller (and the gateway) dial it: with
+headless Services a dns:/// URI of the Service's name, which resolves to every ready pod and
+which the channel re-resolves when a connection closes (max_connection_age). */}}
 {{- define "inferline.target" -}}
 {{- $s := index .root.Values.stages .stage -}}
+{{- if .root.Values.service.headless -}}
+{{- printf "dns:///%s.%s.svc:%v" (include "inferline.stageName" .) .root.Release.Namespace $s.port -}}
+{{- else -}}
 {{- printf "%s:%v" (include "inferline.stageName" .) $s.port -}}
+{{- end -}}
 {{- end -}}
