@@ -36,6 +36,8 @@ RULE_TESTS = DEPLOY / "prometheus" / "rules" / "inferline.rules.test.yaml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "inferline.json"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+# Where docs/monitoring.md is published; every alert's runbook_url is this plus its section's anchor.
+RUNBOOK_BASE_URL = "https://inferline.github.io/inferline/monitoring/"
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
