@@ -335,10 +335,24 @@ class Alertmanager(Process):
             return False
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, expr) for every target of every panel of the Grafana dashboard."""
+def with_all_selected(expr: str) -> str:
+    """A panel query as Grafana sends it with every variable at "All": each ``$name`` becomes the
+    variable's ``allValue``, a regex that also matches series without the label (the local stack
+    has no namespace or pod)."""
     dashboard = json.loads(DASHBOARD.read_text())
-    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            expr = expr.replace("${" + variable["name"] + "}", variable["allValue"])
+            expr = expr.replace("$" + variable["name"], variable["allValue"])
+    return expr
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, expr with every variable at "All") for every target of every panel of the dashboard."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        (panel["title"], with_all_selected(target["expr"])) for panel in dashboard["panels"] for target in panel["targets"]
+    ]
 
 
 def stage_env(model_dir: Path, clip_dir: Path, **extra: str) -> dict[str, str]:
