@@ -20,9 +20,13 @@ from opentelemetry import trace
 REQUEST_ID_HEADER = "x-request-id"
 PROFILE_HEADER = "x-inferline-profile"
 TIMINGS_TRAILER = "x-inferline-timings"
+# The model a call serves, passed by the controller to the stages (whose requests name a recipe,
+# not a model) so that their request metrics carry it too.
+MODEL_HEADER = "x-inferline-model"
 
 SERVICE: contextvars.ContextVar[str] = contextvars.ContextVar("inferline_service", default="")
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("inferline_request_id", default="")
+MODEL: contextvars.ContextVar[str] = contextvars.ContextVar("inferline_model", default="")
 
 
 @dataclass

@@ -14,14 +14,17 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeAlias, cast
 
 import grpc
 from opentelemetry import propagate
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 from inferline.common.telemetry import metrics
 from inferline.common.telemetry.context import (
+    MODEL,
+    MODEL_HEADER,
     PROFILE,
     PROFILE_HEADER,
     REQUEST_ID,
@@ -36,8 +39,16 @@ access_log = logging.getLogger("inferline.access")
 
 # A caller's request id is logged on every line; longer ones are cut.
 MAX_REQUEST_ID = 128
-# Probes and reflection would drown the access log; they are still counted in the metrics.
+# Probes and reflection would drown the access log and the traces (kubelet and the controller
+# check health every few seconds): they are logged at DEBUG and never traced, only counted.
 QUIET_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
+# Server spans with these codes are errors (OpenTelemetry's RPC semantic conventions): the
+# server's own failures. NOT_FOUND, INVALID_ARGUMENT and the like are the caller's, and the
+# span of a call that answered them correctly is not an error. Client spans: every non-OK code.
+SERVER_ERROR_CODES = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+})
 
 UnaryHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 # A grpc.aio continuation's method handler: its behaviours are coroutine functions (grpc's stubs
@@ -49,6 +60,16 @@ def split_method(full: str) -> tuple[str, str]:
     """``/inferline.v1.PreprocessService/Preprocess`` -> (``inferline.v1.PreprocessService``, ``Preprocess``)."""
     service, _, method = full.lstrip("/").rpartition("/")
     return service, method
+
+
+def model_of(request: Any, metadata: dict[str, str]) -> str:
+    """The model a call serves: the request's own field (inferline.v1 ``model``, OIP
+    ``model_name``), else what the controller sent along in the metadata."""
+    for name in ("model", "model_name"):
+        value = getattr(request, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return metadata.get(MODEL_HEADER, "")
 
 
 def _flag(value: str | None) -> bool:
@@ -86,14 +107,16 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
             SERVICE.set(self.service)
             request_id = metadata.get(REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID] or uuid.uuid4().hex
             REQUEST_ID.set(request_id)
+            model = model_of(request, metadata)
+            MODEL.set(model)
             profile = Profile() if _flag(metadata.get(PROFILE_HEADER)) else None
             PROFILE.set(profile)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             in_flight.inc()
-            with span_scope(
-                f"{rpc_service}/{method}", context=propagate.extract(metadata) if tracing_on() else None,
-                kind=SpanKind.SERVER, attributes=attributes, record_exception=False, set_status_on_exception=False,
+            with _rpc_span(
+                f"{rpc_service}/{method}", quiet, SpanKind.SERVER, attributes,
+                propagate.extract(metadata) if tracing_on() and not quiet else None,
             ) as span:
                 try:
                     response = await inner(request, context)
@@ -114,9 +137,10 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     elapsed = time.perf_counter() - started
                     in_flight.dec()
-                    metrics.RPC_SECONDS.labels(self.service, method, code.name).observe(elapsed)
+                    label = metrics.MODELS.label(model, code is grpc.StatusCode.OK)
+                    metrics.RPC_SECONDS.labels(self.service, method, code.name, label).observe(elapsed)
                     span.set_attribute("rpc.grpc.status_code", code.value[0])
-                    if code is not grpc.StatusCode.OK:
+                    if code in SERVER_ERROR_CODES:
                         span.set_status(Status(StatusCode.ERROR, code.name))
                     access_log.log(
                         logging.DEBUG if quiet else logging.INFO,
@@ -126,6 +150,17 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
                     )
 
         return call
+
+
+def _rpc_span(
+    name: str, quiet: bool, kind: SpanKind, attributes: dict[str, str], context: Any = None
+) -> AbstractContextManager[Span]:
+    """The RPC's span; none for health checks and reflection."""
+    if quiet:
+        return nullcontext(INVALID_SPAN)
+    return span_scope(
+        name, context=context, kind=kind, attributes=attributes, record_exception=False, set_status_on_exception=False
+    )
 
 
 def _attach_profile(profile: Profile, service: str, started: float, response: Any) -> tuple[str, str]:
@@ -148,16 +183,17 @@ class TelemetryClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         rpc_service, method = split_method(_text(client_call_details.method))
         stage = _stage_name(rpc_service)
         profile = PROFILE.get()
-        with span_scope(
-            f"{rpc_service}/{method}", kind=SpanKind.CLIENT,
-            attributes={"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": method},
-            record_exception=False, set_status_on_exception=False,
-        ) as span:
+        model = MODEL.get()
+        attributes = {"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": method}
+        with _rpc_span(f"{rpc_service}/{method}", rpc_service.startswith(QUIET_SERVICES), SpanKind.CLIENT,
+                       attributes) as span:
             carrier: dict[str, str] = {}
             if tracing_on():
                 propagate.inject(carrier)
             if REQUEST_ID.get():
                 carrier[REQUEST_ID_HEADER] = REQUEST_ID.get()
+            if model:
+                carrier[MODEL_HEADER] = model
             if profile is not None:
                 carrier[PROFILE_HEADER] = "1"
             metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()), *carrier.items())
@@ -172,7 +208,9 @@ class TelemetryClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
                 span.set_status(Status(StatusCode.ERROR, code.name))
                 raise
             finally:
-                metrics.STAGE_CALL_SECONDS.labels(stage, method, code.name).observe(time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                label = metrics.MODELS.label(model, code is grpc.StatusCode.OK)
+                metrics.STAGE_CALL_SECONDS.labels(stage, method, code.name, label).observe(elapsed)
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
             if profile is not None:
                 for key, value in await call.trailing_metadata() or ():
