@@ -37,7 +37,7 @@ from inferline.services.controller.stages import MODEL_HEALTH_PREFIX
 from inferline.services.gateway import problems
 from inferline.services.gateway.inputs import Body, merged_params, read_body, timeout_from
 from inferline.services.gateway.metrics import GatewayMetrics
-from inferline.services.gateway.middleware import BodyLimit, RequestContext
+from inferline.services.gateway.middleware import BodyLimit, RequestContext, add_tracing, traced_lifespan
 from inferline.services.gateway.oip_rest import create_oip_router
 from inferline.services.gateway.problems import ApiError, Problem, invalid
 from inferline.services.gateway.schemas import (
@@ -171,12 +171,13 @@ def create_app(settings: Settings) -> FastAPI:
         title="inferline gateway",
         version=VERSION,
         description=DESCRIPTION,
-        lifespan=lifespan,
+        lifespan=traced_lifespan(lifespan, settings.grace_period_s),
         docs_url=None,
         redoc_url=None,
     )
     app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_upload_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
+    add_tracing(app)
     app.add_exception_handler(ApiError, problems.api_error_handler)
     app.add_exception_handler(InferlineError, problems.domain_error_handler)
     app.add_exception_handler(RequestValidationError, problems.validation_error_handler)
