@@ -1,4 +1,4 @@
-"""gRPC interceptors: one span, one metric sample and one access log line per RPC.
+"""gRPC interceptors: one span, one metric sample, the CPU it cost and one access log line per RPC.
 
 The server side continues the caller's W3C trace context from the call's metadata and sets the
 request context (service, request id, profile flag) for the handler; the client side (the
@@ -23,6 +23,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 from inferline.common.telemetry import metrics
 from inferline.common.telemetry.context import (
+    CPU,
     MODEL,
     MODEL_HEADER,
     PROFILE,
@@ -31,6 +32,7 @@ from inferline.common.telemetry.context import (
     REQUEST_ID_HEADER,
     SERVICE,
     TIMINGS_TRAILER,
+    CpuMeter,
     Profile,
 )
 from inferline.common.telemetry.tracing import span_scope, tracing_on
@@ -111,6 +113,8 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
             MODEL.set(model)
             profile = Profile() if _flag(metadata.get(PROFILE_HEADER)) else None
             PROFILE.set(profile)
+            meter = CpuMeter()
+            CPU.set(meter)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             in_flight.inc()
@@ -122,6 +126,8 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
                     response = await inner(request, context)
                     trailers = [(REQUEST_ID_HEADER, request_id)]
                     if profile is not None:
+                        if meter.seconds:
+                            profile.add(f"{self.service}.cpu", meter.seconds)
                         trailers.append(_attach_profile(profile, self.service, started, response))
                     context.set_trailing_metadata(trailers)
                     return response
@@ -139,6 +145,8 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
                     in_flight.dec()
                     label = metrics.MODELS.label(model, code is grpc.StatusCode.OK)
                     metrics.RPC_SECONDS.labels(self.service, method, code.name, label).observe(elapsed)
+                    if meter.seconds:
+                        metrics.CPU_SECONDS.labels(label, self.service).inc(meter.seconds)
                     span.set_attribute("rpc.grpc.status_code", code.value[0])
                     if code in SERVER_ERROR_CODES:
                         span.set_status(Status(StatusCode.ERROR, code.name))

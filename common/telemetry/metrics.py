@@ -98,6 +98,11 @@ QUEUE_CAPACITY = Gauge(
     "inferline_queue_capacity", "The batching queue's limit (max_queue_size); full refuses calls.", ["model"]
 )
 MODEL_LOAD_SECONDS = Gauge("inferline_model_load_seconds", "How long loading the model took at start-up.", ["model"])
+CPU_SECONDS = Counter(
+    "inferline_cpu_seconds",
+    "CPU seconds of the requests' work in each stage (steps and forward passes), by model.",
+    ["model", "stage"],
+)
 ITEM_ERRORS = Counter(
     "inferline_item_errors_total", "Items of a batch that failed on their own, by status code.", ["service", "code"]
 )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 
 from inferline.common.telemetry import metrics
-from inferline.common.telemetry.context import PROFILE, SERVICE, RequestContext
+from inferline.common.telemetry.context import CPU, PROFILE, SERVICE, RequestContext
 from inferline.common.telemetry.profiler import PROFILER
 
 if TYPE_CHECKING:
@@ -142,11 +142,15 @@ def span_scope(name: str, **kwargs: Any) -> AbstractContextManager[trace.Span]:
 @contextmanager
 def span(step: str, **attributes: Any) -> Iterator[trace.Span]:
     """One inner step of a stage: a child span, a ``inferline_step_duration_seconds`` sample,
-    and the step's time in the request's profile when the caller asked for one."""
-    started = time.perf_counter()
+    the step's CPU time on the request's meter (steps run on one thread each: its CPU clock), and
+    the step's time in the request's profile when the caller asked for one."""
+    started, cpu_started = time.perf_counter(), time.thread_time()
     with span_scope(step, attributes=attributes) as current:
         yield current
     elapsed = time.perf_counter() - started
+    meter = CPU.get()
+    if meter is not None:
+        meter.add(time.thread_time() - cpu_started)
     service = SERVICE.get()
     metrics.STEP_SECONDS.labels(service, step).observe(elapsed)
     profile = PROFILE.get()
@@ -175,7 +179,7 @@ class BatchRun:
         self.model = model
         self.size = len(contexts)
         now = time.monotonic()
-        waits: dict[tuple[int, int], tuple[RequestContext, float, int]] = {}
+        waits: dict[tuple[int, int, int], tuple[RequestContext, float, int]] = {}
         for ctx, queued in zip(contexts, enqueued, strict=True):
             wait = now - queued
             metrics.QUEUE_WAIT_SECONDS.labels(model).observe(wait)
@@ -190,16 +194,24 @@ class BatchRun:
         """``fn`` timed where it runs (the model's thread), so the span is the pass itself."""
 
         def timed(items: list[Any]) -> list[Any]:
-            started = time.monotonic()
+            started, cpu_started = time.monotonic(), time.process_time()
             try:
                 return PROFILER.around(self.model, fn, items)
             finally:
                 ended = time.monotonic()
+                self._share_cpu(time.process_time() - cpu_started)
                 metrics.STEP_SECONDS.labels(self.requests[0][0].service, "batch_run").observe(ended - started)
                 for ctx, _, count in self.requests:
                     self._record(ctx, "batch_run", started, ended, {"inferline.request_items": count})
 
         return timed
+
+    def _share_cpu(self, seconds: float) -> None:
+        """The pass's process CPU time, shared by the requests of the batch in proportion to their
+        items (other threads' work during the pass counts too: one pass per model runs at once)."""
+        for ctx, _, count in self.requests:
+            if ctx.cpu is not None:
+                ctx.cpu.add(seconds * count / self.size)
 
     def _record(self, ctx: RequestContext, step: str, start: float, end: float, extra: dict[str, Any]) -> None:
         if ctx.profile is not None:

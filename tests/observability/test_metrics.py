@@ -113,6 +113,12 @@ def test_request_metrics_carry_the_model_on_every_stage_and_an_unknown_name_coun
     assert "no-such-model" not in models
 
 
+def test_each_stage_counts_the_cpu_seconds_of_its_work_by_model(scraped):
+    """What a budget owner multiplies by a core-hour price: CPU of the steps and forward passes."""
+    for stage in ("preprocess", "inference", "postprocess"):
+        assert scraped.increase("inferline_cpu_seconds", "_total", stage=stage, model="yolov8n") > 0, stage
+
+
 def test_the_controller_times_each_stage_call(scraped):
     for stage in ("preprocess", "inference", "postprocess"):
         assert scraped.increase("inferline_stage_call_duration_seconds", "_count", stage=stage, code="OK") >= 4

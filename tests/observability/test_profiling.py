@@ -47,6 +47,15 @@ def test_profile_flag_adds_the_per_step_breakdown_of_every_stage_to_timings(stac
     assert timings["inference.batch_run"] <= timings["inference.server"] + 0.5
 
 
+def test_profile_flag_adds_the_cpu_time_each_stage_spent_on_the_request(stack, data_dir):
+    """``<stage>.cpu``: CPU ms of the request's steps and its share of the forward passes."""
+    timings = dict(_detect(stack, data_dir, [("x-inferline-profile", "1")]).timings_ms)
+    for stage in ("preprocess", "inference", "postprocess"):
+        assert timings[f"{stage}.cpu"] > 0, sorted(timings)
+    # One thread's CPU cannot exceed its wall time; the preprocess steps each run on one thread.
+    assert timings["preprocess.cpu"] <= timings["preprocess.decode"] + timings["preprocess.letterbox"] + 0.5
+
+
 @pytest.mark.parametrize("flag", [None, "0", "false"])
 def test_without_the_profile_flag_timings_keep_their_plain_shape(stack, data_dir, flag):
     metadata = [] if flag is None else [("x-inferline-profile", flag)]
