@@ -98,16 +98,21 @@ class RequestContext:
 
 
 def _name_span(method: str, route: str) -> None:
-    """The tracing middleware starts its span before routing, named by the bare method; once the
-    route is known the span takes its template (``POST /v1/models/{name}``), as the
-    HTTP semantic conventions ask: never the path, whose names and ids are unbounded."""
+    """The tracing middleware names its span before routing, after the raw path; once the route is
+    known the span takes its template (``POST /v1/models/{name}``), or the bare method when no
+    route matched, as the HTTP semantic conventions ask: never the path, whose names and ids are
+    unbounded."""
     span = trace.get_current_span()
-    if span.is_recording() and route != UNMATCHED_ROUTE:
-        span.update_name(f"{method} {route}")
-        span.set_attribute("http.route", route)
+    if not span.is_recording():
+        return
+    if route == UNMATCHED_ROUTE:
+        span.update_name(method)
+        return
+    span.update_name(f"{method} {route}")
+    span.set_attribute("http.route", route)
 
 
-def add_tracing(app: Starlette, environ: Mapping[str, str] = os.environ) -> None:
+def add_tracing(app: Starlette, environ: Mapping[str, str] = os.environ, tracer_provider: Any = None) -> None:
     """Traces the gateway when OTLP export is configured (the ``OTEL_*`` variables, as for the
     stages): OpenTelemetry's ASGI middleware, outermost, makes one SERVER span per request that
     continues the caller's ``traceparent``; the controller client's interceptor carries it on.
@@ -117,7 +122,8 @@ def add_tracing(app: Starlette, environ: Mapping[str, str] = os.environ) -> None
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware  # noqa: PLC0415 - only when tracing is on
 
     app.add_middleware(
-        OpenTelemetryMiddleware, excluded_urls=",".join(UNTRACED_URLS), exclude_spans=["receive", "send"]
+        OpenTelemetryMiddleware, excluded_urls=",".join(UNTRACED_URLS), exclude_spans=["receive", "send"],
+        tracer_provider=tracer_provider,  # None: the process's, which traced_lifespan installs
     )
 
 
