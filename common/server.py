@@ -126,7 +126,8 @@ class ServerApp:
     async def start(self) -> int:
         server = grpc.aio.server(
             interceptors=[
-                RetryCounter(self.service.name), TelemetryServerInterceptor(self.service.name),
+                RetryCounter(self.service.name),
+                TelemetryServerInterceptor(self.service.name, self.settings.cost_per_core_hour),
                 ErrorMappingInterceptor()
             ],
             options=[*channel_options(self.settings), ("grpc.so_reuseport", 0)],

@@ -81,8 +81,9 @@ def _flag(value: str | None) -> bool:
 class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
     """Outermost interceptor: it sees the final status, after the error mapping."""
 
-    def __init__(self, service: str):
+    def __init__(self, service: str, cost_per_core_hour: float = 0.0):
         self.service = service
+        self.cost_per_core_second = cost_per_core_hour / 3600.0
 
     async def intercept_service(
         self,
@@ -128,6 +129,9 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
                     if profile is not None:
                         if meter.seconds:
                             profile.add(f"{self.service}.cpu", meter.seconds)
+                        if meter.seconds and self.cost_per_core_second:
+                            # In the prices' currency, not ms: merged as is.
+                            profile.merge({f"{self.service}.cost": meter.seconds * self.cost_per_core_second})
                         trailers.append(_attach_profile(profile, self.service, started, response))
                     context.set_trailing_metadata(trailers)
                     return response
@@ -147,6 +151,8 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
                     metrics.RPC_SECONDS.labels(self.service, method, code.name, label).observe(elapsed)
                     if meter.seconds:
                         metrics.CPU_SECONDS.labels(label, self.service).inc(meter.seconds)
+                        if self.cost_per_core_second:
+                            metrics.COST.labels(label, self.service).inc(meter.seconds * self.cost_per_core_second)
                     span.set_attribute("rpc.grpc.status_code", code.value[0])
                     if code in SERVER_ERROR_CODES:
                         span.set_status(Status(StatusCode.ERROR, code.name))

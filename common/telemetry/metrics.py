@@ -103,6 +103,11 @@ CPU_SECONDS = Counter(
     "CPU seconds of the requests' work in each stage (steps and forward passes), by model.",
     ["model", "stage"],
 )
+COST = Counter(
+    "inferline_cost",
+    "Cost of the requests' CPU in each stage at INFERLINE_COST_PER_CORE_HOUR (its currency), by model.",
+    ["model", "stage"],
+)
 ITEM_ERRORS = Counter(
     "inferline_item_errors_total", "Items of a batch that failed on their own, by status code.", ["service", "code"]
 )
