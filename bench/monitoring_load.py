@@ -31,6 +31,7 @@ from tests.observability.harness import (  # noqa: E402 - the repo root goes on 
     install_prometheus,
     stage_env,
     wait_for,
+    with_all_selected,
 )
 from tests.observability.test_prometheus import drive_load  # noqa: E402
 
@@ -79,7 +80,7 @@ def collect(prometheus: Prometheus, start: float, end: float) -> list[dict]:
     for panel in dashboard["panels"]:
         series = []
         for target in panel["targets"]:
-            for result in prometheus.query_range(target["expr"], start, end, step=2):
+            for result in prometheus.query_range(with_all_selected(target["expr"]), start, end, step=2):
                 legend = target.get("legendFormat", "")
                 for key, value in result["metric"].items():
                     legend = legend.replace("{{" + key + "}}", value)

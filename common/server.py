@@ -159,8 +159,10 @@ class ServerApp:
     async def start(self) -> int:
         server = grpc.aio.server(
             interceptors=[
-                RetryCounter(self.service.name), TelemetryServerInterceptor(self.service.name),
-                ErrorMappingInterceptor(), *self.interceptors
+                RetryCounter(self.service.name),
+                TelemetryServerInterceptor(self.service.name, self.settings.cost_per_core_hour),
+                ErrorMappingInterceptor(),
+                *self.interceptors
             ],
             options=server_options(self.settings),
         )

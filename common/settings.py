@@ -195,6 +195,10 @@ class Settings:
     # the bound keeps one client from filling this process's address space with mappings.
     shm_max_regions: int = 64
     shm_max_bytes: int = 2 * 1024**3
+    # issue 18: monitoring. The price of one CPU core for an hour (any currency; 0: no cost is
+    # counted): each stage counts inferline_cost_total{model,stage} from the CPU its requests
+    # took, and profiled timings carry <stage>.cost (docs/monitoring.md#cost).
+    cost_per_core_hour: float = 0.0
 
     # issue 18: lb (docs/deployment.md, "Load balancing"). Channels ping an idle connection every
     # keepalive_time_s and drop it when no answer comes in keepalive_timeout_s (a replica that

@@ -1,4 +1,4 @@
-"""Per-request context that travels with a call: service, request id and the profile flag.
+"""Per-request context that travels with a call: service, request id, the profile flag, CPU meter.
 
 Context variables, so each asyncio task (one per RPC) has its own; thread-pool work sees them
 when submitted through ``in_context``, and queued batch items carry a ``capture`` of them.
@@ -20,9 +20,13 @@ from opentelemetry import trace
 REQUEST_ID_HEADER = "x-request-id"
 PROFILE_HEADER = "x-inferline-profile"
 TIMINGS_TRAILER = "x-inferline-timings"
+# The model a call serves, passed by the controller to the stages (whose requests name a recipe,
+# not a model) so that their request metrics carry it too.
+MODEL_HEADER = "x-inferline-model"
 
 SERVICE: contextvars.ContextVar[str] = contextvars.ContextVar("inferline_service", default="")
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("inferline_request_id", default="")
+MODEL: contextvars.ContextVar[str] = contextvars.ContextVar("inferline_model", default="")
 
 
 @dataclass
@@ -49,6 +53,26 @@ class Profile:
 PROFILE: contextvars.ContextVar[Profile | None] = contextvars.ContextVar("inferline_profile", default=None)
 
 
+@dataclass
+class CpuMeter:
+    """CPU seconds of one request's work in this stage, added from the threads that did it.
+
+    Steps are timed with their thread's CPU clock (exact for the step); a forward pass with the
+    process's CPU clock (torch's intra-op threads do its work), shared among the requests of the
+    batch by their items. Event-loop work ((de)serialisation, the handler itself) is not in it.
+    """
+
+    seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.seconds += seconds
+
+
+CPU: contextvars.ContextVar[CpuMeter | None] = contextvars.ContextVar("inferline_cpu", default=None)
+
+
 @dataclass(frozen=True)
 class RequestContext:
     """What a queued item needs to be reported under its own request: trace parent, profile."""
@@ -56,15 +80,16 @@ class RequestContext:
     otel: otel_context.Context
     service: str
     profile: Profile | None
+    cpu: CpuMeter | None = None
 
     @property
-    def key(self) -> tuple[int, int]:
+    def key(self) -> tuple[int, int, int]:
         """Items with equal keys belong to the same request (the same parent span)."""
-        return trace.get_current_span(self.otel).get_span_context().span_id, id(self.profile)
+        return trace.get_current_span(self.otel).get_span_context().span_id, id(self.profile), id(self.cpu)
 
 
 def capture() -> RequestContext:
-    return RequestContext(otel_context.get_current(), SERVICE.get(), PROFILE.get())
+    return RequestContext(otel_context.get_current(), SERVICE.get(), PROFILE.get(), CPU.get())
 
 
 def in_context(fn: Callable[..., Any]) -> Callable[..., Any]:

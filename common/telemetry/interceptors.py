@@ -1,4 +1,4 @@
-"""gRPC interceptors: one span, one metric sample and one access log line per RPC.
+"""gRPC interceptors: one span, one metric sample, the CPU it cost and one access log line per RPC.
 
 The server side continues the caller's W3C trace context from the call's metadata and sets the
 request context (service, request id, profile flag) for the handler; the client side (the
@@ -14,20 +14,25 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeAlias, cast
 
 import grpc
 from opentelemetry import propagate
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 from inferline.common.telemetry import metrics
 from inferline.common.telemetry.context import (
+    CPU,
+    MODEL,
+    MODEL_HEADER,
     PROFILE,
     PROFILE_HEADER,
     REQUEST_ID,
     REQUEST_ID_HEADER,
     SERVICE,
     TIMINGS_TRAILER,
+    CpuMeter,
     Profile,
 )
 from inferline.common.telemetry.tracing import span_scope, tracing_on
@@ -36,8 +41,16 @@ access_log = logging.getLogger("inferline.access")
 
 # A caller's request id is logged on every line; longer ones are cut.
 MAX_REQUEST_ID = 128
-# Probes and reflection would drown the access log; they are still counted in the metrics.
+# Probes and reflection would drown the access log and the traces (kubelet and the controller
+# check health every few seconds): they are logged at DEBUG and never traced, only counted.
 QUIET_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
+# Server spans with these codes are errors (OpenTelemetry's RPC semantic conventions): the
+# server's own failures. NOT_FOUND, INVALID_ARGUMENT and the like are the caller's, and the
+# span of a call that answered them correctly is not an error. Client spans: every non-OK code.
+SERVER_ERROR_CODES = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+})
 
 UnaryHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 # A grpc.aio continuation's method handler: its behaviours are coroutine functions (grpc's stubs
@@ -51,6 +64,16 @@ def split_method(full: str) -> tuple[str, str]:
     return service, method
 
 
+def model_of(request: Any, metadata: dict[str, str]) -> str:
+    """The model a call serves: the request's own field (inferline.v1 ``model``, OIP
+    ``model_name``), else what the controller sent along in the metadata."""
+    for name in ("model", "model_name"):
+        value = getattr(request, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return metadata.get(MODEL_HEADER, "")
+
+
 def _flag(value: str | None) -> bool:
     return value is not None and value.strip().lower() not in ("", "0", "false", "no", "off")
 
@@ -58,8 +81,9 @@ def _flag(value: str | None) -> bool:
 class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
     """Outermost interceptor: it sees the final status, after the error mapping."""
 
-    def __init__(self, service: str):
+    def __init__(self, service: str, cost_per_core_hour: float = 0.0):
         self.service = service
+        self.cost_per_core_second = cost_per_core_hour / 3600.0
 
     async def intercept_service(
         self,
@@ -86,19 +110,28 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
             SERVICE.set(self.service)
             request_id = metadata.get(REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID] or uuid.uuid4().hex
             REQUEST_ID.set(request_id)
+            model = model_of(request, metadata)
+            MODEL.set(model)
             profile = Profile() if _flag(metadata.get(PROFILE_HEADER)) else None
             PROFILE.set(profile)
+            meter = CpuMeter()
+            CPU.set(meter)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             in_flight.inc()
-            with span_scope(
-                f"{rpc_service}/{method}", context=propagate.extract(metadata) if tracing_on() else None,
-                kind=SpanKind.SERVER, attributes=attributes, record_exception=False, set_status_on_exception=False,
+            with _rpc_span(
+                f"{rpc_service}/{method}", quiet, SpanKind.SERVER, attributes,
+                propagate.extract(metadata) if tracing_on() and not quiet else None,
             ) as span:
                 try:
                     response = await inner(request, context)
                     trailers = [(REQUEST_ID_HEADER, request_id)]
                     if profile is not None:
+                        if meter.seconds:
+                            profile.add(f"{self.service}.cpu", meter.seconds)
+                        if meter.seconds and self.cost_per_core_second:
+                            # In the prices' currency, not ms: merged as is.
+                            profile.merge({f"{self.service}.cost": meter.seconds * self.cost_per_core_second})
                         trailers.append(_attach_profile(profile, self.service, started, response))
                     context.set_trailing_metadata(trailers)
                     return response
@@ -114,9 +147,14 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     elapsed = time.perf_counter() - started
                     in_flight.dec()
-                    metrics.RPC_SECONDS.labels(self.service, method, code.name).observe(elapsed)
+                    label = metrics.MODELS.label(model, code is grpc.StatusCode.OK)
+                    metrics.RPC_SECONDS.labels(self.service, method, code.name, label).observe(elapsed)
+                    if meter.seconds:
+                        metrics.CPU_SECONDS.labels(label, self.service).inc(meter.seconds)
+                        if self.cost_per_core_second:
+                            metrics.COST.labels(label, self.service).inc(meter.seconds * self.cost_per_core_second)
                     span.set_attribute("rpc.grpc.status_code", code.value[0])
-                    if code is not grpc.StatusCode.OK:
+                    if code in SERVER_ERROR_CODES:
                         span.set_status(Status(StatusCode.ERROR, code.name))
                     access_log.log(
                         logging.DEBUG if quiet else logging.INFO,
@@ -126,6 +164,17 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
                     )
 
         return call
+
+
+def _rpc_span(
+    name: str, quiet: bool, kind: SpanKind, attributes: dict[str, str], context: Any = None
+) -> AbstractContextManager[Span]:
+    """The RPC's span; none for health checks and reflection."""
+    if quiet:
+        return nullcontext(INVALID_SPAN)
+    return span_scope(
+        name, context=context, kind=kind, attributes=attributes, record_exception=False, set_status_on_exception=False
+    )
 
 
 def _attach_profile(profile: Profile, service: str, started: float, response: Any) -> tuple[str, str]:
@@ -148,16 +197,17 @@ class TelemetryClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         rpc_service, method = split_method(_text(client_call_details.method))
         stage = _stage_name(rpc_service)
         profile = PROFILE.get()
-        with span_scope(
-            f"{rpc_service}/{method}", kind=SpanKind.CLIENT,
-            attributes={"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": method},
-            record_exception=False, set_status_on_exception=False,
-        ) as span:
+        model = MODEL.get()
+        attributes = {"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": method}
+        with _rpc_span(f"{rpc_service}/{method}", rpc_service.startswith(QUIET_SERVICES), SpanKind.CLIENT,
+                       attributes) as span:
             carrier: dict[str, str] = {}
             if tracing_on():
                 propagate.inject(carrier)
             if REQUEST_ID.get():
                 carrier[REQUEST_ID_HEADER] = REQUEST_ID.get()
+            if model:
+                carrier[MODEL_HEADER] = model
             if profile is not None:
                 carrier[PROFILE_HEADER] = "1"
             metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()), *carrier.items())
@@ -172,7 +222,9 @@ class TelemetryClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
                 span.set_status(Status(StatusCode.ERROR, code.name))
                 raise
             finally:
-                metrics.STAGE_CALL_SECONDS.labels(stage, method, code.name).observe(time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                label = metrics.MODELS.label(model, code is grpc.StatusCode.OK)
+                metrics.STAGE_CALL_SECONDS.labels(stage, method, code.name, label).observe(elapsed)
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
             if profile is not None:
                 for key, value in await call.trailing_metadata() or ():

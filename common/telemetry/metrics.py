@@ -2,8 +2,8 @@
 
 Names follow Prometheus conventions (``inferline_`` prefix, base units, ``_seconds``,
 ``_total``). Labels are bounded: service and stage names, the gRPC method (a fixed set per
-service), status code names, model names from the repository, step names from the code.
-Nothing per request, image or client ever becomes a label.
+service), status code names, model names (``ModelLabels``: loaded or served ones, else "other"),
+step names from the code. Nothing per request, image or client ever becomes a label.
 """
 
 from __future__ import annotations
@@ -26,10 +26,47 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
+OTHER_MODEL = "other"
+MAX_MODEL_LABELS = 64
+
+
+class ModelLabels:
+    """The values the ``model`` label may take, so a caller cannot grow the series without bound.
+
+    A caller can send any model name, and every new label value is a new series for the life of
+    the process. A name becomes a label value once this process has loaded it (the inference
+    stage's queues) or answered a call for it with OK; until then (an unknown model's NOT_FOUND)
+    and past ``limit`` names the call counts under "other". Calls that name no model (health,
+    ListModels) have an empty label, which Prometheus shows as no label.
+    """
+
+    def __init__(self, limit: int = MAX_MODEL_LABELS):
+        self.limit = limit
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            if len(self._known) < self.limit:
+                self._known.add(name)
+
+    def label(self, name: str, served: bool) -> str:
+        """``name`` if known (or now known: ``served`` says the call succeeded), else "other"."""
+        if not name or name in self._known:
+            return name
+        if served:
+            self.add(name)
+            if name in self._known:
+                return name
+        return OTHER_MODEL
+
+
+MODELS = ModelLabels()
+
 RPC_SECONDS = Histogram(
     "inferline_rpc_duration_seconds",
-    "Server-side duration of each RPC, by service, method and gRPC status code.",
-    ["service", "method", "code"],
+    "Server-side duration of each RPC, by service, method, gRPC status code and model.",
+    ["service", "method", "code", "model"],
     buckets=LATENCY_BUCKETS,
 )
 RPC_IN_FLIGHT = Gauge(
@@ -38,7 +75,7 @@ RPC_IN_FLIGHT = Gauge(
 STAGE_CALL_SECONDS = Histogram(
     "inferline_stage_call_duration_seconds",
     "The controller's view of each call to a stage (network and queueing included).",
-    ["stage", "method", "code"],
+    ["stage", "method", "code", "model"],
     buckets=LATENCY_BUCKETS,
 )
 STEP_SECONDS = Histogram(
@@ -61,6 +98,16 @@ QUEUE_CAPACITY = Gauge(
     "inferline_queue_capacity", "The batching queue's limit (max_queue_size); full refuses calls.", ["model"]
 )
 MODEL_LOAD_SECONDS = Gauge("inferline_model_load_seconds", "How long loading the model took at start-up.", ["model"])
+CPU_SECONDS = Counter(
+    "inferline_cpu_seconds",
+    "CPU seconds of the requests' work in each stage (steps and forward passes), by model.",
+    ["model", "stage"],
+)
+COST = Counter(
+    "inferline_cost",
+    "Cost of the requests' CPU in each stage at INFERLINE_COST_PER_CORE_HOUR (its currency), by model.",
+    ["model", "stage"],
+)
 ITEM_ERRORS = Counter(
     "inferline_item_errors_total", "Items of a batch that failed on their own, by status code.", ["service", "code"]
 )
@@ -91,7 +138,9 @@ WASTED_ITEMS = Counter(
 
 
 def track_queue(model: str, depth: Callable[[], int], capacity: int) -> None:
-    """Queue depth is read at scrape time, so the batcher's hot path does no metric work."""
+    """Queue depth is read at scrape time, so the batcher's hot path does no metric work. A model
+    with a queue is loaded here, so its name is a valid ``model`` label from now on."""
+    MODELS.add(model)
     QUEUE_DEPTH.labels(model).set_function(depth)
     QUEUE_CAPACITY.labels(model).set(capacity)
 

@@ -1,6 +1,6 @@
 """OpenTelemetry tracing: the per-process set-up, and spans for the inner steps of a stage.
 
-Off unless OTLP export is configured through the standard ``OTEL_*`` variables; then the API's
+Off unless OTLP export (gRPC or HTTP/protobuf) is configured through the standard ``OTEL_*`` variables; then the API's
 no-op tracer answers every span call and nothing is recorded or sent. The step timings that
 feed Prometheus and the profile breakdown are measured either way.
 """
@@ -12,13 +12,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
 from inferline.common.telemetry import metrics
-from inferline.common.telemetry.context import PROFILE, SERVICE, RequestContext
+from inferline.common.telemetry.context import CPU, PROFILE, SERVICE, RequestContext
 from inferline.common.telemetry.profiler import PROFILER
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +38,66 @@ def tracing_requested(environ: Mapping[str, str]) -> bool:
     return any(environ.get(var) for var in _ENDPOINT_VARS)
 
 
+# OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL values this process can export with (the SDK's own names).
+PROTOCOLS = ("grpc", "http/protobuf")
+
+
+def otlp_protocol(environ: Mapping[str, str]) -> str:
+    """The OTLP transport the standard variables ask for; the traces-specific one wins."""
+    for var in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        if environ.get(var, "").strip():
+            return environ[var].strip().lower()
+    return "grpc"
+
+
+def span_exporter(environ: Mapping[str, str]) -> SpanExporter:
+    """An OTLP exporter over the transport asked for: gRPC (port 4317) or HTTP/protobuf (4318,
+    the only one some collectors and SaaS endpoints accept). Each reads its endpoint, headers,
+    TLS and timeout from the same ``OTEL_EXPORTER_OTLP_*`` variables."""
+    protocol = otlp_protocol(environ)
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # noqa: PLC0415 - the SDK only when tracing is on
+
+        return OTLPSpanExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter as OTLPHttpSpanExporter,
+        )
+
+        return OTLPHttpSpanExporter()
+    raise ValueError(
+        f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported here; use one of {', '.join(PROTOCOLS)}"
+    )
+
+
 def configure_tracing(service: str, environ: Mapping[str, str]) -> Callable[[float], None] | None:
-    """Installs an SDK tracer provider exporting OTLP/gRPC for this process; returns its shutdown
-    (which flushes pending spans for at most the seconds it is given), or None when tracing is off.
+    """Installs an SDK tracer provider exporting OTLP (gRPC or HTTP/protobuf, from
+    ``OTEL_EXPORTER_OTLP_PROTOCOL``) for this process; returns its shutdown (which flushes
+    pending spans for at most the seconds it is given), or None when tracing is off.
 
     ``service.name`` is the stage's own name even when ``OTEL_SERVICE_NAME`` is set for the whole
-    deployment; ``OTEL_RESOURCE_ATTRIBUTES`` adds the rest (namespace, environment).
+    deployment; ``OTEL_RESOURCE_ATTRIBUTES`` adds the rest (namespace, environment). A protocol
+    this process cannot speak is logged at ERROR and leaves tracing off: traces are not worth
+    losing the data plane for.
     """
     if not tracing_requested(environ):
         return None
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # noqa: PLC0415 - the SDK only when tracing is on
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415 - the SDK only when tracing is on
     from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
     from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
 
     global _enabled
+    try:
+        exporter = span_exporter(environ)
+    except ValueError as exc:
+        log.error("tracing off: %s", exc)
+        return None
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}))
-    exporter = OTLPSpanExporter()
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _enabled = True
     endpoint = next(environ[v] for v in reversed(_ENDPOINT_VARS) if environ.get(v))
-    log.info("tracing on: OTLP/gRPC spans of %s go to %s", service, endpoint)
+    log.info("tracing on: OTLP (%s) spans of %s go to %s", otlp_protocol(environ), service, endpoint)
 
     def shutdown(timeout_s: float) -> None:
         """The exporter retries an unreachable collector for OTEL_EXPORTER_OTLP_TIMEOUT (10 s) per
@@ -101,11 +142,15 @@ def span_scope(name: str, **kwargs: Any) -> AbstractContextManager[trace.Span]:
 @contextmanager
 def span(step: str, **attributes: Any) -> Iterator[trace.Span]:
     """One inner step of a stage: a child span, a ``inferline_step_duration_seconds`` sample,
-    and the step's time in the request's profile when the caller asked for one."""
-    started = time.perf_counter()
+    the step's CPU time on the request's meter (steps run on one thread each: its CPU clock), and
+    the step's time in the request's profile when the caller asked for one."""
+    started, cpu_started = time.perf_counter(), time.thread_time()
     with span_scope(step, attributes=attributes) as current:
         yield current
     elapsed = time.perf_counter() - started
+    meter = CPU.get()
+    if meter is not None:
+        meter.add(time.thread_time() - cpu_started)
     service = SERVICE.get()
     metrics.STEP_SECONDS.labels(service, step).observe(elapsed)
     profile = PROFILE.get()
@@ -134,7 +179,7 @@ class BatchRun:
         self.model = model
         self.size = len(contexts)
         now = time.monotonic()
-        waits: dict[tuple[int, int], tuple[RequestContext, float, int]] = {}
+        waits: dict[tuple[int, int, int], tuple[RequestContext, float, int]] = {}
         for ctx, queued in zip(contexts, enqueued, strict=True):
             wait = now - queued
             metrics.QUEUE_WAIT_SECONDS.labels(model).observe(wait)
@@ -149,16 +194,24 @@ class BatchRun:
         """``fn`` timed where it runs (the model's thread), so the span is the pass itself."""
 
         def timed(items: list[Any]) -> list[Any]:
-            started = time.monotonic()
+            started, cpu_started = time.monotonic(), time.process_time()
             try:
                 return PROFILER.around(self.model, fn, items)
             finally:
                 ended = time.monotonic()
+                self._share_cpu(time.process_time() - cpu_started)
                 metrics.STEP_SECONDS.labels(self.requests[0][0].service, "batch_run").observe(ended - started)
                 for ctx, _, count in self.requests:
                     self._record(ctx, "batch_run", started, ended, {"inferline.request_items": count})
 
         return timed
+
+    def _share_cpu(self, seconds: float) -> None:
+        """The pass's process CPU time, shared by the requests of the batch in proportion to their
+        items (other threads' work during the pass counts too: one pass per model runs at once)."""
+        for ctx, _, count in self.requests:
+            if ctx.cpu is not None:
+                ctx.cpu.add(seconds * count / self.size)
 
     def _record(self, ctx: RequestContext, step: str, start: float, end: float, extra: dict[str, Any]) -> None:
         if ctx.profile is not None:

@@ -39,7 +39,7 @@ from inferline.services.gateway import problems
 from inferline.services.gateway.auth import API_KEY, BEARER, SECURITY_SCHEMES, ApiKeys, RequireApiKey
 from inferline.services.gateway.inputs import Body, merged_params, read_body, timeout_from
 from inferline.services.gateway.metrics import GatewayMetrics
-from inferline.services.gateway.middleware import BodyLimit, RequestContext
+from inferline.services.gateway.middleware import BodyLimit, RequestContext, add_tracing, traced_lifespan
 from inferline.services.gateway.negotiation import MEDIA_TYPES, choose
 from inferline.services.gateway.oip_rest import create_oip_router
 from inferline.services.gateway.prefix import ForwardedPrefix, root_of
@@ -179,7 +179,7 @@ def create_app(settings: Settings) -> FastAPI:
         title="inferline gateway",
         version=VERSION,
         description=DESCRIPTION,
-        lifespan=lifespan,
+        lifespan=traced_lifespan(lifespan, settings.grace_period_s),
         docs_url=None,
         redoc_url=None,
         openapi_url=None,  # served below, with the sub-path the request came through in `servers`
@@ -190,6 +190,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_upload_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
     app.add_middleware(ForwardedPrefix, root_path=settings.gateway_root_path)
+    add_tracing(app)  # outermost: its span covers the rest, and it sees the path a proxy stripped
     app.add_exception_handler(ApiError, problems.api_error_handler)
     app.add_exception_handler(InferlineError, problems.domain_error_handler)
     app.add_exception_handler(RequestValidationError, problems.validation_error_handler)

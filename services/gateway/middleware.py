@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids, the access log and metrics around every request; the body limit.
+"""ASGI middleware: request ids, the access log and metrics around every request; the body limit;
+OpenTelemetry's ASGI middleware for traces.
 
 Written as plain ASGI (not ``BaseHTTPMiddleware``) so uploads stream through without being
 buffered, and so a request that crashes still gets its id, its log line and its metric.
@@ -7,17 +8,23 @@ buffered, and so a request that crashes still gets its id, its log line and its 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import grpc
+from opentelemetry import trace
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferline.common.errors import QUOTE_LIMIT, quoted
 from inferline.common.telemetry.context import REQUEST_ID_HEADER
+from inferline.common.telemetry.tracing import configure_tracing, tracing_requested
 from inferline.services.gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics
 from inferline.services.gateway.problems import ApiError, problem_response, unexpected_error_handler
 
@@ -27,6 +34,9 @@ log = logging.getLogger("inferline.gateway.access")
 # cannot inject text into our logs.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 API_PREFIX = "/v1/"
+# Probes, scrapes and assets are answered but never traced (kubelet alone probes every few
+# seconds, and such traces would outnumber the requests). Regexes searched in the request's URL.
+UNTRACED_URLS = ("/healthz$", "/readyz$", "/metrics$", "/static/", "/swagger-ui/", "/favicon.ico$")
 
 
 class BodyTooLarge(ApiError):
@@ -55,6 +65,7 @@ class RequestContext:
             # its answer (the body follows at once; a test reading /metrics next sees this request).
             seconds = time.perf_counter() - started
             route = _route_template(scope)
+            _name_span(scope["method"], route)
             api_call = route.startswith(API_PREFIX) and route != "/v1/stats"
             self.metrics.observe(route, scope["method"], status, seconds, api_call=api_call)
             # Probes, scrapes, assets and the demo page's polling only at DEBUG, so the log reads.
@@ -84,6 +95,56 @@ class RequestContext:
             self.metrics.in_flight.dec()
             if not response_started:  # the client went away before any answer
                 record(499)
+
+
+def _name_span(method: str, route: str) -> None:
+    """The tracing middleware names its span before routing, after the raw path; once the route is
+    known the span takes its template (``POST /v1/models/{name}``), or the bare method when no
+    route matched, as the HTTP semantic conventions ask: never the path, whose names and ids are
+    unbounded."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    if route == UNMATCHED_ROUTE:
+        span.update_name(method)
+        return
+    span.update_name(f"{method} {route}")
+    span.set_attribute("http.route", route)
+
+
+def add_tracing(app: Starlette, environ: Mapping[str, str] = os.environ, tracer_provider: Any = None) -> None:
+    """Traces the gateway when OTLP export is configured (the ``OTEL_*`` variables, as for the
+    stages): OpenTelemetry's ASGI middleware, outermost, makes one SERVER span per request that
+    continues the caller's ``traceparent``; the controller client's interceptor carries it on.
+    Without an endpoint nothing is added, so tracing off costs nothing."""
+    if not tracing_requested(environ):
+        return
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware  # noqa: PLC0415 - only when tracing is on
+
+    app.add_middleware(
+        OpenTelemetryMiddleware, excluded_urls=",".join(UNTRACED_URLS), exclude_spans=["receive", "send"],
+        tracer_provider=tracer_provider,  # None: the process's, which traced_lifespan installs
+    )
+
+
+Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
+
+
+def traced_lifespan(lifespan: Lifespan, grace_s: float, environ: Mapping[str, str] = os.environ) -> Lifespan:
+    """``lifespan`` inside the gateway's tracer provider: installed at start-up, its pending spans
+    flushed (for at most ``grace_s``) at shutdown, as the stages do."""
+
+    @asynccontextmanager
+    async def run(app: Any) -> AsyncIterator[None]:
+        flush = configure_tracing("gateway", environ)
+        try:
+            async with lifespan(app):
+                yield
+        finally:
+            if flush is not None:
+                flush(grace_s)
+
+    return run
 
 
 class BodyLimit:

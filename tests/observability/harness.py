@@ -36,6 +36,8 @@ RULE_TESTS = DEPLOY / "prometheus" / "rules" / "inferline.rules.test.yaml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "inferline.json"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+# Where docs/monitoring.md is published; every alert's runbook_url is this plus its section's anchor.
+RUNBOOK_BASE_URL = "https://inferline.github.io/inferline/monitoring/"
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
@@ -135,6 +137,10 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         return f"http://127.0.0.1:{self.port}"
 
     def Export(self, request, context):  # noqa: N802 - the generated servicer's name
+        self.keep(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def keep(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         with self._lock:
             for resource_spans in request.resource_spans:
                 attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
@@ -147,9 +153,9 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                             "trace_id": span.trace_id.hex(),
                             "span_id": span.span_id.hex(),
                             "parent": span.parent_span_id.hex(),
+                            "status": span.status.code,  # 0 unset, 1 OK, 2 ERROR
                             "attributes": {a.key: _any_value(a.value) for a in span.attributes},
                         })
-        return trace_service_pb2.ExportTraceServiceResponse()
 
     def trace(self, trace_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -157,6 +163,39 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
 
     def stop(self) -> None:
         self._server.stop(0)
+
+
+class OtlpHttpReceiver(OtlpReceiver):
+    """The same, as an OTLP/HTTP endpoint: protobuf POSTed to ``/v1/traces``."""
+
+    def __init__(self) -> None:
+        self.spans = []
+        self.paths: list[str] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.paths.append(self.path)
+                receiver.keep(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._http.server_address[1]
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()
 
 
 def _any_value(value: Any) -> Any:
@@ -333,10 +372,26 @@ class Alertmanager(Process):
             return False
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, expr) for every target of every panel of the Grafana dashboard."""
+def with_all_selected(expr: str) -> str:
+    """A panel query as Grafana sends it with every variable at "All": each ``$name`` becomes the
+    variable's ``allValue``, a regex that also matches series without the label (the local stack
+    has no namespace or pod)."""
     dashboard = json.loads(DASHBOARD.read_text())
-    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            expr = expr.replace("${" + variable["name"] + "}", variable["allValue"])
+            expr = expr.replace("$" + variable["name"], variable["allValue"])
+    return expr
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, expr with every variable at "All") for every target of every panel of the dashboard."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        (panel["title"], with_all_selected(target["expr"]))
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+    ]
 
 
 def stage_env(model_dir: Path, clip_dir: Path, **extra: str) -> dict[str, str]:

@@ -97,6 +97,28 @@ def test_rpcs_are_counted_and_timed_by_service_method_and_status_code(scraped):
                             code="OK") > 0
 
 
+def test_request_metrics_carry_the_model_on_every_stage_and_an_unknown_name_counts_as_other(scraped):
+    """Per-model SLOs need the model on the request metrics; the stages (whose requests name a
+    recipe) get it from the controller. A name nobody serves must not become a series."""
+    for service, method in [("controller", "Detect"), ("preprocess", "Preprocess"), ("inference", "ModelInfer"),
+                            ("postprocess", "Postprocess")]:
+        assert scraped.increase("inferline_rpc_duration_seconds", "_count", service=service, method=method,
+                                code="OK", model="yolov8n") >= 4, service
+    assert scraped.increase("inferline_rpc_duration_seconds", "_count", service="controller", method="Detect",
+                            code="NOT_FOUND", model="other") == 1
+    for stage in ("preprocess", "inference", "postprocess"):
+        assert scraped.increase("inferline_stage_call_duration_seconds", "_count", stage=stage, code="OK",
+                                model="yolov8n") >= 4, stage
+    models = {s.labels.get("model") for f in scraped.after.values() for s in f.samples}
+    assert "no-such-model" not in models
+
+
+def test_each_stage_counts_the_cpu_seconds_of_its_work_by_model(scraped):
+    """What a budget owner multiplies by a core-hour price: CPU of the steps and forward passes."""
+    for stage in ("preprocess", "inference", "postprocess"):
+        assert scraped.increase("inferline_cpu_seconds", "_total", stage=stage, model="yolov8n") > 0, stage
+
+
 def test_the_controller_times_each_stage_call(scraped):
     for stage in ("preprocess", "inference", "postprocess"):
         assert scraped.increase("inferline_stage_call_duration_seconds", "_count", stage=stage, code="OK") >= 4

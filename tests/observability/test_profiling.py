@@ -15,6 +15,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from inferline.common import oip
 from inferline.common.generated import (
@@ -45,6 +46,15 @@ def test_profile_flag_adds_the_per_step_breakdown_of_every_stage_to_timings(stac
     for stage in ("preprocess", "inference", "postprocess"):
         assert timings[f"{stage}.server"] <= timings[stage] + 0.5
     assert timings["inference.batch_run"] <= timings["inference.server"] + 0.5
+
+
+def test_profile_flag_adds_the_cpu_time_each_stage_spent_on_the_request(stack, data_dir):
+    """``<stage>.cpu``: CPU ms of the request's steps and its share of the forward passes."""
+    timings = dict(_detect(stack, data_dir, [("x-inferline-profile", "1")]).timings_ms)
+    for stage in ("preprocess", "inference", "postprocess"):
+        assert timings[f"{stage}.cpu"] > 0, sorted(timings)
+    # One thread's CPU cannot exceed its wall time; the preprocess steps each run on one thread.
+    assert timings["preprocess.cpu"] <= timings["preprocess.decode"] + timings["preprocess.letterbox"] + 0.5
 
 
 @pytest.mark.parametrize("flag", [None, "0", "false"])
@@ -158,3 +168,27 @@ def test_the_device_preprocess_path_reports_its_batched_decode_and_letterbox(set
         stack.close()
     assert timings["preprocess.decode_letterbox"] > 0
     assert "preprocess.letterbox" not in timings, "the JPEGs took the device path, not OpenCV's"
+
+
+@pytest.mark.slow
+def test_with_a_core_hour_price_each_stage_reports_and_counts_the_cost_of_its_cpu(settings, data_dir):
+    """INFERLINE_COST_PER_CORE_HOUR=3600 makes one CPU second cost 1: ``<stage>.cost`` equals the
+    stage's CPU seconds, and ``inferline_cost_total`` grows by the same."""
+    before = {s: _cost(s) for s in ("preprocess", "inference", "postprocess")}
+    stack = InProcessStack(dataclasses.replace(settings, cost_per_core_hour=3600.0, models=("yolov8n",)))
+    try:
+        timings = dict(_detect(stack, data_dir, [("x-inferline-profile", "1")]).timings_ms)
+    finally:
+        stack.close()
+    for stage in ("preprocess", "inference", "postprocess"):
+        assert timings[f"{stage}.cost"] == pytest.approx(timings[f"{stage}.cpu"] / 1000, abs=1e-3), stage
+        assert _cost(stage) - before[stage] == pytest.approx(timings[f"{stage}.cost"], abs=1e-3), stage
+
+
+def test_without_a_price_no_cost_is_reported(stack, data_dir):
+    timings = dict(_detect(stack, data_dir, [("x-inferline-profile", "1")]).timings_ms)
+    assert not [key for key in timings if key.endswith(".cost")]
+
+
+def _cost(stage: str) -> float:
+    return REGISTRY.get_sample_value("inferline_cost_total", {"model": "yolov8n", "stage": stage}) or 0.0

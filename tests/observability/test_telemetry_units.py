@@ -13,7 +13,9 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from inferline.common.logs import JsonFormatter, TextFormatter
 from inferline.common.telemetry.context import REQUEST_ID, SERVICE, Profile, in_context
-from inferline.common.telemetry.tracing import configure_tracing, tracing_requested
+from inferline.common.telemetry.metrics import OTHER_MODEL, ModelLabels
+from inferline.common.telemetry.tracing import configure_tracing, span_exporter, tracing_requested
+from tests.observability.harness import OtlpHttpReceiver
 
 
 @pytest.mark.parametrize(
@@ -94,3 +96,62 @@ def test_profile_sums_steps_in_milliseconds_and_merges_a_stages_timings():
     profile.add("preprocess.decode", 0.003)
     profile.merge({"preprocess.decode": 1.0, "inference.batch_run": 40.0})
     assert profile.ms == pytest.approx({"preprocess.decode": 6.0, "inference.batch_run": 40.0})
+
+
+def test_model_labels_are_names_loaded_or_served_and_anything_else_is_other():
+    labels = ModelLabels(limit=2)
+    labels.add("yolov8n")
+    assert labels.label("yolov8n", served=False) == "yolov8n"
+    assert labels.label("typo", served=False) == OTHER_MODEL  # an unknown model's NOT_FOUND
+    assert labels.label("clip", served=True) == "clip"
+    assert labels.label("clip", served=False) == "clip"
+    assert labels.label("third", served=True) == OTHER_MODEL  # past the limit
+    assert labels.label("", served=True) == ""  # calls that name no model
+
+
+@pytest.mark.parametrize(
+    "environ, exporter_module",
+    [
+        ({}, "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "opentelemetry.exporter.otlp.proto.http.trace_exporter"),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"},
+            "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+        ),
+    ],
+)
+def test_the_otlp_protocol_variable_picks_the_exporter(environ, exporter_module):
+    exporter = span_exporter(environ)
+    try:
+        assert type(exporter).__module__ == exporter_module
+    finally:
+        exporter.shutdown()
+
+
+def test_an_unsupported_otlp_protocol_leaves_tracing_off_and_says_why(caplog):
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}
+    with caplog.at_level(logging.ERROR):
+        assert configure_tracing("preprocess", environ) is None
+    assert "http/json" in caplog.text and "http/protobuf" in caplog.text
+
+
+def test_spans_reach_an_otlp_http_protobuf_endpoint(monkeypatch):
+    """``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`` (the SDK reads the endpoint from the variable):
+    spans POSTed to ``/v1/traces`` of a real HTTP receiver."""
+    from opentelemetry.sdk.resources import Resource  # noqa: PLC0415 - the SDK only in the tests that need it
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
+
+    receiver = OtlpHttpReceiver()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        provider = TracerProvider(resource=Resource.create({"service.name": "preprocess"}))
+        exporter = span_exporter({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        with provider.get_tracer("t").start_as_current_span("decode"):
+            pass
+        provider.shutdown()
+        assert [(s["service"], s["name"]) for s in receiver.spans] == [("preprocess", "decode")]
+        assert receiver.paths == ["/v1/traces"]
+    finally:
+        receiver.stop()
