@@ -167,12 +167,14 @@ class ShmPool:
         return offset if 0 <= offset and offset + array.nbytes <= self.byte_size else None
 
     def close(self) -> None:
-        """Unlinks the object; the mapping goes when the last view of it does."""
+        """Unlinks the object; the mapping goes when the last view of it does. Idempotent."""
+        if self._mapping.closed:
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-        del self._base
+        self._base = np.zeros(0, np.uint8)
         try:
             self._mapping.close()
         except BufferError:

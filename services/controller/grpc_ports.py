@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -131,6 +132,9 @@ class SharedTensors:
                 f"INFERLINE_TENSOR_TRANSPORT={settings.tensor_transport!r} is not one of {', '.join(TRANSPORTS)}"
             )
         self.settings = settings
+        # Where the pool is created: /dev/shm, or elsewhere to stand for a stage that has
+        # another /dev/shm (tests).
+        self.root: Path | None = None
         self.pool: ShmPool | None = None
         self.preprocess_shares = self.inference_shares = settings.tensor_transport != "inline"
         self._inference = inference
@@ -143,11 +147,11 @@ class SharedTensors:
         """Creates the pool, first unlinking those of controllers that died on this host."""
         if self.settings.tensor_transport == "inline":
             return
-        reaped = reap_orphans()
+        reaped = reap_orphans(self.root)
         if reaped:
             log.info("unlinked %d shared memory objects of controllers that are gone", len(reaped))
         try:
-            self.pool = ShmPool(self.settings.shm_pool_slots, self.settings.shm_slot_bytes)
+            self.pool = ShmPool(self.settings.shm_pool_slots, self.settings.shm_slot_bytes, self.root)
         except (OSError, ValueError) as exc:
             if self.settings.tensor_transport == "shm":
                 raise ConfigError(f"INFERLINE_TENSOR_TRANSPORT=shm but the shared memory pool failed: {exc}") from exc
@@ -369,24 +373,20 @@ class GrpcInference:
         self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
     ) -> list[Outcome[Outputs]]:
         groups = _groups(model, items)
-        answers = await asyncio.gather(
-            *(self._infer_group(model, [items[k] for k in group], min_score, deadline) for group in groups)
-        )
+        pool = self.shared.pool
+        located = [o for item in items for a in item.values() if pool and (o := pool.locate(a)) is not None]
+        try:
+            answers = await asyncio.gather(
+                *(self._run_group(model, [items[k] for k in group], min_score, deadline) for group in groups)
+            )
+        finally:
+            # Answered, failed or cancelled (maybe before a group's call began): these tensors
+            # are read or never will be.
+            self.shared.consumed(located)
         outcomes: dict[int, Outcome[Outputs]] = {}
         for group, results in zip(groups, answers, strict=True):
             outcomes.update(zip(group, results, strict=True))
         return [outcomes[k] for k in range(len(items))]
-
-    async def _infer_group(
-        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
-    ) -> list[Outcome[Outputs]]:
-        pool = self.shared.pool
-        located = [o for item in items for a in item.values() if pool and (o := pool.locate(a)) is not None]
-        try:
-            return await self._run_group(model, items, min_score, deadline)
-        finally:
-            # Answered, failed or cancelled: these tensors are read or never will be.
-            self.shared.consumed(located)
 
     def _request(
         self, model: ModelInfo, items: Sequence[Outputs], min_score: float, shm: bool
