@@ -16,12 +16,13 @@ from typing import TypeVar
 
 import numpy as np
 
-from inferline.common.errors import ConfigError, InvalidInput, at_most
+from inferline.common.errors import ConfigError, InvalidInput, at_most, quoted
 from inferline.common.images import decode_image
 from inferline.common.items import map_items
 from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
 from inferline.common.shm import ALIGN, SharedMemoryRegistry
+from inferline.common.shm_pool import PREFIX as POOL_PREFIX
 from inferline.common.telemetry import in_context, span, traced
 from inferline.common.transform import ImageTransform, Region
 from inferline.services.preprocess.recipes import (
@@ -101,7 +102,13 @@ class Preprocessor:
         """Writes the arrays one after another (each ``ALIGN``-aligned) into ``byte_size`` bytes
         at ``offset`` of shm object ``key``; returns where each went, None for an array left
         out (None given, or no room left: it travels inline). ``ObjectMissing`` when the object
-        is not in this stage's /dev/shm; ``InvalidInput`` when the room lies outside it."""
+        is not in this stage's /dev/shm; ``InvalidInput`` when the room lies outside it, or when
+        ``key`` is not a controller's pool: this stage writes only into those."""
+        if not key.lstrip("/").startswith(POOL_PREFIX):
+            raise InvalidInput(
+                f"output_shm key {quoted(key)} is not a controller's pool object ({POOL_PREFIX}...): "
+                "the preprocess stage writes into no other shared memory"
+            )
         self.shared_memory.attach(key)
         room = self.shared_memory.writable(key, offset, byte_size, "preprocess output")
         where: list[int | None] = []

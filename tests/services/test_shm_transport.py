@@ -217,7 +217,7 @@ def test_closing_unregisters_and_unlinks_the_pool(stack, open_stages, images):
     assert pool.name not in status.regions
 
 
-def test_the_preprocess_stage_never_writes_outside_the_object(stack, open_stages, images):
+def test_the_preprocess_stage_writes_only_inside_a_pool_object(stack, open_stages, images):
     stages = open_stages(tensor_transport="shm")
     pool = stages.shared.pool
     recipe = Recipe("letterbox").to_proto()
@@ -232,6 +232,13 @@ def test_the_preprocess_stage_never_writes_outside_the_object(stack, open_stages
                 stub.Preprocess(request, timeout=30)
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "outside" in raised.value.details()
+        other = preprocess_pb2.SharedMemoryOutput(key="/not-a-pool", offset=0, byte_size=64)
+        request = preprocess_pb2.PreprocessRequest(recipe=recipe, images=[types_pb2.Image(data=images[0])])
+        request.output_shm.CopyFrom(other)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Preprocess(request, timeout=30)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a controller's pool object" in raised.value.details()
         ok = stub.Preprocess(preprocess_pb2.PreprocessRequest(recipe=recipe, images=[types_pb2.Image(data=encoded())]))
         assert ok.images[0].status.code == 0 and ok.images[0].tensor.data
 
