@@ -147,10 +147,10 @@ class SharedTensors:
         """Creates the pool, first unlinking those of controllers that died on this host."""
         if self.settings.tensor_transport == "inline":
             return
-        reaped = reap_orphans(self.root)
-        if reaped:
-            log.info("unlinked %d shared memory objects of controllers that are gone", len(reaped))
         try:
+            reaped = reap_orphans(self.root)
+            if reaped:
+                log.info("unlinked %d shared memory objects of controllers that are gone", len(reaped))
             self.pool = ShmPool(self.settings.shm_pool_slots, self.settings.shm_slot_bytes, self.root)
         except (OSError, ValueError) as exc:
             if self.settings.tensor_transport == "shm":
