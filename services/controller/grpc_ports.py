@@ -303,9 +303,11 @@ class GrpcPreprocess:
                 tensor = self._placed(item, lease) if item.in_shm else tensors.from_proto(item.tensor)
                 placed += item.in_shm
                 results.append(Preprocessed(tensor, _transform(item.transform)))
-        finally:
-            # Cancelled, failed or answered: the lease is held only for the tensors it holds.
-            self._shared.hold(lease, placed)
+        except BaseException:
+            # Cancelled or failed: no tensor of this lease reaches the inference stage.
+            self._shared.release(lease)
+            raise
+        self._shared.hold(lease, placed)
         _count("preprocess", placed, count)
         return results
 
