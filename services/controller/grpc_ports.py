@@ -218,15 +218,17 @@ class SharedTensors:
                     name=self.pool.name, key=self.pool.key, offset=0, byte_size=self.pool.byte_size
                 )
                 await self._call(self._inference.SystemSharedMemoryRegister, register, deadline)
-            except InvalidInput as exc:
+            except (StageUnavailable, DeadlineExceeded, Overloaded) as exc:
+                log.info("model inputs travel inline for now: registering the pool failed: %s", exc)
+                return False
+            except InferlineError as exc:
+                # Any other refusal is the stage's answer for good (another /dev/shm, or a
+                # server without the extension): asking again per request would only cost RPCs.
                 if "already registered" not in str(exc):
                     self.inference_shares = False
                     level = logging.WARNING if self.settings.tensor_transport == "shm" else logging.INFO
                     log.log(level, "model inputs travel inline: the inference stage cannot map the pool: %s", exc)
                     return False
-            except InferlineError as exc:
-                log.info("model inputs travel inline for now: registering the pool failed: %s", exc)
-                return False
             self._registered = True
             return True
 

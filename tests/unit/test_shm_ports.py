@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from inferline.common.errors import StageFailed
+from inferline.common.errors import StageFailed, StageUnavailable
 from inferline.common.generated import grpc_service_pb2 as pb
 from inferline.common.generated import preprocess_pb2, types_pb2
 from inferline.common.model_info import ModelInfo, TensorInfo
@@ -121,3 +121,33 @@ def test_items_back_to_back_in_the_pool_go_as_one_handle_and_others_as_bytes(sha
     assert "shared_memory_region" not in request.inputs[0].parameters
     assert len(request.raw_input_contents[0]) == 96
     assert pool.in_use == 0
+
+
+class RefusingRegister:
+    """An inference stage whose SystemSharedMemoryRegister raises ``error``."""
+
+    def __init__(self, error: Exception):
+        self.error, self.registers = error, 0
+
+    async def SystemSharedMemoryStatus(self, request):  # noqa: N802 - gRPC's method name
+        return pb.SystemSharedMemoryStatusResponse()
+
+    async def SystemSharedMemoryRegister(self, request):  # noqa: N802 - gRPC's method name
+        self.registers += 1
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "for_good"),
+    [
+        (StageFailed("inference stage: Unable to open shared memory region"), True),  # e.g. Triton elsewhere
+        (StageUnavailable("inference stage at x is unavailable"), False),
+    ],
+)
+def test_a_stage_that_refuses_the_pool_is_asked_once_but_an_unavailable_one_again(shared, error, for_good):
+    stage = RefusingRegister(error)
+    shared._inference, shared._registered = stage, False
+    assert not asyncio.run(shared.registered(Deadline(5)))
+    assert not asyncio.run(shared.registered(Deadline(5)))
+    assert shared.inference_shares is not for_good
+    assert stage.registers == (1 if for_good else 2)
