@@ -6,10 +6,12 @@ the ratios come from one run on one machine state):
 * references, each in a fresh process (bench/reference.py): ultralytics predict one image per
   call and batched, torchvision's Faster R-CNN loop, open_clip's image loop;
 * the four-service pipeline (``inferline up`` as local processes) with the PyTorch backend and
-  dynamic batching, the same with batching off (``max_batch_size: 1``: the issue-3 baseline's
-  configuration), the ONNX Runtime backend (yolov8n exported by ``inferline export``), and the
-  controller's ``--inprocess`` mode (the same stage code without gRPC between the stages); each
-  at concurrency 1, 8 and 32 with ``inferline bench``'s load generator (``services/loadgen.py``);
+  dynamic batching (preprocessed tensors in shared memory between the stages, issue 16), the
+  same with the tensors inline in the messages (``torch-inline``, as before issue 16), the same
+  with batching off (``max_batch_size: 1``: the issue-3 baseline's configuration), the ONNX
+  Runtime backend (yolov8n exported by ``inferline export``), and the controller's
+  ``--inprocess`` mode (the same stage code without gRPC between the stages); each at
+  concurrency 1, 8 and 32 with ``inferline bench``'s load generator (``services/loadgen.py``);
 * Faster R-CNN and CLIP through the pipeline at concurrency 8.
 
 Beside throughput and latency it records where a request's time goes (each Detect answer's
@@ -21,6 +23,7 @@ Writes ``<out>/<stem>.json``, ``<out>/<stem>.md`` and ``<out>/<stem>-latency-thr
 
     .venv/bin/python bench/compare.py                          # ~6 min on 2 cores
     .venv/bin/python bench/compare.py --duration 5 --concurrency 1 8 --skip-references
+    .venv/bin/python bench/compare.py --skip-references --only torch torch-inline inprocess   # issue 16
     .venv/bin/python bench/compare.py --replot                # redraw the PNG from the JSON
 """
 
@@ -138,6 +141,7 @@ def stack(repo: Path, models: list[str], variant: Variant, device: str = "cpu") 
     env.update(INFERLINE_MODEL_REPOSITORY=str(repo), INFERLINE_MODELS=",".join(models), INFERLINE_LOG_LEVEL="WARNING")
     if variant.inprocess:
         env["INFERLINE_INPROCESS"] = "true"
+    env["INFERLINE_TENSOR_TRANSPORT"] = variant.tensor_transport
     if variant.torch_threads:
         env["INFERLINE_TORCH_THREADS"] = str(variant.torch_threads)
     settings = Settings.from_env(env)
@@ -205,12 +209,14 @@ class Variant:
     torch_threads: int = 0  # 0: torch's default (all cores)
     inprocess: bool = False
     other_models: bool = False  # also measure Faster R-CNN and CLIP on this stack
+    tensor_transport: str = "auto"  # issue 16: shared memory between the stages on one host
 
 
 VARIANTS = {
     v.name: v
     for v in (
         Variant("torch", "four services, PyTorch, dynamic batching", other_models=True),
+        Variant("torch-inline", "four services, PyTorch, dynamic batching, tensors inline", tensor_transport="inline"),
         Variant("batch1", "four services, PyTorch, batching off (baseline config)", max_batch_size=1),
         Variant("torch-x2", "four services, PyTorch, 2 instances x 1 thread", instances=2, torch_threads=1),
         Variant("onnxruntime", "four services, ONNX Runtime, dynamic batching", backend_onnx=True),
@@ -324,7 +330,7 @@ def summarise(rows: list[dict]) -> dict:
     if base and four:
         summary["yolo_best_pipeline"] = {key: four[key] for key in ("contender", "concurrency", "img_per_s")}
         summary["yolo_vs_ultralytics"] = round(four["img_per_s"] / base["img_per_s"], 2)
-    pairs = (("torch", "inprocess"), ("onnxruntime-x2", "inprocess-onnxruntime-x2"))
+    pairs = (("torch", "inprocess"), ("torch-inline", "inprocess"), ("onnxruntime-x2", "inprocess-onnxruntime-x2"))
     for four_name, local_name in pairs:
         for c in sorted({r["concurrency"] for r in rows if r["concurrency"]}):
             four_row, local = (

@@ -75,7 +75,7 @@ def decode_inputs(
     """The request's input tensors by name, from raw contents when the request has them.
 
     As the protocol says, raw contents are all or nothing: one entry per input, in order, the
-    inputs in ``shared`` (read from a shared-memory region, services/inference/shared_memory.py)
+    inputs in ``shared`` (read from a shared-memory region, common/shm.py)
     excepted: those are views of their buffer, and have no raw entry.
     """
     shared = shared or {}

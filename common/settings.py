@@ -217,6 +217,16 @@ class Settings:
     max_connection_age_grace_s: float = 300.0
     reconnect_max_backoff_s: float = 5.0
 
+    # issue 16: shm
+    # How preprocessed tensors go preprocess -> controller -> inference: "auto" through the
+    # controller's shared memory pool when a stage shares this host's /dev/shm (else inline),
+    # "shm" the same but the pool must be created at start-up, "inline" always as bytes.
+    tensor_transport: str = "auto"
+    # The pool (docs/shared-memory.md): slots of shm_slot_bytes (room for one 640x640 RGB
+    # uint8 tensor), reserved in /dev/shm at start-up; a request that finds none free goes inline.
+    shm_pool_slots: int = 48
+    shm_slot_bytes: int = 3 * 640 * 640
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

@@ -49,6 +49,14 @@ def to_proto(array: np.ndarray, name: str = "") -> types_pb2.Tensor:
     return types_pb2.Tensor(name=name, datatype=code, shape=array.shape, data=data)
 
 
+def dtype_of(datatype: types_pb2.DataType) -> np.dtype:
+    """The numpy dtype of a tensor datatype; InvalidInput for one this project does not know."""
+    dtype = _TO_NUMPY.get(datatype)
+    if dtype is None:
+        raise InvalidInput(f"unknown tensor datatype {datatype}")
+    return dtype
+
+
 def from_proto(tensor: types_pb2.Tensor) -> np.ndarray:
     """A read-only view on the message's bytes: no copy, so callers copy only if they write.
 

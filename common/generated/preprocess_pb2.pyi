@@ -9,26 +9,42 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PreprocessRequest(_message.Message):
-    __slots__ = ("recipe", "images", "texts", "regions")
+    __slots__ = ("recipe", "images", "texts", "regions", "output_shm")
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHM_FIELD_NUMBER: _ClassVar[int]
     recipe: _types_pb2.Recipe
     images: _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]
     texts: _containers.RepeatedScalarFieldContainer[str]
     regions: _containers.RepeatedCompositeFieldContainer[_types_pb2.Region]
-    def __init__(self, recipe: _Optional[_Union[_types_pb2.Recipe, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., texts: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ...) -> None: ...
+    output_shm: SharedMemoryOutput
+    def __init__(self, recipe: _Optional[_Union[_types_pb2.Recipe, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., texts: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., output_shm: _Optional[_Union[SharedMemoryOutput, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryOutput(_message.Message):
+    __slots__ = ("key", "offset", "byte_size")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    offset: int
+    byte_size: int
+    def __init__(self, key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
 class PreprocessedImage(_message.Message):
-    __slots__ = ("tensor", "transform", "status")
+    __slots__ = ("tensor", "transform", "status", "in_shm", "shm_offset")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    IN_SHM_FIELD_NUMBER: _ClassVar[int]
+    SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     tensor: _types_pb2.Tensor
     transform: _types_pb2.ImageTransform
     status: _types_pb2.Status
-    def __init__(self, tensor: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., transform: _Optional[_Union[_types_pb2.ImageTransform, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.Status, _Mapping]] = ...) -> None: ...
+    in_shm: bool
+    shm_offset: int
+    def __init__(self, tensor: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., transform: _Optional[_Union[_types_pb2.ImageTransform, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.Status, _Mapping]] = ..., in_shm: _Optional[bool] = ..., shm_offset: _Optional[int] = ...) -> None: ...
 
 class PreprocessedText(_message.Message):
     __slots__ = ("tensor", "status")
@@ -39,9 +55,11 @@ class PreprocessedText(_message.Message):
     def __init__(self, tensor: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class PreprocessResponse(_message.Message):
-    __slots__ = ("images", "texts")
+    __slots__ = ("images", "texts", "shm_unavailable")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
+    SHM_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[PreprocessedImage]
     texts: _containers.RepeatedCompositeFieldContainer[PreprocessedText]
-    def __init__(self, images: _Optional[_Iterable[_Union[PreprocessedImage, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[PreprocessedText, _Mapping]]] = ...) -> None: ...
+    shm_unavailable: str
+    def __init__(self, images: _Optional[_Iterable[_Union[PreprocessedImage, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[PreprocessedText, _Mapping]]] = ..., shm_unavailable: _Optional[str] = ...) -> None: ...

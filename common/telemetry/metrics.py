@@ -136,6 +136,14 @@ WASTED_ITEMS = Counter(
     ["model"],
 )
 
+# Issue 16 (docs/shared-memory.md): how preprocessed tensors crossed each hop.
+TENSOR_TRANSPORT = Counter(
+    "inferline_tensor_transport_total",
+    "Preprocessed tensors handed from the preprocess stage (stage=preprocess) and to the inference stage "
+    "(stage=inference), by transport: shm (only an offset crossed) or inline (the bytes in the message).",
+    ["stage", "transport"],
+)
+
 
 def track_queue(model: str, depth: Callable[[], int], capacity: int) -> None:
     """Queue depth is read at scrape time, so the batcher's hot path does no metric work. A model

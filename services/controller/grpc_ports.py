@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
 import numpy as np
+from opentelemetry import trace
 
 from inferline.common import oip, tensors
 from inferline.common.api import (
@@ -30,6 +33,7 @@ from inferline.common.api import (
 from inferline.common.channels import create_channel
 from inferline.common.detections import Detection, DetectOptions, detections_from_proto
 from inferline.common.errors import (
+    ConfigError,
     DeadlineExceeded,
     InferlineError,
     InvalidInput,
@@ -50,12 +54,18 @@ from inferline.common.generated import (
 from inferline.common.model_info import ModelInfo
 from inferline.common.recipes import Recipe
 from inferline.common.settings import PIPELINE_STAGES, Settings
+from inferline.common.shm_pool import PREFIX, Lease, ShmPool, reap_orphans
 from inferline.common.status import error_for
+from inferline.common.telemetry.metrics import TENSOR_TRANSPORT
 from inferline.common.transform import ImageTransform, Region
 from inferline.services.controller.ports import Deadline, Outcome, Outputs, Preprocessed, RenderItem
 from inferline.services.controller.stages import StageWatcher
 
 Response = TypeVar("Response")
+log = logging.getLogger(__name__)
+TRANSPORTS = ("auto", "shm", "inline")
+# OIP's tensor parameters for the system shared-memory extension.
+SHM_REGION, SHM_OFFSET, SHM_BYTE_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
 
 
 class _Caller:
@@ -105,10 +115,157 @@ def _box(box: Sequence[float]) -> types_pb2.Box:
     return types_pb2.Box(x1=x1, y1=y1, x2=x2, y2=y2)
 
 
+class SharedTensors:
+    """The controller's side of issue 16: its shm pool, and whether each stage shares it.
+
+    The preprocess stage takes the pool per request (``output_shm``) and says when it cannot map
+    it (``shm_unavailable``): from then on it gets inline requests. The inference stage gets the
+    pool through OIP's SystemSharedMemoryRegister; an object it cannot open means another
+    /dev/shm, so inline. Names carry 128 random bits: a stage that opens one shares this host's
+    /dev/shm, which is the same-host test. A lease lives from the preprocess call until the
+    inference call that reads its tensors ends (``consumed``), however either ends.
+    """
+
+    def __init__(self, settings: Settings, inference: grpc_service_pb2_grpc.GRPCInferenceServiceStub, call: _Caller):
+        if settings.tensor_transport not in TRANSPORTS:
+            raise ConfigError(
+                f"INFERLINE_TENSOR_TRANSPORT={settings.tensor_transport!r} is not one of {', '.join(TRANSPORTS)}"
+            )
+        self.settings = settings
+        # Where the pool is created: /dev/shm, or elsewhere to stand for a stage that has
+        # another /dev/shm (tests).
+        self.root: Path | None = None
+        self.pool: ShmPool | None = None
+        self.preprocess_shares = self.inference_shares = settings.tensor_transport != "inline"
+        self._inference = inference
+        self._call = call
+        self._registered = False
+        self._register_lock = asyncio.Lock()
+        self._pending: dict[Lease, int] = {}
+
+    def open(self) -> None:
+        """Creates the pool, first unlinking those of controllers that died on this host."""
+        if self.settings.tensor_transport == "inline":
+            return
+        try:
+            reaped = reap_orphans(self.root)
+            if reaped:
+                log.info("unlinked %d shared memory objects of controllers that are gone", len(reaped))
+            self.pool = ShmPool(self.settings.shm_pool_slots, self.settings.shm_slot_bytes, self.root)
+        except (OSError, ValueError) as exc:
+            if self.settings.tensor_transport == "shm":
+                raise ConfigError(f"INFERLINE_TENSOR_TRANSPORT=shm but the shared memory pool failed: {exc}") from exc
+            log.warning("tensors travel inline: the shared memory pool failed: %s", exc)
+            self.preprocess_shares = self.inference_shares = False
+
+    def lease(self, items: int) -> Lease | None:
+        """Room for ``items`` preprocessed images, or None (inline) when the stage does not share
+        the pool or the pool is full."""
+        if self.pool is None or not self.preprocess_shares:
+            return None
+        return self.pool.acquire(items * self.pool.slot_bytes)
+
+    def hold(self, lease: Lease, placed: int) -> None:
+        """The preprocess call put ``placed`` tensors in ``lease``; they are read later."""
+        if placed and self.pool is not None:
+            self._pending[lease] = placed
+        else:
+            self.release(lease)
+
+    def release(self, lease: Lease) -> None:
+        self._pending.pop(lease, None)
+        if self.pool is not None:
+            self.pool.release(lease)
+
+    def consumed(self, offsets: Sequence[int]) -> None:
+        """The tensors at ``offsets`` were read (or will never be): a lease with none left goes back."""
+        for offset in offsets:
+            for lease in self._pending:
+                if lease.offset <= offset < lease.offset + lease.byte_size:
+                    self._pending[lease] -= 1
+                    if self._pending[lease] <= 0:
+                        self.release(lease)
+                    break
+
+    def preprocess_cannot_share(self, why: str) -> None:
+        self.preprocess_shares = False
+        level = logging.WARNING if self.settings.tensor_transport == "shm" else logging.INFO
+        log.log(level, "preprocessed tensors travel inline: the preprocess stage cannot map the pool: %s", why)
+
+    async def registered(self, deadline: Deadline) -> bool:
+        """Whether the inference stage has the pool registered, registering it when it has not.
+        Regions of controllers whose object is gone are unregistered on the way, so an
+        inference stage keeps no mapping of a controller that died."""
+        if self.pool is None or not self.inference_shares:
+            return False
+        if self._registered:
+            return True
+        async with self._register_lock:
+            if self._registered:
+                return True
+            try:
+                status = await self._call(
+                    self._inference.SystemSharedMemoryStatus,
+                    grpc_service_pb2.SystemSharedMemoryStatusRequest(),
+                    deadline,
+                )
+                for name in status.regions:
+                    gone = not (self.pool.path.parent / name).exists()
+                    if name.startswith(PREFIX) and name != self.pool.name and gone:
+                        stale = grpc_service_pb2.SystemSharedMemoryUnregisterRequest(name=name)
+                        await self._call(self._inference.SystemSharedMemoryUnregister, stale, deadline)
+                register = grpc_service_pb2.SystemSharedMemoryRegisterRequest(
+                    name=self.pool.name, key=self.pool.key, offset=0, byte_size=self.pool.byte_size
+                )
+                await self._call(self._inference.SystemSharedMemoryRegister, register, deadline)
+            except (StageUnavailable, DeadlineExceeded, Overloaded) as exc:
+                log.info("model inputs travel inline for now: registering the pool failed: %s", exc)
+                return False
+            except InferlineError as exc:
+                # Any other refusal is the stage's answer for good (another /dev/shm, or a
+                # server without the extension): asking again per request would only cost RPCs.
+                if "already registered" not in str(exc):
+                    self.inference_shares = False
+                    level = logging.WARNING if self.settings.tensor_transport == "shm" else logging.INFO
+                    log.log(level, "model inputs travel inline: the inference stage cannot map the pool: %s", exc)
+                    return False
+            self._registered = True
+            return True
+
+    def lost(self, error: Exception) -> bool:
+        """Whether ``error`` says the inference stage no longer has the pool (it restarted):
+        then the next call registers it again."""
+        if self.pool is not None and isinstance(error, ModelNotFound) and self.pool.name in str(error):
+            self._registered = False
+            return True
+        return False
+
+    async def close(self) -> None:
+        if self.pool is None:
+            return
+        if self._registered:
+            try:
+                request = grpc_service_pb2.SystemSharedMemoryUnregisterRequest(name=self.pool.name)
+                await self._call(self._inference.SystemSharedMemoryUnregister, request, Deadline(2.0))
+            except InferlineError as exc:
+                log.info("the inference stage did not unregister the pool: %s", exc)
+        self.pool.close()
+        self.pool = None
+
+
+def _count(stage: str, shm: int, total: int) -> None:
+    if shm:
+        TENSOR_TRANSPORT.labels(stage, "shm").inc(shm)
+    if total - shm:
+        TENSOR_TRANSPORT.labels(stage, "inline").inc(total - shm)
+    trace.get_current_span().set_attribute(f"inferline.{stage}.tensor_transport", "shm" if shm else "inline")
+
+
 class GrpcPreprocess:
-    def __init__(self, channel: grpc.aio.Channel, call: _Caller):
+    def __init__(self, channel: grpc.aio.Channel, call: _Caller, shared: SharedTensors):
         self._stub = preprocess_pb2_grpc.PreprocessServiceStub(channel)
         self._call = call
+        self._shared = shared
 
     async def images(
         self, recipe: Recipe, images: Sequence[bytes], regions: Sequence[Region], deadline: Deadline
@@ -118,12 +275,58 @@ class GrpcPreprocess:
             images=[types_pb2.Image(data=data) for data in images],
             regions=[types_pb2.Region(image=r.image, box=_box(r.box)) for r in regions],
         )
-        response = await self._call(self._stub.Preprocess, request, deadline)
-        expect(len(response.images), len(regions) or len(images), "preprocess")
-        return [
-            error_from_status(item.status) or Preprocessed(tensors.from_proto(item.tensor), _transform(item.transform))
-            for item in response.images
-        ]
+        count = len(regions) or len(images)
+        lease = self._shared.lease(count)
+        pool = self._shared.pool
+        if lease is None or pool is None:
+            response = await self._call(self._stub.Preprocess, request, deadline)
+            expect(len(response.images), count, "preprocess")
+            _count("preprocess", 0, count)
+            return [
+                error_from_status(item.status)
+                or Preprocessed(tensors.from_proto(item.tensor), _transform(item.transform))
+                for item in response.images
+            ]
+        request.output_shm.CopyFrom(
+            preprocess_pb2.SharedMemoryOutput(key=pool.key, offset=lease.offset, byte_size=lease.byte_size)
+        )
+        placed = 0
+        try:
+            response = await self._call(self._stub.Preprocess, request, deadline)
+            if response.shm_unavailable:
+                self._shared.preprocess_cannot_share(response.shm_unavailable)
+            expect(len(response.images), count, "preprocess")
+            results: list[Outcome[Preprocessed]] = []
+            for item in response.images:
+                error = error_from_status(item.status)
+                if error is not None:
+                    results.append(error)
+                    continue
+                tensor = self._placed(item, lease) if item.in_shm else tensors.from_proto(item.tensor)
+                placed += item.in_shm
+                results.append(Preprocessed(tensor, _transform(item.transform)))
+        except BaseException:
+            # Cancelled or failed: no tensor of this lease reaches the inference stage.
+            self._shared.release(lease)
+            raise
+        self._shared.hold(lease, placed)
+        _count("preprocess", placed, count)
+        return results
+
+    def _placed(self, item: preprocess_pb2.PreprocessedImage, lease: Lease) -> np.ndarray:
+        """A view of the pool where the stage says it wrote the item, inside the lease it was given."""
+        pool = self._shared.pool
+        assert pool is not None  # a lease comes from the pool
+        dtype = tensors.dtype_of(item.tensor.datatype)
+        shape = tuple(item.tensor.shape)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        start = item.shm_offset
+        if not (lease.offset <= start and start + size <= lease.offset + lease.byte_size) or min(shape, default=1) < 0:
+            raise StageFailed(
+                f"preprocess stage placed {size} bytes at offset {start}, outside the room it was given "
+                f"({lease.byte_size} bytes at {lease.offset})"
+            )
+        return pool.array(start, dtype, shape)
 
     async def texts(self, recipe: Recipe, texts: Sequence[str], deadline: Deadline) -> list[Outcome[np.ndarray]]:
         request = preprocess_pb2.PreprocessRequest(recipe=recipe.to_proto(), texts=texts)
@@ -141,9 +344,10 @@ class GrpcInference:
     model's ``max_batch_size``, all groups at once; a failed group fails its own items only.
     """
 
-    def __init__(self, channel: grpc.aio.Channel, call: _Caller):
-        self._stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    def __init__(self, stub: grpc_service_pb2_grpc.GRPCInferenceServiceStub, call: _Caller, shared: SharedTensors):
+        self._stub = stub
         self._call = call
+        self.shared = shared
 
     async def model(self, name: str, deadline: Deadline) -> ModelInfo:
         # ModelConfig has no version: ModelMetadata names the one served.
@@ -173,28 +377,80 @@ class GrpcInference:
         self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
     ) -> list[Outcome[Outputs]]:
         groups = _groups(model, items)
-        answers = await asyncio.gather(
-            *(self._infer_group(model, [items[k] for k in group], min_score, deadline) for group in groups)
-        )
+        pool = self.shared.pool
+        located = [o for item in items for a in item.values() if pool and (o := pool.locate(a)) is not None]
+        try:
+            answers = await asyncio.gather(
+                *(self._run_group(model, [items[k] for k in group], min_score, deadline) for group in groups)
+            )
+        finally:
+            # Answered, failed or cancelled (maybe before a group's call began): these tensors
+            # are read or never will be.
+            self.shared.consumed(located)
         outcomes: dict[int, Outcome[Outputs]] = {}
         for group, results in zip(groups, answers, strict=True):
             outcomes.update(zip(group, results, strict=True))
         return [outcomes[k] for k in range(len(items))]
 
-    async def _infer_group(
-        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
-    ) -> list[Outcome[Outputs]]:
+    def _request(
+        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, shm: bool
+    ) -> tuple[grpc_service_pb2.ModelInferRequest, int]:
+        """The ModelInfer for ``items``, with an input by reference to the pool when ``shm`` and
+        its items' tensors lie there back to back (one batch, no copy); how many items did."""
         batched = model.max_batch_size > 0
         request = grpc_service_pb2.ModelInferRequest(model_name=model.name, model_version=model.version)
-        try:
-            for name in items[0]:
-                array = np.stack([item[name] for item in items]) if batched else items[0][name]
+        by_handle = 0
+        for name in items[0]:
+            arrays = [item[name] for item in items] if batched else [items[0][name]]
+            offset = self._contiguous(arrays) if shm else None
+            if offset is None:
+                array = np.stack(arrays) if batched else arrays[0]
                 tensor, data = oip.input_tensor(name, array)
                 request.inputs.append(tensor)
                 request.raw_input_contents.append(data)
-            if min_score > 0:
-                request.parameters[oip.MIN_SCORE].double_param = min_score
-            response = await self._call(self._stub.ModelInfer, request, deadline)
+                continue
+            shape = (len(arrays), *arrays[0].shape) if batched else arrays[0].shape
+            tensor, _ = oip.input_tensor(name, arrays[0][:0])
+            tensor.shape[:] = shape
+            assert self.shared.pool is not None  # shm is asked only with a pool
+            tensor.parameters[SHM_REGION].string_param = self.shared.pool.name
+            tensor.parameters[SHM_OFFSET].int64_param = offset
+            tensor.parameters[SHM_BYTE_SIZE].int64_param = sum(a.nbytes for a in arrays)
+            request.inputs.append(tensor)
+            by_handle = len(items)
+        if min_score > 0:
+            request.parameters[oip.MIN_SCORE].double_param = min_score
+        return request, by_handle
+
+    def _contiguous(self, arrays: Sequence[np.ndarray]) -> int | None:
+        """The pool offset of the first array when all lie in the pool one right after another."""
+        pool = self.shared.pool
+        if pool is None:
+            return None
+        first = pool.locate(arrays[0])
+        at = first
+        for array in arrays:
+            if at is None or pool.locate(array) != at:
+                return None
+            at += array.nbytes
+        return first
+
+    async def _run_group(
+        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
+    ) -> list[Outcome[Outputs]]:
+        batched = model.max_batch_size > 0
+        try:
+            shm = await self.shared.registered(deadline)
+            request, by_handle = self._request(model, items, min_score, shm)
+            try:
+                response = await self._call(self._stub.ModelInfer, request, deadline)
+            except ModelNotFound as exc:
+                if not (by_handle and self.shared.lost(exc)):
+                    raise
+                # The stage restarted without the pool: register it again (or go inline).
+                request, by_handle = self._request(model, items, min_score, await self.shared.registered(deadline))
+                response = await self._call(self._stub.ModelInfer, request, deadline)
+            _count("inference", by_handle, len(items))
         except (StageUnavailable, DeadlineExceeded, Overloaded):
             raise  # the stage's state, not these items': the whole call fails, as before OIP
         except InferlineError as exc:
@@ -312,15 +568,19 @@ class GrpcStages:
         self._channels = {stage: create_channel(target, settings) for stage, target in self.targets.items()}
         self.watcher = StageWatcher(settings, self.targets)
         callers = {stage: _Caller(stage, target, self.watcher) for stage, target in self.targets.items()}
-        self.preprocess = GrpcPreprocess(self._channels["preprocess"], callers["preprocess"])
-        self.inference = GrpcInference(self._channels["inference"], callers["inference"])
+        inference_stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self._channels["inference"])
+        self.shared = SharedTensors(settings, inference_stub, callers["inference"])
+        self.preprocess = GrpcPreprocess(self._channels["preprocess"], callers["preprocess"], self.shared)
+        self.inference = GrpcInference(inference_stub, callers["inference"], self.shared)
         self.postprocess = GrpcPostprocess(self._channels["postprocess"], callers["postprocess"])
 
     async def load(self) -> None:
-        """One check of every stage before the controller takes a call."""
+        """One check of every stage before the controller takes a call, and the shm pool."""
+        self.shared.open()
         await self.watcher.poll()
 
     async def close(self) -> None:
+        await self.shared.close()
         for channel in self._channels.values():
             await channel.close()
         await self.watcher.close()

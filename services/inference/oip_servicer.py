@@ -28,10 +28,10 @@ from inferline.common.generated import grpc_service_pb2, grpc_service_pb2_grpc, 
 from inferline.common.model_info import PARAMETER_KEYS, ModelInfo, TensorInfo
 from inferline.common.oip import MIN_SCORE
 from inferline.common.oip_stream import stream_infer
+from inferline.common.shm import RegionNotFound, SharedMemoryRegistry
 from inferline.services.inference.models import LoadedModel
 from inferline.services.inference.oip_repository import RepositoryServicer
 from inferline.services.inference.service import Inference, model_info
-from inferline.services.inference.shared_memory import RegionNotFound, SharedMemoryRegistry
 
 SERVER_NAME = "inferline"
 # Only the extensions served here: ModelConfig is "model_configuration". RepositoryIndex is

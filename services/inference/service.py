@@ -15,9 +15,9 @@ import numpy as np
 from inferline.common.errors import InvalidInput, at_most
 from inferline.common.model_info import ModelInfo, TensorInfo, WeightsInfo
 from inferline.common.settings import Settings
+from inferline.common.shm import SharedMemoryRegistry
 from inferline.services.inference.filters import candidate_filter
 from inferline.services.inference.models import LoadedModel, ModelManager, ModelStatus
-from inferline.services.inference.shared_memory import SharedMemoryRegistry
 
 
 class Inference:

@@ -16,11 +16,13 @@ from typing import TypeVar
 
 import numpy as np
 
-from inferline.common.errors import ConfigError, InvalidInput, at_most
+from inferline.common.errors import ConfigError, InvalidInput, at_most, quoted
 from inferline.common.images import decode_image
 from inferline.common.items import map_items
 from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
+from inferline.common.shm import ALIGN, SharedMemoryRegistry
+from inferline.common.shm_pool import PREFIX as POOL_PREFIX
 from inferline.common.telemetry import in_context, span, traced
 from inferline.common.transform import ImageTransform, Region
 from inferline.services.preprocess.recipes import (
@@ -44,6 +46,8 @@ class Preprocessor:
         # Decode, resize and tokenise release the GIL (OpenCV, Pillow) or are short, so a thread
         # pool gives real parallelism across a batch without blocking the event loop.
         self.pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="preprocess")
+        # The controller's pool objects this stage writes outputs into (issue 16).
+        self.shared_memory = SharedMemoryRegistry(settings.shm_max_regions, settings.shm_max_bytes)
 
     async def images(
         self, recipe: Recipe, images: Sequence[bytes], regions: Sequence[Region] = ()
@@ -92,8 +96,39 @@ class Preprocessor:
 
         return await map_items(self.pool, tokenize, texts)
 
+    async def place(
+        self, key: str, offset: int, byte_size: int, arrays: Sequence[np.ndarray | None]
+    ) -> list[int | None]:
+        """Writes the arrays one after another (each ``ALIGN``-aligned) into ``byte_size`` bytes
+        at ``offset`` of shm object ``key``; returns where each went, None for an array left
+        out (None given, or no room left: it travels inline). ``ObjectMissing`` when the object
+        is not in this stage's /dev/shm; ``InvalidInput`` when the room lies outside it, or when
+        ``key`` is not a controller's pool: this stage writes only into those."""
+        if not key.lstrip("/").startswith(POOL_PREFIX):
+            raise InvalidInput(
+                f"output_shm key {quoted(key)} is not a controller's pool object ({POOL_PREFIX}...): "
+                "the preprocess stage writes into no other shared memory"
+            )
+        self.shared_memory.attach(key)
+        room = self.shared_memory.writable(key, offset, byte_size, "preprocess output")
+        where: list[int | None] = []
+        at = 0
+        jobs = []
+        for array in arrays:
+            if array is None or at + array.nbytes > byte_size:
+                where.append(None)
+                continue
+            target = np.frombuffer(room[at : at + array.nbytes], array.dtype).reshape(array.shape)
+            jobs.append((target, array))
+            where.append(offset + at)
+            at += -(-array.nbytes // ALIGN) * ALIGN
+        # Copies release the GIL: the thread pool keeps them off the event loop.
+        await asyncio.get_running_loop().run_in_executor(self.pool, _copy_all, jobs)
+        return where
+
     async def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.shared_memory.close()
 
     def _check_images(self, recipe: Recipe, images: Sequence[bytes], regions: Sequence[Region]) -> None:
         """Everything checkable before work starts: what the request carries, how many, and the
@@ -153,6 +188,11 @@ class Preprocessor:
             outcomes[i] = outcome
         return outcomes
 
+
+
+def _copy_all(jobs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+    for target, array in jobs:
+        np.copyto(target, array)
 
 
 def crop(pixels: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:

@@ -13,6 +13,7 @@ from inferline.common.items import LazySequence
 from inferline.common.recipes import Recipe
 from inferline.common.server import Service
 from inferline.common.settings import Settings
+from inferline.common.shm import ObjectMissing
 from inferline.common.status import OK, item_status
 from inferline.common.transform import Region
 from inferline.services.preprocess.service import Preprocessor
@@ -36,16 +37,26 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
             return response
         images = LazySequence(request.images, lambda image: image.data)
         regions = LazySequence(request.regions, _region)
-        for outcome in await self.service.images(recipe, images, regions):
+        outcomes = await self.service.images(recipe, images, regions)
+        arrays = [None if isinstance(o, BaseException) else o[0] for o in outcomes]
+        placed: list[int | None] = [None] * len(outcomes)
+        if request.HasField("output_shm"):
+            room = request.output_shm
+            try:
+                placed = await self.service.place(room.key, room.offset, room.byte_size, arrays)
+            except ObjectMissing as exc:
+                response.shm_unavailable = str(exc)
+        for outcome, offset in zip(outcomes, placed, strict=True):
             if isinstance(outcome, BaseException):
                 response.images.add(status=item_status(outcome))
                 continue
-            array, transform = outcome
-            response.images.add(
-                tensor=tensors.to_proto(array, "images"),
-                transform=types_pb2.ImageTransform(**dataclasses.asdict(transform)),
-                status=OK,
-            )
+            array, transform = outcome[0], types_pb2.ImageTransform(**dataclasses.asdict(outcome[1]))
+            if offset is None:
+                response.images.add(tensor=tensors.to_proto(array, "images"), transform=transform, status=OK)
+            else:
+                tensor = tensors.to_proto(array[:0], "images")
+                tensor.shape[:] = array.shape
+                response.images.add(tensor=tensor, transform=transform, status=OK, in_shm=True, shm_offset=offset)
         return response
 
 

@@ -24,7 +24,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from inferline.common.errors import InvalidInput
-from inferline.services.inference.shared_memory import SHM_ROOT, RegionNotFound, SharedMemoryRegistry, check_key
+from inferline.common.shm import SHM_ROOT, RegionNotFound, SharedMemoryRegistry, check_key
 from tests.support.servers import LoopThread, RunningServer, start_stage
 
 PREFIX = f"inferline-test-{uuid.uuid4().hex[:8]}"

@@ -13,7 +13,8 @@ from inferline.common.errors import InvalidInput, StageUnavailable
 from inferline.common.generated import grpc_service_pb2 as pb
 from inferline.common.model_info import ModelInfo, TensorInfo
 from inferline.common.recipes import Recipe
-from inferline.services.controller.grpc_ports import GrpcInference
+from inferline.common.settings import Settings
+from inferline.services.controller.grpc_ports import GrpcInference, SharedTensors
 from inferline.services.controller.ports import Deadline
 
 MODEL = ModelInfo(
@@ -53,6 +54,7 @@ def _port(stage: FakeStage) -> GrpcInference:
         return await method(request)
 
     port._stub, port._call = stage, call  # type: ignore[assignment]
+    port.shared = SharedTensors(Settings(tensor_transport="inline"), stage, call)  # type: ignore[arg-type]
     return port
 
 

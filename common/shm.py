@@ -1,7 +1,9 @@
-"""System shared-memory regions of the inference stage: OIP's ``system_shared_memory`` extension.
+"""System shared-memory regions a stage maps: OIP's ``system_shared_memory`` extension.
 
-Triton's semantics, so that tritonclient's ``shared_memory`` utilities and ``perf_analyzer
---shared-memory=system`` work unchanged: the *client* creates a POSIX shared-memory object
+The inference stage serves them over OIP, the preprocess stage writes its outputs into them
+(issue 16); the controller's pool (``shm_pool.py``) creates the objects. Triton's semantics,
+so that tritonclient's ``shared_memory`` utilities and ``perf_analyzer --shared-memory=system``
+work unchanged: the *client* creates a POSIX shared-memory object
 (``shm_open``), fills it, and registers it by name with its ``key`` (the shm name, e.g.
 ``/input0``), an ``offset`` and a ``byte_size``; the stage only maps ``key`` and reads inputs from,
 or writes outputs into, ``[offset, offset + byte_size)`` of it. Unregistering unmaps; the object
@@ -33,6 +35,8 @@ from pathlib import Path
 from inferline.common.errors import InvalidInput, ModelNotFound, Overloaded, quoted
 
 SHM_ROOT = Path("/dev/shm")
+# Tensors packed into one region start at multiples of this, aligned for any dtype and SIMD loads.
+ALIGN = 64
 # POSIX shm names as shm_open takes them: one optional leading '/', then one path component.
 _KEY = re.compile(r"/?[A-Za-z0-9_.-]{1,255}")
 
@@ -44,6 +48,11 @@ class RegionNotFound(ModelNotFound):
 class RegionExists(InvalidInput):
     """A region of that name is already registered. Triton answers ALREADY_EXISTS; the status
     table has no row for it, so this is INVALID_ARGUMENT (the request is what must change)."""
+
+
+class ObjectMissing(InvalidInput):
+    """The shm object is not in this process's /dev/shm: the caller is on another host or in a
+    pod with its own /dev/shm, and must send its tensors inline."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,30 @@ class SharedMemoryRegistry:
             mapping = _map(path, key, offset, byte_size)
             self._regions[name] = _Region(RegionStatus(name, key, offset, byte_size), mapping)
 
+    def attach(self, key: str) -> None:
+        """Maps all of object ``key`` as region ``key`` unless it is mapped already: how the
+        preprocess stage takes the controller's pool, with no register call to lose when either
+        side restarts. Before mapping a new object it unmaps the attached ones whose object is
+        gone from /dev/shm (their controller stopped, or died and was reaped), so a stage keeps
+        no memory of a controller that is no more."""
+        with self._lock:
+            if key in self._regions:
+                return
+            gone = [n for n, r in self._regions.items() if n == r.status.key and not check_key(n).exists()]
+        path = check_key(key)
+        for name in gone:
+            self.unregister(name)
+        try:
+            size = os.stat(path, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            raise ObjectMissing(
+                f"no shared memory object {quoted(key)} exists in this stage's /dev/shm (another host or pod?)"
+            ) from None
+        try:
+            self.register(key, key, 0, size)
+        except RegionExists:
+            pass  # another request attached it meanwhile
+
     def status(self, name: str = "") -> list[RegionStatus]:
         """Every region, or the one named (RegionNotFound when it is not registered)."""
         with self._lock:
@@ -172,7 +205,7 @@ def _map(path: Path, key: str, offset: int, byte_size: int) -> mmap.mmap:
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise InvalidInput(
+        raise ObjectMissing(
             f"no shared memory object {quoted(key)} exists on this host; create it (shm_open) before registering"
         ) from None
     except OSError as exc:
