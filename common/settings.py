@@ -201,8 +201,8 @@ class Settings:
     # Preprocess writes its tensors into a CUDA region registered with the inference stage
     # (same GPU only) instead of returning their bytes; needs INFERLINE_PREPROCESS_DEVICE=cuda.
     preprocess_cuda_ipc: bool = False
-    # ONNX Runtime's TensorRT EP before CUDA when the wheel has it: fp16 engines, cached under
-    # the model cache (empty: <first model dir>/.trt-cache).
+    # ONNX Runtime's TensorRT EP before CUDA when the wheel has it: fp16 engines, cached per
+    # model under this folder (empty: ~/.cache/inferline/tensorrt, beside the weights cache).
     ort_tensorrt: bool = False
     ort_tensorrt_fp16: bool = True
     ort_tensorrt_cache_dir: Path | None = None
