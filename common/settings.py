@@ -198,9 +198,6 @@ class Settings:
     # "cuda" / "cuda:N" / "torch-cpu" (torchvision's batched_nms on that device; torch-cpu runs
     # the device path's code on the CPU, for testing it without a GPU).
     postprocess_device: str = "cpu"
-    # Preprocess writes its tensors into a CUDA region registered with the inference stage
-    # (same GPU only) instead of returning their bytes; needs INFERLINE_PREPROCESS_DEVICE=cuda.
-    preprocess_cuda_ipc: bool = False
     # ONNX Runtime's TensorRT EP before CUDA when the wheel has it: fp16 engines, cached per
     # model under this folder (empty: ~/.cache/inferline/tensorrt, beside the weights cache).
     ort_tensorrt: bool = False

@@ -27,18 +27,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from inferline.common.cuda_ipc import IPC_HANDLE_BYTES, check_available, open_exported
 from inferline.common.errors import InvalidInput, Overloaded, quoted
 from inferline.services.inference.shared_memory import RegionExists, RegionNotFound, SharedMemoryRegistry
 
 if TYPE_CHECKING:
     import torch
-
-# CUDA_IPC_HANDLE_SIZE: a cudaIpcMemHandle_t is 64 opaque bytes.
-IPC_HANDLE_BYTES = 64
-
-
-class CudaUnavailable(Exception):
-    """This stage cannot open CUDA IPC handles (no CUDA, or no cuda-python); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -196,63 +190,17 @@ class CudaShmRegistry:
         return region
 
 
-class _DeviceArray:
-    """A device pointer as ``__cuda_array_interface__``, which ``torch.as_tensor`` wraps without copying."""
-
-    def __init__(self, pointer: int, byte_size: int):
-        self.__cuda_array_interface__ = {
-            "shape": (byte_size,),
-            "typestr": "|u1",
-            "data": (pointer, False),
-            "version": 3,
-            "strides": None,
-        }
-
-
 class CudaIpcOpener:
-    """Opens handles with ``cudaIpcOpenMemHandle`` (cuda-python) and wraps them as torch tensors."""
+    """Opens handles with ``cudaIpcOpenMemHandle`` (common/cuda_ipc.py)."""
 
     def __init__(self) -> None:
-        try:
-            import torch  # noqa: PLC0415 - only a stage that is sent a CUDA region loads these
-            from cuda.bindings import runtime  # noqa: PLC0415 - as above
-        except ImportError as exc:
-            raise CudaUnavailable(
-                f"CUDA shared memory is not served: {exc.name or exc} is not installed (torch and cuda-python "
-                "are needed); use system shared memory (SystemSharedMemoryRegister)"
-            ) from None
-        if not torch.cuda.is_available():
-            raise CudaUnavailable(
-                "CUDA shared memory is not served: this stage has no GPU to share; use system shared memory "
-                "(SystemSharedMemoryRegister, perf_analyzer --shared-memory=system)"
-            )
-        self._torch = torch
-        self._runtime = runtime
+        check_available()
 
     def open(self, raw_handle: bytes, device_id: int, byte_size: int) -> OpenedRegion:
-        torch, rt = self._torch, self._runtime
-        if device_id >= torch.cuda.device_count():
-            raise InvalidInput(
-                f"CUDA device {device_id} is not visible to this stage ({torch.cuda.device_count()} are); "
-                "register the region from a process on the same GPU"
-            )
-        handle = rt.cudaIpcMemHandle_t()
-        handle.reserved = raw_handle
-        with torch.cuda.device(device_id):
-            error, pointer = rt.cudaIpcOpenMemHandle(handle, rt.cudaIpcMemLazyEnablePeerAccess)
-        if error != rt.cudaError_t.cudaSuccess:
-            raise InvalidInput(
-                f"cudaIpcOpenMemHandle failed on device {device_id}: {rt.cudaGetErrorString(error)[1].decode()}; "
-                "the handle must come from cudaIpcGetMemHandle in another process on this host"
-            )
-        tensor = torch.as_tensor(_DeviceArray(int(pointer), byte_size), device=f"cuda:{device_id}")
-
-        def close() -> None:
-            with torch.cuda.device(device_id):
-                torch.cuda.synchronize()
-                rt.cudaIpcCloseMemHandle(pointer)
-
-        return OpenedRegion(tensor, close)
+        try:
+            return OpenedRegion(*open_exported(raw_handle, device_id, byte_size))
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
 
 
 class SharedRegions:

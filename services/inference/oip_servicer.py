@@ -24,12 +24,13 @@ import grpc
 import numpy as np
 
 from inferline.common import oip
+from inferline.common.cuda_ipc import CudaUnavailable
 from inferline.common.errors import InvalidInput, ModelNotReady, quoted
 from inferline.common.generated import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 from inferline.common.model_info import PARAMETER_KEYS, ModelInfo, TensorInfo
 from inferline.common.oip import MIN_SCORE
 from inferline.common.oip_stream import stream_infer
-from inferline.services.inference.cuda_shared_memory import CudaUnavailable, SharedRegions
+from inferline.services.inference.cuda_shared_memory import SharedRegions
 from inferline.services.inference.models import LoadedModel
 from inferline.services.inference.oip_repository import RepositoryServicer
 from inferline.services.inference.service import Inference, model_info

@@ -23,14 +23,10 @@ import torch
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from inferline.common.cuda_ipc import IPC_HANDLE_BYTES, CudaUnavailable
 from inferline.common.errors import InvalidInput, Overloaded
 from inferline.services.inference import cuda_shared_memory
-from inferline.services.inference.cuda_shared_memory import (
-    IPC_HANDLE_BYTES,
-    CudaShmRegistry,
-    CudaUnavailable,
-    OpenedRegion,
-)
+from inferline.services.inference.cuda_shared_memory import CudaShmRegistry, OpenedRegion
 from inferline.services.inference.shared_memory import RegionExists, RegionNotFound
 from tests.support.servers import LoopThread, RunningServer, start_stage
 
