@@ -100,8 +100,10 @@ def reference(library: str, images: list[str], args: argparse.Namespace) -> dict
         args.device,
         *half,
     ]
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=_clean_env()).stdout
-    report = json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(command, check=False, capture_output=True, text=True, env=_clean_env())
+    if done.returncode:
+        raise SystemExit(f"bench/reference.py {library} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
     report.pop("detections", None)
     return report
 
