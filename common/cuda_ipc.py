@@ -12,6 +12,7 @@ segment's start. torch and cuda-python (``cuda.bindings``) are imported only whe
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -71,10 +72,12 @@ def allocate_exported(byte_size: int, device_id: int) -> tuple[torch.Tensor, byt
     process that opened the handle has closed it)."""
     torch, rt = _runtime()
     with torch.cuda.device(device_id):
+        _check(rt, rt.cudaSetDevice(device_id)[0], "cudaSetDevice", device_id)
         error, pointer = rt.cudaMalloc(byte_size)
         _check(rt, error, "cudaMalloc", device_id)
         error, handle = rt.cudaIpcGetMemHandle(pointer)
         _check(rt, error, "cudaIpcGetMemHandle", device_id)
+    raw_handle = ctypes.string_at(handle.getPtr(), IPC_HANDLE_BYTES)
     tensor = torch.as_tensor(_DeviceArray(int(pointer), byte_size), device=f"cuda:{device_id}")
 
     def free() -> None:
@@ -82,7 +85,7 @@ def allocate_exported(byte_size: int, device_id: int) -> tuple[torch.Tensor, byt
             torch.cuda.synchronize()
             rt.cudaFree(pointer)
 
-    return tensor, bytes(handle.reserved), free
+    return tensor, raw_handle, free
 
 
 def open_exported(raw_handle: bytes, device_id: int, byte_size: int) -> tuple[torch.Tensor, Callable[[], None]]:
@@ -94,9 +97,13 @@ def open_exported(raw_handle: bytes, device_id: int, byte_size: int) -> tuple[to
             f"CUDA device {device_id} is not visible to this process ({torch.cuda.device_count()} are); "
             "share memory between processes on the same GPU"
         )
+    if len(raw_handle) != IPC_HANDLE_BYTES:
+        raise ValueError(f"a CUDA IPC handle has {IPC_HANDLE_BYTES} bytes, not {len(raw_handle)}")
+    # cuda-python 13's handle type exposes only its address: the 64 bytes are copied in by hand.
     handle = rt.cudaIpcMemHandle_t()
-    handle.reserved = raw_handle
+    ctypes.memmove(handle.getPtr(), raw_handle, IPC_HANDLE_BYTES)
     with torch.cuda.device(device_id):
+        _check(rt, rt.cudaSetDevice(device_id)[0], "cudaSetDevice", device_id)
         error, pointer = rt.cudaIpcOpenMemHandle(handle, rt.cudaIpcMemLazyEnablePeerAccess)
     if error != rt.cudaError_t.cudaSuccess:
         raise ValueError(

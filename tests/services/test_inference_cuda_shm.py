@@ -228,17 +228,18 @@ _GPU_CLIENT = textwrap.dedent(
     """
     import base64, sys
     import numpy as np, torch, tritonclient.grpc as triton
-    from cuda.bindings import runtime as rt
+    from inferline.common.cuda_ipc import allocate_exported
 
     address, image_bytes = sys.argv[1], int(sys.argv[2])
     image = np.random.default_rng(16).integers(0, 256, size=(1, 3, 64, 64), dtype=np.uint8)
-    memory = {"input": torch.from_numpy(image.reshape(-1)).cuda(), "output": torch.zeros(65536, dtype=torch.uint8)}
-    memory["output"] = memory["output"].cuda()
     client = triton.InferenceServerClient(address)
-    for name, tensor in memory.items():
-        error, handle = rt.cudaIpcGetMemHandle(tensor.data_ptr())
-        assert error == rt.cudaError_t.cudaSuccess, error
-        client.register_cuda_shared_memory(name, base64.b64encode(bytes(handle.reserved)), 0, tensor.numel())
+    memory, frees = {}, []
+    for name, size in (("input", image_bytes), ("output", 65536)):
+        memory[name], raw_handle, free = allocate_exported(size, 0)
+        frees.append(free)
+        client.register_cuda_shared_memory(name, base64.b64encode(raw_handle), 0, size)
+    memory["input"].copy_(torch.from_numpy(image.reshape(-1)))
+    torch.cuda.synchronize()
     tensor = triton.InferInput("images", list(image.shape), "UINT8")
     tensor.set_shared_memory("input", image_bytes)
     output = triton.InferRequestedOutput("output0")
@@ -246,6 +247,8 @@ _GPU_CLIENT = textwrap.dedent(
     client.infer("yolov8n", [tensor], outputs=[output])
     sys.stdout.buffer.write(memory["output"][: 84 * 84 * 4].cpu().numpy().tobytes())
     client.unregister_cuda_shared_memory()
+    for free in frees:
+        free()
     """
 )
 
@@ -265,7 +268,8 @@ def test_a_client_process_shares_device_memory_with_the_stage_by_cuda_ipc(settin
                 check=True,
                 timeout=120,
             ).stdout
-            assert np.frombuffer(shared, np.float32).tolist() == plain.reshape(-1).tolist()
+            # Two forward passes on the GPU: equal up to cuDNN's choice of algorithm.
+            np.testing.assert_allclose(np.frombuffer(shared, np.float32), plain.reshape(-1), rtol=1e-4, atol=1e-3)
             assert not client.get_cuda_shared_memory_status().regions
     finally:
         server.stop()
