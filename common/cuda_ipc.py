@@ -110,11 +110,30 @@ def open_exported(raw_handle: bytes, device_id: int, byte_size: int) -> tuple[to
             f"cudaIpcOpenMemHandle failed on device {device_id}: {rt.cudaGetErrorString(error)[1].decode()}; "
             "the handle must come from cudaIpcGetMemHandle in another process on this host"
         )
-    tensor = torch.as_tensor(_DeviceArray(int(pointer), byte_size), device=f"cuda:{device_id}")
 
     def close() -> None:
         with torch.cuda.device(device_id):
             torch.cuda.synchronize()
             rt.cudaIpcCloseMemHandle(pointer)
 
+    # The allocation's real size: a region claimed larger would let a request reach past it,
+    # and an illegal address poisons this process's whole CUDA context.
+    allocated = _allocation_size(int(pointer))
+    if allocated is not None and byte_size > allocated:
+        close()
+        raise ValueError(
+            f"the handle's allocation has {allocated} bytes, fewer than the {byte_size} registered; "
+            "register at most what was allocated"
+        )
+    tensor = torch.as_tensor(_DeviceArray(int(pointer), byte_size), device=f"cuda:{device_id}")
     return tensor, close
+
+
+def _allocation_size(pointer: int) -> int | None:
+    """Bytes from ``pointer`` to the end of its allocation (cuMemGetAddressRange), None if unknown."""
+    from cuda.bindings import driver  # noqa: PLC0415 - as _runtime's imports
+
+    error, base, size = driver.cuMemGetAddressRange(pointer)
+    if error != driver.CUresult.CUDA_SUCCESS:
+        return None
+    return int(base) + int(size) - pointer

@@ -228,6 +228,7 @@ _GPU_CLIENT = textwrap.dedent(
     """
     import base64, sys
     import numpy as np, torch, tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
     from inferline.common.cuda_ipc import allocate_exported
 
     address, image_bytes = sys.argv[1], int(sys.argv[2])
@@ -238,6 +239,15 @@ _GPU_CLIENT = textwrap.dedent(
         memory[name], raw_handle, free = allocate_exported(size, 0)
         frees.append(free)
         client.register_cuda_shared_memory(name, base64.b64encode(raw_handle), 0, size)
+    # Claiming more than was allocated is refused (a read past it would fault the stage's GPU).
+    _, raw_handle, free = allocate_exported(4096, 0)
+    frees.append(free)
+    try:
+        client.register_cuda_shared_memory("huge", base64.b64encode(raw_handle), 0, 1 << 30)
+    except InferenceServerException as error:
+        assert error.status() == "StatusCode.INVALID_ARGUMENT" and "fewer than" in error.message(), error
+    else:
+        raise SystemExit("a region larger than its allocation was registered")
     memory["input"].copy_(torch.from_numpy(image.reshape(-1)))
     torch.cuda.synchronize()
     tensor = triton.InferInput("images", list(image.shape), "UINT8")
