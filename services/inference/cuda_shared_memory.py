@@ -14,8 +14,8 @@ there is no opener and registering says why (the servicer answers UNIMPLEMENTED)
 Safety: a handle is exactly 64 bytes and the device one this process sees; regions are bounded
 in count and bytes (``INFERLINE_CUDA_SHM_MAX_REGIONS``/``_MAX_BYTES``); every read or write is
 checked to lie within its region before the device is touched (INVALID_ARGUMENT otherwise).
-CUDA cannot say how large an IPC allocation is, so as with Triton a client that registers more
-bytes than it allocated is trusted on that one number: it can only be the client's own memory.
+Unlike Triton, a region claimed larger than the allocation behind its handle is refused at
+register (``cuMemGetAddressRange``): a read past an allocation faults this process's CUDA context.
 """
 
 from __future__ import annotations
