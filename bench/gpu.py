@@ -109,7 +109,8 @@ def reference(library: str, images: list[str], args: argparse.Namespace) -> dict
 
 
 def repository(root: Path, device: str) -> Path:
-    """The built-in repository; on a GPU with YOLOv8n and CLIP's image tower in fp16."""
+    """The built-in repository; on a GPU YOLOv8n and CLIP's image tower in fp16, batches of up to
+    64 (the reference's) and queues deep enough for 256 clients of 16 images each."""
     if device == "cpu":
         return BUILTIN_REPOSITORY
     repo = root / "repo"
@@ -118,6 +119,8 @@ def repository(root: Path, device: str) -> Path:
         path = repo / model / "config.yaml"
         config = yaml.safe_load(path.read_text())
         config["precision"] = "fp16"
+        config["max_batch_size"] = 64
+        config["dynamic_batching"] = {**config.get("dynamic_batching", {}), "max_queue_size": 16384}
         path.write_text(yaml.safe_dump(config, sort_keys=False))
     return repo
 
@@ -133,9 +136,8 @@ def pipeline_env(device: str, repo: Path) -> dict[str, str]:
         INFERLINE_MODEL_REPOSITORY=str(repo),
         INFERLINE_MODELS=f"{YOLO},{CLIP}",
         INFERLINE_LOG_LEVEL="WARNING",
-        # Saturation needs every request admitted: the GPU run measures throughput, not shedding.
-        INFERLINE_ADMISSION_MIN_LIMIT="1024",
-        INFERLINE_ADMISSION_INITIAL_LIMIT="1024",
+        # Saturation needs every request admitted: this run measures throughput, not shedding.
+        INFERLINE_ADMISSION="false",
     )
     return env
 

@@ -30,8 +30,11 @@ def test_a_gpu_run_turns_on_every_gpu_option_and_fp16(tmp_path: Path):
     bench = _gpu_bench()
     repo = bench.repository(tmp_path, "cuda")
     for model in (bench.YOLO, bench.CLIP):
-        assert yaml.safe_load((repo / model / "config.yaml").read_text())["precision"] == "fp16"
+        config = yaml.safe_load((repo / model / "config.yaml").read_text())
+        assert (config["precision"], config["max_batch_size"]) == ("fp16", 64)
+        assert config["dynamic_batching"]["max_queue_size"] >= 256 * 16
     settings = Settings.from_env(bench.pipeline_env("cuda", repo))
+    assert not settings.admission
     assert (settings.device, settings.preprocess_device, settings.postprocess_device) == ("cuda",) * 3
     assert settings.models == (bench.YOLO, bench.CLIP) and settings.model_repository == repo
 
