@@ -264,6 +264,7 @@ _GPU_CLIENT = textwrap.dedent(
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_client_process_shares_device_memory_with_the_stage_by_cuda_ipc(settings):
     loop = LoopThread()
     server = start_stage(loop, "inference", dataclasses.replace(settings, models=("yolov8n",), metrics=False))

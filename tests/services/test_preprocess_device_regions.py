@@ -127,6 +127,7 @@ def test_the_inference_stage_reads_what_preprocess_placed_as_if_sent_as_bytes(in
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_preprocess_hands_device_tensors_to_an_inference_stage_in_another_process(jpegs):
     env = free_port_env() | {"INFERLINE_MODELS": "yolov8n", "INFERLINE_DEVICE": "cuda"}
     running = LocalStack(Settings.from_env(env), env=env, stages=("inference",))

