@@ -227,6 +227,20 @@ class Settings:
     shm_pool_slots: int = 48
     shm_slot_bytes: int = 3 * 640 * 640
 
+    # issue 16: gpu (docs/gpu.md). CUDA shared memory on the inference stage: regions a client
+    # may register at once and the device bytes they may map together (the client owns them).
+    cuda_shm_max_regions: int = 64
+    cuda_shm_max_bytes: int = 8 * 1024**3
+    # Where postprocess decodes YOLO candidates and runs NMS: "cpu" (numpy, the reference) or
+    # "cuda" / "cuda:N" / "torch-cpu" (torchvision's batched_nms on that device; torch-cpu runs
+    # the device path's code on the CPU, for testing it without a GPU).
+    postprocess_device: str = "cpu"
+    # ONNX Runtime's TensorRT EP before CUDA when the wheel has it: fp16 engines, cached per
+    # model under this folder (empty: ~/.cache/inferline/tensorrt, beside the weights cache).
+    ort_tensorrt: bool = False
+    ort_tensorrt_fp16: bool = True
+    ort_tensorrt_cache_dir: Path | None = None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

@@ -15,6 +15,7 @@ candidate filter, weights provenance) travels in ``ModelConfig.parameters``: ``M
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Mapping
 from importlib import metadata as package_metadata
@@ -23,12 +24,13 @@ import grpc
 import numpy as np
 
 from inferline.common import oip
+from inferline.common.cuda_ipc import CudaUnavailable
 from inferline.common.errors import InvalidInput, ModelNotReady, quoted
 from inferline.common.generated import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 from inferline.common.model_info import PARAMETER_KEYS, ModelInfo, TensorInfo
 from inferline.common.oip import MIN_SCORE
 from inferline.common.oip_stream import stream_infer
-from inferline.common.shm import RegionNotFound, SharedMemoryRegistry
+from inferline.services.inference.cuda_shared_memory import SharedRegions
 from inferline.services.inference.models import LoadedModel
 from inferline.services.inference.oip_repository import RepositoryServicer
 from inferline.services.inference.service import Inference, model_info
@@ -38,16 +40,13 @@ SERVER_NAME = "inferline"
 # served, but "model_repository" also promises load and unload, which are not (yet).
 # ModelStreamInfer is served too, but Triton's extension list has no name for it.
 # "system_shared_memory": inputs read from and outputs written into client-created POSIX shm
-# regions (shared_memory.py, docs/shared-memory.md); CUDA shared memory is not served (no GPU).
+# regions (shared_memory.py, docs/shared-memory.md). "cuda_shared_memory" is served where the
+# stage sees a GPU (cuda_shared_memory.py, docs/gpu.md), so it is not promised here.
 EXTENSIONS = ("model_configuration", "model_repository", "statistics", "system_shared_memory")
 # The tensor parameters of OIP's shared-memory extension, on inputs and on requested outputs.
 SHM_REGION = "shared_memory_region"
 SHM_OFFSET = "shared_memory_offset"
 SHM_BYTE_SIZE = "shared_memory_byte_size"
-NO_CUDA_SHM = (
-    "CUDA shared memory is not served: this stage has no GPU to share; use system shared memory "
-    "(SystemSharedMemoryRegister, perf_analyzer --shared-memory=system)"
-)
 __all__ = ["MIN_SCORE", "PARAMETER_KEYS", "OipInferenceServicer", "model_config", "model_metadata"]
 
 
@@ -116,32 +115,49 @@ class OipInferenceServicer(RepositoryServicer, grpc_service_pb2_grpc.GRPCInferen
         self.service.shared_memory.unregister(request.name)
         return grpc_service_pb2.SystemSharedMemoryUnregisterResponse()
 
-    # CUDA shared memory: no region can exist here, which status and unregister say truthfully
-    # (perf_analyzer and tritonclient unregister "all CUDA regions" and expect that to succeed);
-    # registering one is refused with why, not gRPC's default "Method not found!".
+    # OIP's cuda_shared_memory extension: device memory the client allocated, by IPC handle
+    # (cuda_shared_memory.py). Without CUDA no region can exist, which status and unregister say
+    # truthfully (perf_analyzer and tritonclient unregister "all CUDA regions" and expect that
+    # to succeed); registering one is refused with why, not gRPC's default "Method not found!".
     async def CudaSharedMemoryStatus(self, request, context):  # noqa: N802 - gRPC's method name
-        if request.name:
-            raise RegionNotFound(f"no CUDA shared memory region {quoted(request.name)}: {NO_CUDA_SHM}")
-        return grpc_service_pb2.CudaSharedMemoryStatusResponse()
+        Status = grpc_service_pb2.CudaSharedMemoryStatusResponse.RegionStatus  # noqa: N806 - a message class
+        return grpc_service_pb2.CudaSharedMemoryStatusResponse(
+            regions={
+                r.name: Status(name=r.name, device_id=r.device_id, byte_size=r.byte_size)
+                for r in self.service.cuda_shared_memory.status(request.name)
+            }
+        )
 
     async def CudaSharedMemoryRegister(self, request, context):  # noqa: N802 - gRPC's method name
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_CUDA_SHM)
+        try:
+            # A worker thread: opening a handle maps device memory and may initialise CUDA.
+            await asyncio.to_thread(
+                self.service.cuda_shared_memory.register,
+                request.name,
+                request.raw_handle,
+                request.device_id,
+                request.byte_size,
+            )
+        except CudaUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(exc))
+        return grpc_service_pb2.CudaSharedMemoryRegisterResponse()
 
     async def CudaSharedMemoryUnregister(self, request, context):  # noqa: N802 - gRPC's method name
+        await asyncio.to_thread(self.service.cuda_shared_memory.unregister, request.name)
         return grpc_service_pb2.CudaSharedMemoryUnregisterResponse()
 
     async def _infer(
         self, request: grpc_service_pb2.ModelInferRequest, timeout: float | None
     ) -> grpc_service_pb2.ModelInferResponse:
         info = self.service.info(request.model_name, request.model_version)
-        regions = self.service.shared_memory
+        regions = SharedRegions(self.service.shared_memory, self.service.cuda_shared_memory)
         # Where each output goes when the request puts it in shared memory: checked before the
         # model runs, so a wrong region costs no inference.
         placements = {}
         for output in request.outputs:
             where = _shm_parameters(output.parameters, f"output {quoted(output.name)}")
             if where is not None:
-                regions.status(where[0])
+                regions.check(where[0])
                 placements[output.name] = where
         items = split_batch(info, oip.decode_inputs(request, _shared_inputs(request, regions)))
         outputs = await self.service.infer(
@@ -189,7 +205,7 @@ def _shm_parameters(
     return region.string_param, integer(SHM_OFFSET, False), integer(SHM_BYTE_SIZE, True)
 
 
-def _shared_inputs(request: grpc_service_pb2.ModelInferRequest, regions: SharedMemoryRegistry) -> dict[str, memoryview]:
+def _shared_inputs(request: grpc_service_pb2.ModelInferRequest, regions: SharedRegions) -> dict[str, memoryview]:
     """The inputs the request puts in shared memory, as read-only views of their regions."""
     shared = {}
     for tensor in request.inputs:
@@ -212,22 +228,14 @@ def _shared_inputs(request: grpc_service_pb2.ModelInferRequest, regions: SharedM
 
 
 def _place(
-    regions: SharedMemoryRegistry, placements: Mapping[str, tuple[str, int, int]], name: str, array: np.ndarray
+    regions: SharedRegions, placements: Mapping[str, tuple[str, int, int]], name: str, array: np.ndarray
 ) -> bool:
     """Writes output ``name`` into its shared-memory region when the request asked for that."""
     where = placements.get(name)
     if where is None:
         return False
     region, offset, byte_size = where
-    what = f"output {quoted(name)}"
-    if byte_size < array.nbytes:
-        raise InvalidInput(
-            f"{what} has {array.nbytes} bytes (shape {list(array.shape)}), more than the {byte_size} of "
-            f"{SHM_BYTE_SIZE} in shared memory region {quoted(region)}; give a larger region"
-        )
-    view = regions.writable(region, offset, array.nbytes, what)
-    target = np.frombuffer(view, dtype=array.dtype.newbyteorder("<")).reshape(array.shape)
-    np.copyto(target, array)
+    regions.write(region, offset, byte_size, array, f"output {quoted(name)}")
     return True
 
 

@@ -16,6 +16,7 @@ from inferline.common.errors import InvalidInput, at_most
 from inferline.common.model_info import ModelInfo, TensorInfo, WeightsInfo
 from inferline.common.settings import Settings
 from inferline.common.shm import SharedMemoryRegistry
+from inferline.services.inference.cuda_shared_memory import CudaShmRegistry
 from inferline.services.inference.filters import candidate_filter
 from inferline.services.inference.models import LoadedModel, ModelManager, ModelStatus
 
@@ -27,6 +28,12 @@ class Inference:
         self._poller: asyncio.Task | None = None
         # Client-created regions inputs are read from and outputs written into (OIP's extension).
         self.shared_memory = SharedMemoryRegistry(settings.shm_max_regions, settings.shm_max_bytes)
+        # Client-allocated device memory, by CUDA IPC handle (issue 16; one namespace with the above).
+        self.cuda_shared_memory = CudaShmRegistry(
+            settings.cuda_shm_max_regions,
+            settings.cuda_shm_max_bytes,
+            taken=lambda name: any(r.name == name for r in self.shared_memory.status()),
+        )
 
     @property
     def ready(self) -> bool:
@@ -99,6 +106,7 @@ class Inference:
         await self.manager.aclose()
         await asyncio.to_thread(self.manager.close)
         self.shared_memory.close()
+        self.cuda_shared_memory.close()
 
 
 def model_info(model: LoadedModel) -> ModelInfo:

@@ -24,6 +24,7 @@ from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
 from inferline.common.telemetry import span
 from inferline.common.transform import ImageTransform
+from inferline.services.postprocess.device_nms import NMS_DEVICE, torch_device
 from inferline.services.postprocess.embeddings import kmeans, l2_normalize, rank, threshold_groups, zero_shot
 from inferline.services.postprocess.recipes import POSTPROCESSORS, load_families
 from inferline.services.presentation.renderers import RENDERERS, Rendered, RenderInput
@@ -39,6 +40,9 @@ class Postprocessor:
         # NMS and PNG encoding are numpy/OpenCV work that releases the GIL: a thread pool keeps
         # the event loop free and runs a batch's items in parallel.
         self.pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="postprocess")
+        # Where YOLO's NMS runs (device_nms.py): a recipe parameter, so the recipes stay pure.
+        device = torch_device(settings.postprocess_device)
+        self.nms_params: dict[str, str] = {NMS_DEVICE: device} if device else {}
 
     async def detections(
         self,
@@ -53,6 +57,7 @@ class Postprocessor:
         options.validate()
         at_most(len(items), self.settings.max_batch_images, "items", "INFERLINE_MAX_BATCH_IMAGES")
         labels = tuple(labels)
+        params = {**recipe.params, **self.nms_params}
 
         def run(item: Outputs | Exception) -> list[Detection]:
             if isinstance(item, Exception):
@@ -60,7 +65,7 @@ class Postprocessor:
             outputs, transform = item
             outputs = {name: _finite(array, f"output {quoted(name)}") for name, array in outputs.items()}
             with span("nms", **{"inferline.recipe": recipe.name}):
-                return postprocessor(outputs, check_transform(transform), options, recipe.params, labels)
+                return postprocessor(outputs, check_transform(transform), options, params, labels)
 
         return await map_items(self.pool, run, items)
 

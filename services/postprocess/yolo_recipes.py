@@ -9,6 +9,7 @@ services/postprocess/masks.py).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ from inferline.common.detections import Detection, DetectOptions
 from inferline.common.errors import InvalidInput
 from inferline.common.masks import Mask
 from inferline.common.transform import ImageTransform
+from inferline.services.postprocess import device_nms
+from inferline.services.postprocess.device_nms import NMS_DEVICE
 from inferline.services.postprocess.masks import instance_masks, to_original
 from inferline.services.postprocess.recipes import POSTPROCESSORS, label_for
 from inferline.services.postprocess.yolo import decode_detections, scale_boxes
@@ -74,7 +77,10 @@ def yolo_segment(
 
 def _decode(output: np.ndarray, options: DetectOptions, params: Mapping[str, Any], nc: int = 0) -> np.ndarray:
     conf, iou, max_det = options.resolved(params)
-    return decode_detections(
+    decode = decode_detections
+    if params.get(NMS_DEVICE):  # INFERLINE_POSTPROCESS_DEVICE: the same steps on a torch device
+        decode = partial(device_nms.decode_detections, device=params[NMS_DEVICE])
+    return decode(
         output.astype(np.float32, copy=False),
         conf=conf,
         iou=iou,

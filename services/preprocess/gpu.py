@@ -52,6 +52,13 @@ def decode_jpegs(datas: Sequence[bytes], device: str, max_pixels: int) -> list[A
 def letterbox_tensor(image: Any, params: Mapping[str, Any]) -> tuple[np.ndarray, ImageTransform]:
     """The letterbox recipe on a (3, H, W) uint8 RGB tensor: resize on its device, pad, and return
     the (3, H', W') uint8 host array with its transform."""
+    letterboxed, transform = letterbox_on_device(image, params)
+    return letterboxed.cpu().numpy(), transform
+
+
+def letterbox_on_device(image: Any, params: Mapping[str, Any]) -> tuple[Any, ImageTransform]:
+    """As ``letterbox_tensor``, but the (3, H', W') uint8 tensor stays on the image's device: what
+    a CUDA region handed to the inference stage is filled from (device_regions.py)."""
     import torch  # noqa: PLC0415 - the torch extra, only on the device path
 
     _, height, width = image.shape
@@ -63,7 +70,7 @@ def letterbox_tensor(image: Any, params: Mapping[str, Any]) -> tuple[np.ndarray,
         image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
     if g.left or g.right or g.top or g.bottom:
         image = torch.nn.functional.pad(image, (g.left, g.right, g.top, g.bottom), value=p.pad_value)
-    return image.contiguous().cpu().numpy(), g.transform(width, height)
+    return image.contiguous(), g.transform(width, height)
 
 
 def letterbox_batch(

@@ -20,6 +20,7 @@ import onnxruntime as ort
 from inferline.common.errors import WeightsError
 from inferline.common.settings import Settings
 from inferline.services.inference.backends import BACKENDS
+from inferline.services.inference.backends.providers import with_tensorrt
 from inferline.services.inference.repository import ModelConfig
 from inferline.services.inference.weights import ResolvedWeights
 
@@ -117,7 +118,9 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
     options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
     if inter > 0:
         options.inter_op_num_threads = inter
-    providers = choose_providers(params.get("providers"), settings.device, ort.get_available_providers())
+    available = ort.get_available_providers()
+    chosen = choose_providers(params.get("providers"), settings.device, available)
+    providers = with_tensorrt(chosen, available, settings, config.name)  # issue 16: backends/providers.py
     if CUDA in providers and hasattr(ort, "preload_dlls"):
         # onnxruntime-gpu wheels find the CUDA/cuDNN libraries that torch or nvidia-* wheels ship
         # only once told to load them; without it the CUDA EP silently falls back to CPU.

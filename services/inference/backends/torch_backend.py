@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 from collections.abc import Callable, Mapping
@@ -17,6 +18,7 @@ from inferline.common.errors import ConfigError, WeightsError
 from inferline.common.registry import Registry
 from inferline.common.settings import Settings
 from inferline.services.inference.backends import BACKENDS
+from inferline.services.inference.backends.cuda_graphs import GraphedForward
 from inferline.services.inference.repository import ModelConfig
 from inferline.services.inference.weights import ResolvedWeights
 
@@ -104,7 +106,16 @@ def load_torch_backend(config: ModelConfig, weights: ResolvedWeights, settings: 
         raise ConfigError(
             f"{config.name}: precision fp16 needs a CUDA device (this one is {device}); use bf16 on CPU, or fp32"
         )
+    params = dict(config.parameters or {})
+    if params.get("cuda_graphs") and device.type != "cuda":
+        raise ConfigError(
+            f"{config.name}: parameters.cuda_graphs needs a CUDA device (this one is {device}); "
+            "remove it or serve on cuda"
+        )
     model = LOADERS.get(config.loader)(weights.path, device, config)
+    if params.get("cuda_graphs"):  # issue 16: backends/cuda_graphs.py
+        graphed = GraphedForward(model.forward, config.name, int(params.get("cuda_graph_shapes", 8)))
+        model = dataclasses.replace(model, forward=graphed)
     return TorchBackend(model, device, config.precision)
 
 
