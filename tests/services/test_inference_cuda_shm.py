@@ -25,9 +25,9 @@ from tritonclient.utils import InferenceServerException
 
 from inferline.common.cuda_ipc import IPC_HANDLE_BYTES, CudaUnavailable
 from inferline.common.errors import InvalidInput, Overloaded
+from inferline.common.shm import RegionExists, RegionNotFound
 from inferline.services.inference import cuda_shared_memory
 from inferline.services.inference.cuda_shared_memory import CudaShmRegistry, OpenedRegion
-from inferline.common.shm import RegionExists, RegionNotFound
 from tests.support.servers import LoopThread, RunningServer, start_stage
 
 IMAGE = np.random.default_rng(16).integers(0, 256, size=(1, 3, 64, 64), dtype=np.uint8)
