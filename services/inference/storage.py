@@ -11,18 +11,18 @@ then renamed atomically), and a mismatch leaves nothing behind. A store that can
 is retried with capped exponential backoff, so an init container waits for it with a clear log
 line instead of crash-looping; a wrong checksum or a missing object is not retried.
 
-What each scheme does, exactly (no cloud SDK is needed or imported):
+What each scheme does, exactly (no cloud SDK is needed or imported; docs/deployment.md):
 
 - ``https://`` / ``http://``: a GET, resumed with a Range request where the server allows it.
 - ``hf://<org>/<repo>[@<revision>]/<path>``: the Hub's ``resolve`` URL (``HF_ENDPOINT``
   overrides the host); ``HF_TOKEN`` is sent as a bearer token (private and gated repos).
-- ``s3://<bucket>/<key>``: an unsigned GET of the object's HTTPS URL (``AWS_ENDPOINT_URL_S3`` or
+- ``s3://<bucket>/<key>``: a GET of the object's HTTPS URL (``AWS_ENDPOINT_URL_S3`` or
   ``AWS_ENDPOINT_URL``, path style, for MinIO and other S3-compatible stores; else the bucket's
-  virtual-host URL in ``AWS_REGION``): public objects only. Private objects: give the object's
-  presigned ``https://`` URL as the source.
+  virtual-host URL in ``AWS_REGION``), SigV4-signed with keys from the environment or IRSA's web
+  identity exchanged at STS; unsigned without either (public objects).
 - ``gs://<bucket>/<object>``: a GET of ``https://storage.googleapis.com/<bucket>/<object>``
-  (``STORAGE_EMULATOR_HOST`` overrides the host), with ``GOOGLE_OAUTH_ACCESS_TOKEN`` as a bearer
-  token when set; else public objects only, or a signed ``https://`` URL.
+  (``STORAGE_EMULATOR_HOST`` overrides the host) with ``GOOGLE_OAUTH_ACCESS_TOKEN``, else the GKE
+  metadata server's token (workload identity), else anonymous.
 - ``pvc://<claim>/<path>``: the file at ``<pvc root>/<claim>/<path>``, where the chart mounts the
   claim read-only (offline clusters); ``file:///<path>``: a local file. Both are copied and
   verified like a download.
@@ -31,6 +31,9 @@ What each scheme does, exactly (no cloud SDK is needed or imported):
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import logging
 import os
 import shutil
@@ -39,9 +42,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import yaml
 
@@ -127,15 +132,25 @@ def parse_source(model: str, entry: Any, *, where: str) -> ModelSource:
 
 
 @dataclass(frozen=True)
+class AwsCredentials:
+    access_key: str
+    secret_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class Request:
-    """What to read for a source: an HTTP(S) URL with its headers, or a local path."""
+    """What to read for a source: an HTTP(S) URL with its headers (and S3 credentials to sign it
+    with, once its last header is known), or a local path."""
 
     url: str | None = None
     headers: Mapping[str, str] | None = None
     path: Path | None = None
+    aws: AwsCredentials | None = None
+    region: str = "us-east-1"
 
 
-def resolve(uri: str, environ: Mapping[str, str], pvc_root: Path) -> Request:
+def resolve(uri: str, environ: Mapping[str, str], pvc_root: Path, timeout_s: float = 10.0) -> Request:
     """The concrete URL (and credentials) or local path a source URI names."""
     parts = urllib.parse.urlsplit(uri)
     scheme, host, path = parts.scheme, parts.netloc, parts.path.lstrip("/")
@@ -154,16 +169,16 @@ def resolve(uri: str, environ: Mapping[str, str], pvc_root: Path) -> Request:
             headers={"Authorization": f"Bearer {token}"} if token else {},
         )
     if scheme == "s3":
+        region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         s3_endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
         if s3_endpoint:
             url = f"{s3_endpoint.rstrip('/')}/{host}/{urllib.parse.quote(path)}"
         else:
-            region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
             url = f"https://{host}.s3.{region}.amazonaws.com/{urllib.parse.quote(path)}"
-        return Request(url=url, headers={})
+        return Request(url=url, headers={}, aws=aws_credentials(environ, region, timeout_s), region=region)
     if scheme == "gs":
         endpoint = environ.get("STORAGE_EMULATOR_HOST", "https://storage.googleapis.com").rstrip("/")
-        token = environ.get("GOOGLE_OAUTH_ACCESS_TOKEN")
+        token = environ.get("GOOGLE_OAUTH_ACCESS_TOKEN") or _gce_token(environ)
         return Request(
             url=f"{endpoint}/{host}/{urllib.parse.quote(path)}",
             headers={"Authorization": f"Bearer {token}"} if token else {},
@@ -190,12 +205,11 @@ def fetch(
         return dest
     cache_dir.mkdir(parents=True, exist_ok=True)
     part = cache_dir / f".{source.file}.part"
-    request = resolve(source.uri, environ, pvc_root)
+    request = resolve(source.uri, environ, pvc_root, timeout_s)
     if request.path is not None:
         _copy(source, request.path, part)
     else:
-        assert request.url is not None
-        _download(source, request.url, dict(request.headers or {}), part, timeout_s)
+        _download(source, request, part, timeout_s)
     digest = sha256_of(part)
     if source.sha256 is not None and digest != source.sha256:
         part.unlink()
@@ -277,11 +291,15 @@ def _copy(source: ModelSource, path: Path, part: Path) -> None:
     shutil.copyfile(path, part)
 
 
-def _download(source: ModelSource, url: str, headers: dict[str, str], part: Path, timeout_s: float) -> None:
+def _download(source: ModelSource, target: Request, part: Path, timeout_s: float) -> None:
     """GET into ``part``, resuming a previous partial transfer when the server honours Range."""
+    assert target.url is not None
+    url, headers = target.url, dict(target.headers or {})
     have = part.stat().st_size if part.is_file() else 0
     if have:
         headers["Range"] = f"bytes={have}-"
+    if target.aws is not None:
+        headers = sign_s3_get(url, headers, target.aws, target.region, datetime.now(UTC))
     shown = _redact(url)
     try:
         request = urllib.request.Request(url, headers=headers)  # noqa: S310 - resolve() gives http(s) URLs only
@@ -307,6 +325,100 @@ def _download(source: ModelSource, url: str, headers: dict[str, str], part: Path
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise StoreUnavailable(f"{source.model}: the store at {shown} is unreachable ({reason})") from None
+
+
+def aws_credentials(environ: Mapping[str, str], region: str, timeout_s: float) -> AwsCredentials | None:
+    """Static keys (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, e.g. from a
+    Secret), else IRSA's web identity (``AWS_ROLE_ARN`` and ``AWS_WEB_IDENTITY_TOKEN_FILE``, which
+    EKS injects for a service account annotated ``eks.amazonaws.com/role-arn``) exchanged at STS
+    (``AWS_ENDPOINT_URL_STS`` overrides it); None: unsigned requests (public objects)."""
+    if environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY"):
+        return AwsCredentials(
+            environ["AWS_ACCESS_KEY_ID"], environ["AWS_SECRET_ACCESS_KEY"], environ.get("AWS_SESSION_TOKEN") or None
+        )
+    role, token_file = environ.get("AWS_ROLE_ARN"), environ.get("AWS_WEB_IDENTITY_TOKEN_FILE")
+    if not (role and token_file):
+        return None
+    sts = (environ.get("AWS_ENDPOINT_URL_STS") or f"https://sts.{region}.amazonaws.com").rstrip("/")
+    query = urllib.parse.urlencode(
+        {
+            "Action": "AssumeRoleWithWebIdentity",
+            "Version": "2011-06-15",
+            "RoleArn": role,
+            "RoleSessionName": "inferline-fetch-models",
+            "WebIdentityToken": Path(token_file).read_text().strip(),
+        }
+    )
+    try:
+        with urllib.request.urlopen(f"{sts}/?{query}", timeout=timeout_s) as response:  # noqa: S310 - https STS
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        raise FetchError(
+            f"STS refused AssumeRoleWithWebIdentity for {role} (HTTP {exc.code}): check the role's "
+            "trust policy and the service account's eks.amazonaws.com/role-arn annotation"
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise StoreUnavailable(f"STS at {sts} is unreachable ({getattr(exc, 'reason', exc)})") from None
+    found = {el.tag.rsplit("}", 1)[-1]: el.text or "" for el in ElementTree.fromstring(body).iter()}
+    return AwsCredentials(found["AccessKeyId"], found["SecretAccessKey"], found.get("SessionToken") or None)
+
+
+def sign_s3_get(
+    url: str, headers: Mapping[str, str], credentials: AwsCredentials, region: str, now: datetime
+) -> dict[str, str]:
+    """``headers`` plus AWS Signature Version 4 for a GET of ``url`` (S3, header-based auth).
+    The payload hash is UNSIGNED-PAYLOAD unless ``x-amz-content-sha256`` is given."""
+    parts = urllib.parse.urlsplit(url)
+    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+    out = {"x-amz-content-sha256": "UNSIGNED-PAYLOAD", **headers, "x-amz-date": amz_date}
+    if credentials.session_token:
+        out["x-amz-security-token"] = credentials.session_token
+    canonical = {name.lower(): " ".join(value.split()) for name, value in out.items()}
+    canonical["host"] = parts.netloc
+    names = sorted(canonical)
+    query = "&".join(
+        sorted(
+            f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
+            for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        )
+    )
+    request = "\n".join(
+        [
+            "GET",
+            parts.path or "/",
+            query,
+            "".join(f"{n}:{canonical[n]}\n" for n in names),
+            ";".join(names),
+            canonical["x-amz-content-sha256"],
+        ]
+    )
+    scope = f"{amz_date[:8]}/{region}/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(request.encode()).hexdigest()])
+    key = f"AWS4{credentials.secret_key}".encode()
+    for part in (amz_date[:8], region, "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    out["Authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
+        f"SignedHeaders={';'.join(names)}, Signature={signature}"
+    )
+    return out
+
+
+def _gce_token(environ: Mapping[str, str]) -> str | None:
+    """GKE workload identity: the pod's Google service account token from the metadata server
+    (``GCE_METADATA_HOST`` overrides it); None off Google Cloud (then the request is anonymous)."""
+    host = environ.get("GCE_METADATA_HOST", "metadata.google.internal")
+    request = urllib.request.Request(
+        f"http://{host}/computeMetadata/v1/instance/service-accounts/default/token",
+        headers={"Metadata-Flavor": "Google"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310 - as above
+            return str(json.load(response)["access_token"])
+    except (OSError, ValueError, KeyError) as exc:
+        log.debug("no token from the metadata server at %s (%s): anonymous request", host, exc)
+        return None
 
 
 def _redact(url: str) -> str:

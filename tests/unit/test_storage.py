@@ -8,6 +8,7 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from inferline.common.errors import ConfigError
 from inferline.services.cli import main
 from inferline.services.inference.storage import (
+    AwsCredentials,
     FetchError,
     ModelSource,
     RetryPolicy,
@@ -25,6 +27,7 @@ from inferline.services.inference.storage import (
     fetch_with_retry,
     load_sources,
     resolve,
+    sign_s3_get,
 )
 from tests.deploy.tools import free_port
 
@@ -175,7 +178,9 @@ def test_cloud_uris_map_to_their_public_https_endpoints_without_overrides():
         resolve("s3://b/k/y.pt", {"AWS_REGION": "eu-west-1"}, Path("/p")).url
         == "https://b.s3.eu-west-1.amazonaws.com/k/y.pt"
     )
-    assert resolve("gs://b/k/y.pt", {}, Path("/p")).url == "https://storage.googleapis.com/b/k/y.pt"
+    no_metadata = {"GCE_METADATA_HOST": f"127.0.0.1:{free_port()}"}  # off Google Cloud: anonymous
+    gs = resolve("gs://b/k/y.pt", no_metadata, Path("/p"))
+    assert gs.url == "https://storage.googleapis.com/b/k/y.pt" and gs.headers == {}
     hf = resolve("hf://org/repo/sub/y.pt", {}, Path("/p"))
     assert hf.url == "https://huggingface.co/org/repo/resolve/main/sub/y.pt" and hf.headers == {}
 
@@ -240,3 +245,73 @@ def test_fetch_models_command_exits_1_with_the_reason_when_the_store_stays_down(
     code = main(["fetch-models", "--sources", str(sources), "--dest", str(tmp_path / "m"), "--attempts", "2"])
     assert code == 1
     assert "unreachable" in capsys.readouterr().err
+
+
+def test_s3_signature_matches_awss_published_get_object_example():
+    """AWS's SigV4 documentation, "Example: GET Object" (header-based auth, S3)."""
+    credentials = AwsCredentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    headers = sign_s3_get(
+        "https://examplebucket.s3.amazonaws.com/test.txt",
+        {"Range": "bytes=0-9", "x-amz-content-sha256": empty},
+        credentials,
+        "us-east-1",
+        datetime(2013, 5, 24, tzinfo=UTC),
+    )
+    assert headers["Authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, "
+        "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
+        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+    )
+
+
+def test_s3_source_with_keys_from_a_secret_is_signed(store, tmp_path):
+    store.files["/private/yolov8n.pt"] = PAYLOAD
+    environ = {
+        "AWS_ENDPOINT_URL": store.url,
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "AWS_SESSION_TOKEN": "session",
+        "AWS_REGION": "eu-central-1",
+    }
+    fetch(_source("s3://private/yolov8n.pt"), tmp_path, environ=environ)
+    sent = store.requests[0]
+    assert sent["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+    assert "/eu-central-1/s3/aws4_request" in sent["authorization"] and "s3cr3t" not in sent["authorization"]
+    assert sent["x-amz-security-token"] == "session" and sent["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+
+
+def test_s3_source_with_irsa_exchanges_the_web_identity_token_at_sts(store, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("eyJ.projected.jwt\n")
+    store.files["/sts/"] = (
+        b'<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+        b"<AssumeRoleWithWebIdentityResult><Credentials><AccessKeyId>ASIAROLE</AccessKeyId>"
+        b"<SecretAccessKey>rolesecret</SecretAccessKey><SessionToken>roletoken</SessionToken>"
+        b"</Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>"
+    )
+    store.files["/bucket/yolov8n.pt"] = PAYLOAD
+    environ = {
+        "AWS_ENDPOINT_URL": store.url,
+        "AWS_ENDPOINT_URL_STS": f"{store.url}/sts",
+        "AWS_ROLE_ARN": "arn:aws:iam::111122223333:role/models",
+        "AWS_WEB_IDENTITY_TOKEN_FILE": str(token),
+    }
+    fetch(_source("s3://bucket/yolov8n.pt"), tmp_path / "cache", environ=environ)
+    sts, get = store.requests
+    assert "Action=AssumeRoleWithWebIdentity" in sts["path"] and "WebIdentityToken=eyJ.projected.jwt" in sts["path"]
+    assert get["authorization"].startswith("AWS4-HMAC-SHA256 Credential=ASIAROLE/")
+    assert get["x-amz-security-token"] == "roletoken"
+
+
+def test_gs_source_on_gke_uses_the_metadata_servers_token(store, tmp_path):
+    store.files["/computeMetadata/v1/instance/service-accounts/default/token"] = b'{"access_token": "ya29.wi"}'
+    store.files["/bucket/yolov8n.pt"] = PAYLOAD
+    host = store.url.removeprefix("http://")
+    fetch(
+        _source("gs://bucket/yolov8n.pt"),
+        tmp_path,
+        environ={"STORAGE_EMULATOR_HOST": store.url, "GCE_METADATA_HOST": host},
+    )
+    metadata, get = store.requests
+    assert metadata["metadata-flavor"] == "Google" and get["authorization"] == "Bearer ya29.wi"
