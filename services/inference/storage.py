@@ -113,7 +113,7 @@ def parse_source(model: str, entry: Any, *, where: str) -> ModelSource:
         supported = ", ".join(f"{s}://" for s in SCHEMES)
         raise ConfigError(
             f"{where}: model {model!r}: source {uri!r} has an unsupported scheme "
-            f"(supported: {supported}; for oci:// or private s3/gs objects use a presigned https URL)"
+            f"(supported: {supported}; for an oci:// artifact give an https:// URL of the file)"
         )
     file = str(entry.get("file") or Path(urllib.parse.urlsplit(uri).path).name)
     if not file or "/" in file or file.startswith("."):
@@ -314,7 +314,7 @@ def _download(source: ModelSource, target: Request, part: Path, timeout_s: float
         if exc.code >= 500 or exc.code == 429:
             raise StoreUnavailable(f"{source.model}: the store answered HTTP {exc.code} for {shown}") from None
         advice = {
-            401: "check the credentials (HF_TOKEN, GOOGLE_OAUTH_ACCESS_TOKEN or the presigned URL)",
+            401: "check the credentials (HF_TOKEN, AWS_*, GOOGLE_OAUTH_ACCESS_TOKEN or the presigned URL)",
             403: "check the credentials or the presigned URL's expiry",
             404: "check the source URI",
         }
