@@ -70,6 +70,7 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.timeout(1500)  # the first run builds the five images
 def test_kube_play_fetches_verified_weights_from_the_store_and_serves_detect(
     helm, images, onnx_models, shapes_image, tmp_path
 ):
@@ -96,25 +97,31 @@ def test_kube_play_fetches_verified_weights_from_the_store_and_serves_detect(
         "gateway": {"port": free_port(), "replicas": 1, "controllerTarget": f"127.0.0.1:{ports['controller']}"},
     }
     (tmp_path / "values.json").write_text(json.dumps(values))
+    rendered = run(
+        [
+            helm,
+            "template",
+            release,
+            str(CHART),
+            "-f",
+            str(tmp_path / "values.json"),
+            "--show-only",
+            "templates/deployment.yaml",
+            "--show-only",
+            "templates/gateway-deployment.yaml",
+            "--show-only",
+            "templates/configmap-models.yaml",
+        ]
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    for doc in docs:
+        if doc["kind"] == "Deployment":
+            # podman 4.3's kube play restarts an init container that exited 0 when the pod's policy
+            # is Always (a Deployment's only one), so the stage never starts; Kubernetes runs init
+            # containers to completion once. OnFailure gives podman Kubernetes' behaviour.
+            doc["spec"]["template"]["spec"]["restartPolicy"] = "OnFailure"
     play = tmp_path / "play.yaml"
-    play.write_text(
-        run(
-            [
-                helm,
-                "template",
-                release,
-                str(CHART),
-                "-f",
-                str(tmp_path / "values.json"),
-                "--show-only",
-                "templates/deployment.yaml",
-                "--show-only",
-                "templates/gateway-deployment.yaml",
-                "--show-only",
-                "templates/configmap-models.yaml",
-            ]
-        ).stdout
-    )
+    play.write_text(yaml.safe_dump_all(docs))
     gateway = f"http://127.0.0.1:{values['gateway']['port']}"
     with object_store(tmp_path / "store", store_port) as asked:
         try:
@@ -123,6 +130,7 @@ def test_kube_play_fetches_verified_weights_from_the_store_and_serves_detect(
             assert_detects_shapes_json(http_detect(gateway, shapes_image, timeout=60))
         finally:
             podman("kube", "down", str(play), check=False, timeout=120)
+            podman("volume", "rm", "-f", f"{release}-inferline-models", check=False)
     assert asked == ["/v1/yolov8n.onnx"]
     assert _digest(cache / "yolov8n.onnx") == _digest(weights)
     assert sorted(p.name for p in cache.iterdir()) == ["yolov8n.onnx"]
