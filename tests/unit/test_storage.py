@@ -29,6 +29,7 @@ from inferline.services.inference.storage import (
     resolve,
     sign_s3_get,
 )
+from inferline.services.inference.weights import sha256_of
 from tests.deploy.tools import free_port
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
@@ -315,3 +316,21 @@ def test_gs_source_on_gke_uses_the_metadata_servers_token(store, tmp_path):
     )
     metadata, get = store.requests
     assert metadata["metadata-flavor"] == "Google" and get["authorization"] == "Bearer ya29.wi"
+
+
+@pytest.mark.slow
+def test_fetch_models_exports_a_verified_checkpoint_to_onnx_as_the_default_install_does(store, tmp_path, yolo_weights):
+    """The default install's path (yolov8n.pt fetched, verified, exported), here with the
+    stand-in checkpoint on the local store; the export runs in this process, with torch."""
+    import onnxruntime  # noqa: PLC0415
+
+    store.files["/v8.4.0/yolov8n.pt"] = yolo_weights.read_bytes()
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(
+        f"yolov8n: {{uri: '{store.url}/v8.4.0/yolov8n.pt', sha256: '{sha256_of(yolo_weights)}', export: onnx}}\n"
+    )
+    dest = tmp_path / "models"
+    assert main(["fetch-models", "--sources", str(sources), "--dest", str(dest)]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["yolov8n.onnx", "yolov8n.pt"]
+    session = onnxruntime.InferenceSession(str(dest / "yolov8n.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["output0"]
