@@ -241,6 +241,16 @@ class Settings:
     ort_tensorrt_fp16: bool = True
     ort_tensorrt_cache_dir: Path | None = None
 
+    # issue 18: storage. `inferline fetch-models` (services/inference/storage.py, docs/deployment.md):
+    # the model sources file (the chart's sources.yaml), where pvc:// claims are mounted, and how
+    # long a store that does not answer is waited for (0 attempts: for ever, as an init container).
+    model_sources: Path | None = None
+    pvc_root: Path = Path("/mnt/pvc")
+    fetch_attempts: int = 0
+    fetch_backoff_s: float = 2.0
+    fetch_max_backoff_s: float = 300.0
+    fetch_timeout_s: float = 60.0
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

@@ -2,7 +2,8 @@
 
 One module per job, each adding its subcommands (``add_commands``) with their handlers:
 ``serve`` (serve, up, profile), ``predict`` (detect, classify, embed, models), ``bench``,
-``export``, ``demo`` and ``triton-repository``. This module assembles the parser and turns failures into exit codes:
+``export``, ``fetch-models``, ``demo`` and ``triton-repository``. This module assembles the
+parser and turns failures into exit codes:
 1 for a failed command or call (a call's error names its gRPC status, as the client raised it),
 2 when only some images or texts failed (each is listed on stderr).
 """
@@ -15,9 +16,9 @@ import grpc
 
 from inferline.common.errors import InferlineError
 from inferline.common.status import status_for
-from inferline.services.cli import bench, demo, export, predict, serve, shared, triton
+from inferline.services.cli import bench, demo, export, fetch_models, predict, serve, shared, triton
 
-COMMANDS = (serve, predict, bench, export, demo, triton)
+COMMANDS = (serve, predict, bench, export, fetch_models, demo, triton)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -129,7 +129,7 @@ def _assert_gateway(docs: list[dict], name: str) -> None:
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
     [container] = pod["containers"]
-    assert container["image"] == "localhost/inferline-gateway:0.1.0"
+    assert container["image"] == "ghcr.io/inferline/inferline-gateway:0.1.0"  # the published image
     assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8080}
@@ -264,11 +264,13 @@ def test_rendered_deployments_run_under_podman_kube_play_and_serve_detect(
     release = f"kp{ports['controller']}"
     values = {
         "hostNetwork": True,
+        "image": {"registry": "localhost"},  # the images `make images` built, not the published ones
         "stages": {stage: {"port": port, "metricsPort": free_port(), "replicas": 1} for stage, port in ports.items()},
         "controllerTargets": {
             stage: f"127.0.0.1:{ports[stage]}" for stage in ("preprocess", "inference", "postprocess")
         },
-        "models": {"names": ["yolov8n"], "volume": {"hostPath": {"path": str(onnx_models), "type": "Directory"}}},
+        "models": {"names": ["yolov8n"], "volume": {"hostPath": {"path": str(onnx_models), "type": "Directory"}},
+                   "fetch": {"enabled": False}},  # the weights are on the host (test_storage_deploy.py fetches them)
         "gateway": {"port": free_port(), "replicas": 1, "controllerTarget": f"127.0.0.1:{ports['controller']}"},
     }
     gateway = f"http://127.0.0.1:{values['gateway']['port']}"
