@@ -1,4 +1,5 @@
-"""``inferline detect | classify | embed | models``: the public API from the command line.
+"""``inferline classify | embed | models``: the public API from the command line (``detect``
+has its own module, ``detect.py``, for its sources and outputs).
 
 Images are read here and sent in requests of ``--batch``; the client returns domain results
 and the presentation module prints them, in the same shapes the HTTP gateway answers with.
@@ -22,7 +23,6 @@ from inferline.common.api import (
     DetectResult,
     EmbedRequest,
 )
-from inferline.common.detections import DetectOptions
 from inferline.services.cli import shared
 from inferline.services.client import Client, collect_images, defaults, image_inputs
 from inferline.services.presentation import documents
@@ -32,22 +32,6 @@ BATCH = 16
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    detect = commands.add_parser("detect", help="detect objects in images through the running stack")
-    detect.add_argument("images", nargs="+", help="image files or directories")
-    detect.add_argument("--model", default=defaults.DETECT_MODEL)
-    detect.add_argument("--format", choices=documents.DETECT_FORMATS, default="json")
-    detect.add_argument("--out", type=Path, help="output file (json, csv) or directory (png); default stdout")
-    shared.add_target(detect)
-    detect.add_argument("--conf", type=float, help="confidence threshold (model default: 0.25)")
-    detect.add_argument("--iou", type=float, help="NMS IoU threshold (model default: 0.7)")
-    detect.add_argument("--max-det", type=int, help="most detections per image (model default: 300)")
-    detect.add_argument("--classes", type=int, nargs="+", default=[], help="keep only these class ids")
-    detect.add_argument("--batch", type=int, default=BATCH, help="images per request")
-    shared.add_timeout(detect)
-    detect.add_argument("--classify-with", default="", help="re-label each box with this zero-shot model")
-    detect.add_argument("--labels", type=shared.labels, default=[], help='labels for --classify-with: "a car,a dog"')
-    detect.set_defaults(handler=cmd_detect)
-
     classify = commands.add_parser("classify", help="zero-shot classify images against your labels")
     classify.add_argument("images", nargs="+", help="image files or directories")
     classify.add_argument("--labels", type=shared.labels, required=True, help='comma-separated: "a bus,a dog"')
@@ -107,35 +91,6 @@ def write_pngs(results: Sequence[DetectResult], out_dir: Path) -> list[Path]:
                 path.write_bytes(png)
                 written.append(path)
     return written
-
-
-def detect_failures(results: Sequence[DetectResult]) -> int:
-    return shared.report_failures((image.name, image.error) for result in results for image in result.images)
-
-
-def cmd_detect(args: argparse.Namespace) -> int:
-    paths = collect_images(args.images)
-    png = args.format == "png"
-    if png and args.out is None:
-        return shared.fail("--format png needs --out DIR")
-    request = DetectRequest(
-        model=args.model,
-        images=(),
-        options=DetectOptions(conf=args.conf, iou=args.iou, max_det=args.max_det, classes=tuple(args.classes)),
-        render=("png",) if png else (),
-        classify_with=args.classify_with,
-        labels=tuple(args.labels),
-    )
-    with shared.client(args) as client:
-        results = detect_paths(client, request, paths, args.batch)
-    if png:
-        for path in write_pngs(results, args.out):
-            print(path)
-    elif args.format == "json":
-        shared.write(json.dumps({"results": documents.detect_results(results)}, indent=2), args.out)
-    else:
-        shared.write(documents.detect_csv(results), args.out)
-    return detect_failures(results)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
