@@ -5,7 +5,7 @@ command line."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 LISTEN = "0A"  # TCP state in /proc/net/tcp
@@ -37,14 +37,24 @@ def listening_pids(ports: Iterable[int], proc: Path = Path("/proc")) -> dict[int
     if not wanted:
         return found
     for entry in proc.glob("[0-9]*"):
-        try:
-            links = [fd.readlink() for fd in (entry / "fd").iterdir()]
-        except OSError:
-            continue
-        for link in links:
-            if (port := wanted.get(str(link))) is not None:
+        for link in _fd_links(entry):
+            if (port := wanted.get(link)) is not None:
                 found.setdefault(port, int(entry.name))
     return found
+
+
+def _fd_links(process: Path) -> Iterator[str]:
+    """What a process's descriptors point at; a process or descriptor gone meanwhile (or not
+    ours to read) is skipped."""
+    try:
+        descriptors = list((process / "fd").iterdir())
+    except OSError:
+        return
+    for descriptor in descriptors:
+        try:
+            yield str(descriptor.readlink())
+        except OSError:
+            continue
 
 
 def local_port(target: str) -> int | None:
