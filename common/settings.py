@@ -190,6 +190,12 @@ class Settings:
     shm_max_regions: int = 64
     shm_max_bytes: int = 2 * 1024**3
 
+    # issue 19: cli. What `inferline detect` may download for a URL source (bytes, seconds), and
+    # how many requests of frames it keeps outstanding (bounds the frames held in memory).
+    cli_url_max_mb: float = 64.0
+    cli_url_timeout_s: float = 30.0
+    cli_inflight: int = 2
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

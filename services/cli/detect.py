@@ -31,9 +31,9 @@ from inferline.services.cli.predict import write_pngs
 from inferline.services.client import Client, defaults
 from inferline.services.presentation import documents, exports
 
-# Frames per request and requests in flight unless the flags say otherwise.
+# Frames per request unless --batch says otherwise.
 BATCH = 16
-INFLIGHT = 2
+INFLIGHT = 2  # requests outstanding when a caller names none (the CLI's default: cli_inflight)
 SAVE_DIR = Path("runs/detect/predict")
 VIDEO_FOURCC = "mp4v"
 
@@ -56,7 +56,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     detect.add_argument("--agnostic-nms", action="store_true", help="suppress overlapping boxes across classes")
     detect.add_argument("--imgsz", type=int, help="the model's input size; checked against the served model's")
     detect.add_argument("--batch", type=int, default=BATCH, help="frames per request")
-    detect.add_argument("--inflight", type=int, default=INFLIGHT, help="requests outstanding at once")
+    detect.add_argument("--inflight", type=int, help="requests outstanding at once (INFERLINE_CLI_INFLIGHT, 2)")
     shared.add_timeout(detect)
     detect.add_argument("--classify-with", default="", help="re-label each box with this zero-shot model")
     detect.add_argument("--labels", type=shared.labels, default=[], help='labels for --classify-with: "a car,a dog"')
@@ -67,8 +67,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     saving.add_argument("--save-conf", action="store_true", help="with --save-txt: the score at the end of each line")
     saving.add_argument("--save-crop", action="store_true", help="crops/<label>/<stem>.jpg of every detection")
     saving.add_argument("--save-json", action="store_true", help="predictions.json: COCO results (inferline eval)")
-    detect.add_argument("--url-max-mb", type=float, default=64.0, help="largest download a URL source may send")
-    detect.add_argument("--url-timeout", type=float, default=30.0, help="seconds a URL source may take")
+    detect.add_argument("--url-max-mb", type=float, help="largest download a URL source may send "
+                        "(INFERLINE_CLI_URL_MAX_MB, 64)")
+    detect.add_argument("--url-timeout", type=float,
+                        help="seconds a URL source may take (INFERLINE_CLI_URL_TIMEOUT_S, 30)")
     detect.set_defaults(handler=cmd_detect)
 
 
@@ -101,12 +103,16 @@ def _answered(
 def cmd_detect(args: argparse.Namespace) -> int:
     if not args.source:
         return shared.fail("give a source: files, folders, globs, URLs, -, a .txt list, videos or 0")
-    if args.batch < 1 or args.inflight < 1:
+    settings = shared.settings(args)
+    inflight = settings.cli_inflight if args.inflight is None else args.inflight
+    if args.batch < 1 or inflight < 1:
         return shared.fail("--batch and --inflight must be >= 1")
     png = args.format == "png"
     if png and args.out is None:
         return shared.fail("--format png needs --out DIR")
-    limits = sources.UrlLimits(max_bytes=int(args.url_max_mb * 1024 * 1024), timeout_s=args.url_timeout)
+    max_mb = settings.cli_url_max_mb if args.url_max_mb is None else args.url_max_mb
+    timeout = settings.cli_url_timeout_s if args.url_timeout is None else args.url_timeout
+    limits = sources.UrlLimits(max_bytes=int(max_mb * 1024 * 1024), timeout_s=timeout)
     found = sources.resolve(args.source, limits=limits)
     saving = args.save or args.save_txt or args.save_crop or args.save_json
     request = DetectRequest(
@@ -125,12 +131,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
         writer = SaveDir(args.save_dir or increment(SAVE_DIR), args) if saving else None
         answered = []
         try:
-            for frame, image, result in detect_frames(
-                client, request, sources.all_frames(found), args.batch, args.inflight
-            ):
+            for frame, image, result in detect_frames(client, request, sources.all_frames(found), args.batch, inflight):
                 answered.append((frame, image, result))
                 if writer is not None:
                     writer.add(frame, image)
+        except KeyboardInterrupt:  # a stream or camera runs until Ctrl-C: keep what was answered
+            print(f"interrupted after {len(answered)} frames", file=sys.stderr)
         finally:
             if writer is not None:
                 writer.close()

@@ -94,9 +94,21 @@ def score(predictions: list[dict[str, Any]], ground_truth: dict[str, Any]) -> di
     return {name: round(float(value), 5) for name, value in zip(STAT_NAMES, evaluation.stats, strict=True)}
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"{path}: not JSON ({exc})") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    ground_truth = coco_ground_truth(json.loads(args.gt.read_text()), args.id_field)
-    raw = json.loads(args.predictions.read_text())
+    try:
+        ground_truth = coco_ground_truth(_read_json(args.gt), args.id_field)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RuntimeError(f"{args.gt}: neither COCO annotations nor the shapes format ({exc!r})") from None
+    raw = _read_json(args.predictions)
+    if not isinstance(raw, list):
+        raise RuntimeError(f"{args.predictions}: expected a list of COCO results (detect --save-json writes one)")
     predictions = matched_predictions(raw, ground_truth)
     if len(predictions) < len(raw):
         print(f"note: {len(raw) - len(predictions)} predictions are of images {args.gt} lacks; left out",

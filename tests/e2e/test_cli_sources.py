@@ -93,9 +93,12 @@ def test_a_url_is_downloaded_and_detected(capsys, stack, tree, http_server):
     assert results[0]["detections"] == expected
 
 
-def test_a_url_over_the_size_limit_is_refused(capsys, stack, http_server):
+def test_a_url_over_the_size_limit_is_refused(capsys, stack, http_server, monkeypatch):
     code, _, err = _detect(capsys, stack.controller, f"{http_server}/a/shapes_02.jpg", "--url-max-mb", "0.001")
-    assert code == 1 and "limit" in err
+    assert code == 1 and "over the 1048-byte limit" in err
+    monkeypatch.setenv("INFERLINE_CLI_URL_MAX_MB", "0.002")
+    code, _, err = _detect(capsys, stack.controller, f"{http_server}/a/shapes_02.jpg")
+    assert code == 1 and "over the 2097-byte limit" in err
 
 
 def test_a_missing_url_names_the_http_status(capsys, stack, http_server):
