@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,7 @@ from google.protobuf import json_format
 
 from inferline.common.api import DetectRequest, DetectResult, ImageDetections, ImageInput
 from inferline.common.detections import DetectOptions
+from inferline.common.errors import Overloaded
 from inferline.services.cli import shared, sources
 from inferline.services.cli.predict import write_pngs
 from inferline.services.client import Client, defaults
@@ -76,7 +78,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def detect_frames(
     client: Client, request: DetectRequest, frames: Iterable[sources.Frame], batch: int = BATCH,
-    inflight: int = INFLIGHT,
+    inflight: int = INFLIGHT, retry_for_s: float = 60.0,
 ) -> Iterator[tuple[sources.Frame, ImageDetections, DetectResult]]:
     """Each frame with its detections (and the call's result, for its timings), in order;
     at most ``inflight`` calls of ``batch`` frames outstanding."""
@@ -85,11 +87,28 @@ def detect_frames(
         iterator = iter(frames)
         while chunk := list(itertools.islice(iterator, batch)):
             images = tuple(ImageInput(frame.data, frame.name) for frame in chunk)
-            pending.append((chunk, pool.submit(client.detect, dataclasses.replace(request, images=images))))
+            call = dataclasses.replace(request, images=images)
+            pending.append((chunk, pool.submit(detect_retrying, client, call, retry_for_s)))
             if len(pending) >= inflight:
                 yield from _answered(*pending.popleft())
         while pending:
             yield from _answered(*pending.popleft())
+
+
+def detect_retrying(client: Client, request: DetectRequest, retry_for_s: float) -> DetectResult:
+    """``client.detect``, called again after the server's hinted delay while it refuses for load
+    (RESOURCE_EXHAUSTED with RetryInfo, as gRPC's retry pushback), for up to ``retry_for_s``: a
+    video sends faster than a CPU stack detects, and its frames should wait, not fail."""
+    started, backoff = time.monotonic(), 0.1
+    while True:
+        try:
+            return client.detect(request)
+        except Overloaded as exc:
+            wait = exc.retry_after_s if exc.retry_after_s is not None else backoff
+            if time.monotonic() - started + wait > retry_for_s:
+                raise
+            time.sleep(wait)
+            backoff = min(backoff * 2, 2.0)
 
 
 def _answered(
@@ -131,7 +150,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         writer = SaveDir(args.save_dir or increment(SAVE_DIR), args) if saving else None
         answered = []
         try:
-            for frame, image, result in detect_frames(client, request, sources.all_frames(found), args.batch, inflight):
+            answers = detect_frames(client, request, sources.all_frames(found), args.batch, inflight, args.timeout)
+            for frame, image, result in answers:
                 answered.append((frame, image, result))
                 if writer is not None:
                     writer.add(frame, image)

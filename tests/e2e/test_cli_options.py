@@ -11,8 +11,9 @@ import socket
 
 import pytest
 
+from inferline.common.errors import Overloaded
 from inferline.common.settings import Settings
-from inferline.services.cli import build_parser, keyvalue, main, procs, shared
+from inferline.services.cli import build_parser, detect, keyvalue, main, procs, shared
 from tests.deploy.test_tls import pki  # noqa: F401 - the CA and localhost certificate fixture
 from tests.support.servers import LoopThread, start_stage
 from tests.support.standins import STANDIN_PINS
@@ -117,3 +118,23 @@ def test_bench_measures_the_processes_serving_its_ports(stack, data_dir, capsys)
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     assert set(report["rss_mb"]) == {"controller", "preprocess", "inference", "postprocess"}
+
+
+class _Refusing:
+    """A client that refuses for load ``times`` times, then answers."""
+
+    def __init__(self, times: int, hint: float | None):
+        self.times, self.hint, self.calls = times, hint, 0
+
+    def detect(self, request):
+        self.calls += 1
+        if self.calls <= self.times:
+            raise Overloaded("busy", retry_after_s=self.hint)
+        return "answered"
+
+
+def test_frames_refused_for_load_are_sent_again_after_the_hint():
+    client = _Refusing(times=2, hint=0.01)
+    assert detect.detect_retrying(client, None, retry_for_s=5) == "answered" and client.calls == 3
+    with pytest.raises(Overloaded):
+        detect.detect_retrying(_Refusing(times=100, hint=0.05), None, retry_for_s=0.2)
