@@ -204,3 +204,15 @@ def test_saved_images_keep_the_source_format_and_crops_are_cut(capsys, stack, da
     crops = sorted((save_dir / "crops").rglob("*.jpg"))
     assert len(crops) == len(results[0]["detections"]) > 0
     assert {p.parent.name for p in crops} == {d["label"] for d in results[0]["detections"]}
+
+
+def test_classify_and_embed_take_the_same_sources(capsys, stack, tree):
+    code = main(["classify", str(tree), "--labels", "a circle,a star", "--target", stack.controller])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert [Path(r["image"]).name for r in json.loads(out)["results"]] == ["shapes_03.jpg", "shapes_02.jpg",
+                                                                          "shapes_01.jpg"]
+    code = main(["embed", "--image", str(tree / "**" / "*.jpg"), "--target", stack.controller])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert len(json.loads(out)["images"]) == 3
