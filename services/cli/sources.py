@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import IO, Any
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
-VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpeg", ".mpg", ".wmv", ".ts", ".gif"})
+VIDEO_SUFFIXES = frozenset(
+    {".asf", ".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpeg", ".mpg", ".wmv", ".ts", ".gif"}
+)
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "tcp://", "udp://")
 URL_SCHEMES = ("http://", "https://")
 _GLOB_CHARS = frozenset("*?[")

@@ -216,3 +216,22 @@ def test_classify_and_embed_take_the_same_sources(capsys, stack, tree):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert len(json.loads(out)["images"]) == 3
+
+
+def test_each_spec_kind_resolves_to_its_source(tree, monkeypatch):
+    """Without a stack: which spec is read as what (sources.py's table in docs/cli.md)."""
+    from inferline.services.cli import sources  # noqa: PLC0415 - the module under test, here only
+
+    (tree / "clip.mp4").write_bytes(b"")
+    monkeypatch.chdir(tree)
+    found = sources.resolve(["a", "clip.mp4", "0", "rtsp://127.0.0.1:8554/cam", "http://127.0.0.1:1/x.jpg",
+                             "http://127.0.0.1:1/v.webm"])
+    assert [(type(s).__name__, s.location) for s in found] == [
+        ("Image", "a/b/shapes_03.jpg"), ("Image", "a/shapes_02.jpg"), ("Video", "clip.mp4"), ("Video", 0),
+        ("Video", "rtsp://127.0.0.1:8554/cam"), ("Image", "http://127.0.0.1:1/x.jpg"),
+        ("Video", "http://127.0.0.1:1/v.webm"),
+    ]
+    with pytest.raises(FileNotFoundError, match="no such image, video or directory: nope.jpg"):
+        sources.resolve(["nope.jpg"])
+    frame = sources.Frame(b"", "clip.mp4#4", ".jpg", "clip.mp4", frame=4, timestamp_s=0.16)
+    assert frame.stem == "clip_5"  # ultralytics counts a video's frames from 1 in file names
