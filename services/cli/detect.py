@@ -42,9 +42,10 @@ VIDEO_FOURCC = "mp4v"
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     detect = commands.add_parser(
-        "detect", help="detect objects in images and videos through the running stack",
+        "detect",
+        help="detect objects in images and videos through the running stack",
         description="Flags or ultralytics-style key=value arguments: "
-                    "inferline detect source=bus.jpg imgsz=640 conf=0.3 save_txt=True",
+        "inferline detect source=bus.jpg imgsz=640 conf=0.3 save_txt=True",
     )
     detect.add_argument("source", nargs="*", help="files, folders, quoted globs, URLs, -, a .txt list, videos, 0")
     detect.add_argument("--model", default=defaults.DETECT_MODEL)
@@ -69,16 +70,22 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     saving.add_argument("--save-conf", action="store_true", help="with --save-txt: the score at the end of each line")
     saving.add_argument("--save-crop", action="store_true", help="crops/<label>/<stem>.jpg of every detection")
     saving.add_argument("--save-json", action="store_true", help="predictions.json: COCO results (inferline eval)")
-    detect.add_argument("--url-max-mb", type=float, help="largest download a URL source may send "
-                        "(INFERLINE_CLI_URL_MAX_MB, 64)")
-    detect.add_argument("--url-timeout", type=float,
-                        help="seconds a URL source may take (INFERLINE_CLI_URL_TIMEOUT_S, 30)")
+    detect.add_argument(
+        "--url-max-mb", type=float, help="largest download a URL source may send (INFERLINE_CLI_URL_MAX_MB, 64)"
+    )
+    detect.add_argument(
+        "--url-timeout", type=float, help="seconds a URL source may take (INFERLINE_CLI_URL_TIMEOUT_S, 30)"
+    )
     detect.set_defaults(handler=cmd_detect)
 
 
 def detect_frames(
-    client: Client, request: DetectRequest, frames: Iterable[sources.Frame], batch: int = BATCH,
-    inflight: int = INFLIGHT, retry_for_s: float = 60.0,
+    client: Client,
+    request: DetectRequest,
+    frames: Iterable[sources.Frame],
+    batch: int = BATCH,
+    inflight: int = INFLIGHT,
+    retry_for_s: float = 60.0,
 ) -> Iterator[tuple[sources.Frame, ImageDetections, DetectResult]]:
     """Each frame with its detections (and the call's result, for its timings), in order;
     at most ``inflight`` calls of ``batch`` frames outstanding."""
@@ -226,9 +233,9 @@ class SaveDir:
             return
         if self.args.save:
             self._annotated(frame, image)
-        if self.args.save_txt and (lines := exports.yolo_lines(
-            image.detections, image.width, image.height, save_conf=self.args.save_conf
-        )):
+        if self.args.save_txt and (
+            lines := exports.yolo_lines(image.detections, image.width, image.height, save_conf=self.args.save_conf)
+        ):
             labels = self.root / "labels"
             labels.mkdir(exist_ok=True)
             with (labels / f"{frame.stem}.txt").open("a") as out:
@@ -247,8 +254,10 @@ class SaveDir:
         if writer is None:
             stem = frame.stem.rsplit("_", 1)[0]
             writer = self.cv2.VideoWriter(
-                str(self.root / f"{stem}.mp4"), self.cv2.VideoWriter.fourcc(*VIDEO_FOURCC),
-                frame.fps or sources.DEFAULT_FPS, (pixels.shape[1], pixels.shape[0]),
+                str(self.root / f"{stem}.mp4"),
+                self.cv2.VideoWriter.fourcc(*VIDEO_FOURCC),
+                frame.fps or sources.DEFAULT_FPS,
+                (pixels.shape[1], pixels.shape[0]),
             )
             self.videos[frame.source] = writer
         writer.write(pixels)
@@ -271,4 +280,3 @@ class SaveDir:
             writer.release()
         if self.args.save_json:
             (self.root / "predictions.json").write_text(json.dumps(self.coco))
-

@@ -19,18 +19,32 @@ from typing import Any
 
 # COCOeval.stats, in order: the names its summary prints.
 STAT_NAMES = (
-    "mAP50-95", "mAP50", "mAP75", "mAP50-95_small", "mAP50-95_medium", "mAP50-95_large",
-    "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large",
+    "mAP50-95",
+    "mAP50",
+    "mAP75",
+    "mAP50-95_small",
+    "mAP50-95_medium",
+    "mAP50-95_large",
+    "AR1",
+    "AR10",
+    "AR100",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
 )
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("eval", help="COCO mAP of detect --save-json predictions (pycocotools)")
     evaluate.add_argument("predictions", type=Path, help="predictions.json written by detect --save-json")
-    evaluate.add_argument("--gt", type=Path, required=True,
-                          help="ground truth: COCO annotations, or shapes_labels.json")
-    evaluate.add_argument("--id-field", default="ultralytics_id",
-                          help="class id field of a shapes-style ground truth (torchvision_id for torchvision models)")
+    evaluate.add_argument(
+        "--gt", type=Path, required=True, help="ground truth: COCO annotations, or shapes_labels.json"
+    )
+    evaluate.add_argument(
+        "--id-field",
+        default="ultralytics_id",
+        help="class id field of a shapes-style ground truth (torchvision_id for torchvision models)",
+    )
     evaluate.add_argument("--json", action="store_true", help="every COCOeval figure as one JSON object")
     evaluate.set_defaults(handler=cmd_eval)
 
@@ -48,12 +62,19 @@ def coco_ground_truth(raw: dict[str, Any], id_field: str) -> dict[str, Any]:
             x1, y1, x2, y2 = obj["box"]
             category = int(obj[id_field])
             categories[category] = obj.get("label", str(category))
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
     return {
-        "images": images, "annotations": annotations,
+        "images": images,
+        "annotations": annotations,
         "categories": [{"id": c, "name": name} for c, name in sorted(categories.items())],
     }
 
@@ -111,8 +132,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RuntimeError(f"{args.predictions}: expected a list of COCO results (detect --save-json writes one)")
     predictions = matched_predictions(raw, ground_truth)
     if len(predictions) < len(raw):
-        print(f"note: {len(raw) - len(predictions)} predictions are of images {args.gt} lacks; left out",
-              file=sys.stderr)
+        print(
+            f"note: {len(raw) - len(predictions)} predictions are of images {args.gt} lacks; left out", file=sys.stderr
+        )
     figures = score(predictions, ground_truth)
     if args.json:
         print(json.dumps(figures))

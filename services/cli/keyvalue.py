@@ -24,9 +24,7 @@ def as_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     sub = _subparser(parser, argv[0])
     if sub is None:
         return argv
-    options = {
-        action.dest: action for action in sub._actions if action.option_strings and action.dest != "help"
-    }
+    options = {action.dest: action for action in sub._actions if action.option_strings and action.dest != "help"}
     positional = next((a for a in sub._actions if not a.option_strings and a.dest != "help"), None)
     out = [argv[0]]
     takes_value = False

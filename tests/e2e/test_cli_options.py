@@ -63,8 +63,13 @@ def test_a_missing_tls_file_is_named_by_its_flag(data_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_the_tls_flags_dial_a_mutual_tls_controller(pki, model_dir, data_dir, capsys):  # noqa: F811 - fixture
     served = dataclasses.replace(
-        Settings(), model_dir=(model_dir,), models=("yolov8n",), trusted_weights=STANDIN_PINS,
-        tls_cert_file=pki["cert"], tls_key_file=pki["key"], tls_ca_file=pki["ca"],
+        Settings(),
+        model_dir=(model_dir,),
+        models=("yolov8n",),
+        trusted_weights=STANDIN_PINS,
+        tls_cert_file=pki["cert"],
+        tls_key_file=pki["key"],
+        tls_ca_file=pki["ca"],
     )
     loop = LoopThread()
     servers = {stage: start_stage(loop, stage, served) for stage in ("preprocess", "inference", "postprocess")}
@@ -88,10 +93,30 @@ def test_the_tls_flags_dial_a_mutual_tls_controller(pki, model_dir, data_dir, ca
 
 def test_key_value_arguments_become_the_subcommands_flags():
     parser = build_parser()
-    argv = ["detect", "source=a.jpg", "imgsz=640", "save_txt=True", "save_conf=False", "classes=[0, 2]",
-            "--labels", "x=y", "x=y.jpg", "agnostic_nms=true"]
+    argv = [
+        "detect",
+        "source=a.jpg",
+        "imgsz=640",
+        "save_txt=True",
+        "save_conf=False",
+        "classes=[0, 2]",
+        "--labels",
+        "x=y",
+        "x=y.jpg",
+        "agnostic_nms=true",
+    ]
     assert keyvalue.as_flags(parser, argv) == [
-        "detect", "a.jpg", "--imgsz", "640", "--save-txt", "--classes", "0", "2", "--labels", "x=y", "x=y.jpg",
+        "detect",
+        "a.jpg",
+        "--imgsz",
+        "640",
+        "--save-txt",
+        "--classes",
+        "0",
+        "2",
+        "--labels",
+        "x=y",
+        "x=y.jpg",
         "--agnostic-nms",
     ]
     with pytest.raises(SystemExit):
@@ -111,10 +136,27 @@ def test_the_process_listening_on_a_port_is_found_from_proc():
 
 
 def test_bench_measures_the_processes_serving_its_ports(stack, data_dir, capsys):
-    ports = [f"{stage}={stack.servers[stage].address.rpartition(':')[2]}"
-             for stage in ("preprocess", "inference", "postprocess")]
-    code = main(["bench", "--target", stack.controller, "--images", str(data_dir / "shapes_01.jpg"), "--duration",
-                 "1", "--warmup", "0", "--concurrency", "1", "--json", *[a for p in ports for a in ("--port", p)]])
+    ports = [
+        f"{stage}={stack.servers[stage].address.rpartition(':')[2]}"
+        for stage in ("preprocess", "inference", "postprocess")
+    ]
+    code = main(
+        [
+            "bench",
+            "--target",
+            stack.controller,
+            "--images",
+            str(data_dir / "shapes_01.jpg"),
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--concurrency",
+            "1",
+            "--json",
+            *[a for p in ports for a in ("--port", p)],
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     assert set(report["rss_mb"]) == {"controller", "preprocess", "inference", "postprocess"}

@@ -39,8 +39,23 @@ def test_yolo_label_files_equal_ultralytics_save_txt(stack, data_dir, reference,
 
 def _predictions(stack, data_dir: Path, save_dir: Path, capsys) -> Path:
     """detect --save-json over the test images at the validator's thresholds."""
-    code = main(["detect", "--target", stack.controller, str(data_dir), "conf=0.001", "iou=0.7", "save_json=True",
-                 "--save-dir", str(save_dir), "--format", "csv", "--out", str(save_dir / "all.csv")])
+    code = main(
+        [
+            "detect",
+            "--target",
+            stack.controller,
+            str(data_dir),
+            "conf=0.001",
+            "iou=0.7",
+            "save_json=True",
+            "--save-dir",
+            str(save_dir),
+            "--format",
+            "csv",
+            "--out",
+            str(save_dir / "all.csv"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()
     return save_dir / "predictions.json"
@@ -66,8 +81,9 @@ def test_coco_json_is_scored_by_pycocotools(stack, data_dir, tmp_path, capsys):
 def test_eval_reads_coco_ground_truth_as_it_is(tmp_path, capsys):
     truth = {
         "images": [{"id": 7, "file_name": "a.jpg", "width": 100, "height": 100}],
-        "annotations": [{"id": 1, "image_id": 7, "category_id": 3, "bbox": [10, 10, 40, 40], "area": 1600,
-                         "iscrowd": 0}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 3, "bbox": [10, 10, 40, 40], "area": 1600, "iscrowd": 0}
+        ],
         "categories": [{"id": 3, "name": "thing"}],
     }
     (tmp_path / "gt.json").write_text(json.dumps(truth))
@@ -103,7 +119,19 @@ def test_eval_agrees_with_ultralytics_validator(stack, data_dir, reference, tmp_
     figure and why it differs."""
     monkeypatch.setattr("ultralytics.utils.checks.AUTOINSTALL", False)  # never pip-install mid-test
     data = _yolo_dataset(data_dir, tmp_path / "dataset", reference.names)
-    metrics = reference.val(data=str(data), imgsz=640, batch=1, conf=0.001, iou=0.7, device="cpu", rect=False,
-                            save_json=False, plots=False, verbose=False, project=str(tmp_path / "val"), name="run")
+    metrics = reference.val(
+        data=str(data),
+        imgsz=640,
+        batch=1,
+        conf=0.001,
+        iou=0.7,
+        device="cpu",
+        rect=False,
+        save_json=False,
+        plots=False,
+        verbose=False,
+        project=str(tmp_path / "val"),
+        name="run",
+    )
     ours = _eval(capsys, _predictions(stack, data_dir, tmp_path / "run", capsys), data_dir / "shapes_labels.json")
     assert ours["mAP50-95"] == pytest.approx(metrics.box.map, abs=0.01)

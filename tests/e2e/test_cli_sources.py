@@ -197,8 +197,9 @@ def test_agnostic_nms_is_sent(capsys, stack, data_dir):
 
 def test_saved_images_keep_the_source_format_and_crops_are_cut(capsys, stack, data_dir, tmp_path):
     save_dir = tmp_path / "run"
-    code, results, err = _detect(capsys, stack.controller, str(data_dir / "shapes_01.jpg"), "--save", "--save-crop",
-                                 "--save-dir", str(save_dir))
+    code, results, err = _detect(
+        capsys, stack.controller, str(data_dir / "shapes_01.jpg"), "--save", "--save-crop", "--save-dir", str(save_dir)
+    )
     assert code == 0, err
     assert (save_dir / "shapes_01.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
     crops = sorted((save_dir / "crops").rglob("*.jpg"))
@@ -210,8 +211,11 @@ def test_classify_and_embed_take_the_same_sources(capsys, stack, tree):
     code = main(["classify", str(tree), "--labels", "a circle,a star", "--target", stack.controller])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert [Path(r["image"]).name for r in json.loads(out)["results"]] == ["shapes_03.jpg", "shapes_02.jpg",
-                                                                          "shapes_01.jpg"]
+    assert [Path(r["image"]).name for r in json.loads(out)["results"]] == [
+        "shapes_03.jpg",
+        "shapes_02.jpg",
+        "shapes_01.jpg",
+    ]
     code = main(["embed", "--image", str(tree / "**" / "*.jpg"), "--target", stack.controller])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -224,11 +228,16 @@ def test_each_spec_kind_resolves_to_its_source(tree, monkeypatch):
 
     (tree / "clip.mp4").write_bytes(b"")
     monkeypatch.chdir(tree)
-    found = sources.resolve(["a", "clip.mp4", "0", "rtsp://127.0.0.1:8554/cam", "http://127.0.0.1:1/x.jpg",
-                             "http://127.0.0.1:1/v.webm"])
+    found = sources.resolve(
+        ["a", "clip.mp4", "0", "rtsp://127.0.0.1:8554/cam", "http://127.0.0.1:1/x.jpg", "http://127.0.0.1:1/v.webm"]
+    )
     assert [(type(s).__name__, s.location) for s in found] == [
-        ("Image", "a/b/shapes_03.jpg"), ("Image", "a/shapes_02.jpg"), ("Video", "clip.mp4"), ("Video", 0),
-        ("Video", "rtsp://127.0.0.1:8554/cam"), ("Image", "http://127.0.0.1:1/x.jpg"),
+        ("Image", "a/b/shapes_03.jpg"),
+        ("Image", "a/shapes_02.jpg"),
+        ("Video", "clip.mp4"),
+        ("Video", 0),
+        ("Video", "rtsp://127.0.0.1:8554/cam"),
+        ("Image", "http://127.0.0.1:1/x.jpg"),
         ("Video", "http://127.0.0.1:1/v.webm"),
     ]
     with pytest.raises(FileNotFoundError, match="no such image, video or directory: nope.jpg"):
