@@ -5,7 +5,8 @@
 Only a key that is one of the subcommand's own options (or ``source``) is rewritten, and never
 the value of a flag before it (``--labels a=b`` stays), so a file named ``x=y.jpg`` still
 works as a path. ``True``/``False`` switch a flag on or leave it off; a list value may be
-written ``classes=0,2`` or ``classes=[0,2]``.
+written ``classes=0,2`` or ``classes=[0,2]``. ``source=`` values go first, right after the
+subcommand, so ``classes=0 source=x.jpg`` does not read ``x.jpg`` as a class.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def as_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
         return argv
     options = {action.dest: action for action in sub._actions if action.option_strings and action.dest != "help"}
     positional = next((a for a in sub._actions if not a.option_strings and a.dest != "help"), None)
-    out = [argv[0]]
+    out: list[str] = []
+    given: list[str] = []  # source=... values, put first: a list flag before them would take them
     takes_value = False
     for token in argv[1:]:
         match = None if takes_value else _KEY.match(token)
@@ -36,12 +38,12 @@ def as_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
             continue
         key, value = match.groups()
         if key == "source" and positional is not None:
-            out.append(value)
+            given.append(value)
         elif key in options:
             out.extend(_flag(sub, options[key], value))
         else:
             out.append(token)
-    return out
+    return [argv[0], *given, *out]
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:

@@ -8,6 +8,8 @@ import dataclasses
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -119,6 +121,7 @@ def test_key_value_arguments_become_the_subcommands_flags():
         "x=y.jpg",
         "--agnostic-nms",
     ]
+    assert keyvalue.as_flags(parser, ["detect", "classes=0", "source=x.jpg"]) == ["detect", "x.jpg", "--classes", "0"]
     with pytest.raises(SystemExit):
         keyvalue.as_flags(parser, ["detect", "save_txt=maybe"])
 
@@ -180,3 +183,25 @@ def test_frames_refused_for_load_are_sent_again_after_the_hint():
     assert detect.detect_retrying(client, None, retry_for_s=5) == "answered" and client.calls == 3
     with pytest.raises(Overloaded):
         detect.detect_retrying(_Refusing(times=100, hint=0.05), None, retry_for_s=0.2)
+
+
+def test_the_installed_command_takes_key_value_arguments_and_prints_no_traceback(data_dir):
+    """As a user types it (sys.argv, a new process), against a controller that is not there."""
+    image = data_dir / "shapes_01.jpg"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inferline.services.cli",
+            "detect",
+            f"source={image}",
+            "conf=0.3",
+            f"target=127.0.0.1:{_free_port()}",
+            "timeout=5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "cannot reach the controller" in done.stderr and "Traceback" not in done.stderr
