@@ -29,7 +29,6 @@ from inferline.common.api import DetectRequest, DetectResult, ImageDetections, I
 from inferline.common.detections import DetectOptions
 from inferline.common.errors import Overloaded
 from inferline.services.cli import shared, sources
-from inferline.services.cli.predict import write_pngs
 from inferline.services.client import Client, defaults
 from inferline.services.presentation import documents, exports
 
@@ -171,8 +170,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
         print(f"results saved to {writer.root}", file=sys.stderr)
     results = [dataclasses.replace(result, images=[image]) for _, image, result in answered]
     if png:
-        for path in write_pngs(results, args.out):
-            print(path)
+        args.out.mkdir(parents=True, exist_ok=True)
+        for frame, image, _ in answered:
+            if content := documents.png_of(image):
+                path = args.out / f"{frame.stem}.png"
+                path.write_bytes(content)
+                print(path)
     elif args.format == "json":
         shared.write(json.dumps({"results": result_documents(answered)}, indent=2), args.out)
     else:

@@ -244,3 +244,25 @@ def test_each_spec_kind_resolves_to_its_source(tree, monkeypatch):
         sources.resolve(["nope.jpg"])
     frame = sources.Frame(b"", "clip.mp4#4", ".jpg", "clip.mp4", frame=4, timestamp_s=0.16)
     assert frame.stem == "clip_5"  # ultralytics counts a video's frames from 1 in file names
+
+
+def test_png_format_names_each_image_and_frame_by_its_stem(capsys, stack, data_dir, tmp_path):
+    video = tmp_path / "clip.avi"
+    _video(video, data_dir, frames=2)
+    out = tmp_path / "png"
+    code = main(
+        [
+            "detect",
+            "--target",
+            stack.controller,
+            str(data_dir / "shapes_03.jpg"),
+            str(video),
+            "--format",
+            "png",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["clip_1.png", "clip_2.png", "shapes_03.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.iterdir())
