@@ -190,7 +190,7 @@ class Settings:
     shm_max_regions: int = 64
     shm_max_bytes: int = 2 * 1024**3
 
-    # issue 19: cli. What `inferline detect` may download for a URL source (bytes, seconds), and
+    # issue 19: cli. What `inferline detect` may download for a URL source (megabytes, seconds), and
     # how many requests of frames it keeps outstanding (bounds the frames held in memory).
     cli_url_max_mb: float = 64.0
     cli_url_timeout_s: float = 30.0
