@@ -251,6 +251,12 @@ class Settings:
     fetch_max_backoff_s: float = 300.0
     fetch_timeout_s: float = 60.0
 
+    # issue 19: cli. What `inferline detect` may download for a URL source (megabytes, seconds), and
+    # how many requests of frames it keeps outstanding (bounds the frames held in memory).
+    cli_url_max_mb: float = 64.0
+    cli_url_timeout_s: float = 30.0
+    cli_inflight: int = 2
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

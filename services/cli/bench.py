@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Sequence
 
 from inferline.common.settings import Settings
-from inferline.services.cli import shared
+from inferline.services.cli import procs, shared
 from inferline.services.client import collect_images, defaults
 
 
@@ -24,7 +26,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                        help="after a refusal, wait the server's RetryInfo hint before the next call "
                             "(as gRPC's retry pushback does)")
     bench.add_argument("--pid", action="append", default=[], metavar="STAGE=PID",
-                       help="a stage's process for the memory figures (default: found by command line)")
+                       help="a stage's process for the CPU and memory figures (default: the process "
+                            "listening on the stage's port)")
+    bench.add_argument("--port", action="append", default=[], metavar="STAGE=PORT",
+                       help="a stage's local port, to find its process (default: the controller's from "
+                            "--target, the other stages' from INFERLINE_<STAGE>_TARGET)")
     bench.add_argument("--json", action="store_true", help="one JSON object instead of text")
     shared.add_target(bench)
     shared.add_timeout(bench)
@@ -36,15 +42,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.concurrency < 1 or args.batch < 1 or args.duration <= 0 or args.warmup < 0:
         return shared.fail("--concurrency and --batch must be >= 1, --duration > 0, --warmup >= 0")
+    settings = shared.settings(args)
+    target = shared.target(args, settings)
     try:
-        pids = loadgen.parse_pids(args.pid) if args.pid else None
+        pids = loadgen.parse_pids(args.pid) if args.pid else measured_pids(target, settings, args.port)
     except ValueError as exc:
         return shared.fail(str(exc))
+    if not pids:
+        print("note: no stage process found listening on this machine; no CPU or memory figures", file=sys.stderr)
     try:
         result = loadgen.run(
-            args.target, args.model, collect_images(args.images), concurrency=args.concurrency,
+            target, args.model, collect_images(args.images), concurrency=args.concurrency,
             duration=args.duration, batch=args.batch, warmup=args.warmup, timeout=args.timeout,
-            honour_retry=args.honour_retry, pids=pids, settings=Settings.from_env(),
+            honour_retry=args.honour_retry, pids=pids, settings=settings,
         )
     except ValueError as exc:
         return shared.fail(str(exc))
@@ -54,3 +64,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         codes = report["error_codes"] or "per-image statuses"
         return shared.fail(f"no image was answered in {args.duration:g} s (failures by code: {codes})")
     return 0
+
+
+def measured_pids(target: str, settings: Settings, ports: Sequence[str]) -> dict[str, int]:
+    """The processes listening on the stack's ports on this machine: the controller's from the
+    target, the other stages' from the settings (or ``--port STAGE=PORT``)."""
+    defaults = Settings()
+    targets = {
+        stage: settings.target(stage) if settings.target(stage) != defaults.target(stage)
+        else f"localhost:{settings.port(stage)}"
+        for stage in ("preprocess", "inference", "postprocess")
+    }
+    targets["controller"] = target
+    for item in ports:
+        stage, _, port = item.partition("=")
+        if not port.isdigit():
+            raise ValueError(f"--port takes STAGE=PORT, got {item!r}")
+        targets[stage] = f"localhost:{port}"
+    return procs.stage_pids(targets)

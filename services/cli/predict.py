@@ -1,6 +1,8 @@
-"""``inferline detect | classify | embed | models``: the public API from the command line.
+"""``inferline classify | embed | models``: the public API from the command line (``detect``
+has its own module, ``detect.py``, for its sources and outputs).
 
-Images are read here and sent in requests of ``--batch``; the client returns domain results
+Images are read as ``detect`` reads its sources (``sources.py``: folders, globs, URLs, stdin,
+lists, video frames) and sent in requests of ``BATCH``; the client returns domain results
 and the presentation module prints them, in the same shapes the HTTP gateway answers with.
 """
 
@@ -21,10 +23,10 @@ from inferline.common.api import (
     DetectRequest,
     DetectResult,
     EmbedRequest,
+    ImageInput,
 )
-from inferline.common.detections import DetectOptions
-from inferline.services.cli import shared
-from inferline.services.client import Client, collect_images, defaults, image_inputs
+from inferline.services.cli import shared, sources
+from inferline.services.client import Client, defaults, image_inputs
 from inferline.services.presentation import documents
 
 # Images per request unless --batch says otherwise.
@@ -32,24 +34,8 @@ BATCH = 16
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    detect = commands.add_parser("detect", help="detect objects in images through the running stack")
-    detect.add_argument("images", nargs="+", help="image files or directories")
-    detect.add_argument("--model", default=defaults.DETECT_MODEL)
-    detect.add_argument("--format", choices=documents.DETECT_FORMATS, default="json")
-    detect.add_argument("--out", type=Path, help="output file (json, csv) or directory (png); default stdout")
-    shared.add_target(detect)
-    detect.add_argument("--conf", type=float, help="confidence threshold (model default: 0.25)")
-    detect.add_argument("--iou", type=float, help="NMS IoU threshold (model default: 0.7)")
-    detect.add_argument("--max-det", type=int, help="most detections per image (model default: 300)")
-    detect.add_argument("--classes", type=int, nargs="+", default=[], help="keep only these class ids")
-    detect.add_argument("--batch", type=int, default=BATCH, help="images per request")
-    shared.add_timeout(detect)
-    detect.add_argument("--classify-with", default="", help="re-label each box with this zero-shot model")
-    detect.add_argument("--labels", type=shared.labels, default=[], help='labels for --classify-with: "a car,a dog"')
-    detect.set_defaults(handler=cmd_detect)
-
     classify = commands.add_parser("classify", help="zero-shot classify images against your labels")
-    classify.add_argument("images", nargs="+", help="image files or directories")
+    classify.add_argument("images", nargs="+", help="images as detect takes them: files, folders, globs, URLs, ...")
     classify.add_argument("--labels", type=shared.labels, required=True, help='comma-separated: "a bus,a dog"')
     classify.add_argument("--model", default=defaults.EMBED_MODEL)
     classify.add_argument("--top-k", type=int, default=0, help="labels per image (default: all)")
@@ -60,7 +46,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     classify.set_defaults(handler=cmd_classify)
 
     embed = commands.add_parser("embed", help="L2-normalised embeddings of images and texts")
-    embed.add_argument("--image", action="append", default=[], help="an image file or directory (repeatable)")
+    embed.add_argument("--image", action="append", default=[], help="images as detect takes them (repeatable)")
     embed.add_argument("--text", action="append", default=[], help="a text (repeatable)")
     embed.add_argument("--model", default=defaults.EMBED_MODEL)
     embed.add_argument("--cluster", type=int, default=0, metavar="K", help="k-means the batch into K clusters")
@@ -90,10 +76,21 @@ def detect_paths(
 def classify_paths(
     client: Client, request: ClassifyRequest, paths: Sequence[Path], batch: int = BATCH
 ) -> list[ClassifyResult]:
+    return classify_inputs(client, request, image_inputs(paths), batch)
+
+
+def classify_inputs(
+    client: Client, request: ClassifyRequest, images: Sequence[ImageInput], batch: int = BATCH
+) -> list[ClassifyResult]:
     return [
-        client.classify(dataclasses.replace(request, images=image_inputs(paths[start : start + batch])))
-        for start in range(0, len(paths), batch)
+        client.classify(dataclasses.replace(request, images=tuple(images[start : start + batch])))
+        for start in range(0, len(images), batch)
     ]
+
+
+def source_inputs(specs: Sequence[str]) -> tuple[ImageInput, ...]:
+    """Every image and video frame of the sources, as ``detect`` reads them (sources.py)."""
+    return tuple(ImageInput(frame.data, frame.name) for frame in sources.all_frames(sources.resolve(specs)))
 
 
 def write_pngs(results: Sequence[DetectResult], out_dir: Path) -> list[Path]:
@@ -109,40 +106,11 @@ def write_pngs(results: Sequence[DetectResult], out_dir: Path) -> list[Path]:
     return written
 
 
-def detect_failures(results: Sequence[DetectResult]) -> int:
-    return shared.report_failures((image.name, image.error) for result in results for image in result.images)
-
-
-def cmd_detect(args: argparse.Namespace) -> int:
-    paths = collect_images(args.images)
-    png = args.format == "png"
-    if png and args.out is None:
-        return shared.fail("--format png needs --out DIR")
-    request = DetectRequest(
-        model=args.model,
-        images=(),
-        options=DetectOptions(conf=args.conf, iou=args.iou, max_det=args.max_det, classes=tuple(args.classes)),
-        render=("png",) if png else (),
-        classify_with=args.classify_with,
-        labels=tuple(args.labels),
-    )
-    with shared.client(args) as client:
-        results = detect_paths(client, request, paths, args.batch)
-    if png:
-        for path in write_pngs(results, args.out):
-            print(path)
-    elif args.format == "json":
-        shared.write(json.dumps({"results": documents.detect_results(results)}, indent=2), args.out)
-    else:
-        shared.write(documents.detect_csv(results), args.out)
-    return detect_failures(results)
-
-
 def cmd_classify(args: argparse.Namespace) -> int:
-    paths = collect_images(args.images)
+    images = source_inputs(args.images)
     request = ClassifyRequest(model=args.model, images=(), labels=tuple(args.labels), top_k=args.top_k)
     with shared.client(args) as client:
-        results = classify_paths(client, request, paths)
+        results = classify_inputs(client, request, images)
     if args.format == "json":
         shared.write(json.dumps({"results": documents.classify_results(results)}, indent=2), args.out)
     else:
@@ -153,9 +121,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     if not args.image and not args.text:
         return shared.fail("give --image and/or --text")
-    paths = collect_images(args.image) if args.image else []
     request = EmbedRequest(
-        model=args.model, images=image_inputs(paths), texts=tuple(args.text),
+        model=args.model, images=source_inputs(args.image) if args.image else (), texts=tuple(args.text),
         cluster=ClusterOptions(k=args.cluster, threshold=args.threshold),
     )
     with shared.client(args) as client:

@@ -4,20 +4,31 @@ make from them, where output goes, and the exit codes."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from inferline.common.errors import ConfigError
 from inferline.common.settings import Settings
 from inferline.services.client import Client
 from inferline.services.presentation.documents import error_dict
 
 EXIT_FAILED = 1
 EXIT_SOME_ITEMS_FAILED = 2
+_DEFAULT_TARGET = next(f.default for f in dataclasses.fields(Settings) if f.name == "controller_target")
 
 
 def add_target(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=Settings().controller_target, help="controller address")
+    """``--target`` and the TLS files of the channel to it. Their defaults are read when the
+    command runs (``settings``), not when the parser is built."""
+    parser.add_argument(
+        "--target",
+        help="controller address (default: INFERLINE_CONTROLLER_TARGET, else localhost:INFERLINE_CONTROLLER_PORT)",
+    )
+    parser.add_argument("--tls-ca", type=Path, help="CA the controller's certificate must chain to (TLS)")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate, with --tls-key (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, help="client key, with --tls-cert (mutual TLS)")
 
 
 def add_timeout(parser: argparse.ArgumentParser) -> None:
@@ -32,10 +43,32 @@ def labels(raw: str) -> list[str]:
     return found
 
 
+def target(args: argparse.Namespace, settings: Settings) -> str:
+    """``--target``, else INFERLINE_CONTROLLER_TARGET when set, else this host's controller on
+    INFERLINE_CONTROLLER_PORT (the port ``inferline up`` and ``serve controller`` listen on)."""
+    if getattr(args, "target", None):
+        return str(args.target)
+    if settings.controller_target != _DEFAULT_TARGET:
+        return settings.controller_target
+    return f"localhost:{settings.controller_port}"
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    """The environment's settings with the command's TLS flags over them."""
+    found = Settings.from_env()
+    flags = {"tls_ca_file": "tls_ca", "tls_cert_file": "tls_cert", "tls_key_file": "tls_key"}
+    given = {name: getattr(args, flag) for name, flag in flags.items() if getattr(args, flag, None) is not None}
+    for name, path in given.items():
+        if not path.is_file():
+            raise ConfigError(f"--{flags[name].replace('_', '-')} {path}: no such file")
+    return dataclasses.replace(found, **given) if given else found
+
+
 def client(args: argparse.Namespace) -> Client:
-    """A client of ``--target``, over TLS when INFERLINE_TLS_CA_FILE (and a client certificate,
-    for mutual TLS) are set, as the services' own channels are."""
-    return Client(args.target, Settings.from_env(), timeout=getattr(args, "timeout", None))
+    """A client of the command's target, over TLS when ``--tls-ca`` or INFERLINE_TLS_CA_FILE is
+    given (mutual TLS with a client certificate and key too), as the services' own channels are."""
+    resolved = settings(args)
+    return Client(target(args, resolved), resolved, timeout=getattr(args, "timeout", None))
 
 
 def fail(message: str) -> int:
