@@ -104,10 +104,17 @@ PEERS = {
 INFERLINE_VARIANTS = ("torch", "onnxruntime-x2")  # bench/compare.py's names: `inferline up`'s default, the fast layout
 
 
+def default_weights() -> Path:
+    """The first yolov8n.pt on INFERLINE_MODEL_DIR (as inferline finds it), else ../shared/models'."""
+    folders = [Path(part) for part in os.environ.get("INFERLINE_MODEL_DIR", "").split(os.pathsep) if part]
+    found = [folder / f"{MODEL}.pt" for folder in folders if (folder / f"{MODEL}.pt").is_file()]
+    return found[0] if found else SHARED / "models" / f"{MODEL}.pt"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", nargs="+", type=Path, default=sorted((SHARED / "data").glob("*.jpg")))
-    p.add_argument("--weights", type=Path, default=SHARED / "models" / f"{MODEL}.pt")
+    p.add_argument("--weights", type=Path, default=default_weights(), help="the .pt weights")
     p.add_argument("--duration", type=float, default=20.0, help="seconds measured per row")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds not counted before each row")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -415,6 +422,7 @@ def bench_compare() -> Any:
     spec = importlib.util.spec_from_file_location("bench_compare", REPO / "bench" / "compare.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
 
