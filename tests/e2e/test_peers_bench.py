@@ -91,7 +91,7 @@ def test_each_peer_gets_the_jpeg_the_way_its_native_api_takes_it():
 class _Answer(BaseHTTPRequestHandler):
     """Answers every POST with a JSON body; /fail with a 503."""
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
         status = 503 if self.path == "/fail" else 200
         body = b'{"boxes": [], "scores": [], "classes": []}'
