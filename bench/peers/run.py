@@ -511,12 +511,16 @@ def main(argv: list[str] | None = None) -> int:
         for offset, name in enumerate(args.peers):
             try:
                 run_peer(PEERS[name], args.port_base + 100 + offset, weights, images, recorder, logs, args)
-            except RuntimeError as exc:
+            except (RuntimeError, httpx.HTTPError) as exc:  # one peer that fails leaves the others' rows
                 tail = (logs / f"{name}.log").read_text(errors="replace")[-3000:]
                 print(f"{name}: {exc}\n{tail}", file=sys.stderr, flush=True)
                 recorder.parity[PEERS[name].label] = {"passed": False, "error": str(exc)}
         for offset, name in enumerate(args.inferline):
-            run_inferline(name, args.port_base + 200 + 10 * offset, images, recorder, args, Path(tmp))
+            try:
+                run_inferline(name, args.port_base + 200 + 10 * offset, images, recorder, args, Path(tmp))
+            except (RuntimeError, httpx.HTTPError) as exc:
+                print(f"inferline {name}: {exc}", file=sys.stderr, flush=True)
+                recorder.parity[f"inferline {name}"] = {"passed": False, "error": str(exc)}
 
     arguments = argv if argv is not None else sys.argv[1:]
     meta = {
@@ -552,7 +556,7 @@ def table(rows: Sequence[Mapping[str, Any]], parity_of: Mapping[str, Mapping[str
         verdict = next((v for name, v in parity_of.items() if contender.startswith(name)), None)
         ok = "-" if verdict is None else ("ok" if verdict.get("passed") else "**failed**")
         lines.append(
-            f"| {contender} | {ok} | {one['p50_ms'] if one else '-'} | {one['img_per_s'] if one else '-'} | "
+            f"| {contender} | {ok} | {(one['p50_ms'] if one else None) or '-'} | {one['img_per_s'] if one else '-'} | "
             + (f"{more['img_per_s']} ({more['concurrency']})" if more else "-") + " |"
         )
     return lines
@@ -600,7 +604,8 @@ def draw(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(9, 6))
     for contender in dict.fromkeys(r["contender"] for r in rows):
-        mine = sorted((r for r in rows if r["contender"] == contender), key=lambda r: r["concurrency"])
+        answered = (r for r in rows if r["contender"] == contender and r["p50_ms"] is not None)
+        mine = sorted(answered, key=lambda r: r["concurrency"])
         axes.plot([r["img_per_s"] for r in mine], [r["p50_ms"] for r in mine], marker="o", label=contender)
         for r in mine:
             axes.annotate(f"c={r['concurrency']}", (r["img_per_s"], r["p50_ms"]), fontsize=7,
