@@ -108,7 +108,7 @@ class TorchDetector:
         self.model = YOLO(weights)
 
     def __call__(self, jpegs: Sequence[bytes]) -> list[dict[str, Any]]:
-        results: list[Any] = self.model.predict(
+        results: Any = self.model.predict(
             [decode(jpeg) for jpeg in jpegs], conf=CONF, iou=IOU, max_det=MAX_DET, device="cpu", verbose=False
         )
         return [as_json(r.boxes.xyxy.numpy(), r.boxes.conf.numpy(), r.boxes.cls.numpy()) for r in results]

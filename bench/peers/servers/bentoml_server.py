@@ -30,4 +30,5 @@ class Detect:
 
 
 if __name__ == "__main__":
-    Detect.serve_http(host="127.0.0.1", port=CONFIG.port)  # as `bentoml serve bentoml_server:Detect`
+    service: Any = Detect  # what @bentoml.service made of the class (untyped outside its venv)
+    service.serve_http(host="127.0.0.1", port=CONFIG.port)  # as `bentoml serve bentoml_server:Detect`

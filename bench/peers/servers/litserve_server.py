@@ -20,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from detector import PeerConfig, load  # type: ignore[import-not-found]  # bench/peers/
 
 
-class Detect(ls.LitAPI):  # type: ignore[misc]  # LitAPI is untyped here (the peer's own venv)
+class Detect(ls.LitAPI):
     def setup(self, device: str) -> None:
         self.detector = load(PeerConfig.from_env())
 
     # No annotation on ``request``: LitServe picks how to read the body from it (none: JSON).
-    def decode_request(self, request) -> bytes:  # type: ignore[no-untyped-def]
+    def decode_request(self, request) -> bytes:
         return base64.b64decode(request["image"])
 
     def predict(self, jpegs: list[bytes]) -> list[dict[str, Any]]:
