@@ -32,12 +32,14 @@ import argparse
 import asyncio
 import base64
 import datetime as dt
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +53,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -421,6 +424,23 @@ def inferline_env(base: int, repo: Path) -> dict[str, str]:
     return env
 
 
+def grpc_detections(target: str, settings: Any, paths: Sequence[Path]) -> dict[str, Any]:
+    """inferline's detections of each image, one Detect call per image, in the peers' answer shape."""
+    from inferline.common.api import DetectRequest  # noqa: PLC0415 - inferline's names, only when it runs
+    from inferline.services.client import Client, image_inputs  # noqa: PLC0415
+
+    found = {}
+    with Client(target, settings, timeout=120) as client:
+        for path in paths:
+            (image,) = client.detect(DetectRequest(MODEL, image_inputs([path]))).images
+            found[path.name] = {
+                "boxes": [[float(v) for v in d.box] for d in image.detections],
+                "scores": [float(d.score) for d in image.detections],
+                "classes": [int(d.class_id) for d in image.detections],
+            }
+    return found
+
+
 def bench_compare() -> Any:
     """bench/compare.py, whose variants (and their model repositories) inferline's rows reuse."""
     spec = importlib.util.spec_from_file_location("bench_compare", REPO / "bench" / "compare.py")
@@ -431,6 +451,22 @@ def bench_compare() -> Any:
     return module
 
 
+def variant_repository(compare: Any, variant: Any, root: Path, args: argparse.Namespace) -> Path:
+    """bench/compare.py's repository for the variant, serving this run's ONNX export (the one the
+    peers serve) pinned by its sha256: an exported file has no official digest, and the model
+    config must say which file it trusts."""
+    if variant.backend_onnx and not (root / f"{MODEL}.onnx").exists():
+        shutil.copyfile(inferline_export(args), root / f"{MODEL}.onnx")
+    repo = Path(compare.repository(root, variant))
+    config_path = repo / MODEL / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    if variant.backend_onnx and "verify" not in config["weights"]:
+        digest = hashlib.sha256((root / f"{MODEL}.onnx").read_bytes()).hexdigest()
+        config["weights"]["verify"] = f"sha256:{digest}"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return repo
+
+
 def run_inferline(variant_name: str, base: int, images: Mapping[str, bytes], recorder: Recorder,
                   args: argparse.Namespace, root: Path) -> None:
     compare = bench_compare()
@@ -439,7 +475,7 @@ def run_inferline(variant_name: str, base: int, images: Mapping[str, bytes], rec
     from inferline.services.stack import UP_ORDER, LocalStack  # noqa: PLC0415
 
     variant = compare.VARIANTS[variant_name]
-    env = inferline_env(base, compare.repository(root, variant))
+    env = inferline_env(base, variant_repository(compare, variant, root, args))
     if variant.torch_threads:
         env["INFERLINE_TORCH_THREADS"] = str(variant.torch_threads)
     settings = Settings.from_env(env)
@@ -449,8 +485,11 @@ def run_inferline(variant_name: str, base: int, images: Mapping[str, bytes], rec
         gateway = settings.port("gateway")
         calls = [gateway_call(gateway, jpeg) for jpeg in images.values()]
         label = f"inferline {variant.label.removeprefix('four services, ')}"
-        found = {name: gateway_detections(post(call)) for name, call in zip(images, calls, strict=True)}
-        recorder.check(label, found)
+        # Parity over gRPC: the gateway's JSON rounds boxes to 0.01 px and scores to 1e-5 (its documents).
+        recorder.check(label, grpc_detections(running.controller_target, settings, args.images))
+        for name, call in zip(images, calls, strict=True):  # the gateway answers the same detections
+            if gateway_detections(post(call))["classes"] != recorder.expected[name]["classes"]:
+                raise RuntimeError(f"inferline's gateway found other classes than ultralytics in {name}")
         for concurrency in args.concurrency:
             report = asyncio.run(http_load(calls, concurrency, args.duration, args.warmup))
             recorder.row(f"{label}, HTTP gateway", "inferline", concurrency, report)

@@ -147,7 +147,8 @@ def test_driver_runs_one_peer_after_checking_its_detections(model_dir, data_dir,
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--images", *map(str, sorted(data_dir.glob("*.jpg"))),
          "--peers", "mosec-onnx", "--inferline", "--skip-references", "--duration", "2", "--warmup", "1",
-         "--concurrency", "1", "8", "--out", str(tmp_path), "--stem", "smoke", "--work", str(tmp_path / "work")],
+         "--concurrency", "1", "8", "--out", str(tmp_path), "--stem", "smoke", "--work", str(tmp_path / "work"),
+         "--port-base", "24500"],  # beside a manual run on the default ports
         env=env, capture_output=True, text=True, timeout=900, cwd=REPO,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
