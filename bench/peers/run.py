@@ -596,20 +596,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(rows: Sequence[Mapping[str, Any]], parity_of: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """One line per contender: p50 and img/s at c=1, the best img/s at the higher concurrencies."""
-    lines = ["| contender | parity | c=1 p50 ms | c=1 img/s | best img/s at c>1 (at c) |",
-             "|---|---|---:|---:|---:|"]
+    """One line per contender: p50 and img/s at c=1, the best img/s at the higher concurrencies
+    and the errors (refusals included) of that row."""
+    lines = [
+        "| contender | parity | c=1 p50 ms | c=1 img/s | best img/s at c>1 (at c) | errors in that row |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for contender in dict.fromkeys(r["contender"] for r in rows):
         mine = [r for r in rows if r["contender"] == contender]
         one = next((r for r in mine if r["concurrency"] == 1), None)
         more = max((r for r in mine if r["concurrency"] > 1), key=lambda r: r["img_per_s"], default=None)
         verdict = next((v for name, v in parity_of.items() if contender.startswith(name)), None)
         ok = "-" if verdict is None else ("ok" if verdict.get("passed") else "**failed**")
+        best = f"{_n(more['img_per_s'], 1)} ({more['concurrency']}) | {more['errors']}" if more else "- | -"
         lines.append(
-            f"| {contender} | {ok} | {(one['p50_ms'] if one else None) or '-'} | {one['img_per_s'] if one else '-'} | "
-            + (f"{more['img_per_s']} ({more['concurrency']})" if more else "-") + " |"
+            f"| {contender} | {ok} | {_n(one['p50_ms'] if one else None, 0)} | "
+            f"{_n(one['img_per_s'] if one else None, 1)} | {best} |"
         )
     return lines
+
+
+def _n(value: float | None, digits: int) -> str:
+    """A figure for a table cell, rounded as far as it means anything here; '-' when there is none."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def markdown(document: Mapping[str, Any], plot_name: str) -> str:
@@ -645,8 +654,11 @@ def markdown(document: Mapping[str, Any], plot_name: str) -> str:
                          f"{_g(v['max_score_diff'])} | {', '.join(v['failed_images']) or '-'} |")
     lines += ["", "## Every row", "", "| contender | c | img/s | p50 ms | p95 ms | p99 ms | errors |",
               "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['contender']} | {r['concurrency']} | {r['img_per_s']} | {r['p50_ms']} | {r['p95_ms']} | "
-              f"{r['p99_ms']} | {r['errors']} |" for r in rows]
+    lines += [
+        f"| {r['contender']} | {r['concurrency']} | {_n(r['img_per_s'], 2)} | {_n(r['p50_ms'], 1)} | "
+        f"{_n(r['p95_ms'], 1)} | {_n(r['p99_ms'], 1)} | {r['errors']} {json.dumps(r.get('error_codes') or '')} |"
+        for r in rows
+    ]
     lines += ["", f"![latency against throughput]({plot_name})", ""]
     return "\n".join(lines)
 

@@ -49,13 +49,13 @@ def measure(model: Any, images: list[Path], duration: float, warmup: float) -> d
     elapsed, cpu = time.perf_counter() - start, _cpu_s() - cpu0
     ms = np.asarray(latencies) * 1000
     return {
-        "img_per_s": len(latencies) / elapsed,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p95_ms": float(np.percentile(ms, 95)),
-        "p99_ms": float(np.percentile(ms, 99)),
+        "img_per_s": round(len(latencies) / elapsed, 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p95_ms": round(float(np.percentile(ms, 95)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
         "requests": len(latencies),
         "errors": 0,
-        "cpu_ms_per_image": 1000 * cpu / len(latencies),
+        "cpu_ms_per_image": round(1000 * cpu / len(latencies), 1),
     }
 
 
