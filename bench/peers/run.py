@@ -616,6 +616,11 @@ def table(rows: Sequence[Mapping[str, Any]], parity_of: Mapping[str, Mapping[str
     return lines
 
 
+def _codes(codes: Mapping[str, int] | None) -> str:
+    """What the errors were, e.g. ' (RESOURCE_EXHAUSTED 12)'; nothing when there were none."""
+    return f" ({', '.join(f'{code} {n}' for code, n in codes.items())})" if codes else ""
+
+
 def _n(value: float | None, digits: int) -> str:
     """A figure for a table cell, rounded as far as it means anything here; '-' when there is none."""
     return "-" if value is None else f"{value:.{digits}f}"
@@ -656,7 +661,7 @@ def markdown(document: Mapping[str, Any], plot_name: str) -> str:
               "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [
         f"| {r['contender']} | {r['concurrency']} | {_n(r['img_per_s'], 2)} | {_n(r['p50_ms'], 1)} | "
-        f"{_n(r['p95_ms'], 1)} | {_n(r['p99_ms'], 1)} | {r['errors']} {json.dumps(r.get('error_codes') or '')} |"
+        f"{_n(r['p95_ms'], 1)} | {_n(r['p99_ms'], 1)} | {r['errors']}{_codes(r.get('error_codes'))} |"
         for r in rows
     ]
     lines += ["", f"![latency against throughput]({plot_name})", ""]

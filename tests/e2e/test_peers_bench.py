@@ -129,15 +129,17 @@ def test_closed_loop_counts_answers_inside_the_window_and_errors_apart(answering
     assert report["p50_ms"] is None  # no answer, no latency
 
 
-def test_report_table_has_c1_latency_and_best_throughput_beyond_c1():
+def test_report_table_has_c1_latency_and_best_throughput_beyond_c1_with_its_errors():
     run = _run_module()
     rows = [
-        {"contender": "Mosec, ONNX", "concurrency": 1, "img_per_s": 10.0, "p50_ms": 100.0},
-        {"contender": "Mosec, ONNX", "concurrency": 8, "img_per_s": 19.0, "p50_ms": 400.0},
-        {"contender": "Mosec, ONNX", "concurrency": 32, "img_per_s": 18.0, "p50_ms": 1700.0},
+        {"contender": "Mosec, ONNX", "concurrency": 1, "img_per_s": 10.04, "p50_ms": 100.4, "errors": 0},
+        {"contender": "Mosec, ONNX", "concurrency": 8, "img_per_s": 19.0, "p50_ms": 400.0, "errors": 3},
+        {"contender": "Mosec, ONNX", "concurrency": 32, "img_per_s": 18.0, "p50_ms": 1700.0, "errors": 0},
+        {"contender": "KServe", "concurrency": 1, "img_per_s": 0.0, "p50_ms": None, "errors": 0},
     ]
-    lines = run.table(rows, {"Mosec, ONNX": {"passed": True}})
-    assert lines[-1] == "| Mosec, ONNX | ok | 100.0 | 10.0 | 19.0 (8) |"
+    lines = run.table(rows, {"Mosec, ONNX": {"passed": True}, "KServe": {"passed": False}})
+    assert lines[-2] == "| Mosec, ONNX | ok | 100 | 10.0 | 19.0 (8) | 3 |"
+    assert lines[-1] == "| KServe | **failed** | - | 0.0 | - | - |"
 
 
 @pytest.mark.slow
