@@ -674,11 +674,14 @@ def draw(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415 - after choosing the Agg backend
 
-    figure, axes = plt.subplots(figsize=(9, 6))
-    for contender in dict.fromkeys(r["contender"] for r in rows):
+    figure, axes = plt.subplots(figsize=(12, 6))
+    colours = plt.get_cmap("tab20").colors
+    for index, contender in enumerate(dict.fromkeys(r["contender"] for r in rows)):
         answered = (r for r in rows if r["contender"] == contender and r["p50_ms"] is not None)
         mine = sorted(answered, key=lambda r: r["concurrency"])
-        axes.plot([r["img_per_s"] for r in mine], [r["p50_ms"] for r in mine], marker="o", label=contender)
+        inferline = contender.startswith("inferline")
+        axes.plot([r["img_per_s"] for r in mine], [r["p50_ms"] for r in mine], marker="s" if inferline else "o",
+                  linestyle="--" if inferline else "-", color=colours[index % len(colours)], label=contender)
         for r in mine:
             axes.annotate(f"c={r['concurrency']}", (r["img_per_s"], r["p50_ms"]), fontsize=7,
                           textcoords="offset points", xytext=(3, 3))
@@ -687,7 +690,7 @@ def draw(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     axes.set_yscale("log")
     axes.set_title("YOLOv8n on CPU: serving peers and inferline, closed loop")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
