@@ -675,7 +675,7 @@ def draw(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415 - after choosing the Agg backend
 
     figure, axes = plt.subplots(figsize=(12, 6))
-    colours = plt.get_cmap("tab20").colors
+    colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
     for index, contender in enumerate(dict.fromkeys(r["contender"] for r in rows)):
         answered = (r for r in rows if r["contender"] == contender and r["p50_ms"] is not None)
         mine = sorted(answered, key=lambda r: r["concurrency"])
