@@ -190,6 +190,12 @@ class Settings:
     shm_max_regions: int = 64
     shm_max_bytes: int = 2 * 1024**3
 
+    # issue 17: fast by default (docs/performance.md). The window of inferline_model_busy_ratio;
+    # where exports made at load (a served .pt with backend onnxruntime) are cached, with the
+    # sha256 and check of each (empty: ~/.cache/inferline/exports).
+    model_busy_window_s: float = 10.0
+    export_cache_dir: Path | None = None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
