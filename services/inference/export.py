@@ -6,12 +6,20 @@ YOLO-seg: ``output0`` (B, 116, N) and the prototypes ``output1`` (B, 32, H/4, W/
 detectors: one image per run, ``boxes``/``scores``/``labels`` with a batch axis of 1).
 Labels and recipe params travel in the file's ``metadata_props`` ("labels", "recipe_params",
 JSON), so the ONNX Runtime backend needs nothing but the file.
+
+``cached_export`` is what serving a ``.pt`` with ``backend: onnxruntime`` uses (issue 17: the
+fast layout is the default): the export is made once per source file and exporter, checked
+against the source module on a fixed input, and recorded (sha256 of both files, the largest
+difference) beside it; a cached file whose bytes no longer match its record is made again.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +32,15 @@ from inferline.services.inference.repository import ModelConfig
 if TYPE_CHECKING:
     from inferline.services.inference.backends.open_clip_loader import ClipModule
 
+log = logging.getLogger(__name__)
+
 DEFAULT_OPSET = 17
+# Bumped when the exported graph changes for the same source and versions (a cache key part).
+EXPORT_FORMAT = 1
+# The check of an export against its source module: raw outputs (YOLO: box pixels up to 640,
+# scores in [0, 1]) equal to float32 rounding across two runtimes' different summation orders.
+CHECK_RTOL = 1e-3
+CHECK_ATOL = 1e-2
 
 
 class _Yolo(torch.nn.Module):
@@ -217,3 +233,98 @@ class _Half(torch.nn.Module):
             out = out[0] if isinstance(out, (tuple, list)) else out
             return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
         return inner(*inputs).float()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_input(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The fixed input an export is checked on: seeded noise for images (a flat image would leave
+    most of a detector's paths unchecked), the export's own sample for anything else."""
+    rng = np.random.default_rng(17)
+    return {
+        name: rng.integers(0, 256, array.shape, dtype=np.uint8) if array.dtype == np.uint8 else array
+        for name, array in sample.items()
+    }
+
+
+def cached_export(config: ModelConfig, weights_path: Path, source_sha256: str, cache_dir: Path) -> Path:
+    """An ONNX export of ``weights_path`` for ``config``, made once and reused while its record holds.
+
+    The key is the source file's sha256, what the graph is built from (loader, inputs, outputs)
+    and the exporter's versions, so a new source or a new torch makes a new file; the record
+    (``.json`` beside it) keeps the export's sha256 and the difference measured against the
+    source module, so a truncated or altered file is noticed and made again, not served.
+    """
+    key_fields = {
+        "source_sha256": source_sha256,
+        "loader": config.loader,
+        "inputs": [(t.name, t.dtype, list(t.shape)) for t in config.inputs],
+        "outputs": [(t.name, t.dtype, list(t.shape)) for t in config.outputs],
+        "parameters": {k: v for k, v in sorted((config.parameters or {}).items()) if k in ("architecture",)},
+        "torch": torch.__version__,
+        "opset": DEFAULT_OPSET,
+        "format": EXPORT_FORMAT,
+    }
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    out = Path(cache_dir) / f"{config.name}-{key}.onnx"
+    record_path = out.with_suffix(".json")
+    if out.is_file() and record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+        except ValueError:
+            record = {}
+        if record.get("onnx_sha256") == _sha256(out) and record.get("source_sha256") == source_sha256:
+            return out
+        log.warning("%s: cached export %s does not match its record: exporting again", config.name, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A file of this process's own, renamed into place: concurrent stages never read a half-written one.
+    partial = out.with_name(f"{out.stem}.{os.getpid()}.partial.onnx")
+    try:
+        export_onnx(config, weights_path, partial, dynamic_batch=config.loader != "torchvision_detection")
+        difference = verify_export(config, weights_path, partial)
+        record = {**key_fields, "onnx_sha256": _sha256(partial), "max_abs_diff": difference}
+        os.replace(partial, out)
+        record_path.write_text(json.dumps(record, indent=1) + "\n")
+    finally:
+        partial.unlink(missing_ok=True)
+    for stale in out.parent.glob(f"{config.name}-*.onnx"):
+        if stale != out and ".partial." not in stale.name:
+            stale.unlink(missing_ok=True)
+            stale.with_suffix(".json").unlink(missing_ok=True)
+    log.info("%s: exported %s to %s (max abs difference to the source %.2g)",
+             config.name, weights_path, out, difference)
+    return out
+
+
+def verify_export(config: ModelConfig, weights_path: Path, onnx_path: Path) -> float:
+    """The largest absolute difference between the export and its source module on a fixed
+    input; raises ``WeightsError`` when it is beyond float32 rounding."""
+    import onnxruntime  # noqa: PLC0415 - the serving extra, only when an export is checked
+
+    module, sample, _, _ = _build(config, Path(weights_path))
+    inputs = _check_input(sample)
+    names = [spec.name for spec in config.inputs]
+    with torch.no_grad():
+        expected = module(*(torch.from_numpy(inputs[name]) for name in names))
+    expected_list = list(expected) if isinstance(expected, (tuple, list)) else [expected]
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+    got = session.run([spec.name for spec in config.outputs], inputs)
+    worst = 0.0
+    for spec, want, have in zip(config.outputs, expected_list, got, strict=True):
+        want_np = want.detach().numpy()
+        if want_np.shape != have.shape or not np.allclose(have, want_np, rtol=CHECK_RTOL, atol=CHECK_ATOL):
+            raise WeightsError(
+                f"{onnx_path}: the export's {spec.name} differs from the source module's beyond float32 "
+                "rounding; not serving it (export with `inferline export` and compare, or serve backend: torch)"
+            )
+        if have.size:
+            worst = max(worst, float(np.max(np.abs(have.astype(np.float64) - want_np))))
+    return worst

@@ -7,6 +7,12 @@ when > 0, else ORT's own), ``allow_spinning`` (default false). A session serves 
 ``run`` calls, so ``instance_count: 2`` with ``intra_op_threads: 1`` runs two batches at once.
 Labels and recipe params come from the file's metadata_props.
 
+Weights that are not an ``.onnx`` file (the loader family's own checkpoint, say ``yolov8n.pt``,
+checked against the config's integrity policy first) are exported once into
+``INFERLINE_EXPORT_CACHE_DIR`` and checked against the source (``export.cached_export``); on a
+machine where this onnxruntime has no CUDA provider but torch sees a GPU, such a model is
+served by the torch backend instead: the GPU path beats ONNX Runtime on the CPU.
+
 Threads follow the load (issue 17): with ``alone_intra_op_threads`` (0: every core this process
 may use) a second session of the same file, with that many threads, runs the passes that have
 nothing beside them (``run_alone``, chosen by the batcher): one request gets all the cores, a deep
@@ -17,10 +23,12 @@ thread counts: equal to float32 rounding, not bit for bit).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -28,7 +36,7 @@ import onnxruntime as ort
 from inferline.common.errors import WeightsError
 from inferline.common.settings import Settings
 from inferline.common.telemetry.metrics import INTRA_OP_THREADS
-from inferline.services.inference.backends import BACKENDS
+from inferline.services.inference.backends import BACKENDS, Backend, load_backend
 from inferline.services.inference.repository import ModelConfig
 from inferline.services.inference.weights import ResolvedWeights
 
@@ -41,6 +49,7 @@ _LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 CUDA = "CUDAExecutionProvider"
+DEFAULT_EXPORT_CACHE = Path.home() / ".cache" / "inferline" / "exports"
 CPU = "CPUExecutionProvider"
 
 
@@ -138,7 +147,7 @@ class OnnxRuntimeBackend:
 
 
 @BACKENDS.register("onnxruntime")
-def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, settings: Settings) -> OnnxRuntimeBackend:
+def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, settings: Settings) -> Backend:
     params = dict(config.parameters or {})
     level = str(params.get("graph_optimization_level", "all")).lower()
     if level not in _LEVELS:
@@ -155,6 +164,13 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
     # Spinning intra-op threads take the other stages' CPU while they wait for work: off unless asked.
     spinning = bool(params.get("allow_spinning", False))
     path = weights.path
+    if path.suffix != ".onnx":
+        if CUDA not in providers and settings.device != "cpu" and _torch_sees_cuda():
+            log.info("%s: onnxruntime has no CUDA provider here and torch sees a GPU: serving with torch", config.name)
+            return load_backend(dataclasses.replace(config, backend="torch"), weights, settings)
+        from inferline.services.inference.export import cached_export  # noqa: PLC0415 - needs torch, only for a .pt
+
+        path = cached_export(config, path, weights.sha256, settings.export_cache_dir or DEFAULT_EXPORT_CACHE)
     session = _session(path, level, intra, inter, spinning, providers)
     alone, alone_threads = None, 0
     wanted = params.get("alone_intra_op_threads")
@@ -163,6 +179,14 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
         if alone_threads > max(intra, 1):
             alone = _session(path, level, alone_threads, inter, spinning, providers)
     return OnnxRuntimeBackend(session, config, intra if intra > 0 else usable_cores(), alone, alone_threads)
+
+
+def _torch_sees_cuda() -> bool:
+    try:
+        import torch  # noqa: PLC0415 - optional here: an ONNX-only image has no torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def _session(
