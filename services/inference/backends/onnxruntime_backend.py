@@ -16,9 +16,8 @@ served by the torch backend instead: the GPU path beats ONNX Runtime on the CPU.
 Threads follow the load (issue 17): with ``alone_intra_op_threads`` (0: every core this process
 may use) a second session of the same file, with that many threads, runs the passes that have
 nothing beside them (``run_alone``, chosen by the batcher): one request gets all the cores, a deep
-queue gets parallel single-thread passes. Sessions share nothing, so both give the same outputs
-as one session would with their thread count (convolutions may sum in another order across
-thread counts: equal to float32 rounding, not bit for bit).
+queue gets parallel single-thread passes. The outputs are the one-session path's bit for bit
+(ORT's CPU kernels split work by outputs, so the sums keep their order; tests/unit/test_ort_threads.py).
 """
 
 from __future__ import annotations
