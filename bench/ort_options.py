@@ -31,7 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from inferline.common.settings import Settings
-from inferline.services.inference.export import cached_export
+from inferline.services.inference.export_cache import cached_export
 from inferline.services.inference.repository import BUILTIN_REPOSITORY, load_config
 from inferline.services.inference.weights import resolve_weights
 from inferline.services.preprocess.letterbox import letterbox
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
         "cpu": platform.processor() or platform.machine(), "cores": cores,
         "image": source.name, "input_shape": list(image.shape),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# ONNX Runtime options on YOLOv8n (one forward pass, batch 1)", "",
         f"`{meta['command']}`, {meta['date']}, onnxruntime {meta['onnxruntime']}, {cores} cores, "
-        f"input {meta['input_shape']}. Medians; a shared, noisy machine: differences under ~5% are noise.", "",
+        f"input {meta['input_shape']}, load average {meta['loadavg_at_end']} at the end. Medians; a shared, "
+        "noisy machine: differences under ~5% are noise.", "",
         "| variant | threads | median ms | vs default | runs | max abs diff to default |",
         "|---|---:|---:|---:|---:|---:|",
     ]

@@ -115,7 +115,7 @@ def forward_runner(
     import cv2
     import onnxruntime as ort
 
-    from inferline.services.inference.export import cached_export
+    from inferline.services.inference.export_cache import cached_export
     from inferline.services.inference.repository import BUILTIN_REPOSITORY, load_config
     from inferline.services.preprocess.letterbox import letterbox
 

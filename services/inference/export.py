@@ -7,19 +7,13 @@ detectors: one image per run, ``boxes``/``scores``/``labels`` with a batch axis 
 Labels and recipe params travel in the file's ``metadata_props`` ("labels", "recipe_params",
 JSON), so the ONNX Runtime backend needs nothing but the file.
 
-``cached_export`` is what serving a ``.pt`` with ``backend: onnxruntime`` uses (issue 17: the
-fast layout is the default): the export is made once per source file and exporter, checked
-against the source module on a fixed input, and recorded (sha256 of both files, the largest
-difference) beside it; a cached file whose bytes no longer match its record is made again.
+``verify_export`` checks an export against its source module (``export_cache`` records it).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +26,7 @@ from inferline.services.inference.repository import ModelConfig
 if TYPE_CHECKING:
     from inferline.services.inference.backends.open_clip_loader import ClipModule
 
-log = logging.getLogger(__name__)
-
 DEFAULT_OPSET = 17
-# Bumped when the exported graph changes for the same source and versions (a cache key part).
-EXPORT_FORMAT = 1
 # The check of an export against its source module: raw outputs (YOLO: box pixels up to 640,
 # scores in [0, 1]) equal to float32 rounding across two runtimes' different summation orders.
 CHECK_RTOL = 1e-3
@@ -235,14 +225,6 @@ class _Half(torch.nn.Module):
         return inner(*inputs).float()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_input(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The fixed input an export is checked on: seeded noise for images (a flat image would leave
     most of a detector's paths unchecked), the export's own sample for anything else."""
@@ -251,55 +233,6 @@ def _check_input(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         name: rng.integers(0, 256, array.shape, dtype=np.uint8) if array.dtype == np.uint8 else array
         for name, array in sample.items()
     }
-
-
-def cached_export(config: ModelConfig, weights_path: Path, source_sha256: str, cache_dir: Path) -> Path:
-    """An ONNX export of ``weights_path`` for ``config``, made once and reused while its record holds.
-
-    The key is the source file's sha256, what the graph is built from (loader, inputs, outputs)
-    and the exporter's versions, so a new source or a new torch makes a new file; the record
-    (``.json`` beside it) keeps the export's sha256 and the difference measured against the
-    source module, so a truncated or altered file is noticed and made again, not served.
-    """
-    key_fields = {
-        "source_sha256": source_sha256,
-        "loader": config.loader,
-        "inputs": [(t.name, t.dtype, list(t.shape)) for t in config.inputs],
-        "outputs": [(t.name, t.dtype, list(t.shape)) for t in config.outputs],
-        "parameters": {k: v for k, v in sorted((config.parameters or {}).items()) if k in ("architecture",)},
-        "torch": torch.__version__,
-        "opset": DEFAULT_OPSET,
-        "format": EXPORT_FORMAT,
-    }
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    out = Path(cache_dir) / f"{config.name}-{key}.onnx"
-    record_path = out.with_suffix(".json")
-    if out.is_file() and record_path.is_file():
-        try:
-            record = json.loads(record_path.read_text())
-        except ValueError:
-            record = {}
-        if record.get("onnx_sha256") == _sha256(out) and record.get("source_sha256") == source_sha256:
-            return out
-        log.warning("%s: cached export %s does not match its record: exporting again", config.name, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A file of this process's own, renamed into place: concurrent stages never read a half-written one.
-    partial = out.with_name(f"{out.stem}.{os.getpid()}.partial.onnx")
-    try:
-        export_onnx(config, weights_path, partial, dynamic_batch=config.loader != "torchvision_detection")
-        difference = verify_export(config, weights_path, partial)
-        record = {**key_fields, "onnx_sha256": _sha256(partial), "max_abs_diff": difference}
-        os.replace(partial, out)
-        record_path.write_text(json.dumps(record, indent=1) + "\n")
-    finally:
-        partial.unlink(missing_ok=True)
-    for stale in out.parent.glob(f"{config.name}-*.onnx"):
-        if stale != out and ".partial." not in stale.name:
-            stale.unlink(missing_ok=True)
-            stale.with_suffix(".json").unlink(missing_ok=True)
-    log.info("%s: exported %s to %s (max abs difference to the source %.2g)",
-             config.name, weights_path, out, difference)
-    return out
 
 
 def verify_export(config: ModelConfig, weights_path: Path, onnx_path: Path) -> float:

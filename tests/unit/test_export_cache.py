@@ -16,6 +16,7 @@ onnx = pytest.importorskip("onnx")
 
 import inferline.services.inference.backends.onnxruntime_backend as ortb  # noqa: E402 - after the skips
 import inferline.services.inference.export as export  # noqa: E402
+import inferline.services.inference.export_cache as export_cache  # noqa: E402
 from inferline.common.errors import WeightsError  # noqa: E402
 from inferline.common.settings import Settings  # noqa: E402
 from inferline.services.inference.repository import BUILTIN_REPOSITORY, load_config  # noqa: E402
@@ -33,7 +34,7 @@ def yolo_config():
 def cache(tmp_path_factory, yolo_config, yolo_weights) -> tuple[Path, Path]:
     """(cache dir, the export made into it), made once for the module: exports take seconds."""
     root = tmp_path_factory.mktemp("exports")
-    made = export.cached_export(yolo_config, yolo_weights, sha256_of(yolo_weights), root)
+    made = export_cache.cached_export(yolo_config, yolo_weights, sha256_of(yolo_weights), root)
     return root, made
 
 
@@ -61,7 +62,7 @@ def test_a_cached_export_is_reused_without_exporting_again(cache, yolo_config, y
     root, made = cache
     calls: list[Path] = []
     monkeypatch.setattr(export, "export_onnx", _copying_export(made, calls))
-    assert export.cached_export(yolo_config, yolo_weights, sha256_of(yolo_weights), root) == made
+    assert export_cache.cached_export(yolo_config, yolo_weights, sha256_of(yolo_weights), root) == made
     assert calls == []
 
 
@@ -71,7 +72,7 @@ def test_a_corrupt_cached_export_is_made_again(cache, yolo_config, yolo_weights,
     calls: list[Path] = []
     monkeypatch.setattr(export, "export_onnx", _copying_export(pristine, calls))
     made.write_bytes(made.read_bytes()[:1000])
-    again = export.cached_export(yolo_config, yolo_weights, sha256_of(yolo_weights), root)
+    again = export_cache.cached_export(yolo_config, yolo_weights, sha256_of(yolo_weights), root)
     assert again == made and len(calls) == 1
     assert sha256_of(made) == sha256_of(pristine)
 
@@ -82,11 +83,11 @@ def test_a_new_source_makes_a_new_export_and_drops_the_stale_one(cache, yolo_con
     pristine = shutil.copyfile(made, tmp_path / "good.onnx")
     calls: list[Path] = []
     monkeypatch.setattr(export, "export_onnx", _copying_export(pristine, calls))
-    other = export.cached_export(yolo_config, yolo_weights, "0" * 64, root)
+    other = export_cache.cached_export(yolo_config, yolo_weights, "0" * 64, root)
     assert other != made and len(calls) == 1
     assert [p.name for p in root.glob("*.onnx")] == [other.name]
     # Back to the real source: made again (by the stand-in), the other one dropped.
-    assert export.cached_export(yolo_config, yolo_weights, sha256_of(yolo_weights), root) == made
+    assert export_cache.cached_export(yolo_config, yolo_weights, sha256_of(yolo_weights), root) == made
     assert [p.name for p in root.glob("*.onnx")] == [made.name]
 
 

@@ -9,7 +9,7 @@ Labels and recipe params come from the file's metadata_props.
 
 Weights that are not an ``.onnx`` file (the loader family's own checkpoint, say ``yolov8n.pt``,
 checked against the config's integrity policy first) are exported once into
-``INFERLINE_EXPORT_CACHE_DIR`` and checked against the source (``export.cached_export``); on a
+``INFERLINE_EXPORT_CACHE_DIR`` and checked against the source (``export_cache.cached_export``); on a
 machine where this onnxruntime has no CUDA provider but torch sees a GPU, such a model is
 served by the torch backend instead: the GPU path beats ONNX Runtime on the CPU.
 
@@ -167,7 +167,7 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
         if CUDA not in providers and settings.device != "cpu" and _torch_sees_cuda():
             log.info("%s: onnxruntime has no CUDA provider here and torch sees a GPU: serving with torch", config.name)
             return load_backend(dataclasses.replace(config, backend="torch"), weights, settings)
-        from inferline.services.inference.export import cached_export  # noqa: PLC0415 - needs torch, only for a .pt
+        from inferline.services.inference.export_cache import cached_export  # noqa: PLC0415 - only for a .pt
 
         path = cached_export(config, path, weights.sha256, settings.export_cache_dir or DEFAULT_EXPORT_CACHE)
     session = _session(path, level, intra, inter, spinning, providers)
