@@ -83,7 +83,9 @@ def cached_export(config: ModelConfig, weights_path: Path, source_sha256: str, c
     finally:
         partial.unlink(missing_ok=True)
     for stale in out.parent.glob(f"{config.name}-*.onnx"):
-        if stale != out and ".partial." not in stale.name:
+        # Only this model's own older exports (<name>-<16 hex>), never yolov8n-seg's for yolov8n.
+        name, _, key_part = stale.stem.rpartition("-")
+        if stale != out and name == config.name and len(key_part) == 16:
             stale.unlink(missing_ok=True)
             stale.with_suffix(".json").unlink(missing_ok=True)
     log.info("%s: exported %s to %s (max abs difference to the source %.2g)",

@@ -83,12 +83,16 @@ def test_a_new_source_makes_a_new_export_and_drops_the_stale_one(cache, yolo_con
     pristine = shutil.copyfile(made, tmp_path / "good.onnx")
     calls: list[Path] = []
     monkeypatch.setattr(export, "export_onnx", _copying_export(pristine, calls))
+    # Another model whose name starts with this one's keeps its export.
+    neighbour = root / "yolov8n-seg-0123456789abcdef.onnx"
+    neighbour.write_bytes(b"not ours")
     other = export_cache.cached_export(yolo_config, yolo_weights, "0" * 64, root)
     assert other != made and len(calls) == 1
-    assert [p.name for p in root.glob("*.onnx")] == [other.name]
+    assert sorted(p.name for p in root.glob("*.onnx")) == sorted([other.name, neighbour.name])
     # Back to the real source: made again (by the stand-in), the other one dropped.
     assert export_cache.cached_export(yolo_config, yolo_weights, sha256_of(yolo_weights), root) == made
-    assert [p.name for p in root.glob("*.onnx")] == [made.name]
+    assert sorted(p.name for p in root.glob("*.onnx")) == sorted([made.name, neighbour.name])
+    neighbour.unlink()
 
 
 def test_an_export_that_differs_from_its_source_is_refused(cache, yolo_config, yolo_weights, tmp_path):
@@ -122,3 +126,20 @@ def test_with_a_gpu_that_onnxruntime_cannot_use_the_torch_backend_serves(yolo_co
     backend = ortb.load_onnxruntime_backend(yolo_config, weights, Settings(device="auto", export_cache_dir=tmp_path))
     assert isinstance(backend, TorchBackend)
     assert list(tmp_path.iterdir()) == []  # nothing exported
+
+
+def test_without_the_exporter_a_pt_is_served_by_torch_or_refused_with_advice(yolo_config, yolo_weights, tmp_path,
+                                                                             monkeypatch):
+    from inferline.services.inference.backends.torch_backend import TorchBackend  # noqa: PLC0415 - torch-only test
+
+    def no_onnx(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'onnx'", name="onnx")
+
+    monkeypatch.setattr(ortb, "_torch_sees_cuda", lambda: False)
+    monkeypatch.setattr(export, "export_onnx", no_onnx)
+    weights = ResolvedWeights(path=yolo_weights, sha256=sha256_of(yolo_weights), official=False)
+    settings = Settings(device="cpu", export_cache_dir=tmp_path)
+    assert isinstance(ortb.load_onnxruntime_backend(yolo_config, weights, settings), TorchBackend)
+    monkeypatch.setattr(ortb, "_torch_importable", lambda: False)
+    with pytest.raises(WeightsError, match=r"onnx is missing.*inferline\[torch,onnx\].*inferline export"):
+        ortb.load_onnxruntime_backend(yolo_config, weights, settings)

@@ -23,6 +23,7 @@ queue gets parallel single-thread passes. The outputs are the one-session path's
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -169,7 +170,18 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
             return load_backend(dataclasses.replace(config, backend="torch"), weights, settings)
         from inferline.services.inference.export_cache import cached_export  # noqa: PLC0415 - only for a .pt
 
-        path = cached_export(config, path, weights.sha256, settings.export_cache_dir or DEFAULT_EXPORT_CACHE)
+        try:
+            path = cached_export(config, path, weights.sha256, settings.export_cache_dir or DEFAULT_EXPORT_CACHE)
+        except ImportError as exc:  # an image without the exporter: torch and onnx (the torch and onnx extras)
+            if not _torch_importable():
+                raise WeightsError(
+                    f"{config.name}: {path.name} must be exported to ONNX first and this install cannot "
+                    f"({exc.name or exc} is missing): install inferline[torch,onnx], or serve an .onnx "
+                    "file (inferline export)"
+                ) from None
+            log.warning("%s: cannot export %s here (%s is missing): serving with torch", config.name, path.name,
+                        exc.name or exc)
+            return load_backend(dataclasses.replace(config, backend="torch"), weights, settings)
     session = _session(path, level, intra, inter, spinning, providers)
     alone, alone_threads = None, 0
     wanted = params.get("alone_intra_op_threads")
@@ -180,11 +192,17 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
     return OnnxRuntimeBackend(session, config, intra if intra > 0 else usable_cores(), alone, alone_threads)
 
 
+def _torch_importable() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
 def _torch_sees_cuda() -> bool:
-    try:
-        import torch  # noqa: PLC0415 - optional here: an ONNX-only image has no torch
-    except ImportError:
+    """Whether torch can use a GPU here; torch is imported only on a machine with an NVIDIA
+    driver, so a CPU start on a warm export cache does not pay torch's import."""
+    if not Path("/proc/driver/nvidia/version").exists() or not _torch_importable():
         return False
+    import torch  # noqa: PLC0415 - optional here: an ONNX-only image has no torch
+
     return bool(torch.cuda.is_available())
 
 
