@@ -54,7 +54,7 @@ from inferline.services import loadgen
 from inferline.services.cli.bench import busy_ratio, scrape_busy
 from inferline.services.client import Client, collect_images, image_inputs
 from inferline.services.inference.repository import BUILTIN_REPOSITORY
-from inferline.services.stack import START_ORDER, LocalStack, free_port_env
+from inferline.services.stack import START_ORDER, LocalStack, free_port_env, free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -138,6 +138,9 @@ def repository(root: Path, variant: Variant) -> Path:
 @contextmanager
 def stack(repo: Path, models: list[str], variant: Variant, device: str = "cpu") -> Iterator[LocalStack]:
     env = free_port_env(_clean_env())
+    # Known metrics ports (free_port_env lets each stage pick one) for the model-busy scrape.
+    for stage, port in zip(("inference", CONTROLLER), free_ports(2), strict=True):
+        env[f"INFERLINE_{stage.upper()}_METRICS_PORT"] = str(port)
     env["INFERLINE_DEVICE"] = device
     env.update(INFERLINE_MODEL_REPOSITORY=str(repo), INFERLINE_MODELS=",".join(models), INFERLINE_LOG_LEVEL="WARNING")
     if variant.inprocess:
