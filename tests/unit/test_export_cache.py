@@ -143,3 +143,20 @@ def test_without_the_exporter_a_pt_is_served_by_torch_or_refused_with_advice(yol
     monkeypatch.setattr(ortb, "_torch_importable", lambda: False)
     with pytest.raises(WeightsError, match=r"onnx is missing.*inferline\[torch,onnx\].*inferline export"):
         ortb.load_onnxruntime_backend(yolo_config, weights, settings)
+
+
+def test_an_unwritable_cache_falls_back_to_the_temporary_folder(cache, yolo_config, yolo_weights, tmp_path,
+                                                                monkeypatch):
+    _, made = cache
+    calls: list[Path] = []
+    monkeypatch.setattr(export, "export_onnx", _copying_export(made, calls))
+    monkeypatch.setattr(ortb, "_torch_sees_cuda", lambda: False)
+    monkeypatch.setattr(ortb.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    # A folder that cannot be made (under a file) stands for a read-only root file system.
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    weights = ResolvedWeights(path=yolo_weights, sha256=sha256_of(yolo_weights), official=False)
+    settings = Settings(device="cpu", export_cache_dir=blocked / "exports")
+    backend = ortb.load_onnxruntime_backend(yolo_config, weights, settings)
+    assert isinstance(backend, ortb.OnnxRuntimeBackend)
+    assert [p.parent for p in calls] == [tmp_path / "tmp" / "inferline-exports"]

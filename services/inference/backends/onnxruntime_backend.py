@@ -27,6 +27,7 @@ import importlib.util
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -170,8 +171,21 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
             return load_backend(dataclasses.replace(config, backend="torch"), weights, settings)
         from inferline.services.inference.export_cache import cached_export  # noqa: PLC0415 - only for a .pt
 
+        cache = settings.export_cache_dir or DEFAULT_EXPORT_CACHE
         try:
-            path = cached_export(config, path, weights.sha256, settings.export_cache_dir or DEFAULT_EXPORT_CACHE)
+            try:
+                path = cached_export(config, path, weights.sha256, cache)
+            except OSError as exc:
+                # A read-only root file system (the Helm chart's, compose's): /tmp is writable there.
+                fallback = Path(tempfile.gettempdir()) / "inferline-exports"
+                log.warning("%s: export cache %s is not writable (%s): exporting into %s instead; set "
+                            "INFERLINE_EXPORT_CACHE_DIR to a writable volume to keep it across restarts",
+                            config.name, cache, exc.strerror or exc, fallback)
+                try:
+                    path = cached_export(config, path, weights.sha256, fallback)
+                except OSError as again:
+                    raise WeightsError(f"{config.name}: cannot write its ONNX export to {cache} nor {fallback}: "
+                                       f"{again}; set INFERLINE_EXPORT_CACHE_DIR to a writable folder") from None
         except ImportError as exc:  # an image without the exporter: torch and onnx (the torch and onnx extras)
             if not _torch_importable():
                 raise WeightsError(
