@@ -160,3 +160,19 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_folder(cache, yolo_conf
     backend = ortb.load_onnxruntime_backend(yolo_config, weights, settings)
     assert isinstance(backend, ortb.OnnxRuntimeBackend)
     assert [p.parent for p in calls] == [tmp_path / "tmp" / "inferline-exports"]
+
+
+@pytest.mark.gpu
+def test_on_a_cuda_machine_the_default_yolov8n_runs_on_the_gpu(yolo_weights, tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from inferline.services.inference.backends.torch_backend import TorchBackend  # noqa: PLC0415 - torch-only test
+
+    config = load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml")
+    weights = ResolvedWeights(path=yolo_weights, sha256=sha256_of(yolo_weights), official=False)
+    backend = ortb.load_onnxruntime_backend(config, weights, Settings(device="auto", export_cache_dir=tmp_path))
+    if isinstance(backend, ortb.OnnxRuntimeBackend):
+        assert backend.on_cuda, backend.providers
+    else:
+        assert isinstance(backend, TorchBackend) and backend.device.type == "cuda"
