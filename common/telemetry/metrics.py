@@ -94,7 +94,8 @@ WASTED_ITEMS = Counter(
 MODEL_BUSY_SECONDS = Counter(
     "inferline_model_busy_seconds",
     "Seconds each instance of the model spent running batches (rate() it: 1.0 is an instance never idle).",
-    ["model", "instance"],
+    # Not "instance": Prometheus gives every scraped series its target's "instance" label.
+    ["model", "model_instance"],
 )
 MODEL_BUSY_RATIO = Gauge(
     "inferline_model_busy_ratio",

@@ -9,9 +9,9 @@ from inferline.services.cli.bench import BusyReading, busy_ratio, scrape_busy
 PAGE = """\
 # HELP inferline_model_busy_seconds_total Seconds each instance of the model spent running batches.
 # TYPE inferline_model_busy_seconds_total counter
-inferline_model_busy_seconds_total{instance="0",model="yolov8n"} 12.5
-inferline_model_busy_seconds_total{instance="1",model="yolov8n"} 10.0
-inferline_model_busy_seconds_total{instance="0",model="clip-vit-b-32"} 99.0
+inferline_model_busy_seconds_total{model_instance="0",model="yolov8n"} 12.5
+inferline_model_busy_seconds_total{model_instance="1",model="yolov8n"} 10.0
+inferline_model_busy_seconds_total{model_instance="0",model="clip-vit-b-32"} 99.0
 """
 
 

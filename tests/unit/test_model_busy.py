@@ -78,7 +78,7 @@ class SlowModel:
 
 
 def _busy_seconds(model: str, instance: str) -> float:
-    labels = {"model": model, "instance": instance}
+    labels = {"model": model, "model_instance": instance}
     return REGISTRY.get_sample_value("inferline_model_busy_seconds_total", labels) or 0.0
 
 
