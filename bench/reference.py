@@ -76,8 +76,9 @@ def ultralytics_runner(
 
     model = YOLO(str(weights))
 
-    def run(paths: list[Path]) -> None:
-        model.predict(source=[str(p) for p in paths], verbose=False, device=device, batch=batch, half=half)
+    def run(paths: list[Path]) -> Any:
+        # The Results: measure() reads their .speed, main() their boxes (the detection counts).
+        return model.predict(source=[str(p) for p in paths], verbose=False, device=device, batch=batch, half=half)
 
     return run
 
