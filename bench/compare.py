@@ -382,6 +382,8 @@ def summarise(rows: list[dict]) -> dict:
 
 def markdown(meta: dict, summary: dict, rows: list[dict], plot_name: str) -> str:
     base = {r["family"]: r for r in rows if r["concurrency"] is None and r["batch"] == 1}
+    # YOLO's reference is the strongest simple alternative when it ran: ultralytics' ONNX loop.
+    base.update({r["family"]: r for r in rows if r["contender"] == ULTRALYTICS_ONNX})
     lines = [
         f"# CPU comparison ({meta['date']})",
         "",
