@@ -157,7 +157,7 @@ class DynamicBatcher:
         self.running = 0
         # EWMA of a forward pass's seconds per item; None until the first pass ends.
         self.item_seconds: float | None = None
-        # Passes in flight (each holds one instance).
+        # Passes in flight (each holds one instance), and how many passes ran alone in all.
         self.passes_running = 0
         self.passes_alone = 0
         self.busy = BusyMeter(config.instances, config.busy_window_s)
@@ -233,9 +233,9 @@ class DynamicBatcher:
         ``instances`` batches are in flight while the queue keeps filling."""
         self._workers = [w for w in self._workers if not w.done()]
         loop = asyncio.get_running_loop()
-        busy = {int(w.get_name().rsplit("-", 1)[-1]) for w in self._workers}
+        alive = {int(w.get_name().rsplit("-", 1)[-1]) for w in self._workers}
         for instance in range(self.config.instances):
-            if instance not in busy:
+            if instance not in alive:
                 self._workers.append(loop.create_task(self._work(instance), name=f"batcher-{self.name}-{instance}"))
 
     async def _work(self, instance: int) -> None:
