@@ -4,14 +4,18 @@ Contenders (each measured for ``--duration`` seconds after ``--warmup``, one aft
 the ratios come from one run on one machine state):
 
 * references, each in a fresh process (bench/reference.py): ultralytics predict one image per
-  call and batched, torchvision's Faster R-CNN loop, open_clip's image loop;
-* the four-service pipeline (``inferline up`` as local processes) with the PyTorch backend and
-  dynamic batching (preprocessed tensors in shared memory between the stages, issue 16), the
-  same with the tensors inline in the messages (``torch-inline``, as before issue 16), the same
-  with batching off (``max_batch_size: 1``: the issue-3 baseline's configuration), the ONNX
-  Runtime backend (yolov8n exported by ``inferline export``), and the controller's
-  ``--inprocess`` mode (the same stage code without gRPC between the stages); each at
-  concurrency 1, 8 and 32 with ``inferline bench``'s load generator (``services/loadgen.py``);
+  call and batched, ultralytics' own ONNX export (``YOLO("yolov8n.onnx").predict``, one image per
+  call), torchvision's Faster R-CNN loop, open_clip's image loop; and the model-forward limit
+  (usable cores / the CPU ms of one forward pass on one ONNX Runtime thread, measured here);
+* the four-service pipeline (``inferline up`` as local processes) as it ships (ONNX Runtime on
+  the cached export, threads following the load), with the PyTorch backend and dynamic batching,
+  the same with the preprocessed tensors inline in the messages (``torch-inline``,
+  ``default-inline``: as before issue 16's shared memory), the same with batching off
+  (``max_batch_size: 1``: the issue-3 baseline's configuration),
+  ONNX Runtime with fixed threads, and the controller's ``--inprocess`` mode (the same stage code
+  without gRPC between the stages); each at concurrency 1, 8 and 32 with ``inferline bench``'s
+  load generator (``services/loadgen.py``), with the model's busy share read from the stage's
+  ``/metrics`` before and after (``model_busy``);
 * Faster R-CNN and CLIP through the pipeline at concurrency 8.
 
 Beside throughput and latency it records where a request's time goes (each Detect answer's
@@ -50,15 +54,17 @@ import yaml
 from inferline.common.api import DetectRequest
 from inferline.common.settings import CONTROLLER, PIPELINE_STAGES, Settings
 from inferline.services import loadgen
+from inferline.services.cli.bench import busy_ratio, scrape_busy
 from inferline.services.client import Client, collect_images, image_inputs
 from inferline.services.inference.repository import BUILTIN_REPOSITORY
-from inferline.services.stack import START_ORDER, LocalStack, free_port_env
+from inferline.services.stack import START_ORDER, LocalStack, free_port_env, free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 # The models the references run (bench/reference.py loads their weight files by these names).
 YOLO, FRCNN, CLIP = "yolov8n", "fasterrcnn-mobilenet-v3-large-320-fpn", "clip-vit-b-32"
 ULTRALYTICS = "ultralytics predict, 1 image/call"
+ULTRALYTICS_ONNX = "ultralytics YOLO('yolov8n.onnx').predict, 1 image/call"
 BASELINE = REPO / "bench" / "results" / "baseline-detect-cpu.json"
 
 
@@ -106,8 +112,9 @@ def _clean_env() -> dict[str, str]:
 
 
 def repository(root: Path, variant: Variant) -> Path:
-    """A copy of the built-in repository with yolov8n changed as the variant says."""
-    if not variant.backend_onnx and variant.max_batch_size is None and variant.instances == 1:
+    """A copy of the built-in repository with yolov8n changed as the variant says (the built-in
+    one itself for the default layout)."""
+    if variant.backend == "default" and variant.max_batch_size is None and variant.instances is None:
         return BUILTIN_REPOSITORY
     repo = root / f"repo-{variant.name}"
     shutil.copytree(BUILTIN_REPOSITORY, repo)
@@ -115,21 +122,18 @@ def repository(root: Path, variant: Variant) -> Path:
     config = yaml.safe_load(config_path.read_text())
     if variant.max_batch_size is not None:
         config["max_batch_size"] = variant.max_batch_size
-    config["instance_count"] = variant.instances
-    if variant.backend_onnx:
-        onnx = root / "yolov8n.onnx"
-        if not onnx.exists():
-            subprocess.run(
-                [sys.executable, "-m", "inferline.services.cli", "export", "--model", YOLO, "--dynamic-batch",
-                 "--out", str(onnx)],
-                check=True, capture_output=True, env=_clean_env(),
-            )
-        config["backend"] = "onnxruntime"
-        config["weights"] = {"file": "yolov8n.onnx", "path": str(onnx)}
-        # Providers: CUDA first where INFERLINE_DEVICE allows.
-        config["parameters"] = {"graph_optimization_level": "all"}
-        if variant.instances > 1:
-            config["parameters"]["intra_op_threads"] = 1
+    if variant.backend != "default":
+        config["backend"] = variant.backend
+        config["instance_count"] = variant.instances or 1
+        # Fixed threads, as before issue 17: one session (ORT's own thread count), or one thread
+        # per instance; the weights stay the .pt, exported once into the export cache.
+        config["parameters"] = {}
+        if variant.backend == "onnxruntime":
+            config["parameters"] = {"graph_optimization_level": "all"}
+            if (variant.instances or 1) > 1:
+                config["parameters"]["intra_op_threads"] = 1
+    elif variant.instances is not None:
+        config["instance_count"] = variant.instances
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     return repo
 
@@ -137,6 +141,9 @@ def repository(root: Path, variant: Variant) -> Path:
 @contextmanager
 def stack(repo: Path, models: list[str], variant: Variant, device: str = "cpu") -> Iterator[LocalStack]:
     env = free_port_env(_clean_env())
+    # Known metrics ports (free_port_env lets each stage pick one) for the model-busy scrape.
+    for stage, port in zip(("inference", CONTROLLER), free_ports(2), strict=True):
+        env[f"INFERLINE_{stage.upper()}_METRICS_PORT"] = str(port)
     env["INFERLINE_DEVICE"] = device
     env.update(INFERLINE_MODEL_REPOSITORY=str(repo), INFERLINE_MODELS=",".join(models), INFERLINE_LOG_LEVEL="WARNING")
     if variant.inprocess:
@@ -155,11 +162,16 @@ def stack(repo: Path, models: list[str], variant: Variant, device: str = "cpu") 
 
 def drive(running: LocalStack, model: str, images: list[Path], concurrency: int, args: argparse.Namespace) -> dict:
     pids = {stage: p.pid for stage, p in running.processes.items()}
+    # The model runs in the inference stage, or in the controller's process with --inprocess.
+    port = running.settings.metrics_port("inference" if "inference" in running.processes else CONTROLLER)
+    metrics = f"http://127.0.0.1:{port}/metrics" if port else None
+    before = scrape_busy(metrics, model) if metrics else None
     result = loadgen.run(
         running.controller_target, model, images, concurrency=concurrency, duration=args.duration,
         warmup=args.warmup, timeout=120, pids=pids,
     )
-    return result.to_dict()
+    after = scrape_busy(metrics, model) if metrics else None
+    return {**result.to_dict(), "model_busy": busy_ratio(before, after)}
 
 
 def detection_counts(running: LocalStack, model: str, images: list[Path]) -> dict[str, int]:
@@ -203,9 +215,10 @@ def environment() -> dict:
 class Variant:
     name: str
     label: str
-    backend_onnx: bool = False
+    # "default": yolov8n as the repository ships it; "torch" or "onnxruntime" with fixed threads.
+    backend: str = "default"
     max_batch_size: int | None = None  # None: the repository's (32)
-    instances: int = 1
+    instances: int | None = None  # None: the repository's
     torch_threads: int = 0  # 0: torch's default (all cores)
     inprocess: bool = False
     other_models: bool = False  # also measure Faster R-CNN and CLIP on this stack
@@ -215,16 +228,22 @@ class Variant:
 VARIANTS = {
     v.name: v
     for v in (
-        Variant("torch", "four services, PyTorch, dynamic batching", other_models=True),
-        Variant("torch-inline", "four services, PyTorch, dynamic batching, tensors inline", tensor_transport="inline"),
-        Variant("batch1", "four services, PyTorch, batching off (baseline config)", max_batch_size=1),
-        Variant("torch-x2", "four services, PyTorch, 2 instances x 1 thread", instances=2, torch_threads=1),
-        Variant("onnxruntime", "four services, ONNX Runtime, dynamic batching", backend_onnx=True),
-        Variant("onnxruntime-x2", "four services, ONNX Runtime, 2 instances x 1 thread",
-                backend_onnx=True, instances=2),
-        Variant("inprocess", "--inprocess controller, PyTorch, dynamic batching", inprocess=True),
-        Variant("inprocess-onnxruntime-x2", "--inprocess controller, ONNX Runtime, 2 instances x 1 thread",
-                backend_onnx=True, instances=2, inprocess=True),
+        Variant("default", "four services, as shipped (ONNX Runtime, 2 instances, threads follow the load)",
+                other_models=True),
+        Variant("torch", "four services, PyTorch, dynamic batching", backend="torch"),
+        Variant("batch1", "four services, PyTorch, batching off (baseline config)", backend="torch",
+                max_batch_size=1),
+        Variant("torch-x2", "four services, PyTorch, 2 instances x 1 thread", backend="torch", instances=2,
+                torch_threads=1),
+        Variant("onnxruntime", "four services, ONNX Runtime, one session", backend="onnxruntime"),
+        Variant("onnxruntime-x2", "four services, ONNX Runtime, 2 instances x 1 thread", backend="onnxruntime",
+                instances=2),
+        Variant("inprocess", "--inprocess controller, PyTorch, dynamic batching", backend="torch", inprocess=True),
+        Variant("inprocess-default", "--inprocess controller, as shipped", inprocess=True),
+        Variant("default-inline", "four services, as shipped, tensors inline (no shared memory)",
+                tensor_transport="inline"),
+        Variant("torch-inline", "four services, PyTorch, dynamic batching, tensors inline", backend="torch",
+                tensor_transport="inline"),
     )
 }
 
@@ -242,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) for p in images]
     rows: list[dict] = []
     loadavg_at_start = os.getloadavg()
+    forward_limit: dict | None = None
     counts: dict[str, dict[str, int]] = {}  # contender -> boxes per image
 
     def record(family: str, contender: str, concurrency: int | None, batch: int, report: Mapping) -> None:
@@ -254,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
         ultralytics = reference("ultralytics", images, 1, args)
         counts[ULTRALYTICS] = ultralytics.pop("detections")
         record("yolo", ULTRALYTICS, None, 1, ultralytics)
+        if args.device == "cpu":
+            onnx_loop = reference("ultralytics-onnx", images, 1, args)
+            counts[ULTRALYTICS_ONNX] = onnx_loop.pop("detections")
+            record("yolo", ULTRALYTICS_ONNX, None, 1, onnx_loop)
+            forward = reference("forward", images, 1, args)["cpu_ms_per_image"]["reference"]
+            cores = environment()["usable_cores"]
+            forward_limit = {"forward_cpu_ms_per_image": forward, "cores": cores,
+                             "img_per_s": round(cores * 1000 / forward, 2)}
         gpu = args.device != "cpu"
         label = "ultralytics predict, batched" + (", fp16" if gpu else "")
         batched = reference("ultralytics", images, args.reference_batch, args, half=gpu)
@@ -280,6 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     arguments = argv if argv is not None else sys.argv[1:]
     command = "python bench/compare.py " + " ".join(shlex.quote(a) for a in arguments)
     summary = summarise(rows)
+    if forward_limit is not None:
+        summary["model_forward_limit"] = forward_limit
+        best = _best(rows, "yolo", "pipeline: four services")
+        if best:
+            summary["yolo_best_pipeline_vs_forward_limit"] = round(best["img_per_s"] / forward_limit["img_per_s"], 3)
+        onnx_loop_row = _best(rows, "yolo", ULTRALYTICS_ONNX)
+        default_c1 = next((r for r in rows if r["contender"] == f"pipeline: {VARIANTS['default'].label}"
+                           and r["concurrency"] == 1), None)
+        if onnx_loop_row and default_c1:
+            summary["default_c1_p50_vs_ultralytics_onnx"] = round(default_c1["p50_ms"] / onnx_loop_row["p50_ms"], 2)
     summary["detection_counts"] = parity(counts)
     meta = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -330,7 +368,8 @@ def summarise(rows: list[dict]) -> dict:
     if base and four:
         summary["yolo_best_pipeline"] = {key: four[key] for key in ("contender", "concurrency", "img_per_s")}
         summary["yolo_vs_ultralytics"] = round(four["img_per_s"] / base["img_per_s"], 2)
-    pairs = (("torch", "inprocess"), ("torch-inline", "inprocess"), ("onnxruntime-x2", "inprocess-onnxruntime-x2"))
+    pairs = (("default", "inprocess-default"), ("default-inline", "inprocess-default"), ("torch", "inprocess"),
+             ("torch-inline", "inprocess"))
     for four_name, local_name in pairs:
         for c in sorted({r["concurrency"] for r in rows if r["concurrency"]}):
             four_row, local = (
@@ -353,6 +392,8 @@ def summarise(rows: list[dict]) -> dict:
 
 def markdown(meta: dict, summary: dict, rows: list[dict], plot_name: str) -> str:
     base = {r["family"]: r for r in rows if r["concurrency"] is None and r["batch"] == 1}
+    # YOLO's reference is the strongest simple alternative when it ran: ultralytics' ONNX loop.
+    base.update({r["family"]: r for r in rows if r["contender"] == ULTRALYTICS_ONNX})
     lines = [
         f"# CPU comparison ({meta['date']})",
         "",
@@ -364,17 +405,18 @@ def markdown(meta: dict, summary: dict, rows: list[dict], plot_name: str) -> str
         + ", ".join(f"{name} {version}" for name, version in meta["versions"].items()) + ".",
         "",
         "| family | contender | concurrency | batch | images/s | vs reference | p50 ms | p95 ms | p99 ms | errors "
-        "| peak RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model busy | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         ref = base.get(r["family"])
         ratio = f"{r['img_per_s'] / ref['img_per_s']:.2f}x" if ref and ref["img_per_s"] else ""
         rss = ", ".join(f"{k} {v:.0f}" for k, v in (r.get("rss_mb") or {}).items())
+        busy = "-" if r.get("model_busy") is None else f"{r['model_busy']:.0%}"
         lines.append(
             f"| {r['family']} | {r['contender']} | {r['concurrency'] or '-'} | {r['batch']} "
             f"| {r['img_per_s']:.2f} | {ratio} "
-            f"| {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {rss} |"
+            f"| {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {busy} | {rss} |"
         )
     lines += ["", *stage_table(rows)]
     lines += ["", "Summary:", "", "```json", json.dumps(summary, indent=2), "```", ""]

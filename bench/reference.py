@@ -6,6 +6,12 @@ the library's defaults otherwise:
 
 * ``ultralytics``  ``YOLO(weights).predict(source=paths, verbose=False, device="cpu")``; ultralytics
                    sets ``OMP_NUM_THREADS=1`` on import, so this is one torch thread, as users get it.
+* ``ultralytics-onnx``  ``YOLO("yolov8n.onnx").predict`` one image per call: ultralytics' own ONNX
+                   export of the same weights (``export(format="onnx")``, made once beside this
+                   script's cache), run by its AutoBackend on ONNX Runtime (its fastest simple CPU setup).
+* ``forward``      the model-forward limit's measure: inferline's served export of yolov8n on one
+                   ONNX Runtime thread, letterboxed inputs prepared before timing; its
+                   ``cpu_ms_per_image`` is the forward pass's CPU cost (compare.py: cores / that).
 * ``torchvision``  ``fasterrcnn_mobilenet_v3_large_320_fpn`` with the state dict loaded
                    ``weights_only=True``; ``decode_image`` -> float -> ``model([image])``.
 * ``open_clip``    ``create_model_and_transforms("ViT-B-32", pretrained=file)`` and its transform;
@@ -71,8 +77,66 @@ def ultralytics_runner(
     model = YOLO(str(weights))
 
     def run(paths: list[Path]) -> Any:
-        # The Results: measure() reads their speed, main() counts their boxes.
+        # The Results: measure() reads their .speed, main() their boxes (the detection counts).
         return model.predict(source=[str(p) for p in paths], verbose=False, device=device, batch=batch, half=half)
+
+    return run
+
+
+def ultralytics_onnx_runner(
+    weights: Path, batch: int, device: str = "cpu", half: bool = False
+) -> Callable[[list[Path]], Any]:
+    """ultralytics' ONNX export of ``weights``, made once into ~/.cache/inferline/reference."""
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if digest not in KNOWN_YOLO:
+        raise SystemExit(f"error: refusing to unpickle {weights} (sha256 {digest} is neither stand-in nor release)")
+    from ultralytics import YOLO
+
+    cache = Path.home() / ".cache" / "inferline" / "reference"
+    cache.mkdir(parents=True, exist_ok=True)
+    onnx_file = cache / f"yolov8n-{digest[:16]}.onnx"
+    if not onnx_file.is_file():
+        source = cache / f"yolov8n-{digest[:16]}.pt"
+        source.write_bytes(weights.read_bytes())
+        # simplify=False: onnxslim is not installed here, and its absence would start a pip install.
+        YOLO(str(source)).export(format="onnx", dynamic=True, simplify=False, verbose=False)
+        source.unlink()
+    model = YOLO(str(onnx_file), task="detect")
+
+    def run(paths: list[Path]) -> Any:
+        return model.predict(source=[str(p) for p in paths], verbose=False, device=device, batch=batch)
+
+    return run
+
+
+def forward_runner(
+    weights: Path, batch: int, device: str = "cpu", half: bool = False
+) -> Callable[[list[Path]], Any]:
+    """One ONNX Runtime thread on inferline's own export: the model's forward pass alone."""
+    import cv2
+    import onnxruntime as ort
+
+    from inferline.services.inference.export_cache import cached_export
+    from inferline.services.inference.repository import BUILTIN_REPOSITORY, load_config
+    from inferline.services.preprocess.letterbox import letterbox
+
+    config = load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml")
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    path = cached_export(config, weights, digest, Path.home() / ".cache" / "inferline" / "exports")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    prepared: dict[Path, np.ndarray] = {}
+
+    def run(paths: list[Path]) -> None:
+        for p in paths:
+            if p not in prepared:
+                image = cv2.imread(str(p))
+                if image is None:
+                    raise SystemExit(f"error: cannot read {p}")
+                prepared[p] = letterbox(image, (640, 640), stride=32, auto=True)[0][None].copy()
+            session.run(None, {"images": prepared[p]})
 
     return run
 
@@ -125,6 +189,8 @@ def _sync(device: str) -> None:
 
 RUNNERS = {
     "ultralytics": (ultralytics_runner, "yolov8n.pt"),
+    "ultralytics-onnx": (ultralytics_onnx_runner, "yolov8n.pt"),
+    "forward": (forward_runner, "yolov8n.pt"),
     "torchvision": (torchvision_runner, "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth"),
     "open_clip": (open_clip_runner, "open_clip_vit_b_32_openai.safetensors"),
 }
@@ -184,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     run = factory(find(args.model_dir, file_name), args.batch, args.device, args.half)
     images = collect(args.images)
     report = measure(run, images, args.batch, args.duration, args.warmup)
-    if args.library == "ultralytics":
+    if args.library.startswith("ultralytics"):
         report["detections"] = {p.name: len(run([p])[0].boxes) for p in images}
     import torch
 

@@ -257,6 +257,12 @@ class Settings:
     cli_url_timeout_s: float = 30.0
     cli_inflight: int = 2
 
+    # issue 17: fast by default (docs/performance.md). The window of inferline_model_busy_ratio;
+    # where exports made at load (a served .pt with backend onnxruntime) are cached, with the
+    # sha256 and check of each (empty: ~/.cache/inferline/exports).
+    model_busy_window_s: float = 10.0
+    export_cache_dir: Path | None = None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

@@ -143,6 +143,23 @@ TENSOR_TRANSPORT = Counter(
     "(stage=inference), by transport: shm (only an offset crossed) or inline (the bytes in the message).",
     ["stage", "transport"],
 )
+# Model busy and threads (issue 17, docs/monitoring.md): how much of the time the model's
+# instances run a batch, and how many intra-op threads the last pass ran with.
+MODEL_BUSY_SECONDS = Counter(
+    "inferline_model_busy_seconds",
+    "Seconds each instance of the model spent running batches (rate() it: 1.0 is an instance never idle).",
+    # Not "instance": Prometheus gives every scraped series its target's "instance" label.
+    ["model", "model_instance"],
+)
+MODEL_BUSY_RATIO = Gauge(
+    "inferline_model_busy_ratio",
+    "Fraction of the model's instance-time spent running batches over the last INFERLINE_MODEL_BUSY_WINDOW_S.",
+    ["model"],
+)
+MODEL_INSTANCES_BUSY = Gauge("inferline_model_instances_busy", "Instances of the model running a batch now.", ["model"])
+INTRA_OP_THREADS = Gauge(
+    "inferline_intra_op_threads", "Intra-op threads the model's latest forward pass ran with.", ["model"]
+)
 
 
 def track_queue(model: str, depth: Callable[[], int], capacity: int) -> None:

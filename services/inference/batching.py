@@ -12,12 +12,19 @@ has gone: a cancelled caller's items are settled without a run, and when a batch
 whose deadline has passed, or will have passed before the pass is expected to end, is dropped
 (``DeadlineExceeded``). Items whose caller left during their pass are counted
 (``inferline_wasted_items_total``): the figure this design keeps at zero.
+
+Each worker is one instance; the seconds it spends in passes are the model's busy time
+(``inferline_model_busy_seconds_total``, ``inferline_model_busy_ratio``): at saturation a model
+whose instances idle is starved by the stages around it, not limited by its forward pass. A pass
+that runs alone (no other pass in flight, nothing queued) may take a ``run_alone`` path, which a
+backend uses to give one request every core (threads follow the load).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -27,7 +34,14 @@ from typing import Any
 
 from inferline.common.errors import DeadlineExceeded, Overloaded
 from inferline.common.telemetry import RequestContext, capture
-from inferline.common.telemetry.metrics import SHED_ITEMS, WASTED_ITEMS, track_queue
+from inferline.common.telemetry.metrics import (
+    MODEL_BUSY_RATIO,
+    MODEL_BUSY_SECONDS,
+    MODEL_INSTANCES_BUSY,
+    SHED_ITEMS,
+    WASTED_ITEMS,
+    track_queue,
+)
 from inferline.common.telemetry.tracing import batch_started
 from inferline.services.inference.statistics import ModelStats
 
@@ -45,6 +59,49 @@ SERVICE_TIME_WEIGHT = 0.2
 PASS_MARGIN = 1.2
 
 
+class BusyMeter:
+    """Instance-seconds spent in passes over a sliding window, for the busy-ratio gauge.
+
+    Read at scrape time from the metrics thread while the event loop records passes: a lock
+    keeps the two apart. Memory stays flat: passes older than the window are dropped.
+    """
+
+    def __init__(self, instances: int, window_s: float, clock: Callable[[], float] = time.monotonic):
+        self.instances = max(1, instances)
+        self.window_s = window_s
+        self._clock = clock
+        self._since = clock()
+        self._lock = threading.Lock()
+        self._ended: deque[tuple[float, float]] = deque()
+        self._running: dict[int, float] = {}
+
+    def started(self, instance: int) -> None:
+        with self._lock:
+            self._running[instance] = self._clock()
+
+    def ended(self, instance: int) -> float:
+        """Seconds the instance's pass took."""
+        now = self._clock()
+        with self._lock:
+            start = self._running.pop(instance, now)
+            self._ended.append((start, now))
+            while self._ended and self._ended[0][1] < now - self.window_s:
+                self._ended.popleft()
+        return now - start
+
+    def ratio(self) -> float:
+        """Busy instance-seconds / (instances x window), the window cut to the meter's age."""
+        now = self._clock()
+        begin = max(now - self.window_s, self._since)
+        span = now - begin
+        if span <= 0:
+            return 0.0
+        with self._lock:
+            spans = [*self._ended, *((start, now) for start in self._running.values())]
+        busy = sum(max(0.0, min(end, now) - max(start, begin)) for start, end in spans)
+        return min(1.0, busy / (span * self.instances))
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch_size: int = 32
@@ -53,6 +110,8 @@ class BatchingConfig:
     preferred_batch_sizes: tuple[int, ...] = ()
     # Batches that may run at once (the model's instance_count); the executor needs as many threads.
     instances: int = 1
+    # Window of the busy-ratio gauge (INFERLINE_MODEL_BUSY_WINDOW_S).
+    busy_window_s: float = 10.0
 
 
 @dataclass
@@ -71,9 +130,18 @@ class _Pending:
 
 class DynamicBatcher:
     def __init__(
-        self, name: str, run: RunBatch, executor: Executor, config: BatchingConfig, stats: ModelStats | None = None
+        self,
+        name: str,
+        run: RunBatch,
+        executor: Executor,
+        config: BatchingConfig,
+        stats: ModelStats | None = None,
+        run_alone: RunBatch | None = None,
     ):
         self.name = name
+        # A pass with nothing beside it and nothing waiting runs here when given (all the cores
+        # for one request); None: every pass runs ``run``.
+        self._run_alone = run_alone
         # Queue waits and output hand-off times of this model (ModelStatistics); None: not kept.
         self.stats = stats
         self._run = run
@@ -89,7 +157,13 @@ class DynamicBatcher:
         self.running = 0
         # EWMA of a forward pass's seconds per item; None until the first pass ends.
         self.item_seconds: float | None = None
+        # Passes in flight (each holds one instance), and how many passes ran alone in all.
+        self.passes_running = 0
+        self.passes_alone = 0
+        self.busy = BusyMeter(config.instances, config.busy_window_s)
         track_queue(name, lambda: len(self._queue), config.max_queue_size)
+        MODEL_BUSY_RATIO.labels(name).set_function(self.busy.ratio)
+        MODEL_INSTANCES_BUSY.labels(name).set_function(lambda: self.passes_running)
 
     @property
     def depth(self) -> int:
@@ -159,11 +233,14 @@ class DynamicBatcher:
         ``instances`` batches are in flight while the queue keeps filling."""
         self._workers = [w for w in self._workers if not w.done()]
         loop = asyncio.get_running_loop()
-        while len(self._workers) < self.config.instances:
-            self._workers.append(loop.create_task(self._work(), name=f"batcher-{self.name}-{len(self._workers)}"))
+        alive = {int(w.get_name().rsplit("-", 1)[-1]) for w in self._workers}
+        for instance in range(self.config.instances):
+            if instance not in alive:
+                self._workers.append(loop.create_task(self._work(instance), name=f"batcher-{self.name}-{instance}"))
 
-    async def _work(self) -> None:
+    async def _work(self, instance: int) -> None:
         loop = asyncio.get_running_loop()
+        busy_seconds = MODEL_BUSY_SECONDS.labels(self.name, str(instance))
         while True:
             batch = await self._next_batch()
             if not batch:
@@ -171,17 +248,24 @@ class DynamicBatcher:
             self.batch_sizes.append(len(batch))
             self.batches_run += 1
             self.running += len(batch)
+            alone = self._run_alone is not None and self.passes_running == 0 and not self._queue
+            run = self._run_alone if alone and self._run_alone is not None else self._run
+            self.passes_alone += alone
+            self.passes_running += 1
             observed = batch_started(self.name, [p.request for p in batch], [p.enqueued for p in batch])
             started = time.monotonic()
             if self.stats is not None:
                 self.stats.queued([started - p.enqueued for p in batch])
+            self.busy.started(instance)
             try:
-                results = await loop.run_in_executor(self._executor, observed.run(self._run), [p.item for p in batch])
+                results = await loop.run_in_executor(self._executor, observed.run(run), [p.item for p in batch])
                 self._timed(time.monotonic() - started, len(batch))
             except Exception as exc:  # a failed pass fails its own items only
                 log.exception("%s: forward pass failed for %d items", self.name, len(batch))
                 results = [exc] * len(batch)
             finally:
+                busy_seconds.inc(self.busy.ended(instance))
+                self.passes_running -= 1
                 self.running -= len(batch)
             handed = time.monotonic()
             self._settle(batch, results)

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,15 @@ import numpy as np
 from inferline.common.errors import ConfigError, InferlineError, InvalidInput, ModelNotFound, ModelNotReady, quoted
 from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
-from inferline.common.telemetry.metrics import MODEL_LOAD_SECONDS, QUEUE_CAPACITY, QUEUE_DEPTH
+from inferline.common.telemetry.metrics import (
+    INTRA_OP_THREADS,
+    MODEL_BUSY_RATIO,
+    MODEL_BUSY_SECONDS,
+    MODEL_INSTANCES_BUSY,
+    MODEL_LOAD_SECONDS,
+    QUEUE_CAPACITY,
+    QUEUE_DEPTH,
+)
 from inferline.common.tensors import numpy_dtype
 from inferline.services.inference.backends import Backend, load_backend
 from inferline.services.inference.batching import BatchingConfig, DynamicBatcher
@@ -62,6 +70,7 @@ class LoadedModel:
     backend: Backend
     weights: ResolvedWeights
     load_seconds: float
+    busy_window_s: float = 10.0
     executor: ThreadPoolExecutor = field(init=False)
     batcher: DynamicBatcher = field(init=False)
     stats: ModelStats = field(init=False)
@@ -80,16 +89,26 @@ class LoadedModel:
                 max_queue_size=config.max_queue_size,
                 preferred_batch_sizes=config.preferred_batch_sizes,
                 instances=config.instance_count,
+                busy_window_s=self.busy_window_s,
             ),
             self.stats,
+            run_alone=self.run_batch_alone if getattr(self.backend, "alone_threads", 0) > 0 else None,
         )
 
     def run_batch(self, items: list[Item]) -> list[Outputs]:
         """Items of one shape, stacked into one forward pass (on the model's thread)."""
+        return self._pass(items, self.backend.run)
+
+    def run_batch_alone(self, items: list[Item]) -> list[Outputs]:
+        """As ``run_batch``, for a pass with no other beside it: a backend with ``run_alone``
+        (ONNX Runtime) gives it every core, where parallel passes get one thread each."""
+        return self._pass(items, self.backend.run_alone)  # type: ignore[attr-defined]  # only given when it has one
+
+    def _pass(self, items: list[Item], forward: Callable[[Mapping[str, np.ndarray]], list[Outputs]]) -> list[Outputs]:
         started = time.perf_counter()
         batch = {spec.name: np.stack([item[spec.name] for item in items]) for spec in self.config.inputs}
         stacked = time.perf_counter()
-        outputs = self.backend.run(batch)
+        outputs = forward(batch)
         self.stats.pass_ran(len(items), stacked - started, time.perf_counter() - stacked)
         return outputs
 
@@ -208,7 +227,7 @@ class ModelManager:
             name, config.version, config.backend, config.loader, weights.path, elapsed,
             "" if weights.official else " [NOT the official release weights]",
         )
-        return LoadedModel(config, backend, weights, elapsed)
+        return LoadedModel(config, backend, weights, elapsed, self.settings.model_busy_window_s)
 
     def _install(self, model: LoadedModel) -> LoadedModel | None:
         """Makes ``model`` the one requests reach (one assignment: no request sees neither);
@@ -358,9 +377,15 @@ class ModelManager:
             await model.retire()
             self._states[name] = (UNAVAILABLE, "unloaded")
             self.configs.pop(name, None)
-            for gauge in (MODEL_LOAD_SECONDS, QUEUE_DEPTH, QUEUE_CAPACITY):
+            for gauge in (MODEL_LOAD_SECONDS, QUEUE_DEPTH, QUEUE_CAPACITY, MODEL_BUSY_RATIO, MODEL_INSTANCES_BUSY,
+                          INTRA_OP_THREADS):
                 try:
                     gauge.remove(name)
+                except KeyError:
+                    pass
+            for instance in range(model.config.instance_count):
+                try:
+                    MODEL_BUSY_SECONDS.remove(name, str(instance))
                 except KeyError:
                     pass
 

@@ -72,6 +72,8 @@ def test_compare_runs_one_pipeline_variant_and_writes_its_results(model_dir, dat
     (row,) = result["rows"]
     assert row["contender"].startswith("pipeline: --inprocess") and row["concurrency"] == 1
     assert row["img_per_s"] > 0 and row["errors"] == 0
+    # Read from the controller's /metrics (the model runs in its process with --inprocess).
+    assert 0 < row["model_busy"] <= 1
     assert {"preprocess", "inference", "postprocess", "total", "client"} <= set(row["stages_ms"])
     assert result["summary"]["detection_counts"]["checked"] is False  # no ultralytics in this run
     assert result["meta"]["commit"] and result["meta"]["versions"]["grpcio"]

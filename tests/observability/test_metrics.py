@@ -24,7 +24,8 @@ from inferline.common.telemetry.metrics import register_gpu_metrics
 from inferline.services.postprocess.servicer import build_service as build_postprocess
 from tests.support.servers import LoopThread
 
-ALLOWED_LABELS = {"service", "method", "code", "stage", "step", "model", "gpu", "le"}
+# model_instance: bounded by the model's instance_count (inferline_model_busy_seconds_total).
+ALLOWED_LABELS = {"service", "method", "code", "stage", "step", "model", "model_instance", "gpu", "le"}
 
 
 @pytest.fixture(scope="module")

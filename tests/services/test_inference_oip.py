@@ -73,7 +73,7 @@ def test_server_metadata_lists_only_the_extensions_served(client):
 
 def test_model_metadata_has_oip_datatypes_and_a_leading_batch_dimension(client):
     meta = client.get_model_metadata("yolov8n")
-    assert (meta.name, list(meta.versions), meta.platform) == ("yolov8n", ["1"], "torch")
+    assert (meta.name, list(meta.versions), meta.platform) == ("yolov8n", ["1"], "onnxruntime")
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("images", "UINT8", [-1, 3, -1, -1])]
     # output0 varies per item (a candidate filter keeps a different number of anchors per image),
     # so a batch carries each item's real shape beside it.
@@ -89,7 +89,7 @@ def test_a_model_without_ragged_outputs_declares_no_shape_outputs(client):
 
 def test_model_config_is_tritons_with_the_controllers_extras_in_parameters(client):
     config = client.get_model_config("yolov8n").config
-    assert (config.name, config.backend, config.max_batch_size) == ("yolov8n", "torch", 32)
+    assert (config.name, config.backend, config.max_batch_size) == ("yolov8n", "onnxruntime", 32)
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
         ("images", model_config_pb2.TYPE_UINT8, [3, -1, -1])
     ]

@@ -58,7 +58,7 @@ def test_server_is_live_and_ready_once_models_are_loaded(stub):
 def test_model_config_describes_everything_a_caller_plans_with(stub):
     config = stub.ModelConfig(pb.ModelConfigRequest(name="yolov8n"), timeout=5).config
     info = ModelInfo.from_config(config, "1")
-    assert (info.name, info.task, info.platform, info.version) == ("yolov8n", "detect", "torch", "1")
+    assert (info.name, info.task, info.platform, info.version) == ("yolov8n", "detect", "onnxruntime", "1")
     assert [(t.name, t.dtype, t.shape) for t in info.inputs] == [("images", "uint8", (3, -1, -1))]
     assert info.outputs[0].dtype == "float32"
     assert info.preprocess.name == "letterbox"

@@ -22,7 +22,7 @@ def _write(root: Path, folder_name: str, **changes) -> Path:
 
 def test_builtin_repository_serves_yolov8n_with_ultralytics_defaults():
     config = load_repository(BUILTIN_REPOSITORY)["yolov8n"]
-    assert (config.task, config.backend, config.loader) == ("detect", "torch", "ultralytics")
+    assert (config.task, config.backend, config.loader) == ("detect", "onnxruntime", "ultralytics")
     assert config.preprocess.name == "letterbox" and config.preprocess.params["auto"] is True
     assert dict(config.postprocess.params) == {"conf": 0.25, "iou": 0.7, "max_det": 300}
     assert config.weights.file == "yolov8n.pt" and config.weights.source == "ultralytics"
@@ -121,8 +121,11 @@ def test_dynamic_batching_is_declared_in_config(tmp_path):
 def test_instances_and_precision_are_declared_in_config(tmp_path):
     config = load_config(_write(tmp_path, "yolov8n", instance_count=2, precision="bf16"))
     assert (config.instance_count, config.precision) == (2, "bf16")
-    default = load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml")
+    default = load_config(_write(tmp_path, "undeclared", instance_count=None))
     assert (default.instance_count, default.precision) == (1, "fp32")
+    # The built-in yolov8n declares the fast CPU layout (issue 17): two instances, ONNX Runtime.
+    builtin = load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml")
+    assert (builtin.instance_count, builtin.backend, builtin.precision) == (2, "onnxruntime", "fp32")
 
 
 def test_weights_policy_is_official_by_default_where_the_config_names_a_release():

@@ -16,7 +16,9 @@ from inferline.services.inference.weights import ResolvedWeights
 
 
 def _backend(yolo_weights, precision: str, device: str = "cpu"):
-    config = dataclasses.replace(load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml"), precision=precision)
+    config = dataclasses.replace(
+        load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml"), backend="torch", parameters={}, precision=precision
+    )
     weights = ResolvedWeights(path=yolo_weights, sha256="", official=False)
     return load_backend(config, weights, Settings(device=device))
 

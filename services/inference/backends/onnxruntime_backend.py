@@ -6,20 +6,38 @@ default all), ``intra_op_threads`` / ``inter_op_threads`` (default ``settings.to
 when > 0, else ORT's own), ``allow_spinning`` (default false). A session serves concurrent
 ``run`` calls, so ``instance_count: 2`` with ``intra_op_threads: 1`` runs two batches at once.
 Labels and recipe params come from the file's metadata_props.
+
+Weights that are not an ``.onnx`` file (the loader family's own checkpoint, say ``yolov8n.pt``,
+checked against the config's integrity policy first) are exported once into
+``INFERLINE_EXPORT_CACHE_DIR`` and checked against the source (``export_cache.cached_export``); on a
+machine where this onnxruntime has no CUDA provider but torch sees a GPU, such a model is
+served by the torch backend instead: the GPU path beats ONNX Runtime on the CPU.
+
+Threads follow the load (issue 17): with ``alone_intra_op_threads`` (0: every core this process
+may use) a second session of the same file, with that many threads, runs the passes that have
+nothing beside them (``run_alone``, chosen by the batcher): one request gets all the cores, a deep
+queue gets parallel single-thread passes. The outputs are the one-session path's bit for bit
+(ORT's CPU kernels split work by outputs, so the sums keep their order; tests/unit/test_ort_threads.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from inferline.common.errors import WeightsError
 from inferline.common.settings import Settings
-from inferline.services.inference.backends import BACKENDS
+from inferline.common.telemetry.metrics import INTRA_OP_THREADS
+from inferline.services.inference.backends import BACKENDS, Backend, load_backend
 from inferline.services.inference.backends.providers import with_tensorrt
 from inferline.services.inference.repository import ModelConfig
 from inferline.services.inference.weights import ResolvedWeights
@@ -33,6 +51,7 @@ _LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 CUDA = "CUDAExecutionProvider"
+DEFAULT_EXPORT_CACHE = Path.home() / ".cache" / "inferline" / "exports"
 CPU = "CPUExecutionProvider"
 
 
@@ -54,9 +73,29 @@ def choose_providers(requested: list[str] | None, device: str, available: list[s
     return chosen
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity, as a container's cpuset limits it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class OnnxRuntimeBackend:
-    def __init__(self, session: ort.InferenceSession, config: ModelConfig):
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        config: ModelConfig,
+        threads: int = 0,
+        alone: ort.InferenceSession | None = None,
+        alone_threads: int = 0,
+    ):
         self._session = session
+        # The lone-pass session and its threads (0 and None: every pass runs on ``session``).
+        self._alone = alone
+        self.threads = threads
+        self.alone_threads = alone_threads if alone is not None else 0
+        self._threads_gauge = INTRA_OP_THREADS.labels(config.name)
         self._output_names = [spec.name for spec in config.outputs]
         self.providers = tuple(session.get_providers())
         self.on_cuda = self.providers[:1] == (CUDA,)
@@ -69,25 +108,36 @@ class OnnxRuntimeBackend:
             raise WeightsError(f"bad inferline metadata in the ONNX file: {exc}") from None
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        self._threads_gauge.set(self.threads)
+        return self._run(self._session, inputs)
+
+    def run_alone(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """A pass with no other beside it: on the session with every core, when there is one."""
+        if self._alone is None:
+            return self.run(inputs)
+        self._threads_gauge.set(self.alone_threads)
+        return self._run(self._alone, inputs)
+
+    def _run(self, session: ort.InferenceSession, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         batch = len(next(iter(inputs.values())))
         if self.one_at_a_time and batch > 1:
             # A graph exported for one item per run (torchvision detectors): run the items in turn.
-            return [self.run({name: a[i : i + 1] for name, a in inputs.items()})[0] for i in range(batch)]
+            return [self._run(session, {name: a[i : i + 1] for name, a in inputs.items()})[0] for i in range(batch)]
         feeds = {name: np.ascontiguousarray(a) for name, a in inputs.items()}
         if self.on_cuda:
-            outputs = self._run_io_binding(feeds)
+            outputs = self._run_io_binding(session, feeds)
         else:
-            outputs = self._session.run(self._output_names, feeds)
+            outputs = session.run(self._output_names, feeds)
         return [{name: out[i] for name, out in zip(self._output_names, outputs, strict=True)} for i in range(batch)]
 
-    def _run_io_binding(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def _run_io_binding(self, session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         # Inputs are copied to the GPU once; outputs stay on the device until the one copy back.
-        binding = self._session.io_binding()
+        binding = session.io_binding()
         for name, array in feeds.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
         for name in self._output_names:
             binding.bind_output(name, "cuda", 0)
-        self._session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
     def recipe_params(self) -> dict[str, float]:
@@ -95,29 +145,19 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self._session = None
+        self._alone = None
 
 
 @BACKENDS.register("onnxruntime")
-def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, settings: Settings) -> OnnxRuntimeBackend:
+def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, settings: Settings) -> Backend:
     params = dict(config.parameters or {})
-    options = ort.SessionOptions()
     level = str(params.get("graph_optimization_level", "all")).lower()
     if level not in _LEVELS:
         raise WeightsError(
             f"{config.name}: graph_optimization_level must be one of {', '.join(_LEVELS)}, got {level!r}"
         )
-    options.graph_optimization_level = _LEVELS[level]
     intra = int(params.get("intra_op_threads", settings.torch_threads if settings.torch_threads > 0 else 0))
     inter = int(params.get("inter_op_threads", settings.torch_threads if settings.torch_threads > 0 else 0))
-    if intra > 0:
-        options.intra_op_num_threads = intra
-    # ORT's intra-op threads spin while waiting for work by default: on a machine the other
-    # stages share, those spinning cycles are taken from decode and NMS. Off unless asked for.
-    spinning = "1" if params.get("allow_spinning", False) else "0"
-    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
-    if inter > 0:
-        options.inter_op_num_threads = inter
     available = ort.get_available_providers()
     chosen = choose_providers(params.get("providers"), settings.device, available)
     providers = with_tensorrt(chosen, available, settings, config.name)  # issue 16: backends/providers.py
@@ -125,8 +165,76 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
         # onnxruntime-gpu wheels find the CUDA/cuDNN libraries that torch or nvidia-* wheels ship
         # only once told to load them; without it the CUDA EP silently falls back to CPU.
         ort.preload_dlls()
+    # Spinning intra-op threads take the other stages' CPU while they wait for work: off unless asked.
+    spinning = bool(params.get("allow_spinning", False))
+    path = weights.path
+    if path.suffix != ".onnx":
+        if CUDA not in providers and settings.device != "cpu" and _torch_sees_cuda():
+            log.info("%s: onnxruntime has no CUDA provider here and torch sees a GPU: serving with torch", config.name)
+            return load_backend(dataclasses.replace(config, backend="torch"), weights, settings)
+        from inferline.services.inference.export_cache import cached_export  # noqa: PLC0415 - only for a .pt
+
+        cache = settings.export_cache_dir or DEFAULT_EXPORT_CACHE
+        try:
+            try:
+                path = cached_export(config, path, weights.sha256, cache)
+            except OSError as exc:
+                # A read-only root file system (the Helm chart's, compose's): /tmp is writable there.
+                fallback = Path(tempfile.gettempdir()) / "inferline-exports"
+                log.warning("%s: export cache %s is not writable (%s): exporting into %s instead; set "
+                            "INFERLINE_EXPORT_CACHE_DIR to a writable volume to keep it across restarts",
+                            config.name, cache, exc.strerror or exc, fallback)
+                try:
+                    path = cached_export(config, path, weights.sha256, fallback)
+                except OSError as again:
+                    raise WeightsError(f"{config.name}: cannot write its ONNX export to {cache} nor {fallback}: "
+                                       f"{again}; set INFERLINE_EXPORT_CACHE_DIR to a writable folder") from None
+        except ImportError as exc:  # an image without the exporter: torch and onnx (the torch and onnx extras)
+            if not _torch_importable():
+                raise WeightsError(
+                    f"{config.name}: {path.name} must be exported to ONNX first and this install cannot "
+                    f"({exc.name or exc} is missing): install inferline[torch,onnx], or serve an .onnx "
+                    "file (inferline export)"
+                ) from None
+            log.warning("%s: cannot export %s here (%s is missing): serving with torch", config.name, path.name,
+                        exc.name or exc)
+            return load_backend(dataclasses.replace(config, backend="torch"), weights, settings)
+    session = _session(path, level, intra, inter, spinning, providers)
+    alone, alone_threads = None, 0
+    wanted = params.get("alone_intra_op_threads")
+    if wanted is not None and CUDA not in providers:
+        alone_threads = int(wanted) or (settings.torch_threads if settings.torch_threads > 0 else usable_cores())
+        if alone_threads > max(intra, 1):
+            alone = _session(path, level, alone_threads, inter, spinning, providers)
+    return OnnxRuntimeBackend(session, config, intra if intra > 0 else usable_cores(), alone, alone_threads)
+
+
+def _torch_importable() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def _torch_sees_cuda() -> bool:
+    """Whether torch can use a GPU here; torch is imported only on a machine with an NVIDIA
+    driver, so a CPU start on a warm export cache does not pay torch's import."""
+    if not Path("/proc/driver/nvidia/version").exists() or not _torch_importable():
+        return False
+    import torch  # noqa: PLC0415 - optional here: an ONNX-only image has no torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _session(
+    path: object, level: str, intra: int, inter: int, spinning: bool, providers: list[str]
+) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[level]
+    if intra > 0:
+        options.intra_op_num_threads = intra
+    if inter > 0:
+        options.inter_op_num_threads = inter
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
     try:
-        session = ort.InferenceSession(str(weights.path), sess_options=options, providers=providers)
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
-        raise WeightsError(f"{weights.path}: cannot load ONNX model: {exc}") from None
-    return OnnxRuntimeBackend(session, config)
+        raise WeightsError(f"{path}: cannot load ONNX model: {exc}") from None

@@ -1,0 +1,94 @@
+"""Threads follow the load (issue 17): a lone pass runs on every core, parallel passes on one
+thread each, and both give the single-session path's outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+import inferline.services.inference.backends.onnxruntime_backend as ortb
+from inferline.common.settings import Settings
+from inferline.services.inference.export import export_onnx
+from inferline.services.inference.models import LoadedModel
+from inferline.services.inference.repository import BUILTIN_REPOSITORY, load_config
+from inferline.services.inference.weights import ResolvedWeights
+from inferline.services.preprocess.letterbox import letterbox
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def yolo_config():
+    return load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml")
+
+
+@pytest.fixture(scope="module")
+def yolo_onnx(tmp_path_factory, yolo_config, yolo_weights) -> Path:
+    return export_onnx(yolo_config, yolo_weights, tmp_path_factory.mktemp("onnx") / "yolov8n.onnx")
+
+
+def _backend(config, path: Path, name: str, **parameters) -> ortb.OnnxRuntimeBackend:
+    config = dataclasses.replace(config, name=name, backend="onnxruntime", parameters=parameters)
+    weights = ResolvedWeights(path=path, sha256="", official=False)
+    return ortb.load_onnxruntime_backend(config, weights, Settings(device="cpu"))
+
+
+def _image(paths: list[Path]) -> dict[str, np.ndarray]:
+    image = letterbox(cv2.imread(str(paths[0])), (640, 640), stride=32, auto=True)[0]
+    return {"images": image[None].copy()}
+
+
+def _threads(model: str) -> float | None:
+    return REGISTRY.get_sample_value("inferline_intra_op_threads", {"model": model})
+
+
+def test_a_lone_pass_gives_the_single_session_outputs_bit_for_bit(yolo_config, yolo_onnx, sample_images):
+    backend = _backend(yolo_config, yolo_onnx, "threads-parity", intra_op_threads=1, alone_intra_op_threads=2)
+    single = _backend(yolo_config, yolo_onnx, "threads-single", intra_op_threads=1)
+    inputs = _image(sample_images)
+    shared = backend.run(inputs)[0]["output0"]
+    assert _threads("threads-parity") == 1
+    alone = backend.run_alone(inputs)[0]["output0"]
+    assert _threads("threads-parity") == 2
+    reference = single.run(inputs)[0]["output0"]
+    np.testing.assert_array_equal(shared, reference)
+    # ONNX Runtime's CPU kernels split a convolution by its outputs, not inside one sum, so two
+    # threads add in the one-thread order: bit for bit (unlike torch's, whose order follows them).
+    np.testing.assert_array_equal(alone, reference)
+
+
+def test_without_alone_threads_every_pass_runs_on_the_one_session(yolo_config, yolo_onnx, sample_images):
+    backend = _backend(yolo_config, yolo_onnx, "threads-off", intra_op_threads=1)
+    assert backend.alone_threads == 0
+    inputs = _image(sample_images)
+    np.testing.assert_array_equal(backend.run_alone(inputs)[0]["output0"], backend.run(inputs)[0]["output0"])
+
+
+def test_alone_threads_zero_means_every_usable_core(yolo_config, yolo_onnx, monkeypatch):
+    monkeypatch.setattr(ortb, "usable_cores", lambda: 3)
+    backend = _backend(yolo_config, yolo_onnx, "threads-cores", intra_op_threads=1, alone_intra_op_threads=0)
+    assert backend.alone_threads == 3
+
+
+def test_one_request_at_a_time_runs_alone_on_every_core(yolo_config, yolo_onnx, sample_images):
+    config = dataclasses.replace(yolo_config, name="threads-served", instance_count=2)
+    backend = _backend(config, yolo_onnx, "threads-served", intra_op_threads=1, alone_intra_op_threads=2)
+    model = LoadedModel(config, backend, ResolvedWeights(path=yolo_onnx, sha256="", official=False), 0.0)
+    item = {"images": _image(sample_images)["images"][0]}
+
+    async def main():
+        for _ in range(2):
+            await model.batcher.submit([("k", item)])
+        await model.batcher.close()
+
+    asyncio.run(main())
+    model.executor.shutdown()
+    assert model.batcher.passes_alone == 2
+    assert _threads("threads-served") == 2
