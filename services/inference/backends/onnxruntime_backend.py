@@ -28,8 +28,9 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -224,7 +225,12 @@ def _torch_sees_cuda() -> bool:
 
 
 def _session(
-    path: object, level: str, intra: int, inter: int, spinning: bool, providers: list[str]
+    path: object,
+    level: str,
+    intra: int,
+    inter: int,
+    spinning: bool,
+    providers: Sequence[str | tuple[str, dict[str, Any]]],
 ) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[level]
