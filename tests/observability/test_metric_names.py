@@ -30,9 +30,6 @@ CHART_RULES = CHART / "files" / "prometheus-rules.yaml"
 METRIC = re.compile(r"\binferline_[a-z0-9_]+")
 # NVML's GPU metrics: exported only where a GPU is (common/telemetry/metrics.py).
 GPU_ONLY = {"inferline_gpu_utilization_ratio", "inferline_gpu_memory_used_bytes", "inferline_gpu_memory_total_bytes"}
-# Metrics added on other branches of issue 17/18 work (model busy: branch h5-fast). The lead
-# removes this allow-list at merge, once the metric is exported here.
-FROM_OTHER_BRANCHES = {"inferline_model_busy_ratio"}
 
 
 def _rule_exprs(path: Path) -> list[str]:
@@ -107,7 +104,6 @@ def test_every_metric_the_adapter_alert_rules_and_dashboard_name_is_in_a_live_sc
     finally:
         stages.stop()
     missing = {
-        where: sorted(names - scraped - GPU_ONLY - FROM_OTHER_BRANCHES) for where, names in named_metrics().items()
+        where: sorted(names - scraped - GPU_ONLY) for where, names in named_metrics().items()
     }
     assert missing == {where: [] for where in missing}, missing
-    assert not (FROM_OTHER_BRANCHES & scraped), "exported now: remove it from FROM_OTHER_BRANCHES"

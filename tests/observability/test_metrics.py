@@ -24,8 +24,9 @@ from inferline.common.telemetry.metrics import register_gpu_metrics
 from inferline.services.postprocess.servicer import build_service as build_postprocess
 from tests.support.servers import LoopThread
 
-# model_instance: bounded by the model's instance_count (inferline_model_busy_seconds_total).
-ALLOWED_LABELS = {"service", "method", "code", "stage", "step", "model", "model_instance", "gpu", "le"}
+# model_instance: bounded by the model's instance_count (inferline_model_busy_seconds_total);
+# transport: shm or inline (inferline_tensor_transport_total).
+ALLOWED_LABELS = {"service", "method", "code", "stage", "step", "model", "model_instance", "gpu", "le", "transport"}
 
 
 @pytest.fixture(scope="module")

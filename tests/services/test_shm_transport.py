@@ -243,16 +243,25 @@ def test_the_preprocess_stage_writes_only_inside_a_pool_object(stack, open_stage
         assert ok.images[0].status.code == 0 and ok.images[0].tensor.data
 
 
+def _made_on_the_loop(stack, settings) -> GrpcStages:
+    """GrpcStages as the controller makes it: on its event loop (grpc.aio channels need one)."""
+
+    async def make() -> GrpcStages:
+        return GrpcStages(settings)
+
+    return stack.loop.run(make())
+
+
 def test_tensor_transport_must_be_one_of_auto_shm_inline(stack):
     with pytest.raises(ConfigError, match="INFERLINE_TENSOR_TRANSPORT='tcp' is not one of auto, shm, inline"):
-        GrpcStages(dataclasses.replace(stack.settings, tensor_transport="tcp"))
+        _made_on_the_loop(stack, dataclasses.replace(stack.settings, tensor_transport="tcp"))
 
 
 def test_a_pool_that_cannot_be_made_means_inline_and_for_shm_no_start(stack, open_stages, images):
     stages = open_stages(tensor_transport="auto", shm_pool_slots=0)
     assert stages.shared.pool is None
     assert _run(stack, stages, images)[2] == [False, False, False]
-    required = GrpcStages(dataclasses.replace(stack.settings, tensor_transport="shm", shm_pool_slots=0))
+    required = _made_on_the_loop(stack, dataclasses.replace(stack.settings, tensor_transport="shm", shm_pool_slots=0))
     with pytest.raises(ConfigError, match="INFERLINE_TENSOR_TRANSPORT=shm but the shared memory pool failed"):
         required.shared.open()
     stack.loop.run(required.close())

@@ -18,7 +18,7 @@ from inferline.services.inference.weights import ResolvedWeights
 
 def _backend(yolo_weights, device: str, **parameters):
     config = load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml")
-    config = dataclasses.replace(config, parameters={**config.parameters, **parameters})
+    config = dataclasses.replace(config, backend="torch", parameters={**config.parameters, **parameters})
     return load_backend(config, ResolvedWeights(path=yolo_weights, sha256="", official=False), Settings(device=device))
 
 
