@@ -184,3 +184,19 @@ def test_every_metric_the_stages_emit_is_documented():
 def test_every_span_name_is_documented():
     for step in ("decode", "letterbox", "queue_wait", "batch_run", "nms", "render"):
         assert f"─ {step} " in DOCS, step
+
+
+def test_the_dashboard_validates_against_grafana_s_published_dashboard_schema():
+    """Grafana's own JSON schema of the dashboard model (vendored: tests/support/grafana), for
+    deploy/'s dashboard and the chart's copy: a wrong type or an unknown enum value fails here
+    rather than in the user's Grafana."""
+    import jsonschema  # noqa: PLC0415 - a dev dependency, for this test only
+
+    schema = json.loads((REPO / "tests" / "support" / "grafana" / "dashboard.jsonschema.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    for path in (DASHBOARD, REPO / "helm" / "inferline" / "files" / "dashboards" / DASHBOARD.name):
+        found = validator.iter_errors(json.loads(path.read_text()))
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in found]
+        assert not errors, f"{path}:\n" + "\n".join(errors[:20])
+    broken = {**_dashboard(), "panels": [{"type": 5}]}
+    assert list(validator.iter_errors(broken)), "the schema refuses a panel of the wrong type"
