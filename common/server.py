@@ -160,7 +160,9 @@ class ServerApp:
         server = grpc.aio.server(
             interceptors=[
                 RetryCounter(self.service.name),
-                TelemetryServerInterceptor(self.service.name, self.settings.cost_per_core_hour),
+                TelemetryServerInterceptor(
+                    self.service.name, self.settings.cost_per_core_hour, self.settings.cost_per_gpu_hour
+                ),
                 ErrorMappingInterceptor(),
                 *self.interceptors
             ],

@@ -199,6 +199,9 @@ class Settings:
     # counted): each stage counts inferline_cost_total{model,stage} from the CPU its requests
     # took, and profiled timings carry <stage>.cost (docs/monitoring.md#cost).
     cost_per_core_hour: float = 0.0
+    # The price of one GPU for an hour: a request's GPU seconds (its share of the forward passes
+    # that ran on a GPU) count into inferline_cost_total and <stage>.cost at this price.
+    cost_per_gpu_hour: float = 0.0
 
     # issue 18: lb (docs/deployment.md, "Load balancing"). Channels ping an idle connection every
     # keepalive_time_s and drop it when no answer comes in keepalive_timeout_s (a replica that

@@ -71,6 +71,9 @@ class CpuMeter:
 
 
 CPU: contextvars.ContextVar[CpuMeter | None] = contextvars.ContextVar("inferline_cpu", default=None)
+# GPU seconds of one request in this stage: its share (by items) of the wall time of the forward
+# passes that ran on a GPU, the time the model held the device for it. Same meter type as CPU.
+GPU: contextvars.ContextVar[CpuMeter | None] = contextvars.ContextVar("inferline_gpu", default=None)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class RequestContext:
     service: str
     profile: Profile | None
     cpu: CpuMeter | None = None
+    gpu: CpuMeter | None = None
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -89,7 +93,7 @@ class RequestContext:
 
 
 def capture() -> RequestContext:
-    return RequestContext(otel_context.get_current(), SERVICE.get(), PROFILE.get(), CPU.get())
+    return RequestContext(otel_context.get_current(), SERVICE.get(), PROFILE.get(), CPU.get(), GPU.get())
 
 
 def in_context(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -24,6 +24,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from inferline.common.telemetry import metrics
 from inferline.common.telemetry.context import (
     CPU,
+    GPU,
     MODEL,
     MODEL_HEADER,
     PROFILE,
@@ -81,9 +82,10 @@ def _flag(value: str | None) -> bool:
 class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
     """Outermost interceptor: it sees the final status, after the error mapping."""
 
-    def __init__(self, service: str, cost_per_core_hour: float = 0.0):
+    def __init__(self, service: str, cost_per_core_hour: float = 0.0, cost_per_gpu_hour: float = 0.0):
         self.service = service
         self.cost_per_core_second = cost_per_core_hour / 3600.0
+        self.cost_per_gpu_second = cost_per_gpu_hour / 3600.0
 
     async def intercept_service(
         self,
@@ -98,6 +100,10 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    def _cost(self, cpu_seconds: float, gpu_seconds: float) -> float:
+        """The request's cost in this stage at the configured prices (0 without a price)."""
+        return cpu_seconds * self.cost_per_core_second + gpu_seconds * self.cost_per_gpu_second
 
     def _observed(self, inner: UnaryHandler, full_method: str) -> UnaryHandler:
         rpc_service, method = split_method(full_method)
@@ -116,6 +122,8 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
             PROFILE.set(profile)
             meter = CpuMeter()
             CPU.set(meter)
+            gpu = CpuMeter()
+            GPU.set(gpu)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             in_flight.inc()
@@ -129,9 +137,12 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
                     if profile is not None:
                         if meter.seconds:
                             profile.add(f"{self.service}.cpu", meter.seconds)
-                        if meter.seconds and self.cost_per_core_second:
+                        if gpu.seconds:
+                            profile.add(f"{self.service}.gpu", gpu.seconds)
+                        cost = self._cost(meter.seconds, gpu.seconds)
+                        if cost:
                             # In the prices' currency, not ms: merged as is.
-                            profile.merge({f"{self.service}.cost": meter.seconds * self.cost_per_core_second})
+                            profile.merge({f"{self.service}.cost": cost})
                         trailers.append(_attach_profile(profile, self.service, started, response))
                     context.set_trailing_metadata(trailers)
                     return response
@@ -151,8 +162,11 @@ class TelemetryServerInterceptor(grpc.aio.ServerInterceptor):
                     metrics.RPC_SECONDS.labels(self.service, method, code.name, label).observe(elapsed)
                     if meter.seconds:
                         metrics.CPU_SECONDS.labels(label, self.service).inc(meter.seconds)
-                        if self.cost_per_core_second:
-                            metrics.COST.labels(label, self.service).inc(meter.seconds * self.cost_per_core_second)
+                    if gpu.seconds:
+                        metrics.GPU_SECONDS.labels(label, self.service).inc(gpu.seconds)
+                    cost = self._cost(meter.seconds, gpu.seconds)
+                    if cost:
+                        metrics.COST.labels(label, self.service).inc(cost)
                     span.set_attribute("rpc.grpc.status_code", code.value[0])
                     if code in SERVER_ERROR_CODES:
                         span.set_status(Status(StatusCode.ERROR, code.name))

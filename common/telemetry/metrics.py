@@ -103,9 +103,15 @@ CPU_SECONDS = Counter(
     "CPU seconds of the requests' work in each stage (steps and forward passes), by model.",
     ["model", "stage"],
 )
+GPU_SECONDS = Counter(
+    "inferline_gpu_seconds",
+    "GPU seconds of the requests in each stage (their share of the forward passes run on a GPU), by model.",
+    ["model", "stage"],
+)
 COST = Counter(
     "inferline_cost",
-    "Cost of the requests' CPU in each stage at INFERLINE_COST_PER_CORE_HOUR (its currency), by model.",
+    "Cost of the requests' CPU and GPU time in each stage at INFERLINE_COST_PER_CORE_HOUR and "
+    "INFERLINE_COST_PER_GPU_HOUR (their currency), by model.",
     ["model", "stage"],
 )
 ITEM_ERRORS = Counter(

@@ -175,8 +175,11 @@ class BatchRun:
     and ``batch_run`` spans (same times, its own parent), so every trace is complete on its own.
     """
 
-    def __init__(self, model: str, contexts: Sequence[RequestContext], enqueued: Sequence[float]):
+    def __init__(
+        self, model: str, contexts: Sequence[RequestContext], enqueued: Sequence[float], on_gpu: bool = False
+    ):
         self.model = model
+        self.on_gpu = on_gpu
         self.size = len(contexts)
         now = time.monotonic()
         waits: dict[tuple[int, int, int], tuple[RequestContext, float, int]] = {}
@@ -200,6 +203,8 @@ class BatchRun:
             finally:
                 ended = time.monotonic()
                 self._share_cpu(time.process_time() - cpu_started)
+                if self.on_gpu:
+                    self._share_gpu(ended - started)
                 metrics.STEP_SECONDS.labels(self.requests[0][0].service, "batch_run").observe(ended - started)
                 for ctx, _, count in self.requests:
                     self._record(ctx, "batch_run", started, ended, {"inferline.request_items": count})
@@ -213,6 +218,13 @@ class BatchRun:
             if ctx.cpu is not None:
                 ctx.cpu.add(seconds * count / self.size)
 
+    def _share_gpu(self, seconds: float) -> None:
+        """The pass's wall time on its GPU (the device is the model's while it runs), shared by
+        the requests of the batch in proportion to their items, as the CPU is."""
+        for ctx, _, count in self.requests:
+            if ctx.gpu is not None:
+                ctx.gpu.add(seconds * count / self.size)
+
     def _record(self, ctx: RequestContext, step: str, start: float, end: float, extra: dict[str, Any]) -> None:
         if ctx.profile is not None:
             ctx.profile.add(f"{ctx.service}.{step}", end - start)
@@ -225,5 +237,7 @@ class BatchRun:
         child.end(end_time=int(end * 1e9) + offset)
 
 
-def batch_started(model: str, contexts: Sequence[RequestContext], enqueued: Sequence[float]) -> BatchRun:
-    return BatchRun(model, contexts, enqueued)
+def batch_started(
+    model: str, contexts: Sequence[RequestContext], enqueued: Sequence[float], on_gpu: bool = False
+) -> BatchRun:
+    return BatchRun(model, contexts, enqueued, on_gpu)

@@ -137,8 +137,11 @@ class DynamicBatcher:
         config: BatchingConfig,
         stats: ModelStats | None = None,
         run_alone: RunBatch | None = None,
+        on_gpu: bool = False,
     ):
         self.name = name
+        # Passes on a GPU count their wall time as the requests' GPU seconds (cost per GPU-hour).
+        self.on_gpu = on_gpu
         # A pass with nothing beside it and nothing waiting runs here when given (all the cores
         # for one request); None: every pass runs ``run``.
         self._run_alone = run_alone
@@ -252,7 +255,9 @@ class DynamicBatcher:
             run = self._run_alone if alone and self._run_alone is not None else self._run
             self.passes_alone += alone
             self.passes_running += 1
-            observed = batch_started(self.name, [p.request for p in batch], [p.enqueued for p in batch])
+            observed = batch_started(
+                self.name, [p.request for p in batch], [p.enqueued for p in batch], on_gpu=self.on_gpu
+            )
             started = time.monotonic()
             if self.stats is not None:
                 self.stats.queued([started - p.enqueued for p in batch])

@@ -64,6 +64,15 @@ MODES = ("none", "explicit", "poll")
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 
 
+def runs_on_gpu(backend: Backend) -> bool:
+    """Whether the backend's passes run on a GPU: ONNX Runtime's CUDA provider, or a torch model
+    on a CUDA device (the passes' wall time is then the requests' GPU time)."""
+    if getattr(backend, "on_cuda", False):
+        return True
+    device = getattr(backend, "device", None)
+    return getattr(device, "type", None) == "cuda"
+
+
 @dataclass
 class LoadedModel:
     config: ModelConfig
@@ -93,6 +102,7 @@ class LoadedModel:
             ),
             self.stats,
             run_alone=self.run_batch_alone if getattr(self.backend, "alone_threads", 0) > 0 else None,
+            on_gpu=runs_on_gpu(self.backend),
         )
 
     def run_batch(self, items: list[Item]) -> list[Outputs]:

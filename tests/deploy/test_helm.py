@@ -188,6 +188,17 @@ def _env_of(deployment: dict) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
+def test_prices_in_the_values_reach_every_stage_and_none_is_set_by_default(helm):
+    priced = _by_kind(_render(helm, "--set", "cost.perCoreHour=0.04", "--set", "cost.perGpuHour=2.5"), "Deployment")
+    stages = {name: d for name, d in priced.items() if not name.endswith("gateway")}
+    assert len(stages) == 4
+    for name, deployment in stages.items():
+        env = _env_of(deployment)
+        assert (env["INFERLINE_COST_PER_CORE_HOUR"], env["INFERLINE_COST_PER_GPU_HOUR"]) == ("0.04", "2.5"), name
+    for deployment in _by_kind(_render(helm), "Deployment").values():
+        assert not {"INFERLINE_COST_PER_CORE_HOUR", "INFERLINE_COST_PER_GPU_HOUR"} & set(_env_of(deployment))
+
+
 def test_stage_services_are_headless_and_their_callers_dial_them_by_dns(helm):
     """Each channel balances over every pod only if DNS lists them all (issue 18)."""
     docs = _render(helm, "--namespace", "prod")
@@ -247,6 +258,7 @@ def test_operator_objects_only_where_the_operator_is_installed(helm):
     ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
     ("gateway.port=70000", "/gateway/port"),
     ("gateway.ingress.pathType=Any", "/gateway/ingress/pathType"),
+    ("cost.perGpuHour=two", "/cost/perGpuHour"),
 ])
 def test_bad_values_are_refused_naming_the_value(helm, bad, message):
     done = run([helm, "template", "t", str(CHART), "--set", bad], check=False)

@@ -185,6 +185,24 @@ def test_with_a_core_hour_price_each_stage_reports_and_counts_the_cost_of_its_cp
         assert _cost(stage) - before[stage] == pytest.approx(timings[f"{stage}.cost"], abs=1e-3), stage
 
 
+@pytest.mark.slow
+def test_a_model_on_a_gpu_reports_its_gpu_seconds_and_their_cost(settings, data_dir, monkeypatch):
+    """The inference stage of a model whose passes run on a GPU (declared here: no GPU on this
+    machine) reports ``inference.gpu`` (ms) and prices it at INFERLINE_COST_PER_GPU_HOUR."""
+    monkeypatch.setattr("inferline.services.inference.models.runs_on_gpu", lambda backend: True)
+    before = REGISTRY.get_sample_value("inferline_gpu_seconds_total", {"model": "yolov8n", "stage": "inference"}) or 0
+    stack = InProcessStack(dataclasses.replace(settings, cost_per_gpu_hour=3600.0, models=("yolov8n",)))
+    try:
+        timings = dict(_detect(stack, data_dir, [("x-inferline-profile", "1")]).timings_ms)
+    finally:
+        stack.close()
+    assert timings["inference.gpu"] > 0
+    assert timings["inference.cost"] == pytest.approx(timings["inference.gpu"] / 1000, abs=1e-3)
+    after = REGISTRY.get_sample_value("inferline_gpu_seconds_total", {"model": "yolov8n", "stage": "inference"})
+    assert after - before == pytest.approx(timings["inference.gpu"] / 1000, abs=1e-3)
+    assert "preprocess.gpu" not in timings and "preprocess.cost" not in timings  # no CPU price was set
+
+
 def test_without_a_price_no_cost_is_reported(stack, data_dir):
     timings = dict(_detect(stack, data_dir, [("x-inferline-profile", "1")]).timings_ms)
     assert not [key for key in timings if key.endswith(".cost")]
