@@ -29,8 +29,10 @@ import os
 import re
 import stat
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from inferline.common.errors import InvalidInput, ModelNotFound, Overloaded, quoted
 
@@ -96,6 +98,23 @@ def check_key(key: str) -> Path:
     return SHM_ROOT / key.lstrip("/")
 
 
+def check_room(
+    regions: Mapping[str, Any], byte_size: int, max_regions: int, max_bytes: int, kind: str, setting: str
+) -> None:
+    """Refuses (RESOURCE_EXHAUSTED) a register that would pass a registry's bounds, naming the
+    setting that sets them: shared by the system and the CUDA registries, whose bounds work alike."""
+    if len(regions) >= max_regions:
+        raise Overloaded(
+            f"{len(regions)} {kind} regions are registered, the limit ({setting}_MAX_REGIONS); unregister some first"
+        )
+    mapped = sum(r.status.byte_size for r in regions.values())
+    if mapped + byte_size > max_bytes:
+        raise Overloaded(
+            f"registering {byte_size} bytes would map {mapped + byte_size} bytes of {kind}, over "
+            f"the limit of {max_bytes} ({setting}_MAX_BYTES); unregister regions first"
+        )
+
+
 class SharedMemoryRegistry:
     """Registered regions by name; every method is safe to call from any thread."""
 
@@ -121,17 +140,7 @@ class SharedMemoryRegistry:
                     f"shared memory region {quoted(name)} is already registered; "
                     "unregister it first or use another name"
                 )
-            if len(self._regions) >= self.max_regions:
-                raise Overloaded(
-                    f"{len(self._regions)} shared memory regions are registered, the limit "
-                    "(INFERLINE_SHM_MAX_REGIONS); unregister some first"
-                )
-            mapped = sum(r.status.byte_size for r in self._regions.values())
-            if mapped + byte_size > self.max_bytes:
-                raise Overloaded(
-                    f"registering {byte_size} bytes would map {mapped + byte_size} bytes of shared memory, over "
-                    f"the limit of {self.max_bytes} (INFERLINE_SHM_MAX_BYTES); unregister regions first"
-                )
+            check_room(self._regions, byte_size, self.max_regions, self.max_bytes, "shared memory", "INFERLINE_SHM")
             mapping = _map(path, key, offset, byte_size)
             self._regions[name] = _Region(RegionStatus(name, key, offset, byte_size), mapping)
 

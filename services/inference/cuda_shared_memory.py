@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from inferline.common.cuda_ipc import IPC_HANDLE_BYTES, check_available, open_exported
-from inferline.common.errors import InvalidInput, Overloaded, quoted
-from inferline.common.shm import RegionExists, RegionNotFound, SharedMemoryRegistry
+from inferline.common.errors import InvalidInput, quoted
+from inferline.common.shm import RegionExists, RegionNotFound, SharedMemoryRegistry, check_room
 
 if TYPE_CHECKING:
     import torch
@@ -121,17 +121,9 @@ class CudaShmRegistry:
                     f"shared memory region {quoted(name)} is already registered; "
                     "unregister it first or use another name"
                 )
-            if len(self._regions) >= self.max_regions:
-                raise Overloaded(
-                    f"{len(self._regions)} CUDA shared memory regions are registered, the limit "
-                    "(INFERLINE_CUDA_SHM_MAX_REGIONS); unregister some first"
-                )
-            mapped = sum(r.status.byte_size for r in self._regions.values())
-            if mapped + byte_size > self.max_bytes:
-                raise Overloaded(
-                    f"registering {byte_size} bytes would map {mapped + byte_size} bytes of CUDA shared memory, "
-                    f"over the limit of {self.max_bytes} (INFERLINE_CUDA_SHM_MAX_BYTES); unregister regions first"
-                )
+            check_room(
+                self._regions, byte_size, self.max_regions, self.max_bytes, "CUDA shared memory", "INFERLINE_CUDA_SHM"
+            )
             opened = opener.open(raw_handle, device_id, byte_size)
             self._regions[name] = _Region(CudaRegionStatus(name, device_id, byte_size), opened)
 
