@@ -1,7 +1,7 @@
 """Idle resident memory of each stage after repeated overload episodes (does memory ratchet?).
 
 Starts the four stages as local processes, as `inferline up` does, warms them with a few calls,
-records each stage's idle VmRSS, then runs N overload episodes: closed-loop clients far beyond
+records each stage's idle VmRSS (less shared memory), then runs N overload episodes: closed-loop clients far beyond
 the stack's saturation (loopback only) for a few seconds each. After every episode it waits
 until the stack is idle (no calls left, every stage's CPU quiet, RSS steady) and records each
 stage's VmRSS again. A stack with bounded memory returns to about the same idle level after
@@ -46,11 +46,18 @@ DEFAULT_IMAGES = REPO.parent / "shared" / "data"
 
 
 def rss_mib(pid: int) -> float:
-    """The process's resident set size now (VmRSS), in MiB."""
+    """The process's own resident memory now, in MiB: VmRSS less its resident shared memory
+    (RssShmem). The controller's tensor pool in /dev/shm (issue 16) is a fixed-size object that
+    the preprocess and inference stages map; its pages join each mapper's VmRSS as slots are
+    first used, which is neither growth nor theirs. The pool's size is bounded by its settings."""
+    fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssShmem"):
+            fields[name] = int(value.split()[0])
+    if "VmRSS" not in fields:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return (fields["VmRSS"] - fields.get("RssShmem", 0)) / 1024
 
 
 def wait_idle(pids: Mapping[str, int], *, quiet_cpu_s: float = 0.05, steady: float = 0.01, seconds: int = 6,

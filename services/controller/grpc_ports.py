@@ -449,7 +449,16 @@ class GrpcInference:
                     raise
                 # The stage restarted without the pool: register it again (or go inline).
                 request, by_handle = self._request(model, items, min_score, await self.shared.registered(deadline))
-                response = await self._call(self._stub.ModelInfer, request, deadline)
+                try:
+                    response = await self._call(self._stub.ModelInfer, request, deadline)
+                except ModelNotFound as again:
+                    if not (by_handle and self.shared.lost(again)):
+                        raise
+                    # Another replica behind the same name without the pool (round robin sent the
+                    # register to one, the call to another): this call goes inline, the tensors
+                    # being in the controller's own mapping; a later call registers again.
+                    request, by_handle = self._request(model, items, min_score, False)
+                    response = await self._call(self._stub.ModelInfer, request, deadline)
             _count("inference", by_handle, len(items))
         except (StageUnavailable, DeadlineExceeded, Overloaded):
             raise  # the stage's state, not these items': the whole call fails, as before OIP
