@@ -29,10 +29,9 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from inferline.common.errors import InvalidInput, ModelNotFound, Overloaded, quoted
 
@@ -98,31 +97,82 @@ def check_key(key: str) -> Path:
     return SHM_ROOT / key.lstrip("/")
 
 
-def check_room(
-    regions: Mapping[str, Any], byte_size: int, max_regions: int, max_bytes: int, kind: str, setting: str
-) -> None:
-    """Refuses (RESOURCE_EXHAUSTED) a register that would pass a registry's bounds, naming the
-    setting that sets them: shared by the system and the CUDA registries, whose bounds work alike."""
-    if len(regions) >= max_regions:
-        raise Overloaded(
-            f"{len(regions)} {kind} regions are registered, the limit ({setting}_MAX_REGIONS); unregister some first"
-        )
-    mapped = sum(r.status.byte_size for r in regions.values())
-    if mapped + byte_size > max_bytes:
-        raise Overloaded(
-            f"registering {byte_size} bytes would map {mapped + byte_size} bytes of {kind}, over "
-            f"the limit of {max_bytes} ({setting}_MAX_BYTES); unregister regions first"
-        )
+class _Sized(Protocol):
+    @property
+    def byte_size(self) -> int: ...
 
 
-class SharedMemoryRegistry:
-    """Registered regions by name; every method is safe to call from any thread."""
+class _Held(Protocol):
+    @property
+    def status(self) -> _Sized: ...
+
+    def close(self) -> None: ...
+
+
+R = TypeVar("R", bound=_Held)
+
+
+class RegionTable(Generic[R]):
+    """Regions by name under one lock, with Triton's semantics shared by the system and the CUDA
+    registries: bounded count and bytes, status of one or all, idempotent unregister. Subclasses
+    name their kind, RPCs and settings (in messages) and say how a region is registered."""
+
+    KIND = "shared memory"
+    RPC = "SystemSharedMemory"
+    SETTING = "INFERLINE_SHM"
 
     def __init__(self, max_regions: int, max_bytes: int):
         self.max_regions = max_regions
         self.max_bytes = max_bytes
-        self._regions: dict[str, _Region] = {}
+        self._regions: dict[str, R] = {}
         self._lock = threading.Lock()
+
+    def status(self, name: str = "") -> list[Any]:
+        """Every region, or the one named (RegionNotFound when it is not registered)."""
+        with self._lock:
+            if not name:
+                return [r.status for r in self._regions.values()]
+            return [self._get(name).status]
+
+    def unregister(self, name: str = "") -> None:
+        """Releases the region named, or every region when ``name`` is empty. As Triton, a name
+        that is not registered is no error: unregistering is idempotent."""
+        with self._lock:
+            for each in [name] if name else list(self._regions):
+                region = self._regions.pop(each, None)
+                if region is not None:
+                    region.close()
+
+    def close(self) -> None:
+        """Releases everything: the stage is stopping."""
+        self.unregister()
+
+    def _check_room(self, byte_size: int) -> None:
+        """Refuses (RESOURCE_EXHAUSTED) a register that would pass the bounds, naming the setting."""
+        if len(self._regions) >= self.max_regions:
+            raise Overloaded(
+                f"{len(self._regions)} {self.KIND} regions are registered, the limit "
+                f"({self.SETTING}_MAX_REGIONS); unregister some first"
+            )
+        mapped = sum(r.status.byte_size for r in self._regions.values())
+        if mapped + byte_size > self.max_bytes:
+            raise Overloaded(
+                f"registering {byte_size} bytes would map {mapped + byte_size} bytes of {self.KIND}, over "
+                f"the limit of {self.max_bytes} ({self.SETTING}_MAX_BYTES); unregister regions first"
+            )
+
+    def _get(self, name: str) -> R:
+        region = self._regions.get(name)
+        if region is None:
+            raise RegionNotFound(
+                f"no {self.KIND} region {quoted(name)} is registered; register it first "
+                f"({self.RPC}Register) or see {self.RPC}Status"
+            )
+        return region
+
+
+class SharedMemoryRegistry(RegionTable[_Region]):
+    """Registered regions by name; every method is safe to call from any thread."""
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         """Maps ``byte_size`` bytes of shm object ``key`` from ``offset`` as region ``name``."""
@@ -140,7 +190,7 @@ class SharedMemoryRegistry:
                     f"shared memory region {quoted(name)} is already registered; "
                     "unregister it first or use another name"
                 )
-            check_room(self._regions, byte_size, self.max_regions, self.max_bytes, "shared memory", "INFERLINE_SHM")
+            self._check_room(byte_size)
             mapping = _map(path, key, offset, byte_size)
             self._regions[name] = _Region(RegionStatus(name, key, offset, byte_size), mapping)
 
@@ -168,27 +218,6 @@ class SharedMemoryRegistry:
         except RegionExists:
             pass  # another request attached it meanwhile
 
-    def status(self, name: str = "") -> list[RegionStatus]:
-        """Every region, or the one named (RegionNotFound when it is not registered)."""
-        with self._lock:
-            if not name:
-                return [r.status for r in self._regions.values()]
-            return [self._get(name).status]
-
-    def unregister(self, name: str = "") -> None:
-        """Unmaps the region named, or every region when ``name`` is empty. As Triton, a name
-        that is not registered is no error: unregistering is idempotent."""
-        with self._lock:
-            names = [name] if name else list(self._regions)
-            for each in names:
-                region = self._regions.pop(each, None)
-                if region is not None:
-                    region.close()
-
-    def close(self) -> None:
-        """Unmaps everything: the stage is stopping."""
-        self.unregister()
-
     def read(self, name: str, offset: int, byte_size: int, what: str) -> memoryview:
         """A read-only view of ``byte_size`` bytes at ``offset`` of region ``name`` (no copy)."""
         with self._lock:
@@ -198,15 +227,6 @@ class SharedMemoryRegistry:
         """A writable view of ``byte_size`` bytes at ``offset`` of region ``name``."""
         with self._lock:
             return self._get(name).view(offset, byte_size, what)
-
-    def _get(self, name: str) -> _Region:
-        region = self._regions.get(name)
-        if region is None:
-            raise RegionNotFound(
-                f"no shared memory region {quoted(name)} is registered; register it first "
-                "(SystemSharedMemoryRegister) or see SystemSharedMemoryStatus"
-            )
-        return region
 
 
 def _map(path: Path, key: str, offset: int, byte_size: int) -> mmap.mmap:

@@ -20,7 +20,6 @@ register (``cuMemGetAddressRange``): a read past an allocation faults this proce
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -29,7 +28,7 @@ import numpy as np
 
 from inferline.common.cuda_ipc import IPC_HANDLE_BYTES, check_available, open_exported
 from inferline.common.errors import InvalidInput, quoted
-from inferline.common.shm import RegionExists, RegionNotFound, SharedMemoryRegistry, check_room
+from inferline.common.shm import RegionExists, RegionTable, SharedMemoryRegistry
 
 if TYPE_CHECKING:
     import torch
@@ -67,13 +66,20 @@ class _Region:
             )
         return self.opened.tensor[offset : offset + byte_size]
 
+    def close(self) -> None:
+        self.opened.close()
 
-class CudaShmRegistry:
+
+class CudaShmRegistry(RegionTable[_Region]):
     """Registered CUDA regions by name; every method is safe to call from any thread.
 
     ``taken`` says whether a name is already a region of another kind (system shared memory):
     Triton keeps one namespace for both, so a request's ``shared_memory_region`` is unambiguous.
     """
+
+    KIND = "CUDA shared memory"
+    RPC = "CudaSharedMemory"
+    SETTING = "INFERLINE_CUDA_SHM"
 
     def __init__(
         self,
@@ -82,15 +88,12 @@ class CudaShmRegistry:
         opener: Callable[[], IpcOpener] | None = None,
         taken: Callable[[str], bool] = lambda name: False,
     ):
-        self.max_regions = max_regions
-        self.max_bytes = max_bytes
+        super().__init__(max_regions, max_bytes)
         # Built on the first Register, not here: importing torch and cuda-python costs a stage
         # that never sees a CUDA region (an ONNX Runtime one on CPU) seconds and hundreds of MB.
         self._make_opener = opener
         self._opener: IpcOpener | None = None
         self._taken = taken
-        self._regions: dict[str, _Region] = {}
-        self._lock = threading.Lock()
 
     def has(self, name: str) -> bool:
         with self._lock:
@@ -121,30 +124,9 @@ class CudaShmRegistry:
                     f"shared memory region {quoted(name)} is already registered; "
                     "unregister it first or use another name"
                 )
-            check_room(
-                self._regions, byte_size, self.max_regions, self.max_bytes, "CUDA shared memory", "INFERLINE_CUDA_SHM"
-            )
+            self._check_room(byte_size)
             opened = opener.open(raw_handle, device_id, byte_size)
             self._regions[name] = _Region(CudaRegionStatus(name, device_id, byte_size), opened)
-
-    def status(self, name: str = "") -> list[CudaRegionStatus]:
-        """Every region, or the one named (RegionNotFound when it is not registered)."""
-        with self._lock:
-            if not name:
-                return [r.status for r in self._regions.values()]
-            return [self._get(name).status]
-
-    def unregister(self, name: str = "") -> None:
-        """Closes the region named, or every region when ``name`` is empty; idempotent as Triton's."""
-        with self._lock:
-            for each in [name] if name else list(self._regions):
-                region = self._regions.pop(each, None)
-                if region is not None:
-                    region.opened.close()
-
-    def close(self) -> None:
-        """Closes every handle: the stage is stopping."""
-        self.unregister()
 
     def tensor(self, name: str, offset: int, byte_size: int, what: str) -> torch.Tensor:
         """``byte_size`` bytes at ``offset`` of region ``name`` as a uint8 tensor on its device (no copy)."""
@@ -172,14 +154,6 @@ class CudaShmRegistry:
         if target.is_cuda:
             torch.cuda.synchronize(target.device)
 
-    def _get(self, name: str) -> _Region:
-        region = self._regions.get(name)
-        if region is None:
-            raise RegionNotFound(
-                f"no CUDA shared memory region {quoted(name)} is registered; register it first "
-                "(CudaSharedMemoryRegister) or see CudaSharedMemoryStatus"
-            )
-        return region
 
 
 class CudaIpcOpener:
