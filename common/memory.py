@@ -66,14 +66,28 @@ def release_idle_memory() -> bool:
     return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
+# Calls that allocate no working memory: health checks, readiness and metadata polls. They are
+# not work: the controller polls each stage's Check and RepositoryIndex about twice a second, so a
+# trimmer that counted them would never see a quiet moment (and never trimmed, before this list).
+CONTROL_METHODS = frozenset({
+    "Check", "Watch", "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+    "ModelConfig", "RepositoryIndex", "ListModels", "ModelInfo", "SystemSharedMemoryStatus",
+    "CudaSharedMemoryStatus",
+})
+
+
 def _total(metric: Any, suffix: str = "") -> float:
-    return sum(s.value for family in metric.collect() for s in family.samples if s.name.endswith(suffix))
+    return sum(
+        s.value for family in metric.collect() for s in family.samples
+        if s.name.endswith(suffix) and s.labels.get("method") not in CONTROL_METHODS
+    )
 
 
 def activity() -> tuple[float, float]:
     """This process's work under way and work done so far, from its own metrics: calls in flight
     and items queued for a model; calls finished and steps run (a model still draining the
-    queued items of callers that have gone is busy, though no call is in flight)."""
+    queued items of callers that have gone is busy, though no call is in flight). Control calls
+    (``CONTROL_METHODS``) are left out."""
     under_way = _total(RPC_IN_FLIGHT) + _total(QUEUE_DEPTH)
     done = _total(RPC_SECONDS, "_count") + _total(STEP_SECONDS, "_count")
     return under_way, done

@@ -139,9 +139,10 @@ def supervised(model_dir: Path, inference_metrics_port: int) -> Iterator[LocalSt
     stack.stop()
 
 
-def _health(stub: health_pb2_grpc.HealthStub, service: str = "") -> str:
+def _health(stub: health_pb2_grpc.HealthStub, service: str = "", wait_for_ready: bool = False) -> str:
     try:
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1 if not wait_for_ready else 0.3,
+                           wait_for_ready=wait_for_ready)
     except grpc.RpcError as exc:
         return exc.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -203,9 +204,14 @@ class HealthSamples:
 
     def __enter__(self) -> HealthSamples:
         def sample() -> None:
+            # A channel whose peer died waits out gRPC's reconnect backoff (1 s, growing) before it
+            # dials again, answering UNAVAILABLE meanwhile: a restarted stage would look down to
+            # the sampler after the controller (which polls on its own channel) saw it SERVING.
+            fast = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20),
+                    ("grpc.max_reconnect_backoff_ms", 50)]
             with (
-                grpc.insecure_channel(self.controller) as controller,
-                grpc.insecure_channel(self.inference) as inference,
+                grpc.insecure_channel(self.controller, options=fast) as controller,
+                grpc.insecure_channel(self.inference, options=fast) as inference,
             ):
                 of_controller, of_inference = (
                     health_pb2_grpc.HealthStub(controller),
@@ -214,7 +220,8 @@ class HealthSamples:
                 while not self._stop.wait(0.05):
                     self.samples.append((
                         time.monotonic(), _health(of_controller), _health(of_controller, "model/yolov8n"),
-                        _health(of_inference),
+                        # Waits (briefly) for a connection: the truth about the stage, not the channel.
+                        _health(of_inference, wait_for_ready=True),
                     ))
 
         self._thread = threading.Thread(target=sample, daemon=True)

@@ -168,6 +168,9 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
         ort.preload_dlls()
     # Spinning intra-op threads take the other stages' CPU while they wait for work: off unless asked.
     spinning = bool(params.get("allow_spinning", False))
+    # Without the arena a pass's buffers go back to malloc, which the idle trimmer returns to the
+    # kernel (common/memory.py): idle RSS does not keep each overload's peak.
+    arena = bool(params.get("cpu_mem_arena", False))
     path = weights.path
     if path.suffix != ".onnx":
         if CUDA not in providers and settings.device != "cpu" and _torch_sees_cuda():
@@ -200,13 +203,13 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
             log.warning("%s: cannot export %s here (%s is missing): serving with torch", config.name, path.name,
                         exc.name or exc)
             return load_backend(dataclasses.replace(config, backend="torch"), weights, settings)
-    session = _session(path, level, intra, inter, spinning, providers)
+    session = _session(path, level, intra, inter, spinning, providers, arena)
     alone, alone_threads = None, 0
     wanted = params.get("alone_intra_op_threads")
     if wanted is not None and CUDA not in providers:
         alone_threads = int(wanted) or (settings.torch_threads if settings.torch_threads > 0 else usable_cores())
         if alone_threads > max(intra, 1):
-            alone = _session(path, level, alone_threads, inter, spinning, providers)
+            alone = _session(path, level, alone_threads, inter, spinning, providers, arena)
     return OnnxRuntimeBackend(session, config, intra if intra > 0 else usable_cores(), alone, alone_threads)
 
 
@@ -231,8 +234,10 @@ def _session(
     inter: int,
     spinning: bool,
     providers: Sequence[str | tuple[str, dict[str, Any]]],
+    arena: bool = False,
 ) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.graph_optimization_level = _LEVELS[level]
     if intra > 0:
         options.intra_op_num_threads = intra
