@@ -159,6 +159,9 @@ class Settings:
     admission_min_limit: int = 4
     admission_max_limit: int = 512
     admission_deadline_margin: float = 1.5
+    # The limit's floor: the images the model completes in this many seconds at its observed
+    # rate (0: the Vegas limit alone, which refuses most of a closed loop past saturation).
+    admission_queue_s: float = 3.0
     # The longest retry hint a refusal carries.
     admission_max_retry_s: float = 30.0
 

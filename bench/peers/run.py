@@ -9,7 +9,7 @@ Contenders, one after another on one machine state (issue 17):
 * inferline (``inferline up`` as local processes: four stages and the gateway), through its
   HTTP gateway and through gRPC (``inferline bench``'s load generator, services/loadgen.py),
   for each ``--inferline`` variant (bench/compare.py's names; default: what ``inferline up``
-  serves, and the ONNX Runtime 2 instances x 1 thread layout).
+  serves, ONNX Runtime with threads that follow the load, and the PyTorch backend).
 
 Before any contender is timed its detections on every image are checked against ultralytics'
 ``YOLO("yolov8n.pt").predict`` at the same conf/iou: the same classes in the same order, every
@@ -32,14 +32,12 @@ import argparse
 import asyncio
 import base64
 import datetime as dt
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -53,7 +51,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -104,7 +101,7 @@ PEERS = {
              path=f"/v1/models/{MODEL}:predict", max_batch=1),
     )
 }
-INFERLINE_VARIANTS = ("torch", "onnxruntime-x2")  # bench/compare.py's names: `inferline up`'s default, the fast layout
+INFERLINE_VARIANTS = ("default", "torch")  # bench/compare.py's names: what `inferline up` serves, and PyTorch
 
 
 def default_weights() -> Path:
@@ -451,20 +448,13 @@ def bench_compare() -> Any:
     return module
 
 
-def variant_repository(compare: Any, variant: Any, root: Path, args: argparse.Namespace) -> Path:
-    """bench/compare.py's repository for the variant, serving this run's ONNX export (the one the
-    peers serve) pinned by its sha256: an exported file has no official digest, and the model
-    config must say which file it trusts."""
-    if variant.backend_onnx and not (root / f"{MODEL}.onnx").exists():
-        shutil.copyfile(inferline_export(args), root / f"{MODEL}.onnx")
-    repo = Path(compare.repository(root, variant))
-    config_path = repo / MODEL / "config.yaml"
-    config = yaml.safe_load(config_path.read_text())
-    if variant.backend_onnx and "verify" not in config["weights"]:
-        digest = hashlib.sha256((root / f"{MODEL}.onnx").read_bytes()).hexdigest()
-        config["weights"]["verify"] = f"sha256:{digest}"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return repo
+def variant_repository(compare: Any, variant: Any, root: Path) -> Path:
+    """bench/compare.py's repository for the variant: the built-in one for the default (the
+    .pt served by ONNX Runtime through its verified export cache), a changed copy otherwise.
+    The weights resolve as ``inferline up`` resolves them (INFERLINE_MODEL_DIR; a stand-in file
+    needs its INFERLINE_TRUSTED_WEIGHTS pin), and the parity check says if they differ from
+    ``--weights``."""
+    return Path(compare.repository(root, variant))
 
 
 def run_inferline(variant_name: str, base: int, images: Mapping[str, bytes], recorder: Recorder,
@@ -475,7 +465,7 @@ def run_inferline(variant_name: str, base: int, images: Mapping[str, bytes], rec
     from inferline.services.stack import UP_ORDER, LocalStack  # noqa: PLC0415
 
     variant = compare.VARIANTS[variant_name]
-    env = inferline_env(base, variant_repository(compare, variant, root, args))
+    env = inferline_env(base, variant_repository(compare, variant, root))
     if variant.torch_threads:
         env["INFERLINE_TORCH_THREADS"] = str(variant.torch_threads)
     settings = Settings.from_env(env)

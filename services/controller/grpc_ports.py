@@ -435,30 +435,34 @@ class GrpcInference:
             at += array.nbytes
         return first
 
+    async def _infer(
+        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
+    ) -> tuple[grpc_service_pb2.ModelInferResponse, int]:
+        """One ModelInfer for ``items``, by shared-memory handle where the stage has the pool.
+
+        A handle the stage does not know (NOT_FOUND naming the region) means the pool was lost:
+        first the stage restarted without it, so the pool is registered again and the call
+        retried; then another replica behind the same name lacks it (round robin sent the
+        register to one, the call to another), so the call goes inline, the tensors being in
+        the controller's own mapping, and a later call registers again. Returns the response and
+        how many items went by handle."""
+        attempts = ("by handle", "by handle, pool registered again", "inline")
+        for attempt in attempts:
+            shm = attempt != "inline" and await self.shared.registered(deadline)
+            request, by_handle = self._request(model, items, min_score, shm)
+            try:
+                return await self._call(self._stub.ModelInfer, request, deadline), by_handle
+            except ModelNotFound as exc:
+                if attempt == attempts[-1] or not (by_handle and self.shared.lost(exc)):
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     async def _run_group(
         self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
     ) -> list[Outcome[Outputs]]:
         batched = model.max_batch_size > 0
         try:
-            shm = await self.shared.registered(deadline)
-            request, by_handle = self._request(model, items, min_score, shm)
-            try:
-                response = await self._call(self._stub.ModelInfer, request, deadline)
-            except ModelNotFound as exc:
-                if not (by_handle and self.shared.lost(exc)):
-                    raise
-                # The stage restarted without the pool: register it again (or go inline).
-                request, by_handle = self._request(model, items, min_score, await self.shared.registered(deadline))
-                try:
-                    response = await self._call(self._stub.ModelInfer, request, deadline)
-                except ModelNotFound as again:
-                    if not (by_handle and self.shared.lost(again)):
-                        raise
-                    # Another replica behind the same name without the pool (round robin sent the
-                    # register to one, the call to another): this call goes inline, the tensors
-                    # being in the controller's own mapping; a later call registers again.
-                    request, by_handle = self._request(model, items, min_score, False)
-                    response = await self._call(self._stub.ModelInfer, request, deadline)
+            response, by_handle = await self._infer(model, items, min_score, deadline)
             _count("inference", by_handle, len(items))
         except (StageUnavailable, DeadlineExceeded, Overloaded):
             raise  # the stage's state, not these items': the whole call fails, as before OIP

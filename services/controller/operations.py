@@ -482,6 +482,7 @@ def admission_config(settings: Settings) -> AdmissionConfig:
         min_limit=settings.admission_min_limit,
         max_limit=settings.admission_max_limit,
         deadline_margin=settings.admission_deadline_margin,
+        queue_s=settings.admission_queue_s,
         max_retry_s=settings.admission_max_retry_s,
     )
 

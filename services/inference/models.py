@@ -64,6 +64,15 @@ MODES = ("none", "explicit", "poll")
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 
 
+def batch_limit(max_batch_size: int, useful: int | None) -> int:
+    """The most items one pass takes: the config's ``max_batch_size``, lowered to what the
+    backend says is useful (ONNX Runtime's ``cpu_max_batch_size``: on a CPU a bigger batch costs
+    more per item). A model without batching (0) keeps its one item a pass."""
+    if useful is None or useful <= 0 or max_batch_size <= 0:
+        return max_batch_size
+    return min(max_batch_size, useful)
+
+
 def runs_on_gpu(backend: Backend) -> bool:
     """Whether the backend's passes run on a GPU: ONNX Runtime's CUDA provider, or a torch model
     on a CUDA device (the passes' wall time is then the requests' GPU time)."""
@@ -93,7 +102,7 @@ class LoadedModel:
             self.run_batch,
             self.executor,
             BatchingConfig(
-                max_batch_size=config.max_batch_size,
+                max_batch_size=batch_limit(config.max_batch_size, getattr(self.backend, "max_useful_batch", None)),
                 max_queue_delay_s=config.max_queue_delay_ms / 1000,
                 max_queue_size=config.max_queue_size,
                 preferred_batch_sizes=config.preferred_batch_sizes,

@@ -15,6 +15,12 @@ from tests.deploy.tools import DEPLOY_IMAGES, REPO, build_stage_ids, install, pr
 
 
 @pytest.fixture(scope="session")
+def helm() -> str:
+    """The helm binary, from the project's own installer (deploy/tools/install-helm.sh)."""
+    return install("install-helm.sh")
+
+
+@pytest.fixture(scope="session")
 def container_tools() -> str:
     """buildah, podman, runc, the offline base image and podman-compose, installed by the
     project's script; CONTAINERS_CONF is what podman needs on these hosts (runc, ulimits)."""

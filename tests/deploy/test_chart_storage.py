@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.tools import REPO, install, run
+from tests.deploy.tools import CHART, REPO, install, render_chart, run
 
 pytestmark = pytest.mark.slow
 
-CHART = REPO / "helm" / "inferline"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 OPERATOR_APIS = [
     "--api-versions",
@@ -28,14 +27,6 @@ CRDS = {"Certificate", "ServiceMonitor", "PrometheusRule"}
 YOLO_SHA256 = "f59b3d833e2ff32e194b5bb8e08d211dc7c5bdf144b90d2c8412c47ccfc83b36"
 
 
-@pytest.fixture(scope="module")
-def helm() -> str:
-    return install("install-helm.sh")
-
-
-def _render(helm: str, *args: str) -> list[dict]:
-    out = run([helm, "template", "t", str(CHART), *args]).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 def _one(docs: list[dict], kind: str, name: str) -> dict:
@@ -44,7 +35,7 @@ def _one(docs: list[dict], kind: str, name: str) -> dict:
 
 @pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.stem if v else "default")
 def test_every_values_file_renders_valid_kubernetes_1_35_objects(helm, values, tmp_path):
-    docs = _render(helm, *(["-f", str(values)] if values else []), *OPERATOR_APIS)
+    docs = render_chart(helm, *(["-f", str(values)] if values else []), *OPERATOR_APIS)
     manifest = tmp_path / "rendered.yaml"
     manifest.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] not in CRDS]))
     validate = str(Path(install("install-pytools.sh")) / "kubernetes-validate")
@@ -54,7 +45,7 @@ def test_every_values_file_renders_valid_kubernetes_1_35_objects(helm, values, t
 
 
 def test_default_install_fetches_the_official_weights_from_ghcr_images(helm):
-    docs = _render(helm)
+    docs = render_chart(helm)
     pod = _one(docs, "Deployment", "t-inferline-inference")["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     assert init["name"] == "fetch-models" and init["args"] == ["inferline", "fetch-models"]
@@ -84,7 +75,7 @@ def test_default_install_fetches_the_official_weights_from_ghcr_images(helm):
 
 
 def test_storage_values_mount_pvc_sources_credentials_and_a_pvc_cache(helm):
-    docs = _render(helm, "-f", str(CHART / "ci" / "storage-values.yaml"))
+    docs = render_chart(helm, "-f", str(CHART / "ci" / "storage-values.yaml"))
     pod = _one(docs, "Deployment", "ml-inference")["spec"]["template"]["spec"]
     init = next(c for c in pod["initContainers"] if c["name"] == "fetch-models")
     assert init["image"] == "registry.example.com/ml/inferline-inference-onnx:0.1.0"
@@ -101,7 +92,7 @@ def test_storage_values_mount_pvc_sources_credentials_and_a_pvc_cache(helm):
 
 
 def test_chart_conventions_reach_every_pod(helm):
-    docs = _render(helm, "-f", str(CHART / "ci" / "storage-values.yaml"))
+    docs = render_chart(helm, "-f", str(CHART / "ci" / "storage-values.yaml"))
     deployments = [d for d in docs if d["kind"] == "Deployment"]
     assert sorted(d["metadata"]["name"] for d in deployments) == [
         "ml-controller",
@@ -124,7 +115,7 @@ def test_chart_conventions_reach_every_pod(helm):
         assert any(v["name"] == "site-ca" for v in pod["volumes"])
     account = next(d for d in docs if d["kind"] == "ServiceAccount")
     assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith(":role/inferline-models")
-    overridden = _render(helm, "--set", "nameOverride=detector")
+    overridden = render_chart(helm, "--set", "nameOverride=detector")
     names = {d["metadata"]["name"] for d in overridden if d["kind"] == "Deployment"}
     assert "t-detector-inference" in names
     labels = next(d for d in overridden if d["kind"] == "Deployment")["metadata"]["labels"]
@@ -132,7 +123,7 @@ def test_chart_conventions_reach_every_pod(helm):
 
 
 def test_fetching_off_leaves_no_init_container_and_no_sources(helm):
-    docs = _render(helm, "--set", "models.fetch.enabled=false")
+    docs = render_chart(helm, "--set", "models.fetch.enabled=false")
     pod = _one(docs, "Deployment", "t-inferline-inference")["spec"]["template"]["spec"]
     assert "initContainers" not in pod
     assert "sources.yaml" not in _one(docs, "ConfigMap", "t-inferline-models")["data"]

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.deploy.tools import (
+    CHART,
     REPO,
     assert_detects_shapes,
     assert_detects_shapes_json,
@@ -19,27 +20,19 @@ from tests.deploy.tools import (
     http_detect,
     install,
     podman,
+    render_chart,
     run,
     wait_http,
 )
 
 pytestmark = pytest.mark.slow
 
-CHART = REPO / "helm" / "inferline"
 VALUES = {"default": None, "gpu": CHART / "ci" / "gpu-values.yaml", "tls": CHART / "ci" / "tls-values.yaml",
           "autoscaling": CHART / "ci" / "autoscaling-values.yaml", "gateway": CHART / "ci" / "gateway-values.yaml"}
 OPERATOR_APIS = ["--api-versions", "monitoring.coreos.com/v1/ServiceMonitor",
                  "--api-versions", "monitoring.coreos.com/v1/PrometheusRule"]
 
 
-@pytest.fixture(scope="module")
-def helm() -> str:
-    return install("install-helm.sh")
-
-
-def _render(helm: str, *args: str) -> list[dict]:
-    out = run([helm, "template", "t", str(CHART), *args]).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 def _by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
@@ -56,7 +49,7 @@ def test_helm_lint_passes_with_every_values_file(helm):
 @pytest.mark.parametrize("name", list(VALUES))
 def test_rendered_objects_are_valid_for_kubernetes_1_35(helm, name, tmp_path):
     args = (["-f", str(VALUES[name])] if VALUES[name] else []) + OPERATOR_APIS
-    docs = _render(helm, *args)
+    docs = render_chart(helm, *args)
     manifest = tmp_path / "rendered.yaml"
     # CRD kinds (cert-manager, Prometheus Operator) have no built-in schema; they are checked below.
     crds = {"Certificate", "ServiceMonitor", "PrometheusRule"}
@@ -169,7 +162,7 @@ def _assert_gateway(docs: list[dict], name: str) -> None:
 
 
 def test_gateway_off_renders_none_of_its_objects(helm):
-    docs = _render(helm, "--set", "gateway.enabled=false", "--set", "autoscaling.enabled=true", *OPERATOR_APIS)
+    docs = render_chart(helm, "--set", "gateway.enabled=false", "--set", "autoscaling.enabled=true", *OPERATOR_APIS)
     assert not [d["metadata"]["name"] for d in docs if d["metadata"]["name"].endswith("-gateway")]
     assert len(_by_kind(docs, "Deployment")) == 4 and len(_by_kind(docs, "HorizontalPodAutoscaler")) == 4
     assert [e["port"] for e in _by_kind(docs, "ServiceMonitor")["t-inferline"]["spec"]["endpoints"]] == ["metrics"]
@@ -178,7 +171,7 @@ def test_gateway_off_renders_none_of_its_objects(helm):
 
 
 def test_gateway_dials_a_tls_controller_with_the_release_certificate(helm):
-    docs = _render(helm, "-f", str(VALUES["tls"]), "--set", "tls.controllerListener=true")
+    docs = render_chart(helm, "-f", str(VALUES["tls"]), "--set", "tls.controllerListener=true")
     _assert_gateway(docs, "tls-controller")
     pod = _by_kind(docs, "Deployment")["t-inferline-gateway"]["spec"]["template"]["spec"]
     assert {"name": "tls", "mountPath": "/etc/inferline/tls", "readOnly": True} in pod["containers"][0]["volumeMounts"]
@@ -189,19 +182,20 @@ def _env_of(deployment: dict) -> dict[str, str]:
 
 
 def test_prices_in_the_values_reach_every_stage_and_none_is_set_by_default(helm):
-    priced = _by_kind(_render(helm, "--set", "cost.perCoreHour=0.04", "--set", "cost.perGpuHour=2.5"), "Deployment")
+    prices = ["--set", "cost.perCoreHour=0.04", "--set", "cost.perGpuHour=2.5"]
+    priced = _by_kind(render_chart(helm, *prices), "Deployment")
     stages = {name: d for name, d in priced.items() if not name.endswith("gateway")}
     assert len(stages) == 4
     for name, deployment in stages.items():
         env = _env_of(deployment)
         assert (env["INFERLINE_COST_PER_CORE_HOUR"], env["INFERLINE_COST_PER_GPU_HOUR"]) == ("0.04", "2.5"), name
-    for deployment in _by_kind(_render(helm), "Deployment").values():
+    for deployment in _by_kind(render_chart(helm), "Deployment").values():
         assert not {"INFERLINE_COST_PER_CORE_HOUR", "INFERLINE_COST_PER_GPU_HOUR"} & set(_env_of(deployment))
 
 
 def test_stage_services_are_headless_and_their_callers_dial_them_by_dns(helm):
     """Each channel balances over every pod only if DNS lists them all (issue 18)."""
-    docs = _render(helm, "--namespace", "prod")
+    docs = render_chart(helm, "--namespace", "prod")
     services, deployments = _by_kind(docs, "Service"), _by_kind(docs, "Deployment")
     stages = {"controller": 50051, "preprocess": 50052, "inference": 50053, "postprocess": 50054}
     for stage in stages:
@@ -215,10 +209,10 @@ def test_stage_services_are_headless_and_their_callers_dial_them_by_dns(helm):
 
 
 def test_a_clusterip_controller_service_is_there_on_request_and_clusterip_stages_are_dialled_by_name(helm):
-    docs = _render(helm, "--set", "service.controllerClusterIP=true")
+    docs = render_chart(helm, "--set", "service.controllerClusterIP=true")
     extra = _by_kind(docs, "Service")["t-inferline-controller-clusterip"]["spec"]
     assert extra["type"] == "ClusterIP" and [p["name"] for p in extra["ports"]] == ["grpc"]  # scraped once
-    docs = _render(helm, "--set", "service.headless=false")
+    docs = render_chart(helm, "--set", "service.headless=false")
     assert all(s["spec"].get("clusterIP") != "None" for s in _by_kind(docs, "Service").values())
     controller = _env_of(_by_kind(docs, "Deployment")["t-inferline-controller"])
     assert controller["INFERLINE_INFERENCE_TARGET"] == "t-inferline-inference:50053"
@@ -229,7 +223,7 @@ def _adapter_rules() -> list[dict]:
 
 
 def test_every_hpa_pod_metric_is_served_by_a_shipped_adapter_rule(helm):
-    docs = _render(helm, "-f", str(VALUES["autoscaling"]))
+    docs = render_chart(helm, "-f", str(VALUES["autoscaling"]))
     wanted = {
         name: [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
         for name, hpa in _by_kind(docs, "HorizontalPodAutoscaler").items()
@@ -248,7 +242,7 @@ def test_every_hpa_pod_metric_is_served_by_a_shipped_adapter_rule(helm):
 
 
 def test_operator_objects_only_where_the_operator_is_installed(helm):
-    kinds = {d["kind"] for d in _render(helm)}
+    kinds = {d["kind"] for d in render_chart(helm)}
     assert not kinds & {"ServiceMonitor", "PrometheusRule", "Certificate"}
 
 

@@ -20,11 +20,10 @@ import pytest
 import yaml
 
 from tests.deploy.tools import (
-    REPO,
+    CHART,
     assert_detects_shapes_json,
     free_port,
     http_detect,
-    install,
     podman,
     run,
     wait_http,
@@ -32,12 +31,7 @@ from tests.deploy.tools import (
 
 pytestmark = pytest.mark.slow
 
-CHART = REPO / "helm" / "inferline"
 
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    return install("install-helm.sh")
 
 
 @contextmanager

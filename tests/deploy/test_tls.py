@@ -18,7 +18,8 @@ from inferline.common.errors import ConfigError, StageUnavailable
 from inferline.common.settings import PIPELINE_STAGES, Settings
 from inferline.common.tls import channel_credentials, server_credentials
 from inferline.services.client import Client
-from tests.deploy.tools import REPO, assert_detects_shapes, detect, run
+from tests.deploy.tools import REPO, assert_detects_shapes, detect
+from tests.support.pki import make_pki
 from tests.support.servers import LoopThread, start_stage
 from tests.support.standins import STANDIN_PINS
 
@@ -27,20 +28,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
-    """A CA and one ECDSA certificate for localhost, usable as server and client (like cert-manager's),
-    and a second CA that signed nothing here."""
-    d = tmp_path_factory.mktemp("pki")
-    ext = d / "ext.cnf"
-    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
-    for ca in ("ca", "other-ca"):
-        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", str(d / f"{ca}.key"), "-out", str(d / f"{ca}.crt"), "-days", "2", "-subj",
-             f"/CN=inferline {ca}"])
-    run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", str(d / "tls.key"), "-out", str(d / "tls.csr"), "-subj", "/CN=localhost"])
-    run(["openssl", "x509", "-req", "-in", str(d / "tls.csr"), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"),
-         "-CAcreateserial", "-out", str(d / "tls.crt"), "-days", "2", "-extfile", str(ext)])
-    return {"cert": d / "tls.crt", "key": d / "tls.key", "ca": d / "ca.crt", "other_ca": d / "other-ca.crt"}
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from inferline.common.generated import controller_pb2, controller_pb2_grpc, type
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "deploy" / "tools"
+CHART = REPO / "helm" / "inferline"
 DEPLOY_IMAGES = ("controller", "preprocess", "postprocess", "inference-onnx", "gateway")
 STAGE_PORTS = {"controller": 50051, "preprocess": 50052, "inference": 50053, "postprocess": 50054}
 
@@ -44,6 +45,15 @@ def run(cmd: list[str], *, timeout: float = 600, check: bool = True, env: dict[s
 def install(script: str) -> str:
     """Runs deploy/tools/<script> and returns its last line (the path it installed)."""
     return run(["bash", str(TOOLS / script)], timeout=900).stdout.strip().splitlines()[-1]
+
+
+def render_chart(helm: str, *args: str) -> list[dict]:
+    """``helm template`` of the chart with ``args`` (values files, --set, --api-versions): its
+    objects, parsed."""
+    import yaml  # noqa: PLC0415 - only the chart tests need it
+
+    out = run([helm, "template", "t", str(CHART), *args]).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 def podman(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ import pytest
 from inferline.common.errors import Overloaded
 from inferline.common.settings import Settings
 from inferline.services.cli import build_parser, detect, keyvalue, main, procs, shared
-from tests.deploy.test_tls import pki  # noqa: F401 - the CA and localhost certificate fixture
+from tests.support.pki import make_pki
 from tests.support.servers import LoopThread, start_stage
 from tests.support.standins import STANDIN_PINS
 
@@ -63,7 +63,8 @@ def test_a_missing_tls_file_is_named_by_its_flag(data_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_tls_flags_dial_a_mutual_tls_controller(pki, model_dir, data_dir, capsys):  # noqa: F811 - fixture
+def test_the_tls_flags_dial_a_mutual_tls_controller(model_dir, data_dir, tmp_path, capsys):
+    pki = make_pki(tmp_path)
     served = dataclasses.replace(
         Settings(),
         model_dir=(model_dir,),

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.standins import STANDIN_PINS
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "peers" / "run.py"
 
@@ -145,10 +147,11 @@ def test_report_table_has_c1_latency_and_best_throughput_beyond_c1_with_its_erro
 @pytest.mark.slow
 def test_driver_runs_one_peer_after_checking_its_detections(model_dir, data_dir, tmp_path):
     subprocess.run(["bash", str(REPO / "bench" / "peers" / "install.sh"), "mosec"], check=True, timeout=600)
-    env = {**os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false"}
+    env = {**os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false",
+           "INFERLINE_TRUSTED_WEIGHTS": ",".join(STANDIN_PINS)}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--images", *map(str, sorted(data_dir.glob("*.jpg"))),
-         "--peers", "mosec-onnx", "--inferline", "--skip-references", "--duration", "2", "--warmup", "1",
+         "--peers", "mosec-onnx", "--inferline", "default", "--skip-references", "--duration", "2", "--warmup", "1",
          "--concurrency", "1", "8", "--out", str(tmp_path), "--stem", "smoke", "--work", str(tmp_path / "work"),
          "--port-base", "24500"],  # beside a manual run on the default ports
         env=env, capture_output=True, text=True, timeout=900, cwd=REPO,
@@ -158,8 +161,15 @@ def test_driver_runs_one_peer_after_checking_its_detections(model_dir, data_dir,
     label = "Mosec, ONNX, 2 workers, batching"
     assert result["parity"][label]["passed"], result["parity"]
     assert result["parity"][label]["max_box_diff_px"] <= 1e-3
-    assert [(r["contender"], r["concurrency"]) for r in result["rows"]] == [(label, 1), (label, 8)]
-    assert all(r["errors"] == 0 for r in result["rows"])
+    ours = "inferline as shipped (ONNX Runtime, 2 instances, threads follow the load)"
+    assert result["parity"][ours]["passed"], result["parity"]
+    assert [(r["contender"], r["concurrency"]) for r in result["rows"]] == [
+        (label, 1), (label, 8), (f"{ours}, HTTP gateway", 1), (f"{ours}, HTTP gateway", 8),
+        (f"{ours}, gRPC", 1), (f"{ours}, gRPC", 8)]
+    assert all(r["errors"] == 0 for r in result["rows"] if r["concurrency"] == 1 or r["contender"] == label)
+    # A closed loop of 8 is queued, not refused: admission's limit is a few seconds of work, not
+    # Vegas' 4-7 images (which refused ~95% of such a loop's calls, each caller straight back).
+    assert all(r["errors"] < r["requests"] / 2 for r in result["rows"]), result["rows"]
     assert result["rows"][0]["img_per_s"] > 0  # c=8 may answer nothing inside 2 s on a busy 2-core CI machine
     meta = result["meta"]
     assert meta["command"].startswith("python bench/peers/run.py") and meta["date"] and meta["cpu"]

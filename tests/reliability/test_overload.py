@@ -59,7 +59,10 @@ def stack(model_dir: Path) -> Iterator[Stack]:
     ports = free_ports(2 * len(STAGES) + 1)
     env = dict(os.environ)
     env.update(INFERLINE_MODELS=MODEL, INFERLINE_MODEL_DIR=str(model_dir), INFERLINE_ALLOW_DOWNLOAD="false",
-               INFERLINE_LOG_LEVEL="WARNING", INFERLINE_GRACE_PERIOD_S="2")
+               INFERLINE_LOG_LEVEL="WARNING", INFERLINE_GRACE_PERIOD_S="2",
+               # Half a second of queued work, not the default 3 s: the clients must overload
+               # the stack on a runner of any speed (3 s is ~50 images on two cores).
+               INFERLINE_ADMISSION_QUEUE_S="0.5")
     for stage, port, metrics in zip(STAGES, ports, ports[len(STAGES):], strict=False):
         env[f"INFERLINE_{stage.upper()}_PORT"] = str(port)
         env[f"INFERLINE_{stage.upper()}_TARGET"] = f"localhost:{port}"

@@ -132,7 +132,7 @@ def test_requests_under_the_limit_are_taken_and_counted_in_flight():
 
 def test_a_request_over_the_limit_is_refused_with_a_retry_hint_and_holds_nothing():
     clock = Clock()
-    admission = _admission(clock, initial_limit=4, min_retry_s=0.05)
+    admission = _admission(clock, initial_limit=4, min_retry_s=0.05, queue_s=0.0)
     _complete(admission, clock, images=2, latency=1.0)  # a rate: 2 images/s
     with admission.admit(3, 10.0):
         with pytest.raises(Overloaded, match="concurrency limit") as refused:
@@ -142,6 +142,36 @@ def test_a_request_over_the_limit_is_refused_with_a_retry_hint_and_holds_nothing
     # 3 images in flight drain in 1.5 s at 2 images/s; the hint adds up to 2x jitter.
     assert 1.5 <= refused.value.retry_after_s <= 3.0
     assert admission.refused == {"limit": 1, "deadline": 0}
+
+
+def test_the_limit_never_drops_below_queue_s_seconds_of_work_at_the_observed_rate():
+    clock = Clock()
+    admission = _admission(clock, initial_limit=4, min_limit=4, queue_s=3.0)
+    _complete(admission, clock, images=1, latency=0.05)  # alone: the unloaded latency
+    # A saturated pipeline: 8 in flight take 0.45 s (17.8 images/s), nine times the latency of a
+    # request that ran alone. Vegas reads that as a queue of 7 and shrinks to its floor ...
+    for _ in range(20):
+        with admission.admit(8, 60.0):
+            clock.now += 0.45
+    assert admission.limit.limit == 4
+    # ... but 3 s of work at 17.8 images/s is 53 images: a closed loop of 32 callers is taken.
+    assert admission.effective_limit() == pytest.approx(17.8 * 3.0, rel=0.01)
+    with admission.admit(31, 60.0):
+        with admission.admit(1, 60.0):
+            assert admission.in_flight == 32
+        # Past that floor the limit refuses, as before.
+        with pytest.raises(Overloaded, match=r"limit 53\)"):
+            admission.check(30, 60.0)
+
+
+def test_the_floor_stays_under_the_ceiling_and_zero_leaves_vegas_alone():
+    clock = Clock()
+    capped = _admission(clock, initial_limit=4, max_limit=20, queue_s=3.0)
+    _complete(capped, clock, images=100, latency=1.0)  # 100 images/s: 300 in 3 s
+    assert capped.effective_limit() == 20
+    alone = _admission(clock, initial_limit=4, queue_s=0.0)
+    _complete(alone, clock, images=100, latency=1.0)
+    assert alone.effective_limit() == alone.limit.limit
 
 
 def test_one_request_larger_than_the_limit_is_taken_when_nothing_else_runs():
