@@ -76,7 +76,8 @@ CONTROL_METHODS = frozenset({
 })
 
 
-def _total(metric: Any, suffix: str = "") -> float:
+def work_total(metric: Any, suffix: str = "") -> float:
+    """The sum of a metric's samples (ending in ``suffix``) over every method but the control ones."""
     return sum(
         s.value for family in metric.collect() for s in family.samples
         if s.name.endswith(suffix) and s.labels.get("method") not in CONTROL_METHODS
@@ -88,8 +89,8 @@ def activity() -> tuple[float, float]:
     and items queued for a model; calls finished and steps run (a model still draining the
     queued items of callers that have gone is busy, though no call is in flight). Control calls
     (``CONTROL_METHODS``) are left out."""
-    under_way = _total(RPC_IN_FLIGHT) + _total(QUEUE_DEPTH)
-    done = _total(RPC_SECONDS, "_count") + _total(STEP_SECONDS, "_count")
+    under_way = work_total(RPC_IN_FLIGHT) + work_total(QUEUE_DEPTH)
+    done = work_total(RPC_SECONDS, "_count") + work_total(STEP_SECONDS, "_count")
     return under_way, done
 
 

@@ -45,7 +45,10 @@ def test_profile_flag_adds_the_per_step_breakdown_of_every_stage_to_timings(stac
     # The controller's own wall times stay, and a stage's server time fits inside its call.
     for stage in ("preprocess", "inference", "postprocess"):
         assert timings[f"{stage}.server"] <= timings[stage] + 0.5
-    assert timings["inference.batch_run"] <= timings["inference.server"] + 0.5
+    # A step's time is summed over the request's items (as decode is): on a CPU each of the two
+    # images runs its own pass (yolov8n's cpu_max_batch_size: 1), and the model's two instances
+    # may run them side by side, so their sum fits in two instances' worth of the server time.
+    assert timings["inference.batch_run"] <= 2 * timings["inference.server"] + 0.5
 
 
 def test_profile_flag_adds_the_cpu_time_each_stage_spent_on_the_request(stack, data_dir):

@@ -193,6 +193,7 @@ def test_requests_in_flight_when_their_model_is_unloaded_complete(client, explic
     # Items wait up to 2 s in the queue for company: the unload arrives while the model holds them.
     slow["dynamic_batching"] = {"max_queue_delay_ms": 2000, "max_queue_size": 64}
     slow["max_batch_size"] = 8
+    slow.setdefault("parameters", {})["cpu_max_batch_size"] = 8  # else one image is a full batch on a CPU
     client.load_model("yolo-b", config=json.dumps(slow))
     results: list[object] = []
 
