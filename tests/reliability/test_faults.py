@@ -218,11 +218,14 @@ class HealthSamples:
                     health_pb2_grpc.HealthStub(inference),
                 )
                 while not self._stop.wait(0.05):
-                    self.samples.append((
-                        time.monotonic(), _health(of_controller), _health(of_controller, "model/yolov8n"),
-                        # Waits (briefly) for a connection: the truth about the stage, not the channel.
-                        _health(of_inference, wait_for_ready=True),
-                    ))
+                    at = time.monotonic()
+                    overall, model = _health(of_controller), _health(of_controller, "model/yolov8n")
+                    stage = _health(of_inference)
+                    if stage != "SERVING" and "SERVING" in (overall, model):
+                        # Ask again, waiting briefly for a connection: the truth about the stage,
+                        # not about this channel (kept short, so the loop still samples every 50 ms).
+                        stage = _health(of_inference, wait_for_ready=True)
+                    self.samples.append((at, overall, model, stage))
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -268,8 +271,12 @@ def test_kill_9_of_a_stage_is_back_and_answering_within_its_load_time_plus_5s(
           f"{len(load.failures)} failed calls of {load.ok + len(load.failures)} {load.failures}")
     assert recovered <= load_time + 5.0
     if stage == "inference":
+        # A restart can take about as long as the controller's poll lag: its NOT_SERVING spell may
+        # end within READINESS_LAG_S of the kill, so any sample after the kill counts here ...
+        gone = [s for s in health.samples if s[0] >= killed and s[1] == "NOT_SERVING"]
+        assert gone, "the controller never reported the inference stage gone"
+        # ... while a SERVING right after the kill is the poll lag, not a lie.
         after_kill = [s for s in health.samples if s[0] >= killed + READINESS_LAG_S]
-        assert any(s[1] == "NOT_SERVING" for s in after_kill), "the controller never reported the inference stage gone"
         ready_too_early = [s for s in after_kill if s[3] != "SERVING" and "SERVING" in (s[1], s[2])]
         assert ready_too_early == [], "the controller was SERVING while the inference stage was not"
         assert serving_again, f"the controller did not report SERVING again: {health.samples[-1][1:]}"
