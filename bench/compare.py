@@ -1,7 +1,11 @@
 """One run, same images, every contender: the pipeline against what users would otherwise run.
 
 Contenders (each measured for ``--duration`` seconds after ``--warmup``, one after another, so
-the ratios come from one run on one machine state):
+the ratios come from one run on one machine state; with ``--rounds N`` every contender is
+measured N times, the rounds interleaved (every pipeline stack started once and kept up, the
+order reversed every other round), and each figure is the median of its rounds: on a shared
+machine whose speed drifts by 10-30% from minute to minute, a ratio of two rows measured minutes
+apart says more about the drift than about the contenders):
 
 * references, each in a fresh process (bench/reference.py): ultralytics predict one image per
   call and batched, ultralytics' own ONNX export (``YOLO("yolov8n.onnx").predict``, one image per
@@ -28,6 +32,7 @@ Writes ``<out>/<stem>.json``, ``<out>/<stem>.md`` and ``<out>/<stem>-latency-thr
     .venv/bin/python bench/compare.py                          # ~6 min on 2 cores
     .venv/bin/python bench/compare.py --duration 5 --concurrency 1 8 --skip-references
     .venv/bin/python bench/compare.py --skip-references --only torch torch-inline inprocess   # issue 16
+    .venv/bin/python bench/compare.py --rounds 3 --only default inprocess-default   # noisy machine
     .venv/bin/python bench/compare.py --replot                # redraw the PNG from the JSON
 """
 
@@ -41,11 +46,12 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="*", default=None, help="pipeline variants to run (default: all)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU run (references and INFERLINE_DEVICE)")
     p.add_argument("--reference-batch", type=int, default=8, help="images per call of batched ultralytics predict")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every contender this many times, interleaved; report the medians")
     p.add_argument("--replot", action="store_true", help="redraw the plot from <out>/<stem>.json, run nothing")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    return args
 
 
 def model_dirs() -> list[str]:
@@ -254,57 +265,79 @@ VARIANTS = {
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot:
-        measured = json.loads((args.out / f"{args.stem}.json").read_text())["rows"]
-        draw(measured, args.out / f"{args.stem}-latency-throughput.png")
+        saved = json.loads((args.out / f"{args.stem}.json").read_text())["rows"]
+        draw(saved, args.out / f"{args.stem}-latency-throughput.png")
         return 0
     images = [str(p) for p in collect_images(args.images)]
     paths = [Path(p) for p in images]
-    rows: list[dict] = []
+    measured: list[dict] = []  # every round's rows
     loadavg_at_start = os.getloadavg()
-    forward_limit: dict | None = None
+    forwards: list[float] = []  # the forward pass's CPU ms per image, one per round
     counts: dict[str, dict[str, int]] = {}  # contender -> boxes per image
 
-    def record(family: str, contender: str, concurrency: int | None, batch: int, report: Mapping) -> None:
-        row = {"family": family, "contender": contender, "concurrency": concurrency, "batch": batch, **report}
-        rows.append(row)
-        print(f"{family:8} {contender:58} c={concurrency!s:4} b={batch:<3} {report['img_per_s']:8.2f} img/s "
+    def record(family: str, contender: str, concurrency: int | None, batch: int, report: Mapping, round_: int) -> None:
+        row = {"family": family, "contender": contender, "concurrency": concurrency, "batch": batch, **report,
+               "round": round_}
+        measured.append(row)
+        print(f"[{round_}] {family:8} {contender:58} c={concurrency!s:4} b={batch:<3} {report['img_per_s']:8.2f} img/s "
               f"p50 {report['p50_ms']:8.1f} ms  p95 {report['p95_ms']:8.1f} ms  errors {report['errors']}", flush=True)
 
+    # Each job measures one contender once (a reference's fresh process, or rows of a running stack).
+    jobs: list[Callable[[int], None]] = []
+
+    def reference_job(family: str, contender: str, library: str, batch: int, half: bool = False) -> None:
+        def run(round_: int) -> None:
+            report = reference(library, images, batch, args, half=half)
+            found = report.pop("detections", None)
+            # Boxes per image are checked at one image per call (batched predict pads otherwise).
+            if found is not None and batch == 1 and contender not in counts:
+                counts[contender] = found
+            record(family, contender, None, batch, report, round_)
+
+        jobs.append(run)
+
     if not args.skip_references:
-        ultralytics = reference("ultralytics", images, 1, args)
-        counts[ULTRALYTICS] = ultralytics.pop("detections")
-        record("yolo", ULTRALYTICS, None, 1, ultralytics)
+        reference_job("yolo", ULTRALYTICS, "ultralytics", 1)
         if args.device == "cpu":
-            onnx_loop = reference("ultralytics-onnx", images, 1, args)
-            counts[ULTRALYTICS_ONNX] = onnx_loop.pop("detections")
-            record("yolo", ULTRALYTICS_ONNX, None, 1, onnx_loop)
-            forward = reference("forward", images, 1, args)["cpu_ms_per_image"]["reference"]
-            cores = environment()["usable_cores"]
-            forward_limit = {"forward_cpu_ms_per_image": forward, "cores": cores,
-                             "img_per_s": round(cores * 1000 / forward, 2)}
+            reference_job("yolo", ULTRALYTICS_ONNX, "ultralytics-onnx", 1)
+            jobs.append(lambda round_: forwards.append(
+                reference("forward", images, 1, args)["cpu_ms_per_image"]["reference"]))
         gpu = args.device != "cpu"
         label = "ultralytics predict, batched" + (", fp16" if gpu else "")
-        batched = reference("ultralytics", images, args.reference_batch, args, half=gpu)
-        batched.pop("detections")
-        record("yolo", label, None, args.reference_batch, batched)
-        record("frcnn", "torchvision loop, 1 image/call", None, 1, reference("torchvision", images, 1, args))
-        record("clip", "open_clip loop, 1 image/call", None, 1, reference("open_clip", images, 1, args))
+        reference_job("yolo", label, "ultralytics", args.reference_batch, half=gpu)
+        reference_job("frcnn", "torchvision loop, 1 image/call", "torchvision", 1)
+        reference_job("clip", "open_clip loop, 1 image/call", "open_clip", 1)
 
-    with tempfile.TemporaryDirectory(prefix="inferline-compare-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="inferline-compare-") as tmp, ExitStack() as stacks:
         root = Path(tmp)
         for name, variant in VARIANTS.items():
             if args.only is not None and name not in args.only:
                 continue
             models = [YOLO, FRCNN, CLIP, f"{CLIP}-text"] if variant.other_models else [YOLO]
-            with stack(repository(root, variant), models, variant, args.device) as running:
-                counts[f"pipeline: {variant.label}"] = detection_counts(running, YOLO, paths)
+            # Started once and kept up for every round (an idle stack costs its health polls).
+            running = stacks.enter_context(stack(repository(root, variant), models, variant, args.device))
+            counts[f"pipeline: {variant.label}"] = detection_counts(running, YOLO, paths)
+
+            def pipeline_job(round_: int, running: LocalStack = running, variant: Variant = variant) -> None:
                 for concurrency in args.concurrency:
                     report = drive(running, YOLO, paths, concurrency, args)
-                    record("yolo", f"pipeline: {variant.label}", concurrency, 1, report)
+                    record("yolo", f"pipeline: {variant.label}", concurrency, 1, report, round_)
                 if variant.other_models:
-                    record("frcnn", f"pipeline: {variant.label}", 8, 1, drive(running, FRCNN, paths, 8, args))
-                    record("clip", f"pipeline: {variant.label}", 8, 1, drive(running, CLIP, paths, 8, args))
+                    record("frcnn", f"pipeline: {variant.label}", 8, 1, drive(running, FRCNN, paths, 8, args), round_)
+                    record("clip", f"pipeline: {variant.label}", 8, 1, drive(running, CLIP, paths, 8, args), round_)
 
+            jobs.append(pipeline_job)
+        for round_ in range(1, args.rounds + 1):
+            for job in jobs if round_ % 2 else reversed(jobs):
+                job(round_)
+
+    rows = median_rows(measured)
+    forward_limit: dict | None = None
+    if forwards:
+        forward = statistics.median(forwards)
+        cores = environment()["usable_cores"]
+        forward_limit = {"forward_cpu_ms_per_image": round(forward, 2), "cores": cores,
+                         "img_per_s": round(cores * 1000 / forward, 2)}
     arguments = argv if argv is not None else sys.argv[1:]
     command = "python bench/compare.py " + " ".join(shlex.quote(a) for a in arguments)
     summary = summarise(rows)
@@ -330,15 +363,44 @@ def main(argv: list[str] | None = None) -> int:
         "images": len(images),
         "duration_s": args.duration,
         "warmup_s": args.warmup,
+        "rounds": args.rounds,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    document = {"meta": meta, "summary": summary, "rows": rows}
+    document = {"meta": meta, "summary": summary, "rows": rows, "rounds": measured if args.rounds > 1 else []}
     (args.out / f"{args.stem}.json").write_text(json.dumps(document, indent=2) + "\n")
     plot = args.out / f"{args.stem}-latency-throughput.png"
     draw(rows, plot)
     (args.out / f"{args.stem}.md").write_text(markdown(meta, summary, rows, plot.name))
     print(json.dumps(summary, indent=2))
     return 0
+
+
+# The figures a row's median is taken of; the rest of a row (stage times, CPU, RSS) comes from its
+# median round by throughput, so that they stay one consistent measurement.
+MEDIAN_FIELDS = ("img_per_s", "p50_ms", "p95_ms", "p99_ms", "model_busy")
+
+
+def median_rows(measured: list[dict]) -> list[dict]:
+    """One row per contender and concurrency, in first-measured order: each ``MEDIAN_FIELDS``
+    figure the median of its rounds, errors summed over them, and the rounds' throughputs and
+    p50s kept (``rounds_img_per_s``, ``rounds_p50_ms``) to show the spread."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in measured:
+        groups.setdefault((row["family"], row["contender"], row["concurrency"], row["batch"]), []).append(row)
+    rows = []
+    for group in groups.values():
+        by_throughput = sorted(group, key=lambda r: r["img_per_s"])
+        row = {k: v for k, v in by_throughput[(len(group) - 1) // 2].items() if k != "round"}
+        for key in MEDIAN_FIELDS:
+            values = [r[key] for r in group if r.get(key) is not None]
+            if values:
+                row[key] = round(statistics.median(values), 3)
+        row["errors"] = sum(r["errors"] for r in group)
+        if len(group) > 1:
+            row["rounds_img_per_s"] = [r["img_per_s"] for r in group]
+            row["rounds_p50_ms"] = [r["p50_ms"] for r in group]
+        rows.append(row)
+    return rows
 
 
 def parity(counts: Mapping[str, Mapping[str, int]]) -> dict:
@@ -398,7 +460,9 @@ def markdown(meta: dict, summary: dict, rows: list[dict], plot_name: str) -> str
         f"# CPU comparison ({meta['date']})",
         "",
         f"Command: `{meta['command']}` on {meta['machine']}; {meta['images']} images, "
-        f"{meta['duration_s']:g} s measured per contender after {meta['warmup_s']:g} s warm-up, one run.",
+        f"{meta['duration_s']:g} s measured per contender after {meta['warmup_s']:g} s warm-up, "
+        + ("one run." if meta.get("rounds", 1) == 1 else
+           f"{meta['rounds']} interleaved rounds, medians (each round's images/s and p50 in the JSON)."),
         "",
         f"{meta['cpu']} ({meta['usable_cores']} usable cores), load average {meta['loadavg_at_start']} at the "
         f"start and {meta['loadavg_at_end']} at the end; commit {meta['commit']}; "

@@ -225,8 +225,11 @@ class Settings:
 
     # issue 16: shm
     # How preprocessed tensors go preprocess -> controller -> inference: "auto" through the
-    # controller's shared memory pool when a stage shares this host's /dev/shm (else inline),
-    # "shm" the same but the pool must be created at start-up, "inline" always as bytes.
+    # controller's device pool when the preprocess stage works on a GPU (preprocess_device
+    # cuda[:N]) and the stages can open it by CUDA IPC, else its shared memory pool when a stage
+    # shares this host's /dev/shm, else inline; "cuda" and "shm" the same but that pool must be
+    # created at start-up (docs/gpu.md, docs/shared-memory.md); "inline" always as bytes. The
+    # device pool has the shm pool's size (shm_pool_slots x shm_slot_bytes).
     tensor_transport: str = "auto"
     # The pool (docs/shared-memory.md): slots of shm_slot_bytes (room for one 640x640 RGB
     # uint8 tensor), reserved in /dev/shm at start-up; a request that finds none free goes inline.

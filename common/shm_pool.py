@@ -90,6 +90,44 @@ class Lease:
     byte_size: int
 
 
+class Slots:
+    """Runs of whole slots of ``slot_bytes`` leased first fit: the bookkeeping of the controller's
+    pools (this one, and the device pool of common/device_pool.py). Thread-safe."""
+
+    def __init__(self, slots: int, slot_bytes: int):
+        if slots <= 0 or slot_bytes <= 0:
+            raise ValueError(f"a pool needs slots > 0 and slot_bytes > 0, got {slots} and {slot_bytes}")
+        self.slot_bytes = -(-slot_bytes // shm.ALIGN) * shm.ALIGN
+        self.slots = slots
+        self.byte_size = slots * self.slot_bytes
+        self._free = [True] * slots
+        self._lock = threading.Lock()
+
+    @property
+    def in_use(self) -> int:
+        """Slots leased now."""
+        with self._lock:
+            return self._free.count(False)
+
+    def acquire(self, byte_size: int) -> tuple[int, int] | None:
+        """(offset, bytes) of a run of free slots holding ``byte_size`` bytes, or None."""
+        need = max(1, -(-byte_size // self.slot_bytes))
+        with self._lock:
+            run = 0
+            for slot, free in enumerate(self._free):
+                run = run + 1 if free else 0
+                if run == need:
+                    first = slot - need + 1
+                    self._free[first : slot + 1] = [False] * need
+                    return first * self.slot_bytes, need * self.slot_bytes
+        return None
+
+    def release(self, offset: int, byte_size: int) -> None:
+        first, count = offset // self.slot_bytes, byte_size // self.slot_bytes
+        with self._lock:
+            self._free[first : first + count] = [True] * count
+
+
 class ShmPool:
     """One shm object of ``slots`` x ``slot_bytes``, leased in runs of whole slots.
 
@@ -97,11 +135,10 @@ class ShmPool:
     """
 
     def __init__(self, slots: int, slot_bytes: int, root: Path | None = None):
-        if slots <= 0 or slot_bytes <= 0:
-            raise ValueError(f"a pool needs slots > 0 and slot_bytes > 0, got {slots} and {slot_bytes}")
-        self.slot_bytes = -(-slot_bytes // shm.ALIGN) * shm.ALIGN
+        self._slots = Slots(slots, slot_bytes)
+        self.slot_bytes = self._slots.slot_bytes
         self.slots = slots
-        self.byte_size = self.slots * self.slot_bytes
+        self.byte_size = self._slots.byte_size
         self.name = object_name()
         self.path = (root or shm.SHM_ROOT) / self.name
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -117,8 +154,6 @@ class ShmPool:
             os.close(fd)
         self._base = np.frombuffer(self._mapping, np.uint8)
         self._address = self._base.ctypes.data
-        self._free = [True] * slots
-        self._lock = threading.Lock()
 
     @property
     def key(self) -> str:
@@ -128,27 +163,16 @@ class ShmPool:
     @property
     def in_use(self) -> int:
         """Slots leased now."""
-        with self._lock:
-            return self._free.count(False)
+        return self._slots.in_use
 
     def acquire(self, byte_size: int) -> Lease | None:
         """A run of free slots holding ``byte_size`` bytes (first fit), or None when there is
         none: the caller then sends its tensors inline."""
-        need = max(1, -(-byte_size // self.slot_bytes))
-        with self._lock:
-            run = 0
-            for slot, free in enumerate(self._free):
-                run = run + 1 if free else 0
-                if run == need:
-                    first = slot - need + 1
-                    self._free[first : slot + 1] = [False] * need
-                    return Lease(first * self.slot_bytes, need * self.slot_bytes)
-        return None
+        run = self._slots.acquire(byte_size)
+        return None if run is None else Lease(*run)
 
     def release(self, lease: Lease) -> None:
-        first, count = lease.offset // self.slot_bytes, lease.byte_size // self.slot_bytes
-        with self._lock:
-            self._free[first : first + count] = [True] * count
+        self._slots.release(lease.offset, lease.byte_size)
 
     def array(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         """A read-only view of a tensor a stage wrote at ``offset`` (no copy); bounds checked."""

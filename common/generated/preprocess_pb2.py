@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import types_pb2 as inferline_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinferline/v1/preprocess.proto\x12\x0cinferline.v1\x1a\x18inferline/v1/types.proto\"\xca\x01\n\x11PreprocessRequest\x12$\n\x06recipe\x18\x01 \x01(\x0b\x32\x14.inferline.v1.Recipe\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.inferline.v1.Image\x12\r\n\x05texts\x18\x03 \x03(\t\x12%\n\x07regions\x18\x04 \x03(\x0b\x32\x14.inferline.v1.Region\x12\x34\n\noutput_shm\x18\x05 \x01(\x0b\x32 .inferline.v1.SharedMemoryOutput\"D\n\x12SharedMemoryOutput\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\"\xb4\x01\n\x11PreprocessedImage\x12$\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.inferline.v1.Tensor\x12/\n\ttransform\x18\x02 \x01(\x0b\x32\x1c.inferline.v1.ImageTransform\x12$\n\x06status\x18\x03 \x01(\x0b\x32\x14.inferline.v1.Status\x12\x0e\n\x06in_shm\x18\x04 \x01(\x08\x12\x12\n\nshm_offset\x18\x05 \x01(\x04\"^\n\x10PreprocessedText\x12$\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.inferline.v1.Tensor\x12$\n\x06status\x18\x02 \x01(\x0b\x32\x14.inferline.v1.Status\"\x8d\x01\n\x12PreprocessResponse\x12/\n\x06images\x18\x01 \x03(\x0b\x32\x1f.inferline.v1.PreprocessedImage\x12-\n\x05texts\x18\x02 \x03(\x0b\x32\x1e.inferline.v1.PreprocessedText\x12\x17\n\x0fshm_unavailable\x18\x03 \x01(\t2d\n\x11PreprocessService\x12O\n\nPreprocess\x12\x1f.inferline.v1.PreprocessRequest\x1a .inferline.v1.PreprocessResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinferline/v1/preprocess.proto\x12\x0cinferline.v1\x1a\x18inferline/v1/types.proto\"\xff\x01\n\x11PreprocessRequest\x12$\n\x06recipe\x18\x01 \x01(\x0b\x32\x14.inferline.v1.Recipe\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.inferline.v1.Image\x12\r\n\x05texts\x18\x03 \x03(\t\x12%\n\x07regions\x18\x04 \x03(\x0b\x32\x14.inferline.v1.Region\x12\x34\n\noutput_shm\x18\x05 \x01(\x0b\x32 .inferline.v1.SharedMemoryOutput\x12\x33\n\x0boutput_cuda\x18\x06 \x01(\x0b\x32\x1e.inferline.v1.CudaMemoryOutput\"D\n\x12SharedMemoryOutput\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\"\x86\x01\n\x10\x43udaMemoryOutput\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x12\n\nraw_handle\x18\x02 \x01(\x0c\x12\x11\n\tdevice_id\x18\x03 \x01(\x03\x12\x18\n\x10region_byte_size\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x11\n\tbyte_size\x18\x06 \x01(\x04\"\xc5\x01\n\x11PreprocessedImage\x12$\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.inferline.v1.Tensor\x12/\n\ttransform\x18\x02 \x01(\x0b\x32\x1c.inferline.v1.ImageTransform\x12$\n\x06status\x18\x03 \x01(\x0b\x32\x14.inferline.v1.Status\x12\x0e\n\x06in_shm\x18\x04 \x01(\x08\x12\x12\n\nshm_offset\x18\x05 \x01(\x04\x12\x0f\n\x07in_cuda\x18\x06 \x01(\x08\"^\n\x10PreprocessedText\x12$\n\x06tensor\x18\x01 \x01(\x0b\x32\x14.inferline.v1.Tensor\x12$\n\x06status\x18\x02 \x01(\x0b\x32\x14.inferline.v1.Status\"\xa7\x01\n\x12PreprocessResponse\x12/\n\x06images\x18\x01 \x03(\x0b\x32\x1f.inferline.v1.PreprocessedImage\x12-\n\x05texts\x18\x02 \x03(\x0b\x32\x1e.inferline.v1.PreprocessedText\x12\x17\n\x0fshm_unavailable\x18\x03 \x01(\t\x12\x18\n\x10\x63uda_unavailable\x18\x04 \x01(\t2d\n\x11PreprocessService\x12O\n\nPreprocess\x12\x1f.inferline.v1.PreprocessRequest\x1a .inferline.v1.PreprocessResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferline.v1.preprocess_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREPROCESSREQUEST']._serialized_start=74
-  _globals['_PREPROCESSREQUEST']._serialized_end=276
-  _globals['_SHAREDMEMORYOUTPUT']._serialized_start=278
-  _globals['_SHAREDMEMORYOUTPUT']._serialized_end=346
-  _globals['_PREPROCESSEDIMAGE']._serialized_start=349
-  _globals['_PREPROCESSEDIMAGE']._serialized_end=529
-  _globals['_PREPROCESSEDTEXT']._serialized_start=531
-  _globals['_PREPROCESSEDTEXT']._serialized_end=625
-  _globals['_PREPROCESSRESPONSE']._serialized_start=628
-  _globals['_PREPROCESSRESPONSE']._serialized_end=769
-  _globals['_PREPROCESSSERVICE']._serialized_start=771
-  _globals['_PREPROCESSSERVICE']._serialized_end=871
+  _globals['_PREPROCESSREQUEST']._serialized_end=329
+  _globals['_SHAREDMEMORYOUTPUT']._serialized_start=331
+  _globals['_SHAREDMEMORYOUTPUT']._serialized_end=399
+  _globals['_CUDAMEMORYOUTPUT']._serialized_start=402
+  _globals['_CUDAMEMORYOUTPUT']._serialized_end=536
+  _globals['_PREPROCESSEDIMAGE']._serialized_start=539
+  _globals['_PREPROCESSEDIMAGE']._serialized_end=736
+  _globals['_PREPROCESSEDTEXT']._serialized_start=738
+  _globals['_PREPROCESSEDTEXT']._serialized_end=832
+  _globals['_PREPROCESSRESPONSE']._serialized_start=835
+  _globals['_PREPROCESSRESPONSE']._serialized_end=1002
+  _globals['_PREPROCESSSERVICE']._serialized_start=1004
+  _globals['_PREPROCESSSERVICE']._serialized_end=1104
 # @@protoc_insertion_point(module_scope)

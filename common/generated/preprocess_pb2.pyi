@@ -9,18 +9,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PreprocessRequest(_message.Message):
-    __slots__ = ("recipe", "images", "texts", "regions", "output_shm")
+    __slots__ = ("recipe", "images", "texts", "regions", "output_shm", "output_cuda")
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SHM_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_CUDA_FIELD_NUMBER: _ClassVar[int]
     recipe: _types_pb2.Recipe
     images: _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]
     texts: _containers.RepeatedScalarFieldContainer[str]
     regions: _containers.RepeatedCompositeFieldContainer[_types_pb2.Region]
     output_shm: SharedMemoryOutput
-    def __init__(self, recipe: _Optional[_Union[_types_pb2.Recipe, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., texts: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., output_shm: _Optional[_Union[SharedMemoryOutput, _Mapping]] = ...) -> None: ...
+    output_cuda: CudaMemoryOutput
+    def __init__(self, recipe: _Optional[_Union[_types_pb2.Recipe, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., texts: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., output_shm: _Optional[_Union[SharedMemoryOutput, _Mapping]] = ..., output_cuda: _Optional[_Union[CudaMemoryOutput, _Mapping]] = ...) -> None: ...
 
 class SharedMemoryOutput(_message.Message):
     __slots__ = ("key", "offset", "byte_size")
@@ -32,19 +34,37 @@ class SharedMemoryOutput(_message.Message):
     byte_size: int
     def __init__(self, key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
+class CudaMemoryOutput(_message.Message):
+    __slots__ = ("region", "raw_handle", "device_id", "region_byte_size", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    RAW_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    raw_handle: bytes
+    device_id: int
+    region_byte_size: int
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., raw_handle: _Optional[bytes] = ..., device_id: _Optional[int] = ..., region_byte_size: _Optional[int] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
 class PreprocessedImage(_message.Message):
-    __slots__ = ("tensor", "transform", "status", "in_shm", "shm_offset")
+    __slots__ = ("tensor", "transform", "status", "in_shm", "shm_offset", "in_cuda")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     IN_SHM_FIELD_NUMBER: _ClassVar[int]
     SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    IN_CUDA_FIELD_NUMBER: _ClassVar[int]
     tensor: _types_pb2.Tensor
     transform: _types_pb2.ImageTransform
     status: _types_pb2.Status
     in_shm: bool
     shm_offset: int
-    def __init__(self, tensor: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., transform: _Optional[_Union[_types_pb2.ImageTransform, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.Status, _Mapping]] = ..., in_shm: _Optional[bool] = ..., shm_offset: _Optional[int] = ...) -> None: ...
+    in_cuda: bool
+    def __init__(self, tensor: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., transform: _Optional[_Union[_types_pb2.ImageTransform, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.Status, _Mapping]] = ..., in_shm: _Optional[bool] = ..., shm_offset: _Optional[int] = ..., in_cuda: _Optional[bool] = ...) -> None: ...
 
 class PreprocessedText(_message.Message):
     __slots__ = ("tensor", "status")
@@ -55,11 +75,13 @@ class PreprocessedText(_message.Message):
     def __init__(self, tensor: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class PreprocessResponse(_message.Message):
-    __slots__ = ("images", "texts", "shm_unavailable")
+    __slots__ = ("images", "texts", "shm_unavailable", "cuda_unavailable")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     SHM_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[PreprocessedImage]
     texts: _containers.RepeatedCompositeFieldContainer[PreprocessedText]
     shm_unavailable: str
-    def __init__(self, images: _Optional[_Iterable[_Union[PreprocessedImage, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[PreprocessedText, _Mapping]]] = ..., shm_unavailable: _Optional[str] = ...) -> None: ...
+    cuda_unavailable: str
+    def __init__(self, images: _Optional[_Iterable[_Union[PreprocessedImage, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[PreprocessedText, _Mapping]]] = ..., shm_unavailable: _Optional[str] = ..., cuda_unavailable: _Optional[str] = ...) -> None: ...

@@ -146,7 +146,8 @@ WASTED_ITEMS = Counter(
 TENSOR_TRANSPORT = Counter(
     "inferline_tensor_transport_total",
     "Preprocessed tensors handed from the preprocess stage (stage=preprocess) and to the inference stage "
-    "(stage=inference), by transport: shm (only an offset crossed) or inline (the bytes in the message).",
+    "(stage=inference), by transport: cuda (the tensor stayed in the controller's device memory), shm (in its "
+    "shared memory: only an offset crossed) or inline (the bytes in the message).",
     ["stage", "transport"],
 )
 # Model busy and threads (issue 17, docs/monitoring.md): how much of the time the model's

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -31,7 +31,9 @@ from inferline.common.api import (
     error_from_status,
 )
 from inferline.common.channels import create_channel
+from inferline.common.cuda_ipc import CudaUnavailable
 from inferline.common.detections import Detection, DetectOptions, detections_from_proto
+from inferline.common.device_pool import DeviceLease, DevicePool, DeviceTensor
 from inferline.common.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -54,16 +56,16 @@ from inferline.common.generated import (
 from inferline.common.model_info import ModelInfo
 from inferline.common.recipes import Recipe
 from inferline.common.settings import PIPELINE_STAGES, Settings
-from inferline.common.shm_pool import PREFIX, Lease, ShmPool, reap_orphans
+from inferline.common.shm_pool import PREFIX, Lease, ShmPool, owner_alive, reap_orphans
 from inferline.common.status import error_for
 from inferline.common.telemetry.metrics import TENSOR_TRANSPORT
 from inferline.common.transform import ImageTransform, Region
-from inferline.services.controller.ports import Deadline, Outcome, Outputs, Preprocessed, RenderItem
+from inferline.services.controller.ports import Deadline, Inputs, Outcome, Outputs, Preprocessed, RenderItem
 from inferline.services.controller.stages import StageWatcher
 
 Response = TypeVar("Response")
 log = logging.getLogger(__name__)
-TRANSPORTS = ("auto", "shm", "inline")
+TRANSPORTS = ("auto", "cuda", "shm", "inline")
 # OIP's tensor parameters for the system shared-memory extension.
 SHM_REGION, SHM_OFFSET, SHM_BYTE_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
 
@@ -116,14 +118,21 @@ def _box(box: Sequence[float]) -> types_pb2.Box:
 
 
 class SharedTensors:
-    """The controller's side of issue 16: its shm pool, and whether each stage shares it.
+    """The controller's side of issue 16: its pools, and whether each stage shares them.
 
-    The preprocess stage takes the pool per request (``output_shm``) and says when it cannot map
-    it (``shm_unavailable``): from then on it gets inline requests. The inference stage gets the
-    pool through OIP's SystemSharedMemoryRegister; an object it cannot open means another
-    /dev/shm, so inline. Names carry 128 random bits: a stage that opens one shares this host's
-    /dev/shm, which is the same-host test. A lease lives from the preprocess call until the
-    inference call that reads its tensors ends (``consumed``), however either ends.
+    Two pools, one design: POSIX shared memory on this host (common/shm_pool.py) and, when the
+    preprocess stage works on a GPU, device memory on that GPU (common/device_pool.py). A
+    request leases room in the device pool first (its tensors never leave the GPU), then in the
+    shm pool, else its tensors travel inline.
+
+    The preprocess stage takes a pool per request (``output_cuda``, ``output_shm``) and says when
+    it cannot use it (``cuda_unavailable``, ``shm_unavailable``): from then on it gets the next
+    way. The inference stage gets each pool through OIP's register RPCs (CudaSharedMemoryRegister,
+    SystemSharedMemoryRegister); a refusal for good (no GPU there, another /dev/shm) means the
+    tensors go to it inline, copied out of the pool here. Names carry 128 random bits: a stage
+    that opens one shares this host's /dev/shm (or this GPU), which is the same-host test. A
+    lease lives from the preprocess call until the inference call that reads its tensors ends
+    (``consumed``), however either ends.
     """
 
     def __init__(self, settings: Settings, inference: grpc_service_pb2_grpc.GRPCInferenceServiceStub, call: _Caller):
@@ -136,52 +145,86 @@ class SharedTensors:
         # another /dev/shm (tests).
         self.root: Path | None = None
         self.pool: ShmPool | None = None
+        self.device: DevicePool | None = None
         self.preprocess_shares = self.inference_shares = settings.tensor_transport != "inline"
+        self.preprocess_shares_device = self.inference_shares_device = settings.tensor_transport in ("auto", "cuda")
         self._inference = inference
         self._call = call
-        self._registered = False
+        self._registered = self._device_registered = False
         self._register_lock = asyncio.Lock()
         self._pending: dict[Lease, int] = {}
 
     def open(self) -> None:
-        """Creates the pool, first unlinking those of controllers that died on this host."""
-        if self.settings.tensor_transport == "inline":
+        """Creates the pools, first unlinking the shm objects of controllers that died on this host."""
+        transport = self.settings.tensor_transport
+        if transport == "inline":
             return
+        self._open_device()
         try:
             reaped = reap_orphans(self.root)
             if reaped:
                 log.info("unlinked %d shared memory objects of controllers that are gone", len(reaped))
             self.pool = ShmPool(self.settings.shm_pool_slots, self.settings.shm_slot_bytes, self.root)
         except (OSError, ValueError) as exc:
-            if self.settings.tensor_transport == "shm":
+            if transport == "shm":
                 raise ConfigError(f"INFERLINE_TENSOR_TRANSPORT=shm but the shared memory pool failed: {exc}") from exc
             log.warning("tensors travel inline: the shared memory pool failed: %s", exc)
             self.preprocess_shares = self.inference_shares = False
 
+    def _open_device(self) -> None:
+        """The device pool, on the GPU the preprocess stage works on: always with ``cuda``, with
+        ``auto`` when INFERLINE_PREPROCESS_DEVICE names a GPU and this process can export memory."""
+        transport, where = self.settings.tensor_transport, self.settings.preprocess_device
+        if transport != "cuda" and not (transport == "auto" and where.startswith("cuda")):
+            self.preprocess_shares_device = self.inference_shares_device = False
+            return
+        device_id = int(where.partition(":")[2] or 0) if where.startswith("cuda") else 0
+        try:
+            self.device = DevicePool(self.settings.shm_pool_slots, self.settings.shm_slot_bytes, device_id)
+        except (CudaUnavailable, OSError, ValueError) as exc:
+            if transport == "cuda":
+                raise ConfigError(f"INFERLINE_TENSOR_TRANSPORT=cuda but the device pool failed: {exc}") from exc
+            log.info("preprocessed tensors leave the GPU between stages: the device pool failed: %s", exc)
+            self.preprocess_shares_device = self.inference_shares_device = False
+
     def lease(self, items: int) -> Lease | None:
-        """Room for ``items`` preprocessed images, or None (inline) when the stage does not share
-        the pool or the pool is full."""
+        """Room for ``items`` preprocessed images: on the device, else in shm, else None (inline)."""
+        if self.device is not None and self.preprocess_shares_device:
+            lease = self.device.acquire(items * self.device.slot_bytes)
+            if lease is not None:
+                return lease
         if self.pool is None or not self.preprocess_shares:
             return None
         return self.pool.acquire(items * self.pool.slot_bytes)
 
     def hold(self, lease: Lease, placed: int) -> None:
         """The preprocess call put ``placed`` tensors in ``lease``; they are read later."""
-        if placed and self.pool is not None:
+        if placed:
             self._pending[lease] = placed
         else:
             self.release(lease)
 
     def release(self, lease: Lease) -> None:
         self._pending.pop(lease, None)
-        if self.pool is not None:
-            self.pool.release(lease)
+        pool = self.device if isinstance(lease, DeviceLease) else self.pool
+        if pool is not None:
+            pool.release(lease)
 
-    def consumed(self, offsets: Sequence[int]) -> None:
-        """The tensors at ``offsets`` were read (or will never be): a lease with none left goes back."""
-        for offset in offsets:
+    def locate(self, array: object) -> tuple[bool, int] | None:
+        """(on the device, offset) of a tensor that lies in one of the pools, else None."""
+        if isinstance(array, DeviceTensor):
+            return (True, array.offset) if array.pool is self.device else None
+        if self.pool is not None and isinstance(array, np.ndarray):
+            offset = self.pool.locate(array)
+            return None if offset is None else (False, offset)
+        return None
+
+    def consumed(self, located: Sequence[tuple[bool, int]]) -> None:
+        """The tensors at these places were read (or will never be): a lease with none left goes back."""
+        for on_device, offset in located:
             for lease in self._pending:
-                if lease.offset <= offset < lease.offset + lease.byte_size:
+                inside = lease.offset <= offset < lease.offset + lease.byte_size
+                if inside and isinstance(lease, DeviceLease) == on_device:
                     self._pending[lease] -= 1
                     if self._pending[lease] <= 0:
                         self.release(lease)
@@ -192,73 +235,127 @@ class SharedTensors:
         level = logging.WARNING if self.settings.tensor_transport == "shm" else logging.INFO
         log.log(level, "preprocessed tensors travel inline: the preprocess stage cannot map the pool: %s", why)
 
+    def preprocess_cannot_share_device(self, why: str) -> None:
+        self.preprocess_shares_device = False
+        level = logging.WARNING if self.settings.tensor_transport == "cuda" else logging.INFO
+        log.log(level, "preprocessed tensors leave the GPU: the preprocess stage cannot open the device pool: %s", why)
+
     async def registered(self, deadline: Deadline) -> bool:
-        """Whether the inference stage has the pool registered, registering it when it has not.
-        Regions of controllers whose object is gone are unregistered on the way, so an
+        """Whether the inference stage has the shm pool registered, registering it when it has
+        not. Regions of controllers whose object is gone are unregistered on the way, so an
         inference stage keeps no mapping of a controller that died."""
         if self.pool is None or not self.inference_shares:
             return False
         if self._registered:
             return True
+        pool = self.pool
+        register = grpc_service_pb2.SystemSharedMemoryRegisterRequest(
+            name=pool.name, key=pool.key, offset=0, byte_size=pool.byte_size
+        )
+        ok = await self._register(
+            "SystemSharedMemory", grpc_service_pb2.SystemSharedMemoryStatusRequest(),
+            lambda name: not (pool.path.parent / name).exists(),
+            grpc_service_pb2.SystemSharedMemoryUnregisterRequest, register, deadline,
+        )
+        if ok is None:
+            self.inference_shares = False
+        self._registered = bool(ok)
+        return self._registered
+
+    async def registered_device(self, deadline: Deadline) -> bool:
+        """As ``registered``, for the device pool (OIP's CUDA shared-memory RPCs). The regions
+        of controllers that died on this host (their pid and start time are in the name) are
+        unregistered on the way."""
+        if self.device is None or not self.inference_shares_device:
+            return False
+        if self._device_registered:
+            return True
+        device = self.device
+        register = grpc_service_pb2.CudaSharedMemoryRegisterRequest(
+            name=device.name, raw_handle=device.raw_handle, device_id=device.device_id, byte_size=device.byte_size
+        )
+        ok = await self._register(
+            "CudaSharedMemory", grpc_service_pb2.CudaSharedMemoryStatusRequest(),
+            lambda name: not owner_alive(name),
+            grpc_service_pb2.CudaSharedMemoryUnregisterRequest, register, deadline,
+        )
+        if ok is None:
+            self.inference_shares_device = False
+        self._device_registered = bool(ok)
+        return self._device_registered
+
+    async def _register(
+        self, rpcs: str, status_request: object, gone: Callable[[str], bool],
+        unregister_request: Callable[..., object], register: Any, deadline: Deadline,
+    ) -> bool | None:
+        """Registers a pool through OIP's ``<rpcs>Status/Unregister/Register``, unregistering on
+        the way the stage's regions of controllers that are ``gone``. True once registered; False
+        for now (the stage is away); None for good (it refused)."""
+        kind = "CUDA" if rpcs.startswith("Cuda") else "system"
         async with self._register_lock:
-            if self._registered:
-                return True
             try:
-                status = await self._call(
-                    self._inference.SystemSharedMemoryStatus,
-                    grpc_service_pb2.SystemSharedMemoryStatusRequest(),
-                    deadline,
-                )
+                status = await self._call(getattr(self._inference, f"{rpcs}Status"), status_request, deadline)
                 for name in status.regions:
-                    gone = not (self.pool.path.parent / name).exists()
-                    if name.startswith(PREFIX) and name != self.pool.name and gone:
-                        stale = grpc_service_pb2.SystemSharedMemoryUnregisterRequest(name=name)
-                        await self._call(self._inference.SystemSharedMemoryUnregister, stale, deadline)
-                register = grpc_service_pb2.SystemSharedMemoryRegisterRequest(
-                    name=self.pool.name, key=self.pool.key, offset=0, byte_size=self.pool.byte_size
-                )
-                await self._call(self._inference.SystemSharedMemoryRegister, register, deadline)
+                    if name.startswith(PREFIX) and name != register.name and gone(name):
+                        stale = unregister_request(name=name)
+                        await self._call(getattr(self._inference, f"{rpcs}Unregister"), stale, deadline)
+                await self._call(getattr(self._inference, f"{rpcs}Register"), register, deadline)
             except (StageUnavailable, DeadlineExceeded, Overloaded) as exc:
-                log.info("model inputs travel inline for now: registering the pool failed: %s", exc)
+                log.info("model inputs travel inline for now: registering the %s pool failed: %s", kind, exc)
                 return False
             except InferlineError as exc:
-                # Any other refusal is the stage's answer for good (another /dev/shm, or a
+                # Any other refusal is the stage's answer for good (another /dev/shm or GPU, a
                 # server without the extension): asking again per request would only cost RPCs.
                 if "already registered" not in str(exc):
-                    self.inference_shares = False
-                    level = logging.WARNING if self.settings.tensor_transport == "shm" else logging.INFO
-                    log.log(level, "model inputs travel inline: the inference stage cannot map the pool: %s", exc)
-                    return False
-            self._registered = True
+                    forced = self.settings.tensor_transport in ("shm", "cuda")
+                    log.log(logging.WARNING if forced else logging.INFO,
+                            "model inputs leave the %s pool: the inference stage cannot use it: %s", kind, exc)
+                    return None
             return True
 
     def lost(self, error: Exception) -> bool:
-        """Whether ``error`` says the inference stage no longer has the pool (it restarted):
-        then the next call registers it again."""
-        if self.pool is not None and isinstance(error, ModelNotFound) and self.pool.name in str(error):
+        """Whether ``error`` says the inference stage no longer has a pool (it restarted): then
+        the next call registers it again."""
+        if not isinstance(error, ModelNotFound):
+            return False
+        if self.pool is not None and self.pool.name in str(error):
             self._registered = False
+            return True
+        if self.device is not None and self.device.name in str(error):
+            self._device_registered = False
             return True
         return False
 
     async def close(self) -> None:
-        if self.pool is None:
-            return
-        if self._registered:
-            try:
-                request = grpc_service_pb2.SystemSharedMemoryUnregisterRequest(name=self.pool.name)
-                await self._call(self._inference.SystemSharedMemoryUnregister, request, Deadline(2.0))
-            except InferlineError as exc:
-                log.info("the inference stage did not unregister the pool: %s", exc)
-        self.pool.close()
-        self.pool = None
+        unregister = (
+            (self._registered, self.pool, "SystemSharedMemoryUnregister",
+             grpc_service_pb2.SystemSharedMemoryUnregisterRequest),
+            (self._device_registered, self.device, "CudaSharedMemoryUnregister",
+             grpc_service_pb2.CudaSharedMemoryUnregisterRequest),
+        )
+        for registered, pool, rpc, request in unregister:
+            if registered and pool is not None:
+                try:
+                    await self._call(getattr(self._inference, rpc), request(name=pool.name), Deadline(2.0))
+                except InferlineError as exc:
+                    log.info("the inference stage did not unregister pool %s: %s", pool.name, exc)
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if self.device is not None:
+            self.device.close()
+            self.device = None
 
 
-def _count(stage: str, shm: int, total: int) -> None:
-    if shm:
-        TENSOR_TRANSPORT.labels(stage, "shm").inc(shm)
-    if total - shm:
-        TENSOR_TRANSPORT.labels(stage, "inline").inc(total - shm)
-    trace.get_current_span().set_attribute(f"inferline.{stage}.tensor_transport", "shm" if shm else "inline")
+def _count(stage: str, by_handle: int, total: int, transport: str = "shm") -> None:
+    """``by_handle`` of ``total`` tensors went by ``transport`` (shm or cuda), the rest inline."""
+    if by_handle:
+        TENSOR_TRANSPORT.labels(stage, transport).inc(by_handle)
+    if total - by_handle:
+        TENSOR_TRANSPORT.labels(stage, "inline").inc(total - by_handle)
+    trace.get_current_span().set_attribute(
+        f"inferline.{stage}.tensor_transport", transport if by_handle else "inline"
+    )
 
 
 class GrpcPreprocess:
@@ -277,8 +374,8 @@ class GrpcPreprocess:
         )
         count = len(regions) or len(images)
         lease = self._shared.lease(count)
-        pool = self._shared.pool
-        if lease is None or pool is None:
+        pool, device = self._shared.pool, self._shared.device
+        if lease is None:
             response = await self._call(self._stub.Preprocess, request, deadline)
             expect(len(response.images), count, "preprocess")
             _count("preprocess", 0, count)
@@ -287,12 +384,23 @@ class GrpcPreprocess:
                 or Preprocessed(tensors.from_proto(item.tensor), _transform(item.transform))
                 for item in response.images
             ]
-        request.output_shm.CopyFrom(
-            preprocess_pb2.SharedMemoryOutput(key=pool.key, offset=lease.offset, byte_size=lease.byte_size)
-        )
+        on_device = isinstance(lease, DeviceLease)
+        if on_device:
+            assert device is not None  # a device lease comes from the device pool
+            request.output_cuda.CopyFrom(preprocess_pb2.CudaMemoryOutput(
+                region=device.name, raw_handle=device.raw_handle, device_id=device.device_id,
+                region_byte_size=device.byte_size, offset=lease.offset, byte_size=lease.byte_size,
+            ))
+        else:
+            assert pool is not None  # a shm lease comes from the shm pool
+            request.output_shm.CopyFrom(
+                preprocess_pb2.SharedMemoryOutput(key=pool.key, offset=lease.offset, byte_size=lease.byte_size)
+            )
         placed = 0
         try:
             response = await self._call(self._stub.Preprocess, request, deadline)
+            if response.cuda_unavailable:
+                self._shared.preprocess_cannot_share_device(response.cuda_unavailable)
             if response.shm_unavailable:
                 self._shared.preprocess_cannot_share(response.shm_unavailable)
             expect(len(response.images), count, "preprocess")
@@ -302,21 +410,31 @@ class GrpcPreprocess:
                 if error is not None:
                     results.append(error)
                     continue
-                tensor = self._placed(item, lease) if item.in_shm else tensors.from_proto(item.tensor)
-                placed += item.in_shm
+                tensor: np.ndarray | DeviceTensor
+                if item.in_cuda and on_device:
+                    tensor = self._placed(item, lease, device)
+                elif item.in_shm and not on_device:
+                    tensor = self._placed(item, lease, pool)
+                elif item.in_cuda or item.in_shm:
+                    raise StageFailed("preprocess stage placed a tensor in a pool it was not given")
+                else:
+                    tensor = tensors.from_proto(item.tensor)
+                placed += item.in_cuda or item.in_shm
                 results.append(Preprocessed(tensor, _transform(item.transform)))
         except BaseException:
             # Cancelled or failed: no tensor of this lease reaches the inference stage.
             self._shared.release(lease)
             raise
         self._shared.hold(lease, placed)
-        _count("preprocess", placed, count)
+        _count("preprocess", placed, count, "cuda" if on_device else "shm")
         return results
 
-    def _placed(self, item: preprocess_pb2.PreprocessedImage, lease: Lease) -> np.ndarray:
-        """A view of the pool where the stage says it wrote the item, inside the lease it was given."""
-        pool = self._shared.pool
-        assert pool is not None  # a lease comes from the pool
+    def _placed(
+        self, item: preprocess_pb2.PreprocessedImage, lease: Lease, pool: ShmPool | DevicePool | None
+    ) -> np.ndarray | DeviceTensor:
+        """Where the stage says it wrote the item, inside the lease it was given: a view of the
+        shm pool, or the place in the device pool."""
+        assert pool is not None  # a lease comes from a pool
         dtype = tensors.dtype_of(item.tensor.datatype)
         shape = tuple(item.tensor.shape)
         size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -326,7 +444,10 @@ class GrpcPreprocess:
                 f"preprocess stage placed {size} bytes at offset {start}, outside the room it was given "
                 f"({lease.byte_size} bytes at {lease.offset})"
             )
+        if isinstance(pool, DevicePool):
+            return pool.tensor(start, dtype, shape)
         return pool.array(start, dtype, shape)
+
 
     async def texts(self, recipe: Recipe, texts: Sequence[str], deadline: Deadline) -> list[Outcome[np.ndarray]]:
         request = preprocess_pb2.PreprocessRequest(recipe=recipe.to_proto(), texts=texts)
@@ -374,11 +495,10 @@ class GrpcInference:
         return [info for info in await asyncio.gather(*(config(m) for m in ready)) if info is not None]
 
     async def infer(
-        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
+        self, model: ModelInfo, items: Sequence[Inputs], min_score: float, deadline: Deadline
     ) -> list[Outcome[Outputs]]:
         groups = _groups(model, items)
-        pool = self.shared.pool
-        located = [o for item in items for a in item.values() if pool and (o := pool.locate(a)) is not None]
+        located = [o for item in items for a in item.values() if (o := self.shared.locate(a)) is not None]
         try:
             answers = await asyncio.gather(
                 *(self._run_group(model, [items[k] for k in group], min_score, deadline) for group in groups)
@@ -393,77 +513,87 @@ class GrpcInference:
         return [outcomes[k] for k in range(len(items))]
 
     def _request(
-        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, shm: bool
-    ) -> tuple[grpc_service_pb2.ModelInferRequest, int]:
-        """The ModelInfer for ``items``, with an input by reference to the pool when ``shm`` and
-        its items' tensors lie there back to back (one batch, no copy); how many items did."""
+        self, model: ModelInfo, items: Sequence[Inputs], min_score: float, shm: bool, cuda: bool
+    ) -> tuple[grpc_service_pb2.ModelInferRequest, int, str]:
+        """The ModelInfer for ``items``, with an input by reference to a pool when the stage has
+        it registered (``shm``, ``cuda``) and its items' tensors lie there back to back (one
+        batch, no copy); how many items did, and by which pool."""
         batched = model.max_batch_size > 0
         request = grpc_service_pb2.ModelInferRequest(model_name=model.name, model_version=model.version)
-        by_handle = 0
+        by_handle, transport = 0, "shm"
         for name in items[0]:
             arrays = [item[name] for item in items] if batched else [items[0][name]]
-            offset = self._contiguous(arrays) if shm else None
-            if offset is None:
-                array = np.stack(arrays) if batched else arrays[0]
+            where = self._contiguous(arrays, shm, cuda)
+            if where is None:
+                # np.asarray copies a tensor of the device pool to the host (the stage cannot open it).
+                array = np.stack([np.asarray(a) for a in arrays]) if batched else np.asarray(arrays[0])
                 tensor, data = oip.input_tensor(name, array)
                 request.inputs.append(tensor)
                 request.raw_input_contents.append(data)
                 continue
+            region, offset = where
             shape = (len(arrays), *arrays[0].shape) if batched else arrays[0].shape
-            tensor, _ = oip.input_tensor(name, arrays[0][:0])
+            tensor, _ = oip.input_tensor(name, np.empty(0, arrays[0].dtype))
             tensor.shape[:] = shape
-            assert self.shared.pool is not None  # shm is asked only with a pool
-            tensor.parameters[SHM_REGION].string_param = self.shared.pool.name
+            tensor.parameters[SHM_REGION].string_param = region
             tensor.parameters[SHM_OFFSET].int64_param = offset
             tensor.parameters[SHM_BYTE_SIZE].int64_param = sum(a.nbytes for a in arrays)
             request.inputs.append(tensor)
             by_handle = len(items)
+            transport = "cuda" if isinstance(arrays[0], DeviceTensor) else "shm"
         if min_score > 0:
             request.parameters[oip.MIN_SCORE].double_param = min_score
-        return request, by_handle
+        return request, by_handle, transport
 
-    def _contiguous(self, arrays: Sequence[np.ndarray]) -> int | None:
-        """The pool offset of the first array when all lie in the pool one right after another."""
-        pool = self.shared.pool
-        if pool is None:
+    def _contiguous(self, arrays: Sequence[np.ndarray | DeviceTensor], shm: bool, cuda: bool) -> tuple[str, int] | None:
+        """The region and offset of the first array when all lie one right after another in a
+        pool the stage has registered, else None."""
+        located = [self.shared.locate(a) for a in arrays]
+        if located[0] is None:
             return None
-        first = pool.locate(arrays[0])
+        on_device, first = located[0]
+        pool = self.shared.device if on_device else self.shared.pool
+        if pool is None or not (cuda if on_device else shm):
+            return None
         at = first
-        for array in arrays:
-            if at is None or pool.locate(array) != at:
+        for array, where in zip(arrays, located, strict=True):
+            if where != (on_device, at):
                 return None
             at += array.nbytes
-        return first
+        return pool.name, first
 
     async def _infer(
-        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
-    ) -> tuple[grpc_service_pb2.ModelInferResponse, int]:
+        self, model: ModelInfo, items: Sequence[Inputs], min_score: float, deadline: Deadline
+    ) -> tuple[grpc_service_pb2.ModelInferResponse, int, str]:
         """One ModelInfer for ``items``, by shared-memory handle where the stage has the pool.
 
         A handle the stage does not know (NOT_FOUND naming the region) means the pool was lost:
         first the stage restarted without it, so the pool is registered again and the call
         retried; then another replica behind the same name lacks it (round robin sent the
         register to one, the call to another), so the call goes inline, the tensors being in
-        the controller's own mapping, and a later call registers again. Returns the response and
-        how many items went by handle."""
+        the controller's own mapping, and a later call registers again. Returns the response,
+        how many items went by handle, and by which pool (shm or cuda)."""
+        places = {where[0] for item in items for a in item.values() if (where := self.shared.locate(a)) is not None}
         attempts = ("by handle", "by handle, pool registered again", "inline")
         for attempt in attempts:
-            shm = attempt != "inline" and await self.shared.registered(deadline)
-            request, by_handle = self._request(model, items, min_score, shm)
+            handles = attempt != "inline"
+            shm = handles and False in places and await self.shared.registered(deadline)
+            cuda = handles and True in places and await self.shared.registered_device(deadline)
+            request, by_handle, transport = self._request(model, items, min_score, shm, cuda)
             try:
-                return await self._call(self._stub.ModelInfer, request, deadline), by_handle
+                return await self._call(self._stub.ModelInfer, request, deadline), by_handle, transport
             except ModelNotFound as exc:
                 if attempt == attempts[-1] or not (by_handle and self.shared.lost(exc)):
                     raise
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _run_group(
-        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
+        self, model: ModelInfo, items: Sequence[Inputs], min_score: float, deadline: Deadline
     ) -> list[Outcome[Outputs]]:
         batched = model.max_batch_size > 0
         try:
-            response, by_handle = await self._infer(model, items, min_score, deadline)
-            _count("inference", by_handle, len(items))
+            response, by_handle, transport = await self._infer(model, items, min_score, deadline)
+            _count("inference", by_handle, len(items), transport)
         except (StageUnavailable, DeadlineExceeded, Overloaded):
             raise  # the stage's state, not these items': the whole call fails, as before OIP
         except InferlineError as exc:
@@ -482,7 +612,7 @@ class GrpcInference:
         return results
 
 
-def _groups(model: ModelInfo, items: Sequence[Outputs]) -> list[list[int]]:
+def _groups(model: ModelInfo, items: Sequence[Inputs]) -> list[list[int]]:
     """Indices of the items that can share one ModelInfer: one input shape and dtype (a model
     without a batch dimension takes one item a request), at most ``max_batch_size`` each."""
     if model.max_batch_size == 0:

@@ -26,7 +26,7 @@ from inferline.common.recipes import Recipe
 from inferline.common.server import Service
 from inferline.common.settings import PIPELINE_STAGES, Settings
 from inferline.common.transform import ImageTransform, Region
-from inferline.services.controller.ports import Deadline, Outcome, Outputs, Preprocessed, RenderItem
+from inferline.services.controller.ports import Deadline, Inputs, Outcome, Outputs, Preprocessed, RenderItem
 from inferline.services.presentation.renderers import RenderInput
 
 
@@ -57,10 +57,12 @@ class LocalInference:
         return self._service.infos()
 
     async def infer(
-        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
+        self, model: ModelInfo, items: Sequence[Inputs], min_score: float, deadline: Deadline
     ) -> list[Outcome[Outputs]]:
+        # In this process the preprocessed tensors are host arrays (no device pool between stages).
+        host = [{name: np.asarray(array) for name, array in item.items()} for item in items]
         return await self._service.infer(
-            model.name, model.version, items, min_score, deadline.remaining("inference")
+            model.name, model.version, host, min_score, deadline.remaining("inference")
         )
 
 

@@ -46,7 +46,7 @@ from inferline.common.settings import Settings
 from inferline.common.transform import ImageTransform, Region
 from inferline.services.controller.admission import Admission, AdmissionConfig
 from inferline.services.controller.plan import ModelPlan, PlanCache
-from inferline.services.controller.ports import Deadline, Outcome, Outputs, RenderItem, Stages
+from inferline.services.controller.ports import Deadline, Inputs, Outcome, Outputs, RenderItem, Stages
 
 T = TypeVar("T")
 # Item errors that say the stack took more than it could finish: admission backs off.
@@ -156,7 +156,7 @@ class Controller:
     async def _infer(
         self,
         plan: ModelPlan,
-        inputs: Sequence[Outcome[tuple[Outputs, ImageTransform | None]]],
+        inputs: Sequence[Outcome[tuple[Inputs, ImageTransform | None]]],
         deadline: Deadline,
         timings: Timings,
         prefix: str,

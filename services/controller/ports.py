@@ -21,6 +21,7 @@ import numpy as np
 
 from inferline.common.api import NO_CLUSTERING, ClusterOptions, Embeddings, Rendering
 from inferline.common.detections import Detection, DetectOptions
+from inferline.common.device_pool import DeviceTensor
 from inferline.common.errors import DeadlineExceeded
 from inferline.common.model_info import ModelInfo
 from inferline.common.recipes import Recipe
@@ -30,6 +31,9 @@ T = TypeVar("T")
 # One item's outcome: its value, or the error that failed it (and only it).
 Outcome: TypeAlias = Union[T, Exception]  # noqa: UP007 - a generic alias needs Union
 Outputs = Mapping[str, np.ndarray]
+# A model's inputs: host arrays, or tensors the preprocess stage left in the controller's device
+# pool (common/device_pool.py: only their place travels to the inference stage).
+Inputs = Mapping[str, np.ndarray | DeviceTensor]
 
 
 class Deadline:
@@ -53,7 +57,7 @@ class Deadline:
 class Preprocessed:
     """One image (or region) as the model takes it, and how it maps back to the original."""
 
-    tensor: np.ndarray
+    tensor: np.ndarray | DeviceTensor
     transform: ImageTransform
 
 
@@ -88,7 +92,7 @@ class InferencePort(Protocol):
         ...
 
     async def infer(
-        self, model: ModelInfo, items: Sequence[Outputs], min_score: float, deadline: Deadline
+        self, model: ModelInfo, items: Sequence[Inputs], min_score: float, deadline: Deadline
     ) -> list[Outcome[Outputs]]:
         """Runs ``model`` (its served version) on each item's inputs. ``min_score`` > 0 lets the
         stage drop the candidates that cannot survive that confidence (the model's declared

@@ -15,7 +15,7 @@ torch is imported only when this path is switched on (the stage stays torch-free
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,7 +58,7 @@ def letterbox_tensor(image: Any, params: Mapping[str, Any]) -> tuple[np.ndarray,
 
 def letterbox_on_device(image: Any, params: Mapping[str, Any]) -> tuple[Any, ImageTransform]:
     """As ``letterbox_tensor``, but the (3, H', W') uint8 tensor stays on the image's device: what
-    a CUDA region handed to the inference stage is filled from (device_regions.py)."""
+    a device output region is filled from (device_outputs.py)."""
     import torch  # noqa: PLC0415 - the torch extra, only on the device path
 
     _, height, width = image.shape
@@ -74,23 +74,26 @@ def letterbox_on_device(image: Any, params: Mapping[str, Any]) -> tuple[Any, Ima
 
 
 def letterbox_batch(
-    datas: Sequence[bytes], params: Mapping[str, Any], device: str, max_pixels: int
-) -> list[tuple[np.ndarray, ImageTransform] | Exception]:
+    datas: Sequence[bytes], params: Mapping[str, Any], device: str, max_pixels: int, on_device: bool = False
+) -> list[tuple[Any, ImageTransform] | Exception]:
     """One decode call for the batch; a file that fails the batch is retried alone, so it fails
-    its own item only."""
+    its own item only. Host arrays, or with ``on_device`` the tensors where they were made (for a
+    device output region: device_outputs.py)."""
+    letterbox = letterbox_on_device if on_device else letterbox_tensor
     try:
         images = decode_jpegs(datas, device, max_pixels)
     except InvalidInput:
         if len(datas) == 1:
             raise
-        return [_one(data, params, device, max_pixels) for data in datas]
-    return [letterbox_tensor(image, params) for image in images]
+        return [_one(data, params, device, max_pixels, letterbox) for data in datas]
+    return [letterbox(image, params) for image in images]
 
 
 def _one(
-    data: bytes, params: Mapping[str, Any], device: str, max_pixels: int
-) -> tuple[np.ndarray, ImageTransform] | Exception:
+    data: bytes, params: Mapping[str, Any], device: str, max_pixels: int, letterbox: Callable[..., Any]
+) -> tuple[Any, ImageTransform] | Exception:
     try:
-        return letterbox_tensor(decode_jpegs([data], device, max_pixels)[0], params)
+        result: tuple[Any, ImageTransform] = letterbox(decode_jpegs([data], device, max_pixels)[0], params)
+        return result
     except InvalidInput as exc:
         return exc

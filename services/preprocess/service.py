@@ -12,7 +12,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from inferline.common.shm import ALIGN, SharedMemoryRegistry
 from inferline.common.shm_pool import PREFIX as POOL_PREFIX
 from inferline.common.telemetry import in_context, span, traced
 from inferline.common.transform import ImageTransform, Region
+from inferline.services.preprocess.device_outputs import CudaRoom, DeviceOutputs
 from inferline.services.preprocess.recipes import (
     PREPROCESSORS,
     TEXT_PREPROCESSORS,
@@ -48,11 +49,15 @@ class Preprocessor:
         self.pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="preprocess")
         # The controller's pool objects this stage writes outputs into (issue 16).
         self.shared_memory = SharedMemoryRegistry(settings.shm_max_regions, settings.shm_max_bytes)
+        # The controllers' device pools, for outputs that stay on the GPU (device_outputs.py).
+        self.device_outputs = DeviceOutputs(settings.cuda_shm_max_regions, settings.cuda_shm_max_bytes)
 
     async def images(
-        self, recipe: Recipe, images: Sequence[bytes], regions: Sequence[Region] = ()
+        self, recipe: Recipe, images: Sequence[bytes], regions: Sequence[Region] = (), on_device: bool = False
     ) -> list[Preprocessed | Exception]:
-        """One outcome per image, or per region (cut from its image) when regions are given."""
+        """One outcome per image, or per region (cut from its image) when regions are given.
+        With ``on_device``, images letterboxed on the GPU stay there as torch tensors (for a
+        device output region); everything else is a host array."""
         self._check_images(recipe, images, regions)
         preprocessor = _traced(PREPROCESSORS.get(recipe.name, error=InvalidInput), recipe.name)
 
@@ -61,7 +66,7 @@ class Preprocessor:
                 return decode_image(data, max_pixels=self.settings.max_image_pixels)
 
         if not regions and self.torch_device is not None and recipe.name == "letterbox":
-            return await self._letterbox_on_device(images, recipe, decode)
+            return await self._letterbox_on_device(images, recipe, decode, on_device)
         if not regions:
             return await map_items(self.pool, lambda data: preprocessor(decode(data), recipe.params), images)
         decoded = await map_items(self.pool, decode, images)
@@ -126,8 +131,15 @@ class Preprocessor:
         await asyncio.get_running_loop().run_in_executor(self.pool, _copy_all, jobs)
         return where
 
+    async def place_on_device(self, room: CudaRoom, arrays: Sequence[Any]) -> list[int | None]:
+        """Writes the outputs into a controller's device pool (device_outputs.py); where each
+        went. CudaUnavailable when this stage cannot open the pool: the caller sends them otherwise."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, in_context(self.device_outputs.place), room, arrays)
+
     async def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.device_outputs.close()
         self.shared_memory.close()
 
     def _check_images(self, recipe: Recipe, images: Sequence[bytes], regions: Sequence[Region]) -> None:
@@ -144,7 +156,7 @@ class Preprocessor:
         check_params(recipe.name, recipe.params, self.limits)
 
     async def _letterbox_on_device(
-        self, images: Sequence[bytes], recipe: Recipe, decode: Callable[[bytes], np.ndarray]
+        self, images: Sequence[bytes], recipe: Recipe, decode: Callable[[bytes], np.ndarray], on_device: bool
     ) -> list[Preprocessed | Exception]:
         """JPEGs in one batched device decode (nvJPEG on CUDA), the rest through OpenCV."""
         from inferline.services.preprocess import gpu  # noqa: PLC0415 - imports torch
@@ -168,6 +180,7 @@ class Preprocessor:
                 recipe.params,
                 self.torch_device,
                 self.settings.max_image_pixels,
+                on_device and str(self.torch_device).startswith("cuda"),
             )
             if jpegs
             else _done([])

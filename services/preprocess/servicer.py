@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import grpc
+import numpy as np
 
 from inferline.common import tensors
+from inferline.common.cuda_ipc import CudaUnavailable
 from inferline.common.errors import InvalidInput
 from inferline.common.generated import preprocess_pb2, preprocess_pb2_grpc, types_pb2
 from inferline.common.items import LazySequence
@@ -16,6 +19,7 @@ from inferline.common.settings import Settings
 from inferline.common.shm import ObjectMissing
 from inferline.common.status import OK, item_status
 from inferline.common.transform import Region
+from inferline.services.preprocess.device_outputs import CudaRoom
 from inferline.services.preprocess.service import Preprocessor
 
 
@@ -37,27 +41,52 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
             return response
         images = LazySequence(request.images, lambda image: image.data)
         regions = LazySequence(request.regions, _region)
-        outcomes = await self.service.images(recipe, images, regions)
+        to_device = request.HasField("output_cuda")
+        outcomes = await self.service.images(recipe, images, regions, on_device=to_device)
         arrays = [None if isinstance(o, BaseException) else o[0] for o in outcomes]
         placed: list[int | None] = [None] * len(outcomes)
-        if request.HasField("output_shm"):
-            room = request.output_shm
+        in_cuda = False
+        if to_device:
+            cuda = request.output_cuda
+            room = CudaRoom(cuda.region, cuda.raw_handle, cuda.device_id, cuda.region_byte_size, cuda.offset,
+                            cuda.byte_size)
             try:
-                placed = await self.service.place(room.key, room.offset, room.byte_size, arrays)
+                placed = await self.service.place_on_device(room, arrays)
+                in_cuda = True
+            except CudaUnavailable as exc:
+                response.cuda_unavailable = str(exc)
+        if not in_cuda:
+            arrays = [_host(array) for array in arrays]
+        if not in_cuda and request.HasField("output_shm"):
+            shm = request.output_shm
+            try:
+                placed = await self.service.place(shm.key, shm.offset, shm.byte_size, arrays)
             except ObjectMissing as exc:
                 response.shm_unavailable = str(exc)
-        for outcome, offset in zip(outcomes, placed, strict=True):
+        for outcome, array, offset in zip(outcomes, arrays, placed, strict=True):
             if isinstance(outcome, BaseException):
                 response.images.add(status=item_status(outcome))
                 continue
-            array, transform = outcome[0], types_pb2.ImageTransform(**dataclasses.asdict(outcome[1]))
+            transform = types_pb2.ImageTransform(**dataclasses.asdict(outcome[1]))
             if offset is None:
-                response.images.add(tensor=tensors.to_proto(array, "images"), transform=transform, status=OK)
+                response.images.add(tensor=tensors.to_proto(_host(array), "images"), transform=transform, status=OK)
             else:
-                tensor = tensors.to_proto(array[:0], "images")
+                assert array is not None  # an outcome that is no exception has its array
+                tensor = tensors.to_proto(np.empty(0, _dtype(array)), "images")
                 tensor.shape[:] = array.shape
-                response.images.add(tensor=tensor, transform=transform, status=OK, in_shm=True, shm_offset=offset)
+                response.images.add(tensor=tensor, transform=transform, status=OK, in_shm=not in_cuda,
+                                    in_cuda=in_cuda, shm_offset=offset)
         return response
+
+
+def _host(array: Any) -> Any:
+    """A host array for a tensor made on the GPU (that stayed there for a device region)."""
+    return array.cpu().numpy() if hasattr(array, "cpu") else array
+
+
+def _dtype(array: Any) -> np.dtype:
+    """numpy's dtype for a numpy array or a torch tensor (``torch.uint8`` -> ``uint8``)."""
+    return array.dtype if isinstance(array.dtype, np.dtype) else np.dtype(str(array.dtype).removeprefix("torch."))
 
 
 def _region(message: types_pb2.Region) -> Region:

@@ -59,18 +59,44 @@ def test_stage_table_splits_the_pipeline_s_latency_and_the_reference_s_call():
     assert table[-1] == "| pipeline: x | 1 | 5.0 | 100.0 | 5.0 | 5.0 | 5.0 | 120.0 |"
 
 
+def test_rounds_become_one_row_per_contender_with_the_median_of_each_figure():
+    compare = _compare()
+
+    def measured(contender: str, round_: int, img_per_s: float, p50: float, errors: int = 0) -> dict:
+        return {**_row(contender, 1, {"client": p50}), "img_per_s": img_per_s, "p50_ms": p50, "errors": errors,
+                "cpu_ms_per_image": {"inference": img_per_s}, "round": round_}
+
+    rows = compare.median_rows([
+        measured("a", 1, 10.0, 100.0), measured("b", 1, 20.0, 50.0),
+        measured("b", 2, 24.0, 40.0, errors=1), measured("a", 2, 12.0, 90.0),
+        measured("a", 3, 30.0, 95.0), measured("b", 3, 22.0, 45.0),
+    ])
+    assert [r["contender"] for r in rows] == ["a", "b"]
+    a, b = rows
+    assert (a["img_per_s"], a["p50_ms"], a["errors"]) == (12.0, 95.0, 0)
+    assert (b["img_per_s"], b["p50_ms"], b["errors"]) == (22.0, 45.0, 1)
+    # The rest of a row is its median round's (by throughput), whole; the spread is kept.
+    assert a["cpu_ms_per_image"] == {"inference": 12.0} and "round" not in a
+    assert a["rounds_img_per_s"] == [10.0, 12.0, 30.0] and a["rounds_p50_ms"] == [100.0, 90.0, 95.0]
+    # One round: the row as measured.
+    (single,) = compare.median_rows([measured("c", 1, 5.0, 7.0)])
+    assert single["img_per_s"] == 5.0 and "rounds_img_per_s" not in single
+
+
 @pytest.mark.slow
 def test_compare_runs_one_pipeline_variant_and_writes_its_results(model_dir, data_dir, tmp_path):
     env = {**os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false"}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--images", str(data_dir), "--skip-references", "--only", "inprocess",
-         "--duration", "1", "--warmup", "0.5", "--concurrency", "1", "--out", str(tmp_path), "--stem", "smoke"],
+         "--duration", "1", "--warmup", "0.5", "--concurrency", "1", "--rounds", "2",
+         "--out", str(tmp_path), "--stem", "smoke"],
         env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "smoke.json").read_text())
-    (row,) = result["rows"]
+    (row,) = result["rows"]  # two interleaved rounds, one median row
     assert row["contender"].startswith("pipeline: --inprocess") and row["concurrency"] == 1
+    assert len(row["rounds_img_per_s"]) == 2 and [r["round"] for r in result["rounds"]] == [1, 2]
     assert row["img_per_s"] > 0 and row["errors"] == 0
     # Read from the controller's /metrics (the model runs in its process with --inprocess).
     assert 0 < row["model_busy"] <= 1

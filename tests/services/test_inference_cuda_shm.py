@@ -23,6 +23,7 @@ import torch
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from inferline.common import cuda_regions
 from inferline.common.cuda_ipc import IPC_HANDLE_BYTES, CudaUnavailable
 from inferline.common.errors import InvalidInput, Overloaded
 from inferline.common.shm import RegionExists, RegionNotFound
@@ -131,7 +132,7 @@ def test_without_cuda_register_says_why_and_nothing_else_is_checked(monkeypatch)
 @pytest.fixture(scope="module")
 def client(settings) -> Iterator[triton.InferenceServerClient]:
     patch = pytest.MonkeyPatch()
-    patch.setattr(cuda_shared_memory, "CudaIpcOpener", CpuIpc)
+    patch.setattr(cuda_regions, "CudaIpcOpener", CpuIpc)
     loop = LoopThread()
     server: RunningServer = start_stage(
         loop, "inference", dataclasses.replace(settings, models=("yolov8n",), metrics=False, cuda_shm_max_regions=3)

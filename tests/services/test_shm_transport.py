@@ -252,8 +252,8 @@ def _made_on_the_loop(stack, settings) -> GrpcStages:
     return stack.loop.run(make())
 
 
-def test_tensor_transport_must_be_one_of_auto_shm_inline(stack):
-    with pytest.raises(ConfigError, match="INFERLINE_TENSOR_TRANSPORT='tcp' is not one of auto, shm, inline"):
+def test_tensor_transport_must_be_one_of_auto_cuda_shm_inline(stack):
+    with pytest.raises(ConfigError, match="INFERLINE_TENSOR_TRANSPORT='tcp' is not one of auto, cuda, shm, inline"):
         _made_on_the_loop(stack, dataclasses.replace(stack.settings, tensor_transport="tcp"))
 
 

@@ -86,7 +86,7 @@ def test_preprocessed_tensors_are_read_only_views_of_the_lease(shared):
     assert shared.pool.locate(item.tensor) == 0 and not item.tensor.flags.writeable
     assert item.tensor.shape == SHAPE and int(item.tensor.max()) == 7
     assert shared.pool.in_use == 1, "held until the inference call reads it"
-    shared.consumed([0])
+    shared.consumed([(False, 0)])  # (on the device, offset)
     assert shared.pool.in_use == 0
 
 
