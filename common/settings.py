@@ -162,6 +162,9 @@ class Settings:
     # The limit's floor: the images the model completes in this many seconds at its observed
     # rate (0: the Vegas limit alone, which refuses most of a closed loop past saturation).
     admission_queue_s: float = 3.0
+    # How long a request over the limit waits in the controller for room (first come, first
+    # served) before it is refused; 0 refuses at once (docs/reliability-admission.md).
+    admission_wait_s: float = 1.0
     # The longest retry hint a refusal carries.
     admission_max_retry_s: float = 30.0
 

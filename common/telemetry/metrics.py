@@ -125,6 +125,12 @@ ADMISSION_LIMIT = Gauge(
 ADMISSION_IN_FLIGHT = Gauge(
     "inferline_admission_in_flight", "Images the controller has admitted and not yet answered, per model.", ["model"]
 )
+ADMISSION_WAITING = Gauge(
+    "inferline_admission_waiting",
+    "Requests waiting in the controller for room under the admission limit (up to INFERLINE_ADMISSION_WAIT_S), "
+    "per model.",
+    ["model"],
+)
 ADMISSION_REFUSED = Counter(
     "inferline_admission_refused_total",
     "Requests refused before any stage work, by why: over the concurrency limit, or not done before their deadline.",

@@ -241,7 +241,7 @@ class Controller:
             if request.classify_with else None
         )
         admission = self.admission.model(plan.name)
-        with admission.admit(len(request.images), deadline.left):
+        async with admission.admitted(len(request.images), deadline.left):
             result = await self._detect(request, plan.resolved(options), plan, classifier, deadline, started)
         if any(isinstance(image.error, OVERLOAD_ERRORS) for image in result.images):
             admission.dropped()
@@ -365,7 +365,7 @@ class Controller:
         if request.top_k < 0:
             raise InvalidInput(f"top_k must be 0 (all labels) or more, got {request.top_k}")
         plan = await self._plan_for(request.model, "Classify", deadline)
-        with self.admission.model(plan.name).admit(len(request.images), deadline.left):
+        async with self.admission.model(plan.name).admitted(len(request.images), deadline.left):
             return await self._classify(request, plan, deadline, started)
 
     async def _classify(
@@ -403,7 +403,7 @@ class Controller:
         if request.cluster.k < 0 or not 0 <= request.cluster.threshold <= 1:
             raise InvalidInput("cluster.k must be >= 0 and cluster.threshold within [0, 1]")
         plan = await self._plan_for(request.model, "Embed", deadline)
-        with self.admission.model(plan.name).admit(len(request.images) + len(request.texts), deadline.left):
+        async with self.admission.model(plan.name).admitted(len(request.images) + len(request.texts), deadline.left):
             return await self._embed(request, plan, deadline, started)
 
     async def _embed(self, request: EmbedRequest, plan: ModelPlan, deadline: Deadline, started: float) -> EmbedResult:
@@ -483,6 +483,7 @@ def admission_config(settings: Settings) -> AdmissionConfig:
         max_limit=settings.admission_max_limit,
         deadline_margin=settings.admission_deadline_margin,
         queue_s=settings.admission_queue_s,
+        wait_s=settings.admission_wait_s,
         max_retry_s=settings.admission_max_retry_s,
     )
 

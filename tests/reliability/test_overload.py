@@ -62,7 +62,11 @@ def stack(model_dir: Path) -> Iterator[Stack]:
                INFERLINE_LOG_LEVEL="WARNING", INFERLINE_GRACE_PERIOD_S="2",
                # Half a second of queued work, not the default 3 s: the clients must overload
                # the stack on a runner of any speed (3 s is ~50 images on two cores).
-               INFERLINE_ADMISSION_QUEUE_S="0.5")
+               INFERLINE_ADMISSION_QUEUE_S="0.5",
+               # Refuse at once rather than wait up to 1 s for room (the default): what these
+               # tests specify is the refusal itself, at its cheapest. The wait, which keeps
+               # callers that retry at once from storming, is specified in tests/unit/test_admission.py.
+               INFERLINE_ADMISSION_WAIT_S="0")
     for stage, port, metrics in zip(STAGES, ports, ports[len(STAGES):], strict=False):
         env[f"INFERLINE_{stage.upper()}_PORT"] = str(port)
         env[f"INFERLINE_{stage.upper()}_TARGET"] = f"localhost:{port}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -340,3 +341,146 @@ def test_under_sustained_load_the_unloaded_latency_does_not_drift_up():
     for _ in range(100):
         limit.update(rtt=0.8, in_flight=8)
     assert limit.rtt_noload == 0.1
+
+
+# ---- waiting for room -----------------------------------------------------------------------
+
+
+def _full(**config) -> ModelAdmission:
+    """Room for 2 images and no rate floor: a third waits."""
+    return _admission(initial_limit=2, min_limit=2, queue_s=0.0, **config)
+
+
+def test_a_request_over_the_limit_waits_for_room_and_is_taken_when_one_ends():
+    async def scenario() -> None:
+        admission = _full()
+        first = admission.admit(1, 10.0)
+        first.__enter__()
+        with admission.admit(1, 10.0):
+            waiting = asyncio.ensure_future(_hold(admission, 1))
+            await asyncio.sleep(0.01)
+            assert (admission.in_flight, len(admission._waiting), waiting.done()) == (2, 1, False)
+            first.__exit__(None, None, None)  # its room goes to the waiting request
+            assert admission.in_flight == 2 and not admission._waiting
+            await waiting
+        assert admission.in_flight == 0 and admission.refused["limit"] == 0
+
+    asyncio.run(scenario())
+
+
+async def _hold(admission: ModelAdmission, images: int, remaining: float = 10.0, seconds: float = 0.0) -> None:
+    async with admission.admitted(images, remaining):
+        await asyncio.sleep(seconds)
+
+
+def test_waiting_requests_are_taken_first_come_first_served_and_newcomers_queue_behind_them():
+    async def scenario() -> None:
+        admission = _full()
+        order: list[str] = []
+
+        async def caller(name: str) -> None:
+            async with admission.admitted(1, 10.0):
+                order.append(name)
+                await asyncio.sleep(0.01)
+
+        async with admission.admitted(2, 10.0):
+            tasks = [asyncio.ensure_future(caller(name)) for name in ("a", "b", "c")]
+            await asyncio.sleep(0.01)
+            assert len(admission._waiting) == 3
+        await asyncio.gather(*tasks)
+        assert order == ["a", "b", "c"] and admission.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_wait_that_finds_no_room_in_wait_s_is_refused_with_a_retry_hint():
+    async def scenario() -> None:
+        admission = _full(wait_s=0.05)
+        async with admission.admitted(2, 10.0):
+            started = time.monotonic()
+            with pytest.raises(Overloaded, match="concurrency limit"):
+                await _hold(admission, 1)
+            assert 0.04 <= time.monotonic() - started < 1.0
+        assert admission.refused == {"limit": 1, "deadline": 0}
+        assert admission.in_flight == 0 and not admission._waiting
+
+    asyncio.run(scenario())
+
+
+def test_no_wait_when_wait_s_is_zero_or_the_deadline_leaves_no_time():
+    async def scenario() -> None:
+        at_once = _full(wait_s=0.0)
+        async with at_once.admitted(2, 10.0):
+            with pytest.raises(Overloaded, match="concurrency limit"):
+                await _hold(at_once, 1)
+        late = _full(wait_s=5.0)
+        async with late.admitted(2, 10.0):
+            started = time.monotonic()
+            with pytest.raises(Overloaded):
+                await _hold(late, 1, remaining=0.03)  # waits at most its deadline over the margin
+            assert time.monotonic() - started < 1.0
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_that_goes_away_while_it_waits_holds_nothing():
+    async def scenario() -> None:
+        admission = _full()
+        async with admission.admitted(2, 10.0):
+            gone = asyncio.ensure_future(_hold(admission, 1))
+            await asyncio.sleep(0.01)
+            gone.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            assert not admission._waiting
+        assert admission.in_flight == 0
+        async with admission.admitted(2, 10.0):  # the room is all there again
+            assert admission.in_flight == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_closed_loop_past_the_limit_is_served_without_refusals():
+    """32 callers that call again as soon as they are answered, against room for 8: they take
+    turns instead of bouncing (what turned refusals into a storm before the wait)."""
+
+    async def scenario() -> None:
+        # Vegas held at its floor of 8 (any queue reads as too long), no rate floor.
+        admission = _admission(initial_limit=8, min_limit=8, max_limit=64, queue_s=0.0, alpha=0.0, beta=0.0)
+        served, most_waiting = 0, 0
+
+        async def caller() -> None:
+            nonlocal served, most_waiting
+            for _ in range(5):
+                async with admission.admitted(1, 30.0):
+                    most_waiting = max(most_waiting, len(admission._waiting))
+                    assert admission.in_flight <= 8
+                    await asyncio.sleep(0.002)
+                served += 1
+
+        await asyncio.gather(*(caller() for _ in range(32)))
+        assert served == 160 and admission.refused == {"limit": 0, "deadline": 0}
+        assert most_waiting >= 20, "most callers took turns in the wait"
+
+    asyncio.run(scenario())
+
+
+def test_a_request_whose_deadline_ran_out_while_it_waited_is_refused_for_it_when_room_comes():
+    async def scenario() -> None:
+        clock = Clock()
+        admission = _admission(clock, initial_limit=2, min_limit=2, queue_s=0.0)
+        _complete(admission, clock, images=2, latency=1.0)  # 2 images/s
+        first = admission.admit(1, 60.0)
+        first.__enter__()
+        with admission.admit(1, 60.0):
+            # 3 images at 2/s: 1.5 s, x1.5 margin = 2.25 s, within the 3 s it has: it waits.
+            waiting = asyncio.ensure_future(_hold(admission, 1, remaining=3.0))
+            await asyncio.sleep(0.01)
+            assert len(admission._waiting) == 1
+            clock.now += 2.0  # 1 s left; 2 images ahead at 2/s x1.5 = 1.5 s: too late now
+            first.__exit__(None, None, None)
+            with pytest.raises(Overloaded, match="too close to its deadline"):
+                await waiting
+        assert admission.refused == {"limit": 0, "deadline": 1} and admission.in_flight == 0
+
+    asyncio.run(scenario())
