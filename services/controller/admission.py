@@ -246,8 +246,9 @@ class ModelAdmission:
     @asynccontextmanager
     async def admitted(self, images: int, remaining_s: float) -> AsyncIterator[None]:
         """As ``admit``, but a request the limit has no room for waits for room (behind the
-        ones already waiting) for up to ``wait_s``, and never past its deadline's margin, before
-        it is refused. What the controller's operations use."""
+        ones already waiting) for up to ``wait_s``, and only while its deadline would still leave
+        a full pipeline time to drain (limit / rate, with the margin), before it is refused.
+        What the controller's operations use."""
         if self.config.enabled and (self._waiting or self._over_limit(images)):
             await self._wait(images, remaining_s)
         else:
@@ -259,7 +260,10 @@ class ModelAdmission:
 
     async def _wait(self, images: int, remaining_s: float) -> None:
         """Returns once the request holds its images (handed over by ``_exit``), or refuses."""
-        hold = min(self.config.wait_s, remaining_s / max(1.0, self.config.deadline_margin))
+        # Wait only as long as the deadline leaves time, after the wait, for a full pipeline to
+        # drain (limit / rate) with the margin: a request let in later would finish too late.
+        drain = self.rate.seconds_for(self.effective_limit()) or 0.0
+        hold = min(self.config.wait_s, remaining_s / max(1.0, self.config.deadline_margin) - drain)
         if hold <= 0 or len(self._waiting) >= self.config.max_limit:
             self._refuse_for_limit()
         self._check_deadline(images, remaining_s)

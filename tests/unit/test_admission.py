@@ -465,6 +465,26 @@ def test_a_closed_loop_past_the_limit_is_served_without_refusals():
     asyncio.run(scenario())
 
 
+def test_a_request_waits_only_while_its_deadline_leaves_a_full_pipeline_time_to_drain():
+    async def scenario() -> None:
+        clock = Clock()
+        admission = _admission(clock, initial_limit=2, min_limit=2, queue_s=0.0, wait_s=5.0)
+        _complete(admission, clock, images=2, latency=1.0)  # 2 images/s: a full pipeline drains in 1 s
+        async with admission.admitted(2, 60.0):
+            # 2.4 s left / 1.5 margin = 1.6 s, less the 1 s drain: it may wait 0.6 s (of real time here).
+            started = time.monotonic()
+            with pytest.raises(Overloaded, match="concurrency limit"):
+                await _hold(admission, 1, remaining=2.4)
+            assert 0.5 <= time.monotonic() - started < 2.0
+            # 1.4 s left: 0.93 s over the margin, under the drain: refused without a wait.
+            started = time.monotonic()
+            with pytest.raises(Overloaded, match="concurrency limit"):
+                await _hold(admission, 1, remaining=1.4)
+            assert time.monotonic() - started < 0.1
+
+    asyncio.run(scenario())
+
+
 def test_a_request_whose_deadline_ran_out_while_it_waited_is_refused_for_it_when_room_comes():
     async def scenario() -> None:
         clock = Clock()
