@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 
 from inferline.common import cuda_regions, device_pool
 from inferline.common.cuda_ipc import IPC_HANDLE_BYTES
-from inferline.common.device_pool import DevicePool, DeviceTensor
+from inferline.common.device_pool import DevicePool
 from inferline.common.errors import ConfigError
 from inferline.common.generated import (
     controller_pb2,
@@ -36,12 +36,11 @@ from inferline.common.generated import (
 from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
 from inferline.services.controller.grpc_ports import GrpcStages
-from inferline.services.controller.plan import ModelPlan
-from inferline.services.controller.ports import Deadline
 from inferline.services.preprocess.device_outputs import CudaRoom, DeviceOutputs
 from inferline.services.stack import LocalStack, free_port_env
 from tests.services.test_inference_cuda_shm import CpuIpc
 from tests.support.servers import LoopThread, start_stage
+from tests.support.stages import assert_same, run_stages
 
 MODEL = "yolov8n"
 LETTERBOX = Recipe("letterbox", {"size": 640, "stride": 32, "auto": True, "pad_value": 114})
@@ -69,52 +68,11 @@ def on_cpu_ipc(monkeypatch) -> None:
     monkeypatch.setattr(device_pool, "allocate_exported", cpu_allocate)
 
 
-@pytest.fixture
-def open_stages(stack) -> Iterator:
-    """``open_stages(**settings)``: the controller's gRPC ports to the shared stack's stages."""
-    made: list[GrpcStages] = []
-
-    def open_(**changes) -> GrpcStages:
-        async def start() -> GrpcStages:
-            stages = GrpcStages(dataclasses.replace(stack.settings, **changes))
-            await stages.load()
-            return stages
-
-        made.append(stack.loop.run(start()))
-        return made[-1]
-
-    yield open_
-    for stages in made:
-        stack.loop.run(stages.close())
-
-
-def _run(stack, stages: GrpcStages, images: list[bytes], before_infer=lambda: None):
+def _run(stack, stages, images: list[bytes], before_infer=lambda: None):
     """Preprocess then infer, as the controller does: host copies of the preprocessed tensors,
     the outputs, and whether each tensor reached the controller as a place in its device pool."""
-
-    async def go():
-        deadline = Deadline(60)
-        plan = ModelPlan.from_info(await stages.inference.model(MODEL, deadline))
-        pre = await stages.preprocess.images(plan.preprocess, images, [], deadline)
-        tensors = [np.asarray(p.tensor) for p in pre]
-        on_device = [isinstance(p.tensor, DeviceTensor) for p in pre]
-        before_infer()
-        outputs = await stages.inference.infer(plan.info, [{plan.input_name: p.tensor} for p in pre], 0.0, deadline)
-        return tensors, outputs, on_device
-
-    tensors, outputs, on_device = stack.loop.run(go())
-    assert not any(isinstance(o, Exception) for o in outputs), outputs
-    return tensors, outputs, on_device
-
-
-def _assert_same(a, b) -> None:
-    for x, y in zip(a, b, strict=True):
-        if isinstance(x, dict):
-            assert x.keys() == y.keys()
-            for name in x:
-                np.testing.assert_array_equal(x[name], y[name], strict=True)
-        else:
-            np.testing.assert_array_equal(x, y, strict=True)
+    tensors, outputs, where = run_stages(stack, stages, images, before_infer)
+    return tensors, outputs, [w is not None and w[0] for w in where]
 
 
 def test_the_device_pool_leases_runs_of_slots_and_knows_where_each_tensor_lies():
@@ -141,8 +99,8 @@ def test_tensors_through_the_device_pool_equal_the_inline_path_bit_for_bit(stack
     tensors_inline, outputs_inline, _ = _run(stack, inline, images)
     tensors_device, outputs_device, on_device = _run(stack, device, images)
     assert on_device == [True, True, True], "the controller got places in its device pool, not bytes"
-    _assert_same(tensors_device, tensors_inline)
-    _assert_same(outputs_device, outputs_inline)
+    assert_same(tensors_device, tensors_inline)
+    assert_same(outputs_device, outputs_inline)
     assert _count("preprocess", "cuda") - before["preprocess"] == 3
     assert _count("inference", "cuda") - before["inference"] == 3
     assert device.shared.device.in_use == 0, "every lease came back after the inference call"
@@ -168,7 +126,7 @@ def test_an_inference_stage_that_cannot_open_the_pool_gets_the_tensors_as_bytes(
     before = _count("inference", "inline")
     _, outputs, on_device = _run(stack, device, images, before_infer=refused)
     assert on_device == [True, True, True]
-    _assert_same(outputs, _run(stack, inline, images)[1])
+    assert_same(outputs, _run(stack, inline, images)[1])
     assert _count("inference", "inline") - before == 6  # both runs: copied out of the pool here
     assert device.shared.device.in_use == 0
 
@@ -185,7 +143,7 @@ def test_a_preprocess_stage_that_cannot_open_the_pool_sends_bytes_and_the_contro
     assert device.shared.device is not None
     _, outputs, on_device = _run(stack, device, images)
     assert on_device == [False, False, False]
-    _assert_same(outputs, _run(stack, inline, images)[1])
+    assert_same(outputs, _run(stack, inline, images)[1])
     assert not device.shared.preprocess_shares_device, "the stage said why (no GPU here)"
     assert device.shared.device.in_use == 0
     # The next request goes by the shm pool.

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterator
 
 import grpc
-import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
@@ -29,6 +27,7 @@ from inferline.services.controller.grpc_ports import GrpcStages
 from inferline.services.controller.plan import ModelPlan
 from inferline.services.controller.ports import Deadline
 from tests.support.images import encoded
+from tests.support.stages import assert_same, run_stages
 
 MODEL = "yolov8n"
 
@@ -42,52 +41,11 @@ def images(data_dir) -> list[bytes]:
     return [(data_dir / f"shapes_0{i}.jpg").read_bytes() for i in (1, 2, 3)]
 
 
-@pytest.fixture
-def open_stages(stack, tmp_path) -> Iterator:
-    """``open_stages(**settings)``: the controller's gRPC ports to the shared stack's stages."""
-    made: list[GrpcStages] = []
-
-    def open_(root=None, **changes) -> GrpcStages:
-        async def start() -> GrpcStages:
-            stages = GrpcStages(dataclasses.replace(stack.settings, **changes))
-            stages.shared.root = root
-            await stages.load()
-            return stages
-
-        made.append(stack.loop.run(start()))
-        return made[-1]
-
-    yield open_
-    for stages in made:
-        stack.loop.run(stages.close())
-
-
-def _run(stack, stages: GrpcStages, images: list[bytes]) -> tuple[list, list, list[bool]]:
+def _run(stack, stages, images: list[bytes]) -> tuple[list, list, list[bool]]:
     """Preprocess then infer, as the controller does: the preprocessed tensors (copied), the
-    outputs, and whether each tensor reached the controller as a view of its pool."""
-
-    async def go():
-        deadline = Deadline(60)
-        plan = ModelPlan.from_info(await stages.inference.model(MODEL, deadline))
-        pre = await stages.preprocess.images(plan.preprocess, images, [], deadline)
-        tensors = [np.array(p.tensor) for p in pre]
-        in_pool = [stages.shared.pool is not None and stages.shared.pool.locate(p.tensor) is not None for p in pre]
-        outputs = await stages.inference.infer(plan.info, [{plan.input_name: p.tensor} for p in pre], 0.0, deadline)
-        return tensors, outputs, in_pool
-
-    tensors, outputs, in_pool = stack.loop.run(go())
-    assert not any(isinstance(o, Exception) for o in outputs), outputs
-    return tensors, outputs, in_pool
-
-
-def _assert_same(a, b) -> None:
-    for x, y in zip(a, b, strict=True):
-        if isinstance(x, dict):
-            assert x.keys() == y.keys()
-            for name in x:
-                np.testing.assert_array_equal(x[name], y[name], strict=True)
-        else:
-            np.testing.assert_array_equal(x, y, strict=True)
+    outputs, and whether each tensor reached the controller as a view of its shm pool."""
+    tensors, outputs, where = run_stages(stack, stages, images)
+    return tensors, outputs, [w is not None and not w[0] for w in where]
 
 
 def test_tensors_through_shared_memory_equal_the_inline_path_bit_for_bit(stack, open_stages, images):
@@ -98,8 +56,8 @@ def test_tensors_through_shared_memory_equal_the_inline_path_bit_for_bit(stack, 
     tensors_inline, outputs_inline, _ = _run(stack, inline, images)
     tensors_shm, outputs_shm, in_pool = _run(stack, shared, images)
     assert in_pool == [True, True, True], "the controller got views of the pool, not bytes"
-    _assert_same(tensors_shm, tensors_inline)
-    _assert_same(outputs_shm, outputs_inline)
+    assert_same(tensors_shm, tensors_inline)
+    assert_same(outputs_shm, outputs_inline)
     assert _count("preprocess", "shm") - before["preprocess", "shm"] == 3
     assert _count("inference", "shm") - before["inference", "shm"] == 3
     assert _count("inference", "inline") - before["inference", "inline"] == 3  # the inline ports' run
@@ -121,7 +79,7 @@ def test_a_full_pool_sends_tensors_inline_and_is_no_error(stack, open_stages, im
     small = open_stages(tensor_transport="shm", shm_pool_slots=2)
     before = _count("preprocess", "inline")
     _, outputs, in_pool = _run(stack, small, images)
-    _assert_same(outputs, _run(stack, inline, images)[1])
+    assert_same(outputs, _run(stack, inline, images)[1])
     assert in_pool == [False, False, False]
     assert _count("preprocess", "inline") - before == 6  # three images each run
     assert _run(stack, small, images[:2])[2] == [True, True], "two images fit the two slots"
@@ -133,7 +91,7 @@ def test_a_stage_with_another_dev_shm_gets_tensors_inline(stack, open_stages, im
     elsewhere = open_stages(root=tmp_path, tensor_transport="auto")
     assert elsewhere.shared.pool is not None and elsewhere.shared.pool.path.parent == tmp_path
     _, outputs, in_pool = _run(stack, elsewhere, images)
-    _assert_same(outputs, _run(stack, inline, images)[1])
+    assert_same(outputs, _run(stack, inline, images)[1])
     assert in_pool == [False, False, False]
     assert not elsewhere.shared.preprocess_shares, "the preprocess stage said it cannot map the pool"
     assert not stack.loop.run(elsewhere.shared.registered(Deadline(10)))
