@@ -28,9 +28,10 @@ class CudaUnavailable(Exception):
 
 
 def _runtime() -> tuple[Any, Any]:
+    """torch and cuda-python's runtime bindings, or CudaUnavailable with why. The GPU is checked
+    first: a process without one never loads cuda-python's native modules."""
     try:
         import torch  # noqa: PLC0415 - only a process that shares device memory loads these
-        from cuda.bindings import runtime  # noqa: PLC0415 - as above
     except ImportError as exc:
         raise CudaUnavailable(
             f"CUDA shared memory is not served: {exc.name or exc} is not installed (torch and cuda-python "
@@ -41,6 +42,13 @@ def _runtime() -> tuple[Any, Any]:
             "CUDA shared memory is not served: this stage has no GPU to share; use system shared memory "
             "(SystemSharedMemoryRegister, perf_analyzer --shared-memory=system)"
         )
+    try:
+        from cuda.bindings import runtime  # noqa: PLC0415 - as above
+    except ImportError as exc:
+        raise CudaUnavailable(
+            f"CUDA shared memory is not served: {exc.name or exc} is not installed (cuda-python is "
+            "needed); use system shared memory (SystemSharedMemoryRegister)"
+        ) from None
     return torch, runtime
 
 
