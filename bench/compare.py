@@ -40,14 +40,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -65,8 +63,10 @@ from inferline.services.client import Client, collect_images, image_inputs
 from inferline.services.inference.repository import BUILTIN_REPOSITORY
 from inferline.services.stack import START_ORDER, LocalStack, free_port_env, free_ports
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/runs.py, also when loaded by path
+from runs import REPO, SHARED, clean_env, commit, versions
+from runs import reference as library_loop
+
 # The models the references run (bench/reference.py loads their weight files by these names).
 YOLO, FRCNN, CLIP = "yolov8n", "fasterrcnn-mobilenet-v3-large-320-fpn", "clip-vit-b-32"
 ULTRALYTICS = "ultralytics predict, 1 image/call"
@@ -95,28 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_dirs() -> list[str]:
-    raw = os.environ.get("INFERLINE_MODEL_DIR") or str(SHARED / "models")
-    return [part for part in raw.split(os.pathsep) if part]
-
-
 # ---- references ----------------------------------------------------------------------------
 
 
 def reference(library: str, images: list[str], batch: int, args: argparse.Namespace, half: bool = False) -> dict:
-    command = [
-        sys.executable, str(REPO / "bench" / "reference.py"), library, "--images", *images,
-        "--model-dir", *model_dirs(), "--batch", str(batch),
-        "--duration", str(args.duration), "--warmup", str(args.warmup),
-        "--device", args.device, *(["--half"] if half else []),
-    ]
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=_clean_env()).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def _clean_env() -> dict[str, str]:
-    """This process's environment without thread pins, so each contender gets its own defaults."""
-    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    return library_loop(library, images, batch=batch, duration=args.duration, warmup=args.warmup,
+                        device=args.device, half=half)
 
 
 # ---- pipeline variants ---------------------------------------------------------------------
@@ -125,7 +109,8 @@ def _clean_env() -> dict[str, str]:
 def repository(root: Path, variant: Variant) -> Path:
     """A copy of the built-in repository with yolov8n changed as the variant says (the built-in
     one itself for the default layout)."""
-    if variant.backend == "default" and variant.max_batch_size is None and variant.instances is None:
+    if (variant.backend == "default" and variant.max_batch_size is None and variant.instances is None
+            and not variant.parameters):
         return BUILTIN_REPOSITORY
     repo = root / f"repo-{variant.name}"
     shutil.copytree(BUILTIN_REPOSITORY, repo)
@@ -145,13 +130,14 @@ def repository(root: Path, variant: Variant) -> Path:
                 config["parameters"]["intra_op_threads"] = 1
     elif variant.instances is not None:
         config["instance_count"] = variant.instances
+    config["parameters"] = {**(config.get("parameters") or {}), **dict(variant.parameters)}
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     return repo
 
 
 @contextmanager
 def stack(repo: Path, models: list[str], variant: Variant, device: str = "cpu") -> Iterator[LocalStack]:
-    env = free_port_env(_clean_env())
+    env = free_port_env(clean_env())
     # Known metrics ports (free_port_env lets each stage pick one) for the model-busy scrape.
     for stage, port in zip(("inference", CONTROLLER), free_ports(2), strict=True):
         env[f"INFERLINE_{stage.upper()}_METRICS_PORT"] = str(port)
@@ -162,6 +148,7 @@ def stack(repo: Path, models: list[str], variant: Variant, device: str = "cpu") 
     env["INFERLINE_TENSOR_TRANSPORT"] = variant.tensor_transport
     if variant.torch_threads:
         env["INFERLINE_TORCH_THREADS"] = str(variant.torch_threads)
+    env.update(variant.env)
     settings = Settings.from_env(env)
     running = LocalStack(settings, env=env, stages=(CONTROLLER,) if variant.inprocess else START_ORDER)
     running.start(timeout=300)
@@ -202,23 +189,12 @@ def environment() -> dict:
     if Path("/proc/cpuinfo").exists():
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), cpu)
-    versions = {}
-    for package in ("torch", "ultralytics", "torchvision", "open-clip-torch", "onnxruntime", "grpcio", "numpy"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
-        return done.stdout.strip()
-
-    commit, dirty = git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain"))
     return {
         "cpu": cpu,
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "versions": versions,
-        "commit": commit + (" (with uncommitted changes)" if dirty else ""),
+        "versions": versions(("torch", "ultralytics", "torchvision", "open-clip-torch", "onnxruntime", "grpcio",
+                              "numpy")),
+        "commit": commit(),
     }
 
 
@@ -234,6 +210,8 @@ class Variant:
     inprocess: bool = False
     other_models: bool = False  # also measure Faster R-CNN and CLIP on this stack
     tensor_transport: str = "auto"  # issue 16: shared memory between the stages on one host
+    parameters: tuple[tuple[str, object], ...] = ()  # merged into yolov8n's config parameters
+    env: tuple[tuple[str, str], ...] = ()  # settings of the stack's processes
 
 
 VARIANTS = {
@@ -255,6 +233,10 @@ VARIANTS = {
                 tensor_transport="inline"),
         Variant("torch-inline", "four services, PyTorch, dynamic batching, tensors inline", backend="torch",
                 tensor_transport="inline"),
+        Variant("default-nice", "four services, as shipped, the inference stage at niceness 10",
+                env=(("INFERLINE_INFERENCE_NICE", "10"),)),
+        Variant("default-spin-stop", "four services, as shipped but the lone pass's threads stop spinning after it",
+                parameters=(("force_spinning_stop", True),)),
     )
 }
 

@@ -28,7 +28,6 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -43,8 +42,10 @@ from inferline.services.client import collect_images
 from inferline.services.inference.repository import BUILTIN_REPOSITORY
 from inferline.services.stack import START_ORDER, LocalStack, free_port_env
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/runs.py, also when loaded by path
+from runs import REPO, SHARED, clean_env, commit, versions
+from runs import reference as library_loop
+
 YOLO, CLIP = "yolov8n", "clip-vit-b-32"
 # The issue's targets, per GPU, for the table's last column.
 TARGET_IMAGES_PER_S = 10_000
@@ -69,41 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_dirs() -> list[str]:
-    raw = os.environ.get("INFERLINE_MODEL_DIR") or str(SHARED / "models")
-    return [part for part in raw.split(os.pathsep) if part]
-
-
-def _clean_env() -> dict[str, str]:
-    """This process's environment without thread pins, so each contender gets its own defaults."""
-    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-
-
 def reference(library: str, images: list[str], args: argparse.Namespace) -> dict:
     """One library's own batched loop in a fresh process (bench/reference.py), fp16 on a GPU."""
-    half = ["--half"] if args.device != "cpu" and library == "ultralytics" else []  # open_clip: fp32
-    command = [
-        sys.executable,
-        str(REPO / "bench" / "reference.py"),
-        library,
-        "--images",
-        *images,
-        "--model-dir",
-        *model_dirs(),
-        "--batch",
-        str(args.reference_batch),
-        "--duration",
-        str(args.duration),
-        "--warmup",
-        str(args.warmup),
-        "--device",
-        args.device,
-        *half,
-    ]
-    done = subprocess.run(command, check=False, capture_output=True, text=True, env=_clean_env())
-    if done.returncode:
-        raise SystemExit(f"bench/reference.py {library} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    half = args.device != "cpu" and library == "ultralytics"  # open_clip: fp32
+    report = library_loop(library, images, batch=args.reference_batch, duration=args.duration,
+                          warmup=args.warmup, device=args.device, half=half)
     report.pop("detections", None)
     return report
 
@@ -127,7 +98,7 @@ def repository(root: Path, device: str) -> Path:
 
 def pipeline_env(device: str, repo: Path) -> dict[str, str]:
     """The stack's environment: every GPU option on for a GPU, the CPU defaults for a smoke run."""
-    env = free_port_env(_clean_env())
+    env = free_port_env(clean_env())
     gpu = device != "cpu"
     env.update(
         INFERLINE_DEVICE=device,
@@ -170,31 +141,17 @@ def drive(running: LocalStack, model: str, paths: list[Path], concurrency: int, 
 
 def environment(device: str) -> dict:
     """Machine, GPU, versions, commit: what a reader needs to rerun and compare."""
-    import importlib.metadata  # noqa: PLC0415 - only when writing the results
-
-    versions = {}
-    packages = ("torch", "torchvision", "ultralytics", "open-clip-torch", "onnxruntime", "onnxruntime-gpu", "grpcio")
-    for package in packages:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     gpu = "none"
     if device != "cpu":
         import torch  # noqa: PLC0415 - the GPU's name, on a GPU run only
 
         gpu = torch.cuda.get_device_name(torch.device(device))
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
-        return done.stdout.strip()
-
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain") else ""
+    packages = ("torch", "torchvision", "ultralytics", "open-clip-torch", "onnxruntime", "onnxruntime-gpu", "grpcio")
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "gpu": gpu,
-        "versions": versions,
-        "commit": git("rev-parse", "--short", "HEAD") + dirty,
+        "versions": versions(packages),
+        "commit": commit(),
     }
 
 

@@ -16,9 +16,11 @@ handle is refused at register (``cuMemGetAddressRange``, common/cuda_ipc.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -43,6 +45,73 @@ class OpenedRegion:
 
     tensor: torch.Tensor
     close: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class RegionTensor:
+    """A typed tensor that lies in a CUDA region: the inference stage's input read by handle.
+
+    It stays where it is: ``torch()`` is a typed view on its device, which a backend that takes
+    device tensors feeds the model from (``stack_on_device``), so a tensor the preprocess stage
+    wrote on the GPU reaches the model without a trip through the host. ``np.asarray`` of it is
+    a host copy, for a backend that takes only numpy. Indexing the first dimension gives one
+    item (``split_batch``), still in the region."""
+
+    data: torch.Tensor  # flat uint8, exactly this tensor's bytes
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> RegionTensor:
+        if not isinstance(index, int) or not self.shape:
+            raise TypeError("a region tensor is indexed by one integer along its first dimension")
+        if not -self.shape[0] <= index < self.shape[0]:
+            raise IndexError(f"index {index} is outside the first dimension of size {self.shape[0]}")
+        item = math.prod(self.shape[1:]) * self.dtype.itemsize
+        start = (index % self.shape[0]) * item
+        return RegionTensor(self.data[start : start + item], self.dtype, self.shape[1:])
+
+    def torch(self) -> torch.Tensor:
+        """The tensor on its device, typed and shaped: a view of the region, no copy."""
+        return self.data.view(_torch_dtype(self.dtype)).reshape(self.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        host = self.data.cpu().numpy().view(self.dtype).reshape(self.shape)
+        return host if dtype is None else host.astype(dtype)
+
+
+@functools.cache
+def _torch_dtype(dtype: np.dtype) -> Any:
+    import torch  # noqa: PLC0415 - a region exists, so torch is already loaded
+
+    try:
+        # The tensor's own byte order: OIP's raw tensors are little-endian, as is every GPU.
+        return torch.from_numpy(np.empty(0, dtype.newbyteorder("="))).dtype
+    except TypeError:
+        raise InvalidInput(f"a tensor of {dtype} cannot be read from a CUDA region on its device") from None
+
+
+def stack_on_device(arrays: Sequence[Any]) -> torch.Tensor | None:
+    """One batch on the device when every item lies in a CUDA region, else None (the caller
+    stacks on the host). The stack is a copy: the batch no longer depends on the region."""
+    if not arrays or not all(isinstance(a, RegionTensor) for a in arrays):
+        return None
+    import torch  # noqa: PLC0415 - a region exists, so torch is already loaded
+
+    views = [a.torch() for a in arrays]
+    if len({v.device for v in views}) != 1:
+        return None
+    return torch.stack(views)
 
 
 class IpcOpener(Protocol):
@@ -129,8 +198,16 @@ class CudaShmRegistry(RegionTable[_Region]):
         with self._lock:
             return self._get(name).view(offset, byte_size, what)
 
+    def typed(
+        self, name: str, offset: int, byte_size: int, what: str, dtype: np.dtype, shape: Sequence[int]
+    ) -> RegionTensor:
+        """An input of ``dtype`` and ``shape`` at ``offset`` of region ``name``, left on its device;
+        ``byte_size`` must be exactly its size (the caller checks it against the request)."""
+        _torch_dtype(np.dtype(dtype))  # refused now, not when its batch is stacked
+        return RegionTensor(self.tensor(name, offset, byte_size, what), np.dtype(dtype), tuple(shape))
+
     def read(self, name: str, offset: int, byte_size: int, what: str) -> memoryview:
-        """The bytes copied to the host: the backends take numpy arrays today (docs/gpu.md)."""
+        """The bytes copied to the host."""
         device = self.tensor(name, offset, byte_size, what)
         return device.cpu().numpy().data
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,13 +71,15 @@ def numpy_dtype(datatype: str, tensor: str) -> np.dtype:
 
 
 def decode_inputs(
-    request: grpc_service_pb2.ModelInferRequest, shared: Mapping[str, memoryview] | None = None
-) -> dict[str, np.ndarray]:
+    request: grpc_service_pb2.ModelInferRequest, shared: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The request's input tensors by name, from raw contents when the request has them.
 
     As the protocol says, raw contents are all or nothing: one entry per input, in order, the
     inputs in ``shared`` (read from a shared-memory region, common/shm.py)
-    excepted: those are views of their buffer, and have no raw entry.
+    excepted: those are views of their buffer, and have no raw entry. A shared input that is
+    not bytes is a tensor already typed and shaped (a CUDA region's, common/cuda_regions.py),
+    kept as it is: it stays on its device.
     """
     shared = shared or {}
     raw = request.raw_input_contents
@@ -92,7 +95,14 @@ def decode_inputs(
         if tensor.name in arrays:
             raise InvalidInput(f"input {quoted(tensor.name)} is given twice")
         if tensor.name in shared:
-            arrays[tensor.name] = decode_tensor(tensor, shared[tensor.name])
+            value = shared[tensor.name]
+            if isinstance(value, (bytes, memoryview)):
+                value = decode_tensor(tensor, value)
+            elif len(tensor.shape) > _MAX_DIMS:
+                raise InvalidInput(
+                    f"input {quoted(tensor.name)} has {len(tensor.shape)} dimensions; at most {_MAX_DIMS} are supported"
+                )
+            arrays[tensor.name] = value
             continue
         arrays[tensor.name] = decode_tensor(tensor, raw[index] if raw else None)
         index += 1

@@ -72,6 +72,9 @@ class Service:
     gpu_metrics: bool = False
     # Readiness that depends on more than this process (the controller's stages), if any.
     readiness: Readiness | None = None
+    # Added to the process's niceness before it loads anything (the inference stage's
+    # ``inference_nice``): the threads made later, the model's included, inherit it.
+    nice: int = 0
 
 
 RETRIED_CALLS = Counter(
@@ -258,6 +261,13 @@ class ServerApp:
             await self._health.set(name, status)
 
 
+def lower_priority(service: Service) -> None:
+    """Applies ``service.nice`` to this process, before its models and thread pools exist."""
+    if service.nice > 0:
+        os.nice(service.nice)
+        log.info("%s runs at niceness %d", service.name, os.getpriority(os.PRIO_PROCESS, 0))
+
+
 async def serve(service: Service, settings: Settings, *, port: int) -> None:
     """Run one stage until SIGTERM or SIGINT, then shut it down gracefully.
 
@@ -268,6 +278,7 @@ async def serve(service: Service, settings: Settings, *, port: int) -> None:
     # shutdown: a stage is quiet while it drains, and a trim's gc.collect() on the trimmer's
     # thread while the main thread tears gRPC down can finalise gRPC objects there and abort the
     # process ("terminate called without an active exception").
+    lower_priority(service)
     trimmer = bound_memory(settings)
     try:
         metrics_port = settings.metrics_port(service.name) if service.name in STAGES else None

@@ -118,6 +118,12 @@ class Settings:
     # Candidate labels (or texts) per Classify/Embed call.
     max_labels: int = 256
     worker_threads: int = 4
+    # The inference stage's niceness, applied when it starts (os.nice; every thread it makes,
+    # the model's included, inherits it). On one host (`inferline up`), a higher one lets the
+    # short stages beside it (decode, NMS, the controller) preempt the model's threads when they
+    # wake, instead of waiting out its spinning; the model still gets every idle cycle. Nothing
+    # changes under Kubernetes, where each stage's pod is its own cgroup. 0: unchanged.
+    inference_nice: int = 0
     # Where the preprocess stage decodes and letterboxes JPEGs: "opencv" (CPU, bit-exact with
     # ultralytics), "cuda" / "cuda:N" (nvJPEG and torch on that GPU), or "torch-cpu" (the GPU
     # path's code on the CPU, for testing it without a GPU). Needs torch unless "opencv".

@@ -66,6 +66,8 @@ from inferline.services.controller.stages import StageWatcher
 Response = TypeVar("Response")
 log = logging.getLogger(__name__)
 TRANSPORTS = ("auto", "cuda", "shm", "inline")
+# Where a request's tensors lie, by id of the array: (on the device pool, byte offset in its pool).
+Places = dict[int, tuple[bool, int]]
 # OIP's tensor parameters for the system shared-memory extension.
 SHM_REGION, SHM_OFFSET, SHM_BYTE_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
 
@@ -147,7 +149,8 @@ class SharedTensors:
         self.pool: ShmPool | None = None
         self.device: DevicePool | None = None
         self.preprocess_shares = self.inference_shares = settings.tensor_transport != "inline"
-        self.preprocess_shares_device = self.inference_shares_device = settings.tensor_transport in ("auto", "cuda")
+        # Until that stage refuses the device pool (which exists only when ``open`` made one).
+        self.preprocess_shares_device = self.inference_shares_device = True
         self._inference = inference
         self._call = call
         self._registered = self._device_registered = False
@@ -176,7 +179,6 @@ class SharedTensors:
         ``auto`` when INFERLINE_PREPROCESS_DEVICE names a GPU and this process can export memory."""
         transport, where = self.settings.tensor_transport, self.settings.preprocess_device
         if transport != "cuda" and not (transport == "auto" and where.startswith("cuda")):
-            self.preprocess_shares_device = self.inference_shares_device = False
             return
         device_id = int(where.partition(":")[2] or 0) if where.startswith("cuda") else 0
         try:
@@ -185,7 +187,6 @@ class SharedTensors:
             if transport == "cuda":
                 raise ConfigError(f"INFERLINE_TENSOR_TRANSPORT=cuda but the device pool failed: {exc}") from exc
             log.info("preprocessed tensors leave the GPU between stages: the device pool failed: %s", exc)
-            self.preprocess_shares_device = self.inference_shares_device = False
 
     def lease(self, items: int) -> Lease | None:
         """Room for ``items`` preprocessed images: on the device, else in shm, else None (inline)."""
@@ -498,22 +499,24 @@ class GrpcInference:
         self, model: ModelInfo, items: Sequence[Inputs], min_score: float, deadline: Deadline
     ) -> list[Outcome[Outputs]]:
         groups = _groups(model, items)
-        located = [o for item in items for a in item.values() if (o := self.shared.locate(a)) is not None]
+        # Each tensor's place in a pool, found once: by id, as the items hold the arrays until
+        # this call ends.
+        places = {id(a): o for item in items for a in item.values() if (o := self.shared.locate(a)) is not None}
         try:
             answers = await asyncio.gather(
-                *(self._run_group(model, [items[k] for k in group], min_score, deadline) for group in groups)
+                *(self._run_group(model, [items[k] for k in group], min_score, deadline, places) for group in groups)
             )
         finally:
             # Answered, failed or cancelled (maybe before a group's call began): these tensors
             # are read or never will be.
-            self.shared.consumed(located)
+            self.shared.consumed(list(places.values()))
         outcomes: dict[int, Outcome[Outputs]] = {}
         for group, results in zip(groups, answers, strict=True):
             outcomes.update(zip(group, results, strict=True))
         return [outcomes[k] for k in range(len(items))]
 
     def _request(
-        self, model: ModelInfo, items: Sequence[Inputs], min_score: float, shm: bool, cuda: bool
+        self, model: ModelInfo, items: Sequence[Inputs], min_score: float, shm: bool, cuda: bool, places: Places
     ) -> tuple[grpc_service_pb2.ModelInferRequest, int, str]:
         """The ModelInfer for ``items``, with an input by reference to a pool when the stage has
         it registered (``shm``, ``cuda``) and its items' tensors lie there back to back (one
@@ -523,7 +526,7 @@ class GrpcInference:
         by_handle, transport = 0, "shm"
         for name in items[0]:
             arrays = [item[name] for item in items] if batched else [items[0][name]]
-            where = self._contiguous(arrays, shm, cuda)
+            where = self._contiguous(arrays, shm, cuda, places)
             if where is None:
                 # np.asarray copies a tensor of the device pool to the host (the stage cannot open it).
                 array = np.stack([np.asarray(a) for a in arrays]) if batched else np.asarray(arrays[0])
@@ -545,10 +548,12 @@ class GrpcInference:
             request.parameters[oip.MIN_SCORE].double_param = min_score
         return request, by_handle, transport
 
-    def _contiguous(self, arrays: Sequence[np.ndarray | DeviceTensor], shm: bool, cuda: bool) -> tuple[str, int] | None:
+    def _contiguous(
+        self, arrays: Sequence[np.ndarray | DeviceTensor], shm: bool, cuda: bool, places: Places
+    ) -> tuple[str, int] | None:
         """The region and offset of the first array when all lie one right after another in a
         pool the stage has registered, else None."""
-        located = [self.shared.locate(a) for a in arrays]
+        located = [places.get(id(a)) for a in arrays]
         if located[0] is None:
             return None
         on_device, first = located[0]
@@ -563,7 +568,7 @@ class GrpcInference:
         return pool.name, first
 
     async def _infer(
-        self, model: ModelInfo, items: Sequence[Inputs], min_score: float, deadline: Deadline
+        self, model: ModelInfo, items: Sequence[Inputs], min_score: float, deadline: Deadline, places: Places
     ) -> tuple[grpc_service_pb2.ModelInferResponse, int, str]:
         """One ModelInfer for ``items``, by shared-memory handle where the stage has the pool.
 
@@ -573,13 +578,13 @@ class GrpcInference:
         register to one, the call to another), so the call goes inline, the tensors being in
         the controller's own mapping, and a later call registers again. Returns the response,
         how many items went by handle, and by which pool (shm or cuda)."""
-        places = {where[0] for item in items for a in item.values() if (where := self.shared.locate(a)) is not None}
+        pools = {where[0] for item in items for a in item.values() if (where := places.get(id(a))) is not None}
         attempts = ("by handle", "by handle, pool registered again", "inline")
         for attempt in attempts:
             handles = attempt != "inline"
-            shm = handles and False in places and await self.shared.registered(deadline)
-            cuda = handles and True in places and await self.shared.registered_device(deadline)
-            request, by_handle, transport = self._request(model, items, min_score, shm, cuda)
+            shm = handles and False in pools and await self.shared.registered(deadline)
+            cuda = handles and True in pools and await self.shared.registered_device(deadline)
+            request, by_handle, transport = self._request(model, items, min_score, shm, cuda, places)
             try:
                 return await self._call(self._stub.ModelInfer, request, deadline), by_handle, transport
             except ModelNotFound as exc:
@@ -588,11 +593,11 @@ class GrpcInference:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _run_group(
-        self, model: ModelInfo, items: Sequence[Inputs], min_score: float, deadline: Deadline
+        self, model: ModelInfo, items: Sequence[Inputs], min_score: float, deadline: Deadline, places: Places
     ) -> list[Outcome[Outputs]]:
         batched = model.max_batch_size > 0
         try:
-            response, by_handle, transport = await self._infer(model, items, min_score, deadline)
+            response, by_handle, transport = await self._infer(model, items, min_score, deadline, places)
             _count("inference", by_handle, len(items), transport)
         except (StageUnavailable, DeadlineExceeded, Overloaded):
             raise  # the stage's state, not these items': the whole call fails, as before OIP

@@ -59,8 +59,13 @@ class LocalInference:
     async def infer(
         self, model: ModelInfo, items: Sequence[Inputs], min_score: float, deadline: Deadline
     ) -> list[Outcome[Outputs]]:
-        # In this process the preprocessed tensors are host arrays (no device pool between stages).
-        host = [{name: np.asarray(array) for name, array in item.items()} for item in items]
+        # In this process the preprocessed tensors are host arrays (no device pool between
+        # stages); a device tensor, should one come, is read to the host.
+        host = [
+            item if all(isinstance(a, np.ndarray) for a in item.values())
+            else {name: np.asarray(array) for name, array in item.items()}
+            for item in items
+        ]
         return await self._service.infer(
             model.name, model.version, host, min_score, deadline.remaining("inference")
         )

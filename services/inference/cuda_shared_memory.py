@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from inferline.common.cuda_regions import CudaIpcOpener, CudaShmRegistry, IpcOpener, OpenedRegion
+from inferline.common.cuda_regions import CudaIpcOpener, CudaShmRegistry, IpcOpener, OpenedRegion, RegionTensor
 from inferline.common.errors import InvalidInput, quoted
 from inferline.common.shm import SharedMemoryRegistry
 
@@ -43,9 +43,13 @@ class SharedRegions:
         if not self.cuda.has(name):
             self.system.status(name)
 
-    def read(self, name: str, offset: int, byte_size: int, what: str) -> memoryview:
+    def input(
+        self, name: str, offset: int, byte_size: int, what: str, dtype: np.dtype, shape: tuple[int, ...]
+    ) -> memoryview | RegionTensor:
+        """An input by reference: the bytes of a system region (a view of its mapping), or a
+        CUDA region's tensor left on its device (the backend copies it there, or to the host)."""
         if self.cuda.has(name):
-            return self.cuda.read(name, offset, byte_size, what)
+            return self.cuda.typed(name, offset, byte_size, what, dtype, shape)
         return self.system.read(name, offset, byte_size, what)
 
     def write(self, name: str, offset: int, byte_size: int, array: np.ndarray, what: str) -> None:

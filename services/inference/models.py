@@ -23,9 +23,11 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from inferline.common.cuda_regions import stack_on_device
 from inferline.common.errors import ConfigError, InferlineError, InvalidInput, ModelNotFound, ModelNotReady, quoted
 from inferline.common.recipes import Recipe
 from inferline.common.settings import Settings
@@ -41,6 +43,7 @@ from inferline.common.telemetry.metrics import (
 from inferline.common.tensors import numpy_dtype
 from inferline.services.inference.backends import Backend, load_backend
 from inferline.services.inference.batching import BatchingConfig, DynamicBatcher
+from inferline.services.inference.filters import Shrink
 from inferline.services.inference.repository import (
     BUILTIN_REPOSITORY,
     CONFIG_FILE,
@@ -57,6 +60,16 @@ log = logging.getLogger(__name__)
 
 Item = Mapping[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
+
+
+class Filtered(dict):
+    """An item's inputs and the candidate filter its outputs go through (its request's
+    ``min_score`` bound): what carries a request's filter through the batcher into the pass,
+    where items of several requests share one batch."""
+
+    def __init__(self, inputs: Item, shrink: Shrink):
+        super().__init__(inputs)
+        self.shrink = shrink
 
 
 MODES = ("none", "explicit", "poll")
@@ -123,13 +136,30 @@ class LoadedModel:
         (ONNX Runtime) gives it every core, where parallel passes get one thread each."""
         return self._pass(items, self.backend.run_alone)  # type: ignore[attr-defined]  # only given when it has one
 
-    def _pass(self, items: list[Item], forward: Callable[[Mapping[str, np.ndarray]], list[Outputs]]) -> list[Outputs]:
+    def _pass(self, items: list[Item], forward: Callable[..., list[Outputs]]) -> list[Outputs]:
         started = time.perf_counter()
-        batch = {spec.name: np.stack([item[spec.name] for item in items]) for spec in self.config.inputs}
+        batch = {spec.name: self._stack([item[spec.name] for item in items]) for spec in self.config.inputs}
         stacked = time.perf_counter()
-        outputs = forward(batch)
+        shrinks = [getattr(item, "shrink", None) for item in items]
+        if not any(shrinks):
+            outputs = forward(batch)
+        elif getattr(self.backend, "shrinks_outputs", False):
+            # Filtered where the outputs lie (on a GPU: before the copy to the host).
+            outputs = forward(batch, shrinks)
+        else:
+            outputs = [out if s is None else s(out) for out, s in zip(forward(batch), shrinks, strict=True)]
         self.stats.pass_ran(len(items), stacked - started, time.perf_counter() - stacked)
         return outputs
+
+    def _stack(self, arrays: list[Any]) -> Any:
+        """The items' tensors as one batch: on their device when they lie in CUDA regions and the
+        backend takes device tensors (``takes_device_tensors``), so they never visit the host;
+        else a host array (``np.stack`` copies a region's tensor out)."""
+        if getattr(self.backend, "takes_device_tensors", False):
+            on_device = stack_on_device(arrays)
+            if on_device is not None:
+                return on_device
+        return np.stack(arrays)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -284,11 +314,17 @@ class ModelManager:
         return [self._models[name] for name in sorted(self._models)]
 
     async def infer(
-        self, name: str, version: str, items: Sequence[Item | Exception], timeout: float | None = None
+        self,
+        name: str,
+        version: str,
+        items: Sequence[Item | Exception],
+        timeout: float | None = None,
+        shrink: Shrink | None = None,
     ) -> list[Outputs | Exception]:
         """Runs every valid item through the model's dynamic batcher, with the caller's deadline.
 
-        Items of one input shape batch together, also with other requests' items.
+        Items of one input shape batch together, also with other requests' items. ``shrink``:
+        the request's candidate filter, which each of its items' outputs go through in the pass.
         """
         model = self.get(name, version)
         started = time.perf_counter()
@@ -303,7 +339,7 @@ class ModelManager:
             except InvalidInput as exc:
                 results[index] = exc
                 continue
-            valid[index] = item
+            valid[index] = item if shrink is None else Filtered(item, shrink)
         try:
             if valid:
                 keyed = [(tuple((k, item[k].shape) for k in sorted(item)), item) for item in valid.values()]

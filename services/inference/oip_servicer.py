@@ -30,7 +30,7 @@ from inferline.common.generated import grpc_service_pb2, grpc_service_pb2_grpc, 
 from inferline.common.model_info import PARAMETER_KEYS, ModelInfo, TensorInfo
 from inferline.common.oip import MIN_SCORE
 from inferline.common.oip_stream import stream_infer
-from inferline.services.inference.cuda_shared_memory import SharedRegions
+from inferline.services.inference.cuda_shared_memory import RegionTensor, SharedRegions
 from inferline.services.inference.models import LoadedModel
 from inferline.services.inference.oip_repository import RepositoryServicer
 from inferline.services.inference.service import Inference, model_info
@@ -205,8 +205,11 @@ def _shm_parameters(
     return region.string_param, integer(SHM_OFFSET, False), integer(SHM_BYTE_SIZE, True)
 
 
-def _shared_inputs(request: grpc_service_pb2.ModelInferRequest, regions: SharedRegions) -> dict[str, memoryview]:
-    """The inputs the request puts in shared memory, as read-only views of their regions."""
+def _shared_inputs(
+    request: grpc_service_pb2.ModelInferRequest, regions: SharedRegions
+) -> dict[str, memoryview | RegionTensor]:
+    """The inputs the request puts in shared memory: read-only views of system regions, tensors
+    left on the device for CUDA ones."""
     shared = {}
     for tensor in request.inputs:
         what = f"input {quoted(tensor.name)}"
@@ -223,7 +226,7 @@ def _shared_inputs(request: grpc_service_pb2.ModelInferRequest, regions: SharedR
                 f"{what}: shape {quoted(list(tensor.shape))} of {tensor.datatype} needs {needed} bytes, "
                 f"but {SHM_BYTE_SIZE} is {byte_size}"
             )
-        shared[tensor.name] = regions.read(region, offset, byte_size, what)
+        shared[tensor.name] = regions.input(region, offset, byte_size, what, dtype, tuple(tensor.shape))
     return shared
 
 

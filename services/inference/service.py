@@ -17,7 +17,7 @@ from inferline.common.model_info import ModelInfo, TensorInfo, WeightsInfo
 from inferline.common.settings import Settings
 from inferline.common.shm import SharedMemoryRegistry
 from inferline.services.inference.cuda_shared_memory import CudaShmRegistry
-from inferline.services.inference.filters import candidate_filter
+from inferline.services.inference.filters import shrink_for
 from inferline.services.inference.models import LoadedModel, ModelManager, ModelStatus
 
 
@@ -73,13 +73,12 @@ class Inference:
         if not items:
             raise InvalidInput("no items in the request: give each item's input tensors")
         at_most(len(items), self.settings.max_regions, "items", "INFERLINE_MAX_REGIONS")
-        outputs = await self.manager.infer(
-            name, version, list(items), timeout
+        # The filter runs in the forward pass, per item: on the model's device when the backend
+        # can (only the candidates are copied to the host), else on the host right after it.
+        shrink = shrink_for(model.config.candidate_filter, min_score)
+        return await self.manager.infer(
+            name, version, list(items), timeout, shrink
         )  # read once: a LazySequence converts at each read
-        shrink = candidate_filter(model.config.candidate_filter) if min_score > 0 else None
-        if shrink is not None:
-            outputs = [o if isinstance(o, Exception) else shrink(o, min_score) for o in outputs]
-        return outputs
 
     async def load(self) -> None:
         await asyncio.to_thread(self.manager.load_all)

@@ -26,5 +26,5 @@ def build_service(settings: Settings) -> Service:
     routes = profile_route(settings.profile_dir, enabled=settings.profiling)
     return Service(
         "inference", register, inference.load, inference.close,
-        servicer=servicer, domain=inference, routes=routes, gpu_metrics=True,
+        servicer=servicer, domain=inference, routes=routes, gpu_metrics=True, nice=settings.inference_nice,
     )

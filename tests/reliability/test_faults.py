@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,7 @@ BEHIND_CONTROLLER = [stage for stage in START_ORDER if stage != "controller"]
 # How late the controller may notice a change of a stage: its poll interval (set below) plus one
 # refused health check.
 READINESS_LAG_S = 1.0
+POLL_S = 0.2  # the controller's readiness poll in these stacks
 
 
 @dataclass
@@ -115,7 +116,7 @@ def _env(model_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]
         INFERLINE_LOG_LEVEL="WARNING",
         INFERLINE_GRACE_PERIOD_S="10",
         INFERLINE_DRAIN_DELAY_S="0.5",
-        INFERLINE_READINESS_POLL_S="0.2",
+        INFERLINE_READINESS_POLL_S=str(POLL_S),
         INFERLINE_RESTART_BACKOFF_S="0.2",
         INFERLINE_WORKER_THREADS="1",
         **(extra or {}),
@@ -146,6 +147,20 @@ def _health(stub: health_pb2_grpc.HealthStub, service: str = "", wait_for_ready:
     except grpc.RpcError as exc:
         return exc.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def _spells(samples: list[tuple[float, str, str, str]], bad: Callable[[tuple[float, str, str, str]], bool]):
+    """The runs of consecutive samples for which ``bad`` holds."""
+    spells: list[list[tuple[float, str, str, str]]] = []
+    previous = False
+    for sample in samples:
+        now = bad(sample)
+        if now:
+            if not previous:
+                spells.append([])
+            spells[-1].append(sample)
+        previous = now
+    return spells
 
 
 def _restarted(stack: LocalStack, name: str, before: int) -> None:
@@ -275,10 +290,15 @@ def test_kill_9_of_a_stage_is_back_and_answering_within_its_load_time_plus_5s(
         # end within READINESS_LAG_S of the kill, so any sample after the kill counts here ...
         gone = [s for s in health.samples if s[0] >= killed and s[1] == "NOT_SERVING"]
         assert gone, "the controller never reported the inference stage gone"
-        # ... while a SERVING right after the kill is the poll lag, not a lie.
+        # ... while a SERVING right after the kill is the poll lag, not a lie; so is a moment's
+        # disagreement later (the controller's view is one poll old, and the sampler's re-ask
+        # waits for its own connection): a lie is a spell that outlasts one poll and one check.
         after_kill = [s for s in health.samples if s[0] >= killed + READINESS_LAG_S]
-        ready_too_early = [s for s in after_kill if s[3] != "SERVING" and "SERVING" in (s[1], s[2])]
-        assert ready_too_early == [], "the controller was SERVING while the inference stage was not"
+        lies = _spells(after_kill, lambda s: s[3] != "SERVING" and "SERVING" in (s[1], s[2]))
+        timeline = [(round(s[0] - killed, 2), *s[1:]) for s in health.samples if s[0] >= killed]
+        assert all(spell[-1][0] - spell[0][0] < POLL_S + 0.3 for spell in lies), (
+            f"the controller was SERVING while the inference stage was not: {lies}; since the kill: {timeline}"
+        )
         assert serving_again, f"the controller did not report SERVING again: {health.samples[-1][1:]}"
 
 

@@ -25,10 +25,15 @@ from tritonclient.utils import InferenceServerException
 
 from inferline.common import cuda_regions
 from inferline.common.cuda_ipc import IPC_HANDLE_BYTES, CudaUnavailable
+from inferline.common.cuda_regions import stack_on_device
 from inferline.common.errors import InvalidInput, Overloaded
+from inferline.common.settings import Settings
 from inferline.common.shm import RegionExists, RegionNotFound
-from inferline.services.inference import cuda_shared_memory
+from inferline.services.inference import cuda_shared_memory, models
+from inferline.services.inference.backends import load_backend
 from inferline.services.inference.cuda_shared_memory import CudaShmRegistry, OpenedRegion
+from inferline.services.inference.repository import BUILTIN_REPOSITORY, load_config
+from inferline.services.inference.weights import ResolvedWeights
 from tests.support.servers import LoopThread, RunningServer, start_stage
 
 IMAGE = np.random.default_rng(16).integers(0, 256, size=(1, 3, 64, 64), dtype=np.uint8)
@@ -126,6 +131,34 @@ def test_without_cuda_register_says_why_and_nothing_else_is_checked(monkeypatch)
     assert regions.status() == []
 
 
+def test_an_input_in_a_cuda_region_is_a_typed_view_that_stays_where_it_lies():
+    """What a backend that takes device tensors gets: no copy until the batch is stacked on the
+    device; a host copy only when asked for (np.asarray)."""
+    handle, memory = CpuIpc.export(64)
+    values = np.arange(8, dtype=np.float32).reshape(2, 4)
+    memory[8:40] = torch.from_numpy(values.reshape(-1).view(np.uint8))
+    regions = _registry()
+    regions.register("r", handle, 0, 64)
+
+    batch = regions.typed("r", 8, 32, "input 'x'", np.dtype(np.float32), (2, 4))
+    second = batch[1]
+    assert (second.shape, second.dtype, second.nbytes) == ((4,), np.float32, 16)
+    assert second.torch().tolist() == [4.0, 5.0, 6.0, 7.0]
+    assert second.torch().data_ptr() == memory[24:].data_ptr(), "a view of the region, not a copy"
+    assert batch[-2].torch().tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert np.asarray(batch).tolist() == values.tolist()
+    with pytest.raises(IndexError, match="outside the first dimension of size 2"):
+        batch[2]
+
+    stacked = stack_on_device([batch[0], batch[1]])
+    assert stacked is not None and torch.equal(stacked, torch.from_numpy(values))
+    memory[8:12] = 0
+    assert stacked[0, 0] == 0.0, "the stack is a copy: the region may be reused once it is made"
+    assert stack_on_device([batch[0], values[1]]) is None, "a host item: the batch is stacked on the host"
+    with pytest.raises(InvalidInput, match="cannot be read from a CUDA region"):
+        regions.typed("r", 0, 8, "input 'x'", np.dtype(object), (1,))
+
+
 # Through a real stage: the stand-in replaces only cudaIpcOpenMemHandle.
 
 
@@ -191,6 +224,40 @@ def test_inputs_from_and_outputs_into_cuda_regions_equal_the_raw_bytes_path(clie
     assert shape.tolist() == plain.as_numpy("output0__shape").reshape(-1).tolist()
     listed = client.get_cuda_shared_memory_status(as_json=True)["regions"]
     assert {n: int(r["byte_size"]) for n, r in listed.items()} == {"input": IMAGE.nbytes, "output": 64 * 1024}
+
+
+def test_an_input_in_a_cuda_region_reaches_the_model_without_a_trip_through_the_host(client, monkeypatch):
+    """The batch is stacked where the region lies and fed from there: on a GPU, the tensor the
+    preprocess stage wrote never leaves the device (here the stand-in's CPU tensors)."""
+    host_copies, stacks = [], []
+    to_host = cuda_regions.RegionTensor.__array__
+    monkeypatch.setattr(cuda_regions.RegionTensor, "__array__",
+                        lambda self, *a, **k: host_copies.append(self) or to_host(self, *a, **k))
+    stack = models.stack_on_device
+    monkeypatch.setattr(models, "stack_on_device", lambda arrays: stacks.append(r := stack(arrays)) or r)
+    tensor = triton.InferInput("images", list(IMAGE.shape), "UINT8")
+    tensor.set_data_from_numpy(IMAGE)
+    plain = client.infer("yolov8n", [tensor]).as_numpy("output0")
+
+    source = _register(client, "input", IMAGE.nbytes)
+    source.copy_(torch.from_numpy(IMAGE.reshape(-1)))
+    inputs, _ = _shm_request()
+    shared = client.infer("yolov8n", inputs).as_numpy("output0")
+
+    assert shared.tobytes() == plain.tobytes()
+    assert host_copies == []
+    assert [type(s) for s in stacks] == [type(None), torch.Tensor], "the plain request stacks on the host"
+
+
+def test_the_torch_backend_takes_a_batch_on_its_device_as_it_takes_host_arrays(yolo_weights):
+    config = load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml")
+    config = dataclasses.replace(config, backend="torch", parameters={})
+    backend = load_backend(config, ResolvedWeights(path=yolo_weights, sha256="", official=False), Settings())
+    assert backend.takes_device_tensors
+    images = np.repeat(IMAGE, 2, axis=0)
+    from_host = backend.run({"images": images})
+    on_device = backend.run({"images": torch.from_numpy(images.copy())})
+    assert [o["output0"].tobytes() for o in on_device] == [o["output0"].tobytes() for o in from_host]
 
 
 def test_misuse_of_cuda_regions_is_refused_and_the_stage_serves_on(client):
@@ -286,3 +353,29 @@ def test_a_client_process_shares_device_memory_with_the_stage_by_cuda_ipc(settin
     finally:
         server.stop()
         loop.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_the_gpu_a_batch_from_regions_feeds_the_model_where_it_lies(yolo_weights, settings):
+    """Torch takes the stacked batch on its device; ONNX Runtime's CUDA provider binds it by its
+    device pointer (when onnxruntime-gpu is installed). Both answer as from host arrays."""
+    import onnxruntime as ort  # noqa: PLC0415 - only on a GPU machine
+
+    memory = torch.from_numpy(np.repeat(IMAGE, 2, axis=0).reshape(-1)).cuda()
+    size = IMAGE.nbytes
+    items = [cuda_regions.RegionTensor(memory[i * size : (i + 1) * size], np.dtype(np.uint8), IMAGE.shape[1:])
+             for i in range(2)]
+    batch = stack_on_device(items)
+    assert batch is not None and batch.is_cuda
+    config = load_config(BUILTIN_REPOSITORY / "yolov8n" / "config.yaml")
+    layouts = [dataclasses.replace(config, backend="torch", parameters={})]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        layouts.append(config)
+    for layout in layouts:
+        backend = load_backend(layout, ResolvedWeights(path=yolo_weights, sha256="", official=False),
+                               dataclasses.replace(settings, device="cuda"))
+        from_host = backend.run({"images": np.repeat(IMAGE, 2, axis=0)})
+        on_device = backend.run({"images": batch})
+        for ours, ref in zip(on_device, from_host, strict=True):
+            np.testing.assert_allclose(ours["output0"], ref["output0"], rtol=1e-4, atol=1e-3)

@@ -211,3 +211,31 @@ def test_sigterm_drains_the_call_in_flight_then_exits_cleanly():
     finally:
         if process.poll() is None:
             process.kill()
+
+
+_NICE_CHILD = """
+import os, threading
+from inferline.common.server import lower_priority
+from inferline.common.settings import Settings
+from inferline.services.inference.servicer import build_service
+
+service = build_service(Settings.from_env())
+before = os.getpriority(os.PRIO_PROCESS, 0)
+lower_priority(service)
+seen = []
+later = threading.Thread(target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, 0)))
+later.start(); later.join()
+print(service.nice, os.getpriority(os.PRIO_PROCESS, 0) - before, seen[0] - before)
+"""
+
+
+def test_the_inference_stage_starts_at_its_niceness_and_its_later_threads_inherit_it(tmp_path):
+    """INFERLINE_INFERENCE_NICE: the model's threads, made after the start, yield to the short
+    stages' wake-ups on a shared host. In a child process: niceness cannot be taken back."""
+    env = {"INFERLINE_INFERENCE_NICE": "5", "INFERLINE_MODELS": "", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", _NICE_CHILD], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["5", "5", "5"]
+    unchanged = subprocess.run([sys.executable, "-c", _NICE_CHILD], env={**env, "INFERLINE_INFERENCE_NICE": "0"},
+                               capture_output=True, text=True, timeout=120)
+    assert unchanged.stdout.split() == ["0", "0", "0"], unchanged.stderr[-2000:]

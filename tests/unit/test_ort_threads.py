@@ -142,3 +142,24 @@ def test_the_batch_limit_lowers_the_config_never_raises_it_and_leaves_no_batchin
     assert batch_limit(4, 16) == 4
     assert batch_limit(0, 1) == 0  # a model without a batch dimension
     assert batch_limit(8, 0) == 8
+
+
+
+def _spin_stop(session) -> str:
+    return session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+
+
+def test_the_lone_pass_threads_spin_on_after_it_by_default(yolo_config, yolo_onnx):
+    """ORT's own behaviour: stopping the spinners when the pass returns was measured slower at
+    one client on a 2-core VM (bench/results/compare-cpu-2026-12-02-spinstop.md), the spinning
+    cores waking the next stage sooner."""
+    backend = _backend(yolo_config, yolo_onnx, "threads-spin", intra_op_threads=1, alone_intra_op_threads=2)
+    assert backend._alone is not None
+    assert backend._alone.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert _spin_stop(backend._alone) == "0"
+
+
+def test_stopping_the_spinners_when_a_pass_returns_is_a_setting(yolo_config, yolo_onnx):
+    backend = _backend(yolo_config, yolo_onnx, "threads-spin-stop", intra_op_threads=1, alone_intra_op_threads=2,
+                       force_spinning_stop=True)
+    assert backend._alone is not None and _spin_stop(backend._alone) == "1"

@@ -4,7 +4,12 @@ Config ``parameters``: ``providers`` (list, default CUDA then CPU when the devic
 and CUDA is available, else CPU), ``graph_optimization_level`` (disable|basic|extended|all,
 default all), ``intra_op_threads`` / ``inter_op_threads`` (default ``settings.torch_threads``
 when > 0, else ORT's own), ``allow_spinning`` (default false; ``alone_allow_spinning``, default
-true, for the lone-pass session below), ``cpu_mem_arena`` (default false: ORT's CPU arena keeps
+true, for the lone-pass session below), ``force_spinning_stop`` (default false, ORT's own: a
+spinning session's threads spin on for a while after its last ``run`` returns; true stops them at
+once. Measured on the 2-core AMD VM, stopping them made a lone YOLOv8n request slower, 91 against
+84 ms p50 at one client, and changed nothing at eight: the spinners keep the vCPUs from halting,
+so the stages that come next wake faster; bench/results/compare-cpu-2026-12-02-spinstop.md),
+``cpu_mem_arena`` (default false: ORT's CPU arena keeps
 each session's largest batch's buffers for good, 580 MiB idle after batches up to 16 against
 101 MiB without it, at the same speed), ``cpu_max_batch_size`` (none by default: on the CPU
 provider, the most items one pass takes; one ORT thread's cost per YOLOv8n image grows with the
@@ -46,6 +51,7 @@ from inferline.common.settings import Settings
 from inferline.common.telemetry.metrics import INTRA_OP_THREADS
 from inferline.services.inference.backends import BACKENDS, Backend, load_backend
 from inferline.services.inference.backends.providers import with_tensorrt
+from inferline.services.inference.filters import Shrink
 from inferline.services.inference.repository import ModelConfig
 from inferline.services.inference.weights import ResolvedWeights
 
@@ -89,6 +95,12 @@ def usable_cores() -> int:
 
 
 class OnnxRuntimeBackend:
+    # Inputs may come as torch tensors on a device (read from a CUDA region by handle): bound
+    # by their device pointer on the CUDA provider, read in place on the CPU one.
+    takes_device_tensors = True
+    # ``run`` applies the items' candidate filters itself: on the device with the CUDA provider.
+    shrinks_outputs = True
+
     def __init__(
         self,
         session: ort.InferenceSession,
@@ -107,6 +119,9 @@ class OnnxRuntimeBackend:
         self._output_names = [spec.name for spec in config.outputs]
         self.providers = tuple(session.get_providers())
         self.on_cuda = self.providers[:1] == (CUDA,)
+        # Where IO binding puts the pass's inputs and outputs (the CUDA provider's device); None:
+        # a plain ``run`` on host arrays.
+        self._bound: tuple[str, int] | None = ("cuda", 0) if self.on_cuda else None
         self.one_at_a_time = session.get_inputs()[0].shape[:1] == [1]
         # The batcher takes at most this many items a pass (None: the config's max_batch_size).
         self.max_useful_batch: int | None = None if self.on_cuda else cpu_max_batch
@@ -117,38 +132,79 @@ class OnnxRuntimeBackend:
         except (ValueError, TypeError) as exc:
             raise WeightsError(f"bad inferline metadata in the ONNX file: {exc}") from None
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def run(self, inputs: Mapping[str, Any], shrink: Sequence[Shrink | None] | None = None) -> list[dict[str, Any]]:
+        """One pass; ``shrink``: each item's candidate filter, applied on the device (CUDA
+        provider) so that only the kept candidates are copied to the host."""
         self._threads_gauge.set(self.threads)
-        return self._run(self._session, inputs)
+        return self._run(self._session, inputs, shrink)
 
-    def run_alone(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def run_alone(
+        self, inputs: Mapping[str, Any], shrink: Sequence[Shrink | None] | None = None
+    ) -> list[dict[str, Any]]:
         """A pass with no other beside it: on the session with every core, when there is one."""
         if self._alone is None:
-            return self.run(inputs)
+            return self.run(inputs, shrink)
         self._threads_gauge.set(self.alone_threads)
-        return self._run(self._alone, inputs)
+        return self._run(self._alone, inputs, shrink)
 
-    def _run(self, session: ort.InferenceSession, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def _run(
+        self, session: ort.InferenceSession, inputs: Mapping[str, Any], shrink: Sequence[Shrink | None] | None
+    ) -> list[dict[str, Any]]:
         batch = len(next(iter(inputs.values())))
+        keep: list[Shrink | None] = list(shrink) if shrink is not None else [None] * batch
         if self.one_at_a_time and batch > 1:
             # A graph exported for one item per run (torchvision detectors): run the items in turn.
-            return [self._run(session, {name: a[i : i + 1] for name, a in inputs.items()})[0] for i in range(batch)]
-        feeds = {name: np.ascontiguousarray(a) for name, a in inputs.items()}
-        if self.on_cuda:
-            outputs = self._run_io_binding(session, feeds)
+            return [
+                self._run(session, {name: a[i : i + 1] for name, a in inputs.items()}, keep[i : i + 1])[0]
+                for i in range(batch)
+            ]
+        if self._bound is None:
+            outputs = session.run(self._output_names, {name: _host(a) for name, a in inputs.items()})
         else:
-            outputs = session.run(self._output_names, feeds)
-        return [{name: out[i] for name, out in zip(self._output_names, outputs, strict=True)} for i in range(batch)]
+            binding = self._run_io_binding(session, inputs, *self._bound)
+            if any(keep):
+                return self._shrunk_on_device(binding, batch, keep)
+            outputs = binding.copy_outputs_to_cpu()
+        items = [{name: out[i] for name, out in zip(self._output_names, outputs, strict=True)} for i in range(batch)]
+        return [item if k is None else k(item) for item, k in zip(items, keep, strict=True)]
 
-    def _run_io_binding(self, session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        # Inputs are copied to the GPU once; outputs stay on the device until the one copy back.
+    def _run_io_binding(
+        self, session: ort.InferenceSession, inputs: Mapping[str, Any], device: str, index: int
+    ) -> ort.IOBinding:
+        """The pass with its inputs and outputs bound on ``device`` ``index``: host inputs copied
+        there once, device inputs (torch tensors) bound where they lie, outputs left there."""
         binding = session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+        device_inputs = False
+        for name, array in inputs.items():
+            if _is_torch(array):
+                tensor = array.to(_torch_device(device, index)).contiguous()
+                binding.bind_input(name, device, index, _numpy_dtype(tensor), tuple(tensor.shape), tensor.data_ptr())
+                device_inputs = True
+            else:
+                host = np.ascontiguousarray(array)
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(host, device, index))
+        if device_inputs and device == "cuda":
+            # The stack was queued on torch's stream; ORT runs on its own, which does not wait for it.
+            import torch  # noqa: PLC0415 - a device tensor came, so torch is loaded
+
+            torch.cuda.current_stream(torch.device(device, index)).synchronize()
         for name in self._output_names:
-            binding.bind_output(name, "cuda", 0)
+            binding.bind_output(name, device, index)
         session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+        return binding
+
+    def _shrunk_on_device(self, binding: ort.IOBinding, batch: int, keep: list[Shrink | None]) -> list[dict[str, Any]]:
+        """Each item's outputs filtered where ORT left them (torch views of its values, by
+        DLPack), then only what is kept copied to the host."""
+        import torch  # noqa: PLC0415 - only for a filter on the device
+
+        values = [torch.from_dlpack(v) for v in binding.get_outputs()]
+        shrunk = []
+        for i, k in enumerate(keep):
+            item = {name: out[i] for name, out in zip(self._output_names, values, strict=True)}
+            kept = item if k is None else k(item)
+            shrunk.append({name: t.cpu().numpy() for name, t in kept.items()})
+        return shrunk
 
     def recipe_params(self) -> dict[str, float]:
         return dict(self._recipe_params)
@@ -156,6 +212,29 @@ class OnnxRuntimeBackend:
     def close(self) -> None:
         self._session = None
         self._alone = None
+
+
+def _is_torch(array: Any) -> bool:
+    """A torch tensor (from CUDA regions), told apart without importing torch in a stage that
+    never sees one."""
+    return type(array).__module__.startswith("torch")
+
+
+def _host(array: Any) -> np.ndarray:
+    """An input as a contiguous host array: a torch tensor on the CPU read in place, one on a
+    device copied over (the CPU provider reads only host memory)."""
+    if _is_torch(array):
+        return np.ascontiguousarray(array.cpu().numpy())
+    return np.ascontiguousarray(array)
+
+
+def _torch_device(device: str, index: int) -> str:
+    return "cpu" if device == "cpu" else f"{device}:{index}"
+
+
+def _numpy_dtype(tensor: Any) -> type:
+    """The numpy type of a torch tensor's elements, which ORT's ``bind_input`` takes."""
+    return tensor[:0].cpu().numpy().dtype.type
 
 
 @BACKENDS.register("onnxruntime")
@@ -180,6 +259,9 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
     # Without the arena a pass's buffers go back to malloc, which the idle trimmer returns to the
     # kernel (common/memory.py): idle RSS does not keep each overload's peak.
     arena = bool(params.get("cpu_mem_arena", False))
+    # Off by default: spinning on after a pass costs a core for a while, but measured it helps the
+    # next stage's wake-up more than it takes from it (see the docstring).
+    stop_spinning = bool(params.get("force_spinning_stop", False))
     path = weights.path
     if path.suffix != ".onnx":
         if CUDA not in providers and settings.device != "cpu" and _torch_sees_cuda():
@@ -212,7 +294,7 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
             log.warning("%s: cannot export %s here (%s is missing): serving with torch", config.name, path.name,
                         exc.name or exc)
             return load_backend(dataclasses.replace(config, backend="torch"), weights, settings)
-    session = _session(path, level, intra, inter, spinning, providers, arena)
+    session = _session(path, level, intra, inter, spinning, providers, arena, stop_spinning)
     alone, alone_threads = None, 0
     wanted = params.get("alone_intra_op_threads")
     if wanted is not None and CUDA not in providers:
@@ -222,7 +304,8 @@ def load_onnxruntime_backend(config: ModelConfig, weights: ResolvedWeights, sett
             # sections instead of sleeping and waking (33.5 against 37.3 ms a YOLOv8n pass on
             # two cores); the parallel single-thread sessions stay asleep when idle.
             alone_spinning = bool(params.get("alone_allow_spinning", True))
-            alone = _session(path, level, alone_threads, inter, alone_spinning, providers, arena)
+            alone = _session(path, level, alone_threads, inter, alone_spinning, providers, arena,
+                             stop_spinning)
     cpu_max_batch = params.get("cpu_max_batch_size")
     return OnnxRuntimeBackend(session, config, intra if intra > 0 else usable_cores(), alone, alone_threads,
                               int(cpu_max_batch) if cpu_max_batch is not None else None)
@@ -250,6 +333,7 @@ def _session(
     spinning: bool,
     providers: Sequence[str | tuple[str, dict[str, Any]]],
     arena: bool = False,
+    stop_spinning: bool = False,
 ) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = arena
@@ -260,6 +344,8 @@ def _session(
         options.inter_op_num_threads = inter
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    if spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1" if stop_spinning else "0")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files

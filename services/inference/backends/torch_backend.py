@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import importlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from inferline.common.registry import Registry
 from inferline.common.settings import Settings
 from inferline.services.inference.backends import BACKENDS
 from inferline.services.inference.backends.cuda_graphs import GraphedForward
+from inferline.services.inference.filters import Shrink
 from inferline.services.inference.repository import ModelConfig
 from inferline.services.inference.weights import ResolvedWeights
 
@@ -52,6 +53,11 @@ _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchBackend:
+    # Inputs may come as torch tensors already on a device (read from a CUDA region by handle).
+    takes_device_tensors = True
+    # ``run`` applies the items' candidate filters itself, before the outputs leave the device.
+    shrinks_outputs = True
+
     def __init__(self, model: TorchModel, device: torch.device, precision: str = "fp32"):
         self._model = model
         self.device = device
@@ -59,20 +65,31 @@ class TorchBackend:
         self.precision = precision
         self._autocast = _AUTOCAST.get(precision)
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def run(
+        self, inputs: Mapping[str, np.ndarray | torch.Tensor], shrink: Sequence[Shrink | None] | None = None
+    ) -> list[dict[str, np.ndarray]]:
+        """One forward pass; ``shrink``: each item's candidate filter, applied on the model's
+        device so that only the kept candidates are copied to the host."""
         with torch.inference_mode(), self._precision():
             tensors = {name: self._to_device(a) for name, a in inputs.items()}
-            return [
-                {name: _to_numpy(t) for name, t in item.items()}
-                for item in self._model.forward(tensors)
-            ]
+            items = self._model.forward(tensors)
+            if shrink is not None:
+                items = [
+                    item if keep is None else keep({name: _float32(t) for name, t in item.items()})
+                    for item, keep in zip(items, shrink, strict=True)
+                ]
+            return [{name: _to_numpy(t) for name, t in item.items()} for item in items]
 
     def _precision(self) -> contextlib.AbstractContextManager:
         if self._autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._autocast)
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+    def _to_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(array, torch.Tensor):
+            # A batch stacked on its device from CUDA regions: no host trip (none at all when
+            # it is this model's device).
+            return array.to(self.device, non_blocking=True)
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         if self.device.type == "cuda":
             # Page-locked staging lets the copy run asynchronously (DMA) on the current stream;
@@ -89,12 +106,17 @@ class TorchBackend:
             torch.cuda.empty_cache()
 
 
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """Half-precision outputs (autocast) go on the wire as float32, as the config declares."""
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision outputs (autocast) as float32, as the config declares them: what the wire
+    carries, and what a candidate filter compares, on the device or on the host alike."""
     tensor = tensor.detach()
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.float()
-    return tensor.to("cpu").numpy()
+    return tensor
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return _float32(tensor).to("cpu").numpy()
 
 
 @BACKENDS.register("torch")

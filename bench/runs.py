@@ -1,0 +1,67 @@
+"""What the benchmark scripts share: where the weights are, the environment a contender starts
+in, how a library's own loop is run, and what a report records so that a reader can rerun it.
+
+Kept in one place so that ``compare.py`` (CPU, side by side) and ``gpu.py`` (the device) cannot
+drift apart on how they find weights or start the references they are measured against.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+def model_dirs() -> list[str]:
+    """INFERLINE_MODEL_DIR's folders, else the shared stand-ins beside the checkout."""
+    raw = os.environ.get("INFERLINE_MODEL_DIR") or str(SHARED / "models")
+    return [part for part in raw.split(os.pathsep) if part]
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without thread pins, so each contender gets its own defaults."""
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def reference(
+    library: str, images: list[str], *, batch: int, duration: float, warmup: float, device: str, half: bool = False
+) -> dict:
+    """One library's own loop (``bench/reference.py``) in a fresh process: its report."""
+    command = [
+        sys.executable, str(REPO / "bench" / "reference.py"), library, "--images", *images,
+        "--model-dir", *model_dirs(), "--batch", str(batch),
+        "--duration", str(duration), "--warmup", str(warmup),
+        "--device", device, *(["--half"] if half else []),
+    ]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, env=clean_env())
+    if done.returncode:
+        raise SystemExit(f"bench/reference.py {library} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """The installed version of each of ``packages`` that is installed."""
+    found = {}
+    for package in packages:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def commit() -> str:
+    """The checkout's short commit, marked when the working tree differs from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    dirty = " (with uncommitted changes)" if git("status", "--porcelain") else ""
+    return git("rev-parse", "--short", "HEAD") + dirty
