@@ -110,6 +110,13 @@ def _assert_unprivileged_with_healthcheck(image: str, title: str) -> None:
 
 # --- PyTorch ---------------------------------------------------------------------------------
 
+# The first test of each class builds its image (several GB of wheels from a cold cache): the
+# build, not the test, sets the time. One CI run spent over 600 s (the suite's default limit) on
+# inference-torch's build alone; build_image's own limit is 3000 s.
+BUILD_TIMEOUT_S = 2400
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S)
 class TestPyTorchImage:
     """inference-torch: the PyTorch backend (torch, torchvision, ultralytics, open_clip)."""
 
@@ -138,6 +145,7 @@ class TestPyTorchImage:
 
 # --- CUDA ------------------------------------------------------------------------------------
 
+@pytest.mark.timeout(BUILD_TIMEOUT_S)
 class TestCudaImage:
     """inference-cuda on python:3.11-slim with CUDA and cuDNN from pip wheels, without a GPU."""
 
