@@ -10,7 +10,9 @@ apart says more about the drift than about the contenders):
 * references, each in a fresh process (bench/reference.py): ultralytics predict one image per
   call and batched, ultralytics' own ONNX export (``YOLO("yolov8n.onnx").predict``, one image per
   call), torchvision's Faster R-CNN loop, open_clip's image loop; and the model-forward limit
-  (usable cores / the CPU ms of one forward pass on one ONNX Runtime thread, measured here);
+  (usable cores / the CPU ms of one forward pass on one ONNX Runtime thread, measured here) beside
+  the forward ceiling (one such loop per usable core, all at once: what the cores really give to
+  forward passes that share nothing else);
 * the four-service pipeline (``inferline up`` as local processes) as it ships (ONNX Runtime on
   the cached export, threads following the load), with the PyTorch backend and dynamic batching,
   the same with the preprocessed tensors inline in the messages (``torch-inline``,
@@ -20,7 +22,7 @@ apart says more about the drift than about the contenders):
   without gRPC between the stages); each at concurrency 1, 8 and 32 with ``inferline bench``'s
   load generator (``services/loadgen.py``), with the model's busy share read from the stage's
   ``/metrics`` before and after (``model_busy``);
-* Faster R-CNN and CLIP through the pipeline at concurrency 8.
+* Faster R-CNN and CLIP through the pipeline at concurrency 1 and 8 (``--other-concurrency``).
 
 Beside throughput and latency it records where a request's time goes (each Detect answer's
 per-stage ``timings_ms``, ultralytics' own ``Results.speed``), checks that every YOLO variant
@@ -64,7 +66,7 @@ from inferline.services.inference.repository import BUILTIN_REPOSITORY
 from inferline.services.stack import START_ORDER, LocalStack, free_port_env, free_ports
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/runs.py, also when loaded by path
-from runs import REPO, SHARED, clean_env, commit, versions
+from runs import REPO, SHARED, clean_env, commit, references_at_once, versions
 from runs import reference as library_loop
 
 # The models the references run (bench/reference.py loads their weight files by these names).
@@ -85,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-references", action="store_true", help="pipeline contenders only")
     p.add_argument("--only", nargs="*", default=None, help="pipeline variants to run (default: all)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU run (references and INFERLINE_DEVICE)")
+    p.add_argument("--other-concurrency", type=int, nargs="+", default=[1, 8],
+                   help="concurrencies for Faster R-CNN and CLIP through the as-shipped stack")
     p.add_argument("--reference-batch", type=int, default=8, help="images per call of batched ultralytics predict")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every contender this many times, interleaved; report the medians")
@@ -183,6 +187,10 @@ def detection_counts(running: LocalStack, model: str, images: list[Path]) -> dic
     return counts
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def environment() -> dict:
     """What a reader needs to rerun and compare: the machine, the libraries, the commit."""
     cpu = platform.processor()
@@ -191,7 +199,7 @@ def environment() -> dict:
                     if line.startswith("model name")), cpu)
     return {
         "cpu": cpu,
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": usable_cores(),
         "versions": versions(("torch", "ultralytics", "torchvision", "open-clip-torch", "onnxruntime", "grpcio",
                               "numpy")),
         "commit": commit(),
@@ -235,6 +243,8 @@ VARIANTS = {
                 tensor_transport="inline"),
         Variant("default-nice", "four services, as shipped, the inference stage at niceness 10",
                 env=(("INFERLINE_INFERENCE_NICE", "10"),)),
+        Variant("default-arena", "four services, as shipped but with ONNX Runtime's CPU memory arena on",
+                parameters=(("cpu_mem_arena", True),)),
         Variant("default-spin-stop", "four services, as shipped but the lone pass's threads stop spinning after it",
                 parameters=(("force_spinning_stop", True),)),
     )
@@ -255,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     measured: list[dict] = []  # every round's rows
     loadavg_at_start = os.getloadavg()
     forwards: list[float] = []  # the forward pass's CPU ms per image, one per round
+    ceilings: list[float] = []  # images/s of one forward loop per core, all at once, one per round
     counts: dict[str, dict[str, int]] = {}  # contender -> boxes per image
 
     def record(family: str, contender: str, concurrency: int | None, batch: int, report: Mapping, round_: int) -> None:
@@ -284,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             reference_job("yolo", ULTRALYTICS_ONNX, "ultralytics-onnx", 1)
             jobs.append(lambda round_: forwards.append(
                 reference("forward", images, 1, args)["cpu_ms_per_image"]["reference"]))
+            # The same loop on every core at once: what the cores give to forward passes that
+            # share nothing else (the limit's arithmetic assumes they scale perfectly).
+            jobs.append(lambda round_: ceilings.append(sum(
+                report["img_per_s"] for report in references_at_once(
+                    "forward", images, usable_cores(), batch=1, duration=args.duration, warmup=args.warmup,
+                    device=args.device))))
         gpu = args.device != "cpu"
         label = "ultralytics predict, batched" + (", fp16" if gpu else "")
         reference_job("yolo", label, "ultralytics", args.reference_batch, half=gpu)
@@ -305,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                     report = drive(running, YOLO, paths, concurrency, args)
                     record("yolo", f"pipeline: {variant.label}", concurrency, 1, report, round_)
                 if variant.other_models:
-                    record("frcnn", f"pipeline: {variant.label}", 8, 1, drive(running, FRCNN, paths, 8, args), round_)
-                    record("clip", f"pipeline: {variant.label}", 8, 1, drive(running, CLIP, paths, 8, args), round_)
+                    for family, model in (("frcnn", FRCNN), ("clip", CLIP)):
+                        for concurrency in args.other_concurrency:
+                            report = drive(running, model, paths, concurrency, args)
+                            record(family, f"pipeline: {variant.label}", concurrency, 1, report, round_)
 
             jobs.append(pipeline_job)
         for round_ in range(1, args.rounds + 1):
@@ -317,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     forward_limit: dict | None = None
     if forwards:
         forward = statistics.median(forwards)
-        cores = environment()["usable_cores"]
+        cores = usable_cores()
         forward_limit = {"forward_cpu_ms_per_image": round(forward, 2), "cores": cores,
                          "img_per_s": round(cores * 1000 / forward, 2)}
     arguments = argv if argv is not None else sys.argv[1:]
@@ -328,6 +347,15 @@ def main(argv: list[str] | None = None) -> int:
         best = _best(rows, "yolo", "pipeline: four services")
         if best:
             summary["yolo_best_pipeline_vs_forward_limit"] = round(best["img_per_s"] / forward_limit["img_per_s"], 3)
+        if ceilings:
+            ceiling = statistics.median(ceilings)
+            summary["model_forward_ceiling"] = {
+                "processes": forward_limit["cores"], "img_per_s": round(ceiling, 2),
+                "vs_limit": round(ceiling / forward_limit["img_per_s"], 3),
+                "rounds_img_per_s": [round(c, 2) for c in ceilings],
+            }
+            if best:
+                summary["yolo_best_pipeline_vs_forward_ceiling"] = round(best["img_per_s"] / ceiling, 3)
         onnx_loop_row = _best(rows, "yolo", ULTRALYTICS_ONNX)
         default_c1 = next((r for r in rows if r["contender"] == f"pipeline: {VARIANTS['default'].label}"
                            and r["concurrency"] == 1), None)
@@ -428,6 +456,10 @@ def summarise(rows: list[dict]) -> dict:
         ours, theirs = _best(rows, family, "pipeline"), _best(rows, family, ref)
         if ours and theirs:
             summary[f"{family}_vs_reference"] = round(ours["img_per_s"] / theirs["img_per_s"], 2)
+        one = next((r for r in rows if r["family"] == family and r["contender"].startswith("pipeline")
+                    and r["concurrency"] == 1), None)
+        if one and theirs:
+            summary[f"{family}_c1_p50_vs_reference"] = round(one["p50_ms"] / theirs["p50_ms"], 2)
     if BASELINE.is_file():
         baseline = json.loads(BASELINE.read_text())
         summary["issue3_baseline_note"] = baseline.get("summary", baseline.get("ratios", "see " + BASELINE.name))

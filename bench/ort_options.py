@@ -59,6 +59,7 @@ VARIANTS = [
     Variant("thread spinning on", spinning=True),
     Variant("memory arena on (ORT's own default)", arena=True),
     Variant("IO binding (CPU OrtValues)", io_binding=True),
+    Variant("spinning and arena on (ORT's own defaults, ultralytics' session)", spinning=True, arena=True),
 ]
 if "OpenVINOExecutionProvider" in ort.get_available_providers():
     VARIANTS.append(Variant("OpenVINO EP", providers=("OpenVINOExecutionProvider", "CPUExecutionProvider")))
@@ -85,7 +86,9 @@ def forward(sess: ort.InferenceSession, variant: Variant, image: np.ndarray) -> 
     return binding.copy_outputs_to_cpu()[0]
 
 
-def timed(sess: ort.InferenceSession, variant: Variant, image: np.ndarray, seconds: float) -> list[float]:
+def timed(
+    sess: ort.InferenceSession, variant: Variant, image: np.ndarray, seconds: float, gap_s: float = 0.0
+) -> list[float]:
     forward(sess, variant, image)  # warm: the first run allocates
     samples = []
     end = time.perf_counter() + seconds
@@ -93,6 +96,10 @@ def timed(sess: ort.InferenceSession, variant: Variant, image: np.ndarray, secon
         started = time.perf_counter()
         forward(sess, variant, image)
         samples.append((time.perf_counter() - started) * 1000)
+        if gap_s:
+            # The rest of a request at one client (decode, NMS, the hops): the pass's threads go
+            # idle (or spin) and its caches cool, as between a served model's passes.
+            time.sleep(gap_s)
     return samples
 
 
@@ -101,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per variant, thread count and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--image", type=Path, default=None, help="default: the first shared scene, else bus.jpg")
+    parser.add_argument("--gap-ms", type=float, default=0.0,
+                        help="idle time between passes (one client's requests spend ~15 ms outside the model)")
     parser.add_argument("--out", type=Path, default=RESULTS / "ort-options")
+    parser.add_argument("--write-input", type=Path, default=None, metavar="DIR",
+                        help="write the export's path (model.txt) and the letterboxed scene (input.npy) into "
+                             "DIR and stop: for bench/openvino.sh, whose venv has another onnxruntime")
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
@@ -119,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     if decoded is None:
         raise SystemExit(f"error: cannot read {source}")
     image = letterbox(decoded, (640, 640), stride=32, auto=True)[0][None].copy()
+    if args.write_input is not None:
+        args.write_input.mkdir(parents=True, exist_ok=True)
+        np.save(args.write_input / "input.npy", image)
+        (args.write_input / "model.txt").write_text(str(path))
+        return 0
     cores = len(os.sched_getaffinity(0))
     thread_counts = sorted({1, cores})
 
@@ -129,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in VARIANTS:
             for threads in thread_counts:
                 sess = session(path, variant, threads)
-                samples.setdefault((variant.name, threads), []).extend(timed(sess, variant, image, args.duration))
+                runs = timed(sess, variant, image, args.duration, args.gap_ms / 1000)
+                samples.setdefault((variant.name, threads), []).extend(runs)
                 out = forward(sess, variant, image)
                 difference[variant.name] = max(difference.get(variant.name, 0.0),
                                                float(np.abs(out - reference).max()))
@@ -143,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
         "cpu": platform.processor() or platform.machine(), "cores": cores,
-        "image": source.name, "input_shape": list(image.shape),
+        "image": source.name, "input_shape": list(image.shape), "gap_ms": args.gap_ms,
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# ONNX Runtime options on YOLOv8n (one forward pass, batch 1)", "",
         f"`{meta['command']}`, {meta['date']}, onnxruntime {meta['onnxruntime']}, {cores} cores, "
-        f"input {meta['input_shape']}, load average {meta['loadavg_at_end']} at the end. Medians; a shared, "
+        f"input {meta['input_shape']}, {args.gap_ms:g} ms idle between passes, load average "
+        f"{meta['loadavg_at_end']} at the end. Medians; a shared, "
         "noisy machine: differences under ~5% are noise.", "",
         "| variant | threads | median ms | vs default | runs | max abs diff to default |",
         "|---|---:|---:|---:|---:|---:|",

@@ -33,16 +33,34 @@ def reference(
     library: str, images: list[str], *, batch: int, duration: float, warmup: float, device: str, half: bool = False
 ) -> dict:
     """One library's own loop (``bench/reference.py``) in a fresh process: its report."""
+    return references_at_once(library, images, 1, batch=batch, duration=duration, warmup=warmup,
+                              device=device, half=half)[0]
+
+
+def references_at_once(
+    library: str, images: list[str], processes: int, *, batch: int, duration: float, warmup: float,
+    device: str, half: bool = False,
+) -> list[dict]:
+    """``processes`` copies of one library's loop started together, each in its own process: their
+    reports. For what the machine gives to N loops that share nothing but its cores and caches
+    (the forward ceiling that the model-forward limit's arithmetic assumes)."""
     command = [
         sys.executable, str(REPO / "bench" / "reference.py"), library, "--images", *images,
         "--model-dir", *model_dirs(), "--batch", str(batch),
         "--duration", str(duration), "--warmup", str(warmup),
         "--device", device, *(["--half"] if half else []),
     ]
-    done = subprocess.run(command, check=False, capture_output=True, text=True, env=clean_env())
-    if done.returncode:
-        raise SystemExit(f"bench/reference.py {library} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    running = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+        for _ in range(processes)
+    ]
+    reports = []
+    for process in running:
+        out, err = process.communicate()
+        if process.returncode:
+            raise SystemExit(f"bench/reference.py {library} failed ({process.returncode}):\n{err[-4000:]}")
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports
 
 
 def versions(packages: tuple[str, ...]) -> dict[str, str]:

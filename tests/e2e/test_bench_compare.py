@@ -83,6 +83,23 @@ def test_rounds_become_one_row_per_contender_with_the_median_of_each_figure():
     assert single["img_per_s"] == 5.0 and "rounds_img_per_s" not in single
 
 
+def test_faster_rcnn_and_clip_are_compared_at_saturation_and_at_one_client():
+    compare = _compare()
+
+    def row(contender: str, concurrency: int | None, img_per_s: float, p50: float) -> dict:
+        return {**_row(contender, concurrency, {"client": p50}), "family": "frcnn", "img_per_s": img_per_s,
+                "p50_ms": p50}
+
+    summary = compare.summarise([
+        row("torchvision loop, 1 image/call", None, 8.0, 120.0),
+        row("pipeline: x", 1, 6.0, 150.0),
+        row("pipeline: x", 8, 9.0, 800.0),
+    ])
+    assert summary["frcnn_vs_reference"] == 1.12  # the best pipeline row's throughput, 9 / 8
+    assert summary["frcnn_c1_p50_vs_reference"] == 1.25  # one client's p50 against the loop's
+    assert "clip_vs_reference" not in summary
+
+
 @pytest.mark.slow
 def test_compare_runs_one_pipeline_variant_and_writes_its_results(model_dir, data_dir, tmp_path):
     env = {**os.environ, "INFERLINE_MODEL_DIR": str(model_dir), "INFERLINE_ALLOW_DOWNLOAD": "false"}
