@@ -3,7 +3,9 @@
 Heavy objects (weights, modules) are built once at load, never per request. Each model runs
 its forward passes on its own worker threads, one per instance (``instance_count``, default 1),
 fed by its dynamic batcher: one pass per instance keeps intra-op threads from fighting each
-other, and keeps the event loop free while the model runs.
+other, and keeps the event loop free while the model runs. torch on the CPU is the exception:
+every such model's passes share one thread, and loads run on threads that end
+(``cpu_threads.py``: OpenMP's teams are per thread).
 
 Model control follows Triton's (docs/model-control.md): ``none`` loads the repository at start,
 ``explicit`` loads and unloads on request, ``poll`` follows the repository folder. A model that
@@ -43,6 +45,7 @@ from inferline.common.telemetry.metrics import (
 from inferline.common.tensors import numpy_dtype
 from inferline.services.inference.backends import Backend, load_backend
 from inferline.services.inference.batching import BatchingConfig, DynamicBatcher
+from inferline.services.inference.cpu_threads import on_passing_thread, shared_cpu_executor, starts_openmp_team
 from inferline.services.inference.filters import Shrink
 from inferline.services.inference.repository import (
     BUILTIN_REPOSITORY,
@@ -102,6 +105,7 @@ class LoadedModel:
     weights: ResolvedWeights
     load_seconds: float
     busy_window_s: float = 10.0
+    shares_thread: bool = field(init=False)
     executor: ThreadPoolExecutor = field(init=False)
     batcher: DynamicBatcher = field(init=False)
     stats: ModelStats = field(init=False)
@@ -109,7 +113,19 @@ class LoadedModel:
     def __post_init__(self) -> None:
         config = self.config
         self.stats = ModelStats()
-        self.executor = ThreadPoolExecutor(config.instance_count, thread_name_prefix=f"model-{config.name}")
+        # torch on the CPU: every model's passes on the process's one torch thread (one OpenMP
+        # team; cpu_threads.py says why), so one pass at a time, whatever instance_count says.
+        self.shares_thread = starts_openmp_team(self.backend)
+        instances = config.instance_count
+        if self.shares_thread:
+            if instances > 1:
+                log.warning("%s: instance_count %d runs as 1: torch on the CPU runs one pass at a time with "
+                            "its %d intra-op threads; for parallel instances set INFERLINE_TORCH_THREADS=1",
+                            config.name, instances, self.backend.cpu_threads)  # type: ignore[attr-defined]
+            instances = 1
+            self.executor = shared_cpu_executor()
+        else:
+            self.executor = ThreadPoolExecutor(instances, thread_name_prefix=f"model-{config.name}")
         self.batcher = DynamicBatcher(
             config.name,
             self.run_batch,
@@ -119,7 +135,7 @@ class LoadedModel:
                 max_queue_delay_s=config.max_queue_delay_ms / 1000,
                 max_queue_size=config.max_queue_size,
                 preferred_batch_sizes=config.preferred_batch_sizes,
-                instances=config.instance_count,
+                instances=instances,
                 busy_window_s=self.busy_window_s,
             ),
             self.stats,
@@ -178,7 +194,8 @@ class LoadedModel:
         await asyncio.to_thread(self._free)
 
     def _free(self) -> None:
-        self.executor.shutdown(wait=True)
+        if not self.shares_thread:  # the shared torch thread stays for the other models
+            self.executor.shutdown(wait=True)
         self.backend.close()
 
 
@@ -404,7 +421,9 @@ class ModelManager:
             if not serving:
                 self._states[name] = (LOADING, "")
             try:
-                model = await asyncio.to_thread(self._build, config)
+                # On a thread that ends with the load: the OpenMP team that torch may start
+                # there goes with it (cpu_threads.py).
+                model = await on_passing_thread(self._build, config)
             except InferlineError as exc:
                 if not serving:
                     self._failed(name, exc)

@@ -16,6 +16,7 @@ from inferline.common.errors import InvalidInput, at_most
 from inferline.common.model_info import ModelInfo, TensorInfo, WeightsInfo
 from inferline.common.settings import Settings
 from inferline.common.shm import SharedMemoryRegistry
+from inferline.services.inference.cpu_threads import on_passing_thread
 from inferline.services.inference.cuda_shared_memory import CudaShmRegistry
 from inferline.services.inference.filters import shrink_for
 from inferline.services.inference.models import LoadedModel, ModelManager, ModelStatus
@@ -81,7 +82,8 @@ class Inference:
         )  # read once: a LazySequence converts at each read
 
     async def load(self) -> None:
-        await asyncio.to_thread(self.manager.load_all)
+        # On a thread that ends with the loads, as every load (cpu_threads.py).
+        await on_passing_thread(self.manager.load_all)
         if self.manager.mode == "poll":
             self._poller = asyncio.create_task(self.manager.poll(), name="model-repository-poll")
 

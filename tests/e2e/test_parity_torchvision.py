@@ -16,6 +16,7 @@ import grpc
 import pytest
 import torch
 import torchvision
+from prometheus_client import REGISTRY
 from torchvision.io import decode_image, read_file
 from torchvision.models.detection import (
     FasterRCNN_MobileNet_V3_Large_320_FPN_Weights,
@@ -150,8 +151,17 @@ def test_one_batch_of_same_size_images_is_bit_identical_to_torchvision_on_that_b
     same_size = [p for p, image in images.items() if image.shape == next(iter(images.values())).shape]
     assert len(same_size) >= 4
     ours = _ours(stub, same_size)
-    with torch.inference_mode():
-        outputs = reference([images[p] for p in same_size])
+    # A convolution's sums split by thread, so bits match at the same intra-op thread count: the
+    # one the stage reports for the pass (the stack runs in this process).
+    served_threads = REGISTRY.get_sample_value("inferline_intra_op_threads", {"model": MODEL})
+    assert served_threads is not None and served_threads >= 1
+    here = torch.get_num_threads()
+    torch.set_num_threads(int(served_threads))
+    try:
+        with torch.inference_mode():
+            outputs = reference([images[p] for p in same_size])
+    finally:
+        torch.set_num_threads(here)
     assert ours == [_rows(out) for out in outputs]
     assert sum(map(len, ours)) > 10
 

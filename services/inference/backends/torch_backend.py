@@ -17,6 +17,7 @@ import torch
 from inferline.common.errors import ConfigError, WeightsError
 from inferline.common.registry import Registry
 from inferline.common.settings import Settings
+from inferline.common.telemetry.metrics import INTRA_OP_THREADS
 from inferline.services.inference.backends import BACKENDS
 from inferline.services.inference.backends.cuda_graphs import GraphedForward
 from inferline.services.inference.filters import Shrink
@@ -58,9 +59,15 @@ class TorchBackend:
     # ``run`` applies the items' candidate filters itself, before the outputs leave the device.
     shrinks_outputs = True
 
-    def __init__(self, model: TorchModel, device: torch.device, precision: str = "fp32"):
+    def __init__(self, model: TorchModel, device: torch.device, precision: str = "fp32", name: str = ""):
         self._model = model
         self.device = device
+        # torch's intra-op threads for this model's passes on the CPU (0 on a GPU), fixed at load:
+        # torch keeps a count per thread, taken from the process's at the thread's first op, so a
+        # long-lived pass thread would keep whatever count was current then. With more than one,
+        # the passes run on the process's one torch thread (services/inference/cpu_threads.py).
+        self.cpu_threads = torch.get_num_threads() if device.type == "cpu" else 0
+        self._threads_gauge = INTRA_OP_THREADS.labels(name) if name and self.cpu_threads else None
         self.labels = model.labels
         self.precision = precision
         self._autocast = _AUTOCAST.get(precision)
@@ -70,6 +77,10 @@ class TorchBackend:
     ) -> list[dict[str, np.ndarray]]:
         """One forward pass; ``shrink``: each item's candidate filter, applied on the model's
         device so that only the kept candidates are copied to the host."""
+        if self.cpu_threads and torch.get_num_threads() != self.cpu_threads:
+            torch.set_num_threads(self.cpu_threads)  # this thread's count, as loaded
+        if self._threads_gauge is not None:
+            self._threads_gauge.set(self.cpu_threads)
         with torch.inference_mode(), self._precision():
             tensors = {name: self._to_device(a) for name, a in inputs.items()}
             items = self._model.forward(tensors)
@@ -138,7 +149,7 @@ def load_torch_backend(config: ModelConfig, weights: ResolvedWeights, settings: 
     if params.get("cuda_graphs"):  # issue 16: backends/cuda_graphs.py
         graphed = GraphedForward(model.forward, config.name, int(params.get("cuda_graph_shapes", 8)))
         model = dataclasses.replace(model, forward=graphed)
-    return TorchBackend(model, device, config.precision)
+    return TorchBackend(model, device, config.precision, config.name)
 
 
 # Pickled checkpoints (ultralytics' .pt) hold whole modules. They are loaded with
