@@ -62,6 +62,7 @@ from inferline.common.settings import CONTROLLER, PIPELINE_STAGES, Settings
 from inferline.services import loadgen
 from inferline.services.cli.bench import busy_ratio, scrape_busy
 from inferline.services.client import Client, collect_images, image_inputs
+from inferline.services.inference.backends.onnxruntime_backend import usable_cores
 from inferline.services.inference.repository import BUILTIN_REPOSITORY
 from inferline.services.stack import START_ORDER, LocalStack, free_port_env, free_ports
 
@@ -185,10 +186,6 @@ def detection_counts(running: LocalStack, model: str, images: list[Path]) -> dic
             (image,) = client.detect(DetectRequest(model, image_inputs([path]))).images
             counts[path.name] = len(image.detections)
     return counts
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def environment() -> dict:
